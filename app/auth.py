@@ -1,0 +1,168 @@
+"""Bearer-token verification (HS256 JWTs) and the dependencies that guard routes.
+
+A token carries exactly one of `account_id` (a user token from the 1msg frontend) or `scope`
+(a service or staff token). Tokens are checked against `AUTH_JWT_SECRET` and, during rotation,
+`AUTH_JWT_PREVIOUS_SECRET`. Where `AUTH_STAFF_JWT_SECRET` is set, a token carrying the staff
+scopes `finance` or `ops` is accepted only when signed with that secret.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+import jwt
+from fastapi import Depends, Request
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
+from app.config import Settings
+from app.errors import Forbidden, Unauthorized
+
+STAFF_SCOPES = frozenset({"finance", "ops"})
+KNOWN_SCOPES = frozenset({"billing:read", "billing:write", "usage:write", "finance", "ops"})
+
+_bearer = HTTPBearer(auto_error=False, description="HS256 JWT (user or service token)")
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who is calling: a client acting on one account, or a service/staff member with scopes."""
+
+    sub: str
+    account_id: str | None = None
+    scopes: frozenset[str] = frozenset()
+    email: str | None = None
+
+    @property
+    def is_user(self) -> bool:
+        return self.account_id is not None
+
+    def may_access_account(self, account_id: str, scope: str) -> bool:
+        if self.account_id is not None:
+            return self.account_id == account_id
+        return scope in self.scopes
+
+
+def decode_token(token: str, settings: Settings) -> Principal:
+    """Verify a token and return its principal; raises Unauthorized for any bad token."""
+    staff_secret = settings.auth_staff_jwt_secret
+    ordinary = [settings.auth_jwt_secret]
+    if settings.auth_jwt_previous_secret is not None:
+        ordinary.append(settings.auth_jwt_previous_secret)
+    candidates = [(s, False) for s in ordinary]
+    if staff_secret is not None:
+        candidates.insert(0, (staff_secret, True))
+    for secret, is_staff_secret in candidates:
+        try:
+            claims: dict[str, Any] = jwt.decode(
+                token,
+                secret.get_secret_value(),
+                algorithms=["HS256"],
+                audience=settings.auth_jwt_audience,
+                options={"require": ["sub", "exp", "aud"]},
+            )
+        except jwt.InvalidSignatureError:
+            continue
+        except jwt.PyJWTError as exc:
+            raise Unauthorized(f"Invalid token: {exc}") from None
+        principal = _principal_from_claims(claims)
+        if staff_secret is not None and not is_staff_secret and principal.scopes & STAFF_SCOPES:
+            raise Unauthorized("Staff scopes require a token signed with the staff secret")
+        return principal
+    raise Unauthorized("Invalid token: signature verification failed")
+
+
+def _principal_from_claims(claims: dict[str, Any]) -> Principal:
+    sub = claims.get("sub")
+    if not isinstance(sub, str) or not sub:
+        raise Unauthorized("Invalid token: `sub` must be a non-empty string")
+    account_id = claims.get("account_id")
+    scope = claims.get("scope")
+    if (account_id is None) == (scope is None):
+        raise Unauthorized("Invalid token: exactly one of `account_id` or `scope` is required")
+    if account_id is not None:
+        if not isinstance(account_id, str) or not account_id:
+            raise Unauthorized("Invalid token: `account_id` must be a non-empty string")
+        email = claims.get("email")
+        return Principal(
+            sub=sub, account_id=account_id, email=email if isinstance(email, str) else None
+        )
+    if not isinstance(scope, str) or not scope.split():
+        raise Unauthorized("Invalid token: `scope` must be a space-separated string")
+    return Principal(sub=sub, scopes=frozenset(scope.split()))
+
+
+def mint_token(
+    settings: Settings,
+    *,
+    sub: str,
+    account_id: str | None = None,
+    scope: str | None = None,
+    email: str | None = None,
+    ttl_seconds: int = 3600,
+) -> str:
+    """Sign a token the way this service expects (staff scopes with the staff secret where set)."""
+    claims: dict[str, Any] = {
+        "sub": sub,
+        "aud": settings.auth_jwt_audience,
+        "exp": int(time.time()) + ttl_seconds,
+        "iat": int(time.time()),
+    }
+    if account_id is not None:
+        claims["account_id"] = account_id
+    if scope is not None:
+        claims["scope"] = scope
+    if email is not None:
+        claims["email"] = email
+    secret = settings.auth_jwt_secret
+    if scope and STAFF_SCOPES & set(scope.split()) and settings.auth_staff_jwt_secret is not None:
+        secret = settings.auth_staff_jwt_secret
+    return jwt.encode(claims, secret.get_secret_value(), algorithm="HS256")
+
+
+async def get_principal(
+    request: Request,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> Principal:
+    if credentials is None or credentials.scheme.lower() != "bearer":
+        raise Unauthorized("Missing bearer token")
+    settings: Settings = request.app.state.settings
+    return decode_token(credentials.credentials, settings)
+
+
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
+
+
+def require_scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
+    """A dependency admitting service/staff tokens that carry `scope`."""
+
+    async def dependency(principal: PrincipalDep) -> Principal:
+        if scope not in principal.scopes:
+            raise Forbidden(f"This route requires scope `{scope}`")
+        return principal
+
+    return dependency
+
+
+def account_access(scope: str) -> Callable[[str, Principal], Awaitable[Principal]]:
+    """A dependency for `/v1/accounts/{account_id}/...`: the account's own user token, or a
+    service token carrying `scope`."""
+
+    async def dependency(account_id: str, principal: PrincipalDep) -> Principal:
+        if not principal.may_access_account(account_id, scope):
+            if principal.is_user:
+                raise Forbidden("This token belongs to another account")
+            raise Forbidden(f"This route requires scope `{scope}` or the account's own token")
+        return principal
+
+    return dependency
+
+
+AccountReader = Annotated[Principal, Depends(account_access("billing:read"))]
+AccountWriter = Annotated[Principal, Depends(account_access("billing:write"))]
+UsageWriter = Annotated[Principal, Depends(require_scope("usage:write"))]
+FinanceStaff = Annotated[Principal, Depends(require_scope("finance"))]
+OpsStaff = Annotated[Principal, Depends(require_scope("ops"))]
+BillingReader = Annotated[Principal, Depends(require_scope("billing:read"))]

@@ -1,0 +1,161 @@
+"""Domain errors and the one RFC 9457 problem+json renderer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = structlog.get_logger()
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details, with a machine-readable `code`."""
+
+    type: str = Field(description="URI naming the problem type.")
+    title: str
+    status: int
+    detail: str
+    code: str = Field(description="Stable snake_case error code.")
+    errors: list[dict[str, Any]] | None = Field(
+        default=None, description="Per-field validation errors (422 only)."
+    )
+
+
+class BillingError(Exception):
+    """Base of every error the service answers deliberately."""
+
+    status = 400
+    code = "bad_request"
+    title = "Bad request"
+    headers: dict[str, str] | None = None
+
+    def __init__(self, detail: str | None = None, *, headers: dict[str, str] | None = None):
+        super().__init__(detail or self.title)
+        self.detail = detail or self.title
+        if headers:
+            self.headers = headers
+
+
+class Unauthorized(BillingError):
+    status, code, title = 401, "unauthorized", "Authentication required"
+    headers = {"WWW-Authenticate": "Bearer"}
+
+
+class Forbidden(BillingError):
+    status, code, title = 403, "forbidden", "Not allowed"
+
+
+class NotFound(BillingError):
+    status, code, title = 404, "not_found", "Not found"
+
+
+class Conflict(BillingError):
+    status, code, title = 409, "conflict", "Conflict"
+
+
+class Unprocessable(BillingError):
+    status, code, title = 422, "validation_error", "Validation error"
+
+
+class RateLimited(BillingError):
+    status, code, title = 429, "rate_limited", "Too many requests"
+
+
+class StripeUnavailable(BillingError):
+    status, code, title = 502, "stripe_unavailable", "Stripe is unavailable"
+
+
+class ServiceUnavailable(BillingError):
+    status, code, title = 503, "service_unavailable", "Service unavailable"
+
+
+def problem_response(
+    status: int,
+    code: str,
+    title: str,
+    detail: str,
+    *,
+    headers: dict[str, str] | None = None,
+    errors: list[dict[str, Any]] | None = None,
+) -> JSONResponse:
+    body = Problem(
+        type=f"https://billing.1msg.io/problems/{code}",
+        title=title,
+        status=status,
+        detail=detail,
+        code=code,
+        errors=errors,
+    )
+    return JSONResponse(
+        body.model_dump(exclude_none=True),
+        status_code=status,
+        media_type=PROBLEM_JSON,
+        headers=headers,
+    )
+
+
+_HTTP_CODES = {
+    400: ("bad_request", "Bad request"),
+    401: ("unauthorized", "Authentication required"),
+    403: ("forbidden", "Not allowed"),
+    404: ("not_found", "Not found"),
+    405: ("method_not_allowed", "Method not allowed"),
+    413: ("payload_too_large", "Request body too large"),
+    415: ("unsupported_media_type", "Unsupported media type"),
+}
+
+
+def _jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
+    return [
+        {"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", ""))}
+        for error in exc.errors()
+    ]
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(BillingError)
+    async def _billing_error(_: Request, exc: BillingError) -> JSONResponse:
+        return problem_response(exc.status, exc.code, exc.title, exc.detail, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = _jsonable_errors(exc)
+        detail = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)[:1000]
+        return problem_response(
+            422, "validation_error", "Validation error", detail or "Invalid request", errors=errors
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
+        detail = exc.detail if isinstance(exc.detail, str) else title
+        return problem_response(
+            exc.status_code, code, title, detail, headers=dict(exc.headers or {}) or None
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("request.unhandled_error", error_type=type(exc).__name__)
+        return problem_response(500, "internal_error", "Internal error", "Unexpected error")
+
+
+def error_responses(*errors: type[BillingError]) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for the domain errors a route can return."""
+    responses: dict[int | str, dict[str, Any]] = {}
+    for error in errors:
+        entry = responses.setdefault(
+            error.status,
+            {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": ""},
+        )
+        entry["description"] = (entry["description"] + " / " if entry["description"] else "") + (
+            f"{error.title} (`{error.code}`)"
+        )
+    return responses

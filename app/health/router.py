@@ -1,0 +1,70 @@
+"""Liveness, readiness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from alembic.config import Config
+from alembic.script import ScriptDirectory
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+from app.errors import Problem, ServiceUnavailable, error_responses
+
+router = APIRouter(tags=["health"])
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+class Health(BaseModel):
+    status: str
+
+
+def migration_head() -> str | None:
+    config = Config(str(PROJECT_ROOT / "alembic.ini"))
+    config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
+    return ScriptDirectory.from_config(config).get_current_head()
+
+
+@router.get("/healthz", summary="The process is alive", response_model=Health)
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    summary="The database is reachable and migrated to head",
+    response_model=Health,
+    responses=error_responses(ServiceUnavailable),
+)
+async def readyz(request: Request) -> Health:
+    engine: AsyncEngine = request.app.state.engine
+    expected: str | None = request.app.state.migration_head
+    try:
+        async with engine.connect() as connection:
+            current = (
+                await connection.execute(text("SELECT version_num FROM alembic_version"))
+            ).scalar_one_or_none()
+    except Exception as exc:
+        raise ServiceUnavailable(
+            f"database unreachable or not migrated ({type(exc).__name__})"
+        ) from None
+    if current != expected:
+        raise ServiceUnavailable(f"database at migration {current}, expected {expected}")
+    return Health(status="ready")
+
+
+@router.get(
+    "/metrics",
+    summary="Prometheus metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
+)
+async def metrics() -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+__all__ = ["Problem", "router"]

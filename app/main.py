@@ -1,0 +1,65 @@
+"""The ASGI app: `uvicorn app.main:app` (after `alembic upgrade head`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+from fastapi.middleware.cors import CORSMiddleware
+
+from app.config import Settings, get_settings
+from app.db import create_engine, create_session_factory
+from app.errors import install_error_handlers
+from app.health.router import migration_head
+from app.health.router import router as health_router
+from app.observability import RequestContextMiddleware, configure_logging
+from app.plans.router import router as plans_router
+from app.stripe_gateway import StripeGateway
+
+
+def create_app(settings: Settings | None = None, gateway: StripeGateway | None = None) -> FastAPI:
+    """Build the app; tests pass their own settings and gateway."""
+    settings = settings or get_settings()
+    configure_logging(settings.log_level)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        engine = create_engine(settings.database_url, settings.database_pool_size)
+        app.state.engine = engine
+        app.state.session_factory = create_session_factory(engine)
+        own_gateway = gateway is None
+        app.state.stripe = gateway or StripeGateway.from_settings(settings)
+        try:
+            yield
+        finally:
+            if own_gateway:
+                await app.state.stripe.close()
+            await engine.dispose()
+
+    app = FastAPI(
+        title="1msg billing service",
+        version="0.1.0",
+        description=(
+            "Stripe Checkout and Customer Portal for 1msg channel plans, the prepaid balance, "
+            "refund and appeal requests, maintenance extensions, and the Stripe webhook consumer."
+        ),
+        lifespan=lifespan,
+    )
+    app.state.settings = settings
+    app.state.migration_head = migration_head()
+    install_error_handlers(app)
+    app.add_middleware(
+        CORSMiddleware,
+        allow_origins=settings.cors_allowed_origins,
+        allow_methods=["GET", "POST", "PATCH"],
+        allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        max_age=600,
+    )
+    app.add_middleware(RequestContextMiddleware)
+    app.include_router(health_router)
+    app.include_router(plans_router)
+    return app
+
+
+app = create_app()

@@ -1,0 +1,36 @@
+"""ORM models; importing this package registers every table on `Base.metadata`."""
+
+from app.db import Base
+from app.models.accounts import Account, Channel
+from app.models.billing import (
+    AccessChange,
+    Activity,
+    CheckoutSession,
+    IdempotencyRecord,
+    LedgerEntry,
+)
+from app.models.stripe_mirror import (
+    Dispute,
+    Invoice,
+    Payment,
+    Refund,
+    StripeEvent,
+    Subscription,
+)
+
+__all__ = [
+    "AccessChange",
+    "Account",
+    "Activity",
+    "Base",
+    "Channel",
+    "CheckoutSession",
+    "Dispute",
+    "IdempotencyRecord",
+    "Invoice",
+    "LedgerEntry",
+    "Payment",
+    "Refund",
+    "StripeEvent",
+    "Subscription",
+]

@@ -1,0 +1,199 @@
+"""The only module that talks to Stripe.
+
+One method per call the service makes, async only, over `stripe.StripeClient` with the
+`HTTPXClient`, the SDK's pinned API version, explicit network retries and timeouts. Every call
+that creates something takes an idempotency key derived from our own row ids
+(`billing:<kind>:<uuid>`), never from a caller's key, so a retry after a crash cannot create
+twice. Results are returned as plain dicts in Stripe's JSON shape (the same shape webhook
+payloads carry). Failures surface as `StripeUnavailable` (Stripe down, slow or rate limiting us
+past our retries) or `StripeRequestRejected` (Stripe refused the request as invalid).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import stripe
+import structlog
+
+from app.config import Settings
+from app.errors import BillingError, StripeUnavailable
+
+log = structlog.get_logger()
+
+API_VERSION: str = stripe.api_version
+StripeObject = dict[str, Any]
+
+
+class StripeRequestRejected(BillingError):
+    status, code, title = 502, "stripe_request_rejected", "Stripe rejected the request"
+
+    def __init__(self, detail: str, *, param: str | None = None, stripe_code: str | None = None):
+        super().__init__(detail)
+        self.param = param
+        self.stripe_code = stripe_code
+
+
+class StripeCardError(BillingError):
+    status, code, title = 402, "card_declined", "The card was declined"
+
+
+def idempotency_key(kind: str, our_id: object) -> str:
+    """The Stripe idempotency key for creating `kind` from our own row `our_id`."""
+    return f"billing:{kind}:{our_id}"
+
+
+class StripeGateway:
+    """Thin async wrapper over the official SDK, one method per Stripe call we make."""
+
+    def __init__(
+        self,
+        *,
+        api_key: str,
+        api_base: str | None = None,
+        max_network_retries: int = 2,
+        timeout_seconds: float = 10.0,
+        rate_limit_retries: int = 2,
+        max_retry_after_seconds: float = 5.0,
+    ) -> None:
+        self._http_client = stripe.HTTPXClient(timeout=timeout_seconds, allow_sync_methods=False)
+        base_addresses: dict[str, str] = {}
+        if api_base:
+            base_addresses = {"api": api_base, "files": api_base, "connect": api_base}
+        self._client = stripe.StripeClient(
+            api_key,
+            stripe_version=API_VERSION,
+            base_addresses=base_addresses,  # type: ignore[arg-type]
+            max_network_retries=max_network_retries,
+            http_client=self._http_client,
+        )
+        # The SDK's typed params are TypedDicts; we build plain dicts checked by the fake's
+        # OpenAPI validation in tests, so calls go through an untyped handle.
+        self._v1: Any = self._client.v1
+        self._rate_limit_retries = rate_limit_retries
+        self._max_retry_after = max_retry_after_seconds
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> StripeGateway:
+        return cls(
+            api_key=settings.stripe_secret_key.get_secret_value(),
+            api_base=settings.stripe_api_base,
+            max_network_retries=settings.stripe_max_network_retries,
+            timeout_seconds=settings.stripe_timeout_seconds,
+        )
+
+    async def close(self) -> None:
+        await self._http_client.close_async()  # type: ignore[no-untyped-call]
+
+    @property
+    def client(self) -> stripe.StripeClient:
+        return self._client
+
+    async def _call(self, operation: str, call: Callable[[], Awaitable[Any]]) -> StripeObject:
+        attempt = 0
+        while True:
+            try:
+                result = await call()
+            except stripe.RateLimitError as exc:
+                retry_after = _retry_after_seconds(exc)
+                if attempt >= self._rate_limit_retries or retry_after > self._max_retry_after:
+                    log.warning("stripe.rate_limited", operation=operation, attempts=attempt + 1)
+                    raise StripeUnavailable(
+                        "Stripe is rate limiting requests; retry later"
+                    ) from None
+                attempt += 1
+                await asyncio.sleep(retry_after)
+                continue
+            except stripe.CardError as exc:
+                raise StripeCardError(exc.user_message or "The card was declined") from None
+            except stripe.InvalidRequestError as exc:
+                log.error(
+                    "stripe.request_rejected", operation=operation, param=exc.param, code=exc.code
+                )
+                raise StripeRequestRejected(
+                    f"Stripe rejected {operation}: {exc.user_message or exc}",
+                    param=exc.param,
+                    stripe_code=exc.code,
+                ) from None
+            except (stripe.APIConnectionError, stripe.APIError) as exc:
+                log.warning(
+                    "stripe.unavailable", operation=operation, error_type=type(exc).__name__
+                )
+                raise StripeUnavailable(f"Stripe did not answer {operation}; retry later") from None
+            except stripe.StripeError as exc:
+                log.error("stripe.error", operation=operation, error_type=type(exc).__name__)
+                raise StripeUnavailable(f"Stripe failed {operation}") from None
+            return _plain(result)
+
+    # --- customers -------------------------------------------------------------------------
+
+    async def create_customer(
+        self, *, account_id: str, email: str | None, key: str
+    ) -> StripeObject:
+        params: dict[str, Any] = {"metadata": {"account_id": account_id}}
+        if email:
+            params["email"] = email
+        return await self._call(
+            "customers.create",
+            lambda: self._v1.customers.create_async(params, {"idempotency_key": key}),
+        )
+
+    # --- checkout --------------------------------------------------------------------------
+
+    async def create_checkout_session(self, params: dict[str, Any], *, key: str) -> StripeObject:
+        return await self._call(
+            "checkout.sessions.create",
+            lambda: self._v1.checkout.sessions.create_async(params, {"idempotency_key": key}),
+        )
+
+    async def retrieve_checkout_session(self, session_id: str) -> StripeObject:
+        return await self._call(
+            "checkout.sessions.retrieve",
+            lambda: self._v1.checkout.sessions.retrieve_async(session_id),
+        )
+
+    # --- billing portal --------------------------------------------------------------------
+
+    async def create_portal_session(
+        self, *, customer: str, return_url: str, configuration: str | None = None
+    ) -> StripeObject:
+        params: dict[str, Any] = {"customer": customer, "return_url": return_url}
+        if configuration:
+            params["configuration"] = configuration
+        return await self._call(
+            "billing_portal.sessions.create",
+            lambda: self._v1.billing_portal.sessions.create_async(params),
+        )
+
+    # --- subscriptions ---------------------------------------------------------------------
+
+    async def retrieve_subscription(self, subscription_id: str) -> StripeObject:
+        return await self._call(
+            "subscriptions.retrieve",
+            lambda: self._v1.subscriptions.retrieve_async(subscription_id),
+        )
+
+    async def list_events(self, params: dict[str, Any]) -> StripeObject:
+        return await self._call(
+            "events.list",
+            lambda: self._v1.events.list_async(params),
+        )
+
+
+def _retry_after_seconds(exc: stripe.StripeError) -> float:
+    headers = exc.headers or {}
+    try:
+        return max(0.0, float(headers.get("retry-after") or headers.get("Retry-After") or 1))
+    except ValueError:
+        return 1.0
+
+
+def _plain(result: Any) -> StripeObject:
+    if isinstance(result, stripe.StripeObject):
+        plain: StripeObject = result.to_dict(recursive=True, for_json=True)
+        return plain
+    if isinstance(result, dict):
+        return result
+    raise TypeError(f"unexpected Stripe result {type(result).__name__}")

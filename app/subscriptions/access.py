@@ -1,0 +1,70 @@
+"""Channel access, derived from the mirrored subscription (a pure function of stored facts).
+
+- `active`, `trialing` and (by default, `PAST_DUE_KEEPS_ACCESS`) `past_due` are live.
+- A cancelling subscription (`cancel_at_period_end` or `cancel_at`) stays live until the paid
+  period ends: Stripe keeps it `active` until then.
+- `access_until` is Stripe's `current_period_end` plus the maintenance days Stripe's period does
+  not already include; access ends there even if Stripe's renewal is late.
+- A refund or a lost chargeback revokes access at once (`access_revoked_at`).
+- Everything else (`incomplete`, `incomplete_expired`, `unpaid`, `canceled`, `paused`) has none.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from app.models import Subscription
+
+LIVE_STATUSES = frozenset({"active", "trialing"})
+
+
+@dataclass(frozen=True)
+class Access:
+    has_access: bool
+    access_until: datetime | None
+    reason: str
+
+
+def access_until(subscription: Subscription) -> datetime | None:
+    if subscription.current_period_end is None:
+        return None
+    pending_days = max(0, subscription.extension_days - subscription.extension_days_in_period)
+    return subscription.current_period_end + timedelta(days=pending_days)
+
+
+def subscription_access(
+    subscription: Subscription, now: datetime, *, past_due_keeps_access: bool = True
+) -> Access:
+    until = access_until(subscription)
+    if subscription.access_revoked_at is not None:
+        return Access(False, subscription.access_revoked_at, "revoked")
+    live = subscription.status in LIVE_STATUSES or (
+        past_due_keeps_access and subscription.status == "past_due"
+    )
+    if not live:
+        return Access(False, None, f"subscription_{subscription.status}")
+    if until is None or now >= until:
+        return Access(False, until, "period_ended")
+    if subscription.cancel_at_period_end or subscription.cancel_at is not None:
+        return Access(True, until, "cancelling")
+    return Access(True, until, f"subscription_{subscription.status}")
+
+
+def channel_access(
+    subscriptions: list[Subscription], now: datetime, *, past_due_keeps_access: bool = True
+) -> Access:
+    """The best access any of the channel's subscriptions gives."""
+    best = Access(False, None, "no_subscription")
+    for subscription in subscriptions:
+        candidate = subscription_access(
+            subscription, now, past_due_keeps_access=past_due_keeps_access
+        )
+        if (
+            candidate.has_access
+            and (
+                not best.has_access or (candidate.access_until or now) > (best.access_until or now)
+            )
+        ) or (not best.has_access and best.reason == "no_subscription"):
+            best = candidate
+    return best

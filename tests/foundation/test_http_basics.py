@@ -1,0 +1,175 @@
+"""problem+json for every error, health and readiness, body limits, CORS, settings, CLI."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import httpx
+import jwt
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from app.config import Settings
+from app.main import create_app
+from tests.conftest import JWT_SECRET, ROOT, bearer, create_database, drop_database, make_settings
+from tests.foundation.test_auth import assert_problem
+
+
+async def test_unknown_path_is_problem_404(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.get("/v1/nothing-here"), 404, "not_found")
+
+
+async def test_wrong_method_is_problem_405(client: httpx.AsyncClient) -> None:
+    assert_problem(await client.post("/healthz"), 405, "method_not_allowed")
+
+
+async def test_body_over_one_mebibyte_is_413(client: httpx.AsyncClient) -> None:
+    big = b"x" * (1024 * 1024 + 1)
+    response = await client.post("/v1/plans", content=big)
+    assert_problem(response, 413, "payload_too_large")
+
+
+async def test_healthz_and_readyz_ok(client: httpx.AsyncClient) -> None:
+    assert (await client.get("/healthz")).json() == {"status": "ok"}
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json() == {"status": "ready"}
+
+
+async def test_readyz_503_when_database_unreachable(settings: Settings) -> None:
+    down = settings.model_copy(
+        update={"database_url": "postgresql+asyncpg://postgres@127.0.0.1:1/billing"}
+    )
+    app = create_app(down)
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http,
+    ):
+        response = await http.get("/readyz")
+    assert_problem(response, 503, "service_unavailable")
+    assert "unreachable" in response.json()["detail"]
+
+
+async def test_readyz_503_when_database_not_migrated(settings: Settings) -> None:
+    url = await create_database("billing_test_unmigrated")
+    try:
+        app = create_app(make_settings(url, settings.stripe_api_base or ""))
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http,
+        ):
+            response = await http.get("/readyz")
+        assert_problem(response, 503, "service_unavailable")
+    finally:
+        await drop_database("billing_test_unmigrated")
+
+
+async def test_metrics_count_requests(client: httpx.AsyncClient) -> None:
+    await client.get("/healthz")
+    body = (await client.get("/metrics")).text
+    assert 'billing_http_requests_total{method="GET",route="/healthz",status="200"}' in body
+    assert "billing_http_request_duration_seconds_bucket" in body
+
+
+async def test_cors_allows_only_configured_origins(client: httpx.AsyncClient) -> None:
+    preflight = {"Access-Control-Request-Method": "POST"}
+    allowed = await client.options(
+        "/v1/plans", headers={"Origin": "https://app.1msg.io", **preflight}
+    )
+    assert allowed.headers.get("access-control-allow-origin") == "https://app.1msg.io"
+    denied = await client.options(
+        "/v1/plans", headers={"Origin": "https://evil.example", **preflight}
+    )
+    assert "access-control-allow-origin" not in denied.headers
+
+
+def test_production_refuses_placeholder_secrets() -> None:
+    with pytest.raises(ValidationError) as excinfo:
+        Settings(app_env="production", auth_jwt_secret=SecretStr("changeme"))
+    message = str(excinfo.value)
+    assert "AUTH_JWT_SECRET" in message
+    assert "STRIPE_SECRET_KEY" in message
+    assert "STRIPE_WEBHOOK_SECRETS" in message
+    ok = Settings(
+        app_env="production",
+        stripe_secret_key=SecretStr("sk_live_" + "x" * 24),
+        stripe_webhook_secrets=[SecretStr("whsec_" + "y" * 24)],
+        auth_jwt_secret=SecretStr("z" * 40),
+    )
+    assert ok.stripe_livemode
+
+
+def test_settings_parse_comma_lists_and_plans_from_environment() -> None:
+    env = {
+        "STRIPE_WEBHOOK_SECRETS": "whsec_a, whsec_b",
+        "REDIRECT_ALLOWED_ORIGINS": "https://a.example,https://b.example",
+        "PLANS": json.dumps(
+            [
+                {
+                    "code": "p",
+                    "name": "P",
+                    "stripe_price_id": "price_1",
+                    "amount": 5,
+                    "currency": "eur",
+                }
+            ]
+        ),
+    }
+    old = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)
+    try:
+        parsed = Settings()
+    finally:
+        for key, value in old.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert [s.get_secret_value() for s in parsed.stripe_webhook_secrets] == ["whsec_a", "whsec_b"]
+    assert parsed.redirect_allowed_origins == ["https://a.example", "https://b.example"]
+    assert parsed.plan("p") is not None and parsed.plan("p").currency == "eur"  # type: ignore[union-attr]
+
+
+def test_mint_token_command_signs_verifiable_tokens() -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "app.cli",
+            "mint-token",
+            "--sub",
+            "ops-bot",
+            "--scope",
+            "ops billing:read",
+        ],
+        cwd=ROOT,
+        env={**os.environ, "AUTH_JWT_SECRET": JWT_SECRET, "APP_ENV": "development"},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    claims = jwt.decode(
+        result.stdout.strip(), JWT_SECRET, algorithms=["HS256"], audience="1msg-billing"
+    )
+    assert claims["sub"] == "ops-bot"
+    assert claims["scope"] == "ops billing:read"
+    refused = subprocess.run(
+        [sys.executable, "-m", "app.cli", "mint-token", "--sub", "x", "--scope", "root"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert refused.returncode == 2
+    assert "unknown scopes: root" in refused.stderr
+
+
+async def test_request_id_is_echoed(client: httpx.AsyncClient) -> None:
+    response = await client.get("/healthz", headers={"X-Request-Id": "req-123"})
+    assert response.headers["x-request-id"] == "req-123"
+
+
+__all__ = ["bearer"]

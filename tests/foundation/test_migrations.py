@@ -1,0 +1,35 @@
+"""Migrations: upgrade to head, no drift between models and migrations, downgrade to base."""
+
+from __future__ import annotations
+
+import asyncpg
+
+from tests.conftest import alembic, create_database, drop_database, plain_dsn
+
+
+async def test_upgrade_check_downgrade_upgrade_round_trip() -> None:
+    name = "billing_test_migrations"
+    url = await create_database(name)
+    try:
+        upgraded = alembic(url, "upgrade", "head")
+        assert upgraded.returncode == 0, upgraded.stderr
+        check = alembic(url, "check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        assert "No new upgrade operations detected" in check.stdout + check.stderr
+
+        downgraded = alembic(url, "downgrade", "base")
+        assert downgraded.returncode == 0, downgraded.stderr
+        conn = await asyncpg.connect(plain_dsn(url))
+        try:
+            tables = await conn.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
+                " AND tablename <> 'alembic_version'"
+            )
+        finally:
+            await conn.close()
+        assert tables == []
+
+        again = alembic(url, "upgrade", "head")
+        assert again.returncode == 0, again.stderr
+    finally:
+        await drop_database(name)
