@@ -9,6 +9,8 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
+from app.calendar import BusinessCalendar
+
 PLACEHOLDER_SECRETS = {"", "changeme", "change-me", "secret", "placeholder", "xxx", "todo"}
 DEV_JWT_SECRET = "dev-only-jwt-secret-not-for-production"
 DEV_WEBHOOK_SECRET = "whsec_dev_only_not_for_production"
@@ -94,6 +96,10 @@ class Settings(BaseSettings):
     plans: Annotated[list[Plan], NoDecode] = DEFAULT_PLANS
     run_background_workers: bool = True
     past_due_keeps_access: bool = True
+
+    @property
+    def calendar(self) -> BusinessCalendar:
+        return BusinessCalendar(self.business_timezone, self.business_holidays_country)
 
     @field_validator("cors_allowed_origins", "redirect_allowed_origins", mode="before")
     @classmethod

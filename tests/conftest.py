@@ -172,3 +172,24 @@ def token(settings: Settings) -> TokenFactory:
 
 def bearer(token_value: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token_value}"}
+
+
+Deliver = Callable[..., Any]
+
+
+@pytest.fixture
+def deliver(app: FastAPI, client: httpx.AsyncClient, stripe_fake: StripeFake) -> Deliver:
+    """`await deliver(events)` POSTs each Stripe event to /webhooks/stripe signed exactly as
+    Stripe signs it, asserts each was acknowledged, then applies every stored event (the
+    background worker is off in tests, so processing is explicit and deterministic).
+    `process=False` only delivers."""
+
+    async def run(events: list[dict[str, Any]], *, process: bool = True) -> None:
+        for event in events:
+            body, headers = stripe_fake.signed_event(event, WEBHOOK_SECRET)
+            response = await client.post("/webhooks/stripe", content=body, headers=headers)
+            assert response.status_code == 200, response.text
+        if process:
+            await app.state.event_processor.drain()
+
+    return run

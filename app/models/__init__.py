@@ -9,6 +9,7 @@ from app.models.billing import (
     IdempotencyRecord,
     LedgerEntry,
 )
+from app.models.notifications import OutboxEmail
 from app.models.stripe_mirror import (
     Dispute,
     Invoice,
@@ -29,6 +30,7 @@ __all__ = [
     "IdempotencyRecord",
     "Invoice",
     "LedgerEntry",
+    "OutboxEmail",
     "Payment",
     "Refund",
     "StripeEvent",

@@ -2,7 +2,7 @@
 
 Revision ID: 0001
 Revises: 
-Create Date: 2026-11-26 04:19:55.651590
+Create Date: 2026-11-26 04:21:06.103820
 """
 
 from collections.abc import Sequence
@@ -56,6 +56,22 @@ def upgrade() -> None:
     sa.UniqueConstraint('principal_sub', 'account_id', 'method', 'path', 'key', name=op.f('uq_idempotency_records_principal_sub_account_id_method_path_key'))
     )
     op.create_index(op.f('ix_idempotency_records_created_at'), 'idempotency_records', ['created_at'], unique=False)
+    op.create_table('outbox_emails',
+    sa.Column('id', sa.Uuid(), nullable=False),
+    sa.Column('dedupe_key', sa.String(length=255), nullable=False),
+    sa.Column('to_address', sa.String(length=320), nullable=False),
+    sa.Column('subject', sa.String(length=998), nullable=False),
+    sa.Column('body', sa.Text(), nullable=False),
+    sa.Column('status', sa.String(length=16), server_default='pending', nullable=False, comment='pending|sending|sent|failed'),
+    sa.Column('attempts', sa.Integer(), server_default='0', nullable=False),
+    sa.Column('last_error', sa.Text(), nullable=True),
+    sa.Column('next_attempt_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.Column('sent_at', sa.DateTime(timezone=True), nullable=True),
+    sa.Column('created_at', sa.DateTime(timezone=True), server_default=sa.text('now()'), nullable=False),
+    sa.PrimaryKeyConstraint('id', name=op.f('pk_outbox_emails')),
+    sa.UniqueConstraint('dedupe_key', name=op.f('uq_outbox_emails_dedupe_key'))
+    )
+    op.create_index('ix_outbox_emails_due', 'outbox_emails', ['next_attempt_at'], unique=False, postgresql_where=sa.text("status = 'pending'"))
     op.create_table('refunds',
     sa.Column('id', sa.Uuid(), nullable=False),
     sa.Column('stripe_id', sa.String(length=255), nullable=False),
@@ -283,6 +299,8 @@ def downgrade() -> None:
     op.drop_table('stripe_events')
     op.drop_index(op.f('ix_refunds_stripe_payment_intent_id'), table_name='refunds')
     op.drop_table('refunds')
+    op.drop_index('ix_outbox_emails_due', table_name='outbox_emails', postgresql_where=sa.text("status = 'pending'"))
+    op.drop_table('outbox_emails')
     op.drop_index(op.f('ix_idempotency_records_created_at'), table_name='idempotency_records')
     op.drop_table('idempotency_records')
     op.drop_table('accounts')

@@ -1,0 +1,57 @@
+"""The business calendar: weekends and the configured country's public holidays are not
+business days (the `holidays` library), counted in `BUSINESS_TIMEZONE`.
+
+Deadlines: "within N business days of receipt" is the end (23:59:59 local) of the Nth business
+day after the local day of receipt; a request received on a weekend or holiday is therefore
+counted from the next business day. Maintenance windows are measured by the business days they
+touch: every local date that the half-open `[start, end)` overlaps and that is a business day.
+"""
+
+from __future__ import annotations
+
+from datetime import date, datetime, time, timedelta
+from functools import lru_cache
+from zoneinfo import ZoneInfo
+
+import holidays
+
+
+@lru_cache(maxsize=32)
+def _holidays(country: str, year: int) -> frozenset[date]:
+    return frozenset(holidays.country_holidays(country, years=year).keys())
+
+
+class BusinessCalendar:
+    def __init__(self, timezone: str, country: str) -> None:
+        self.zone = ZoneInfo(timezone)
+        self.country = country
+
+    def is_business_day(self, day: date) -> bool:
+        return day.weekday() < 5 and day not in _holidays(self.country, day.year)
+
+    def local_date(self, moment: datetime) -> date:
+        return moment.astimezone(self.zone).date()
+
+    def end_of_day(self, day: date) -> datetime:
+        return datetime.combine(day, time(23, 59, 59), tzinfo=self.zone)
+
+    def add_business_days(self, received_at: datetime, days: int) -> datetime:
+        """The deadline `days` business days after `received_at` (end of that local day)."""
+        day = self.local_date(received_at)
+        counted = 0
+        while counted < days:
+            day += timedelta(days=1)
+            if self.is_business_day(day):
+                counted += 1
+        return self.end_of_day(day)
+
+    def local_dates_touched(self, start: datetime, end: datetime) -> list[date]:
+        """Every local date that the half-open interval `[start, end)` overlaps."""
+        if end <= start:
+            return []
+        first = self.local_date(start)
+        last = self.local_date(end - timedelta(microseconds=1))
+        return [first + timedelta(days=n) for n in range((last - first).days + 1)]
+
+    def business_days_touched(self, start: datetime, end: datetime) -> int:
+        return sum(1 for day in self.local_dates_touched(start, end) if self.is_business_day(day))
