@@ -155,11 +155,11 @@ async def test_the_same_event_20_times_at_once_is_stored_once_with_one_effect(
 ) -> None:
     add_catalog(stripe_fake)
     session_id = await open_checkout(app, account_id="acc_20", purpose="top_up", amount=2500)
-    completed = [
+    completed = next(
         e
         for e in stripe_fake.complete_checkout(session_id)
         if e["type"] == "checkout.session.completed"
-    ][0]
+    )
     body, headers = stripe_fake.signed_event(completed, WEBHOOK_SECRET)
     responses = await asyncio.gather(
         *(client.post("/webhooks/stripe", content=body, headers=headers) for _ in range(20))
