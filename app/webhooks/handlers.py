@@ -192,6 +192,20 @@ async def upsert_payment(session: AsyncSession, stripe_id: str, **values: Any) -
             payment.paid_at = min(payment.paid_at, value) if payment.paid_at else value
         elif key in ("amount", "currency") or getattr(payment, key) is None:
             setattr(payment, key, value)
+    # a dispute may have been mirrored before the payment it is about
+    about_payment = (Dispute.stripe_payment_intent_id == stripe_id) | (
+        Dispute.stripe_charge_id == payment.stripe_charge_id
+    )
+    if not payment.disputed:
+        payment.disputed = (
+            await session.scalar(select(Dispute.id).where(about_payment).limit(1))
+        ) is not None
+    if payment.account_id is not None:
+        await session.execute(
+            update(Dispute)
+            .where(about_payment, Dispute.account_id.is_(None))
+            .values(account_id=payment.account_id)
+        )
     await session.flush()
     return payment
 
@@ -226,14 +240,15 @@ async def on_checkout_session(ctx: EventContext) -> None:
     )
     if row.purpose in ("top_up", "debt_repayment") and paid:
         await _credit_balance(ctx, row, obj)
-    elif row.purpose == "subscription" and row.stripe_subscription_id:
-        live = await ctx.session.scalar(
-            select(Subscription.id).where(
-                Subscription.stripe_id == row.stripe_subscription_id,
-                Subscription.status.in_(LIVE_STATUSES),
-            )
+    elif row.purpose == "subscription" and row.stripe_subscription_id and row.fulfilled_at is None:
+        subscription_id = row.stripe_subscription_id
+        live = select(Subscription.id).where(
+            Subscription.stripe_id == subscription_id, Subscription.status.in_(LIVE_STATUSES)
         )
-        if live is not None and row.fulfilled_at is None:
+        paid = select(Invoice.id).where(
+            Invoice.stripe_subscription_id == subscription_id, Invoice.status == "paid"
+        )
+        if await ctx.session.scalar(live.union_all(paid).limit(1)) is not None:
             row.fulfilled_at = ctx.now
     await ctx.session.flush()
 
@@ -331,15 +346,23 @@ async def on_subscription(ctx: EventContext) -> None:
             setattr(existing, key, value)
     await ctx.session.flush()
     if status in LIVE_STATUSES:
-        ours = CheckoutSession.stripe_subscription_id == obj["id"]
-        if (our_checkout := _uuid(metadata.get("checkout_session_id"))) is not None:
-            ours = ours | (CheckoutSession.id == our_checkout)
-        await ctx.session.execute(
-            update(CheckoutSession)
-            .where(ours, CheckoutSession.fulfilled_at.is_(None))
-            .values(fulfilled_at=ctx.now, stripe_subscription_id=obj["id"])
-        )
+        await fulfil_subscription_checkout(ctx, obj["id"], metadata)
     await record_access_change(ctx.session, channel_id, ctx.settings, ctx.now)
+
+
+async def fulfil_subscription_checkout(
+    ctx: EventContext, subscription_id: str, metadata: dict[str, Any]
+) -> None:
+    """A subscription checkout is fulfilled once its subscription is live or an invoice of it
+    is paid, whichever event is applied first (the checkout event itself checks too)."""
+    ours = CheckoutSession.stripe_subscription_id == subscription_id
+    if (our_checkout := _uuid(metadata.get("checkout_session_id"))) is not None:
+        ours = ours | (CheckoutSession.id == our_checkout)
+    await ctx.session.execute(
+        update(CheckoutSession)
+        .where(ours, CheckoutSession.fulfilled_at.is_(None))
+        .values(fulfilled_at=ctx.now, stripe_subscription_id=subscription_id)
+    )
 
 
 def _first_item(subscription: Json) -> Json | None:
@@ -383,6 +406,8 @@ async def on_invoice(ctx: EventContext) -> None:
     transitions = obj.get("status_transitions") or {}
     invoice.paid_at = invoice.paid_at or ts(transitions.get("paid_at"))
     await ctx.session.flush()
+    if invoice.status == "paid" and subscription_id is not None:
+        await fulfil_subscription_checkout(ctx, subscription_id, details.get("metadata") or {})
     await ctx.session.execute(
         update(Payment)
         .where(Payment.stripe_invoice_id == obj["id"])
@@ -595,15 +620,14 @@ HANDLED_EVENT_TYPES = frozenset(HANDLERS)
 
 
 def lock_key(event: Json) -> str:
-    """The Stripe object whose events must not interleave: the subscription for invoice
-    events, the payment intent for payment events, else the event's own object."""
+    """The Stripe object whose events must not interleave. An invoice and its invoice
+    payments share the invoice's key (each reads what the other wrote); payment events share
+    the payment intent's; everything else is keyed by its own object. Rows that several keys
+    touch (payments) merge commutatively under a row lock."""
     obj = event.get("data", {}).get("object", {})
     event_type = str(event.get("type", ""))
-    if event_type.startswith("invoice."):
-        details = (obj.get("parent") or {}).get("subscription_details") or {}
-        return ref(details.get("subscription")) or str(obj.get("id"))
     if event_type == "invoice_payment.paid":
-        return ref((obj.get("payment") or {}).get("payment_intent")) or str(obj.get("id"))
+        return ref(obj.get("invoice")) or str(obj.get("id"))
     if event_type.startswith(("charge.", "refund.")):
         return ref(obj.get("payment_intent")) or str(obj.get("id"))
     return str(obj.get("id"))
