@@ -42,6 +42,31 @@ def _export_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _portal_config(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.portal.service import apply_portal_configuration
+    from app.stripe_gateway import StripeGateway
+
+    settings = get_settings()
+
+    async def run() -> str:
+        gateway = StripeGateway.from_settings(settings)
+        try:
+            configuration = await apply_portal_configuration(
+                gateway, settings, configuration_id=args.id, headline=args.headline
+            )
+        finally:
+            await gateway.close()
+        return str(configuration["id"])
+
+    configuration_id = asyncio.run(run())
+    print(configuration_id)
+    if not (args.id or settings.stripe_portal_configuration_id):
+        print(f"set STRIPE_PORTAL_CONFIGURATION_ID={configuration_id}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="billing", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     openapi = commands.add_parser("openapi", help="write the OpenAPI document")
     openapi.add_argument("--output", default="openapi/openapi.json")
     openapi.set_defaults(handler=_export_openapi)
+
+    portal = commands.add_parser(
+        "portal-config",
+        help="create (or update) the Stripe Customer Portal configuration the policy implies",
+    )
+    portal.add_argument(
+        "--id", help="update this configuration (default: STRIPE_PORTAL_CONFIGURATION_ID)"
+    )
+    portal.add_argument("--headline", help="business headline shown in the portal")
+    portal.set_defaults(handler=_portal_config)
     return parser
 
 
