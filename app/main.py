@@ -20,6 +20,10 @@ from app.plans.router import router as plans_router
 from app.portal.router import router as portal_router
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.router import router as subscriptions_router
+from app.webhooks.ingest import EventIngestor
+from app.webhooks.processor import EventProcessor, prune_payloads
+from app.webhooks.router import router as webhooks_router
+from app.workers import BackgroundWorkers, every
 
 
 def create_app(settings: Settings | None = None, gateway: StripeGateway | None = None) -> FastAPI:
@@ -34,9 +38,28 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         app.state.session_factory = create_session_factory(engine)
         own_gateway = gateway is None
         app.state.stripe = gateway or StripeGateway.from_settings(settings)
+        processor = EventProcessor(app.state.session_factory, settings, app.state.stripe)
+        ingestor = EventIngestor(engine)
+        ingestor.on_stored.append(processor.notify)
+        app.state.event_processor = processor
+        app.state.event_ingestor = ingestor
+        workers = BackgroundWorkers()
+        if settings.run_background_workers:
+            workers.start("stripe-events", processor.run_forever())
+            workers.start(
+                "prune-events",
+                every(
+                    3600,
+                    lambda: prune_payloads(
+                        app.state.session_factory, settings.event_retention_days
+                    ),
+                ),
+            )
         try:
             yield
         finally:
+            await workers.stop()
+            await ingestor.stop()
             if own_gateway:
                 await app.state.stripe.close()
             await engine.dispose()
@@ -51,6 +74,9 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.webhook_secrets = [
+        secret.get_secret_value().encode() for secret in settings.stripe_webhook_secrets
+    ]
     app.state.migration_head = migration_head()
     install_error_handlers(app)
     app.add_middleware(
@@ -67,6 +93,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     app.include_router(portal_router)
     app.include_router(subscriptions_router)
     app.include_router(balance_router)
+    app.include_router(webhooks_router)
     return app
 
 
