@@ -95,6 +95,19 @@ async def _prune_events(_: argparse.Namespace) -> int:
     return 0
 
 
+async def _portal_config(args: argparse.Namespace) -> int:
+    from app.portal.service import apply_portal_configuration
+
+    async with _runtime() as (settings, _engine, gateway):
+        configuration = await apply_portal_configuration(
+            gateway, settings, configuration_id=args.id, headline=args.headline
+        )
+    print(configuration["id"])
+    if not (args.id or settings.stripe_portal_configuration_id):
+        print(f"set STRIPE_PORTAL_CONFIGURATION_ID={configuration['id']}", file=sys.stderr)
+    return 0
+
+
 async def _process_events(_: argparse.Namespace) -> int:
     async with _runtime() as (settings, engine, gateway):
         processor = EventProcessor(create_session_factory(engine), settings, gateway)
@@ -117,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     openapi = commands.add_parser("openapi", help="write the OpenAPI document")
     openapi.add_argument("--output", default="openapi/openapi.json")
     openapi.set_defaults(handler=_export_openapi)
+
+    portal = commands.add_parser(
+        "portal-config",
+        help="create (or update) the Stripe Customer Portal configuration the policy implies",
+    )
+    portal.add_argument(
+        "--id", help="update this configuration (default: STRIPE_PORTAL_CONFIGURATION_ID)"
+    )
+    portal.add_argument("--headline", help="business headline shown in the portal")
+    portal.set_defaults(handler=_portal_config, run_async=True)
 
     rec = commands.add_parser(
         "reconcile-events", help="store Stripe events that were never delivered and report drift"

@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from app.balance.router import router as balance_router
+from app.checkout.router import router as checkout_router
 from app.config import Settings, get_settings
 from app.db import create_engine, create_session_factory
 from app.errors import install_error_handlers
@@ -15,7 +17,9 @@ from app.health.router import migration_head
 from app.health.router import router as health_router
 from app.observability import RequestContextMiddleware, configure_logging
 from app.plans.router import router as plans_router
+from app.portal.router import router as portal_router
 from app.stripe_gateway import StripeGateway
+from app.subscriptions.router import router as subscriptions_router
 from app.webhooks.ingest import EventIngestor
 from app.webhooks.processor import EventProcessor, prune_payloads
 from app.webhooks.router import router as webhooks_router
@@ -85,6 +89,10 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     app.add_middleware(RequestContextMiddleware)
     app.include_router(health_router)
     app.include_router(plans_router)
+    app.include_router(checkout_router)
+    app.include_router(portal_router)
+    app.include_router(subscriptions_router)
+    app.include_router(balance_router)
     app.include_router(webhooks_router)
     return app
 

@@ -154,6 +154,12 @@ class StripeGateway:
             lambda: self._v1.checkout.sessions.retrieve_async(session_id),
         )
 
+    async def expire_checkout_session(self, session_id: str) -> StripeObject:
+        return await self._call(
+            "checkout.sessions.expire",
+            lambda: self._v1.checkout.sessions.expire_async(session_id),
+        )
+
     # --- billing portal --------------------------------------------------------------------
 
     async def create_portal_session(
@@ -165,6 +171,32 @@ class StripeGateway:
         return await self._call(
             "billing_portal.sessions.create",
             lambda: self._v1.billing_portal.sessions.create_async(params),
+        )
+
+    async def create_portal_configuration(
+        self, params: dict[str, Any], *, key: str
+    ) -> StripeObject:
+        return await self._call(
+            "billing_portal.configurations.create",
+            lambda: self._v1.billing_portal.configurations.create_async(
+                params, {"idempotency_key": key}
+            ),
+        )
+
+    async def update_portal_configuration(
+        self, configuration_id: str, params: dict[str, Any]
+    ) -> StripeObject:
+        return await self._call(
+            "billing_portal.configurations.update",
+            lambda: self._v1.billing_portal.configurations.update_async(configuration_id, params),
+        )
+
+    # --- catalog ---------------------------------------------------------------------------
+
+    async def retrieve_price(self, price_id: str) -> StripeObject:
+        return await self._call(
+            "prices.retrieve",
+            lambda: self._v1.prices.retrieve_async(price_id),
         )
 
     # --- subscriptions ---------------------------------------------------------------------

@@ -10,6 +10,7 @@ from app.models.billing import (
     LedgerEntry,
 )
 from app.models.notifications import OutboxEmail
+from app.models.portal import PortalSession
 from app.models.stripe_mirror import (
     Dispute,
     Invoice,
@@ -32,6 +33,7 @@ __all__ = [
     "LedgerEntry",
     "OutboxEmail",
     "Payment",
+    "PortalSession",
     "Refund",
     "StripeEvent",
     "Subscription",

@@ -1,16 +1,26 @@
 """Subscription-side effects shared by the event handlers and the domains that end or extend
-access (refunds, chargebacks, maintenance)."""
+access (refunds, chargebacks, maintenance), and the reads behind the subscriptions, channel
+access and access-feed routes.
+
+The access feed is read under `LOCK TABLE access_changes IN SHARE MODE`: the lock waits for
+every transaction that has inserted rows to finish, so when the read happens no lower id can
+still appear later; a follower that remembers the last id it saw never skips a change.
+Writers wait only for the duration of one read.
+"""
 
 from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.errors import ServiceUnavailable
 from app.models import AccessChange, Channel, Subscription
-from app.subscriptions.access import Access, channel_access
+from app.subscriptions.access import Access, channel_access, subscription_access
+from app.subscriptions.schemas import AccessOut, SubscriptionOut
 
 
 async def current_channel_access(
@@ -59,3 +69,79 @@ async def record_access_change(
     session.add(change)
     await session.flush()
     return change
+
+
+async def _now(session: AsyncSession) -> datetime:
+    now: datetime | None = await session.scalar(select(func.now()))
+    assert now is not None
+    return now
+
+
+async def list_subscriptions(
+    session: AsyncSession, settings: Settings, account_id: str
+) -> list[SubscriptionOut]:
+    rows = (
+        await session.scalars(
+            select(Subscription)
+            .where(Subscription.account_id == account_id)
+            .order_by(Subscription.created_at, Subscription.stripe_id)
+        )
+    ).all()
+    now = await _now(session)
+    result = []
+    for row in rows:
+        access = subscription_access(row, now, past_due_keeps_access=settings.past_due_keeps_access)
+        result.append(
+            SubscriptionOut(
+                id=row.stripe_id,
+                channel_id=row.channel_id,
+                plan=row.plan_code,
+                status=row.status,
+                cancel_at_period_end=row.cancel_at_period_end,
+                cancel_at=row.cancel_at,
+                current_period_end=row.current_period_end,
+                access_until=access.access_until,
+                extension_days=row.extension_days,
+                has_access=access.has_access,
+                reason=access.reason,
+            )
+        )
+    return result
+
+
+async def get_channel_access(
+    session: AsyncSession, settings: Settings, channel_id: str
+) -> AccessOut:
+    """Access from the channel's subscriptions; an unknown channel has none (`no_subscription`)."""
+    rows = list(
+        await session.scalars(select(Subscription).where(Subscription.channel_id == channel_id))
+    )
+    access = channel_access(
+        rows, await _now(session), past_due_keeps_access=settings.past_due_keeps_access
+    )
+    return AccessOut(
+        channel_id=channel_id,
+        has_access=access.has_access,
+        access_until=access.access_until,
+        reason=access.reason,
+    )
+
+
+async def list_access_changes(
+    session: AsyncSession, *, after: int, limit: int
+) -> list[AccessChange]:
+    try:
+        await session.execute(text("SET LOCAL lock_timeout = '5s'"))
+        await session.execute(text("LOCK TABLE access_changes IN SHARE MODE"))
+    except DBAPIError:
+        raise ServiceUnavailable("The access feed is busy; retry shortly") from None
+    return list(
+        (
+            await session.scalars(
+                select(AccessChange)
+                .where(AccessChange.id > after)
+                .order_by(AccessChange.id)
+                .limit(limit)
+            )
+        ).all()
+    )
