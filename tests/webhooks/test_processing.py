@@ -1,0 +1,178 @@
+"""Retries, parking and replay; reconciliation of undelivered events; endpoint registration;
+payload pruning."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import asyncpg
+import httpx
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from app.models import Payment, StripeEvent
+from app.stripe_gateway import API_VERSION
+from app.webhooks.handlers import HANDLED_EVENT_TYPES
+from app.webhooks.processor import MAX_ATTEMPTS, prune_payloads
+from app.webhooks.reconcile import register_webhook_endpoint
+from tests.conftest import JWT_SECRET, ROOT, STRIPE_KEY, WEBHOOK_SECRET, Deliver, bearer, plain_dsn
+from tests.stripe_fake import StripeFake
+from tests.webhooks.flows import add_catalog, open_checkout
+from tests.webhooks.lifecycle import run_lifecycle, snapshot
+
+
+async def make_due(database_url: str) -> None:
+    """Let the backoff elapse (instead of waiting it out)."""
+    conn = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        await conn.execute(
+            "UPDATE stripe_events SET next_attempt_at = now() WHERE status = 'pending'"
+        )
+    finally:
+        await conn.close()
+
+
+async def test_a_failing_event_is_retried_parked_listed_and_replayed(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    database_url: str,
+    token,  # type: ignore[no-untyped-def]
+) -> None:
+    add_catalog(stripe_fake)
+    session_id = await open_checkout(app, account_id="acc_fee", purpose="top_up", amount=3000)
+    await deliver(stripe_fake.complete_checkout(session_id))
+    payment_intent = str(stripe_fake.get("checkout.session", session_id)["payment_intent"])
+    charge = str(stripe_fake.get("payment_intent", payment_intent)["latest_charge"])
+    settled = stripe_fake.settle_charge(charge, fee=117)
+    # Stripe answers 500 to every fee lookup (2 requests per attempt: one SDK retry)
+    stripe_fake.fail_next(2 * MAX_ATTEMPTS, 500, path_prefix="/v1/balance_transactions")
+    await deliver(settled, process=False)
+    processor = app.state.event_processor
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        await processor.drain()
+        async with app.state.session_factory() as session:
+            row = await session.scalar(
+                select(StripeEvent).where(StripeEvent.type == "charge.updated")
+            )
+        assert row is not None
+        assert row.attempts == attempt
+        if attempt < MAX_ATTEMPTS:
+            assert row.status == "pending"
+            assert row.next_attempt_at is not None
+            await make_due(database_url)
+    assert row.status == "failed"
+    assert "StripeUnavailable" in (row.last_error or "")
+
+    ops = bearer(token(scope="ops", sub="oncall@1msg.io"))
+    listed = await client.get("/v1/ops/stripe-events", params={"status": "failed"}, headers=ops)
+    assert listed.status_code == 200
+    assert [(e["id"], e["attempts"]) for e in listed.json()["data"]] == [
+        (row.stripe_id, MAX_ATTEMPTS)
+    ]
+    user = bearer(token(account_id="acc_fee"))
+    assert (await client.get("/v1/ops/stripe-events", headers=user)).status_code == 403
+
+    replayed = await client.post(f"/v1/ops/stripe-events/{row.stripe_id}/replay", headers=ops)
+    assert replayed.status_code == 200
+    assert replayed.json()["status"] == "pending"
+    again = await client.post(f"/v1/ops/stripe-events/{row.stripe_id}/replay", headers=ops)
+    assert again.status_code == 409
+    missing = await client.post("/v1/ops/stripe-events/evt_nope/replay", headers=ops)
+    assert missing.status_code == 404
+    await processor.drain()
+    async with app.state.session_factory() as session:
+        payment = await session.scalar(select(Payment).where(Payment.stripe_id == payment_intent))
+        event_row = await session.scalar(
+            select(StripeEvent).where(StripeEvent.stripe_id == row.stripe_id)
+        )
+    assert payment is not None
+    assert payment.fee == 117
+    assert event_row is not None
+    assert event_row.status == "processed"
+
+
+def cli(*args: str, stripe_fake: StripeFake, database_url: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "APP_ENV": "test",
+        "DATABASE_URL": database_url,
+        "STRIPE_API_BASE": stripe_fake.url,
+        "STRIPE_SECRET_KEY": STRIPE_KEY,
+        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+        "AUTH_JWT_SECRET": JWT_SECRET,
+        "LOG_LEVEL": "WARNING",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+async def test_reconcile_recovers_events_that_were_never_delivered(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver, database_url: str
+) -> None:
+    life = await run_lifecycle(app, stripe_fake)
+    delivered = life.events[::3]  # Stripe gave up on two thirds of the deliveries
+    await deliver(delivered)
+    result = cli("reconcile-events", "--apply", stripe_fake=stripe_fake, database_url=database_url)
+    assert result.returncode == 0, result.stderr
+    everything = [dict(e) for e in stripe_fake.events]  # incl. events before the lifecycle
+    missing = len(everything) - len(delivered)
+    assert f"recovered {missing} events that had not been delivered" in result.stdout
+    async with app.state.session_factory() as session:
+        rows = (await session.scalars(select(StripeEvent))).all()
+    assert sorted(r.stripe_id for r in rows) == sorted(e["id"] for e in everything)
+    assert {r.status for r in rows} <= {"processed", "ignored"}
+    recovered = await snapshot(app)
+    assert recovered["subscriptions"][life.subscription_id][3] == "canceled"
+    assert recovered["disputes"][life.dispute_id][1] == "lost"
+
+    again = cli("reconcile-events", stripe_fake=stripe_fake, database_url=database_url)
+    assert "recovered 0 events" in again.stdout
+
+
+async def test_register_webhook_pins_the_api_version_and_the_events_used(
+    app: FastAPI, stripe_fake: StripeFake
+) -> None:
+    url = "https://billing.1msg.io/webhooks/stripe"
+    created = await register_webhook_endpoint(app.state.stripe, url)
+    assert created["api_version"] == API_VERSION
+    assert sorted(created["enabled_events"]) == sorted(HANDLED_EVENT_TYPES)
+    assert created["secret"]
+    updated = await register_webhook_endpoint(app.state.stripe, url)
+    assert updated["id"] == created["id"]
+    assert len(stripe_fake.all("webhook_endpoint")) == 1
+
+
+async def test_old_payloads_are_pruned_but_late_duplicates_still_recognised(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    database_url: str,
+) -> None:
+    add_catalog(stripe_fake)
+    session_id = await open_checkout(app, account_id="acc_old", purpose="top_up", amount=1000)
+    events = stripe_fake.complete_checkout(session_id)
+    await deliver(events)
+    conn = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        await conn.execute("UPDATE stripe_events SET received_at = now() - interval '31 days'")
+    finally:
+        await conn.close()
+    assert await prune_payloads(app.state.session_factory, 30) == len(events)
+    async with app.state.session_factory() as session:
+        payloads = (await session.scalars(select(StripeEvent.payload))).all()
+    assert payloads == [None] * len(events)
+    body, headers = stripe_fake.signed_event(events[-1], WEBHOOK_SECRET)
+    late = await client.post("/webhooks/stripe", content=body, headers=headers)
+    assert late.json() == {"received": True, "duplicate": True}
