@@ -20,6 +20,7 @@ from app.plans.router import router as plans_router
 from app.portal.router import router as portal_router
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.router import router as subscriptions_router
+from app.subscriptions.service import record_expired_access
 from app.webhooks.ingest import EventIngestor
 from app.webhooks.processor import EventProcessor, prune_payloads
 from app.webhooks.router import router as webhooks_router
@@ -46,6 +47,10 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         workers = BackgroundWorkers()
         if settings.run_background_workers:
             workers.start("stripe-events", processor.run_forever())
+            workers.start(
+                "expire-access",
+                every(60, lambda: record_expired_access(app.state.session_factory, settings)),
+            )
             workers.start(
                 "prune-events",
                 every(
