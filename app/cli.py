@@ -42,6 +42,33 @@ def _export_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+def _deliver_emails(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.db import create_engine, create_session_factory
+    from app.notifications.worker import EmailWorker, deliver_round
+
+    settings = get_settings()
+
+    async def run() -> None:
+        engine = create_engine(settings.database_url, settings.database_pool_size)
+        factory = create_session_factory(engine)
+        try:
+            if args.once:
+                result = await deliver_round(factory, settings)
+                print(
+                    f"sent {len(result.sent)}, retrying {len(result.retrying)}, "
+                    f"failed {len(result.failed)}, uncertain {len(result.uncertain)}"
+                )
+            else:
+                await EmailWorker(factory, settings).run()
+        finally:
+            await engine.dispose()
+
+    asyncio.run(run())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="billing", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,6 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     openapi = commands.add_parser("openapi", help="write the OpenAPI document")
     openapi.add_argument("--output", default="openapi/openapi.json")
     openapi.set_defaults(handler=_export_openapi)
+
+    deliver = commands.add_parser("deliver-emails", help="run the email delivery worker")
+    deliver.add_argument("--once", action="store_true", help="one round, then exit")
+    deliver.set_defaults(handler=_deliver_emails)
     return parser
 
 

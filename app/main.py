@@ -13,6 +13,7 @@ from app.db import create_engine, create_session_factory
 from app.errors import install_error_handlers
 from app.health.router import migration_head
 from app.health.router import router as health_router
+from app.notifications.worker import EmailWorker
 from app.observability import RequestContextMiddleware, configure_logging
 from app.plans.router import router as plans_router
 from app.stripe_gateway import StripeGateway
@@ -30,9 +31,13 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         app.state.session_factory = create_session_factory(engine)
         own_gateway = gateway is None
         app.state.stripe = gateway or StripeGateway.from_settings(settings)
+        email_worker = EmailWorker(app.state.session_factory, settings)
+        if settings.run_background_workers:
+            email_worker.start()
         try:
             yield
         finally:
+            await email_worker.stop()
             if own_gateway:
                 await app.state.stripe.close()
             await engine.dispose()
