@@ -13,6 +13,7 @@ from app.db import create_engine, create_session_factory
 from app.errors import install_error_handlers
 from app.health.router import migration_head
 from app.health.router import router as health_router
+from app.maintenance.router import router as maintenance_router
 from app.notifications.worker import EmailWorker
 from app.observability import RequestContextMiddleware, configure_logging
 from app.plans.router import router as plans_router
@@ -64,6 +65,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     app.add_middleware(RequestContextMiddleware)
     app.include_router(health_router)
     app.include_router(plans_router)
+    app.include_router(maintenance_router)
     return app
 
 

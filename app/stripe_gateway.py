@@ -175,6 +175,16 @@ class StripeGateway:
             lambda: self._v1.subscriptions.retrieve_async(subscription_id),
         )
 
+    async def update_subscription(
+        self, subscription_id: str, params: dict[str, Any], *, key: str
+    ) -> StripeObject:
+        return await self._call(
+            "subscriptions.update",
+            lambda: self._v1.subscriptions.update_async(
+                subscription_id, params, {"idempotency_key": key}
+            ),
+        )
+
     async def list_events(self, params: dict[str, Any]) -> StripeObject:
         return await self._call(
             "events.list",

@@ -9,6 +9,7 @@ from app.models.billing import (
     IdempotencyRecord,
     LedgerEntry,
 )
+from app.models.maintenance import MaintenanceExtension, MaintenanceWindow
 from app.models.notifications import OutboxEmail
 from app.models.stripe_mirror import (
     Dispute,
@@ -30,6 +31,8 @@ __all__ = [
     "IdempotencyRecord",
     "Invoice",
     "LedgerEntry",
+    "MaintenanceExtension",
+    "MaintenanceWindow",
     "OutboxEmail",
     "Payment",
     "Refund",
