@@ -472,9 +472,21 @@ async def push_pending_extensions(
     subscription_id: uuid.UUID,
 ) -> None:
     """Push the subscription's pending extensions to Stripe, oldest first (each target builds on
-    the previous); stops at the first Stripe outage, leaving the rest pending."""
+    the previous); stops at the first Stripe outage, leaving the rest pending.
+
+    One pusher per subscription at a time (a transaction-level advisory lock, held across the
+    Stripe call): a concurrent completion finds the lock taken and leaves the push to its holder,
+    so Stripe receives each update once; the answer is recorded in that same transaction."""
     while True:
-        async with session_factory() as session:
+        async with session_factory() as session, session.begin():
+            locked = (
+                await session.execute(
+                    text("SELECT pg_try_advisory_xact_lock(hashtext(:name))"),
+                    {"name": f"billing:maintenance-push:{subscription_id}"},
+                )
+            ).scalar_one()
+            if not locked:
+                return
             row = (
                 await session.execute(
                     select(MaintenanceExtension, Subscription.stripe_id)
@@ -487,40 +499,31 @@ async def push_pending_extensions(
                     .limit(1)
                 )
             ).first()
-        if row is None:
-            return
-        extension, stripe_id = row.tuple()
-        assert extension.stripe_trial_end is not None
-        params = {
-            "trial_end": int(extension.stripe_trial_end.timestamp()),
-            "proration_behavior": "none",
-        }
-        try:
-            answer = await gateway.update_subscription(
-                stripe_id, params, key=idempotency_key("maintenance-extension", extension.id)
-            )
-        except StripeRequestRejected as exc:
-            await _record_rejection(session_factory, extension.id, str(exc))
-            continue
-        except Exception as exc:  # Stripe unavailable: stays pending for a retry
-            log.warning(
-                "maintenance.stripe_push_failed",
-                extension_id=extension.id,
-                error_type=type(exc).__name__,
-            )
-            return
-        await _record_stripe_answer(session_factory, extension.id, answer)
-
-
-async def _record_rejection(
-    session_factory: async_sessionmaker[AsyncSession], extension_id: int, error: str
-) -> None:
-    async with session_factory() as session, session.begin():
-        extension = await session.get(MaintenanceExtension, extension_id, with_for_update=True)
-        if extension is not None and extension.stripe_status == "pending":
-            extension.stripe_status = "rejected"
-            extension.last_error = error[:2000]
-    log.warning("maintenance.stripe_push_rejected", extension_id=extension_id)
+            if row is None:
+                return
+            extension, stripe_id = row
+            assert extension.stripe_trial_end is not None
+            params = {
+                "trial_end": int(extension.stripe_trial_end.timestamp()),
+                "proration_behavior": "none",
+            }
+            try:
+                answer = await gateway.update_subscription(
+                    stripe_id, params, key=idempotency_key("maintenance-extension", extension.id)
+                )
+            except StripeRequestRejected as exc:
+                extension.stripe_status = "rejected"
+                extension.last_error = str(exc)[:2000]
+                log.warning("maintenance.stripe_push_rejected", extension_id=extension.id)
+                continue
+            except Exception as exc:  # Stripe unavailable: stays pending for a retry
+                log.warning(
+                    "maintenance.stripe_push_failed",
+                    extension_id=extension.id,
+                    error_type=type(exc).__name__,
+                )
+                return
+            await _record_stripe_answer(session, extension, answer)
 
 
 def _timestamp(value: object) -> datetime | None:
@@ -528,9 +531,7 @@ def _timestamp(value: object) -> datetime | None:
 
 
 async def _record_stripe_answer(
-    session_factory: async_sessionmaker[AsyncSession],
-    extension_id: int,
-    answer: dict[str, object],
+    session: AsyncSession, extension: MaintenanceExtension, answer: dict[str, object]
 ) -> None:
     """Stripe's period now includes the extension: record that and its period end together."""
     items = answer.get("items")
@@ -540,25 +541,19 @@ async def _record_stripe_answer(
         if isinstance(item, dict)
     ]
     period_end = _timestamp(max((end for end in ends if isinstance(end, int)), default=None))
-    async with session_factory() as session, session.begin():
-        extension = await session.get(MaintenanceExtension, extension_id, with_for_update=True)
-        if extension is None or extension.stripe_status != "pending":
-            return
-        subscription = await session.get(
-            Subscription, extension.subscription_id, with_for_update=True
-        )
-        assert subscription is not None
-        extension.stripe_status = "applied"
-        extension.included_in_period = True
-        extension.stripe_period_end = period_end
-        subscription.extension_days_in_period += extension.days
-        if period_end is not None:
-            subscription.current_period_end = period_end
-        subscription.trial_end = _timestamp(answer.get("trial_end"))
-        if isinstance(answer.get("status"), str):
-            subscription.status = str(answer["status"])
+    subscription = await session.get(Subscription, extension.subscription_id, with_for_update=True)
+    assert subscription is not None
+    extension.stripe_status = "applied"
+    extension.included_in_period = True
+    extension.stripe_period_end = period_end
+    subscription.extension_days_in_period += extension.days
+    if period_end is not None:
+        subscription.current_period_end = period_end
+    subscription.trial_end = _timestamp(answer.get("trial_end"))
+    if isinstance(answer.get("status"), str):
+        subscription.status = str(answer["status"])
     log.info(
         "maintenance.stripe_extension_applied",
-        extension_id=extension_id,
+        extension_id=extension.id,
         period_end=period_end.isoformat() if period_end else None,
     )
