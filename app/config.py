@@ -28,6 +28,19 @@ class Plan(BaseModel):
     interval: Literal["day", "week", "month", "year"] = "month"
 
 
+class TopUpLimit(BaseModel):
+    """Bounds of one top-up payment in a currency, in minor units."""
+
+    min: int = Field(gt=0)
+    max: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> TopUpLimit:
+        if self.min > self.max:
+            raise ValueError("top-up min exceeds max")
+        return self
+
+
 DEFAULT_PLANS = [
     Plan(
         code="channel_monthly",
@@ -112,6 +125,14 @@ class Settings(BaseSettings):
     email_poll_seconds: float = Field(default=5.0, gt=0)
     email_sending_stale_seconds: float = Field(default=900.0, gt=0)
 
+    # --- checkout, portal and balance (app/checkout, app/portal, app/balance) ---------------
+    top_up_limits: Annotated[dict[str, TopUpLimit], NoDecode] = {
+        "usd": TopUpLimit(min=500, max=500000)
+    }
+    stripe_sessions_per_account_per_minute: int = Field(default=10, ge=1)
+    stripe_portal_configuration_id: str | None = None
+    idempotency_wait_seconds: float = Field(default=10.0, ge=0)
+
     @property
     def calendar(self) -> BusinessCalendar:
         return BusinessCalendar(self.business_timezone, self.business_holidays_country)
@@ -130,6 +151,14 @@ class Settings(BaseSettings):
     @classmethod
     def _parse_plans(cls, value: object) -> object:
         return _json_value(value)
+
+    @field_validator("top_up_limits", mode="before")
+    @classmethod
+    def _parse_top_up_limits(cls, value: object) -> object:
+        value = _json_value(value)
+        if isinstance(value, dict):
+            return {str(k).lower(): v for k, v in value.items()}
+        return value
 
     @field_validator("default_currency")
     @classmethod
@@ -175,6 +204,11 @@ class Settings(BaseSettings):
 
     def plan(self, code: str) -> Plan | None:
         return next((plan for plan in self.plans if plan.code == code), None)
+
+    @property
+    def supported_currencies(self) -> frozenset[str]:
+        """Currencies money may move in: top-up currencies and plan currencies."""
+        return frozenset(self.top_up_limits) | {plan.currency.lower() for plan in self.plans}
 
 
 def _is_placeholder(value: str) -> bool:

@@ -85,6 +85,53 @@ class ServiceUnavailable(BillingError):
     status, code, title = 503, "service_unavailable", "Service unavailable"
 
 
+# --- checkout, portal, balance --------------------------------------------------------------
+
+
+class RedirectNotAllowed(Unprocessable):
+    code, title = "redirect_not_allowed", "Redirect URL not allowed"
+
+
+class CurrencyMismatch(Unprocessable):
+    code, title = "currency_mismatch", "Currency differs from the account's currency"
+
+
+class ChannelNotFound(NotFound):
+    code, title = "channel_not_found", "Channel not found"
+
+
+class CheckoutSessionNotFound(NotFound):
+    code, title = "checkout_session_not_found", "Checkout session not found"
+
+
+class SubscriptionExists(Conflict):
+    code, title = "subscription_exists", "The channel already has a live subscription"
+
+
+class NoDebt(Conflict):
+    code, title = "no_debt", "The account has no debt to repay"
+
+
+class PortalUnavailable(Conflict):
+    code, title = "portal_unavailable", "The Customer Portal opens after the first payment"
+
+
+class IdempotencyKeyReused(Conflict):
+    code, title = "idempotency_key_reused", "Idempotency-Key reused with another request body"
+
+
+class IdempotencyKeyInUse(Conflict):
+    code, title = "idempotency_key_in_use", "A request with this Idempotency-Key is in progress"
+
+
+class UsageChargeConflict(Conflict):
+    code, title = "usage_charge_conflict", "A usage charge with this id differs"
+
+
+class ActivityConflict(Conflict):
+    code, title = "activity_conflict", "An activity with this id differs"
+
+
 def problem_response(
     status: int,
     code: str,

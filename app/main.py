@@ -8,6 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 
+from app.balance.router import router as balance_router
+from app.checkout.router import router as checkout_router
 from app.config import Settings, get_settings
 from app.db import create_engine, create_session_factory
 from app.errors import install_error_handlers
@@ -17,7 +19,13 @@ from app.maintenance.router import router as maintenance_router
 from app.notifications.worker import EmailWorker
 from app.observability import RequestContextMiddleware, configure_logging
 from app.plans.router import router as plans_router
+from app.portal.router import router as portal_router
 from app.stripe_gateway import StripeGateway
+from app.subscriptions.router import router as subscriptions_router
+from app.webhooks.ingest import EventIngestor
+from app.webhooks.processor import EventProcessor, prune_payloads
+from app.webhooks.router import router as webhooks_router
+from app.workers import BackgroundWorkers, every
 
 
 def create_app(settings: Settings | None = None, gateway: StripeGateway | None = None) -> FastAPI:
@@ -32,6 +40,23 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         app.state.session_factory = create_session_factory(engine)
         own_gateway = gateway is None
         app.state.stripe = gateway or StripeGateway.from_settings(settings)
+        processor = EventProcessor(app.state.session_factory, settings, app.state.stripe)
+        ingestor = EventIngestor(engine)
+        ingestor.on_stored.append(processor.notify)
+        app.state.event_processor = processor
+        app.state.event_ingestor = ingestor
+        workers = BackgroundWorkers()
+        if settings.run_background_workers:
+            workers.start("stripe-events", processor.run_forever())
+            workers.start(
+                "prune-events",
+                every(
+                    3600,
+                    lambda: prune_payloads(
+                        app.state.session_factory, settings.event_retention_days
+                    ),
+                ),
+            )
         email_worker = EmailWorker(app.state.session_factory, settings)
         if settings.run_background_workers:
             email_worker.start()
@@ -39,6 +64,8 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
             yield
         finally:
             await email_worker.stop()
+            await workers.stop()
+            await ingestor.stop()
             if own_gateway:
                 await app.state.stripe.close()
             await engine.dispose()
@@ -53,6 +80,9 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.webhook_secrets = [
+        secret.get_secret_value().encode() for secret in settings.stripe_webhook_secrets
+    ]
     app.state.migration_head = migration_head()
     install_error_handlers(app)
     app.add_middleware(
@@ -65,6 +95,11 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     app.add_middleware(RequestContextMiddleware)
     app.include_router(health_router)
     app.include_router(plans_router)
+    app.include_router(checkout_router)
+    app.include_router(portal_router)
+    app.include_router(subscriptions_router)
+    app.include_router(balance_router)
+    app.include_router(webhooks_router)
     app.include_router(maintenance_router)
     return app
 

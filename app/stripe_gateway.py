@@ -154,6 +154,12 @@ class StripeGateway:
             lambda: self._v1.checkout.sessions.retrieve_async(session_id),
         )
 
+    async def expire_checkout_session(self, session_id: str) -> StripeObject:
+        return await self._call(
+            "checkout.sessions.expire",
+            lambda: self._v1.checkout.sessions.expire_async(session_id),
+        )
+
     # --- billing portal --------------------------------------------------------------------
 
     async def create_portal_session(
@@ -165,6 +171,32 @@ class StripeGateway:
         return await self._call(
             "billing_portal.sessions.create",
             lambda: self._v1.billing_portal.sessions.create_async(params),
+        )
+
+    async def create_portal_configuration(
+        self, params: dict[str, Any], *, key: str
+    ) -> StripeObject:
+        return await self._call(
+            "billing_portal.configurations.create",
+            lambda: self._v1.billing_portal.configurations.create_async(
+                params, {"idempotency_key": key}
+            ),
+        )
+
+    async def update_portal_configuration(
+        self, configuration_id: str, params: dict[str, Any]
+    ) -> StripeObject:
+        return await self._call(
+            "billing_portal.configurations.update",
+            lambda: self._v1.billing_portal.configurations.update_async(configuration_id, params),
+        )
+
+    # --- catalog ---------------------------------------------------------------------------
+
+    async def retrieve_price(self, price_id: str) -> StripeObject:
+        return await self._call(
+            "prices.retrieve",
+            lambda: self._v1.prices.retrieve_async(price_id),
         )
 
     # --- subscriptions ---------------------------------------------------------------------
@@ -183,6 +215,31 @@ class StripeGateway:
             lambda: self._v1.subscriptions.update_async(
                 subscription_id, params, {"idempotency_key": key}
             ),
+        )
+
+    async def retrieve_balance_transaction(self, balance_transaction_id: str) -> StripeObject:
+        return await self._call(
+            "balance_transactions.retrieve",
+            lambda: self._v1.balance_transactions.retrieve_async(balance_transaction_id),
+        )
+
+    async def create_webhook_endpoint(self, params: dict[str, Any]) -> StripeObject:
+        return await self._call(
+            "webhook_endpoints.create", lambda: self._v1.webhook_endpoints.create_async(params)
+        )
+
+    async def update_webhook_endpoint(
+        self, endpoint_id: str, params: dict[str, Any]
+    ) -> StripeObject:
+        return await self._call(
+            "webhook_endpoints.update",
+            lambda: self._v1.webhook_endpoints.update_async(endpoint_id, params),
+        )
+
+    async def list_webhook_endpoints(self) -> StripeObject:
+        return await self._call(
+            "webhook_endpoints.list",
+            lambda: self._v1.webhook_endpoints.list_async({"limit": 100}),
         )
 
     async def list_events(self, params: dict[str, Any]) -> StripeObject:

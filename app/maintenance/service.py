@@ -61,7 +61,6 @@ from app.maintenance.schemas import (
     StripeUpdates,
 )
 from app.models import (
-    AccessChange,
     Account,
     MaintenanceExtension,
     MaintenanceWindow,
@@ -70,7 +69,8 @@ from app.models import (
 )
 from app.notifications.outbox import enqueue_email
 from app.stripe_gateway import StripeGateway, StripeRequestRejected, idempotency_key
-from app.subscriptions.access import LIVE_STATUSES, access_until, subscription_access
+from app.subscriptions.access import LIVE_STATUSES, access_until
+from app.subscriptions.service import record_access_change
 
 log = structlog.get_logger()
 
@@ -333,7 +333,7 @@ async def _record_completion(
     for subscription in candidates:
         if not _live_during(subscription, window.starts_at, ended_at, settings):
             continue
-        days = await _extend(session, window, subscription, window_dates, now)
+        days = await _extend(session, settings, window, subscription, window_dates, now)
         extended[subscription.account_id].append((subscription, days))
     await _notify(session, settings, window, extended)
     log.info(
@@ -347,6 +347,7 @@ async def _record_completion(
 
 async def _extend(
     session: AsyncSession,
+    settings: Settings,
     window: MaintenanceWindow,
     subscription: Subscription,
     window_dates: list[date],
@@ -393,25 +394,8 @@ async def _extend(
         return 0
     subscription.extension_days += days
     await session.flush()
-    await _record_access_change(session, subscription, now)
+    await record_access_change(session, subscription.channel_id, settings, now)
     return days
-
-
-async def _record_access_change(
-    session: AsyncSession, subscription: Subscription, now: datetime
-) -> None:
-    # Private stand-in for the lead's `record_access_change` (app/subscriptions/service.py).
-    state = subscription_access(subscription, now)
-    session.add(
-        AccessChange(
-            channel_id=subscription.channel_id,
-            account_id=subscription.account_id,
-            has_access=state.has_access,
-            access_until=state.access_until,
-            reason="maintenance_extension",
-        )
-    )
-    await session.flush()
 
 
 def _local(calendar: BusinessCalendar, moment: datetime) -> str:

@@ -11,6 +11,7 @@ from app.models.billing import (
 )
 from app.models.maintenance import MaintenanceExtension, MaintenanceWindow
 from app.models.notifications import OutboxEmail
+from app.models.portal import PortalSession
 from app.models.stripe_mirror import (
     Dispute,
     Invoice,
@@ -35,6 +36,7 @@ __all__ = [
     "MaintenanceWindow",
     "OutboxEmail",
     "Payment",
+    "PortalSession",
     "Refund",
     "StripeEvent",
     "Subscription",

@@ -54,7 +54,8 @@ async def test_readyz_503_when_database_unreachable(settings: Settings) -> None:
 
 
 async def test_readyz_503_when_database_not_migrated(settings: Settings) -> None:
-    url = await create_database("billing_test_unmigrated")
+    name = f"billing_test_unmigrated_{os.getpid()}"
+    url = await create_database(name)
     try:
         app = create_app(make_settings(url, settings.stripe_api_base or ""))
         async with (
@@ -64,7 +65,7 @@ async def test_readyz_503_when_database_not_migrated(settings: Settings) -> None
             response = await http.get("/readyz")
         assert_problem(response, 503, "service_unavailable")
     finally:
-        await drop_database("billing_test_unmigrated")
+        await drop_database(name)
 
 
 async def test_metrics_count_requests(client: httpx.AsyncClient) -> None:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import secrets
+
 import asyncpg
 
 from tests.conftest import alembic, create_database, drop_database, plain_dsn
 
 
 async def test_upgrade_check_downgrade_upgrade_round_trip() -> None:
-    name = "billing_test_migrations"
+    name = f"billing_test_migrations_{os.getpid()}_{secrets.token_hex(3)}"
     url = await create_database(name)
     try:
         upgraded = alembic(url, "upgrade", "head")

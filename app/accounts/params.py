@@ -1,0 +1,30 @@
+"""Path parameters shared by the account-scoped routes."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import Header, Path
+
+AccountId = Annotated[
+    str,
+    Path(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="1msg account id (letters, digits, `_` and `-`: it is Stripe's "
+        "`client_reference_id`).",
+    ),
+]
+ChannelId = Annotated[
+    str,
+    Path(min_length=1, max_length=64, pattern=r"^[\x21-\x7e]+$", description="1msg channel id."),
+]
+IdempotencyKeyHeader = Annotated[
+    str | None,
+    Header(
+        alias="Idempotency-Key",
+        description="Replays the first response for 24 hours when the same key and body are "
+        "sent again (scoped to the token's `sub`, the account, the method and the path).",
+    ),
+]

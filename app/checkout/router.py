@@ -1,0 +1,96 @@
+"""Stripe Checkout sessions (subscription, top-up, debt repayment)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Body, Path, Request
+from fastapi.responses import JSONResponse
+
+from app.accounts.params import AccountId, IdempotencyKeyHeader
+from app.auth import AccountReader, AccountWriter
+from app.checkout import service
+from app.checkout.schemas import CheckoutIn, CheckoutOut
+from app.db import SessionDep
+from app.errors import (
+    ChannelNotFound,
+    CheckoutSessionNotFound,
+    CurrencyMismatch,
+    Forbidden,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
+    NoDebt,
+    RateLimited,
+    RedirectNotAllowed,
+    StripeUnavailable,
+    SubscriptionExists,
+    Unauthorized,
+    Unprocessable,
+    error_responses,
+)
+from app.idempotency import Outcome, idempotent
+
+router = APIRouter(tags=["checkout"])
+
+
+@router.post(
+    "/v1/accounts/{account_id}/checkout-sessions",
+    summary="Create a Stripe Checkout session (subscription, top-up or debt repayment)",
+    status_code=201,
+    response_model=CheckoutOut,
+    responses=error_responses(
+        Unauthorized,
+        Forbidden,
+        ChannelNotFound,
+        SubscriptionExists,
+        NoDebt,
+        IdempotencyKeyReused,
+        IdempotencyKeyInUse,
+        Unprocessable,
+        RedirectNotAllowed,
+        CurrencyMismatch,
+        RateLimited,
+        StripeUnavailable,
+    ),
+)
+async def create_checkout_session(
+    account_id: AccountId,
+    body: Annotated[CheckoutIn, Body()],
+    request: Request,
+    session: SessionDep,
+    principal: AccountWriter,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
+    state = request.app.state
+
+    async def run() -> Outcome:
+        out = await service.create_checkout_session(
+            session,
+            state.session_factory,
+            state.stripe,
+            state.settings,
+            principal,
+            account_id,
+            body,
+        )
+        return Outcome(201, out)
+
+    return await idempotent(request, session, principal, account_id, idempotency_key, body, run)
+
+
+@router.get(
+    "/v1/accounts/{account_id}/checkout-sessions/{session_id}",
+    summary="A checkout session's status, synced from Stripe until a payment event fulfils it",
+    response_model=CheckoutOut,
+    responses=error_responses(Unauthorized, Forbidden, CheckoutSessionNotFound),
+)
+async def get_checkout_session(
+    account_id: AccountId,
+    session_id: Annotated[str, Path(max_length=64, description="Our checkout session id.")],
+    request: Request,
+    session: SessionDep,
+    _: AccountReader,
+) -> CheckoutOut:
+    return await service.get_checkout_session(
+        session, request.app.state.stripe, account_id, session_id
+    )

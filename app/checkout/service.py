@@ -1,0 +1,435 @@
+"""Stripe Checkout sessions for the three purposes.
+
+Creating one (all validation first: nothing reaches Stripe for a request we will refuse):
+
+1. One short transaction (its own, committed) locks the account row, so an account's checkout
+   requests run one at a time; checks the rate limit, the channel's owner, live subscriptions,
+   the currency and the debt; and commits a `pending` row.
+2. The account's Stripe customer is created once (app/accounts/service.py).
+3. Stripe is called with `idempotency_key("checkout", row.id)`; the result is recorded in the
+   request's transaction. A Stripe failure marks the row `failed` and answers 502; a retry of a
+   `pending` row (a crash, or a concurrent request for the same channel) reuses its key.
+
+Subscription checkouts: an open, unexpired session for the same channel and plan is returned
+again instead of a second one; one for the same channel and another plan is expired at Stripe
+first (if Stripe reports it already completed, the answer is 409 `subscription_exists`), so a
+channel never has two payable subscription checkouts. A channel has a live subscription while
+Stripe may still bill it: `active`, `trialing`, `past_due`, `unpaid`, `paused` or `incomplete`
+(a delayed payment in flight).
+
+Nothing here grants access or credits the balance: the Stripe payment event handlers do, and
+set `fulfilled_at`. Reading a session syncs Stripe's status, payment status and subscription id
+when no event has fulfilled it yet, so a browser returning from Checkout sees the truth.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from urllib.parse import urlsplit
+
+import structlog
+from sqlalchemy import func, select, update
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.accounts.service import (
+    check_currency,
+    claim_channel,
+    ensure_account,
+    ensure_stripe_customer,
+)
+from app.auth import Principal
+from app.balance.service import account_balance
+from app.checkout.schemas import (
+    CheckoutIn,
+    CheckoutOut,
+    DebtRepaymentCheckoutIn,
+    SubscriptionCheckoutIn,
+    TopUpCheckoutIn,
+)
+from app.config import Plan, Settings
+from app.errors import (
+    BillingError,
+    CheckoutSessionNotFound,
+    NoDebt,
+    SubscriptionExists,
+    Unprocessable,
+)
+from app.models import Account, CheckoutSession, Subscription
+from app.rate_limit import check_stripe_rate_limit
+from app.redirects import check_redirects
+from app.stripe_gateway import StripeGateway, StripeObject, StripeRequestRejected, idempotency_key
+
+log = structlog.get_logger()
+
+LIVE_SUBSCRIPTION_STATUSES = ("active", "trialing", "past_due", "unpaid", "paused", "incomplete")
+REUSE_MARGIN = timedelta(minutes=10)
+PENDING_REPLAY_WINDOW = timedelta(hours=23)
+SESSION_ID_PLACEHOLDER = "{CHECKOUT_SESSION_ID}"
+PRODUCT_NAMES = {"top_up": "Balance top-up", "debt_repayment": "Debt repayment"}
+
+
+async def create_checkout_session(
+    session: AsyncSession,
+    factory: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    settings: Settings,
+    principal: Principal,
+    account_id: str,
+    body: CheckoutIn,
+) -> CheckoutOut:
+    check_redirects(
+        settings.redirect_allowed_origins, success_url=body.success_url, cancel_url=body.cancel_url
+    )
+    plan = _validate(settings, body)
+
+    stale: CheckoutSession | None = None
+    async with factory() as tx, tx.begin():
+        await ensure_account(tx, account_id, principal.email)
+        await tx.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+        if isinstance(body, SubscriptionCheckoutIn):
+            assert plan is not None
+            await claim_channel(tx, account_id, body.channel_id)
+            await check_currency(tx, account_id, plan.currency)
+            if await _has_live_subscription(tx, body.channel_id):
+                raise SubscriptionExists(f"Channel {body.channel_id!r} already has a subscription")
+            existing = await _latest_subscription_checkout(tx, body.channel_id)
+            now = await _now(tx)
+            if existing is not None and existing.plan_code == plan.code:
+                if existing.status == "open" and _open_for(existing, now):
+                    log.info("checkout.reused", checkout_id=str(existing.id))
+                    return to_out(existing)
+                if existing.status == "pending":
+                    row = existing
+                else:
+                    stale = existing if existing.status == "open" else None
+                    row = None
+            else:
+                stale = existing
+                row = None
+            if row is None:
+                await check_stripe_rate_limit(
+                    tx, account_id, settings.stripe_sessions_per_account_per_minute
+                )
+                row = _new_row(account_id, body, plan.amount, plan.currency.lower(), plan)
+                tx.add(row)
+        elif isinstance(body, TopUpCheckoutIn):
+            currency = body.currency.lower()
+            await check_currency(tx, account_id, currency)
+            await check_stripe_rate_limit(
+                tx, account_id, settings.stripe_sessions_per_account_per_minute
+            )
+            row = _new_row(account_id, body, body.amount, currency, None)
+            tx.add(row)
+        else:
+            _, debt, bound = await account_balance(tx, account_id)
+            if debt <= 0:
+                raise NoDebt("The account has no debt to repay")
+            await check_stripe_rate_limit(
+                tx, account_id, settings.stripe_sessions_per_account_per_minute
+            )
+            row = _new_row(account_id, body, debt, bound or settings.default_currency, None)
+            tx.add(row)
+        await tx.flush()
+
+    try:
+        customer = await ensure_stripe_customer(factory, gateway, account_id)
+        if stale is not None:
+            await _retire(session, gateway, settings, stale, customer)
+        created = await gateway.create_checkout_session(
+            stripe_params(row, customer, settings), key=idempotency_key("checkout", row.id)
+        )
+    except BillingError:
+        await _mark_failed(factory, row.id)
+        raise
+    await _record_created(session, row.id, created)
+    log.info(
+        "checkout.created",
+        checkout_id=str(row.id),
+        account_id=account_id,
+        purpose=row.purpose,
+        stripe_id=created.get("id"),
+    )
+    return to_out(await _reload(session, row.id))
+
+
+async def get_checkout_session(
+    session: AsyncSession, gateway: StripeGateway, account_id: str, checkout_id: str
+) -> CheckoutOut:
+    """The account's session; synced from Stripe while no payment event has fulfilled it."""
+    try:
+        our_id = uuid.UUID(checkout_id)
+    except ValueError:
+        raise CheckoutSessionNotFound("No such checkout session") from None
+    row = await session.scalar(
+        select(CheckoutSession).where(
+            CheckoutSession.id == our_id, CheckoutSession.account_id == account_id
+        )
+    )
+    if row is None or row.stripe_id is None:
+        raise CheckoutSessionNotFound("No such checkout session")
+    if row.fulfilled_at is None and row.status != "expired":
+        try:
+            stripe_session = await gateway.retrieve_checkout_session(row.stripe_id)
+        except BillingError:
+            log.warning("checkout.sync_failed", checkout_id=str(row.id))
+        else:
+            await _apply_stripe_state(session, row.id, stripe_session)
+            row = await _reload(session, row.id)
+    return to_out(row)
+
+
+def stripe_params(row: CheckoutSession, customer: str, settings: Settings) -> dict[str, Any]:
+    """The Checkout session parameters, a pure function of our row (so a retry with the row's
+    idempotency key sends the same request)."""
+    metadata: dict[str, str] = {
+        "account_id": row.account_id,
+        "purpose": row.purpose,
+        "checkout_session_id": str(row.id),
+    }
+    params: dict[str, Any] = {
+        "customer": customer,
+        "client_reference_id": row.account_id,
+        "success_url": with_session_id(row.success_url),
+        "cancel_url": row.cancel_url,
+        "metadata": metadata,
+    }
+    if row.purpose == "subscription":
+        plan = settings.plan(row.plan_code or "")
+        if plan is None:
+            raise Unprocessable(f"Plan {row.plan_code!r} is no longer on sale")
+        assert row.channel_id is not None
+        metadata.update({"channel_id": row.channel_id, "plan_code": plan.code})
+        params.update(
+            {
+                "mode": "subscription",
+                "line_items": [{"price": plan.stripe_price_id, "quantity": 1}],
+                "subscription_data": {"metadata": dict(metadata)},
+            }
+        )
+    else:
+        assert row.amount is not None
+        params.update(
+            {
+                "mode": "payment",
+                "line_items": [
+                    {
+                        "price_data": {
+                            "currency": row.currency,
+                            "unit_amount": row.amount,
+                            "product_data": {"name": PRODUCT_NAMES[row.purpose]},
+                        },
+                        "quantity": 1,
+                    }
+                ],
+                "payment_intent_data": {
+                    "metadata": dict(metadata),
+                    "description": PRODUCT_NAMES[row.purpose],
+                },
+            }
+        )
+    return params
+
+
+def with_session_id(url: str) -> str:
+    """`url` with `session_id={CHECKOUT_SESSION_ID}` added to its query (before any fragment),
+    unless it already carries the placeholder."""
+    if SESSION_ID_PLACEHOLDER in url:
+        return url
+    base, hash_sign, fragment = url.partition("#")
+    separator = "&" if urlsplit(base).query else ("" if base.endswith("?") else "?")
+    return f"{base}{separator}session_id={SESSION_ID_PLACEHOLDER}{hash_sign}{fragment}"
+
+
+def to_out(row: CheckoutSession) -> CheckoutOut:
+    status = row.status if row.status in ("complete", "expired") else "open"
+    return CheckoutOut(
+        id=str(row.id),
+        url=row.url if status == "open" else None,
+        purpose=row.purpose,
+        status=status,
+        fulfilled=row.fulfilled_at is not None,
+        payment_status=row.payment_status,
+        expires_at=row.expires_at,
+        channel_id=row.channel_id,
+        plan=row.plan_code,
+        amount=row.amount,
+        currency=row.currency,
+        stripe_checkout_session_id=row.stripe_id,
+    )
+
+
+# --- helpers ---------------------------------------------------------------------------------
+
+
+def _validate(settings: Settings, body: CheckoutIn) -> Plan | None:
+    if isinstance(body, SubscriptionCheckoutIn):
+        plan = settings.plan(body.plan)
+        if plan is None:
+            raise Unprocessable(f"Unknown plan {body.plan!r}; see GET /v1/plans")
+        return plan
+    if isinstance(body, TopUpCheckoutIn):
+        currency = body.currency.lower()
+        limits = settings.top_up_limits.get(currency)
+        if limits is None:
+            raise Unprocessable(f"Top-ups are not available in {currency.upper()}")
+        if not limits.min <= body.amount <= limits.max:
+            raise Unprocessable(
+                f"A top-up in {currency.upper()} must be between {limits.min} and {limits.max} "
+                "minor units"
+            )
+    assert isinstance(body, SubscriptionCheckoutIn | TopUpCheckoutIn | DebtRepaymentCheckoutIn)
+    return None
+
+
+def _new_row(
+    account_id: str, body: CheckoutIn, amount: int, currency: str, plan: Plan | None
+) -> CheckoutSession:
+    return CheckoutSession(
+        id=uuid.uuid4(),
+        account_id=account_id,
+        purpose=body.purpose,
+        channel_id=body.channel_id if isinstance(body, SubscriptionCheckoutIn) else None,
+        plan_code=plan.code if plan else None,
+        amount=amount,
+        currency=currency,
+        status="pending",
+        success_url=body.success_url,
+        cancel_url=body.cancel_url,
+    )
+
+
+async def _now(session: AsyncSession) -> datetime:
+    now: datetime | None = await session.scalar(select(func.now()))
+    assert now is not None
+    return now
+
+
+def _open_for(row: CheckoutSession, now: datetime) -> bool:
+    return row.expires_at is not None and row.expires_at > now + REUSE_MARGIN
+
+
+async def _has_live_subscription(session: AsyncSession, channel_id: str) -> bool:
+    found = await session.scalar(
+        select(Subscription.id)
+        .where(
+            Subscription.channel_id == channel_id,
+            Subscription.status.in_(LIVE_SUBSCRIPTION_STATUSES),
+            Subscription.access_revoked_at.is_(None),
+        )
+        .limit(1)
+    )
+    return found is not None
+
+
+async def _latest_subscription_checkout(
+    session: AsyncSession, channel_id: str
+) -> CheckoutSession | None:
+    """The channel's newest subscription checkout that may still be paid (open, or pending and
+    young enough for its Stripe idempotency key to replay)."""
+    result: CheckoutSession | None = await session.scalar(
+        select(CheckoutSession)
+        .where(
+            CheckoutSession.channel_id == channel_id,
+            CheckoutSession.purpose == "subscription",
+            CheckoutSession.status.in_(("pending", "open")),
+            CheckoutSession.fulfilled_at.is_(None),
+            CheckoutSession.created_at > func.now() - PENDING_REPLAY_WINDOW,
+        )
+        .order_by(CheckoutSession.created_at.desc())
+        .limit(1)
+    )
+    return result
+
+
+async def _retire(
+    session: AsyncSession,
+    gateway: StripeGateway,
+    settings: Settings,
+    stale: CheckoutSession,
+    customer: str,
+) -> None:
+    """Expire the channel's previous checkout (another plan) so only one can be paid."""
+    stripe_id = stale.stripe_id
+    if stripe_id is None:  # never recorded: replay its creation to learn its id
+        created = await gateway.create_checkout_session(
+            stripe_params(stale, customer, settings), key=idempotency_key("checkout", stale.id)
+        )
+        stripe_id = str(created["id"])
+        await _record_created(session, stale.id, created)
+    try:
+        expired = await gateway.expire_checkout_session(stripe_id)
+    except StripeRequestRejected:
+        expired = await gateway.retrieve_checkout_session(stripe_id)
+    await _apply_stripe_state(session, stale.id, expired)
+    if expired.get("status") == "complete":
+        raise SubscriptionExists("The channel's previous checkout was just completed")
+    log.info("checkout.superseded", checkout_id=str(stale.id))
+
+
+async def _record_created(session: AsyncSession, row_id: uuid.UUID, created: StripeObject) -> None:
+    status = created.get("status") if created.get("status") in ("complete", "expired") else "open"
+    await session.execute(
+        update(CheckoutSession)
+        .where(CheckoutSession.id == row_id)
+        .values(
+            stripe_id=created["id"],
+            url=created.get("url"),
+            expires_at=_timestamp(created.get("expires_at")),
+        )
+    )
+    await session.execute(
+        update(CheckoutSession)
+        .where(CheckoutSession.id == row_id, CheckoutSession.status.in_(("pending", "failed")))
+        .values(status=status, payment_status=created.get("payment_status"))
+    )
+
+
+async def _apply_stripe_state(
+    session: AsyncSession, row_id: uuid.UUID, stripe_session: StripeObject
+) -> None:
+    """Copy Stripe's view of the session (never `fulfilled_at`: only payment events set it)."""
+    values: dict[str, Any] = {}
+    if stripe_session.get("status") in ("open", "complete", "expired"):
+        values["status"] = stripe_session["status"]
+    if stripe_session.get("payment_status"):
+        values["payment_status"] = stripe_session["payment_status"]
+    for ours, theirs in (
+        ("stripe_subscription_id", "subscription"),
+        ("stripe_payment_intent_id", "payment_intent"),
+    ):
+        value = stripe_session.get(theirs)
+        if isinstance(value, dict):
+            value = value.get("id")
+        if value:
+            values[ours] = value
+    if values:
+        await session.execute(
+            update(CheckoutSession).where(CheckoutSession.id == row_id).values(**values)
+        )
+
+
+async def _mark_failed(factory: async_sessionmaker[AsyncSession], row_id: uuid.UUID) -> None:
+    async with factory() as tx, tx.begin():
+        await tx.execute(
+            update(CheckoutSession)
+            .where(CheckoutSession.id == row_id, CheckoutSession.status == "pending")
+            .values(status="failed")
+        )
+
+
+async def _reload(session: AsyncSession, row_id: uuid.UUID) -> CheckoutSession:
+    row = await session.scalar(
+        select(CheckoutSession)
+        .where(CheckoutSession.id == row_id)
+        .execution_options(populate_existing=True)
+    )
+    assert row is not None
+    return row
+
+
+def _timestamp(value: object) -> datetime | None:
+    if isinstance(value, int | float):
+        return datetime.fromtimestamp(value, UTC)
+    return None

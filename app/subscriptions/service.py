@@ -1,0 +1,147 @@
+"""Subscription-side effects shared by the event handlers and the domains that end or extend
+access (refunds, chargebacks, maintenance), and the reads behind the subscriptions, channel
+access and access-feed routes.
+
+The access feed is read under `LOCK TABLE access_changes IN SHARE MODE`: the lock waits for
+every transaction that has inserted rows to finish, so when the read happens no lower id can
+still appear later; a follower that remembers the last id it saw never skips a change.
+Writers wait only for the duration of one read.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+from sqlalchemy import func, select, text
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.config import Settings
+from app.errors import ServiceUnavailable
+from app.models import AccessChange, Channel, Subscription
+from app.subscriptions.access import Access, channel_access, subscription_access
+from app.subscriptions.schemas import AccessOut, SubscriptionOut
+
+
+async def current_channel_access(
+    session: AsyncSession, channel_id: str, settings: Settings, now: datetime
+) -> Access:
+    subscriptions = list(
+        (
+            await session.scalars(select(Subscription).where(Subscription.channel_id == channel_id))
+        ).all()
+    )
+    return channel_access(subscriptions, now, past_due_keeps_access=settings.past_due_keeps_access)
+
+
+async def record_access_change(
+    session: AsyncSession, channel_id: str, settings: Settings, now: datetime
+) -> AccessChange | None:
+    """Append to the access feed when the channel's access differs from the last entry.
+
+    Serialized per channel with an advisory lock, so concurrent events for two subscriptions
+    of one channel cannot both append the same change."""
+    await session.execute(
+        select(func.pg_advisory_xact_lock(func.hashtextextended("channel:" + channel_id, 0)))
+    )
+    access = await current_channel_access(session, channel_id, settings, now)
+    last = await session.scalar(
+        select(AccessChange)
+        .where(AccessChange.channel_id == channel_id)
+        .order_by(AccessChange.id.desc())
+        .limit(1)
+    )
+    if last is not None and (last.has_access, last.access_until) == (
+        access.has_access,
+        access.access_until,
+    ):
+        return None
+    if last is None and not access.has_access and access.access_until is None:
+        return None
+    account_id = await session.scalar(select(Channel.account_id).where(Channel.id == channel_id))
+    change = AccessChange(
+        channel_id=channel_id,
+        account_id=account_id or "",
+        has_access=access.has_access,
+        access_until=access.access_until,
+        reason=access.reason,
+    )
+    session.add(change)
+    await session.flush()
+    return change
+
+
+async def _now(session: AsyncSession) -> datetime:
+    now: datetime | None = await session.scalar(select(func.now()))
+    assert now is not None
+    return now
+
+
+async def list_subscriptions(
+    session: AsyncSession, settings: Settings, account_id: str
+) -> list[SubscriptionOut]:
+    rows = (
+        await session.scalars(
+            select(Subscription)
+            .where(Subscription.account_id == account_id)
+            .order_by(Subscription.created_at, Subscription.stripe_id)
+        )
+    ).all()
+    now = await _now(session)
+    result = []
+    for row in rows:
+        access = subscription_access(row, now, past_due_keeps_access=settings.past_due_keeps_access)
+        result.append(
+            SubscriptionOut(
+                id=row.stripe_id,
+                channel_id=row.channel_id,
+                plan=row.plan_code,
+                status=row.status,
+                cancel_at_period_end=row.cancel_at_period_end,
+                cancel_at=row.cancel_at,
+                current_period_end=row.current_period_end,
+                access_until=access.access_until,
+                extension_days=row.extension_days,
+                has_access=access.has_access,
+                reason=access.reason,
+            )
+        )
+    return result
+
+
+async def get_channel_access(
+    session: AsyncSession, settings: Settings, channel_id: str
+) -> AccessOut:
+    """Access from the channel's subscriptions; an unknown channel has none (`no_subscription`)."""
+    rows = list(
+        await session.scalars(select(Subscription).where(Subscription.channel_id == channel_id))
+    )
+    access = channel_access(
+        rows, await _now(session), past_due_keeps_access=settings.past_due_keeps_access
+    )
+    return AccessOut(
+        channel_id=channel_id,
+        has_access=access.has_access,
+        access_until=access.access_until,
+        reason=access.reason,
+    )
+
+
+async def list_access_changes(
+    session: AsyncSession, *, after: int, limit: int
+) -> list[AccessChange]:
+    try:
+        await session.execute(text("SET LOCAL lock_timeout = '5s'"))
+        await session.execute(text("LOCK TABLE access_changes IN SHARE MODE"))
+    except DBAPIError:
+        raise ServiceUnavailable("The access feed is busy; retry shortly") from None
+    return list(
+        (
+            await session.scalars(
+                select(AccessChange)
+                .where(AccessChange.id > after)
+                .order_by(AccessChange.id)
+                .limit(limit)
+            )
+        ).all()
+    )

@@ -1,0 +1,396 @@
+"""Checkout sessions through HTTP, against Postgres and the Stripe fake."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.models import Account, CheckoutSession, Subscription
+from tests.checkout.conftest import APP_URL, PostCheckout, subscription_body, top_up_body
+from tests.conftest import bearer
+from tests.stripe_fake import StripeFake
+
+
+async def test_subscription_checkout_carries_account_channel_and_purpose_to_stripe(
+    post_checkout: PostCheckout, stripe_fake: StripeFake
+) -> None:
+    response = await post_checkout("acc_1", subscription_body("ch_1"))
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["purpose"] == "subscription"
+    assert body["status"] == "open"
+    assert body["fulfilled"] is False
+    assert body["url"].startswith("http")
+    assert body["expires_at"]
+
+    [created] = stripe_fake.all("checkout.session")
+    assert created["mode"] == "subscription"
+    assert created["client_reference_id"] == "acc_1"
+    metadata = {
+        "account_id": "acc_1",
+        "purpose": "subscription",
+        "checkout_session_id": body["id"],
+        "channel_id": "ch_1",
+        "plan_code": "channel_monthly",
+    }
+    assert created["metadata"] == metadata
+    assert created["success_url"] == f"{APP_URL}/billing/done?session_id={{CHECKOUT_SESSION_ID}}"
+    [customer] = stripe_fake.all("customer")
+    assert created["customer"] == customer["id"]
+    assert customer["email"] == "acc_1@example.com"
+    [request] = stripe_fake.requests_to("POST", "/v1/checkout/sessions")
+    assert request.params["subscription_data"]["metadata"] == metadata
+    assert request.params["line_items"] == [{"price": "price_channel_monthly_usd", "quantity": 1}]
+    assert request.idempotency_key == f"billing:checkout:{body['id']}"
+
+
+async def test_top_up_checkout_is_a_payment_for_the_amount_with_metadata_on_the_intent(
+    post_checkout: PostCheckout, stripe_fake: StripeFake
+) -> None:
+    response = await post_checkout("acc_1", top_up_body(amount=2500))
+    assert response.status_code == 201, response.text
+    [created] = stripe_fake.all("checkout.session")
+    assert created["mode"] == "payment"
+    assert created["amount_total"] == 2500
+    assert created["currency"] == "usd"
+    assert created["customer"] is not None
+    [request] = stripe_fake.requests_to("POST", "/v1/checkout/sessions")
+    assert request.params["payment_intent_data"]["metadata"] == {
+        "account_id": "acc_1",
+        "purpose": "top_up",
+        "checkout_session_id": response.json()["id"],
+    }
+
+
+async def test_two_concurrent_first_checkouts_create_one_stripe_customer(
+    post_checkout: PostCheckout, stripe_fake: StripeFake
+) -> None:
+    responses = await asyncio.gather(
+        post_checkout("acc_1", subscription_body("ch_1")),
+        post_checkout("acc_1", subscription_body("ch_2")),
+        post_checkout("acc_1", top_up_body()),
+    )
+    assert [r.status_code for r in responses] == [201, 201, 201]
+    customers = stripe_fake.all("customer")
+    assert len(customers) == 1
+    assert {s["customer"] for s in stripe_fake.all("checkout.session")} == {customers[0]["id"]}
+
+
+async def test_double_click_with_one_idempotency_key_creates_one_stripe_session(
+    post_checkout: PostCheckout, stripe_fake: StripeFake
+) -> None:
+    first, second = await asyncio.gather(
+        post_checkout("acc_1", top_up_body(), key="click-1"),
+        post_checkout("acc_1", top_up_body(), key="click-1"),
+    )
+    assert first.status_code == second.status_code == 201
+    assert first.json() == second.json()
+    later = await post_checkout("acc_1", top_up_body(), key="click-1")
+    assert later.json() == first.json()
+    assert len(stripe_fake.all("checkout.session")) == 1
+
+
+async def test_same_idempotency_key_with_another_body_is_refused(
+    post_checkout: PostCheckout, stripe_fake: StripeFake
+) -> None:
+    assert (await post_checkout("acc_1", top_up_body(5000), key="k")).status_code == 201
+    response = await post_checkout("acc_1", top_up_body(6000), key="k")
+    assert response.status_code == 409
+    assert response.json()["code"] == "idempotency_key_reused"
+    assert len(stripe_fake.all("checkout.session")) == 1
+
+
+async def test_idempotency_keys_are_scoped_to_the_caller(
+    post_checkout: PostCheckout, stripe_fake: StripeFake, token: Any
+) -> None:
+    a = await post_checkout("acc_1", top_up_body(), key="k", tok=token(account_id="acc_1"))
+    b = await post_checkout(
+        "acc_1", top_up_body(), key="k", tok=token(account_id="acc_1", sub="other-user")
+    )
+    assert a.status_code == b.status_code == 201
+    assert a.json()["id"] != b.json()["id"]
+    assert len(stripe_fake.all("checkout.session")) == 2
+
+
+@pytest.mark.parametrize(
+    ("body", "code"),
+    [
+        (top_up_body(amount=499), "validation_error"),
+        (top_up_body(amount=500001), "validation_error"),
+        (top_up_body(currency="xyz"), "validation_error"),
+        (top_up_body(amount=0), "validation_error"),
+        ({**top_up_body(), "amount": "500"}, "validation_error"),
+        (subscription_body(plan="channel_forever"), "validation_error"),
+        ({**subscription_body(), "success_url": "not a url"}, "validation_error"),
+        ({**subscription_body(), "success_url": "javascript:alert(1)"}, "validation_error"),
+        (
+            {**subscription_body(), "cancel_url": "https://app.1msg.io\\@evil.example"},
+            "validation_error",
+        ),
+        ({**subscription_body(), "success_url": "https://evil.example/x"}, "redirect_not_allowed"),
+        (
+            {**subscription_body(), "success_url": "https://app.1msg.io.evil.example/"},
+            "redirect_not_allowed",
+        ),
+        ({**subscription_body(), "purpose": "donation"}, "validation_error"),
+        ({**subscription_body(), "channel_id": ""}, "validation_error"),
+        ({"purpose": "debt_repayment"}, "validation_error"),
+    ],
+)
+async def test_invalid_requests_get_422_and_create_nothing_at_stripe(
+    post_checkout: PostCheckout,
+    stripe_fake: StripeFake,
+    db: async_sessionmaker[AsyncSession],
+    body: dict[str, Any],
+    code: str,
+) -> None:
+    response = await post_checkout("acc_1", body)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"].startswith("application/problem+json")
+    assert response.json()["code"] == code
+    assert stripe_fake.requests_to("POST") == []
+    async with db() as session:
+        assert (await session.scalars(select(CheckoutSession))).all() == []
+
+
+async def test_malformed_json_is_422(client: httpx.AsyncClient, token: Any) -> None:
+    response = await client.post(
+        "/v1/accounts/acc_1/checkout-sessions",
+        content=b"{not json",
+        headers={**bearer(token(account_id="acc_1")), "Content-Type": "application/json"},
+    )
+    assert response.status_code == 422
+
+
+async def test_a_user_token_cannot_act_on_or_read_another_account(
+    post_checkout: PostCheckout, client: httpx.AsyncClient, token: Any, stripe_fake: StripeFake
+) -> None:
+    created = (await post_checkout("acc_b", top_up_body())).json()
+    intruder = bearer(token(account_id="acc_a"))
+    response = await post_checkout("acc_b", top_up_body(), tok=token(account_id="acc_a"))
+    assert response.status_code == 403
+    read = await client.get(
+        f"/v1/accounts/acc_b/checkout-sessions/{created['id']}", headers=intruder
+    )
+    assert read.status_code == 403
+    # Under its own account path, B's session does not exist for A.
+    read = await client.get(
+        f"/v1/accounts/acc_a/checkout-sessions/{created['id']}", headers=intruder
+    )
+    assert read.status_code == 404
+    for path in ("balance", "ledger", "subscriptions"):
+        assert (await client.get(f"/v1/accounts/acc_b/{path}", headers=intruder)).status_code == 403
+    assert len(stripe_fake.all("checkout.session")) == 1
+
+
+async def test_a_service_token_with_billing_write_may_create_for_any_account(
+    post_checkout: PostCheckout, token: Any
+) -> None:
+    response = await post_checkout("acc_1", top_up_body(), tok=token(scope="billing:write"))
+    assert response.status_code == 201
+    response = await post_checkout("acc_1", top_up_body(), tok=token(scope="billing:read"))
+    assert response.status_code == 403
+
+
+async def test_a_channel_belongs_to_the_account_that_first_named_it(
+    post_checkout: PostCheckout, stripe_fake: StripeFake
+) -> None:
+    assert (await post_checkout("acc_a", subscription_body("ch_shared"))).status_code == 201
+    response = await post_checkout("acc_b", subscription_body("ch_shared"))
+    assert response.status_code == 404
+    assert response.json()["code"] == "channel_not_found"
+    assert "acc_a" not in response.text
+    assert len(stripe_fake.all("checkout.session")) == 1
+
+
+async def test_an_open_checkout_for_the_channel_is_reused(
+    post_checkout: PostCheckout, stripe_fake: StripeFake
+) -> None:
+    first = await post_checkout("acc_1", subscription_body("ch_1"))
+    second = await post_checkout("acc_1", subscription_body("ch_1"))
+    assert first.status_code == second.status_code == 201
+    assert second.json()["id"] == first.json()["id"]
+    assert second.json()["url"] == first.json()["url"]
+    assert len(stripe_fake.all("checkout.session")) == 1
+
+
+async def test_a_checkout_for_another_plan_expires_the_channels_open_one(
+    post_checkout: PostCheckout, stripe_fake: StripeFake
+) -> None:
+    first = (await post_checkout("acc_1", subscription_body("ch_1"))).json()
+    second = await post_checkout("acc_1", subscription_body("ch_1", plan="channel_yearly"))
+    assert second.status_code == 201
+    assert second.json()["id"] != first["id"]
+    sessions = {
+        s["metadata"]["checkout_session_id"]: s for s in stripe_fake.all("checkout.session")
+    }
+    assert sessions[first["id"]]["status"] == "expired"
+    assert sessions[second.json()["id"]]["status"] == "open"
+
+
+async def test_a_channel_with_a_live_subscription_cannot_be_bought_again(
+    post_checkout: PostCheckout, db: async_sessionmaker[AsyncSession], stripe_fake: StripeFake
+) -> None:
+    assert (await post_checkout("acc_1", subscription_body("ch_1"))).status_code == 201
+    async with db() as session, session.begin():
+        session.add(
+            Subscription(
+                stripe_id="sub_live",
+                account_id="acc_1",
+                channel_id="ch_1",
+                status="active",
+                current_period_end=datetime.now(UTC) + timedelta(days=20),
+            )
+        )
+    response = await post_checkout("acc_1", subscription_body("ch_1"))
+    assert response.status_code == 409
+    assert response.json()["code"] == "subscription_exists"
+    assert len(stripe_fake.all("checkout.session")) == 1
+
+
+async def test_debt_repayment_without_debt_is_409_no_debt(
+    post_checkout: PostCheckout, stripe_fake: StripeFake
+) -> None:
+    body = {
+        "purpose": "debt_repayment",
+        "success_url": f"{APP_URL}/ok",
+        "cancel_url": f"{APP_URL}/no",
+    }
+    response = await post_checkout("acc_1", body)
+    assert response.status_code == 409
+    assert response.json()["code"] == "no_debt"
+    assert stripe_fake.requests_to("POST") == []
+
+
+async def test_debt_repayment_charges_exactly_the_current_debt(
+    post_checkout: PostCheckout, client: httpx.AsyncClient, token: Any, stripe_fake: StripeFake
+) -> None:
+    usage = {
+        "id": "conv-1",
+        "amount": 1234,
+        "currency": "usd",
+        "kind": "conversation",
+        "occurred_at": "2026-11-01T10:00:00Z",
+    }
+    charged = await client.post(
+        "/v1/accounts/acc_1/usage-charges", json=usage, headers=bearer(token(scope="usage:write"))
+    )
+    assert charged.status_code == 201, charged.text
+    body = {
+        "purpose": "debt_repayment",
+        "success_url": f"{APP_URL}/ok",
+        "cancel_url": f"{APP_URL}/no",
+    }
+    response = await post_checkout("acc_1", body)
+    assert response.status_code == 201, response.text
+    assert response.json()["amount"] == 1234
+    [created] = stripe_fake.all("checkout.session")
+    assert (created["mode"], created["amount_total"]) == ("payment", 1234)
+    assert created["metadata"]["purpose"] == "debt_repayment"
+
+
+async def test_a_payment_in_another_currency_than_the_accounts_is_refused(
+    post_checkout: PostCheckout, db: async_sessionmaker[AsyncSession], app: Any
+) -> None:
+    app.state.settings.top_up_limits["eur"] = type(app.state.settings.top_up_limits["usd"])(
+        min=100, max=100000
+    )
+    async with db() as session, session.begin():
+        session.add(Account(id="acc_1", currency="usd"))
+    response = await post_checkout("acc_1", top_up_body(currency="eur"))
+    assert response.status_code == 422
+    assert response.json()["code"] == "currency_mismatch"
+
+
+async def test_stripe_failing_is_502_and_a_retry_succeeds(
+    post_checkout: PostCheckout, stripe_fake: StripeFake, db: async_sessionmaker[AsyncSession]
+) -> None:
+    # The gateway retries once (STRIPE_MAX_NETWORK_RETRIES=1 in tests): both attempts fail.
+    stripe_fake.fail_next(2, 500, path_prefix="/v1/checkout/sessions")
+    response = await post_checkout("acc_1", top_up_body(), key="retry-me")
+    assert response.status_code == 502
+    assert response.json()["code"] == "stripe_unavailable"
+    assert stripe_fake.all("checkout.session") == []
+    async with db() as session:
+        assert [r.status for r in (await session.scalars(select(CheckoutSession))).all()] == [
+            "failed"
+        ]
+    retry = await post_checkout("acc_1", top_up_body(), key="retry-me")
+    assert retry.status_code == 201, retry.text
+    assert len(stripe_fake.all("checkout.session")) == 1
+
+
+async def test_too_many_stripe_sessions_per_minute_is_429_with_retry_after(
+    post_checkout: PostCheckout, app: Any, stripe_fake: StripeFake
+) -> None:
+    app.state.settings.stripe_sessions_per_account_per_minute = 2
+    assert (await post_checkout("acc_1", top_up_body())).status_code == 201
+    assert (await post_checkout("acc_1", top_up_body())).status_code == 201
+    response = await post_checkout("acc_1", top_up_body())
+    assert response.status_code == 429
+    assert response.json()["code"] == "rate_limited"
+    assert 1 <= int(response.headers["Retry-After"]) <= 60
+    assert len(stripe_fake.all("checkout.session")) == 2
+    assert (await post_checkout("acc_2", top_up_body())).status_code == 201
+
+
+async def test_reading_a_session_syncs_stripe_status_but_not_fulfilment(
+    post_checkout: PostCheckout, client: httpx.AsyncClient, token: Any, stripe_fake: StripeFake
+) -> None:
+    created = (await post_checkout("acc_1", top_up_body())).json()
+    stripe_id = created["stripe_checkout_session_id"]
+    stripe_fake.complete_checkout(stripe_id)  # the webhook has not arrived
+    response = await client.get(
+        f"/v1/accounts/acc_1/checkout-sessions/{created['id']}",
+        headers=bearer(token(account_id="acc_1")),
+    )
+    assert response.status_code == 200
+    assert response.json()["status"] == "complete"
+    assert response.json()["payment_status"] == "paid"
+    assert response.json()["fulfilled"] is False
+    balance = await client.get(
+        "/v1/accounts/acc_1/balance", headers=bearer(token(account_id="acc_1"))
+    )
+    assert balance.json()["balance"] == 0
+
+
+async def test_unknown_or_malformed_session_ids_are_404(
+    client: httpx.AsyncClient, token: Any
+) -> None:
+    headers = bearer(token(account_id="acc_1"))
+    for session_id in (str(uuid.uuid4()), "not-a-uuid"):
+        response = await client.get(
+            f"/v1/accounts/acc_1/checkout-sessions/{session_id}", headers=headers
+        )
+        assert response.status_code == 404
+        assert response.json()["code"] == "checkout_session_not_found"
+
+
+async def test_success_url_keeps_its_query_and_fragment(
+    post_checkout: PostCheckout, stripe_fake: StripeFake
+) -> None:
+    body = {**top_up_body(), "success_url": f"{APP_URL}/done?tab=balance#top"}
+    assert (await post_checkout("acc_1", body)).status_code == 201
+    [created] = stripe_fake.all("checkout.session")
+    assert created["success_url"] == (
+        f"{APP_URL}/done?tab=balance&session_id={{CHECKOUT_SESSION_ID}}#top"
+    )
+
+
+async def test_the_stripe_customer_is_reused_for_later_checkouts(
+    post_checkout: PostCheckout, stripe_fake: StripeFake, db: async_sessionmaker[AsyncSession]
+) -> None:
+    await post_checkout("acc_1", top_up_body())
+    await post_checkout("acc_1", subscription_body())
+    async with db() as session:
+        customer_id = await session.scalar(
+            select(Account.stripe_customer_id).where(Account.id == "acc_1")
+        )
+    assert [c["id"] for c in stripe_fake.all("customer")] == [customer_id]

@@ -1,0 +1,203 @@
+"""End to end with Stripe's events: nothing changes until the payment events confirm it."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+import httpx
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.models import LedgerEntry
+from tests.checkout.conftest import APP_URL, PostCheckout, subscription_body, top_up_body
+from tests.conftest import Deliver, bearer
+from tests.stripe_fake import StripeFake
+
+
+async def _status(client: httpx.AsyncClient, token: Any, account: str, our_id: str) -> Any:
+    response = await client.get(
+        f"/v1/accounts/{account}/checkout-sessions/{our_id}",
+        headers=bearer(token(account_id=account)),
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def _access(client: httpx.AsyncClient, token: Any, channel: str) -> Any:
+    response = await client.get(
+        f"/v1/channels/{channel}/access", headers=bearer(token(scope="billing:read"))
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+async def test_returning_before_the_webhook_shows_unfulfilled_then_the_event_grants_access(
+    post_checkout: PostCheckout,
+    client: httpx.AsyncClient,
+    token: Any,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    created = (await post_checkout("acc_1", subscription_body("ch_1"))).json()
+    events = stripe_fake.complete_checkout(created["stripe_checkout_session_id"])
+
+    before = await _status(client, token, "acc_1", created["id"])
+    assert (before["status"], before["fulfilled"]) == ("complete", False)
+    assert (await _access(client, token, "ch_1"))["has_access"] is False
+    subs = await client.get(
+        "/v1/accounts/acc_1/subscriptions", headers=bearer(token(account_id="acc_1"))
+    )
+    assert subs.json()["data"] == []
+
+    await deliver(events)
+
+    after = await _status(client, token, "acc_1", created["id"])
+    assert (after["status"], after["fulfilled"]) == ("complete", True)
+    access = await _access(client, token, "ch_1")
+    assert access["has_access"] is True
+    assert access["access_until"] is not None
+    [subscription] = (
+        await client.get(
+            "/v1/accounts/acc_1/subscriptions", headers=bearer(token(account_id="acc_1"))
+        )
+    ).json()["data"]
+    assert subscription["channel_id"] == "ch_1"
+    assert subscription["plan"] == "channel_monthly"
+    assert subscription["has_access"] is True
+    assert subscription["status"] == "active"
+
+    feed = await client.get("/v1/access-changes", headers=bearer(token(scope="billing:read")))
+    assert feed.status_code == 200
+    changes = feed.json()["data"]
+    assert [(c["channel_id"], c["has_access"]) for c in changes] == [("ch_1", True)]
+    later = await client.get(
+        "/v1/access-changes",
+        params={"after": feed.json()["next_cursor"]},
+        headers=bearer(token(scope="billing:read")),
+    )
+    assert later.json()["data"] == []
+
+    again = await post_checkout("acc_1", subscription_body("ch_1"))
+    assert again.status_code == 409
+    assert again.json()["code"] == "subscription_exists"
+
+
+async def test_a_completed_checkout_whose_subscription_is_incomplete_grants_nothing(
+    post_checkout: PostCheckout,
+    client: httpx.AsyncClient,
+    token: Any,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    created = (await post_checkout("acc_1", subscription_body("ch_1"))).json()
+    await deliver(
+        stripe_fake.complete_checkout(
+            created["stripe_checkout_session_id"], payment_status="unpaid"
+        )
+    )
+    status = await _status(client, token, "acc_1", created["id"])
+    assert status["status"] == "complete"
+    assert status["fulfilled"] is False
+    access = await _access(client, token, "ch_1")
+    assert access["has_access"] is False
+    portal = await client.post(
+        "/v1/accounts/acc_1/portal-sessions",
+        json={"return_url": f"{APP_URL}/billing"},
+        headers=bearer(token(account_id="acc_1")),
+    )
+    assert portal.status_code == 409
+    assert portal.json()["code"] == "portal_unavailable"
+
+
+async def test_a_paid_top_up_credits_the_balance_once(
+    post_checkout: PostCheckout,
+    client: httpx.AsyncClient,
+    token: Any,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    created = (await post_checkout("acc_1", top_up_body(amount=7500))).json()
+    events = stripe_fake.complete_checkout(created["stripe_checkout_session_id"])
+    await deliver(events)
+    await deliver(events)  # Stripe delivers at least once
+
+    headers = bearer(token(account_id="acc_1"))
+    balance = (await client.get("/v1/accounts/acc_1/balance", headers=headers)).json()
+    assert balance == {"balance": 7500, "debt": 0, "currency": "usd"}
+    assert (await _status(client, token, "acc_1", created["id"]))["fulfilled"] is True
+    async with db() as session:
+        total = await session.scalar(
+            select(func.sum(LedgerEntry.amount)).where(LedgerEntry.account_id == "acc_1")
+        )
+    assert total == 7500
+
+
+async def test_portal_opens_after_the_first_payment_and_uses_the_accounts_customer(
+    post_checkout: PostCheckout,
+    client: httpx.AsyncClient,
+    token: Any,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    headers = bearer(token(account_id="acc_1"))
+    body = {"return_url": f"{APP_URL}/billing"}
+    early = await client.post("/v1/accounts/acc_1/portal-sessions", json=body, headers=headers)
+    assert early.status_code == 409
+    assert early.json()["code"] == "portal_unavailable"
+
+    created = (await post_checkout("acc_1", subscription_body("ch_1"))).json()
+    await deliver(stripe_fake.complete_checkout(created["stripe_checkout_session_id"]))
+
+    response = await client.post("/v1/accounts/acc_1/portal-sessions", json=body, headers=headers)
+    assert response.status_code == 201, response.text
+    assert response.json()["url"].startswith("http")
+    [portal] = stripe_fake.all("billing_portal.session")
+    [customer] = stripe_fake.all("customer")
+    assert portal["customer"] == customer["id"]
+    assert portal["return_url"] == body["return_url"]
+
+    bad = await client.post(
+        "/v1/accounts/acc_1/portal-sessions",
+        json={"return_url": "https://evil.example/"},
+        headers=headers,
+    )
+    assert bad.status_code == 422
+    assert bad.json()["code"] == "redirect_not_allowed"
+    assert len(stripe_fake.all("billing_portal.session")) == 1
+
+
+async def test_a_subscription_cancelled_in_the_portal_keeps_access_until_the_period_ends(
+    post_checkout: PostCheckout,
+    client: httpx.AsyncClient,
+    token: Any,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    created = (await post_checkout("acc_1", subscription_body("ch_1"))).json()
+    await deliver(stripe_fake.complete_checkout(created["stripe_checkout_session_id"]))
+    [sub] = stripe_fake.all("subscription")
+    period_end = sub["items"]["data"][0]["current_period_end"]
+
+    await deliver(stripe_fake.update_subscription(sub["id"], cancel_at_period_end=True))
+
+    [listed] = (
+        await client.get(
+            "/v1/accounts/acc_1/subscriptions", headers=bearer(token(account_id="acc_1"))
+        )
+    ).json()["data"]
+    assert listed["cancel_at_period_end"] is True
+    assert listed["has_access"] is True
+    assert listed["reason"] == "cancelling"
+    access = await _access(client, token, "ch_1")
+    assert access["has_access"] is True
+    assert datetime.fromisoformat(access["access_until"]).timestamp() == period_end
+
+    await deliver(stripe_fake.delete_subscription(sub["id"]))
+    assert (await _access(client, token, "ch_1"))["has_access"] is False
+    feed = await client.get("/v1/access-changes", headers=bearer(token(scope="billing:read")))
+    assert feed.json()["data"][0]["has_access"] is True
+    assert feed.json()["data"][-1]["has_access"] is False
+    ids = [c["id"] for c in feed.json()["data"]]
+    assert ids == sorted(ids)
