@@ -15,6 +15,8 @@ from app.db import create_engine, create_session_factory
 from app.errors import install_error_handlers
 from app.health.router import migration_head
 from app.health.router import router as health_router
+from app.maintenance.router import router as maintenance_router
+from app.notifications.worker import EmailWorker
 from app.observability import RequestContextMiddleware, configure_logging
 from app.plans.router import router as plans_router
 from app.portal.router import router as portal_router
@@ -60,9 +62,13 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
                     ),
                 ),
             )
+        email_worker = EmailWorker(app.state.session_factory, settings)
+        if settings.run_background_workers:
+            email_worker.start()
         try:
             yield
         finally:
+            await email_worker.stop()
             await workers.stop()
             await ingestor.stop()
             if own_gateway:
@@ -99,6 +105,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     app.include_router(subscriptions_router)
     app.include_router(balance_router)
     app.include_router(webhooks_router)
+    app.include_router(maintenance_router)
     return app
 
 
