@@ -10,11 +10,13 @@ from fastapi.middleware.cors import CORSMiddleware
 
 from app.config import Settings, get_settings
 from app.db import create_engine, create_session_factory
+from app.disputes.router import router as disputes_router
 from app.errors import install_error_handlers
 from app.health.router import migration_head
 from app.health.router import router as health_router
 from app.observability import RequestContextMiddleware, configure_logging
 from app.plans.router import router as plans_router
+from app.refunds.router import router as refunds_router
 from app.stripe_gateway import StripeGateway
 
 
@@ -59,6 +61,8 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     app.add_middleware(RequestContextMiddleware)
     app.include_router(health_router)
     app.include_router(plans_router)
+    app.include_router(refunds_router)
+    app.include_router(disputes_router)
     return app
 
 

@@ -10,6 +10,13 @@ from app.models.billing import (
     LedgerEntry,
 )
 from app.models.notifications import OutboxEmail
+from app.models.refunds import (
+    DisputeEffect,
+    RefundExecution,
+    RefundRequest,
+    RefundRequestAudit,
+    RefundRequestResponse,
+)
 from app.models.stripe_mirror import (
     Dispute,
     Invoice,
@@ -27,12 +34,17 @@ __all__ = [
     "Channel",
     "CheckoutSession",
     "Dispute",
+    "DisputeEffect",
     "IdempotencyRecord",
     "Invoice",
     "LedgerEntry",
     "OutboxEmail",
     "Payment",
     "Refund",
+    "RefundExecution",
+    "RefundRequest",
+    "RefundRequestAudit",
+    "RefundRequestResponse",
     "StripeEvent",
     "Subscription",
 ]
