@@ -3,12 +3,23 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import datetime
 from pathlib import Path
 
+from sqlalchemy.ext.asyncio import AsyncEngine
+
 from app.auth import KNOWN_SCOPES, mint_token
-from app.config import get_settings
+from app.config import Settings, get_settings
+from app.db import create_engine, create_session_factory
+from app.observability import configure_logging
+from app.stripe_gateway import StripeGateway
+from app.webhooks.processor import EventProcessor, prune_payloads
+from app.webhooks.reconcile import reconcile, register_webhook_endpoint
 
 
 def _mint_token(args: argparse.Namespace) -> int:
@@ -42,6 +53,55 @@ def _export_openapi(args: argparse.Namespace) -> int:
     return 0
 
 
+@asynccontextmanager
+async def _runtime() -> AsyncIterator[tuple[Settings, AsyncEngine, StripeGateway]]:
+    settings = get_settings()
+    configure_logging(settings.log_level)
+    engine = create_engine(settings.database_url, settings.database_pool_size)
+    gateway = StripeGateway.from_settings(settings)
+    try:
+        yield settings, engine, gateway
+    finally:
+        await gateway.close()
+        await engine.dispose()
+
+
+async def _reconcile(args: argparse.Namespace) -> int:
+    since = datetime.fromisoformat(args.since) if args.since else None
+    async with _runtime() as (settings, engine, gateway):
+        report = await reconcile(engine, gateway, settings, since=since)
+        if args.apply:
+            processor = EventProcessor(create_session_factory(engine), settings, gateway)
+            await processor.drain()
+    print("\n".join(report.lines()))
+    return 0
+
+
+async def _register_webhook(args: argparse.Namespace) -> int:
+    async with _runtime() as (_, _engine, gateway):
+        endpoint = await register_webhook_endpoint(gateway, args.url)
+    print(f"webhook endpoint {endpoint['id']} -> {endpoint.get('url')}")
+    events = endpoint.get("enabled_events") or []
+    print(f"api_version {endpoint.get('api_version')}, {len(events)} events")
+    if endpoint.get("secret"):
+        print(f"signing secret (add it to STRIPE_WEBHOOK_SECRETS): {endpoint['secret']}")
+    return 0
+
+
+async def _prune_events(_: argparse.Namespace) -> int:
+    async with _runtime() as (settings, engine, _gateway):
+        pruned = await prune_payloads(create_session_factory(engine), settings.event_retention_days)
+    print(f"pruned the payloads of {pruned} events")
+    return 0
+
+
+async def _process_events(_: argparse.Namespace) -> int:
+    async with _runtime() as (settings, engine, gateway):
+        processor = EventProcessor(create_session_factory(engine), settings, gateway)
+        await processor.run_forever()
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="billing", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -57,12 +117,32 @@ def build_parser() -> argparse.ArgumentParser:
     openapi = commands.add_parser("openapi", help="write the OpenAPI document")
     openapi.add_argument("--output", default="openapi/openapi.json")
     openapi.set_defaults(handler=_export_openapi)
+
+    rec = commands.add_parser(
+        "reconcile-events", help="store Stripe events that were never delivered and report drift"
+    )
+    rec.add_argument("--since", help="ISO time to list from (default: newest stored event)")
+    rec.add_argument("--apply", action="store_true", help="also apply them now")
+    rec.set_defaults(handler=_reconcile, run_async=True)
+
+    reg = commands.add_parser("register-webhook", help="create/update the Stripe webhook endpoint")
+    reg.add_argument("--url", required=True, help="public URL of POST /webhooks/stripe")
+    reg.set_defaults(handler=_register_webhook, run_async=True)
+
+    prune = commands.add_parser("prune-events", help="drop old raw event payloads (ids stay)")
+    prune.set_defaults(handler=_prune_events, run_async=True)
+
+    work = commands.add_parser("process-events", help="run the event processor in the foreground")
+    work.set_defaults(handler=_process_events, run_async=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    code: int = args.handler(args)
+    if getattr(args, "run_async", False):
+        code: int = asyncio.run(args.handler(args))
+    else:
+        code = args.handler(args)
     return code
 
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Annotated
 
+import orjson
 from fastapi import Depends, Request
 from sqlalchemy import DateTime, MetaData, func
 from sqlalchemy.ext.asyncio import (
@@ -43,6 +44,8 @@ def create_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
         pool_pre_ping=True,
         pool_timeout=5,
         connect_args={"timeout": 5, "command_timeout": 30},
+        json_serializer=lambda value: orjson.dumps(value).decode(),
+        json_deserializer=orjson.loads,
     )
 
 

@@ -18,6 +18,10 @@ from app.observability import RequestContextMiddleware, configure_logging
 from app.plans.router import router as plans_router
 from app.refunds.router import router as refunds_router
 from app.stripe_gateway import StripeGateway
+from app.webhooks.ingest import EventIngestor
+from app.webhooks.processor import EventProcessor, prune_payloads
+from app.webhooks.router import router as webhooks_router
+from app.workers import BackgroundWorkers, every
 
 
 def create_app(settings: Settings | None = None, gateway: StripeGateway | None = None) -> FastAPI:
@@ -32,9 +36,28 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         app.state.session_factory = create_session_factory(engine)
         own_gateway = gateway is None
         app.state.stripe = gateway or StripeGateway.from_settings(settings)
+        processor = EventProcessor(app.state.session_factory, settings, app.state.stripe)
+        ingestor = EventIngestor(engine)
+        ingestor.on_stored.append(processor.notify)
+        app.state.event_processor = processor
+        app.state.event_ingestor = ingestor
+        workers = BackgroundWorkers()
+        if settings.run_background_workers:
+            workers.start("stripe-events", processor.run_forever())
+            workers.start(
+                "prune-events",
+                every(
+                    3600,
+                    lambda: prune_payloads(
+                        app.state.session_factory, settings.event_retention_days
+                    ),
+                ),
+            )
         try:
             yield
         finally:
+            await workers.stop()
+            await ingestor.stop()
             if own_gateway:
                 await app.state.stripe.close()
             await engine.dispose()
@@ -49,6 +72,9 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.webhook_secrets = [
+        secret.get_secret_value().encode() for secret in settings.stripe_webhook_secrets
+    ]
     app.state.migration_head = migration_head()
     install_error_handlers(app)
     app.add_middleware(
@@ -63,6 +89,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     app.include_router(plans_router)
     app.include_router(refunds_router)
     app.include_router(disputes_router)
+    app.include_router(webhooks_router)
     return app
 
 

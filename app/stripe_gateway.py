@@ -212,6 +212,31 @@ class StripeGateway:
                 return None
             raise
 
+    async def retrieve_balance_transaction(self, balance_transaction_id: str) -> StripeObject:
+        return await self._call(
+            "balance_transactions.retrieve",
+            lambda: self._v1.balance_transactions.retrieve_async(balance_transaction_id),
+        )
+
+    async def create_webhook_endpoint(self, params: dict[str, Any]) -> StripeObject:
+        return await self._call(
+            "webhook_endpoints.create", lambda: self._v1.webhook_endpoints.create_async(params)
+        )
+
+    async def update_webhook_endpoint(
+        self, endpoint_id: str, params: dict[str, Any]
+    ) -> StripeObject:
+        return await self._call(
+            "webhook_endpoints.update",
+            lambda: self._v1.webhook_endpoints.update_async(endpoint_id, params),
+        )
+
+    async def list_webhook_endpoints(self) -> StripeObject:
+        return await self._call(
+            "webhook_endpoints.list",
+            lambda: self._v1.webhook_endpoints.list_async({"limit": 100}),
+        )
+
     async def list_events(self, params: dict[str, Any]) -> StripeObject:
         return await self._call(
             "events.list",

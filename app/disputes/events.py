@@ -27,6 +27,7 @@ from app.models import Dispute, DisputeEffect, Payment, RefundRequest
 from app.notifications.outbox import enqueue_email
 from app.refunds import repository as repo
 from app.refunds.service import OPEN_STATUSES, audit_step
+from app.subscriptions.service import record_access_change
 
 log = structlog.get_logger()
 
@@ -48,7 +49,7 @@ async def on_dispute_mirrored(
         and dispute.status == "lost"
         and settings.dispute_lost_ends_access
     ):
-        await _end_access(session, dispute, payment, now)
+        await _end_access(session, dispute, payment, settings, now)
     await _close_open_requests(session, dispute, payment)
     await session.flush()
 
@@ -120,18 +121,16 @@ async def _adjust_balance(
 
 
 async def _end_access(
-    session: AsyncSession, dispute: Dispute, payment: Payment, now: datetime
+    session: AsyncSession, dispute: Dispute, payment: Payment, settings: Settings, now: datetime
 ) -> None:
-    subscription = await repo.subscription_by_stripe_id(
-        session, payment.stripe_subscription_id, lock=True
-    )
+    subscription = await repo.subscription_of_payment(session, payment, lock=True)
     if subscription is None:
         log.warning("dispute.subscription_unknown", dispute_id=dispute.stripe_id)
         return
     if subscription.access_revoked_at is None:
         subscription.access_revoked_at = now
         await session.flush()
-        await repo.record_access_change(session, subscription, now, "chargeback_lost")
+        await record_access_change(session, subscription.channel_id, settings, now)
     dispute.access_ended = True
     await _effect(session, dispute, "access_ended", subscription_id=subscription.id)
 

@@ -29,6 +29,7 @@ from app.notifications.outbox import enqueue_email
 from app.refunds import repository as repo
 from app.refunds.service import audit_step
 from app.stripe_gateway import StripeGateway, idempotency_key
+from app.subscriptions.service import record_access_change
 
 log = structlog.get_logger()
 
@@ -56,7 +57,7 @@ async def on_refund_mirrored(
         and refund.status in repo.LIVE_REFUND_STATUSES
         and execution.subscription_cancelled_at is None
     ):
-        await _cancel_subscription(session, execution, payment, stripe, now)
+        await _cancel_subscription(session, execution, payment, stripe, settings, now)
     await session.flush()
 
 
@@ -177,11 +178,10 @@ async def _cancel_subscription(
     execution: RefundExecution,
     payment: Payment,
     stripe: StripeGateway,
+    settings: Settings,
     now: datetime,
 ) -> None:
-    subscription = await repo.subscription_by_stripe_id(
-        session, payment.stripe_subscription_id, lock=True
-    )
+    subscription = await repo.subscription_of_payment(session, payment, lock=True)
     if subscription is None:
         log.warning("refund.subscription_unknown", payment_id=str(payment.id))
         return
@@ -192,7 +192,7 @@ async def _cancel_subscription(
     if subscription.access_revoked_at is None:
         subscription.access_revoked_at = now
         await session.flush()
-        await repo.record_access_change(session, subscription, now, "refunded")
+        await record_access_change(session, subscription.channel_id, settings, now)
     request = await repo.get_request(session, execution.request_id)
     assert request is not None
     audit_step(

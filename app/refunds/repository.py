@@ -12,7 +12,6 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import (
-    AccessChange,
     Account,
     Activity,
     Invoice,
@@ -25,7 +24,6 @@ from app.models import (
     RefundRequestResponse,
     Subscription,
 )
-from app.subscriptions.access import subscription_access
 
 USAGE_LEDGER_KINDS = ("conversation", "meta_fee")
 BALANCE_PURPOSES = ("top_up", "debt_repayment")
@@ -123,15 +121,15 @@ async def subscription_payments(session: AsyncSession, account_id: str) -> list[
     return list((await session.execute(statement)).scalars())
 
 
-async def invoice_period_ends(
-    session: AsyncSession, invoice_ids: list[str]
-) -> dict[str, datetime | None]:
+async def invoice_subscriptions(session: AsyncSession, invoice_ids: list[str]) -> dict[str, str]:
     if not invoice_ids:
         return {}
     rows = await session.execute(
-        select(Invoice.stripe_id, Invoice.period_end).where(Invoice.stripe_id.in_(invoice_ids))
+        select(Invoice.stripe_id, Invoice.stripe_subscription_id).where(
+            Invoice.stripe_id.in_(invoice_ids), Invoice.stripe_subscription_id.is_not(None)
+        )
     )
-    return {stripe_id: period_end for stripe_id, period_end in rows.all()}
+    return {invoice: subscription for invoice, subscription in rows.tuples() if subscription}
 
 
 async def subscription_period_ends(
@@ -345,6 +343,23 @@ async def count_overdue(session: AsyncSession, now: datetime) -> int:
     return int((await session.execute(statement)).scalar_one())
 
 
+async def subscription_of_payment(
+    session: AsyncSession, payment: Payment, *, lock: bool = False
+) -> Subscription | None:
+    """The subscription a subscription payment paid for (via its invoice when the payment row
+    does not name it yet)."""
+    stripe_id = payment.stripe_subscription_id
+    if stripe_id is None and payment.stripe_invoice_id is not None:
+        stripe_id = (
+            await session.execute(
+                select(Invoice.stripe_subscription_id).where(
+                    Invoice.stripe_id == payment.stripe_invoice_id
+                )
+            )
+        ).scalar_one_or_none()
+    return await subscription_by_stripe_id(session, stripe_id, lock=lock)
+
+
 async def subscription_by_stripe_id(
     session: AsyncSession, stripe_id: str | None, *, lock: bool = False
 ) -> Subscription | None:
@@ -354,21 +369,3 @@ async def subscription_by_stripe_id(
     if lock:
         statement = statement.with_for_update().execution_options(populate_existing=True)
     return (await session.execute(statement)).scalar_one_or_none()
-
-
-async def record_access_change(
-    session: AsyncSession, subscription: Subscription, now: datetime, reason: str
-) -> None:
-    """Append the subscription's new access to the access feed. Private stand-in for
-    `app.subscriptions.service.record_access_change` (lead), not yet in main."""
-    access = subscription_access(subscription, now)
-    session.add(
-        AccessChange(
-            channel_id=subscription.channel_id,
-            account_id=subscription.account_id,
-            has_access=access.has_access,
-            access_until=access.access_until,
-            reason=reason,
-        )
-    )
-    await session.flush()

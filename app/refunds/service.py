@@ -24,6 +24,7 @@ Stripe's refund event arrives (app/refunds/events.py).
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -67,6 +68,7 @@ from app.refunds.schemas import (
     ResponseOut,
 )
 from app.stripe_gateway import StripeGateway, StripeRequestRejected, idempotency_key
+from app.subscriptions.service import record_access_change
 
 log = structlog.get_logger()
 
@@ -86,17 +88,20 @@ async def refund_eligibility(
 ) -> RefundEligibility:
     payments = await repo.subscription_payments(session, account_id)
     used = await repo.usage_detected(session, account_id)
-    invoice_ends = await repo.invoice_period_ends(
+    by_invoice = await repo.invoice_subscriptions(
         session, [p.stripe_invoice_id for p in payments if p.stripe_invoice_id]
     )
+    subscription_of = {
+        p.id: p.stripe_subscription_id or by_invoice.get(p.stripe_invoice_id or "")
+        for p in payments
+    }
     subscription_ends = await repo.subscription_period_ends(
-        session, [p.stripe_subscription_id for p in payments if p.stripe_subscription_id]
+        session, [s for s in subscription_of.values() if s]
     )
+    period_ends = _paid_period_ends(payments, subscription_of, subscription_ends)
     quotes = []
     for payment in payments:
-        period_end = invoice_ends.get(payment.stripe_invoice_id or "")
-        if period_end is None:
-            period_end = subscription_ends.get(payment.stripe_subscription_id or "")
+        period_end = period_ends.get(payment.id)
         facts = PaymentFacts(
             payment_id=payment.id,
             amount_paid=payment.amount,
@@ -110,6 +115,29 @@ async def refund_eligibility(
         result = quote(facts, usage_detected=used, setup_fees=settings.waba_setup_fees, now=now)
         quotes.append(RefundQuote.model_validate(result, from_attributes=True))
     return RefundEligibility(quotes=quotes)
+
+
+def _paid_period_ends(
+    payments: list[Payment],
+    subscription_of: dict[uuid.UUID, str | None],
+    subscription_ends: dict[str, datetime | None],
+) -> dict[uuid.UUID, datetime | None]:
+    """When each payment's paid period ends. Stripe's invoice `period_*` fields describe the
+    previous period (zero-length on a first invoice), so they cannot decide: the newest
+    payment of a subscription pays for its current period (`current_period_end`); an older
+    one's period ended when the next payment renewed it."""
+    ends: dict[uuid.UUID, datetime | None] = {}
+    by_subscription: dict[str, list[Payment]] = {}
+    for payment in payments:
+        subscription_id = subscription_of.get(payment.id)
+        if subscription_id and payment.paid_at is not None:
+            by_subscription.setdefault(subscription_id, []).append(payment)
+    for subscription_id, paid in by_subscription.items():
+        paid.sort(key=lambda p: p.paid_at or datetime.min.replace(tzinfo=UTC))
+        for current, following in itertools.pairwise(paid):
+            ends[current.id] = following.paid_at
+        ends[paid[-1].id] = subscription_ends.get(subscription_id)
+    return ends
 
 
 # --- requests ------------------------------------------------------------------------------
@@ -431,12 +459,16 @@ async def _email_reply(
     if response.kind == "interim" and response.next_step_due is not None:
         lines.append(f"Next step by: {response.next_step_due.isoformat()}")
     if response.kind == "decision":
+        payment = (
+            await repo.get_payment(session, request.payment_id) if request.payment_id else None
+        )
+        currency = payment.currency if payment else (request.currency or "")
         lines.append(f"Decision: {response.outcome}")
         if response.remedy:
             extent = (
                 f"{response.days} days"
                 if response.remedy == "access_extension"
-                else f"{response.amount} {request.currency or ''}".strip()
+                else f"{response.amount} {currency}".strip()
             )
             lines.append(f"Remedy: {response.remedy} ({extent})")
     lines.append(f"Request reference: {request.id}")
@@ -567,8 +599,8 @@ async def _apply_remedy(
         payment = (
             await repo.get_payment(session, request.payment_id) if request.payment_id else None
         )
-        subscription = await repo.subscription_by_stripe_id(
-            session, payment.stripe_subscription_id if payment else None, lock=True
+        subscription = (
+            await repo.subscription_of_payment(session, payment, lock=True) if payment else None
         )
         if subscription is None:
             raise RequestNotReady(
@@ -576,7 +608,7 @@ async def _apply_remedy(
             )
         subscription.extension_days += body.days
         await session.flush()
-        await repo.record_access_change(session, subscription, now, "access_extension")
+        await record_access_change(session, subscription.channel_id, settings, now)
         audit_step(
             session,
             request,

@@ -1,0 +1,150 @@
+"""Durable storage of verified events, many concurrent deliveries per transaction.
+
+Each delivery hands its event to the `EventIngestor` and waits; a few flusher tasks take
+whatever has queued up, insert it in one `INSERT ... ON CONFLICT (stripe_id) DO NOTHING
+RETURNING` and commit, then answer every waiting delivery. A delivery is acknowledged only after
+that commit (group commit: one fsync serves many events), and the database, not a prior read,
+decides what is a duplicate. If the insert fails, every delivery in the batch gets the error
+and answers 503, so Stripe retries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from app.models import StripeEvent
+from app.webhooks.handlers import HANDLED_EVENT_TYPES
+
+log = structlog.get_logger()
+
+
+@dataclass(frozen=True)
+class IncomingEvent:
+    stripe_id: str
+    type: str
+    api_version: str | None
+    object_id: str | None
+    stripe_created: datetime
+    livemode: bool
+    payload: dict[str, Any]
+    status: str  # "pending" for types we apply, "ignored" for the rest
+
+
+def incoming_event(event: Any, *, livemode: bool) -> IncomingEvent:
+    """Check the envelope of a verified event; ValueError says what is wrong with it."""
+    if not isinstance(event, dict) or event.get("object") != "event":
+        raise ValueError("body is not a Stripe event")
+    event_id, event_type, created = event.get("id"), event.get("type"), event.get("created")
+    data = event.get("data")
+    obj = data.get("object") if isinstance(data, dict) else None
+    if not (isinstance(event_id, str) and event_id.startswith("evt_") and len(event_id) <= 255):
+        raise ValueError("event id missing or malformed")
+    if not isinstance(event_type, str) or not event_type or len(event_type) > 128:
+        raise ValueError("event type missing or malformed")
+    if not isinstance(created, int) or isinstance(created, bool) or created < 0:
+        raise ValueError("event created missing or malformed")
+    if not isinstance(obj, dict):
+        raise ValueError("event data.object missing")
+    if event.get("account"):
+        raise ValueError("Connect events are not accepted on this endpoint")
+    if event.get("livemode") is not livemode:
+        raise ValueError("event livemode does not match the configured Stripe key")
+    object_id = obj.get("id")
+    api_version = event.get("api_version")
+    return IncomingEvent(
+        stripe_id=event_id,
+        type=event_type,
+        api_version=api_version if isinstance(api_version, str) else None,
+        object_id=object_id if isinstance(object_id, str) else None,
+        stripe_created=datetime.fromtimestamp(created, UTC),
+        livemode=livemode,
+        payload=event,
+        status="pending" if event_type in HANDLED_EVENT_TYPES else "ignored",
+    )
+
+
+async def insert_events(connection: AsyncConnection, events: list[IncomingEvent]) -> set[str]:
+    """Insert events, skipping stored ones; returns the ids that were new."""
+    rows = [
+        {
+            "stripe_id": e.stripe_id,
+            "type": e.type,
+            "api_version": e.api_version,
+            "object_id": e.object_id,
+            "stripe_created": e.stripe_created,
+            "livemode": e.livemode,
+            "payload": e.payload,
+            "status": e.status,
+        }
+        for e in events
+    ]
+    statement = (
+        pg_insert(StripeEvent)
+        .on_conflict_do_nothing(index_elements=[StripeEvent.stripe_id])
+        .returning(StripeEvent.stripe_id)
+    )
+    result = await connection.execute(statement, rows)
+    return set(result.scalars().all())
+
+
+class EventIngestor:
+    def __init__(self, engine: AsyncEngine, *, flushers: int = 2, max_batch: int = 500) -> None:
+        self._engine = engine
+        self._flushers = flushers
+        self._max_batch = max_batch
+        self._queue: asyncio.Queue[tuple[IncomingEvent, asyncio.Future[bool]]] = asyncio.Queue()
+        self._tasks: list[asyncio.Task[None]] = []
+        self.on_stored: list[Any] = []
+
+    def start(self) -> None:
+        if not self._tasks:
+            self._tasks = [
+                asyncio.create_task(self._flush_forever()) for _ in range(self._flushers)
+            ]
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+
+    async def store(self, event: IncomingEvent) -> bool:
+        """Store the event durably; True when new, False for a duplicate. Raises on failure."""
+        self.start()
+        future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        await self._queue.put((event, future))
+        return await future
+
+    async def _flush_forever(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            while len(batch) < self._max_batch and not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            try:
+                inserted = await self._insert([event for event, _ in batch])
+            except Exception as exc:
+                log.warning(
+                    "webhook.store_failed", events=len(batch), error_type=type(exc).__name__
+                )
+                for _, future in batch:
+                    if not future.done():
+                        future.set_exception(exc)
+                continue
+            for event, future in batch:
+                is_new = event.stripe_id in inserted
+                inserted.discard(event.stripe_id)  # a second copy in the same batch is a duplicate
+                if not future.done():
+                    future.set_result(is_new)
+            for callback in self.on_stored:
+                callback()
+
+    async def _insert(self, events: list[IncomingEvent]) -> set[str]:
+        async with self._engine.begin() as connection:
+            return await insert_events(connection, events)
