@@ -532,8 +532,8 @@ async def _reply(
     settings: Settings,
 ) -> None:
     now = utcnow()
-    if request.decided_at is not None:
-        raise RequestAlreadyDecided()
+    if request.decided_at is not None or request.status not in OPEN_STATUSES:
+        raise RequestAlreadyDecided(f"The request is {request.status}")
     if body.kind == "interim" and body.next_step_due is not None and body.next_step_due <= now:
         raise Unprocessable("next_step_due must be in the future")
     details: dict[str, Any] = {}
@@ -633,8 +633,8 @@ async def _approve_refund(
         request = await repo.get_request(session, request_id, lock=True)
         if request is None:
             raise RefundRequestNotFound()
-        if request.decided_at is not None:
-            raise RequestAlreadyDecided()
+        if request.decided_at is not None or request.status not in OPEN_STATUSES:
+            raise RequestAlreadyDecided(f"The request is {request.status}")
         if request.payment_id is None:
             raise RequestNotReady("A refund needs the request matched to a payment")
         payment = await repo.get_payment(session, request.payment_id, lock=True)

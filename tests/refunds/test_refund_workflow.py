@@ -10,7 +10,7 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from app.models import Activity, RefundExecution
+from app.models import AccessChange, Activity, RefundExecution
 from app.stripe_gateway import StripeGateway
 from tests.conftest import Deliver, TokenFactory, bearer
 from tests.refunds.flows import (
@@ -163,11 +163,16 @@ async def test_approved_subscription_refund_runs_once_and_cancels_the_subscripti
     assert paid.subscription_id is not None
     sub = await subscription(app, paid.subscription_id)
     assert sub.access_revoked_at is not None
-    access = await client.get(
-        "/v1/channels/ch_r/access", headers=bearer(token(scope="billing:read"))
-    )
-    if access.status_code == 200:
-        assert access.json()["has_access"] is False
+    async with app.state.session_factory() as session:
+        feed = (
+            await session.scalars(
+                select(AccessChange)
+                .where(AccessChange.channel_id == "ch_r")
+                .order_by(AccessChange.id.desc())
+            )
+        ).first()
+    assert feed is not None
+    assert feed.has_access is False
 
     # Replaying every refund event changes nothing more.
     await deliver([e for e in stripe_fake.events_since(seen) if e["type"].startswith("refund.")])
@@ -409,3 +414,33 @@ async def test_top_up_refund_is_bounded_by_the_unspent_balance_and_debits_the_le
     assert await balance(app, "acc_t") == 3200
     subjects = [e.subject for e in await outbox(app, "billing@acc_t.example")]
     assert subjects[-1] == f"Your refund has failed [{created['id']}]"
+
+
+async def test_access_extension_remedy_extends_the_paid_subscription(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    paid = await pay_subscription(app, stripe_fake, deliver, account_id="acc_x", channel_id="ch_x")
+    assert paid.subscription_id is not None
+    before = await subscription(app, paid.subscription_id)
+    created = await file_request(
+        client, token, "acc_x", type="appeal", payment_reference=paid.payment_id
+    )
+    answer = await reply(
+        client,
+        token,
+        created["id"],
+        kind="decision",
+        message="Three extra days for the outage.",
+        outcome="approved",
+        remedy="access_extension",
+        days=3,
+    )
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["status"] == "approved"
+    after = await subscription(app, paid.subscription_id)
+    assert after.extension_days == before.extension_days + 3
+    assert stripe_fake.all("refund") == []
