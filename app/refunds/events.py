@@ -105,7 +105,7 @@ async def _complete_execution(
         await _email(session, request, execution, succeeded=True)
     elif refund.status in FAILED and execution.status != "failed":
         execution.status = "failed"
-        execution.failure_reason = refund.reason if refund.status == "canceled" else None
+        execution.failure_reason = refund.status
         if request.status in ("refund_pending", "refunded"):
             request.status = "refund_failed"
         audit_step(

@@ -48,6 +48,12 @@ async def account_email(session: AsyncSession, account_id: str) -> str | None:
     ).scalar_one_or_none()
 
 
+async def account_currency(session: AsyncSession, account_id: str) -> str | None:
+    return (
+        await session.execute(select(Account.currency).where(Account.id == account_id))
+    ).scalar_one_or_none()
+
+
 async def usage_detected(session: AsyncSession, account_id: str) -> bool:
     """Any reported activity or usage charge since the account started."""
     activity = exists().where(Activity.account_id == account_id)

@@ -295,13 +295,12 @@ async def update_request(
         setattr(request, field, value)
     if any(field in changes for field in PAYMENT_FIELDS):
         request.about_payment = True
-    if request.status == "needs_information" or (
-        request.about_payment and request.payment_id is None
-    ):
+    if request.about_payment and request.payment_id is None:
         match = await _match_payment(session, request, settings)
         if match.payment is None:
-            request.status = "needs_information"
             request.missing_information = match.missing
+            if request.clock_started_at is None:
+                request.status = "needs_information"
         else:
             request.payment_id = match.payment.id
             request.missing_information = []
@@ -577,12 +576,15 @@ async def _apply_remedy(
         return
     if body.remedy == "balance_credit":
         assert body.amount is not None
-        currency = request.currency or settings.default_currency
         payment = (
             await repo.get_payment(session, request.payment_id) if request.payment_id else None
         )
-        if payment is not None:
-            currency = payment.currency
+        currency = (
+            payment.currency
+            if payment is not None
+            else (await repo.account_currency(session, request.account_id))
+            or settings.default_currency
+        )
         await repo.add_ledger_entry(
             session,
             account_id=request.account_id,
@@ -630,15 +632,19 @@ async def _approve_refund(
     assert body.amount is not None
     # 1. Commit the pending execution (its id is the idempotency key) before calling Stripe.
     async with factory() as session, session.begin():
-        request = await repo.get_request(session, request_id, lock=True)
-        if request is None:
+        unlocked = await repo.get_request(session, request_id)
+        if unlocked is None:
             raise RefundRequestNotFound()
+        if unlocked.payment_id is None:
+            raise RequestNotReady("A refund needs the request matched to a payment")
+        # Lock order everywhere: payment, then request, then refund execution (the dispute
+        # hook holds the payment while it closes requests).
+        payment = await repo.get_payment(session, unlocked.payment_id, lock=True)
+        assert payment is not None
+        request = await repo.get_request(session, request_id, lock=True)
+        assert request is not None
         if request.decided_at is not None or request.status not in OPEN_STATUSES:
             raise RequestAlreadyDecided(f"The request is {request.status}")
-        if request.payment_id is None:
-            raise RequestNotReady("A refund needs the request matched to a payment")
-        payment = await repo.get_payment(session, request.payment_id, lock=True)
-        assert payment is not None
         if payment.disputed:
             raise PaymentDisputed()
         execution = await repo.execution_for_request(session, request.id, lock=True)

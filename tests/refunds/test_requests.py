@@ -320,3 +320,23 @@ async def test_bad_input_and_wrong_callers_are_refused(
         "/v1/accounts/acc_x/refund-requests/8a0c2d4e-0000-4000-8000-000000000000", headers=user
     )
     assert missing.status_code == 404
+
+
+async def test_naming_an_unknown_payment_later_does_not_stop_a_running_clock(
+    client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    headers = bearer(token(account_id="acc_p"))
+    filed = await client.post(
+        "/v1/accounts/acc_p/refund-requests",
+        json={"type": "appeal", "description": "Suspended without notice"},
+        headers=headers,
+    )
+    patched = await client.patch(
+        f"/v1/accounts/acc_p/refund-requests/{filed.json()['id']}",
+        json={"payment_reference": "pi_unknown"},
+        headers=headers,
+    )
+    body = patched.json()
+    assert body["status"] == "received"
+    assert body["missing_information"][0] == "payment_reference"
+    assert body["decision_due"] == filed.json()["decision_due"]
