@@ -181,10 +181,13 @@ async def _match_payment(
 def _start_clock(request: RefundRequest, start: datetime, settings: Settings) -> None:
     calendar = settings.calendar
     request.clock_started_at = start
+    # Stored and shown in UTC (the same instant as the end of the local business day).
     request.first_response_due = calendar.add_business_days(
         start, settings.refund_first_response_business_days
-    )
-    request.decision_due = calendar.add_business_days(start, settings.refund_decision_business_days)
+    ).astimezone(UTC)
+    request.decision_due = calendar.add_business_days(
+        start, settings.refund_decision_business_days
+    ).astimezone(UTC)
 
 
 def audit_step(
