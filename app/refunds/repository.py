@@ -48,6 +48,10 @@ async def account_email(session: AsyncSession, account_id: str) -> str | None:
     ).scalar_one_or_none()
 
 
+async def lock_account(session: AsyncSession, account_id: str) -> None:
+    await session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+
+
 async def account_currency(session: AsyncSession, account_id: str) -> str | None:
     return (
         await session.execute(select(Account.currency).where(Account.id == account_id))

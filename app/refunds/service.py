@@ -756,6 +756,8 @@ async def _check_refund_bound(session: AsyncSession, payment: Payment, amount: i
         raise RefundExceedsLimit("Only a succeeded payment can be refunded")
     limit = payment.amount - await repo.already_refunded(session, payment)
     if payment.purpose == "top_up" and payment.account_id is not None:
+        # Serialise with other money movements of the account (usage charges lock it too).
+        await repo.lock_account(session, payment.account_id)
         unspent = max(0, await repo.account_balance_total(session, payment.account_id))
         limit = min(limit, unspent)
     if amount > limit:
