@@ -12,6 +12,7 @@ from app.balance.router import router as balance_router
 from app.checkout.router import router as checkout_router
 from app.config import Settings, get_settings
 from app.db import create_engine, create_session_factory
+from app.disputes.router import router as disputes_router
 from app.errors import install_error_handlers
 from app.health.router import migration_head
 from app.health.router import router as health_router
@@ -20,6 +21,7 @@ from app.notifications.worker import EmailWorker
 from app.observability import RequestContextMiddleware, configure_logging
 from app.plans.router import router as plans_router
 from app.portal.router import router as portal_router
+from app.refunds.router import router as refunds_router
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.router import router as subscriptions_router
 from app.subscriptions.service import record_expired_access
@@ -104,6 +106,9 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     app.include_router(portal_router)
     app.include_router(subscriptions_router)
     app.include_router(balance_router)
+
+    app.include_router(refunds_router)
+    app.include_router(disputes_router)
     app.include_router(webhooks_router)
     app.include_router(maintenance_router)
     return app

@@ -217,6 +217,43 @@ class StripeGateway:
             ),
         )
 
+    # --- refunds ---------------------------------------------------------------------------
+
+    async def create_refund(
+        self,
+        *,
+        payment_intent: str,
+        amount: int,
+        metadata: dict[str, str],
+        key: str,
+    ) -> StripeObject:
+        params: dict[str, Any] = {
+            "payment_intent": payment_intent,
+            "amount": amount,
+            "reason": "requested_by_customer",
+            "metadata": metadata,
+        }
+        return await self._call(
+            "refunds.create",
+            lambda: self._v1.refunds.create_async(params, {"idempotency_key": key}),
+        )
+
+    async def cancel_subscription(self, subscription_id: str, *, key: str) -> StripeObject | None:
+        """Cancel now, without proration or a final invoice. None when Stripe says the
+        subscription is already gone (cancelled before), so repeating it is harmless."""
+        params: dict[str, Any] = {"prorate": False, "invoice_now": False}
+        try:
+            return await self._call(
+                "subscriptions.cancel",
+                lambda: self._v1.subscriptions.cancel_async(
+                    subscription_id, params, {"idempotency_key": key}
+                ),
+            )
+        except StripeRequestRejected as exc:
+            if exc.stripe_code == "resource_missing":
+                return None
+            raise
+
     async def retrieve_balance_transaction(self, balance_transaction_id: str) -> StripeObject:
         return await self._call(
             "balance_transactions.retrieve",
