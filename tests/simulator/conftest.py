@@ -11,7 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +50,7 @@ class Stack:
     simulator: SimulatorServer
     settings: Settings
     http: httpx.AsyncClient
+    clients: list[httpx.AsyncClient] = field(default_factory=list)
 
     def headers(self, account_id: str) -> dict[str, str]:
         tok = mint_token(
@@ -118,6 +119,7 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
     }
     service = start_service(port, env, log_path)
     http = httpx.AsyncClient(base_url=service_url, timeout=10)
+    stack_clients: list[httpx.AsyncClient] = []
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -129,9 +131,12 @@ async def stack(tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Stack
             if service.poll() is not None or time.monotonic() > deadline:
                 raise RuntimeError("the service did not start:\n" + read_log(log_path))
             await asyncio.sleep(0.1)
-        yield Stack(service_url, simulator, make_settings(database_url, simulator.url), http)
+        stack = Stack(service_url, simulator, make_settings(database_url, simulator.url), http)
+        stack_clients = stack.clients
+        yield stack
     finally:
-        await http.aclose()
+        for client in [http, *stack_clients]:
+            await client.aclose()
         service.terminate()
         try:
             service.wait(timeout=10)

@@ -178,7 +178,7 @@ class WebhookDelivery:
             response = client.post(self.url, content=body, headers=headers)
             record.last_status, record.last_error = response.status_code, None
             ok = 200 <= response.status_code < 300
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # connection refused, timeout, bad URL: retry later
             record.last_status, record.last_error = None, type(exc).__name__
             ok = False
         if not ok:
