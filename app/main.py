@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
+from fastapi.routing import APIRoute
 from fastapi.middleware.cors import CORSMiddleware
 
 from app.balance.router import router as balance_router
@@ -22,6 +23,7 @@ from app.stripe_gateway import StripeGateway
 from app.subscriptions.router import router as subscriptions_router
 from app.webhooks.ingest import EventIngestor
 from app.webhooks.processor import EventProcessor, prune_payloads
+from app.webhooks.router import WebhookFastPath
 from app.webhooks.router import router as webhooks_router
 from app.workers import BackgroundWorkers, every
 
@@ -86,7 +88,6 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         max_age=600,
     )
-    app.add_middleware(RequestContextMiddleware)
     app.include_router(health_router)
     app.include_router(plans_router)
     app.include_router(checkout_router)
@@ -94,6 +95,13 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     app.include_router(subscriptions_router)
     app.include_router(balance_router)
     app.include_router(webhooks_router)
+    webhook_route = next(
+        r
+        for r in webhooks_router.routes
+        if isinstance(r, APIRoute) and r.path == "/webhooks/stripe"
+    )
+    app.add_middleware(WebhookFastPath, route=webhook_route)
+    app.add_middleware(RequestContextMiddleware)
     return app
 
 

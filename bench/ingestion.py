@@ -203,9 +203,7 @@ async def main() -> None:
             )
         print("\nAcknowledgement at full load (median of rounds; ratio to the reference):")
         print(
-            table(
-                ["target", "events/s", "p50 ms", "p95 ms", "p99 ms", "ratio", "per round"], rows
-            )
+            table(["target", "events/s", "p50 ms", "p95 ms", "p99 ms", "ratio", "per round"], rows)
         )
         print(f"\nAt half the service's peak ({peak / 2:,.0f} events/s offered, Poisson):")
         print(
@@ -255,9 +253,10 @@ async def end_to_end(
 
         async def drained() -> bool:
             counts = await count_status(dsn)
-            return counts.get("processed", 0) + counts.get("ignored", 0) + counts.get(
-                "failed", 0
-            ) >= unique
+            return (
+                counts.get("processed", 0) + counts.get("ignored", 0) + counts.get("failed", 0)
+                >= unique
+            )
 
         finished = await harness.wait_for(drained, timeout=600, interval=0.2)
         applied = time.monotonic()
@@ -271,10 +270,19 @@ async def end_to_end(
             ["measure", "value"],
             [
                 ["acknowledged", f"{burst.rate:,.0f} events/s ({burst.rate / ref_rate:.2f}x ref)"],
-                ["ack p50/p95/p99 ms", f"{burst.p50_ms:.1f} / {burst.p95_ms:.1f} / {burst.p99_ms:.1f}"],
+                [
+                    "ack p50/p95/p99 ms",
+                    f"{burst.p50_ms:.1f} / {burst.p95_ms:.1f} / {burst.p99_ms:.1f}",
+                ],
                 ["backlog when the burst ended", f"{backlog} events pending"],
-                ["drained after the burst", f"{applied - acked:.1f} s" if finished else "NO (timeout)"],
-                ["stored and applied", f"{e2e_rate:,.0f} deliveries/s ({e2e_rate / ref_rate:.2f}x ref)"],
+                [
+                    "drained after the burst",
+                    f"{applied - acked:.1f} s" if finished else "NO (timeout)",
+                ],
+                [
+                    "stored and applied",
+                    f"{e2e_rate:,.0f} deliveries/s ({e2e_rate / ref_rate:.2f}x ref)",
+                ],
                 ["events by status", json.dumps(counts)],
                 ["not acknowledged 200", burst.non200 + burst.errors],
                 ["mirror as Stripe ends", "yes" if mirror == expected else f"NO: {mirror}"],

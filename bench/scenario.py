@@ -131,8 +131,10 @@ def _tick(fake: StripeFake) -> None:
 
 
 # Stripe ids made by the fake: a prefix and a random tail of 24 (8 for invoice prefixes).
-_STRIPE_ID = re.compile(r"\b((?:cus|cs_test|sub|si|in|inpay|pi|ch|txn|re|dp|evt|prod|li|il|pm)_)"
-                        r"([A-Za-z0-9]{24})\b")
+_STRIPE_ID = re.compile(
+    r"\b((?:cus|cs_test|sub|si|in|inpay|pi|ch|txn|re|dp|evt|prod|li|il|pm)_)"
+    r"([A-Za-z0-9]{24})\b"
+)
 _UUID = re.compile(r"\b([0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{8})[0-9a-f]{4}\b")
 
 
@@ -169,7 +171,9 @@ def build(fake: StripeFake, accounts: int, template_accounts: int = 25) -> Scena
     events_json = _templated(orjson.dumps(template.events).decode())
     objects_json = _templated(orjson.dumps(objects).decode())
     rows_json = _templated(
-        orjson.dumps([template.accounts, [[str(c[0]), *c[1:]] for c in template.checkouts]]).decode()
+        orjson.dumps(
+            [template.accounts, [[str(c[0]), *c[1:]] for c in template.checkouts]]
+        ).decode()
     )
     copies = -(-accounts // len(template.accounts))
     for copy_no in range(copies):  # the template's own objects stay unused in the fake
