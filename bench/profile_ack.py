@@ -57,6 +57,7 @@ async def main() -> None:
             )
             time.sleep(1)
             harness.write_deliveries(file, bodies)
+            started = time.monotonic()
             result = run_wrk(service.url, file, connections=64)
             print(f"{result.rate:,.0f} events/s p50 {result.p50_ms:.1f} p99 {result.p99_ms:.1f}")
             if workers:
@@ -68,6 +69,13 @@ async def main() -> None:
                     if left == 0:
                         break
                     await asyncio.sleep(0.5)
+                print(f"applied after {time.monotonic() - started:.1f} s")
+                print(
+                    await conn.fetch(
+                        "SELECT status, attempts, count(*), min(last_error) FROM stripe_events"
+                        " GROUP BY 1, 2 ORDER BY 1, 2"
+                    )
+                )
                 await conn.close()
             spy.send_signal(signal.SIGINT)
             spy.wait()

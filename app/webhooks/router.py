@@ -52,7 +52,7 @@ def parse_event(body: bytes, settings: Settings) -> IncomingEvent:
     except orjson.JSONDecodeError:
         raise InvalidWebhook("body is not JSON") from None
     try:
-        return incoming_event(event, livemode=settings.stripe_livemode)
+        return incoming_event(event, livemode=settings.stripe_livemode, raw=body)
     except ValueError as exc:
         raise InvalidWebhook(str(exc)) from None
 
