@@ -43,8 +43,8 @@ ACCOUNTS = int(os.environ.get("BENCH_API_ACCOUNTS", "100000"))
 LEDGER_PER_ACCOUNT = 10
 EVENTS = int(os.environ.get("BENCH_API_EVENTS", "1000000"))
 CONNECTIONS = int(os.environ.get("BENCH_API_CONNECTIONS", "16"))
-SECONDS = int(os.environ.get("BENCH_API_SECONDS", "15"))
-CHECKOUTS = int(os.environ.get("BENCH_API_CHECKOUTS", "300"))
+SECONDS = int(os.environ.get("BENCH_API_SECONDS", "12"))
+CHECKOUTS = int(os.environ.get("BENCH_API_CHECKOUTS", "200"))
 INGEST_EVENTS = int(os.environ.get("BENCH_API_INGEST", "100000"))
 APP_URL = "https://app.1msg.io"
 
@@ -270,7 +270,7 @@ async def main() -> None:
         print(f"seeded in {seeded:.0f} s: {json.dumps(counts)}", flush=True)
         summary["seed"] = {"seconds": seeded, "counts": counts}
         # events to ingest for the memory figure, built while nothing is measured
-        scenario = build(fake, -(-INGEST_EVENTS // 23))
+        scenario = build(fake, -(-INGEST_EVENTS // 22) + 25)  # 22 events per lifecycle
         stream = deliveries(scenario.events[:INGEST_EVENTS], 0.0, random.Random(5))
         bodies = [harness.event_body(e) for e in stream]
         print(f"built {len(bodies)} webhook deliveries; {time.monotonic() - started:.0f} s")
