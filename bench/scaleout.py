@@ -33,7 +33,7 @@ from bench.ingestion import count_status, expected_mirror, mirror_check
 from bench.scenario import build, deliveries
 from tests.stripe_fake import StripeFake
 
-ACCOUNTS = int(os.environ.get("BENCH_SCALEOUT_ACCOUNTS", "50"))
+ACCOUNTS = int(os.environ.get("BENCH_SCALEOUT_ACCOUNTS", "100"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 DUPLICATES = 0.10
 # set by the clock, not by the events: left out of the comparison (or compared as set / unset)
@@ -188,7 +188,7 @@ async def main() -> None:
     log.write_bytes(b"")
     print(f"machine: {harness.machine()}")
     print(
-        f"setup: {ACCOUNTS} lifecycles x 23 events, +{DUPLICATES:.0%} duplicates, shuffled; "
+        f"setup: {ACCOUNTS} lifecycles, +{DUPLICATES:.0%} duplicates, shuffled; "
         f"wrk, {CONNECTIONS} connections in all; background workers on",
         flush=True,
     )
