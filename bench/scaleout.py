@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import random
+import resource
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -91,6 +92,13 @@ async def snapshot(dsn: str) -> dict[str, tuple[int, str]]:
         await conn.close()
 
 
+def machine_ticks() -> tuple[int, int]:
+    """(busy, total) CPU ticks of the whole machine so far (/proc/stat)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]
+    return sum(values) - idle, sum(values)
+
+
 def cpu_time(pid: int) -> float:
     """User + system CPU seconds a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
@@ -123,6 +131,8 @@ async def run(
                 )
             )
         started = time.monotonic()
+        busy_before, total_before = machine_ticks()
+        own_before = resource.getrusage(resource.RUSAGE_SELF)
         with ThreadPoolExecutor(replicas) as pool:
             futures = [
                 pool.submit(run_wrk, server.url, file, connections=CONNECTIONS // replicas)
@@ -140,6 +150,12 @@ async def run(
         finished = await harness.wait_for(drained, seconds=600, interval=0.2)
         applied = time.monotonic()
         cpu_seconds = sum(cpu_time(server.process.pid) for server in running)
+        busy_after, total_after = machine_ticks()
+        own_after = resource.getrusage(resource.RUSAGE_SELF)
+    machine_busy = (busy_after - busy_before) / max(1, total_after - total_before)
+    fake_cpu = (own_after.ru_utime + own_after.ru_stime) - (
+        own_before.ru_utime + own_before.ru_stime
+    )
     counts = await count_status(dsn)
     conn = await asyncpg.connect(dsn)
     retried = await conn.fetchrow(
@@ -157,7 +173,8 @@ async def run(
         f"{'' if finished else ' (TIMEOUT)'}, {json.dumps(counts)}; "
         f"{retried['events']} events applied after a retry (max attempts "
         f"{retried['max_attempts']}); service CPU {cpu_seconds:.1f} s "
-        f"= {cpu_seconds / unique * 1000:.1f} ms per event stored and applied",
+        f"= {cpu_seconds / unique * 1000:.1f} ms per event stored and applied; "
+        f"Stripe fake (this process) CPU {fake_cpu:.1f} s; machine CPU busy {machine_busy:.0%}",
         flush=True,
     )
     return {
@@ -177,6 +194,8 @@ async def run(
         "snapshot": shot,
         "cpu_seconds": cpu_seconds,
         "cpu_ms_per_event": cpu_seconds / unique * 1000,
+        "fake_cpu_seconds": fake_cpu,
+        "machine_busy": machine_busy,
         "retried_events": retried["events"],
         "max_attempts": retried["max_attempts"],
     }
