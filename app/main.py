@@ -16,6 +16,7 @@ from app.errors import install_error_handlers
 from app.health.router import migration_head
 from app.health.router import router as health_router
 from app.observability import RequestContextMiddleware, configure_logging
+from app.openapi import BillingAPI
 from app.plans.router import router as plans_router
 from app.portal.router import router as portal_router
 from app.stripe_gateway import StripeGateway
@@ -64,7 +65,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
                 await app.state.stripe.close()
             await engine.dispose()
 
-    app = FastAPI(
+    app = BillingAPI(
         title="1msg billing service",
         version="0.1.0",
         description=(
