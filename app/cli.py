@@ -108,6 +108,22 @@ async def _portal_config(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _deliver_emails(args: argparse.Namespace) -> int:
+    from app.notifications.worker import EmailWorker, deliver_round
+
+    async with _runtime() as (settings, engine, _gateway):
+        factory = create_session_factory(engine)
+        if args.once:
+            result = await deliver_round(factory, settings)
+            print(
+                f"sent {len(result.sent)}, retrying {len(result.retrying)}, "
+                f"failed {len(result.failed)}, uncertain {len(result.uncertain)}"
+            )
+        else:
+            await EmailWorker(factory, settings).run()
+    return 0
+
+
 async def _process_events(_: argparse.Namespace) -> int:
     async with _runtime() as (settings, engine, gateway):
         processor = EventProcessor(create_session_factory(engine), settings, gateway)
@@ -157,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     work = commands.add_parser("process-events", help="run the event processor in the foreground")
     work.set_defaults(handler=_process_events, run_async=True)
+
+    deliver = commands.add_parser("deliver-emails", help="run the email delivery worker")
+    deliver.add_argument("--once", action="store_true", help="one round, then exit")
+    deliver.set_defaults(handler=_deliver_emails, run_async=True)
     return parser
 
 

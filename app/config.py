@@ -110,6 +110,21 @@ class Settings(BaseSettings):
     run_background_workers: bool = True
     past_due_keeps_access: bool = True
 
+    # Email delivery (app/notifications): the outbox worker's SMTP relay and retry policy.
+    smtp_host: str = "127.0.0.1"
+    smtp_port: int = Field(default=25, ge=1, le=65535)
+    smtp_username: str | None = None
+    smtp_password: SecretStr | None = None
+    smtp_tls: Literal["none", "starttls", "tls"] = "none"
+    smtp_timeout_seconds: float = Field(default=30.0, gt=0)
+    email_from: str = "1msg billing <billing@1msg.io>"
+    email_max_attempts: int = Field(default=8, ge=1, le=50)
+    email_retry_base_seconds: float = Field(default=30.0, gt=0)
+    email_retry_max_seconds: float = Field(default=3600.0, gt=0)
+    email_batch_size: int = Field(default=20, ge=1, le=500)
+    email_poll_seconds: float = Field(default=5.0, gt=0)
+    email_sending_stale_seconds: float = Field(default=900.0, gt=0)
+
     # --- checkout, portal and balance (app/checkout, app/portal, app/balance) ---------------
     top_up_limits: Annotated[dict[str, TopUpLimit], NoDecode] = {
         "usd": TopUpLimit(min=500, max=500000)
@@ -149,6 +164,16 @@ class Settings(BaseSettings):
     @classmethod
     def _lower_currency(cls, value: str) -> str:
         return value.lower()
+
+    @model_validator(mode="after")
+    def _stale_after_smtp_timeout(self) -> Settings:
+        # A row is declared stuck in `sending` only long after any live worker would have given
+        # up on its SMTP conversation (each SMTP step may take up to the timeout).
+        if self.email_sending_stale_seconds < 10 * self.smtp_timeout_seconds:
+            raise ValueError(
+                "EMAIL_SENDING_STALE_SECONDS must be at least 10 × SMTP_TIMEOUT_SECONDS"
+            )
+        return self
 
     @model_validator(mode="after")
     def _refuse_placeholder_secrets(self) -> Settings:

@@ -65,6 +65,14 @@ class Unprocessable(BillingError):
     status, code, title = 422, "validation_error", "Validation error"
 
 
+class MaintenanceTooLong(Unprocessable):
+    code, title = "maintenance_too_long", "Scheduled maintenance over the policy limit"
+
+
+class MaintenanceAlreadyCompleted(Conflict):
+    code, title = "maintenance_already_completed", "Maintenance window already completed"
+
+
 class RateLimited(BillingError):
     status, code, title = 429, "rate_limited", "Too many requests"
 

@@ -15,12 +15,15 @@ from app.db import create_engine, create_session_factory
 from app.errors import install_error_handlers
 from app.health.router import migration_head
 from app.health.router import router as health_router
+from app.maintenance.router import router as maintenance_router
+from app.notifications.worker import EmailWorker
 from app.observability import RequestContextMiddleware, configure_logging
 from app.openapi import BillingAPI
 from app.plans.router import router as plans_router
 from app.portal.router import router as portal_router
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.router import router as subscriptions_router
+from app.subscriptions.service import record_expired_access
 from app.webhooks.ingest import EventIngestor
 from app.webhooks.processor import EventProcessor, prune_payloads
 from app.webhooks.router import router as webhooks_router
@@ -48,6 +51,10 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         if settings.run_background_workers:
             workers.start("stripe-events", processor.run_forever())
             workers.start(
+                "expire-access",
+                every(60, lambda: record_expired_access(app.state.session_factory, settings)),
+            )
+            workers.start(
                 "prune-events",
                 every(
                     3600,
@@ -56,9 +63,13 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
                     ),
                 ),
             )
+        email_worker = EmailWorker(app.state.session_factory, settings)
+        if settings.run_background_workers:
+            email_worker.start()
         try:
             yield
         finally:
+            await email_worker.stop()
             await workers.stop()
             await ingestor.stop()
             if own_gateway:
@@ -95,6 +106,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     app.include_router(subscriptions_router)
     app.include_router(balance_router)
     app.include_router(webhooks_router)
+    app.include_router(maintenance_router)
     return app
 
 

@@ -207,6 +207,16 @@ class StripeGateway:
             lambda: self._v1.subscriptions.retrieve_async(subscription_id),
         )
 
+    async def update_subscription(
+        self, subscription_id: str, params: dict[str, Any], *, key: str
+    ) -> StripeObject:
+        return await self._call(
+            "subscriptions.update",
+            lambda: self._v1.subscriptions.update_async(
+                subscription_id, params, {"idempotency_key": key}
+            ),
+        )
+
     async def retrieve_balance_transaction(self, balance_transaction_id: str) -> StripeObject:
         return await self._call(
             "balance_transactions.retrieve",

@@ -9,6 +9,7 @@ from app.models.billing import (
     IdempotencyRecord,
     LedgerEntry,
 )
+from app.models.maintenance import MaintenanceExtension, MaintenanceWindow
 from app.models.notifications import OutboxEmail
 from app.models.portal import PortalSession
 from app.models.stripe_mirror import (
@@ -31,6 +32,8 @@ __all__ = [
     "IdempotencyRecord",
     "Invoice",
     "LedgerEntry",
+    "MaintenanceExtension",
+    "MaintenanceWindow",
     "OutboxEmail",
     "Payment",
     "PortalSession",

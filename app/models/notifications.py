@@ -13,7 +13,9 @@ from app.db import Base
 
 class OutboxEmail(Base):
     """One email to send. `dedupe_key` (e.g. `refund-reply:<response id>`) makes enqueueing
-    idempotent: the same notice is never queued, so never sent, twice."""
+    idempotent: the same notice is never queued, so never sent, twice. Delivery is at-most-once
+    (see app/notifications/worker.py): a row left in `sending` by a crashed worker is parked as
+    `failed` with `last_error` starting `delivery_uncertain`, never resent automatically."""
 
     __tablename__ = "outbox_emails"
 
@@ -28,6 +30,9 @@ class OutboxEmail(Base):
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
     last_error: Mapped[str | None] = mapped_column(Text)
     next_attempt_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    claimed_at: Mapped[datetime | None] = mapped_column(
+        comment="When a worker marked it `sending` (committed before the SMTP conversation)."
+    )
     sent_at: Mapped[datetime | None]
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 

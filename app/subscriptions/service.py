@@ -10,11 +10,11 @@ Writers wait only for the duration of one read.
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime
 
 from sqlalchemy import func, select, text
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.errors import ServiceUnavailable
@@ -145,3 +145,28 @@ async def list_access_changes(
             )
         ).all()
     )
+
+
+async def record_expired_access(
+    factory: async_sessionmaker[AsyncSession], settings: Settings, now: datetime | None = None
+) -> int:
+    """Access also ends by time alone (a period ends, an extension runs out) with no Stripe
+    event: append those changes to the feed. Run periodically by the background workers."""
+    now = now or datetime.now(UTC)
+    latest = (
+        select(AccessChange.channel_id, AccessChange.has_access, AccessChange.access_until)
+        .distinct(AccessChange.channel_id)
+        .order_by(AccessChange.channel_id, AccessChange.id.desc())
+        .subquery()
+    )
+    async with factory() as session, session.begin():
+        expired = (
+            await session.scalars(
+                select(latest.c.channel_id).where(
+                    latest.c.has_access.is_(True), latest.c.access_until <= now
+                )
+            )
+        ).all()
+        for channel_id in expired:
+            await record_access_change(session, channel_id, settings, now)
+    return len(expired)

@@ -26,7 +26,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 from sqlalchemy import func, select, update
@@ -54,6 +54,7 @@ from app.subscriptions.service import record_access_change
 log = structlog.get_logger()
 
 Json = dict[str, Any]
+MirrorRow = TypeVar("MirrorRow", Invoice, Payment, Refund, Dispute)
 
 
 @dataclass
@@ -164,23 +165,32 @@ async def record_first_payment(
     )
 
 
+async def locked_mirror_row(
+    session: AsyncSession, model: type[MirrorRow], stripe_id: str, **defaults: Any
+) -> MirrorRow:
+    """The mirror row for a Stripe object, created with `defaults` if missing, locked for
+    this transaction (creation races are decided by the unique `stripe_id`)."""
+    await session.execute(
+        insert(model)
+        .values(stripe_id=stripe_id, **defaults)
+        .on_conflict_do_nothing(index_elements=["stripe_id"])
+    )
+    row = await session.scalar(select(model).where(model.stripe_id == stripe_id).with_for_update())
+    assert row is not None
+    return row
+
+
 async def upsert_payment(session: AsyncSession, stripe_id: str, **values: Any) -> Payment:
     """Insert or merge a payment row; `None` values never overwrite what is known."""
     known = {key: value for key, value in values.items() if value is not None}
-    await session.execute(
-        insert(Payment)
-        .values(
-            stripe_id=stripe_id,
-            amount=known.get("amount", 0),
-            currency=known.get("currency", ""),
-            status=known.get("status", "pending"),
-        )
-        .on_conflict_do_nothing(index_elements=[Payment.stripe_id])
+    payment = await locked_mirror_row(
+        session,
+        Payment,
+        stripe_id,
+        amount=known.get("amount", 0),
+        currency=known.get("currency", ""),
+        status=known.get("status", "pending"),
     )
-    payment = await session.scalar(
-        select(Payment).where(Payment.stripe_id == stripe_id).with_for_update()
-    )
-    assert payment is not None
     for key, value in known.items():
         if key == "status":
             payment.status = rank_merge(PAYMENT_STATUS_ORDER, payment.status, value) or value
@@ -387,15 +397,9 @@ async def on_invoice(ctx: EventContext) -> None:
     )
     if account_id is not None:
         await ensure_account(ctx.session, account_id)
-    await ctx.session.execute(
-        insert(Invoice)
-        .values(stripe_id=obj["id"], currency=obj.get("currency") or "")
-        .on_conflict_do_nothing(index_elements=[Invoice.stripe_id])
+    invoice = await locked_mirror_row(
+        ctx.session, Invoice, obj["id"], currency=obj.get("currency") or ""
     )
-    invoice = await ctx.session.scalar(
-        select(Invoice).where(Invoice.stripe_id == obj["id"]).with_for_update()
-    )
-    assert invoice is not None
     invoice.account_id = invoice.account_id or account_id
     invoice.stripe_subscription_id = invoice.stripe_subscription_id or subscription_id
     invoice.status = rank_merge(INVOICE_STATUS_ORDER, invoice.status, obj.get("status"))
@@ -499,20 +503,14 @@ def fee_in_payment_currency(balance_transaction: Json, payment_currency: str) ->
 
 async def on_refund(ctx: EventContext) -> None:
     obj = ctx.object
-    await ctx.session.execute(
-        insert(Refund)
-        .values(
-            stripe_id=obj["id"],
-            amount=int(obj.get("amount") or 0),
-            currency=obj.get("currency") or "",
-            status=obj.get("status") or "pending",
-        )
-        .on_conflict_do_nothing(index_elements=[Refund.stripe_id])
+    refund = await locked_mirror_row(
+        ctx.session,
+        Refund,
+        obj["id"],
+        amount=int(obj.get("amount") or 0),
+        currency=obj.get("currency") or "",
+        status=obj.get("status") or "pending",
     )
-    refund = await ctx.session.scalar(
-        select(Refund).where(Refund.stripe_id == obj["id"]).with_for_update()
-    )
-    assert refund is not None
     refund.stripe_payment_intent_id = refund.stripe_payment_intent_id or ref(
         obj.get("payment_intent")
     )
@@ -533,21 +531,15 @@ async def on_dispute(ctx: EventContext) -> None:
             (Payment.stripe_id == payment_intent) | (Payment.stripe_charge_id == charge_id)
         )
     )
-    await ctx.session.execute(
-        insert(Dispute)
-        .values(
-            stripe_id=obj["id"],
-            stripe_charge_id=charge_id,
-            amount=int(obj.get("amount") or 0),
-            currency=obj.get("currency") or "",
-            status=obj.get("status") or "needs_response",
-        )
-        .on_conflict_do_nothing(index_elements=[Dispute.stripe_id])
+    dispute = await locked_mirror_row(
+        ctx.session,
+        Dispute,
+        obj["id"],
+        stripe_charge_id=charge_id,
+        amount=int(obj.get("amount") or 0),
+        currency=obj.get("currency") or "",
+        status=obj.get("status") or "needs_response",
     )
-    dispute = await ctx.session.scalar(
-        select(Dispute).where(Dispute.stripe_id == obj["id"]).with_for_update()
-    )
-    assert dispute is not None
     dispute.stripe_payment_intent_id = dispute.stripe_payment_intent_id or payment_intent
     dispute.account_id = dispute.account_id or (payment.account_id if payment else None)
     dispute.status = rank_merge(DISPUTE_STATUS_ORDER, dispute.status, obj.get("status")) or ""

@@ -1,0 +1,543 @@
+"""Maintenance windows (policy section 5): the three-business-day limit, client emails and the
+access extension, pushed to Stripe.
+
+Length. A window is half-open `[starts_at, ends_at)`; its length is the number of business days
+(weekends and `BUSINESS_HOLIDAYS_COUNTRY` holidays excluded) it touches in `BUSINESS_TIMEZONE`.
+Overlapping or adjoining windows are one suspension for the client, so the limit applies to the
+business days touched by the window together with every window overlapping or adjoining it
+(open windows by their planned end, completed ones by their actual end). A scheduled window
+that would make that more than 3 is refused (422 `maintenance_too_long`); an emergency one is
+recorded with `exceeds_policy_limit`. Completion recomputes both with the actual end: an overrun
+cannot be refused after the fact, so it is flagged.
+
+Completion (`complete_window`), idempotent:
+1. One transaction: the window gets its actual end; every subscription live during it (a live
+   status per app/subscriptions/access.py, and a period `[current_period_start, access_until)`
+   overlapping the window) gets one `maintenance_extensions` row (unique per window and
+   subscription) for the calendar days in `BUSINESS_TIMEZONE` the service was unavailable, less
+   the dates an overlapping window already credited to it; `subscriptions.extension_days` grows
+   by the same days, an `AccessChange` is appended, and one email per account is queued in the
+   outbox (`maintenance:<window>:<account>`). Repeating the completion finds the rows and adds
+   nothing.
+2. Stripe, per extension: `trial_end` = the new `access_until` with `proration_behavior=none`
+   (Stripe makes the subscription `trialing`, a live state, and the next invoice moves by the
+   same days, nothing is credited or charged for it), with the idempotency key
+   `billing:maintenance-extension:<row id>`; the target is fixed when the row is created, so a
+   retry sends the same request. Only `active` and `trialing` subscriptions are pushed
+   (`past_due` ones would have their unpaid invoice side-stepped; others have no next charge):
+   the rest are `skipped`. A refusal from Stripe (e.g. the subscription ended there, or a
+   `cancel_at` before the new date) marks the row `rejected`; either way the client keeps the
+   extension through `access_until` (the days stay outside Stripe's period).
+3. Stripe's answer is recorded in one transaction: the subscription's period end, trial end and
+   status as Stripe returned them, `extension_days_in_period += days`, row `applied`. From then
+   on Stripe's period end includes the days, so `access_until` does not count them twice, and
+   the webhook consumer's later overwrite of the period end with the same value changes nothing.
+   If Stripe is down the row stays `pending`; repeating the completion pushes it again with the
+   same key.
+
+A maintenance window never touches payments, invoices or refunds: it is never grounds for a
+refund (policy section 5) and the refund eligibility quote does not read it.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections import defaultdict
+from datetime import UTC, date, datetime, timedelta
+
+import structlog
+from sqlalchemy import func, or_, select, text
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.calendar import BusinessCalendar
+from app.config import Settings
+from app.errors import MaintenanceAlreadyCompleted, MaintenanceTooLong, NotFound, Unprocessable
+from app.maintenance.schemas import (
+    MaintenanceWindowComplete,
+    MaintenanceWindowCreate,
+    MaintenanceWindowList,
+    MaintenanceWindowOut,
+    StripeUpdates,
+)
+from app.models import (
+    Account,
+    MaintenanceExtension,
+    MaintenanceWindow,
+    OutboxEmail,
+    Subscription,
+)
+from app.notifications.outbox import enqueue_email
+from app.stripe_gateway import StripeGateway, StripeRequestRejected, idempotency_key
+from app.subscriptions.access import LIVE_STATUSES, access_until
+from app.subscriptions.service import record_access_change
+
+log = structlog.get_logger()
+
+POLICY_LIMIT_BUSINESS_DAYS = 3
+STRIPE_PUSHABLE = frozenset({"active", "trialing"})
+CLOCK_SKEW = timedelta(minutes=5)
+_LOCK = "billing:maintenance-windows"
+
+
+class MaintenanceWindowNotFound(NotFound):
+    code, title = "maintenance_window_not_found", "Maintenance window not found"
+
+
+def dedupe_key(window_id: uuid.UUID, account_id: str) -> str:
+    return f"maintenance:{window_id}:{account_id}"
+
+
+def _effective_end(window: MaintenanceWindow) -> datetime:
+    return window.ended_at if window.ended_at is not None else window.ends_at
+
+
+async def _serialize(session: AsyncSession) -> None:
+    """Window creation and completion run one at a time (the overlap rules read other windows)."""
+    await session.execute(text("SELECT pg_advisory_xact_lock(hashtext(:name))"), {"name": _LOCK})
+
+
+async def _suspension_business_days(
+    session: AsyncSession,
+    calendar: BusinessCalendar,
+    start: datetime,
+    end: datetime,
+    exclude: uuid.UUID | None,
+) -> int:
+    """Business days touched by [start, end) together with every window overlapping or
+    adjoining it, transitively (one continuous suspension)."""
+    windows = list((await session.execute(select(MaintenanceWindow))).scalars())
+    cluster_start, cluster_end = start, end
+    grown = True
+    members: set[uuid.UUID] = set()
+    while grown:
+        grown = False
+        for window in windows:
+            if window.id == exclude or window.id in members:
+                continue
+            w_end = _effective_end(window)
+            if window.starts_at <= cluster_end and w_end >= cluster_start:
+                members.add(window.id)
+                cluster_start = min(cluster_start, window.starts_at)
+                cluster_end = max(cluster_end, w_end)
+                grown = True
+    days: set[date] = set(calendar.local_dates_touched(start, end))
+    for window in windows:
+        if window.id in members:
+            days.update(calendar.local_dates_touched(window.starts_at, _effective_end(window)))
+    return sum(1 for day in days if calendar.is_business_day(day))
+
+
+async def create_window(
+    session: AsyncSession, settings: Settings, body: MaintenanceWindowCreate, actor: str
+) -> MaintenanceWindowOut:
+    await _serialize(session)
+    business_days = await _suspension_business_days(
+        session, settings.calendar, body.starts_at, body.ends_at, exclude=None
+    )
+    exceeds = business_days > POLICY_LIMIT_BUSINESS_DAYS
+    if exceeds and body.kind == "scheduled":
+        raise MaintenanceTooLong(
+            f"The suspension would touch {business_days} business days in "
+            f"{settings.business_timezone}; scheduled maintenance may last at most "
+            f"{POLICY_LIMIT_BUSINESS_DAYS}"
+        )
+    window = MaintenanceWindow(
+        kind=body.kind,
+        reason=body.reason,
+        status="open",
+        starts_at=body.starts_at,
+        ends_at=body.ends_at,
+        business_days=business_days,
+        exceeds_policy_limit=exceeds,
+        created_by=actor,
+    )
+    session.add(window)
+    await session.flush()
+    await session.refresh(window)
+    log.info(
+        "maintenance.window_created",
+        window_id=str(window.id),
+        kind=window.kind,
+        business_days=business_days,
+        exceeds_policy_limit=exceeds,
+    )
+    return await _out(session, window)
+
+
+async def get_window(session: AsyncSession, window_id: uuid.UUID) -> MaintenanceWindowOut:
+    window = await session.get(MaintenanceWindow, window_id)
+    if window is None:
+        raise MaintenanceWindowNotFound(f"No maintenance window {window_id}")
+    return await _out(session, window)
+
+
+async def list_windows(session: AsyncSession, limit: int = 100) -> MaintenanceWindowList:
+    windows = (
+        await session.execute(
+            select(MaintenanceWindow)
+            .order_by(MaintenanceWindow.starts_at.desc(), MaintenanceWindow.id)
+            .limit(limit)
+        )
+    ).scalars()
+    return MaintenanceWindowList(items=[await _out(session, window) for window in windows])
+
+
+async def _out(session: AsyncSession, window: MaintenanceWindow) -> MaintenanceWindowOut:
+    counts: dict[str, int] = {
+        stripe_status: count
+        for stripe_status, count in (
+            await session.execute(
+                select(MaintenanceExtension.stripe_status, func.count())
+                .where(MaintenanceExtension.window_id == window.id)
+                .group_by(MaintenanceExtension.stripe_status)
+            )
+        ).all()
+    }
+    notified = (
+        await session.execute(
+            select(func.count())
+            .select_from(OutboxEmail)
+            .where(OutboxEmail.dedupe_key.startswith(f"maintenance:{window.id}:", autoescape=True))
+        )
+    ).scalar_one()
+    return MaintenanceWindowOut(
+        id=window.id,
+        kind=window.kind,
+        reason=window.reason,
+        status=window.status,
+        starts_at=window.starts_at,
+        ends_at=window.ends_at,
+        ended_at=window.ended_at,
+        business_days=window.business_days,
+        exceeds_policy_limit=window.exceeds_policy_limit,
+        unavailable_days=window.unavailable_days,
+        created_by=window.created_by,
+        created_at=window.created_at,
+        completed_by=window.completed_by,
+        completed_at=window.completed_at,
+        subscriptions_extended=sum(counts.values()),
+        accounts_notified=notified,
+        stripe_updates=StripeUpdates(
+            applied=counts.get("applied", 0),
+            pending=counts.get("pending", 0),
+            rejected=counts.get("rejected", 0),
+            skipped=counts.get("skipped", 0),
+        ),
+    )
+
+
+def _live_during(
+    subscription: Subscription, start: datetime, end: datetime, settings: Settings
+) -> bool:
+    """A live status (as app/subscriptions/access.py counts it) and a paid period
+    `[current_period_start, access_until)` overlapping the half-open window."""
+    live = subscription.status in LIVE_STATUSES or (
+        settings.past_due_keeps_access and subscription.status == "past_due"
+    )
+    if not live:
+        return False
+    if subscription.access_revoked_at is not None and subscription.access_revoked_at <= start:
+        return False
+    until = access_until(subscription)
+    period_start = subscription.current_period_start or start
+    return until is not None and period_start < end and until > start
+
+
+async def complete_window(
+    session_factory: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    settings: Settings,
+    window_id: uuid.UUID,
+    body: MaintenanceWindowComplete,
+    actor: str,
+    *,
+    now: datetime | None = None,
+) -> MaintenanceWindowOut:
+    """Record the end, extend access and notify (one transaction), then push to Stripe."""
+    moment = now or datetime.now(UTC)
+    async with session_factory() as session, session.begin():
+        await _record_completion(session, settings, window_id, body.ended_at, actor, moment)
+    async with session_factory() as session:
+        pending = list(
+            (
+                await session.execute(
+                    select(MaintenanceExtension.subscription_id)
+                    .where(
+                        MaintenanceExtension.window_id == window_id,
+                        MaintenanceExtension.stripe_status == "pending",
+                    )
+                    .order_by(MaintenanceExtension.id)
+                )
+            ).scalars()
+        )
+    for subscription_id in pending:
+        await push_pending_extensions(session_factory, gateway, subscription_id)
+    async with session_factory() as session:
+        window = await session.get(MaintenanceWindow, window_id)
+        assert window is not None
+        return await _out(session, window)
+
+
+async def _record_completion(
+    session: AsyncSession,
+    settings: Settings,
+    window_id: uuid.UUID,
+    ended_at: datetime,
+    actor: str,
+    now: datetime,
+) -> None:
+    await _serialize(session)
+    window = await session.get(MaintenanceWindow, window_id, with_for_update=True)
+    if window is None:
+        raise MaintenanceWindowNotFound(f"No maintenance window {window_id}")
+    if window.status == "completed":
+        if window.ended_at != ended_at:
+            raise MaintenanceAlreadyCompleted(
+                f"The window was completed with ended_at {window.ended_at.isoformat()}"
+                if window.ended_at
+                else "The window was completed"
+            )
+        return  # idempotent repeat: the extensions exist; Stripe pushes are retried by caller
+    if ended_at <= window.starts_at:
+        raise Unprocessable("ended_at must be after the window's starts_at")
+    if ended_at > now + CLOCK_SKEW:
+        raise Unprocessable("ended_at is in the future; complete the window once it has ended")
+    calendar = settings.calendar
+    window.ended_at = ended_at
+    window.status = "completed"
+    window.completed_at = now
+    window.completed_by = actor
+    window.business_days = await _suspension_business_days(
+        session, calendar, window.starts_at, ended_at, exclude=window.id
+    )
+    window.exceeds_policy_limit = window.business_days > POLICY_LIMIT_BUSINESS_DAYS
+    window_dates = calendar.local_dates_touched(window.starts_at, ended_at)
+    window.unavailable_days = len(window_dates)
+
+    candidates = (
+        await session.execute(
+            select(Subscription)
+            .where(
+                Subscription.current_period_end.is_not(None),
+                or_(
+                    Subscription.access_revoked_at.is_(None),
+                    Subscription.access_revoked_at > window.starts_at,
+                ),
+            )
+            .order_by(Subscription.id)
+            .with_for_update()
+        )
+    ).scalars()
+    extended: dict[str, list[tuple[Subscription, int]]] = defaultdict(list)
+    for subscription in candidates:
+        if not _live_during(subscription, window.starts_at, ended_at, settings):
+            continue
+        days = await _extend(session, settings, window, subscription, window_dates, now)
+        extended[subscription.account_id].append((subscription, days))
+    await _notify(session, settings, window, extended)
+    log.info(
+        "maintenance.window_completed",
+        window_id=str(window.id),
+        unavailable_days=window.unavailable_days,
+        subscriptions=sum(len(v) for v in extended.values()),
+        exceeds_policy_limit=window.exceeds_policy_limit,
+    )
+
+
+async def _extend(
+    session: AsyncSession,
+    settings: Settings,
+    window: MaintenanceWindow,
+    subscription: Subscription,
+    window_dates: list[date],
+    now: datetime,
+) -> int:
+    credited = set(
+        (
+            await session.execute(
+                select(func.unnest(MaintenanceExtension.credited_dates)).where(
+                    MaintenanceExtension.subscription_id == subscription.id
+                )
+            )
+        ).scalars()
+    )
+    new_dates = [day for day in window_dates if day not in credited]
+    days = len(new_dates)
+    until_after = access_until(subscription)
+    if until_after is not None:
+        until_after += timedelta(days=days)
+    pushable = days > 0 and subscription.status in STRIPE_PUSHABLE
+    inserted = (
+        await session.execute(
+            insert(MaintenanceExtension)
+            .values(
+                window_id=window.id,
+                subscription_id=subscription.id,
+                account_id=subscription.account_id,
+                channel_id=subscription.channel_id,
+                days=days,
+                credited_dates=new_dates,
+                stripe_status="pending" if pushable else "skipped",
+                stripe_trial_end=until_after if pushable else None,
+            )
+            .on_conflict_do_nothing(
+                index_elements=[
+                    MaintenanceExtension.window_id,
+                    MaintenanceExtension.subscription_id,
+                ]
+            )
+            .returning(MaintenanceExtension.id)
+        )
+    ).scalar_one_or_none()
+    if inserted is None or days == 0:
+        return 0
+    subscription.extension_days += days
+    await session.flush()
+    await record_access_change(session, subscription.channel_id, settings, now)
+    return days
+
+
+def _local(calendar: BusinessCalendar, moment: datetime) -> str:
+    return moment.astimezone(calendar.zone).strftime("%Y-%m-%d %H:%M")
+
+
+async def _notify(
+    session: AsyncSession,
+    settings: Settings,
+    window: MaintenanceWindow,
+    extended: dict[str, list[tuple[Subscription, int]]],
+) -> None:
+    if not extended:
+        return
+    assert window.ended_at is not None
+    calendar = settings.calendar
+    accounts = {
+        account.id: account
+        for account in (
+            await session.execute(select(Account).where(Account.id.in_(list(extended))))
+        ).scalars()
+    }
+    zone = settings.business_timezone
+    start, end = _local(calendar, window.starts_at), _local(calendar, window.ended_at)
+    for account_id, items in sorted(extended.items()):
+        account = accounts.get(account_id)
+        if account is None or not account.email:
+            log.warning("maintenance.no_billing_contact", account_id=account_id)
+            continue
+        lines = []
+        for subscription, days in items:
+            until = access_until(subscription)
+            until_text = f", access now until {_local(calendar, until)}" if until else ""
+            lines.append(f"- channel {subscription.channel_id}: +{days} day(s){until_text}")
+        kind = "Scheduled maintenance" if window.kind == "scheduled" else "Emergency maintenance"
+        body = (
+            f"Hello,\n\n{kind} suspended the 1msg service from {start} to {end} ({zone}).\n"
+            f"Reason: {window.reason}\n\n"
+            "As set out in section 5 of our payments policy, the access period of your "
+            "subscriptions is extended by the calendar days on which the service was "
+            "unavailable, and your next charge moves by the same days:\n"
+            + "\n".join(lines)
+            + "\n\nThis work does not constitute a breach of the User Agreement and is not "
+            "grounds for a refund. Questions: finance@1msg.io\n\n1msg billing\n"
+        )
+        await enqueue_email(
+            session,
+            dedupe_key=dedupe_key(window.id, account_id),
+            to=account.email,
+            subject=f"1msg service maintenance {start} – {end} ({zone})",
+            body=body,
+        )
+
+
+async def push_pending_extensions(
+    session_factory: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    subscription_id: uuid.UUID,
+) -> None:
+    """Push the subscription's pending extensions to Stripe, oldest first (each target builds on
+    the previous); stops at the first Stripe outage, leaving the rest pending.
+
+    One pusher per subscription at a time (a transaction-level advisory lock, held across the
+    Stripe call): a concurrent completion finds the lock taken and leaves the push to its holder,
+    so Stripe receives each update once; the answer is recorded in that same transaction."""
+    while True:
+        async with session_factory() as session, session.begin():
+            locked = (
+                await session.execute(
+                    text("SELECT pg_try_advisory_xact_lock(hashtext(:name))"),
+                    {"name": f"billing:maintenance-push:{subscription_id}"},
+                )
+            ).scalar_one()
+            if not locked:
+                return
+            row = (
+                await session.execute(
+                    select(MaintenanceExtension, Subscription.stripe_id)
+                    .join(Subscription, Subscription.id == MaintenanceExtension.subscription_id)
+                    .where(
+                        MaintenanceExtension.subscription_id == subscription_id,
+                        MaintenanceExtension.stripe_status == "pending",
+                    )
+                    .order_by(MaintenanceExtension.id)
+                    .limit(1)
+                )
+            ).first()
+            if row is None:
+                return
+            extension, stripe_id = row
+            assert extension.stripe_trial_end is not None
+            params = {
+                "trial_end": int(extension.stripe_trial_end.timestamp()),
+                "proration_behavior": "none",
+            }
+            try:
+                answer = await gateway.update_subscription(
+                    stripe_id, params, key=idempotency_key("maintenance-extension", extension.id)
+                )
+            except StripeRequestRejected as exc:
+                extension.stripe_status = "rejected"
+                extension.last_error = str(exc)[:2000]
+                log.warning("maintenance.stripe_push_rejected", extension_id=extension.id)
+                continue
+            except Exception as exc:  # Stripe unavailable: stays pending for a retry
+                log.warning(
+                    "maintenance.stripe_push_failed",
+                    extension_id=extension.id,
+                    error_type=type(exc).__name__,
+                )
+                return
+            await _record_stripe_answer(session, extension, answer)
+
+
+def _timestamp(value: object) -> datetime | None:
+    return datetime.fromtimestamp(value, UTC) if isinstance(value, int) else None
+
+
+async def _record_stripe_answer(
+    session: AsyncSession, extension: MaintenanceExtension, answer: dict[str, object]
+) -> None:
+    """Stripe's period now includes the extension: record that and its period end together."""
+    items = answer.get("items")
+    ends = [
+        item.get("current_period_end")
+        for item in (items.get("data", []) if isinstance(items, dict) else [])
+        if isinstance(item, dict)
+    ]
+    period_end = _timestamp(max((end for end in ends if isinstance(end, int)), default=None))
+    subscription = await session.get(Subscription, extension.subscription_id, with_for_update=True)
+    assert subscription is not None
+    extension.stripe_status = "applied"
+    extension.included_in_period = True
+    extension.stripe_period_end = period_end
+    subscription.extension_days_in_period += extension.days
+    if period_end is not None:
+        subscription.current_period_end = period_end
+    subscription.trial_end = _timestamp(answer.get("trial_end"))
+    if isinstance(answer.get("status"), str):
+        subscription.status = str(answer["status"])
+    log.info(
+        "maintenance.stripe_extension_applied",
+        extension_id=extension.id,
+        period_end=period_end.isoformat() if period_end else None,
+    )

@@ -1,0 +1,201 @@
+"""Completing a maintenance window: access extension, Stripe update, client emails."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.config import Settings
+from app.main import create_app
+from app.models import AccessChange, OutboxEmail, Subscription
+from app.subscriptions.access import access_until
+from tests.conftest import Deliver, TokenFactory, bearer
+from tests.maintenance.conftest import LiveSubscription
+from tests.stripe_fake import StripeFake
+
+URL = "/v1/ops/maintenance-windows"
+Factory = async_sessionmaker[AsyncSession]
+PERIOD_END = datetime(2026, 3, 31, tzinfo=UTC)  # the fake's month from 1 March 00:00 UTC
+# 23:00 on 10 March → 01:00 on 11 March in Singapore: two calendar days there, one in UTC.
+ACROSS_MIDNIGHT = ("2026-03-10T15:00:00Z", "2026-03-10T17:00:00Z")
+
+
+@pytest.fixture
+def ops(token: TokenFactory) -> dict[str, str]:
+    return bearer(token(scope="ops", sub="ops-bob"))
+
+
+async def open_window(
+    client: httpx.AsyncClient, ops: dict[str, str], starts_at: str, ends_at: str, **kw: str
+) -> str:
+    body = {"starts_at": starts_at, "ends_at": ends_at, "kind": "scheduled", "reason": "Upgrade"}
+    response = await client.post(URL, json={**body, **kw}, headers=ops)
+    assert response.status_code == 201, response.text
+    window_id: str = response.json()["id"]
+    return window_id
+
+
+async def complete(
+    client: httpx.AsyncClient, ops: dict[str, str], window_id: str, ended_at: str
+) -> httpx.Response:
+    return await client.post(
+        f"{URL}/{window_id}/complete", json={"ended_at": ended_at}, headers=ops
+    )
+
+
+async def subscription(factory: Factory, channel_id: str) -> Subscription:
+    async with factory() as session:
+        return (
+            await session.execute(select(Subscription).where(Subscription.channel_id == channel_id))
+        ).scalar_one()
+
+
+def stripe_updates(stripe_fake: StripeFake, stripe_id: str) -> list[Any]:
+    return [
+        r
+        for r in stripe_fake.requests_to("POST", f"/v1/subscriptions/{stripe_id}")
+        if r.status == 200
+    ]
+
+
+async def test_completion_extends_live_subscriptions_once_and_pushes_stripe_once(
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    factory: Factory,
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+) -> None:
+    sub = await live_subscription("acc_a", "ch_a", email="a@client.example")
+    await live_subscription("acc_gone", "ch_gone", email="gone@client.example", canceled=True)
+    # A subscription whose paid period starts after the window is not extended.
+    await live_subscription(
+        "acc_late", "ch_late", email="late@client.example", start=datetime(2026, 3, 20, tzinfo=UTC)
+    )
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+
+    first = await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+
+    assert first.status_code == 200, first.text
+    body = first.json()
+    assert (body["status"], body["ended_at"], body["unavailable_days"]) == (
+        "completed",
+        "2026-03-10T15:00:00Z".replace("15", "17"),
+        2,
+    )
+    assert body["subscriptions_extended"] == 1 and body["accounts_notified"] == 1
+    assert body["stripe_updates"] == {"applied": 1, "pending": 0, "rejected": 0, "skipped": 0}
+    assert body["completed_by"] == "ops-bob"
+    # Stripe got trial_end = old period end + 2 days, proration none, keyed by our row id.
+    [update] = stripe_updates(stripe_fake, sub["id"])
+    new_end = PERIOD_END + timedelta(days=2)
+    assert update.params == {"trial_end": int(new_end.timestamp()), "proration_behavior": "none"}
+    assert update.idempotency_key and update.idempotency_key.startswith(
+        "billing:maintenance-extension:"
+    )
+    at_stripe = stripe_fake.get("subscription", sub["id"])
+    assert at_stripe["status"] == "trialing"
+    assert at_stripe["items"]["data"][0]["current_period_end"] == int(new_end.timestamp())
+
+    mirrored = await subscription(factory, "ch_a")
+    assert (mirrored.extension_days, mirrored.extension_days_in_period) == (2, 2)
+    assert mirrored.current_period_end == new_end
+    assert access_until(mirrored) == new_end
+    for other in ("ch_gone", "ch_late"):
+        assert (await subscription(factory, other)).extension_days == 0
+
+    # The client sees it at once.
+    listed = await client.get(f"{URL}/{window_id}", headers=ops)
+    assert listed.json()["stripe_updates"]["applied"] == 1
+
+    # Completing again (same end) changes nothing and calls Stripe no more.
+    again = await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+    assert again.status_code == 200
+    assert again.json()["subscriptions_extended"] == 1
+    assert len(stripe_updates(stripe_fake, sub["id"])) == 1
+    mirrored = await subscription(factory, "ch_a")
+    assert (mirrored.extension_days, mirrored.extension_days_in_period) == (2, 2)
+    async with factory() as session:
+        changes = list((await session.execute(select(AccessChange))).scalars())
+        emails = list((await session.execute(select(OutboxEmail))).scalars())
+    assert [(c.channel_id, c.access_until) for c in changes if c.channel_id == "ch_a"][-1] == (
+        "ch_a",
+        PERIOD_END + timedelta(days=2),
+    )
+    assert len([c for c in changes if c.access_until == PERIOD_END + timedelta(days=2)]) == 1
+    assert [e.dedupe_key for e in emails] == [f"maintenance:{window_id}:acc_a"]
+
+    # Another end for a completed window is a conflict.
+    conflict = await complete(client, ops, window_id, "2026-03-10T18:00:00Z")
+    assert (conflict.status_code, conflict.json()["code"]) == (409, "maintenance_already_completed")
+
+
+async def test_stripe_period_end_arriving_later_does_not_count_the_extension_twice(
+    deliver: Deliver,
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    factory: Factory,
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+) -> None:
+    sub = await live_subscription("acc_b", "ch_b", email="b@client.example")
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+    await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+    extended = PERIOD_END + timedelta(days=2)
+
+    # Stripe's event with the new period end reaches the webhook consumer (which overwrites the
+    # period and never the extension columns): nothing is counted twice.
+    updates = [e for e in stripe_fake.events if e["type"] == "customer.subscription.updated"]
+    await deliver(updates)
+    row = await subscription(factory, "ch_b")
+    assert (row.status, row.current_period_end) == ("trialing", extended)
+    assert access_until(row) == extended
+
+    # The trial ends and Stripe charges the next month from the moved date.
+    stripe_fake.set_time(extended.timestamp())
+    renewal = stripe_fake.renew_subscription(sub["id"])
+    await deliver(renewal)
+    after = await subscription(factory, "ch_b")
+    assert after.current_period_start == extended
+    assert after.status == "active"
+    assert access_until(after) == after.current_period_end
+    assert after.extension_days == 2
+
+
+@pytest.mark.parametrize(
+    ("timezone", "window", "days"),
+    [
+        ("Asia/Singapore", ACROSS_MIDNIGHT, 2),  # 23:00 → 01:00 local
+        ("UTC", ACROSS_MIDNIGHT, 1),  # 15:00 → 17:00 local
+        ("America/New_York", ("2026-03-10T03:30:00Z", "2026-03-10T04:30:00Z"), 2),  # 23:30 → 00:30
+        # Half-open: ending exactly at local midnight does not touch the next day.
+        ("Asia/Singapore", ("2026-03-10T08:00:00Z", "2026-03-10T16:00:00Z"), 1),
+        # Spanning a weekend: calendar days, not business days (Fri 09:00 → Mon 09:00 = 4).
+        ("Asia/Singapore", ("2026-03-13T01:00:00Z", "2026-03-16T01:00:00Z"), 4),
+    ],
+)
+async def test_extension_counts_calendar_days_touched_in_the_business_timezone(
+    settings: Settings,
+    token: TokenFactory,
+    live_subscription: LiveSubscription,
+    timezone: str,
+    window: tuple[str, str],
+    days: int,
+) -> None:
+    await live_subscription("acc_tz", "ch_tz", email="tz@client.example")
+    application = create_app(settings.model_copy(update={"business_timezone": timezone}))
+    async with application.router.lifespan_context(application):
+        transport = httpx.ASGITransport(app=application)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            factory = application.state.session_factory
+            ops = bearer(token(scope="ops"))
+            window_id = await open_window(http, ops, *window, kind="emergency")
+            response = await complete(http, ops, window_id, window[1])
+            assert response.json()["unavailable_days"] == days
+            row = await subscription(factory, "ch_tz")
+            assert row.extension_days == days
+            assert access_until(row) == PERIOD_END + timedelta(days=days)

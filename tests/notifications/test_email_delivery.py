@@ -1,0 +1,251 @@
+"""The email outbox worker against a real local SMTP server (aiosmtpd)."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from datetime import UTC, datetime, timedelta
+from email.message import EmailMessage
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.config import Settings
+from app.models import OutboxEmail
+from app.notifications.outbox import enqueue_email
+from app.notifications.worker import (
+    EMAILS_FAILED,
+    EMAILS_SENT,
+    SmtpMailer,
+    claim_next,
+    deliver_round,
+)
+from tests.notifications.smtp import SmtpServer
+
+Factory = async_sessionmaker[AsyncSession]
+
+
+@pytest.fixture
+def factory(app: FastAPI) -> Factory:
+    session_factory: Factory = app.state.session_factory
+    return session_factory
+
+
+async def queue(factory: Factory, key: str, to: str = "client@example.com", **kw: str) -> None:
+    async with factory() as session, session.begin():
+        await enqueue_email(
+            session,
+            dedupe_key=key,
+            to=to,
+            subject=kw.get("subject", f"Notice {key}"),
+            body=kw.get("body", f"Body of {key}\nSecond line, ünïcode."),
+        )
+
+
+async def rows(factory: Factory) -> dict[str, OutboxEmail]:
+    async with factory() as session:
+        found = (await session.execute(select(OutboxEmail))).scalars()
+        return {row.dedupe_key: row for row in found}
+
+
+def later(seconds: float) -> datetime:
+    return datetime.now(UTC) + timedelta(seconds=seconds)
+
+
+async def test_queued_email_is_delivered_once_with_headers_and_body(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    await queue(factory, "k1", subject="Your maintenance notice", body="Hello,\nline two ü")
+    sent_before = EMAILS_SENT._value.get()
+
+    first = await deliver_round(factory, smtp_settings)
+    second = await deliver_round(factory, smtp_settings, now=later(3600))
+
+    assert len(first.sent) == 1
+    assert second.handled == 0
+    assert len(smtp_server.messages) == 1
+    received = smtp_server.messages[0]
+    outbox_id = (await rows(factory))["k1"].id
+    assert received.rcpt_tos == ["client@example.com"]
+    assert received.mail_from == "billing@1msg.io"
+    assert received.message["To"] == "client@example.com"
+    assert received.message["From"] == "1msg billing <billing@1msg.io>"
+    assert received.message["Subject"] == "Your maintenance notice"
+    assert received.message["Message-ID"] == f"<outbox.{outbox_id}@1msg.io>"
+    assert received.message["Date"]
+    assert received.body.replace("\r\n", "\n").rstrip("\n") == "Hello,\nline two ü"
+    row = (await rows(factory))["k1"]
+    assert (row.status, row.attempts, row.sent_at is not None) == ("sent", 1, True)
+    assert EMAILS_SENT._value.get() == sent_before + 1
+
+
+async def test_enqueueing_the_same_dedupe_key_twice_sends_one_email(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    await queue(factory, "same")
+    await queue(factory, "same", body="another body")
+    await deliver_round(factory, smtp_settings)
+    assert len(smtp_server.messages) == 1
+
+
+async def test_smtp_down_is_retried_with_backoff_then_delivered(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    await queue(factory, "a")
+    await queue(factory, "b")
+    smtp_server.stop()
+    retry_before = EMAILS_FAILED.labels("retry")._value.get()
+
+    down = await deliver_round(factory, smtp_settings)
+
+    # The relay is unreachable: one attempt is spent, the round stops, nothing is lost.
+    assert len(down.retrying) == 1 and not down.sent
+    state = await rows(factory)
+    tried = next(row for row in state.values() if row.attempts == 1)
+    assert tried.status == "pending"
+    assert tried.last_error and "connect" in tried.last_error
+    base = smtp_settings.email_retry_base_seconds
+    assert tried.next_attempt_at >= tried.claimed_at + timedelta(seconds=base)  # type: ignore[operator]
+    assert EMAILS_FAILED.labels("retry")._value.get() == retry_before + 1
+
+    smtp_server.start()
+    # Before the backoff elapses only the untried message is due.
+    soon = await deliver_round(factory, smtp_settings, now=tried.claimed_at)
+    assert len(soon.sent) == 1
+    after = await deliver_round(factory, smtp_settings, now=later(base + 1))
+    assert len(after.sent) == 1
+    assert sorted(m.message["Subject"] for m in smtp_server.messages) == ["Notice a", "Notice b"]
+    assert {row.status for row in (await rows(factory)).values()} == {"sent"}
+
+
+async def test_backoff_doubles_and_the_email_is_parked_failed_after_max_attempts(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    settings = smtp_settings.model_copy(update={"email_max_attempts": 3})
+    await queue(factory, "doomed")
+    smtp_server.reply_to_data = "451 4.3.0 try again later"
+    moment = later(0)
+    delays = []
+    for _ in range(3):
+        await deliver_round(factory, settings, now=moment)
+        row = (await rows(factory))["doomed"]
+        if row.status == "pending":
+            delays.append(row.next_attempt_at - moment)
+            moment = row.next_attempt_at
+    assert delays == [timedelta(seconds=30), timedelta(seconds=60)]
+    row = (await rows(factory))["doomed"]
+    assert (row.status, row.attempts) == ("failed", 3)
+    assert row.last_error and "451" in row.last_error
+    smtp_server.reply_to_data = None
+    assert (await deliver_round(factory, settings, now=later(10**6))).handled == 0
+    assert smtp_server.messages == []
+
+
+async def test_permanent_refusal_parks_the_email_at_once(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    await queue(factory, "refused")
+    smtp_server.reply_to_data = "554 5.7.1 rejected"
+    result = await deliver_round(factory, smtp_settings)
+    assert len(result.failed) == 1
+    assert (await rows(factory))["refused"].status == "failed"
+
+
+class CrashAfterSend(BaseException):
+    """The worker process dies (not an ordinary error the round would handle)."""
+
+
+class CrashingMailer(SmtpMailer):
+    async def send(self, message: EmailMessage) -> None:
+        await super().send(message)
+        raise CrashAfterSend
+
+
+async def test_worker_crash_after_sending_never_sends_the_email_again(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    await queue(factory, "crash")
+    mailer = CrashingMailer(smtp_settings)
+    with pytest.raises(CrashAfterSend):
+        await deliver_round(factory, smtp_settings, mailer=mailer)
+    await mailer.close()
+    assert len(smtp_server.messages) == 1
+    assert (await rows(factory))["crash"].status == "sending"
+
+    # A restarted worker does not resend it; once stale it is parked as uncertain for a human.
+    assert (await deliver_round(factory, smtp_settings, now=later(60))).handled == 0
+    stale = later(smtp_settings.email_sending_stale_seconds + 1)
+    restarted = await deliver_round(factory, smtp_settings, now=stale)
+    assert len(restarted.uncertain) == 1 and not restarted.sent
+    row = (await rows(factory))["crash"]
+    assert row.status == "failed"
+    assert row.last_error and row.last_error.startswith("delivery_uncertain")
+    await deliver_round(factory, smtp_settings, now=later(10**6))
+    assert len(smtp_server.messages) == 1
+
+
+async def test_worker_crash_after_claiming_does_not_send_twice(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    await queue(factory, "claimed")
+    async with factory() as session, session.begin():
+        assert await claim_next(session, datetime.now(UTC)) is not None
+    # ...the worker dies here, before or during the SMTP conversation.
+    for seconds in (0, 60, smtp_settings.email_sending_stale_seconds + 1, 10**6):
+        await deliver_round(factory, smtp_settings, now=later(seconds))
+    assert smtp_server.messages == []
+    assert (await rows(factory))["claimed"].status == "failed"
+
+
+async def test_two_concurrent_workers_deliver_each_message_exactly_once(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    keys = [f"many-{n}" for n in range(24)]
+    for key in keys:
+        await queue(factory, key, to=f"{key}@example.com")
+
+    async def worker() -> int:
+        total = 0
+        while True:
+            result = await deliver_round(factory, smtp_settings, limit=3)
+            total += len(result.sent)
+            if result.handled == 0:
+                return total
+
+    counts = await asyncio.gather(worker(), worker())
+
+    assert sum(counts) == len(keys)
+    ids = [m.message["Message-ID"] for m in smtp_server.messages]
+    assert len(ids) == len(set(ids)) == len(keys)
+    assert sorted(to for m in smtp_server.messages for to in m.rcpt_tos) == sorted(
+        f"{key}@example.com" for key in keys
+    )
+    assert {row.attempts for row in (await rows(factory)).values()} == {1}
+
+
+async def test_message_id_is_stable_for_an_outbox_row() -> None:
+    from app.notifications.worker import message_id
+
+    outbox_id = uuid.uuid4()
+    assert message_id(outbox_id, "Billing <b@1msg.io>") == message_id(outbox_id, "b@1msg.io")
+    assert message_id(outbox_id, "b@1msg.io") == f"<outbox.{outbox_id}@1msg.io>"
+
+
+async def test_web_process_delivers_in_the_background_when_workers_are_enabled(
+    smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    from app.main import create_app
+
+    settings = smtp_settings.model_copy(
+        update={"run_background_workers": True, "email_poll_seconds": 0.05}
+    )
+    application = create_app(settings)
+    async with application.router.lifespan_context(application):
+        await queue(application.state.session_factory, "background")
+        for _ in range(400):  # wait for the worker, not for a duration
+            if smtp_server.messages:
+                break
+            await asyncio.sleep(0.025)
+    assert [m.message["Subject"] for m in smtp_server.messages] == ["Notice background"]
