@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = structlog.get_logger()
@@ -168,6 +169,28 @@ _HTTP_CODES = {
 }
 
 
+# SQLSTATE classes meaning "no usable connection": 08 connection exception, 57P operator
+# intervention (shutdown, crash recovery, starting up).
+_UNAVAILABLE_SQLSTATES = ("08", "57P")
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when `exc` means the database cannot be reached right now (connection refused or
+    lost, pool exhausted, server shutting down or starting), not that the request was wrong."""
+    if isinstance(exc, OSError | TimeoutError | sa_exc.TimeoutError):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated or isinstance(exc.orig, OSError | TimeoutError):
+            return True
+        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(
+            getattr(exc.orig, "__cause__", None), "sqlstate", None
+        )
+        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+        return isinstance(exc, sa_exc.InterfaceError)
+    return False
+
+
 def _jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return [
         {"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", ""))}
@@ -195,6 +218,22 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(
             exc.status_code, code, title, detail, headers=dict(exc.headers or {}) or None
         )
+
+    async def _infrastructure_error(_: Request, exc: Exception) -> JSONResponse:
+        if database_unavailable(exc):
+            log.warning("request.database_unavailable", error_type=type(exc).__name__)
+            return problem_response(
+                503,
+                ServiceUnavailable.code,
+                ServiceUnavailable.title,
+                "The database is unavailable; retry later",
+                headers={"Retry-After": "5"},
+            )
+        log.exception("request.unhandled_error", error_type=type(exc).__name__)
+        return problem_response(500, "internal_error", "Internal error", "Unexpected error")
+
+    for infrastructure in (OSError, TimeoutError, sa_exc.SQLAlchemyError):
+        app.add_exception_handler(infrastructure, _infrastructure_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -10,7 +10,8 @@ document is rewritten to match, for every route, including routes added later:
 - routes with a JSON request body also document 400 (`bad_request`, a body the JSON parser
   cannot read), and every POST/PUT/PATCH documents 413 (`payload_too_large`, over 1 MiB): the
   framework and the body-size limit answer these before the route runs;
-- routes behind a bearer token document 401 (`unauthorized`), which the auth dependency answers.
+- routes behind a bearer token document 401 (`unauthorized`), which the auth dependency
+  answers, and 503 (`service_unavailable`), answered while the database is unreachable.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ GENERIC = {
     "401": "Authentication required (`unauthorized`)",
     "413": "Request body too large (`payload_too_large`)",
     "422": "Validation error (`validation_error`)",
+    "503": "The database is unavailable (`service_unavailable`, with `Retry-After`)",
 }
 
 
@@ -50,6 +52,7 @@ def problem_details_in_openapi(document: dict[str, Any]) -> dict[str, Any]:
                 responses.setdefault("413", {"description": GENERIC["413"]})
             if operation.get("security"):
                 responses.setdefault("401", {"description": GENERIC["401"]})
+                responses.setdefault("503", {"description": GENERIC["503"]})
             for status, response in responses.items():
                 if not status.isdigit() or int(status) < 400:
                     continue

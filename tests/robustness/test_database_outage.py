@@ -1,7 +1,8 @@
 """The database stops (immediate shutdown: a crash) in the middle of a stream of signed Stripe
 events and comes back.
 
-While it is down the webhook answers 503 (never 500, never 2xx for an event it did not store)
+While it is down every route answers 503 `service_unavailable` (or what it answers without the
+database), never a 500. While it is down the webhook answers 503 (never 500, never 2xx for an event it did not store)
 and `/readyz` says not ready. After the restart, redelivering every event that was not
 acknowledged (as Stripe does) leaves every event stored once and applied once: the mirror ends
 exactly as after a clean in-order run. Runs on its own throwaway cluster, never the shared one.
@@ -18,9 +19,11 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.auth import mint_token
 from app.main import create_app
-from tests.conftest import WEBHOOK_SECRET, alembic, make_settings, plain_dsn
+from tests.conftest import WEBHOOK_SECRET, alembic, bearer, make_settings, plain_dsn
 from tests.robustness.cluster import ThrowawayCluster
+from tests.robustness.routes import admitted_principal, routes
 from tests.stripe_fake import StripeFake
 from tests.webhooks.lifecycle import Baseline, run_lifecycle, snapshot
 
@@ -62,6 +65,26 @@ async def stored_events(url: str) -> list[tuple[str, str, int]]:
         return [(r["stripe_id"], r["status"], r["attempts"]) for r in rows]
     finally:
         await conn.close()
+
+
+async def every_route_answers_without_a_server_error(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    """With the database down, each route (called by a caller it admits) answers 503
+    `service_unavailable` or what it answers without the database, never a 500."""
+    settings = app.state.settings
+    unavailable = 0
+    for route in routes(app):
+        claims = admitted_principal(route)
+        headers = bearer(mint_token(settings, sub="outage", **claims)) if claims else {}
+        kwargs: dict[str, Any] = {"json": {}} if route.has_body else {}
+        response = await client.request(route.method, route.path(), headers=headers, **kwargs)
+        assert response.status_code != 500, f"{route}: {response.text}"
+        assert str(response.status_code) in route.documented_statuses, f"{route}: {response.text}"
+        if response.status_code == 503:
+            assert response.json()["code"] == "service_unavailable"
+            unavailable += 1
+    assert unavailable >= 5
 
 
 async def test_a_database_crash_mid_stream_loses_and_doubles_nothing(
@@ -115,6 +138,7 @@ async def test_a_database_crash_mid_stream_loses_and_doubles_nothing(
         assert ready.status_code == 503, ready.text
         assert ready.json()["code"] == "service_unavailable"
         assert await post_event(client, stripe_fake, rest[-1]) == 503
+        await every_route_answers_without_a_server_error(app, client)
 
         await asyncio.to_thread(cluster.start)
         ready = await client.get("/readyz")
