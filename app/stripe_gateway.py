@@ -163,14 +163,20 @@ class StripeGateway:
     # --- billing portal --------------------------------------------------------------------
 
     async def create_portal_session(
-        self, *, customer: str, return_url: str, configuration: str | None = None
+        self,
+        *,
+        customer: str,
+        return_url: str,
+        configuration: str | None = None,
+        key: str | None = None,
     ) -> StripeObject:
         params: dict[str, Any] = {"customer": customer, "return_url": return_url}
         if configuration:
             params["configuration"] = configuration
+        options = {"idempotency_key": key} if key else {}
         return await self._call(
             "billing_portal.sessions.create",
-            lambda: self._v1.billing_portal.sessions.create_async(params),
+            lambda: self._v1.billing_portal.sessions.create_async(params, options),
         )
 
     async def create_portal_configuration(

@@ -65,6 +65,7 @@ async def create_portal_session(
             customer=customer,
             return_url=body.return_url,
             configuration=settings.stripe_portal_configuration_id,
+            key=idempotency_key("portal", row.id),
         )
     except BillingError:
         async with factory() as tx, tx.begin():
