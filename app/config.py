@@ -133,6 +133,15 @@ class Settings(BaseSettings):
     stripe_portal_configuration_id: str | None = None
     idempotency_wait_seconds: float = Field(default=10.0, ge=0)
 
+    # --- refunds and disputes (app/refunds, app/disputes) ---
+    # WABA number setup/hosting fee deducted from zero-usage refunds, per currency (minor units).
+    waba_setup_fees: Annotated[dict[str, int], NoDecode] = {"usd": 1500}
+    # Business days for the first reply and for the decision (policy section 4).
+    refund_first_response_business_days: int = Field(default=3, ge=1)
+    refund_decision_business_days: int = Field(default=14, ge=1)
+    # Whether a lost chargeback on a subscription payment ends that subscription's access at once.
+    dispute_lost_ends_access: bool = True
+
     @property
     def calendar(self) -> BusinessCalendar:
         return BusinessCalendar(self.business_timezone, self.business_holidays_country)
@@ -152,12 +161,21 @@ class Settings(BaseSettings):
     def _parse_plans(cls, value: object) -> object:
         return _json_value(value)
 
-    @field_validator("top_up_limits", mode="before")
+    @field_validator("top_up_limits", "waba_setup_fees", mode="before")
     @classmethod
-    def _parse_top_up_limits(cls, value: object) -> object:
-        value = _json_value(value)
-        if isinstance(value, dict):
-            return {str(k).lower(): v for k, v in value.items()}
+    def _parse_currency_map(cls, value: object) -> object:
+        """JSON objects keyed by currency; keys are lower-cased."""
+        parsed = _json_value(value)
+        if isinstance(parsed, dict):
+            return {str(k).lower(): v for k, v in parsed.items()}
+        return parsed
+
+    @field_validator("waba_setup_fees")
+    @classmethod
+    def _non_negative_fees(cls, value: dict[str, int]) -> dict[str, int]:
+        for currency, fee in value.items():
+            if len(currency) != 3 or fee < 0:
+                raise ValueError("WABA_SETUP_FEES maps 3-letter currencies to fees >= 0")
         return value
 
     @field_validator("default_currency")

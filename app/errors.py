@@ -133,6 +133,36 @@ class ActivityConflict(Conflict):
     code, title = "activity_conflict", "An activity with this id differs"
 
 
+# --- refunds and disputes ---
+
+
+class RefundRequestNotFound(NotFound):
+    code, title = "refund_request_not_found", "Refund request not found"
+
+
+class RequestAlreadyDecided(Conflict):
+    code, title = "request_already_decided", "The request already has a decision"
+
+
+class RequestNotReady(Conflict):
+    code, title = (
+        "request_needs_information",
+        "The request cannot be answered before it is identified",
+    )
+
+
+class PaymentDisputed(Conflict):
+    code, title = "payment_disputed", "The payment is under a chargeback and cannot be refunded"
+
+
+class RefundExceedsLimit(Unprocessable):
+    code, title = "refund_exceeds_limit", "The refund exceeds what may be refunded"
+
+
+class RefundInProgress(Conflict):
+    code, title = "refund_in_progress", "A refund for this request is already in progress"
+
+
 def problem_response(
     status: int,
     code: str,

@@ -7,11 +7,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.routing import APIRoute
 
 from app.balance.router import router as balance_router
 from app.checkout.router import router as checkout_router
 from app.config import Settings, get_settings
 from app.db import create_engine, create_session_factory
+from app.disputes.router import router as disputes_router
 from app.errors import install_error_handlers
 from app.health.router import migration_head
 from app.health.router import router as health_router
@@ -21,11 +23,13 @@ from app.observability import RequestContextMiddleware, configure_logging
 from app.openapi import BillingAPI
 from app.plans.router import router as plans_router
 from app.portal.router import router as portal_router
+from app.refunds.router import router as refunds_router
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.router import router as subscriptions_router
 from app.subscriptions.service import record_expired_access
 from app.webhooks.ingest import EventIngestor
 from app.webhooks.processor import EventProcessor, prune_payloads
+from app.webhooks.router import WebhookFastPath
 from app.webhooks.router import router as webhooks_router
 from app.workers import BackgroundWorkers, every
 
@@ -98,15 +102,23 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
         max_age=600,
     )
-    app.add_middleware(RequestContextMiddleware)
     app.include_router(health_router)
     app.include_router(plans_router)
     app.include_router(checkout_router)
     app.include_router(portal_router)
     app.include_router(subscriptions_router)
     app.include_router(balance_router)
+    app.include_router(refunds_router)
+    app.include_router(disputes_router)
     app.include_router(webhooks_router)
     app.include_router(maintenance_router)
+    webhook_route = next(
+        r
+        for r in webhooks_router.routes
+        if isinstance(r, APIRoute) and r.path == "/webhooks/stripe"
+    )
+    app.add_middleware(WebhookFastPath, route=webhook_route)
+    app.add_middleware(RequestContextMiddleware)
     return app
 
 

@@ -163,20 +163,14 @@ class StripeGateway:
     # --- billing portal --------------------------------------------------------------------
 
     async def create_portal_session(
-        self,
-        *,
-        customer: str,
-        return_url: str,
-        configuration: str | None = None,
-        key: str | None = None,
+        self, *, customer: str, return_url: str, key: str, configuration: str | None = None
     ) -> StripeObject:
         params: dict[str, Any] = {"customer": customer, "return_url": return_url}
         if configuration:
             params["configuration"] = configuration
-        options = {"idempotency_key": key} if key else {}
         return await self._call(
             "billing_portal.sessions.create",
-            lambda: self._v1.billing_portal.sessions.create_async(params, options),
+            lambda: self._v1.billing_portal.sessions.create_async(params, {"idempotency_key": key}),
         )
 
     async def create_portal_configuration(
@@ -222,6 +216,43 @@ class StripeGateway:
                 subscription_id, params, {"idempotency_key": key}
             ),
         )
+
+    # --- refunds ---------------------------------------------------------------------------
+
+    async def create_refund(
+        self,
+        *,
+        payment_intent: str,
+        amount: int,
+        metadata: dict[str, str],
+        key: str,
+    ) -> StripeObject:
+        params: dict[str, Any] = {
+            "payment_intent": payment_intent,
+            "amount": amount,
+            "reason": "requested_by_customer",
+            "metadata": metadata,
+        }
+        return await self._call(
+            "refunds.create",
+            lambda: self._v1.refunds.create_async(params, {"idempotency_key": key}),
+        )
+
+    async def cancel_subscription(self, subscription_id: str, *, key: str) -> StripeObject | None:
+        """Cancel now, without proration or a final invoice. None when Stripe says the
+        subscription is already gone (cancelled before), so repeating it is harmless."""
+        params: dict[str, Any] = {"prorate": False, "invoice_now": False}
+        try:
+            return await self._call(
+                "subscriptions.cancel",
+                lambda: self._v1.subscriptions.cancel_async(
+                    subscription_id, params, {"idempotency_key": key}
+                ),
+            )
+        except StripeRequestRejected as exc:
+            if exc.stripe_code == "resource_missing":
+                return None
+            raise
 
     async def retrieve_balance_transaction(self, balance_transaction_id: str) -> StripeObject:
         return await self._call(

@@ -13,6 +13,7 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.errors import Problem, ServiceUnavailable, error_responses
+from app.refunds.metrics import refresh_refund_metrics
 
 router = APIRouter(tags=["health"])
 
@@ -63,7 +64,8 @@ async def readyz(request: Request) -> Health:
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}, "description": "Prometheus text format"}},
 )
-async def metrics() -> Response:
+async def metrics(request: Request) -> Response:
+    await refresh_refund_metrics(request.app.state.session_factory)
     return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -12,6 +12,13 @@ from app.models.billing import (
 from app.models.maintenance import MaintenanceExtension, MaintenanceWindow
 from app.models.notifications import OutboxEmail
 from app.models.portal import PortalSession
+from app.models.refunds import (
+    DisputeEffect,
+    RefundExecution,
+    RefundRequest,
+    RefundRequestAudit,
+    RefundRequestResponse,
+)
 from app.models.stripe_mirror import (
     Dispute,
     Invoice,
@@ -29,6 +36,7 @@ __all__ = [
     "Channel",
     "CheckoutSession",
     "Dispute",
+    "DisputeEffect",
     "IdempotencyRecord",
     "Invoice",
     "LedgerEntry",
@@ -38,6 +46,10 @@ __all__ = [
     "Payment",
     "PortalSession",
     "Refund",
+    "RefundExecution",
+    "RefundRequest",
+    "RefundRequestAudit",
+    "RefundRequestResponse",
     "StripeEvent",
     "Subscription",
 ]

@@ -146,6 +146,7 @@ class Refund(Timestamped, Base):
     status: Mapped[str] = mapped_column(String(32))
     reason: Mapped[str | None] = mapped_column(String(64))
     metadata_: Mapped[dict[str, Any]] = mapped_column("metadata", JSONB, server_default="{}")
+    stripe_created: Mapped[datetime | None]
 
 
 class Dispute(Timestamped, Base):
@@ -165,3 +166,7 @@ class Dispute(Timestamped, Base):
     funds_withdrawn: Mapped[int] = mapped_column(BigInteger, server_default="0")
     funds_reinstated: Mapped[int] = mapped_column(BigInteger, server_default="0")
     access_ended: Mapped[bool] = mapped_column(server_default="false")
+    stripe_created: Mapped[datetime | None]
+    closed_at: Mapped[datetime | None] = mapped_column(
+        comment="`created` of the earliest event reporting it won or lost."
+    )

@@ -29,7 +29,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -109,7 +109,8 @@ CHECKOUT_STATUS_ORDER = ["pending", "failed", "open", "expired", "complete"]
 CHECKOUT_PAYMENT_ORDER = ["unpaid", "no_payment_required", "paid"]
 INVOICE_STATUS_ORDER = ["draft", "open", "uncollectible", "void", "paid"]
 PAYMENT_STATUS_ORDER = ["pending", "failed", "succeeded"]
-REFUND_STATUS_ORDER = ["pending", "requires_action", "canceled", "failed", "succeeded"]
+# A succeeded refund can still fail at the bank (refund.updated status=failed), never the reverse.
+REFUND_STATUS_ORDER = ["pending", "requires_action", "succeeded", "canceled", "failed"]
 DISPUTE_STATUS_ORDER = [
     "warning_needs_response",
     "warning_under_review",
@@ -296,6 +297,7 @@ async def _credit_balance(ctx: EventContext, row: CheckoutSession, obj: Json) ->
             status="succeeded",
             paid_at=ctx.created,
         )
+        await reapply_money_effects(ctx, select(Payment).where(Payment.stripe_id == payment_intent))
     await record_first_payment(ctx.session, row.account_id, ctx.created, currency)
 
 
@@ -358,6 +360,9 @@ async def on_subscription(ctx: EventContext) -> None:
     if status in LIVE_STATUSES:
         await fulfil_subscription_checkout(ctx, obj["id"], metadata)
     await record_access_change(ctx.session, channel_id, ctx.settings, ctx.now)
+    await reapply_money_effects(
+        ctx, select(Payment).where(Payment.stripe_subscription_id == obj["id"])
+    )
 
 
 async def fulfil_subscription_checkout(
@@ -420,6 +425,7 @@ async def on_invoice(ctx: EventContext) -> None:
             stripe_subscription_id=func.coalesce(Payment.stripe_subscription_id, subscription_id),
         )
     )
+    await reapply_money_effects(ctx, select(Payment).where(Payment.stripe_invoice_id == obj["id"]))
 
 
 async def on_invoice_payment(ctx: EventContext) -> None:
@@ -447,6 +453,7 @@ async def on_invoice_payment(ctx: EventContext) -> None:
     )
     if row.account_id and row.status == "succeeded":
         await record_first_payment(ctx.session, row.account_id, paid_at, row.currency)
+    await reapply_money_effects(ctx, select(Payment).where(Payment.id == row.id))
 
 
 async def on_charge(ctx: EventContext) -> None:
@@ -487,6 +494,7 @@ async def on_charge(ctx: EventContext) -> None:
             ctx.session, account_id, ts(obj.get("created")) or ctx.created, row.currency
         )
     await ctx.session.flush()
+    await reapply_money_effects(ctx, select(Payment).where(Payment.id == row.id))
 
 
 def fee_in_payment_currency(balance_transaction: Json, payment_currency: str) -> int:
@@ -518,8 +526,9 @@ async def on_refund(ctx: EventContext) -> None:
     refund.status = rank_merge(REFUND_STATUS_ORDER, refund.status, obj.get("status")) or "pending"
     refund.reason = obj.get("reason") or refund.reason
     refund.metadata_ = {**refund.metadata_, **(obj.get("metadata") or {})}
+    refund.stripe_created = refund.stripe_created or ts(obj.get("created"))
     await ctx.session.flush()
-    await on_refund_mirrored(ctx.session, refund, ctx.settings, ctx.stripe)
+    await apply_refund_effects(ctx, refund)
 
 
 async def on_dispute(ctx: EventContext) -> None:
@@ -547,10 +556,53 @@ async def on_dispute(ctx: EventContext) -> None:
     withdrawn, reinstated = _dispute_funds(obj)
     dispute.funds_withdrawn = max(dispute.funds_withdrawn, withdrawn)
     dispute.funds_reinstated = max(dispute.funds_reinstated, reinstated)
+    dispute.stripe_created = dispute.stripe_created or ts(obj.get("created"))
+    if obj.get("status") in ("won", "lost"):
+        dispute.closed_at = min(dispute.closed_at or ctx.created, ctx.created)
     if payment is not None:
         payment.disputed = True
     await ctx.session.flush()
-    await on_dispute_mirrored(ctx.session, dispute, ctx.type, ctx.settings)
+    await apply_dispute_effects(ctx, dispute)
+
+
+async def apply_refund_effects(ctx: EventContext, refund: Refund) -> None:
+    """Dated by Stripe's refund time, so every delivery order dates the effect alike."""
+    await on_refund_mirrored(
+        ctx.session,
+        refund,
+        ctx.settings,
+        ctx.stripe,
+        occurred_at=refund.stripe_created or ctx.created,
+    )
+
+
+async def apply_dispute_effects(ctx: EventContext, dispute: Dispute) -> None:
+    """Dated by the dispute's closing (or creation) at Stripe, whatever the delivery order."""
+    await on_dispute_mirrored(
+        ctx.session,
+        dispute,
+        ctx.type,
+        ctx.settings,
+        occurred_at=dispute.closed_at or dispute.stripe_created or ctx.created,
+    )
+
+
+async def reapply_money_effects(ctx: EventContext, payments: Select[Payment]) -> None:
+    """Refund and dispute effects depend on what is known about their payment (account,
+    purpose, subscription). When an event teaches us more about payments, the effects of
+    their refunds and disputes mirrored earlier are applied again; they are idempotent, so
+    whichever event arrives last completes them."""
+    for payment in (await ctx.session.scalars(payments)).all():
+        refunds = await ctx.session.scalars(
+            select(Refund).where(Refund.stripe_payment_intent_id == payment.stripe_id)
+        )
+        for refund in refunds.all():
+            await apply_refund_effects(ctx, refund)
+        about_payment = Dispute.stripe_payment_intent_id == payment.stripe_id
+        if payment.stripe_charge_id is not None:
+            about_payment = about_payment | (Dispute.stripe_charge_id == payment.stripe_charge_id)
+        for dispute in (await ctx.session.scalars(select(Dispute).where(about_payment))).all():
+            await apply_dispute_effects(ctx, dispute)
 
 
 def _dispute_funds(dispute: Json) -> tuple[int, int]:

@@ -2,7 +2,7 @@
 
 Each delivery hands its event to the `EventIngestor` and waits; a few flusher tasks take
 whatever has queued up, insert it in one `INSERT ... ON CONFLICT (stripe_id) DO NOTHING
-RETURNING` and commit, then answer every waiting delivery. A delivery is acknowledged only after
+RETURNING` (one autocommit statement over arrays), then answer every waiting delivery. A delivery is acknowledged only after
 that commit (group commit: one fsync serves many events), and the database, not a prior read,
 decides what is a duplicate. If the insert fails, every delivery in the batch gets the error
 and answers 503, so Stripe retries.
@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import structlog
-from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.models import StripeEvent
 from app.webhooks.handlers import HANDLED_EVENT_TYPES
 
 log = structlog.get_logger()
@@ -35,9 +34,10 @@ class IncomingEvent:
     livemode: bool
     payload: dict[str, Any]
     status: str  # "pending" for types we apply, "ignored" for the rest
+    raw: bytes | None = None  # the body as delivered (stored as is, no re-serialising)
 
 
-def incoming_event(event: Any, *, livemode: bool) -> IncomingEvent:
+def incoming_event(event: Any, *, livemode: bool, raw: bytes | None = None) -> IncomingEvent:
     """Check the envelope of a verified event; ValueError says what is wrong with it."""
     if not isinstance(event, dict) or event.get("object") != "event":
         raise ValueError("body is not a Stripe event")
@@ -67,31 +67,43 @@ def incoming_event(event: Any, *, livemode: bool) -> IncomingEvent:
         livemode=livemode,
         payload=event,
         status="pending" if event_type in HANDLED_EVENT_TYPES else "ignored",
+        raw=raw,
     )
+
+
+# One statement for the whole batch: eight arrays, whatever the number of events (a multi-row
+# VALUES through the ORM costs per row and re-serialises every payload).
+INSERT_EVENTS = """
+INSERT INTO stripe_events
+    (stripe_id, type, api_version, object_id, stripe_created, livemode, payload, status)
+SELECT e.stripe_id, e.type, e.api_version, e.object_id, e.stripe_created, e.livemode,
+       e.payload::jsonb, e.status
+FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::timestamptz[],
+            $6::boolean[], $7::text[], $8::varchar[])
+    AS e(stripe_id, type, api_version, object_id, stripe_created, livemode, payload, status)
+ON CONFLICT (stripe_id) DO NOTHING
+RETURNING stripe_id
+"""
 
 
 async def insert_events(connection: AsyncConnection, events: list[IncomingEvent]) -> set[str]:
     """Insert events, skipping stored ones; returns the ids that were new."""
-    rows = [
-        {
-            "stripe_id": e.stripe_id,
-            "type": e.type,
-            "api_version": e.api_version,
-            "object_id": e.object_id,
-            "stripe_created": e.stripe_created,
-            "livemode": e.livemode,
-            "payload": e.payload,
-            "status": e.status,
-        }
-        for e in events
-    ]
-    statement = (
-        pg_insert(StripeEvent)
-        .on_conflict_do_nothing(index_elements=[StripeEvent.stripe_id])
-        .returning(StripeEvent.stripe_id)
-    )
-    result = await connection.execute(statement, rows)
-    return set(result.scalars().all())
+    columns: tuple[list[Any], ...] = tuple([] for _ in range(8))
+    for e in events:
+        values = (
+            e.stripe_id,
+            e.type,
+            e.api_version,
+            e.object_id,
+            e.stripe_created,
+            e.livemode,
+            (e.raw or orjson.dumps(e.payload)).decode(),
+            e.status,
+        )
+        for column, value in zip(columns, values, strict=True):
+            column.append(value)
+    result = await connection.exec_driver_sql(INSERT_EVENTS, columns)
+    return {row[0] for row in result}
 
 
 class EventIngestor:
@@ -123,28 +135,47 @@ class EventIngestor:
         return await future
 
     async def _flush_forever(self) -> None:
-        while True:
-            batch = [await self._queue.get()]
-            while len(batch) < self._max_batch and not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            try:
-                inserted = await self._insert([event for event, _ in batch])
-            except Exception as exc:
-                log.warning(
-                    "webhook.store_failed", events=len(batch), error_type=type(exc).__name__
-                )
-                for _, future in batch:
+        # Each flusher keeps one connection in autocommit: a batch is one statement, one round
+        # trip and one WAL flush (no pool checkout and ping, BEGIN or COMMIT per batch). A
+        # connection that failed is dropped and a new one taken for the next batch.
+        connection: AsyncConnection | None = None
+        try:
+            while True:
+                batch = [await self._queue.get()]
+                while len(batch) < self._max_batch and not self._queue.empty():
+                    batch.append(self._queue.get_nowait())
+                try:
+                    if connection is None:
+                        connection = await self._engine.connect()
+                        await connection.execution_options(isolation_level="AUTOCOMMIT")
+                    inserted = await insert_events(connection, [event for event, _ in batch])
+                    await connection.commit()
+                except Exception as exc:
+                    log.warning(
+                        "webhook.store_failed", events=len(batch), error_type=type(exc).__name__
+                    )
+                    for _, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    if connection is not None:
+                        await _discard(connection)
+                        connection = None
+                    continue
+                for event, future in batch:
+                    is_new = event.stripe_id in inserted
+                    inserted.discard(event.stripe_id)  # a second copy in one batch is a duplicate
                     if not future.done():
-                        future.set_exception(exc)
-                continue
-            for event, future in batch:
-                is_new = event.stripe_id in inserted
-                inserted.discard(event.stripe_id)  # a second copy in the same batch is a duplicate
-                if not future.done():
-                    future.set_result(is_new)
-            for callback in self.on_stored:
-                callback()
+                        future.set_result(is_new)
+                for callback in self.on_stored:
+                    callback()
+        finally:
+            if connection is not None:
+                await _discard(connection)
 
-    async def _insert(self, events: list[IncomingEvent]) -> set[str]:
-        async with self._engine.begin() as connection:
-            return await insert_events(connection, events)
+
+async def _discard(connection: AsyncConnection) -> None:
+    try:
+        await connection.invalidate()
+        await connection.close()
+    except Exception as exc:  # already broken: nothing more to release
+        log.debug("webhook.connection_discard_failed", error_type=type(exc).__name__)

@@ -41,6 +41,15 @@ def backoff(attempts: int) -> timedelta:
     return timedelta(seconds=min(BACKOFF_CAP_SECONDS, 2 ** max(0, attempts - 1) * 5))
 
 
+LOCK_CONFLICT_SQLSTATES = frozenset({"40P01", "40001", "55P03"})  # deadlock, serialization, lock
+
+
+def is_lock_conflict(exc: BaseException) -> bool:
+    """A deadlock or serialization failure reported by Postgres (SQLAlchemy keeps the
+    driver's error, with its SQLSTATE, as `orig`)."""
+    return getattr(getattr(exc, "orig", None), "sqlstate", None) in LOCK_CONFLICT_SQLSTATES
+
+
 async def replay_event(session: AsyncSession, row: StripeEvent) -> None:
     row.status = "pending"
     row.attempts = 0
@@ -167,7 +176,11 @@ class EventProcessor:
     def _record_failure(self, row: StripeEvent, exc: Exception, now: datetime) -> None:
         metrics.FAILED.labels(row.type).inc()
         row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
-        if row.attempts >= MAX_ATTEMPTS:
+        if is_lock_conflict(exc) and row.attempts < MAX_ATTEMPTS:
+            # Two events touching the same rows in opposite orders: Postgres broke the
+            # deadlock by failing this one. Its work was rolled back; take it again at once.
+            row.next_attempt_at = now
+        elif row.attempts >= MAX_ATTEMPTS:
             row.status = "failed"
             row.next_attempt_at = None
         else:

@@ -157,6 +157,9 @@ async def test_portal_opens_after_the_first_payment_and_uses_the_accounts_custom
     [customer] = stripe_fake.all("customer")
     assert portal["customer"] == customer["id"]
     assert portal["return_url"] == body["return_url"]
+    [sent] = [r for r in stripe_fake.requests_to("POST", "/v1/billing_portal/sessions")]
+    assert sent.idempotency_key is not None
+    assert sent.idempotency_key.startswith("billing:portal:")
 
     bad = await client.post(
         "/v1/accounts/acc_1/portal-sessions",

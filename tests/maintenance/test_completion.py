@@ -199,3 +199,39 @@ async def test_extension_counts_calendar_days_touched_in_the_business_timezone(
             row = await subscription(factory, "ch_tz")
             assert row.extension_days == days
             assert access_until(row) == PERIOD_END + timedelta(days=days)
+
+
+async def test_a_maintenance_window_never_changes_the_refund_eligibility_quote(
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """Policy section 5: maintenance is not grounds for a refund. The quote for the paid
+    period is the same before the window, after its completion extended access, and after
+    Stripe's events about the pushed period end arrived."""
+    sub = await live_subscription("acc_q", "ch_q", email="q@client.example")
+    charge = next(c for c in stripe_fake.all("charge") if c["customer"] == sub["customer"])
+    await deliver(stripe_fake.settle_charge(charge["id"], fee=143))
+    client_token = bearer(token(account_id="acc_q"))
+
+    async def quote() -> dict[str, Any]:
+        response = await client.get("/v1/accounts/acc_q/refund-eligibility", headers=client_token)
+        assert response.status_code == 200, response.text
+        body: dict[str, Any] = response.json()
+        return body
+
+    before = await quote()
+    assert len(before["quotes"]) == 1
+    assert before["quotes"][0]["processing_fee"] == 143
+    seen = len(stripe_fake.events)
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+    completed = await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+    assert completed.json()["subscriptions_extended"] == 1
+    assert await quote() == before
+    pushed = [dict(e) for e in stripe_fake.events[seen:]]
+    assert [e["type"] for e in pushed] == ["customer.subscription.updated"]
+    await deliver(pushed)
+    assert await quote() == before

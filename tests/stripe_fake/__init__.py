@@ -1,4 +1,8 @@
-"""A Stripe fake: real HTTP server + in-memory Stripe validated against the OpenAPI spec."""
+"""A Stripe fake: real HTTP server + in-memory Stripe validated against the OpenAPI spec.
+
+``simulator.py`` runs the same fake as the local Stripe simulator of ``bin/dev serve``
+(webhook delivery in ``delivery.py``, Checkout/Portal/controls pages in ``pages.py``).
+"""
 
 from .api import StripeSimulator
 from .openapi import (

@@ -680,6 +680,125 @@ class StripeSimulation(StripeState):
             self._emit("checkout.session.expired", session, {"status": "open"}, ctx=ctx)
             return self.events_since(start)
 
+    def decline_checkout(
+        self, session_id: str, *, authentication_required: bool = False
+    ) -> list[Json]:
+        """The customer's card is declined on the hosted Checkout page; the session stays open.
+
+        A plain decline emits ``payment_intent.created``, ``charge.failed`` and
+        ``payment_intent.payment_failed``. With ``authentication_required`` the bank asks for
+        3-D Secure and the customer fails it: ``payment_intent.created``,
+        ``payment_intent.requires_action``, ``payment_intent.payment_failed`` (no charge).
+        In subscription mode nothing else is created: Checkout only creates the subscription
+        once a payment succeeds.
+        """
+        with self._lock:
+            start = len(self.events)
+            session = self.get("checkout.session", session_id)
+            if session["status"] != "open":
+                raise StripeError(400, f"Checkout session {session_id} is {session['status']}")
+            extra = self._session_extra.get(session_id, {})
+            metadata = (extra.get("payment_intent_data") or {}).get("metadata") or {}
+            if session["mode"] == "subscription":
+                metadata = {}
+            pi = self._build_payment_intent(
+                amount=int(session.get("amount_total") or 0),
+                currency=session["currency"] or "usd",
+                customer=session.get("customer"),
+                metadata=metadata,
+                status="requires_payment_method",
+            )
+            self._emit("payment_intent.created", pi)
+            if authentication_required:
+                pi["status"] = "requires_action"
+                pi["next_action"] = {
+                    "type": "use_stripe_sdk",
+                    "use_stripe_sdk": {"type": "three_d_secure_redirect"},
+                }
+                self._emit("payment_intent.requires_action", pi)
+                pi.update(
+                    {
+                        "status": "requires_payment_method",
+                        "next_action": None,
+                        "last_payment_error": {
+                            "type": "invalid_request_error",
+                            "code": "payment_intent_authentication_failure",
+                            "message": "The provided PaymentMethod has failed authentication. "
+                            "You can provide payment_method_data or a new PaymentMethod to "
+                            "attempt to fulfill this PaymentIntent again.",
+                        },
+                    }
+                )
+            else:
+                ch = self._build_charge(pi, status="failed")
+                pi["last_payment_error"] = {
+                    "type": "card_error",
+                    "code": "card_declined",
+                    "decline_code": "generic_decline",
+                    "message": "Your card was declined.",
+                    "charge": ch["id"],
+                }
+                self._emit("charge.failed", ch)
+            self._emit("payment_intent.payment_failed", pi)
+            return self.events_since(start)
+
+    def attach_payment_method(self, customer_id: str, *, last4: str = "4242") -> list[Json]:
+        """The customer saves a new card (Customer Portal): it becomes the invoice default.
+
+        Emits ``payment_method.attached`` then ``customer.updated``.
+        """
+        with self._lock:
+            start = len(self.events)
+            cust = self.get("customer", customer_id)
+            pm = self._new("payment_method", customer=customer_id, metadata={})
+            pm["card"]["last4"] = last4
+            pm["billing_details"]["email"] = cust.get("email")
+            self._store(normalize(pm))
+            self._emit("payment_method.attached", pm)
+            previous = {"invoice_settings": copy.deepcopy(cust["invoice_settings"])}
+            cust["invoice_settings"]["default_payment_method"] = pm["id"]
+            self._emit("customer.updated", cust, previous)
+            return self.events_since(start)
+
+    def pay_invoice(self, invoice_id: str) -> list[Json]:
+        """An open invoice (e.g. a failed renewal) is paid now with the customer's card.
+
+        Emits ``charge.succeeded``, ``invoice_payment.paid``, ``invoice.paid`` and, when the
+        subscription was ``past_due``/``unpaid``, ``customer.subscription.updated`` (active).
+        """
+        with self._lock:
+            start = len(self.events)
+            inv = self.get("invoice", invoice_id)
+            if inv["status"] != "open":
+                raise StripeError(400, f"Invoice is already {inv['status']}.", param="invoice")
+            ip = next(
+                (
+                    p
+                    for p in self.objects.get("invoice_payment", {}).values()
+                    if p["invoice"] == inv["id"]
+                ),
+                None,
+            )
+            if ip is None:
+                pi = self._build_payment_intent(
+                    amount=inv["amount_due"],
+                    currency=inv["currency"],
+                    customer=inv["customer"],
+                    status="processing",
+                )
+                ip = self._build_invoice_payment(inv, pi)
+            else:
+                pi = self.get("payment_intent", ip["payment"]["payment_intent"])
+            ch = self._build_charge(pi, status="pending")
+            self._pay_invoice(inv, pi, ip, ch)
+            parent = (inv.get("parent") or {}).get("subscription_details") or {}
+            sub = self.find(parent.get("subscription") or "")
+            if sub is not None and sub["status"] in {"past_due", "unpaid"}:
+                prev = {"status": sub["status"]}
+                sub["status"] = "active"
+                self._emit("customer.subscription.updated", sub, prev)
+            return self.events_since(start)
+
     # ------------------------------------------------------------------ balance
 
     def _balance_transaction(

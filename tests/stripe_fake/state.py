@@ -37,6 +37,7 @@ PREFIXES: dict[str, str] = {
     "price": "price_",
     "product": "prod_",
     "line_item": "li_",
+    "payment_method": "pm_",
     "invoice_line_item": "il_",
 }
 

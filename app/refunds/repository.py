@@ -1,0 +1,357 @@
+"""Queries for refunds, refund requests and the facts eligibility depends on."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from datetime import date, datetime
+from typing import Any
+
+from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from app.models import (
+    Account,
+    Activity,
+    Invoice,
+    LedgerEntry,
+    Payment,
+    Refund,
+    RefundExecution,
+    RefundRequest,
+    RefundRequestAudit,
+    RefundRequestResponse,
+    Subscription,
+)
+
+USAGE_LEDGER_KINDS = ("conversation", "meta_fee")
+BALANCE_PURPOSES = ("top_up", "debt_repayment")
+# Stripe refund statuses under which the money is (or is on its way) back with the client.
+LIVE_REFUND_STATUSES = ("pending", "requires_action", "succeeded")
+
+
+async def account_email(session: AsyncSession, account_id: str) -> str | None:
+    return (
+        await session.execute(select(Account.email).where(Account.id == account_id))
+    ).scalar_one_or_none()
+
+
+async def lock_account(session: AsyncSession, account_id: str) -> None:
+    await session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+
+
+async def account_currency(session: AsyncSession, account_id: str) -> str | None:
+    return (
+        await session.execute(select(Account.currency).where(Account.id == account_id))
+    ).scalar_one_or_none()
+
+
+async def usage_detected(session: AsyncSession, account_id: str) -> bool:
+    """Any reported activity or usage charge since the account started."""
+    activity = exists().where(Activity.account_id == account_id)
+    usage = exists().where(
+        LedgerEntry.account_id == account_id, LedgerEntry.kind.in_(USAGE_LEDGER_KINDS)
+    )
+    return bool((await session.execute(select(or_(activity, usage)))).scalar_one())
+
+
+async def add_ledger_entry(
+    session: AsyncSession,
+    *,
+    account_id: str,
+    kind: str,
+    source_id: str,
+    amount: int,
+    currency: str,
+    description: str,
+    occurred_at: datetime,
+) -> bool:
+    """Apply one ledger movement once per (account, kind, source); True when newly applied."""
+    statement = (
+        insert(LedgerEntry)
+        .values(
+            account_id=account_id,
+            kind=kind,
+            source_id=source_id,
+            amount=amount,
+            currency=currency,
+            description=description,
+            occurred_at=occurred_at,
+        )
+        .on_conflict_do_nothing(index_elements=["account_id", "kind", "source_id"])
+        .returning(LedgerEntry.id)
+    )
+    return (await session.execute(statement)).scalar_one_or_none() is not None
+
+
+async def ledger_entry_exists(
+    session: AsyncSession, account_id: str, kind: str, source_id: str
+) -> bool:
+    statement = select(
+        exists().where(
+            LedgerEntry.account_id == account_id,
+            LedgerEntry.kind == kind,
+            LedgerEntry.source_id == source_id,
+        )
+    )
+    return bool((await session.execute(statement)).scalar_one())
+
+
+async def subscription_payments(session: AsyncSession, account_id: str) -> list[Payment]:
+    statement = (
+        select(Payment)
+        .where(Payment.account_id == account_id, Payment.purpose == "subscription")
+        .order_by(Payment.paid_at.desc().nulls_last(), Payment.created_at.desc())
+    )
+    return list((await session.execute(statement)).scalars())
+
+
+async def invoice_subscriptions(session: AsyncSession, invoice_ids: list[str]) -> dict[str, str]:
+    if not invoice_ids:
+        return {}
+    rows = await session.execute(
+        select(Invoice.stripe_id, Invoice.stripe_subscription_id).where(
+            Invoice.stripe_id.in_(invoice_ids), Invoice.stripe_subscription_id.is_not(None)
+        )
+    )
+    return {invoice: subscription for invoice, subscription in rows.tuples() if subscription}
+
+
+async def subscription_period_ends(
+    session: AsyncSession, subscription_ids: list[str]
+) -> dict[str, datetime | None]:
+    if not subscription_ids:
+        return {}
+    rows = await session.execute(
+        select(Subscription.stripe_id, Subscription.current_period_end).where(
+            Subscription.stripe_id.in_(subscription_ids)
+        )
+    )
+    return {stripe_id: period_end for stripe_id, period_end in rows.all()}
+
+
+async def already_refunded(session: AsyncSession, payment: Payment) -> int:
+    """What has gone back or is on its way back: Stripe's refunds (mirrored) plus refunds this
+    service has asked for that Stripe has not yet reported."""
+    mirrored = (
+        await session.execute(
+            select(func.coalesce(func.sum(Refund.amount), 0)).where(
+                Refund.stripe_payment_intent_id == payment.stripe_id,
+                Refund.status.in_(LIVE_REFUND_STATUSES),
+            )
+        )
+    ).scalar_one()
+    unmirrored = (
+        await session.execute(
+            select(func.coalesce(func.sum(RefundExecution.amount), 0)).where(
+                RefundExecution.payment_id == payment.id,
+                RefundExecution.status.in_(("pending", "submitted")),
+                or_(
+                    RefundExecution.stripe_refund_id.is_(None),
+                    ~exists().where(Refund.stripe_id == RefundExecution.stripe_refund_id),
+                ),
+            )
+        )
+    ).scalar_one()
+    return max(payment.amount_refunded, int(mirrored)) + int(unmirrored)
+
+
+async def find_payment_by_reference(
+    session: AsyncSession, account_id: str, reference: str
+) -> Payment | None:
+    conditions = [
+        Payment.stripe_id == reference,
+        Payment.stripe_charge_id == reference,
+        Payment.stripe_invoice_id == reference,
+        Payment.stripe_checkout_session_id == reference,
+    ]
+    with contextlib.suppress(ValueError):
+        conditions.append(Payment.id == uuid.UUID(reference))
+    statement = (
+        select(Payment)
+        .where(Payment.account_id == account_id, or_(*conditions))
+        .order_by(Payment.created_at)
+    )
+    return (await session.execute(statement)).scalars().first()
+
+
+async def find_payments_by_details(
+    session: AsyncSession, account_id: str, *, amount: int, currency: str, day: date, zone: str
+) -> list[Payment]:
+    local_day = func.date(func.timezone(zone, func.coalesce(Payment.paid_at, Payment.created_at)))
+    statement = select(Payment).where(
+        Payment.account_id == account_id,
+        Payment.amount == amount,
+        Payment.currency == currency,
+        local_day == day,
+    )
+    return list((await session.execute(statement)).scalars())
+
+
+async def get_payment(
+    session: AsyncSession, payment_id: uuid.UUID, *, lock: bool = False
+) -> Payment | None:
+    statement = select(Payment).where(Payment.id == payment_id)
+    if lock:
+        statement = statement.with_for_update().execution_options(populate_existing=True)
+    return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def payment_by_intent(session: AsyncSession, payment_intent: str | None) -> Payment | None:
+    if not payment_intent:
+        return None
+    return (
+        await session.execute(select(Payment).where(Payment.stripe_id == payment_intent))
+    ).scalar_one_or_none()
+
+
+async def payment_by_charge(session: AsyncSession, charge_id: str | None) -> Payment | None:
+    if not charge_id:
+        return None
+    return (
+        await session.execute(select(Payment).where(Payment.stripe_charge_id == charge_id))
+    ).scalar_one_or_none()
+
+
+async def get_request(
+    session: AsyncSession,
+    request_id: uuid.UUID,
+    *,
+    account_id: str | None = None,
+    lock: bool = False,
+) -> RefundRequest | None:
+    statement = select(RefundRequest).where(RefundRequest.id == request_id)
+    if account_id is not None:
+        statement = statement.where(RefundRequest.account_id == account_id)
+    if lock:
+        statement = statement.with_for_update().execution_options(populate_existing=True)
+    return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def execution_for_request(
+    session: AsyncSession, request_id: uuid.UUID, *, lock: bool = False
+) -> RefundExecution | None:
+    statement = select(RefundExecution).where(RefundExecution.request_id == request_id)
+    if lock:
+        statement = statement.with_for_update().execution_options(populate_existing=True)
+    return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def executions_for_requests(
+    session: AsyncSession, request_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, RefundExecution]:
+    if not request_ids:
+        return {}
+    rows = await session.execute(
+        select(RefundExecution).where(RefundExecution.request_id.in_(request_ids))
+    )
+    return {execution.request_id: execution for execution in rows.scalars()}
+
+
+async def responses_for_requests(
+    session: AsyncSession, request_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, list[RefundRequestResponse]]:
+    result: dict[uuid.UUID, list[RefundRequestResponse]] = {rid: [] for rid in request_ids}
+    if not request_ids:
+        return result
+    rows = await session.execute(
+        select(RefundRequestResponse)
+        .where(RefundRequestResponse.request_id.in_(request_ids))
+        .order_by(RefundRequestResponse.created_at, RefundRequestResponse.id)
+    )
+    for response in rows.scalars():
+        result[response.request_id].append(response)
+    return result
+
+
+async def audit_for_request(
+    session: AsyncSession, request_id: uuid.UUID
+) -> list[RefundRequestAudit]:
+    rows = await session.execute(
+        select(RefundRequestAudit)
+        .where(RefundRequestAudit.request_id == request_id)
+        .order_by(RefundRequestAudit.id)
+    )
+    return list(rows.scalars())
+
+
+def overdue_condition(now: datetime) -> Any:
+    """A due date passed without the reply it asks for: the first reply by
+    `first_response_due`; a decision or interim reply by `decision_due`; after an interim
+    reply, the decision by its `next_step_due`."""
+    return and_(
+        RefundRequest.clock_started_at.is_not(None),
+        RefundRequest.decided_at.is_(None),
+        or_(
+            and_(
+                RefundRequest.first_responded_at.is_(None),
+                RefundRequest.first_response_due < now,
+            ),
+            and_(
+                RefundRequest.interim_responded_at.is_(None),
+                RefundRequest.decision_due < now,
+            ),
+            and_(
+                RefundRequest.next_step_due.is_not(None),
+                RefundRequest.next_step_due < now,
+            ),
+        ),
+    )
+
+
+async def list_requests(
+    session: AsyncSession,
+    *,
+    account_id: str | None = None,
+    status: str | None = None,
+    overdue_at: datetime | None = None,
+    limit: int = 100,
+    offset: int = 0,
+) -> list[RefundRequest]:
+    statement = select(RefundRequest)
+    if account_id is not None:
+        statement = statement.where(RefundRequest.account_id == account_id)
+    if status is not None:
+        statement = statement.where(RefundRequest.status == status)
+    if overdue_at is not None:
+        statement = statement.where(overdue_condition(overdue_at))
+    statement = (
+        statement.order_by(RefundRequest.received_at.desc(), RefundRequest.id)
+        .limit(limit)
+        .offset(offset)
+    )
+    return list((await session.execute(statement)).scalars())
+
+
+async def count_overdue(session: AsyncSession, now: datetime) -> int:
+    statement = select(func.count()).select_from(RefundRequest).where(overdue_condition(now))
+    return int((await session.execute(statement)).scalar_one())
+
+
+async def subscription_of_payment(
+    session: AsyncSession, payment: Payment, *, lock: bool = False
+) -> Subscription | None:
+    """The subscription a subscription payment paid for (via its invoice when the payment row
+    does not name it yet)."""
+    stripe_id = payment.stripe_subscription_id
+    if stripe_id is None and payment.stripe_invoice_id is not None:
+        stripe_id = (
+            await session.execute(
+                select(Invoice.stripe_subscription_id).where(
+                    Invoice.stripe_id == payment.stripe_invoice_id
+                )
+            )
+        ).scalar_one_or_none()
+    return await subscription_by_stripe_id(session, stripe_id, lock=lock)
+
+
+async def subscription_by_stripe_id(
+    session: AsyncSession, stripe_id: str | None, *, lock: bool = False
+) -> Subscription | None:
+    if not stripe_id:
+        return None
+    statement = select(Subscription).where(Subscription.stripe_id == stripe_id)
+    if lock:
+        statement = statement.with_for_update().execution_options(populate_existing=True)
+    return (await session.execute(statement)).scalar_one_or_none()

@@ -1,0 +1,235 @@
+"""Refund eligibility, refund and appeal requests, and the finance workflow."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+
+from app.auth import AccountReader, FinanceStaff, Principal, PrincipalDep
+from app.db import SessionDep
+from app.errors import (
+    Forbidden,
+    PaymentDisputed,
+    RefundExceedsLimit,
+    RefundInProgress,
+    RefundRequestNotFound,
+    RequestAlreadyDecided,
+    RequestNotReady,
+    StripeUnavailable,
+    Unauthorized,
+    Unprocessable,
+    error_responses,
+)
+from app.refunds import service
+from app.refunds.schemas import (
+    FinanceRefundRequestCreate,
+    FinanceRefundRequestOut,
+    RefundEligibility,
+    RefundRequestCreate,
+    RefundRequestOut,
+    RefundRequestUpdate,
+    RequestStatus,
+    ResponseCreate,
+)
+from app.stripe_gateway import StripeRequestRejected
+
+router = APIRouter(tags=["refunds"])
+
+ACCOUNT = "/v1/accounts/{account_id}"
+
+
+def _own_account(account_id: str, principal: Principal) -> None:
+    """Requests are filed by the account's own token (or finance, on its own route)."""
+    if principal.account_id != account_id:
+        raise Forbidden("Only the account's own token files or changes its requests")
+
+
+@router.get(
+    f"{ACCOUNT}/refund-eligibility",
+    summary="Zero-usage refund quotes, one per subscription payment",
+    response_model=RefundEligibility,
+    responses=error_responses(Unauthorized, Forbidden),
+)
+async def refund_eligibility(
+    account_id: str, request: Request, session: SessionDep, _: AccountReader
+) -> RefundEligibility:
+    return await service.refund_eligibility(
+        session, account_id, request.app.state.settings, service.utcnow()
+    )
+
+
+@router.post(
+    f"{ACCOUNT}/refund-requests",
+    summary="File a refund, appeal, compensation or other billing request",
+    status_code=201,
+    response_model=RefundRequestOut,
+    responses=error_responses(Unauthorized, Forbidden, Unprocessable),
+)
+async def create_refund_request(
+    account_id: str,
+    body: RefundRequestCreate,
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+) -> RefundRequestOut:
+    _own_account(account_id, principal)
+    return await service.create_request(
+        session,
+        account_id=account_id,
+        body=body,
+        principal=principal,
+        settings=request.app.state.settings,
+        channel="api",
+        received_at=service.utcnow(),
+    )
+
+
+@router.get(
+    f"{ACCOUNT}/refund-requests",
+    summary="The account's requests with every reply",
+    response_model=list[RefundRequestOut],
+    responses=error_responses(Unauthorized, Forbidden),
+)
+async def list_refund_requests(
+    account_id: str, session: SessionDep, _: AccountReader
+) -> list[RefundRequestOut]:
+    return await service.list_requests(session, account_id=account_id)
+
+
+@router.get(
+    f"{ACCOUNT}/refund-requests/{{request_id}}",
+    summary="One request with every reply",
+    response_model=RefundRequestOut,
+    responses=error_responses(Unauthorized, Forbidden, RefundRequestNotFound),
+)
+async def get_refund_request(
+    account_id: str, request_id: uuid.UUID, session: SessionDep, _: AccountReader
+) -> RefundRequestOut:
+    return await service.get_request(session, account_id=account_id, request_id=request_id)
+
+
+@router.patch(
+    f"{ACCOUNT}/refund-requests/{{request_id}}",
+    summary="Add the missing details of a request",
+    response_model=RefundRequestOut,
+    responses=error_responses(
+        Unauthorized, Forbidden, RefundRequestNotFound, RequestAlreadyDecided, Unprocessable
+    ),
+)
+async def update_refund_request(
+    account_id: str,
+    request_id: uuid.UUID,
+    body: RefundRequestUpdate,
+    request: Request,
+    session: SessionDep,
+    principal: PrincipalDep,
+) -> RefundRequestOut:
+    _own_account(account_id, principal)
+    return await service.update_request(
+        session,
+        account_id=account_id,
+        request_id=request_id,
+        body=body,
+        principal=principal,
+        settings=request.app.state.settings,
+        now=service.utcnow(),
+    )
+
+
+@router.post(
+    "/v1/finance/refund-requests",
+    summary="File a request that arrived by email or phone, with its true receipt time",
+    status_code=201,
+    response_model=RefundRequestOut,
+    responses=error_responses(Unauthorized, Forbidden, Unprocessable),
+)
+async def file_refund_request(
+    body: FinanceRefundRequestCreate,
+    request: Request,
+    session: SessionDep,
+    principal: FinanceStaff,
+) -> RefundRequestOut:
+    if body.received_at > service.utcnow():
+        raise Unprocessable("received_at cannot be in the future")
+    fields = body.model_dump(exclude={"account_id", "received_at", "channel"})
+    return await service.create_request(
+        session,
+        account_id=body.account_id,
+        body=RefundRequestCreate(**fields),
+        principal=principal,
+        settings=request.app.state.settings,
+        channel=body.channel,
+        received_at=body.received_at,
+    )
+
+
+@router.get(
+    "/v1/finance/refund-requests",
+    summary="Requests for finance, filtered by status, account or overdue",
+    response_model=list[FinanceRefundRequestOut],
+    responses=error_responses(Unauthorized, Forbidden),
+)
+async def finance_list_refund_requests(
+    session: SessionDep,
+    _: FinanceStaff,
+    status: RequestStatus | None = None,
+    overdue: bool = False,
+    account_id: Annotated[str | None, Query(max_length=64)] = None,
+    limit: Annotated[int, Query(ge=1, le=500)] = 100,
+    offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
+) -> list[FinanceRefundRequestOut]:
+    return await service.finance_list(
+        session,
+        status=status,
+        overdue=overdue,
+        account_id=account_id,
+        limit=limit,
+        offset=offset,
+        now=service.utcnow(),
+    )
+
+
+@router.get(
+    "/v1/finance/refund-requests/{request_id}",
+    summary="One request with its replies and audit trail",
+    response_model=FinanceRefundRequestOut,
+    responses=error_responses(Unauthorized, Forbidden, RefundRequestNotFound),
+)
+async def finance_get_refund_request(
+    request_id: uuid.UUID, session: SessionDep, _: FinanceStaff
+) -> FinanceRefundRequestOut:
+    return await service.finance_get(session, request_id=request_id, now=service.utcnow())
+
+
+@router.post(
+    "/v1/finance/refund-requests/{request_id}/responses",
+    summary="Reply to a request: initial, interim (with the next step's date) or decision",
+    status_code=201,
+    response_model=FinanceRefundRequestOut,
+    responses=error_responses(
+        Unauthorized,
+        Forbidden,
+        RefundRequestNotFound,
+        RequestAlreadyDecided,
+        RequestNotReady,
+        PaymentDisputed,
+        RefundInProgress,
+        RefundExceedsLimit,
+        StripeUnavailable,
+        StripeRequestRejected,
+    ),
+)
+async def respond_to_refund_request(
+    request_id: uuid.UUID, body: ResponseCreate, request: Request, principal: FinanceStaff
+) -> FinanceRefundRequestOut:
+    # No request session: a refund approval commits in steps around the Stripe call.
+    return await service.respond(
+        request.app.state.session_factory,
+        request.app.state.stripe,
+        request.app.state.settings,
+        request_id=request_id,
+        body=body,
+        principal=principal,
+    )

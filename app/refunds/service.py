@@ -1,0 +1,766 @@
+"""Refund eligibility, refund and appeal requests, and the finance workflow (policy 3 and 4).
+
+Requests: a request is *about a payment* when its type is `refund` or it names any payment
+detail. Such a request is matched to one of the account's payments by `payment_reference` (our
+payment id, or a Stripe payment intent, charge, invoice or checkout session id) or else by
+`payment_date` + `amount` + `currency` (exactly one payment that day, in BUSINESS_TIMEZONE).
+Until it matches it is `needs_information` with `missing_information`, and its clock has not
+started; a PATCH that makes it match starts the clock at that moment. Other requests (an access
+suspension, say) start their clock at receipt. Due dates are business days in the configured
+calendar after the clock start.
+
+Statuses: needs_information -> received -> acknowledged (initial reply) -> in_review (interim
+reply) -> approved | rejected | refund_pending -> refunded | refund_failed. `closed` is set
+when a request's payment is refunded or charged back by other means while it is still
+open (nothing is left to decide).
+
+Refunds run through Stripe exactly once: the approval first commits a `pending`
+RefundExecution (one per request, unique) in its own transaction, then calls Stripe with
+`billing:refund:<execution id>` as idempotency key and the execution id in the refund's
+metadata, then records the decision. A retry, a double click or a crash between the steps
+reuses the same row and key, so Stripe creates one refund. `refund_pending` lasts until
+Stripe's refund event arrives (app/refunds/events.py).
+"""
+
+from __future__ import annotations
+
+import itertools
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import structlog
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.accounts.service import ensure_account
+from app.auth import Principal
+from app.balance.service import account_balance
+from app.config import Settings
+from app.errors import (
+    PaymentDisputed,
+    RefundExceedsLimit,
+    RefundInProgress,
+    RefundRequestNotFound,
+    RequestAlreadyDecided,
+    RequestNotReady,
+    Unprocessable,
+)
+from app.models import (
+    Payment,
+    RefundExecution,
+    RefundRequest,
+    RefundRequestAudit,
+    RefundRequestResponse,
+)
+from app.notifications.outbox import enqueue_email
+from app.refunds import repository as repo
+from app.refunds.eligibility import PaymentFacts, quote
+from app.refunds.schemas import (
+    AuditOut,
+    FinanceRefundRequestOut,
+    RefundEligibility,
+    RefundOut,
+    RefundQuote,
+    RefundRequestCreate,
+    RefundRequestOut,
+    RefundRequestUpdate,
+    ResponseCreate,
+    ResponseOut,
+)
+from app.stripe_gateway import StripeGateway, StripeRequestRejected, idempotency_key
+from app.subscriptions.service import record_access_change
+
+log = structlog.get_logger()
+
+OPEN_STATUSES = ("needs_information", "received", "acknowledged", "in_review")
+PAYMENT_FIELDS = ("payment_reference", "payment_date", "amount", "currency")
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+# --- eligibility ---------------------------------------------------------------------------
+
+
+async def refund_eligibility(
+    session: AsyncSession, account_id: str, settings: Settings, now: datetime
+) -> RefundEligibility:
+    payments = await repo.subscription_payments(session, account_id)
+    used = await repo.usage_detected(session, account_id)
+    by_invoice = await repo.invoice_subscriptions(
+        session, [p.stripe_invoice_id for p in payments if p.stripe_invoice_id]
+    )
+    subscription_of = {
+        p.id: p.stripe_subscription_id or by_invoice.get(p.stripe_invoice_id or "")
+        for p in payments
+    }
+    subscription_ends = await repo.subscription_period_ends(
+        session, [s for s in subscription_of.values() if s]
+    )
+    period_ends = _paid_period_ends(payments, subscription_of, subscription_ends)
+    quotes = []
+    for payment in payments:
+        period_end = period_ends.get(payment.id)
+        facts = PaymentFacts(
+            payment_id=payment.id,
+            amount_paid=payment.amount,
+            currency=payment.currency,
+            status=payment.status,
+            processing_fee=payment.fee,
+            already_refunded=await repo.already_refunded(session, payment),
+            disputed=payment.disputed,
+            period_end=period_end,
+        )
+        result = quote(facts, usage_detected=used, setup_fees=settings.waba_setup_fees, now=now)
+        quotes.append(RefundQuote.model_validate(result, from_attributes=True))
+    return RefundEligibility(quotes=quotes)
+
+
+def _paid_period_ends(
+    payments: list[Payment],
+    subscription_of: dict[uuid.UUID, str | None],
+    subscription_ends: dict[str, datetime | None],
+) -> dict[uuid.UUID, datetime | None]:
+    """When each payment's paid period ends. Stripe's invoice `period_*` fields describe the
+    previous period (zero-length on a first invoice), so they cannot decide: the newest
+    payment of a subscription pays for its current period (`current_period_end`); an older
+    one's period ended when the next payment renewed it."""
+    ends: dict[uuid.UUID, datetime | None] = {}
+    by_subscription: dict[str, list[Payment]] = {}
+    for payment in payments:
+        subscription_id = subscription_of.get(payment.id)
+        if subscription_id and payment.paid_at is not None:
+            by_subscription.setdefault(subscription_id, []).append(payment)
+    for subscription_id, paid in by_subscription.items():
+        paid.sort(key=lambda p: p.paid_at or datetime.min.replace(tzinfo=UTC))
+        for current, following in itertools.pairwise(paid):
+            ends[current.id] = following.paid_at
+        ends[paid[-1].id] = subscription_ends.get(subscription_id)
+    return ends
+
+
+# --- requests ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Match:
+    payment: Payment | None
+    missing: list[str]
+
+
+async def _match_payment(
+    session: AsyncSession, request: RefundRequest, settings: Settings
+) -> _Match:
+    if request.payment_reference:
+        payment = await repo.find_payment_by_reference(
+            session, request.account_id, request.payment_reference
+        )
+        if payment is not None:
+            return _Match(payment, [])
+    if request.payment_date and request.amount and request.currency:
+        candidates = await repo.find_payments_by_details(
+            session,
+            request.account_id,
+            amount=request.amount,
+            currency=request.currency,
+            day=request.payment_date,
+            zone=settings.business_timezone,
+        )
+        if len(candidates) == 1:
+            return _Match(candidates[0], [])
+    missing = [field for field in PAYMENT_FIELDS if getattr(request, field) is None]
+    if request.payment_reference and "payment_reference" not in missing:
+        # Named, but not a payment of this account: ask for it again.
+        missing.insert(0, "payment_reference")
+    if not missing:
+        missing = ["payment_reference"]
+    return _Match(None, missing)
+
+
+def _start_clock(request: RefundRequest, start: datetime, settings: Settings) -> None:
+    calendar = settings.calendar
+    request.clock_started_at = start
+    # Stored and shown in UTC (the same instant as the end of the local business day).
+    request.first_response_due = calendar.add_business_days(
+        start, settings.refund_first_response_business_days
+    ).astimezone(UTC)
+    request.decision_due = calendar.add_business_days(
+        start, settings.refund_decision_business_days
+    ).astimezone(UTC)
+
+
+def audit_step(
+    session: AsyncSession,
+    request: RefundRequest,
+    action: str,
+    actor: str,
+    **details: Any,
+) -> None:
+    session.add(
+        RefundRequestAudit(
+            request_id=request.id,
+            action=action,
+            actor=actor,
+            status_after=request.status,
+            details={k: _jsonable(v) for k, v in details.items()},
+        )
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, list):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+async def create_request(
+    session: AsyncSession,
+    *,
+    account_id: str,
+    body: RefundRequestCreate,
+    principal: Principal,
+    settings: Settings,
+    channel: str,
+    received_at: datetime,
+) -> RefundRequestOut:
+    await ensure_account(session, account_id, principal.email if principal.is_user else None)
+    about_payment = body.type == "refund" or any(
+        getattr(body, field) is not None for field in PAYMENT_FIELDS
+    )
+    request = RefundRequest(
+        id=uuid.uuid4(),
+        account_id=account_id,
+        type=body.type,
+        description=body.description,
+        about_payment=about_payment,
+        payment_reference=body.payment_reference,
+        payment_date=body.payment_date,
+        amount=body.amount,
+        currency=body.currency,
+        channel=channel,
+        filed_by=principal.sub,
+        received_at=received_at,
+        missing_information=[],
+        status="received",
+    )
+    if about_payment:
+        match = await _match_payment(session, request, settings)
+        if match.payment is None:
+            request.status = "needs_information"
+            request.missing_information = match.missing
+        else:
+            request.payment_id = match.payment.id
+    if request.status == "received":
+        _start_clock(request, received_at, settings)
+    session.add(request)
+    await session.flush()
+    audit_step(
+        session,
+        request,
+        "filed",
+        principal.sub,
+        channel=channel,
+        received_at=received_at,
+        payment_id=request.payment_id,
+        missing_information=request.missing_information,
+    )
+    await session.flush()
+    log.info("refund_request.filed", request_id=str(request.id), status=request.status)
+    return (await _render(session, [request]))[0]
+
+
+async def update_request(
+    session: AsyncSession,
+    *,
+    account_id: str,
+    request_id: uuid.UUID,
+    body: RefundRequestUpdate,
+    principal: Principal,
+    settings: Settings,
+    now: datetime,
+) -> RefundRequestOut:
+    request = await repo.get_request(session, request_id, account_id=account_id, lock=True)
+    if request is None:
+        raise RefundRequestNotFound()
+    changes = body.model_dump(exclude_unset=True, exclude_none=True)
+    if not changes:
+        raise Unprocessable("Nothing to update")
+    if request.status not in OPEN_STATUSES:
+        raise RequestAlreadyDecided("A decided request can no longer be changed")
+    if request.payment_id is not None and any(field in changes for field in PAYMENT_FIELDS):
+        raise Unprocessable("The payment of this request is already identified")
+    for field, value in changes.items():
+        setattr(request, field, value)
+    if any(field in changes for field in PAYMENT_FIELDS):
+        request.about_payment = True
+    if request.about_payment and request.payment_id is None:
+        match = await _match_payment(session, request, settings)
+        if match.payment is None:
+            request.missing_information = match.missing
+            if request.clock_started_at is None:
+                request.status = "needs_information"
+        else:
+            request.payment_id = match.payment.id
+            request.missing_information = []
+            if request.clock_started_at is None:
+                request.status = "received"
+                _start_clock(request, now, settings)
+    await session.flush()
+    audit_step(
+        session,
+        request,
+        "details_added",
+        principal.sub,
+        fields=sorted(changes),
+        payment_id=request.payment_id,
+        missing_information=request.missing_information,
+    )
+    await session.flush()
+    return (await _render(session, [request]))[0]
+
+
+async def get_request(
+    session: AsyncSession, *, account_id: str, request_id: uuid.UUID
+) -> RefundRequestOut:
+    request = await repo.get_request(session, request_id, account_id=account_id)
+    if request is None:
+        raise RefundRequestNotFound()
+    return (await _render(session, [request]))[0]
+
+
+async def list_requests(session: AsyncSession, *, account_id: str) -> list[RefundRequestOut]:
+    requests = await repo.list_requests(session, account_id=account_id, limit=500)
+    return await _render(session, requests)
+
+
+async def finance_list(
+    session: AsyncSession,
+    *,
+    status: str | None,
+    overdue: bool,
+    account_id: str | None,
+    limit: int,
+    offset: int,
+    now: datetime,
+) -> list[FinanceRefundRequestOut]:
+    requests = await repo.list_requests(
+        session,
+        account_id=account_id,
+        status=status,
+        overdue_at=now if overdue else None,
+        limit=limit,
+        offset=offset,
+    )
+    return await _render_finance(session, requests, now)
+
+
+async def finance_get(
+    session: AsyncSession, *, request_id: uuid.UUID, now: datetime
+) -> FinanceRefundRequestOut:
+    request = await repo.get_request(session, request_id)
+    if request is None:
+        raise RefundRequestNotFound()
+    return (await _render_finance(session, [request], now))[0]
+
+
+def is_overdue(request: RefundRequest, now: datetime) -> bool:
+    """Python twin of `repository.overdue_condition`."""
+    if request.clock_started_at is None or request.decided_at is not None:
+        return False
+    return bool(
+        (request.first_responded_at is None and _passed(request.first_response_due, now))
+        or (request.interim_responded_at is None and _passed(request.decision_due, now))
+        or _passed(request.next_step_due, now)
+    )
+
+
+def _passed(due: datetime | None, now: datetime) -> bool:
+    return due is not None and due < now
+
+
+async def _render(session: AsyncSession, requests: list[RefundRequest]) -> list[RefundRequestOut]:
+    ids = [r.id for r in requests]
+    responses = await repo.responses_for_requests(session, ids)
+    executions = await repo.executions_for_requests(session, ids)
+    out = []
+    for request in requests:
+        execution = executions.get(request.id)
+        out.append(
+            RefundRequestOut(
+                id=request.id,
+                account_id=request.account_id,
+                type=request.type,
+                status=request.status,
+                description=request.description,
+                payment_reference=request.payment_reference,
+                payment_date=request.payment_date,
+                amount=request.amount,
+                currency=request.currency,
+                payment_id=request.payment_id,
+                missing_information=list(request.missing_information),
+                channel=request.channel,
+                received_at=request.received_at,
+                clock_started_at=request.clock_started_at,
+                first_response_due=request.first_response_due,
+                decision_due=request.decision_due,
+                next_step_due=request.next_step_due,
+                outcome=request.outcome,
+                remedy=request.remedy,
+                remedy_amount=request.remedy_amount,
+                remedy_days=request.remedy_days,
+                responses=[
+                    ResponseOut.model_validate(r, from_attributes=True)
+                    for r in responses[request.id]
+                ],
+                refund=RefundOut.model_validate(execution, from_attributes=True)
+                if execution
+                else None,
+            )
+        )
+    return out
+
+
+async def _render_finance(
+    session: AsyncSession, requests: list[RefundRequest], now: datetime
+) -> list[FinanceRefundRequestOut]:
+    out = []
+    for request, rendered in zip(requests, await _render(session, requests), strict=True):
+        audit = await repo.audit_for_request(session, request.id)
+        out.append(
+            FinanceRefundRequestOut(
+                **rendered.model_dump(),
+                overdue=is_overdue(request, now),
+                audit=[AuditOut.model_validate(a, from_attributes=True) for a in audit],
+            )
+        )
+    return out
+
+
+# --- replies and decisions -----------------------------------------------------------------
+
+SUBJECTS = {
+    "initial": "We have received your billing request",
+    "interim": "An update on your billing request",
+    "decision": "A decision on your billing request",
+}
+
+
+async def _email_reply(
+    session: AsyncSession, request: RefundRequest, response: RefundRequestResponse
+) -> None:
+    to = await repo.account_email(session, request.account_id)
+    if to is None:
+        log.warning("refund_request.no_billing_contact", request_id=str(request.id))
+        return
+    lines = [response.message, ""]
+    if response.kind == "interim" and response.next_step_due is not None:
+        lines.append(f"Next step by: {response.next_step_due.isoformat()}")
+    if response.kind == "decision":
+        payment = (
+            await repo.get_payment(session, request.payment_id) if request.payment_id else None
+        )
+        currency = payment.currency if payment else (request.currency or "")
+        lines.append(f"Decision: {response.outcome}")
+        if response.remedy:
+            extent = (
+                f"{response.days} days"
+                if response.remedy == "access_extension"
+                else f"{response.amount} {currency}".strip()
+            )
+            lines.append(f"Remedy: {response.remedy} ({extent})")
+    lines.append(f"Request reference: {request.id}")
+    await enqueue_email(
+        session,
+        dedupe_key=f"refund-reply:{response.id}",
+        to=to,
+        subject=f"{SUBJECTS[response.kind]} [{request.id}]",
+        body="\n".join(lines),
+    )
+
+
+def _add_response(
+    session: AsyncSession, request: RefundRequest, body: ResponseCreate, author: str
+) -> RefundRequestResponse:
+    response = RefundRequestResponse(
+        id=uuid.uuid4(),
+        request_id=request.id,
+        kind=body.kind,
+        message=body.message,
+        next_step_due=body.next_step_due,
+        outcome=body.outcome,
+        remedy=body.remedy,
+        amount=body.amount,
+        days=body.days,
+        author=author,
+    )
+    session.add(response)
+    return response
+
+
+async def respond(
+    factory: async_sessionmaker[AsyncSession],
+    stripe: StripeGateway,
+    settings: Settings,
+    *,
+    request_id: uuid.UUID,
+    body: ResponseCreate,
+    principal: Principal,
+) -> FinanceRefundRequestOut:
+    """Record a finance reply (and apply a decision's remedy), email it, audit it."""
+    if body.kind == "decision" and body.outcome == "approved" and body.remedy == "refund":
+        await _approve_refund(
+            factory, stripe, request_id=request_id, body=body, principal=principal
+        )
+    else:
+        async with factory() as session, session.begin():
+            request = await repo.get_request(session, request_id, lock=True)
+            if request is None:
+                raise RefundRequestNotFound()
+            await _reply(session, request, body, principal, settings)
+    async with factory() as session:
+        return await finance_get(session, request_id=request_id, now=utcnow())
+
+
+async def _reply(
+    session: AsyncSession,
+    request: RefundRequest,
+    body: ResponseCreate,
+    principal: Principal,
+    settings: Settings,
+) -> None:
+    now = utcnow()
+    if request.decided_at is not None or request.status not in OPEN_STATUSES:
+        raise RequestAlreadyDecided(f"The request is {request.status}")
+    if body.kind == "interim" and body.next_step_due is not None and body.next_step_due <= now:
+        raise Unprocessable("next_step_due must be in the future")
+    details: dict[str, Any] = {}
+    if body.kind == "decision":
+        await _apply_remedy(session, request, body, principal, settings, now)
+        request.decided_at = now
+        request.outcome = body.outcome
+        request.remedy = body.remedy
+        request.remedy_amount = body.amount
+        request.remedy_days = body.days
+        request.status = "rejected" if body.outcome == "rejected" else "approved"
+        details = {"outcome": body.outcome, "remedy": body.remedy, "amount": body.amount}
+        details["days"] = body.days
+    elif body.kind == "interim":
+        request.interim_responded_at = request.interim_responded_at or now
+        request.next_step_due = body.next_step_due
+        if request.status in ("received", "acknowledged"):
+            request.status = "in_review"
+        details = {"next_step_due": body.next_step_due}
+    elif request.status == "received":
+        request.status = "acknowledged"
+    request.first_responded_at = request.first_responded_at or now
+    response = _add_response(session, request, body, principal.sub)
+    await session.flush()
+    audit_step(
+        session, request, f"reply_{body.kind}", principal.sub, response_id=response.id, **details
+    )
+    await _email_reply(session, request, response)
+    await session.flush()
+
+
+async def _apply_remedy(
+    session: AsyncSession,
+    request: RefundRequest,
+    body: ResponseCreate,
+    principal: Principal,
+    settings: Settings,
+    now: datetime,
+) -> None:
+    if body.outcome != "approved":
+        return
+    if body.remedy == "balance_credit":
+        assert body.amount is not None
+        payment = (
+            await repo.get_payment(session, request.payment_id) if request.payment_id else None
+        )
+        currency = (
+            payment.currency
+            if payment is not None
+            else (await repo.account_currency(session, request.account_id))
+            or settings.default_currency
+        )
+        await repo.add_ledger_entry(
+            session,
+            account_id=request.account_id,
+            kind="balance_credit",
+            source_id=f"refund_request:{request.id}",
+            amount=body.amount,
+            currency=currency,
+            description="Balance credit granted on a billing request",
+            occurred_at=now,
+        )
+        audit_step(session, request, "balance_credited", principal.sub, amount=body.amount)
+    elif body.remedy == "access_extension":
+        assert body.days is not None
+        payment = (
+            await repo.get_payment(session, request.payment_id) if request.payment_id else None
+        )
+        subscription = (
+            await repo.subscription_of_payment(session, payment, lock=True) if payment else None
+        )
+        if subscription is None:
+            raise RequestNotReady(
+                "An access extension needs the request matched to a subscription payment"
+            )
+        subscription.extension_days += body.days
+        await session.flush()
+        await record_access_change(session, subscription.channel_id, settings, now)
+        audit_step(
+            session,
+            request,
+            "access_extended",
+            principal.sub,
+            subscription_id=subscription.id,
+            days=body.days,
+        )
+
+
+async def _approve_refund(
+    factory: async_sessionmaker[AsyncSession],
+    stripe: StripeGateway,
+    *,
+    request_id: uuid.UUID,
+    body: ResponseCreate,
+    principal: Principal,
+) -> None:
+    assert body.amount is not None
+    # 1. Commit the pending execution (its id is the idempotency key) before calling Stripe.
+    async with factory() as session, session.begin():
+        unlocked = await repo.get_request(session, request_id)
+        if unlocked is None:
+            raise RefundRequestNotFound()
+        if unlocked.payment_id is None:
+            raise RequestNotReady("A refund needs the request matched to a payment")
+        # Lock order everywhere: payment, then request, then refund execution (the dispute
+        # hook holds the payment while it closes requests).
+        payment = await repo.get_payment(session, unlocked.payment_id, lock=True)
+        assert payment is not None
+        request = await repo.get_request(session, request_id, lock=True)
+        assert request is not None
+        if request.decided_at is not None or request.status not in OPEN_STATUSES:
+            raise RequestAlreadyDecided(f"The request is {request.status}")
+        if payment.disputed:
+            raise PaymentDisputed()
+        execution = await repo.execution_for_request(session, request.id, lock=True)
+        if execution is not None:
+            if execution.amount != body.amount or execution.status == "failed":
+                raise RefundInProgress(
+                    f"A refund of {execution.amount} is already {execution.status} for this request"
+                )
+        else:
+            await _check_refund_bound(session, payment, body.amount)
+            execution = RefundExecution(
+                id=uuid.uuid4(),
+                request_id=request.id,
+                payment_id=payment.id,
+                account_id=request.account_id,
+                amount=body.amount,
+                currency=payment.currency,
+                status="pending",
+                requested_by=principal.sub,
+            )
+            statement = (
+                insert(RefundExecution)
+                .values(
+                    id=execution.id,
+                    request_id=execution.request_id,
+                    payment_id=execution.payment_id,
+                    account_id=execution.account_id,
+                    amount=execution.amount,
+                    currency=execution.currency,
+                    status="pending",
+                    requested_by=principal.sub,
+                )
+                .on_conflict_do_nothing(index_elements=["request_id"])
+            )
+            await session.execute(statement)
+            audit_step(
+                session,
+                request,
+                "refund_execution_created",
+                principal.sub,
+                refund_id=execution.id,
+                amount=body.amount,
+            )
+        execution_id, amount = execution.id, execution.amount
+        payment_intent, account_id = payment.stripe_id, request.account_id
+
+    # 2. Ask Stripe, with our own row id as the idempotency key.
+    try:
+        refund = await stripe.create_refund(
+            payment_intent=payment_intent,
+            amount=amount,
+            metadata={
+                "refund_execution_id": str(execution_id),
+                "refund_request_id": str(request_id),
+                "account_id": account_id,
+            },
+            key=idempotency_key("refund", execution_id),
+        )
+    except StripeRequestRejected:
+        # Stripe created nothing: forget the pending row so a corrected retry starts afresh.
+        async with factory() as session, session.begin():
+            execution = await repo.execution_for_request(session, request_id, lock=True)
+            if execution is not None and execution.status == "pending":
+                await session.delete(execution)
+        raise
+
+    # 3. Record Stripe's answer and the decision.
+    async with factory() as session, session.begin():
+        request = await repo.get_request(session, request_id, lock=True)
+        assert request is not None
+        if request.decided_at is not None:
+            raise RequestAlreadyDecided()
+        execution = await repo.execution_for_request(session, request_id, lock=True)
+        assert execution is not None
+        if execution.stripe_refund_id is None:
+            execution.stripe_refund_id = refund["id"]
+        if execution.status == "pending":
+            execution.status = "submitted"
+        now = utcnow()
+        request.decided_at = now
+        request.first_responded_at = request.first_responded_at or now
+        request.outcome, request.remedy, request.remedy_amount = "approved", "refund", amount
+        request.status = {"succeeded": "refunded", "failed": "refund_failed"}.get(
+            execution.status, "refund_pending"
+        )
+        response = _add_response(session, request, body, principal.sub)
+        await session.flush()
+        audit_step(
+            session,
+            request,
+            "reply_decision",
+            principal.sub,
+            response_id=response.id,
+            outcome="approved",
+            remedy="refund",
+            amount=amount,
+            refund_id=execution.id,
+            stripe_refund_id=execution.stripe_refund_id,
+        )
+        await _email_reply(session, request, response)
+    log.info("refund.requested", request_id=str(request_id), refund_id=str(execution_id))
+
+
+async def _check_refund_bound(session: AsyncSession, payment: Payment, amount: int) -> None:
+    if payment.status != "succeeded":
+        raise RefundExceedsLimit("Only a succeeded payment can be refunded")
+    limit = payment.amount - await repo.already_refunded(session, payment)
+    if payment.purpose == "top_up" and payment.account_id is not None:
+        # Serialise with other money movements of the account (usage charges lock it too).
+        await repo.lock_account(session, payment.account_id)
+        unspent, _debt, _currency = await account_balance(session, payment.account_id)
+        limit = min(limit, unspent)
+    if amount > limit:
+        raise RefundExceedsLimit(f"At most {max(0, limit)} {payment.currency} can be refunded")

@@ -1,0 +1,164 @@
+"""Chargebacks from Stripe's dispute events: balance withdrawn and reinstated for top-ups,
+access ended after a lost dispute on a subscription payment, never also refunded."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from app.config import Settings
+from tests.conftest import Deliver, TokenFactory, bearer
+from tests.refunds.flows import balance, ledger, outbox, pay_subscription, pay_top_up, subscription
+from tests.stripe_fake import StripeFake
+
+FINANCE = {"scope": "finance", "sub": "carol@1msg.io"}
+
+
+async def disputes(client: httpx.AsyncClient, token: TokenFactory) -> list[dict[str, Any]]:
+    response = await client.get("/v1/finance/disputes", headers=bearer(token(**FINANCE)))
+    assert response.status_code == 200, response.text
+    return list(response.json())
+
+
+async def test_top_up_dispute_won_after_funds_were_withdrawn_restores_the_balance_once(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_d", amount=5000)
+    opened = stripe_fake.create_dispute(paid.charge_id)
+    await deliver(opened)
+    assert await balance(app, "acc_d") == 5000  # nothing moves until Stripe takes the funds
+    dispute_id = opened[0]["data"]["object"]["id"]
+
+    withdrawn = stripe_fake.withdraw_dispute_funds(dispute_id)
+    await deliver(withdrawn)
+    assert await balance(app, "acc_d") == 0
+
+    won = stripe_fake.close_dispute(dispute_id, won=True)
+    await deliver(won)
+    await deliver([*opened, *withdrawn, *won])  # redelivery changes nothing
+    assert await balance(app, "acc_d") == 5000
+    assert [e for e in await ledger(app, "acc_d") if e[0].startswith("dispute")] == [
+        ("dispute_withdrawal", dispute_id, -5000),
+        ("dispute_reinstatement", dispute_id, 5000),
+    ]
+
+    [shown] = await disputes(client, token)
+    assert shown["stripe_id"] == dispute_id
+    assert shown["account_id"] == "acc_d"
+    assert shown["payment_id"] == paid.payment_id
+    assert shown["payment_purpose"] == "top_up"
+    assert shown["status"] == "won"
+    assert shown["access_ended"] is False
+    assert [(c["kind"], c["amount"]) for c in shown["changes"]] == [
+        ("balance_withdrawn", -5000),
+        ("balance_reinstated", 5000),
+    ]
+
+
+async def test_dispute_events_in_reverse_order_converge_to_the_same_balance(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver
+) -> None:
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_o", amount=3000)
+    opened = stripe_fake.create_dispute(paid.charge_id)
+    dispute_id = opened[0]["data"]["object"]["id"]
+    withdrawn = stripe_fake.withdraw_dispute_funds(dispute_id)
+    won = stripe_fake.close_dispute(dispute_id, won=True)
+    for event in reversed([*opened, *withdrawn, *won]):
+        await deliver([event])
+    assert await balance(app, "acc_o") == 3000
+    kinds = [e[0] for e in await ledger(app, "acc_o") if e[0].startswith("dispute")]
+    assert sorted(kinds) == ["dispute_reinstatement", "dispute_withdrawal"]
+
+
+async def test_lost_top_up_dispute_keeps_the_amount_withdrawn(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver
+) -> None:
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_l", amount=2000)
+    opened = stripe_fake.create_dispute(paid.charge_id)
+    dispute_id = opened[0]["data"]["object"]["id"]
+    await deliver([*opened, *stripe_fake.withdraw_dispute_funds(dispute_id)])
+    await deliver(stripe_fake.close_dispute(dispute_id, won=False))
+    assert await balance(app, "acc_l") == 0
+
+
+async def test_lost_subscription_dispute_ends_access_and_closes_the_refund_request(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    paid = await pay_subscription(app, stripe_fake, deliver, account_id="acc_s", channel_id="ch_s")
+    user = bearer(token(account_id="acc_s"))
+    filed = await client.post(
+        "/v1/accounts/acc_s/refund-requests",
+        json={"type": "refund", "description": "unused", "payment_reference": paid.payment_intent},
+        headers=user,
+    )
+    request_id = filed.json()["id"]
+
+    opened = stripe_fake.create_dispute(paid.charge_id)
+    dispute_id = opened[0]["data"]["object"]["id"]
+    await deliver(opened)
+    [quote] = (await client.get("/v1/accounts/acc_s/refund-eligibility", headers=user)).json()[
+        "quotes"
+    ]
+    assert "disputed" in quote["reasons"]
+    assert quote["eligible"] is False
+    closed = (
+        await client.get(f"/v1/accounts/acc_s/refund-requests/{request_id}", headers=user)
+    ).json()
+    assert closed["status"] == "closed"
+    refused = await client.post(
+        f"/v1/finance/refund-requests/{request_id}/responses",
+        json={
+            "kind": "decision",
+            "message": "x",
+            "outcome": "approved",
+            "remedy": "refund",
+            "amount": 100,
+        },
+        headers=bearer(token(**FINANCE)),
+    )
+    assert refused.status_code == 409
+    assert stripe_fake.all("refund") == []
+    assert [e.subject for e in await outbox(app, "billing@acc_s.example")] == [
+        f"Your refund request is closed [{request_id}]"
+    ]
+
+    assert paid.subscription_id is not None
+    assert (await subscription(app, paid.subscription_id)).access_revoked_at is None
+    await deliver(stripe_fake.withdraw_dispute_funds(dispute_id))
+    await deliver(stripe_fake.close_dispute(dispute_id, won=False))
+    assert (await subscription(app, paid.subscription_id)).access_revoked_at is not None
+    [shown] = await disputes(client, token)
+    assert shown["status"] == "lost"
+    assert shown["access_ended"] is True
+    assert [c["kind"] for c in shown["changes"]] == ["access_ended"]
+    assert await balance(app, "acc_s") == 0  # a subscription payment never touches the balance
+
+
+async def test_lost_dispute_keeps_access_when_the_setting_says_so(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+    settings: Settings,
+) -> None:
+    settings.dispute_lost_ends_access = False
+    paid = await pay_subscription(app, stripe_fake, deliver, account_id="acc_k", channel_id="ch_k")
+    opened = stripe_fake.create_dispute(paid.charge_id)
+    await deliver(opened)
+    await deliver(stripe_fake.close_dispute(opened[0]["data"]["object"]["id"], won=False))
+    assert paid.subscription_id is not None
+    assert (await subscription(app, paid.subscription_id)).access_revoked_at is None
+    [shown] = await disputes(client, token)
+    assert shown["access_ended"] is False
+    assert shown["changes"] == []

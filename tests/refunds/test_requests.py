@@ -1,0 +1,342 @@
+"""Refund and appeal requests: identification, the response clock on the business calendar,
+finance replies (emailed once), overdue tracking and who may do what."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import pytest
+from fastapi import FastAPI
+
+from tests.conftest import Deliver, TokenFactory, bearer
+from tests.refunds.flows import outbox, pay_top_up
+from tests.stripe_fake import StripeFake
+
+SGT = ZoneInfo("Asia/Singapore")
+FINANCE = {"scope": "finance", "sub": "bob@1msg.io"}
+
+
+def sgt(*args: int) -> datetime:
+    return datetime(*args, tzinfo=SGT)
+
+
+async def finance_file(
+    client: httpx.AsyncClient, token: TokenFactory, **body: Any
+) -> httpx.Response:
+    payload = {
+        "account_id": "acc_mail",
+        "type": "appeal",
+        "description": "My channel was suspended",
+        "channel": "email",
+        **body,
+    }
+    return await client.post(
+        "/v1/finance/refund-requests", json=payload, headers=bearer(token(**FINANCE))
+    )
+
+
+@pytest.mark.parametrize(
+    ("received_at", "first_response_due", "decision_due"),
+    [
+        # Friday evening: the weekend does not count
+        (sgt(2025, 11, 21, 18), sgt(2025, 11, 26, 23, 59, 59), sgt(2025, 12, 11, 23, 59, 59)),
+        # Saturday: counted from Monday
+        (sgt(2025, 11, 22, 9), sgt(2025, 11, 26, 23, 59, 59), sgt(2025, 12, 11, 23, 59, 59)),
+        # Christmas (Thu) and New Year's Day (Thu) are Singapore public holidays; the year turns
+        (sgt(2025, 12, 23, 12), sgt(2025, 12, 29, 23, 59, 59), sgt(2026, 1, 14, 23, 59, 59)),
+        (sgt(2025, 12, 30, 12), sgt(2026, 1, 5, 23, 59, 59), sgt(2026, 1, 20, 23, 59, 59)),
+        # 23:30 UTC on 31 December is already New Year's Day (a holiday) in Singapore
+        (
+            datetime(2025, 12, 31, 23, 30, tzinfo=UTC),
+            sgt(2026, 1, 6, 23, 59, 59),
+            sgt(2026, 1, 21, 23, 59, 59),
+        ),
+    ],
+)
+async def test_due_dates_count_business_days_from_the_true_receipt_time(
+    client: httpx.AsyncClient,
+    token: TokenFactory,
+    received_at: datetime,
+    first_response_due: datetime,
+    decision_due: datetime,
+) -> None:
+    response = await finance_file(client, token, received_at=received_at.isoformat())
+    assert response.status_code == 201, response.text
+    body = response.json()
+    assert body["status"] == "received"
+    assert body["channel"] == "email"
+    assert datetime.fromisoformat(body["received_at"]) == received_at
+    assert datetime.fromisoformat(body["first_response_due"]) == first_response_due
+    assert datetime.fromisoformat(body["decision_due"]) == decision_due
+
+
+async def test_an_unidentifiable_payment_request_waits_for_details_and_its_clock_starts_on_match(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_n", amount=4200)
+    headers = bearer(token(account_id="acc_n"))
+    filed = await client.post(
+        "/v1/accounts/acc_n/refund-requests",
+        json={"type": "refund", "description": "Charged twice?", "amount": 4200},
+        headers=headers,
+    )
+    assert filed.status_code == 201, filed.text
+    request = filed.json()
+    assert request["status"] == "needs_information"
+    assert request["missing_information"] == ["payment_reference", "payment_date", "currency"]
+    assert request["first_response_due"] is None and request["decision_due"] is None
+    assert request["clock_started_at"] is None
+
+    wrong = await client.patch(
+        f"/v1/accounts/acc_n/refund-requests/{request['id']}",
+        json={"payment_reference": "pi_not_ours"},
+        headers=headers,
+    )
+    assert wrong.json()["status"] == "needs_information"
+    assert wrong.json()["missing_information"][0] == "payment_reference"
+
+    today = datetime.now(SGT).date().isoformat()
+    matched = await client.patch(
+        f"/v1/accounts/acc_n/refund-requests/{request['id']}",
+        json={"payment_reference": None, "payment_date": today, "currency": "usd"},
+        headers=headers,
+    )
+    body = matched.json()
+    assert body["status"] == "received", body
+    assert body["payment_id"] == paid.payment_id
+    assert body["missing_information"] == []
+    started = datetime.fromisoformat(body["clock_started_at"])
+    assert started > datetime.fromisoformat(body["received_at"])
+    assert datetime.fromisoformat(body["first_response_due"]) > started
+
+    again = await client.patch(
+        f"/v1/accounts/acc_n/refund-requests/{request['id']}",
+        json={"amount": 1},
+        headers=headers,
+    )
+    assert again.status_code == 422
+
+
+async def test_a_request_not_about_a_payment_starts_its_clock_at_once(
+    client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    filed = await client.post(
+        "/v1/accounts/acc_s/refund-requests",
+        json={"type": "appeal", "description": "My access was suspended"},
+        headers=bearer(token(account_id="acc_s", email="ops@client.example")),
+    )
+    assert filed.status_code == 201
+    body = filed.json()
+    assert body["status"] == "received"
+    assert body["clock_started_at"] == body["received_at"]
+    assert body["decision_due"] is not None
+
+
+async def test_replies_move_the_status_are_emailed_once_and_shown_to_the_client(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    filed = await client.post(
+        "/v1/accounts/acc_m/refund-requests",
+        json={"type": "compensation", "description": "Outage on Monday"},
+        headers=bearer(token(account_id="acc_m", email="pay@acc-m.example")),
+    )
+    request_id = filed.json()["id"]
+    url = f"/v1/finance/refund-requests/{request_id}/responses"
+    finance = bearer(token(**FINANCE))
+
+    initial = await client.post(
+        url, json={"kind": "initial", "message": "Received."}, headers=finance
+    )
+    assert initial.json()["status"] == "acknowledged"
+    next_step = (datetime.now(UTC) + timedelta(days=5)).replace(microsecond=0)
+    interim = await client.post(
+        url,
+        json={
+            "kind": "interim",
+            "message": "Checking with the bank.",
+            "next_step_due": next_step.isoformat(),
+        },
+        headers=finance,
+    )
+    assert interim.status_code == 201, interim.text
+    assert interim.json()["status"] == "in_review"
+    assert datetime.fromisoformat(interim.json()["next_step_due"]) == next_step
+    decision = await client.post(
+        url,
+        json={"kind": "decision", "message": "Not covered.", "outcome": "rejected"},
+        headers=finance,
+    )
+    assert decision.json()["status"] == "rejected"
+    late = await client.post(url, json={"kind": "initial", "message": "Hi"}, headers=finance)
+    assert late.status_code == 409
+    assert late.json()["code"] == "request_already_decided"
+
+    emails = await outbox(app, "pay@acc-m.example")
+    assert [e.subject for e in emails] == [
+        f"We have received your billing request [{request_id}]",
+        f"An update on your billing request [{request_id}]",
+        f"A decision on your billing request [{request_id}]",
+    ]
+    assert emails[1].body.startswith("Checking with the bank.")
+    assert f"Next step by: {next_step.isoformat()}" in emails[1].body
+    assert "Decision: rejected" in emails[2].body
+
+    client_view = await client.get(
+        "/v1/accounts/acc_m/refund-requests", headers=bearer(token(account_id="acc_m"))
+    )
+    [shown] = client_view.json()
+    assert [r["kind"] for r in shown["responses"]] == ["initial", "interim", "decision"]
+    assert "audit" not in shown
+
+
+async def test_balance_credit_remedy_credits_the_ledger_once(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    from tests.refunds.flows import balance
+
+    filed = await client.post(
+        "/v1/accounts/acc_c/refund-requests",
+        json={"type": "compensation", "description": "Outage"},
+        headers=bearer(token(account_id="acc_c")),
+    )
+    response = await client.post(
+        f"/v1/finance/refund-requests/{filed.json()['id']}/responses",
+        json={
+            "kind": "decision",
+            "message": "Credited.",
+            "outcome": "approved",
+            "remedy": "balance_credit",
+            "amount": 700,
+        },
+        headers=bearer(token(**FINANCE)),
+    )
+    assert response.json()["status"] == "approved"
+    assert await balance(app, "acc_c") == 700
+
+
+async def test_overdue_requests_are_listed_and_counted_in_metrics(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    old = await finance_file(client, token, received_at="2026-10-01T10:00:00+08:00")
+    recent = await finance_file(client, token, received_at=datetime.now(UTC).isoformat())
+    assert old.status_code == recent.status_code == 201
+    finance = bearer(token(**FINANCE))
+
+    listed = await client.get("/v1/finance/refund-requests?overdue=true", headers=finance)
+    assert [r["id"] for r in listed.json()] == [old.json()["id"]]
+    assert listed.json()[0]["overdue"] is True
+    metrics = (await client.get("/metrics")).text
+    assert "billing_refund_requests_overdue 1.0" in metrics
+
+    url = f"/v1/finance/refund-requests/{old.json()['id']}/responses"
+    await client.post(
+        url, json={"kind": "initial", "message": "Sorry for the delay."}, headers=finance
+    )
+    still = await client.get("/v1/finance/refund-requests?overdue=true", headers=finance)
+    assert len(still.json()) == 1  # the 14-day decision is overdue too
+    soon = (datetime.now(UTC) + timedelta(days=2)).isoformat()
+    await client.post(
+        url,
+        json={"kind": "interim", "message": "Next week.", "next_step_due": soon},
+        headers=finance,
+    )
+    assert (
+        await client.get("/v1/finance/refund-requests?overdue=true", headers=finance)
+    ).json() == []
+    assert "billing_refund_requests_overdue 0.0" in (await client.get("/metrics")).text
+
+    by_status = await client.get("/v1/finance/refund-requests?status=in_review", headers=finance)
+    assert [r["id"] for r in by_status.json()] == [old.json()["id"]]
+
+
+async def test_bad_input_and_wrong_callers_are_refused(
+    client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    future = (datetime.now(UTC) + timedelta(hours=1)).isoformat()
+    assert (await finance_file(client, token, received_at=future)).status_code == 422
+    naive = await finance_file(client, token, received_at="2026-11-20T10:00:00")
+    assert naive.status_code == 422
+    user = bearer(token(account_id="acc_x"))
+    other = await client.post(
+        "/v1/accounts/acc_y/refund-requests",
+        json={"type": "other", "description": "x"},
+        headers=user,
+    )
+    assert other.status_code == 403
+    finance_only = await client.get("/v1/finance/refund-requests", headers=user)
+    assert finance_only.status_code == 403
+    assert (await client.get("/v1/finance/disputes", headers=user)).status_code == 403
+    bad = await client.post(
+        "/v1/accounts/acc_x/refund-requests",
+        json={"type": "refund", "description": "", "amount": -5, "currency": "USD"},
+        headers=user,
+    )
+    assert bad.status_code == 422
+    assert bad.json()["code"] == "validation_error"
+    filed = await client.post(
+        "/v1/accounts/acc_x/refund-requests",
+        json={"type": "other", "description": "question"},
+        headers=user,
+    )
+    url = f"/v1/finance/refund-requests/{filed.json()['id']}/responses"
+    finance = bearer(token(**FINANCE))
+    for body in (
+        {"kind": "interim", "message": "x"},
+        {"kind": "decision", "message": "x"},
+        {"kind": "decision", "message": "x", "outcome": "approved"},
+        {"kind": "decision", "message": "x", "outcome": "approved", "remedy": "refund"},
+        {
+            "kind": "decision",
+            "message": "x",
+            "outcome": "rejected",
+            "remedy": "refund",
+            "amount": 5,
+        },
+        {"kind": "initial", "message": "x", "surprise": 1},
+    ):
+        refused = await client.post(url, json=body, headers=finance)
+        assert refused.status_code == 422, body
+    no_payment = await client.post(
+        url,
+        json={
+            "kind": "decision",
+            "message": "x",
+            "outcome": "approved",
+            "remedy": "refund",
+            "amount": 5,
+        },
+        headers=finance,
+    )
+    assert no_payment.status_code == 409
+    assert no_payment.json()["code"] == "request_needs_information"
+    missing = await client.get(
+        "/v1/accounts/acc_x/refund-requests/8a0c2d4e-0000-4000-8000-000000000000", headers=user
+    )
+    assert missing.status_code == 404
+
+
+async def test_naming_an_unknown_payment_later_does_not_stop_a_running_clock(
+    client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    headers = bearer(token(account_id="acc_p"))
+    filed = await client.post(
+        "/v1/accounts/acc_p/refund-requests",
+        json={"type": "appeal", "description": "Suspended without notice"},
+        headers=headers,
+    )
+    patched = await client.patch(
+        f"/v1/accounts/acc_p/refund-requests/{filed.json()['id']}",
+        json={"payment_reference": "pi_unknown"},
+        headers=headers,
+    )
+    body = patched.json()
+    assert body["status"] == "received"
+    assert body["missing_information"][0] == "payment_reference"
+    assert body["decision_due"] == filed.json()["decision_due"]
