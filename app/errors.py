@@ -204,6 +204,24 @@ _HTTP_CODES = {
 _UNAVAILABLE_SQLSTATES = ("08", "57P")
 
 
+# SQLSTATEs meaning "this input cannot be stored" (a value the request carried): string too long,
+# numeric out of range, bad datetime, NUL or untranslatable characters.
+_INPUT_DATA_SQLSTATES = frozenset({"22001", "22003", "22007", "22008", "22021", "22P05"})
+
+
+def _sqlstate(exc: sa_exc.DBAPIError) -> str | None:
+    for candidate in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        sqlstate = getattr(candidate, "sqlstate", None)
+        if isinstance(sqlstate, str):
+            return sqlstate
+    return None
+
+
+def unstorable_input(exc: BaseException) -> bool:
+    """True when the database refused a value the request carried (see _INPUT_DATA_SQLSTATES)."""
+    return isinstance(exc, sa_exc.DBAPIError) and _sqlstate(exc) in _INPUT_DATA_SQLSTATES
+
+
 def database_unavailable(exc: BaseException) -> bool:
     """True when `exc` means the database cannot be reached right now (connection refused or
     lost, pool exhausted, server shutting down or starting), not that the request was wrong."""
@@ -212,10 +230,8 @@ def database_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated or isinstance(exc.orig, OSError | TimeoutError):
             return True
-        sqlstate = getattr(exc.orig, "sqlstate", None) or getattr(
-            getattr(exc.orig, "__cause__", None), "sqlstate", None
-        )
-        if isinstance(sqlstate, str) and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+        sqlstate = _sqlstate(exc)
+        if sqlstate is not None and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
             return True
         return isinstance(exc, sa_exc.InterfaceError)
     return False
@@ -250,6 +266,15 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     async def _infrastructure_error(_: Request, exc: Exception) -> JSONResponse:
+        if unstorable_input(exc):
+            log.info("request.unstorable_input", error_type=type(exc).__name__)
+            return problem_response(
+                422,
+                "validation_error",
+                "Validation error",
+                "A value in the request cannot be stored (too long, out of range, or containing "
+                "characters such as NUL)",
+            )
         if database_unavailable(exc):
             log.warning("request.database_unavailable", error_type=type(exc).__name__)
             return problem_response(
