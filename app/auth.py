@@ -160,6 +160,15 @@ def account_access(scope: str) -> Callable[[str, Principal], Awaitable[Principal
     return dependency
 
 
+async def account_owner(account_id: str, principal: PrincipalDep) -> Principal:
+    """A dependency for account routes only the account's own user token may call (checked
+    before the body is validated, like every other authorization dependency)."""
+    if principal.account_id != account_id:
+        raise Forbidden("Only the account's own token may do this")
+    return principal
+
+
+AccountOwner = Annotated[Principal, Depends(account_owner)]
 AccountReader = Annotated[Principal, Depends(account_access("billing:read"))]
 AccountWriter = Annotated[Principal, Depends(account_access("billing:write"))]
 UsageWriter = Annotated[Principal, Depends(require_scope("usage:write"))]

@@ -36,6 +36,10 @@ class Timestamped:
     updated_at: Mapped[datetime] = mapped_column(server_default=func.now(), onupdate=func.now())
 
 
+BIGINT_MAX = 2**63 - 1
+"""The largest row id: cursors and other ids from callers are bounded by it (422, not a 500)."""
+
+
 def create_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
     return create_async_engine(
         database_url,

@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from sqlalchemy import exc as sa_exc
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = structlog.get_logger()
@@ -198,6 +199,44 @@ _HTTP_CODES = {
 }
 
 
+# SQLSTATE classes meaning "no usable connection": 08 connection exception, 57P operator
+# intervention (shutdown, crash recovery, starting up).
+_UNAVAILABLE_SQLSTATES = ("08", "57P")
+
+
+# SQLSTATEs meaning "this input cannot be stored" (a value the request carried): string too long,
+# numeric out of range, bad datetime, NUL or untranslatable characters.
+_INPUT_DATA_SQLSTATES = frozenset({"22001", "22003", "22007", "22008", "22021", "22P05"})
+
+
+def _sqlstate(exc: sa_exc.DBAPIError) -> str | None:
+    for candidate in (exc.orig, getattr(exc.orig, "__cause__", None)):
+        sqlstate = getattr(candidate, "sqlstate", None)
+        if isinstance(sqlstate, str):
+            return sqlstate
+    return None
+
+
+def unstorable_input(exc: BaseException) -> bool:
+    """True when the database refused a value the request carried (see _INPUT_DATA_SQLSTATES)."""
+    return isinstance(exc, sa_exc.DBAPIError) and _sqlstate(exc) in _INPUT_DATA_SQLSTATES
+
+
+def database_unavailable(exc: BaseException) -> bool:
+    """True when `exc` means the database cannot be reached right now (connection refused or
+    lost, pool exhausted, server shutting down or starting), not that the request was wrong."""
+    if isinstance(exc, OSError | TimeoutError | sa_exc.TimeoutError):
+        return True
+    if isinstance(exc, sa_exc.DBAPIError):
+        if exc.connection_invalidated or isinstance(exc.orig, OSError | TimeoutError):
+            return True
+        sqlstate = _sqlstate(exc)
+        if sqlstate is not None and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
+            return True
+        return isinstance(exc, sa_exc.InterfaceError)
+    return False
+
+
 def _jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     return [
         {"loc": [str(part) for part in error.get("loc", ())], "msg": str(error.get("msg", ""))}
@@ -225,6 +264,31 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(
             exc.status_code, code, title, detail, headers=dict(exc.headers or {}) or None
         )
+
+    async def _infrastructure_error(_: Request, exc: Exception) -> JSONResponse:
+        if unstorable_input(exc):
+            log.info("request.unstorable_input", error_type=type(exc).__name__)
+            return problem_response(
+                422,
+                "validation_error",
+                "Validation error",
+                "A value in the request cannot be stored (too long, out of range, or containing "
+                "characters such as NUL)",
+            )
+        if database_unavailable(exc):
+            log.warning("request.database_unavailable", error_type=type(exc).__name__)
+            return problem_response(
+                503,
+                ServiceUnavailable.code,
+                ServiceUnavailable.title,
+                "The database is unavailable; retry later",
+                headers={"Retry-After": "5"},
+            )
+        log.exception("request.unhandled_error", error_type=type(exc).__name__)
+        return problem_response(500, "internal_error", "Internal error", "Unexpected error")
+
+    for infrastructure in (OSError, TimeoutError, sa_exc.SQLAlchemyError):
+        app.add_exception_handler(infrastructure, _infrastructure_error)
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:

@@ -20,6 +20,7 @@ from app.health.router import router as health_router
 from app.maintenance.router import router as maintenance_router
 from app.notifications.worker import EmailWorker
 from app.observability import RequestContextMiddleware, configure_logging
+from app.openapi import BillingAPI
 from app.plans.router import router as plans_router
 from app.portal.router import router as portal_router
 from app.refunds.router import router as refunds_router
@@ -79,7 +80,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
                 await app.state.stripe.close()
             await engine.dispose()
 
-    app = FastAPI(
+    app = BillingAPI(
         title="1msg billing service",
         version="0.1.0",
         description=(

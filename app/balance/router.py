@@ -20,7 +20,7 @@ from app.balance.schemas import (
     UsageChargeOut,
 )
 from app.config import Settings
-from app.db import SessionDep
+from app.db import BIGINT_MAX, SessionDep
 from app.errors import (
     ActivityConflict,
     CurrencyMismatch,
@@ -62,7 +62,7 @@ async def get_ledger(
     session: SessionDep,
     _: AccountReader,
     cursor: Annotated[
-        int | None, Query(ge=1, description="`next_cursor` of the page before.")
+        int | None, Query(ge=1, le=BIGINT_MAX, description="`next_cursor` of the page before.")
     ] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> LedgerPage:

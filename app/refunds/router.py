@@ -7,7 +7,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from app.auth import AccountReader, FinanceStaff, Principal, PrincipalDep
+from app.accounts.params import AccountId
+from app.auth import AccountOwner, AccountReader, FinanceStaff
 from app.db import SessionDep
 from app.errors import (
     Forbidden,
@@ -40,12 +41,6 @@ router = APIRouter(tags=["refunds"])
 ACCOUNT = "/v1/accounts/{account_id}"
 
 
-def _own_account(account_id: str, principal: Principal) -> None:
-    """Requests are filed by the account's own token (or finance, on its own route)."""
-    if principal.account_id != account_id:
-        raise Forbidden("Only the account's own token files or changes its requests")
-
-
 @router.get(
     f"{ACCOUNT}/refund-eligibility",
     summary="Zero-usage refund quotes, one per subscription payment",
@@ -53,7 +48,7 @@ def _own_account(account_id: str, principal: Principal) -> None:
     responses=error_responses(Unauthorized, Forbidden),
 )
 async def refund_eligibility(
-    account_id: str, request: Request, session: SessionDep, _: AccountReader
+    account_id: AccountId, request: Request, session: SessionDep, _: AccountReader
 ) -> RefundEligibility:
     return await service.refund_eligibility(
         session, account_id, request.app.state.settings, service.utcnow()
@@ -68,13 +63,12 @@ async def refund_eligibility(
     responses=error_responses(Unauthorized, Forbidden, Unprocessable),
 )
 async def create_refund_request(
-    account_id: str,
+    account_id: AccountId,
     body: RefundRequestCreate,
     request: Request,
     session: SessionDep,
-    principal: PrincipalDep,
+    principal: AccountOwner,
 ) -> RefundRequestOut:
-    _own_account(account_id, principal)
     return await service.create_request(
         session,
         account_id=account_id,
@@ -93,7 +87,7 @@ async def create_refund_request(
     responses=error_responses(Unauthorized, Forbidden),
 )
 async def list_refund_requests(
-    account_id: str, session: SessionDep, _: AccountReader
+    account_id: AccountId, session: SessionDep, _: AccountReader
 ) -> list[RefundRequestOut]:
     return await service.list_requests(session, account_id=account_id)
 
@@ -105,7 +99,7 @@ async def list_refund_requests(
     responses=error_responses(Unauthorized, Forbidden, RefundRequestNotFound),
 )
 async def get_refund_request(
-    account_id: str, request_id: uuid.UUID, session: SessionDep, _: AccountReader
+    account_id: AccountId, request_id: uuid.UUID, session: SessionDep, _: AccountReader
 ) -> RefundRequestOut:
     return await service.get_request(session, account_id=account_id, request_id=request_id)
 
@@ -119,14 +113,13 @@ async def get_refund_request(
     ),
 )
 async def update_refund_request(
-    account_id: str,
+    account_id: AccountId,
     request_id: uuid.UUID,
     body: RefundRequestUpdate,
     request: Request,
     session: SessionDep,
-    principal: PrincipalDep,
+    principal: AccountOwner,
 ) -> RefundRequestOut:
-    _own_account(account_id, principal)
     return await service.update_request(
         session,
         account_id=account_id,

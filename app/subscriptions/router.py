@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 
 from app.accounts.params import AccountId, ChannelId
 from app.auth import AccountReader, BillingReader
-from app.db import SessionDep
+from app.db import BIGINT_MAX, SessionDep
 from app.errors import Forbidden, ServiceUnavailable, Unauthorized, error_responses
 from app.subscriptions import service
 from app.subscriptions.schemas import (
@@ -55,7 +55,9 @@ async def get_channel_access(
 async def list_access_changes(
     session: SessionDep,
     _: BillingReader,
-    after: Annotated[int, Query(ge=0, description="Last id already seen (0: from the start).")] = 0,
+    after: Annotated[
+        int, Query(ge=0, le=BIGINT_MAX, description="Last id already seen (0: from the start).")
+    ] = 0,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> AccessChangePage:
     rows = await service.list_access_changes(session, after=after, limit=limit)

@@ -178,7 +178,7 @@ async def list_stripe_events(
     session: SessionDep,
     _: OpsStaff,
     status: Annotated[str | None, Query(pattern="^(pending|processed|failed|ignored)$")] = None,
-    after: Annotated[str | None, Query(max_length=32, pattern="^[0-9]+$")] = None,
+    after: Annotated[str | None, Query(max_length=18, pattern="^[0-9]+$")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> StoredEventList:
     query = select(StripeEvent).order_by(StripeEvent.id).limit(limit + 1)

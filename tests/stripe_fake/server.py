@@ -236,6 +236,11 @@ class StripeFake(StripeSimulator):
                 )
             )
 
+    def clear_failures(self) -> None:
+        """Forget failures still armed by ``fail_next`` (Stripe recovers)."""
+        with self._lock:
+            self._failures.clear()
+
     def _take_failure(self, method: str, path: str) -> FailureRule | None:
         with self._lock:
             for rule in self._failures:
