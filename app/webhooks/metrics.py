@@ -16,3 +16,7 @@ LAG = Histogram(
     "From receipt to the event's effect being committed",
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 3600),
 )
+CONFLICTS = Counter(
+    "billing_stripe_event_conflicts_total",
+    "Event transactions run again after a serialization failure or deadlock",
+)

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
 from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
@@ -41,6 +43,7 @@ def backoff(attempts: int) -> timedelta:
     return timedelta(seconds=min(BACKOFF_CAP_SECONDS, 2 ** max(0, attempts - 1) * 5))
 
 
+CONFLICT_RETRIES = 10
 LOCK_CONFLICT_SQLSTATES = frozenset({"40P01", "40001", "55P03"})  # deadlock, serialization, lock
 
 
@@ -117,7 +120,11 @@ class EventProcessor:
             if isinstance(result, Exception):
                 # the transaction itself failed (e.g. the database went away): the lease runs
                 # out and the event is taken again; nothing was marked processed.
-                log.warning("stripe_event.transaction_failed", error_type=type(result).__name__)
+                log.warning(
+                    "stripe_event.transaction_failed",
+                    error_type=type(result).__name__,
+                    sqlstate=getattr(getattr(result, "orig", None), "sqlstate", None),
+                )
         return len(ids)
 
     async def _claim(self) -> list[int]:
@@ -143,7 +150,27 @@ class EventProcessor:
             return sorted(result.scalars().all())
 
     async def process_one(self, event_id: int) -> None:
+        """Apply one event; a transaction Postgres aborted to keep the serializable order
+        (or to break a deadlock) is simply run again, seeing what the other one committed."""
+        for retry in range(CONFLICT_RETRIES + 1):
+            try:
+                await self._apply_in_transaction(event_id)
+                return
+            except DBAPIError as exc:
+                if not is_lock_conflict(exc) or retry == CONFLICT_RETRIES:
+                    raise
+                metrics.CONFLICTS.inc()
+                # let the transaction we collided with finish first
+                await asyncio.sleep(random.uniform(0, 0.01 * 2**retry))  # noqa: S311 (jitter)
+
+    async def _apply_in_transaction(self, event_id: int) -> None:
         async with self._session_factory() as session, session.begin():
+            # SERIALIZABLE: handlers of different objects read what the other writes (a
+            # dispute needs its payment and subscription, a payment looks for its disputes);
+            # Postgres aborts one of two transactions that would each miss the other's
+            # write, and the retry above sees it. Advisory locks keep same-object events in
+            # order so such aborts stay rare.
+            await session.execute(text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
             await session.execute(text("SET LOCAL synchronous_commit = off"))
             row = await session.scalar(
                 select(StripeEvent)
@@ -164,6 +191,8 @@ class EventProcessor:
                         EventContext(session, self._settings, self._stripe, payload, now)
                     )
             except Exception as exc:
+                if is_lock_conflict(exc):
+                    raise  # abort the whole transaction; process_one runs it again
                 self._record_failure(row, exc, now)
                 return
             row.status = "processed"
@@ -176,11 +205,7 @@ class EventProcessor:
     def _record_failure(self, row: StripeEvent, exc: Exception, now: datetime) -> None:
         metrics.FAILED.labels(row.type).inc()
         row.last_error = f"{type(exc).__name__}: {exc}"[:2000]
-        if is_lock_conflict(exc) and row.attempts < MAX_ATTEMPTS:
-            # Two events touching the same rows in opposite orders: Postgres broke the
-            # deadlock by failing this one. Its work was rolled back; take it again at once.
-            row.next_attempt_at = now
-        elif row.attempts >= MAX_ATTEMPTS:
+        if row.attempts >= MAX_ATTEMPTS:
             row.status = "failed"
             row.next_attempt_at = None
         else:
