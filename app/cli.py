@@ -18,6 +18,7 @@ from app.config import Settings, get_settings
 from app.db import create_engine, create_session_factory
 from app.observability import configure_logging
 from app.stripe_gateway import StripeGateway
+from app.subscriptions.service import record_expired_access
 from app.webhooks.processor import EventProcessor, prune_payloads
 from app.webhooks.reconcile import reconcile, register_webhook_endpoint
 
@@ -124,6 +125,13 @@ async def _deliver_emails(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _expire_access(_: argparse.Namespace) -> int:
+    async with _runtime() as (settings, engine, _gateway):
+        ended = await record_expired_access(create_session_factory(engine), settings)
+    print(f"recorded {ended} access ends in the access feed")
+    return 0
+
+
 async def _process_events(_: argparse.Namespace) -> int:
     async with _runtime() as (settings, engine, gateway):
         processor = EventProcessor(create_session_factory(engine), settings, gateway)
@@ -170,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     prune = commands.add_parser("prune-events", help="drop old raw event payloads (ids stay)")
     prune.set_defaults(handler=_prune_events, run_async=True)
+
+    expire = commands.add_parser(
+        "expire-access", help="append access that ended by time alone to the access feed"
+    )
+    expire.set_defaults(handler=_expire_access, run_async=True)
 
     work = commands.add_parser("process-events", help="run the event processor in the foreground")
     work.set_defaults(handler=_process_events, run_async=True)
