@@ -33,6 +33,7 @@ from sqlalchemy import Select, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.accounts.service import ensure_account
 from app.config import Settings
 from app.disputes.events import on_dispute_mirrored
 from app.models import (
@@ -134,12 +135,6 @@ async def account_for_customer(session: AsyncSession, customer_id: str | None) -
         select(Account.id).where(Account.stripe_customer_id == customer_id)
     )
     return account_id
-
-
-async def ensure_account(session: AsyncSession, account_id: str) -> None:
-    await session.execute(
-        insert(Account).values(id=account_id).on_conflict_do_nothing(index_elements=[Account.id])
-    )
 
 
 async def link_customer(session: AsyncSession, account_id: str, customer_id: str | None) -> None:
