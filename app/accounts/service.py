@@ -19,9 +19,10 @@ channel, one currency per account.
 from __future__ import annotations
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import event, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import Session
 
 from app.errors import ChannelNotFound, CurrencyMismatch
 from app.models import Account, Channel, LedgerEntry
@@ -30,8 +31,22 @@ from app.stripe_gateway import StripeGateway, idempotency_key
 log = structlog.get_logger()
 
 
+ENSURED_ACCOUNTS = "ensured_accounts"
+"""`session.info` key: accounts this transaction already made sure of (dropped on rollback)."""
+
+
+@event.listens_for(Session, "after_soft_rollback")
+def _forget_ensured_accounts(session: Session, previous_transaction: object) -> None:
+    session.info.pop(ENSURED_ACCOUNTS, None)
+
+
 async def ensure_account(session: AsyncSession, account_id: str, email: str | None = None) -> None:
-    """Create the account row on first use; a user token's email becomes the billing contact."""
+    """Create the account row on first use; a user token's email becomes the billing contact.
+    Without an email, an account already ensured in this transaction costs no statement (the
+    event processor ensures the same accounts many times in one batch)."""
+    ensured: set[str] = session.info.setdefault(ENSURED_ACCOUNTS, set())
+    if email is None and account_id in ensured:
+        return
     statement = insert(Account).values(id=account_id, email=email)
     if email:
         statement = statement.on_conflict_do_update(
@@ -42,6 +57,7 @@ async def ensure_account(session: AsyncSession, account_id: str, email: str | No
     else:
         statement = statement.on_conflict_do_nothing(index_elements=[Account.id])
     await session.execute(statement)
+    ensured.add(account_id)
 
 
 async def claim_channel(session: AsyncSession, account_id: str, channel_id: str) -> None:

@@ -22,9 +22,10 @@ Checkout sessions, subscriptions and payment intents carry our metadata (`accoun
 
 from __future__ import annotations
 
+import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -55,6 +56,8 @@ from app.subscriptions.service import record_access_change
 log = structlog.get_logger()
 
 Json = dict[str, Any]
+PrefetchedObjects = dict[str, Json | Exception]
+"""Stripe objects by id, or the error fetching one raised (not fetched again in the batch)."""
 MirrorRow = TypeVar("MirrorRow", Invoice, Payment, Refund, Dispute)
 
 
@@ -65,6 +68,8 @@ class EventContext:
     stripe: StripeGateway
     event: Json
     now: datetime
+    prefetched: PrefetchedObjects = field(default_factory=dict)
+    """Fetched ahead for a batch of events (see `prefetch_balance_transactions`)."""
 
     @property
     def type(self) -> str:
@@ -480,7 +485,10 @@ async def on_charge(ctx: EventContext) -> None:
     balance_transaction = obj.get("balance_transaction")
     if row.fee is None and balance_transaction is not None:
         if not isinstance(balance_transaction, dict):
-            balance_transaction = await ctx.stripe.retrieve_balance_transaction(
+            known = ctx.prefetched.get(str(balance_transaction))
+            if isinstance(known, Exception):
+                raise known
+            balance_transaction = known or await ctx.stripe.retrieve_balance_transaction(
                 str(balance_transaction)
             )
         row.fee = fee_in_payment_currency(balance_transaction, row.currency)
@@ -490,6 +498,48 @@ async def on_charge(ctx: EventContext) -> None:
         )
     await ctx.session.flush()
     await reapply_money_effects(ctx, select(Payment).where(Payment.id == row.id))
+
+
+PREFETCH_CONCURRENCY = 8
+
+
+async def prefetch_balance_transactions(
+    session: AsyncSession, stripe: StripeGateway, events: Sequence[Json]
+) -> PrefetchedObjects:
+    """The balance transactions that `on_charge` will fetch for these events (fees not known
+    yet), fetched concurrently instead of one after another. A fetch that fails is kept as
+    its error: the event's handler raises it (the attempt fails and is retried later) rather
+    than asking Stripe again at once."""
+    wanted: dict[str, str] = {}  # payment intent -> balance transaction
+    for event in events:
+        obj = event["data"]["object"]
+        if HANDLERS.get(str(event["type"])) is on_charge:
+            payment_intent, transaction = (
+                ref(obj.get("payment_intent")),
+                obj.get("balance_transaction"),
+            )
+            if payment_intent and isinstance(transaction, str):
+                wanted[payment_intent] = transaction
+    if not wanted:
+        return {}
+    known = await session.scalars(
+        select(Payment.stripe_id).where(Payment.stripe_id.in_(wanted), Payment.fee.is_not(None))
+    )
+    for payment_intent in known:
+        wanted.pop(payment_intent, None)
+    limit = asyncio.Semaphore(PREFETCH_CONCURRENCY)
+
+    async def fetch(transaction_id: str) -> Json:
+        async with limit:
+            return dict(await stripe.retrieve_balance_transaction(transaction_id))
+
+    ids = sorted(set(wanted.values()))
+    results = await asyncio.gather(*(fetch(i) for i in ids), return_exceptions=True)
+    return {
+        i: r
+        for i, r in zip(ids, results, strict=True)
+        if isinstance(r, dict | Exception)  # not CancelledError and the like
+    }
 
 
 def fee_in_payment_currency(balance_transaction: Json, payment_currency: str) -> int:

@@ -2,14 +2,17 @@
 
 - Claiming: a worker leases a batch of due `pending` events (`FOR UPDATE SKIP LOCKED`, lease in
   `next_attempt_at`), so replicas never take the same event and a crashed worker's lease runs out.
-- Applying: each event in its own transaction that re-locks the event row, takes a Postgres
-  advisory lock on the Stripe object the event is about (so two replicas never interleave on one
-  subscription), applies the handler, and marks the event `processed` in the same commit: the
-  effect and the "done" mark cannot be separated. These commits use `synchronous_commit=off`:
-  the event itself was stored durably before it was acknowledged, and re-applying an event whose
+- Applying: a claimed batch in one transaction that re-locks the event rows, takes a Postgres
+  advisory lock on each Stripe object the events are about (so two replicas never interleave
+  on one subscription), applies the handlers in the order the events were stored, and marks
+  them `processed` in the same commit: the effects and the "done" marks cannot be separated.
+  One transaction per batch instead of per event is what makes applying cheap (one BEGIN, lock
+  and commit for up to `batch_size` events). These commits use `synchronous_commit=off`: the
+  events were stored durably before they were acknowledged, and re-applying an event whose
   commit was lost in a crash is harmless because every handler is idempotent.
-- Failures: the handler's work is rolled back (savepoint), the attempt is counted and retried
-  with exponential backoff; after `MAX_ATTEMPTS` the event is parked as `failed`, listed by
+- Failures: if a batch fails, its events are applied again one per transaction; a failing
+  handler's work is rolled back (savepoint), the attempt is counted and retried with
+  exponential backoff; after `MAX_ATTEMPTS` the event is parked as `failed`, listed by
   `GET /v1/ops/stripe-events?status=failed` and replayable.
 """
 
@@ -18,8 +21,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from functools import partial
 
 import structlog
 from sqlalchemy import func, select, text, update
@@ -30,7 +34,13 @@ from app.config import Settings
 from app.models import StripeEvent
 from app.stripe_gateway import StripeGateway
 from app.webhooks import metrics
-from app.webhooks.handlers import EventContext, apply_event, lock_key
+from app.webhooks.handlers import (
+    EventContext,
+    PrefetchedObjects,
+    apply_event,
+    lock_key,
+    prefetch_balance_transactions,
+)
 
 log = structlog.get_logger()
 
@@ -44,6 +54,10 @@ def backoff(attempts: int) -> timedelta:
 
 
 CONFLICT_RETRIES = 10
+ADVISORY_LOCKS = text(
+    "SELECT pg_advisory_xact_lock(hashtextextended(key, 0))"
+    " FROM unnest(CAST(:keys AS text[])) WITH ORDINALITY AS k(key, position) ORDER BY position"
+)
 LOCK_CONFLICT_SQLSTATES = frozenset({"40P01", "40001", "55P03"})  # deadlock, serialization, lock
 
 
@@ -68,14 +82,12 @@ class EventProcessor:
         settings: Settings,
         stripe: StripeGateway,
         *,
-        concurrency: int = 4,
         batch_size: int = 100,
         poll_seconds: float = 1.0,
     ) -> None:
         self._session_factory = session_factory
         self._settings = settings
         self._stripe = stripe
-        self._concurrency = concurrency
         self._batch_size = batch_size
         self._poll_seconds = poll_seconds
         self._wakeup = asyncio.Event()
@@ -106,24 +118,34 @@ class EventProcessor:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_seconds)
 
     async def process_due(self) -> int:
+        """Claim a batch of due events and apply it in one transaction; if that fails (a
+        handler raised, or conflicts went on), apply the batch's events one by one, so a bad
+        event is retried and parked alone and the others go through."""
         ids = await self._claim()
         if not ids:
             return 0
-        semaphore = asyncio.Semaphore(self._concurrency)
-
-        async def run(event_id: int) -> None:
-            async with semaphore:
-                await self.process_one(event_id)
-
-        results = await asyncio.gather(*(run(event_id) for event_id in ids), return_exceptions=True)
-        for result in results:
-            if isinstance(result, Exception):
+        fetched: PrefetchedObjects = {}  # Stripe objects fetched once for this claim
+        try:
+            await self._with_conflict_retries(partial(self._apply_batch, fetched=fetched), ids)
+            return len(ids)
+        except Exception as exc:
+            log.info(
+                "stripe_event.batch_fallback",
+                events=len(ids),
+                error_type=type(exc).__name__,
+            )
+        for event_id in ids:
+            try:
+                await self._with_conflict_retries(
+                    partial(self._apply_one, fetched=fetched), [event_id]
+                )
+            except Exception as exc:
                 # the transaction itself failed (e.g. the database went away): the lease runs
                 # out and the event is taken again; nothing was marked processed.
                 log.warning(
                     "stripe_event.transaction_failed",
-                    error_type=type(result).__name__,
-                    sqlstate=getattr(getattr(result, "orig", None), "sqlstate", None),
+                    error_type=type(exc).__name__,
+                    sqlstate=getattr(getattr(exc, "orig", None), "sqlstate", None),
                 )
         return len(ids)
 
@@ -149,12 +171,14 @@ class EventProcessor:
             )
             return sorted(result.scalars().all())
 
-    async def process_one(self, event_id: int) -> None:
-        """Apply one event; a transaction Postgres aborted to keep the serializable order
-        (or to break a deadlock) is simply run again, seeing what the other one committed."""
+    async def _with_conflict_retries(
+        self, apply: Callable[[list[int]], Awaitable[None]], ids: list[int]
+    ) -> None:
+        """A transaction Postgres aborted to keep the serializable order (or to break a
+        deadlock) is simply run again, seeing what the other one committed."""
         for retry in range(CONFLICT_RETRIES + 1):
             try:
-                await self._apply_in_transaction(event_id)
+                await apply(ids)
                 return
             except DBAPIError as exc:
                 if not is_lock_conflict(exc) or retry == CONFLICT_RETRIES:
@@ -163,42 +187,101 @@ class EventProcessor:
                 # let the transaction we collided with finish first
                 await asyncio.sleep(random.uniform(0, 0.01 * 2**retry))  # noqa: S311 (jitter)
 
-    async def _apply_in_transaction(self, event_id: int) -> None:
+    @contextlib.asynccontextmanager
+    async def _transaction(
+        self, ids: list[int]
+    ) -> AsyncIterator[tuple[AsyncSession, list[StripeEvent]]]:
+        """A serializable transaction holding the still-pending events of `ids` (row locks, in
+        id order) and the advisory locks of the Stripe objects they are about.
+
+        SERIALIZABLE: handlers of different objects read what the other writes (a dispute
+        needs its payment and subscription, a payment looks for its disputes); Postgres aborts
+        one of two transactions that would each miss the other's write, and the retry sees it.
+        Advisory locks, taken in one sorted order, keep same-object events of different
+        replicas in order (so such aborts stay rare) and cannot deadlock with each other."""
         async with self._session_factory() as session, session.begin():
-            # SERIALIZABLE: handlers of different objects read what the other writes (a
-            # dispute needs its payment and subscription, a payment looks for its disputes);
-            # Postgres aborts one of two transactions that would each miss the other's
-            # write, and the retry above sees it. Advisory locks keep same-object events in
-            # order so such aborts stay rare.
             await session.execute(text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
             await session.execute(text("SET LOCAL synchronous_commit = off"))
-            row = await session.scalar(
-                select(StripeEvent)
-                .where(StripeEvent.id == event_id, StripeEvent.status == "pending")
-                .with_for_update()
+            rows = list(
+                await session.scalars(
+                    select(StripeEvent)
+                    .where(StripeEvent.id.in_(ids), StripeEvent.status == "pending")
+                    .order_by(StripeEvent.id)
+                    .with_for_update()
+                )
             )
-            if row is None or row.payload is None:
-                return
-            payload: dict[str, Any] = row.payload
+            rows = [row for row in rows if row.payload is not None]
+            keys = sorted({lock_key(row.payload) for row in rows if row.payload is not None})
+            if keys:
+                await session.execute(ADVISORY_LOCKS, {"keys": keys})
+            yield session, rows
+
+    async def _apply_batch(self, ids: list[int], *, fetched: PrefetchedObjects) -> None:
+        """All events in one transaction, in the order they were stored, marked processed by
+        one statement; any failure rolls the whole batch back (the caller then applies its
+        events one by one)."""
+        async with self._transaction(ids) as (session, rows):
+            now = datetime.now(UTC)
+            payloads = [row.payload for row in rows if row.payload is not None]
+            if not fetched:
+                fetched.update(await prefetch_balance_transactions(session, self._stripe, payloads))
+            session.expunge_all()  # the event rows are read, never written through the ORM
+            for payload in payloads:
+                await apply_event(
+                    EventContext(session, self._settings, self._stripe, payload, now, fetched)
+                )
+                await session.flush()
+                # the next event reads the database afresh, as it would in its own transaction
+                session.expunge_all()
             await session.execute(
-                select(func.pg_advisory_xact_lock(func.hashtextextended(lock_key(payload), 0)))
+                update(StripeEvent)
+                .where(StripeEvent.id.in_([row.id for row in rows]))
+                .values(
+                    status="processed",
+                    attempts=StripeEvent.attempts + 1,
+                    processed_at=now,
+                    next_attempt_at=None,
+                    last_error=None,
+                )
+                .execution_options(synchronize_session=False)
             )
+        self._count_processed(rows, now)
+
+    async def _apply_one(self, ids: list[int], *, fetched: PrefetchedObjects) -> None:
+        """One event; a handler's failure is rolled back to a savepoint and recorded on the
+        event (retried with backoff, parked after MAX_ATTEMPTS)."""
+        async with self._transaction(ids) as (session, rows):
+            if not rows:
+                return
+            row = rows[0]
+            assert row.payload is not None
             now = datetime.now(UTC)
             row.attempts += 1
             try:
                 async with session.begin_nested():
                     await apply_event(
-                        EventContext(session, self._settings, self._stripe, payload, now)
+                        EventContext(
+                            session, self._settings, self._stripe, row.payload, now, fetched
+                        )
                     )
             except Exception as exc:
                 if is_lock_conflict(exc):
-                    raise  # abort the whole transaction; process_one runs it again
+                    raise  # abort the whole transaction; it is run again
                 self._record_failure(row, exc, now)
                 return
-            row.status = "processed"
-            row.processed_at = now
-            row.next_attempt_at = None
-            row.last_error = None
+            self._mark_processed(row, now)
+        self._count_processed([row], now)
+
+    @staticmethod
+    def _mark_processed(row: StripeEvent, now: datetime) -> None:
+        row.status = "processed"
+        row.processed_at = now
+        row.next_attempt_at = None
+        row.last_error = None
+
+    @staticmethod
+    def _count_processed(rows: list[StripeEvent], now: datetime) -> None:
+        for row in rows:
             metrics.PROCESSED.labels(row.type).inc()
             metrics.LAG.observe(max(0.0, (now - row.received_at).total_seconds()))
 

@@ -123,8 +123,8 @@ async def test_any_order_with_duplicates_and_concurrency_converges(
     life, saved, expected = baseline
     await saved.restore()
     replicas = [
-        EventProcessor(app.state.session_factory, settings, app.state.stripe, concurrency=3)
-        for _ in range(2)
+        EventProcessor(app.state.session_factory, settings, app.state.stripe, batch_size=batch)
+        for batch in (3, 7)
     ]
     stream = shuffled_with_duplicates(life.events, seed, duplicates)
     for start in range(0, len(stream), apply_every):

@@ -1,0 +1,112 @@
+"""Time (and optionally profile) the event processor alone, in this process:
+`PYTHONPATH=. python -m bench.profile_processor [accounts] [cprofile]`.
+
+Stores the benchmark stream (bench/scenario.py lifecycles, 10% duplicates, shuffled) straight
+into `stripe_events`, then drains it with `EventProcessor` against the Stripe fake and prints
+events/s, then checks every account's mirror as `bench/run ingestion` does. With `cprofile`,
+writes bench/results/profile-processor.txt (cumulative and own time)."""
+
+from __future__ import annotations
+
+import asyncio
+import cProfile
+import io
+import os
+import pstats
+import random
+import sys
+import time
+
+from sqlalchemy import event
+
+from bench import harness
+from bench.harness import RESULTS
+from bench.ingestion import count_status, expected_mirror, mirror_check
+from bench.scenario import build, deliveries
+from tests.stripe_fake import StripeFake
+
+
+async def main() -> None:
+    accounts = int(sys.argv[1]) if len(sys.argv) > 1 else 50
+    profile = len(sys.argv) > 2 and sys.argv[2] == "cprofile"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    fake = StripeFake().start()
+    name = f"bench_proc_{os.getpid()}"
+    try:
+        scenario = build(fake, accounts)
+        stream = deliveries(scenario.events, 0.1, random.Random(7))
+        dsn = await harness.create_database(name)
+        harness.migrate(dsn)
+        await harness.seed(dsn, scenario)
+        os.environ.update(harness.service_env(dsn, fake.url, workers=False))
+
+        from app.config import get_settings
+        from app.db import create_engine, create_session_factory
+        from app.stripe_gateway import StripeGateway
+        from app.webhooks.ingest import incoming_event, insert_events
+        from app.webhooks import metrics
+        from app.webhooks.processor import EventProcessor
+
+        settings = get_settings()
+        engine = create_engine(settings.database_url, settings.database_pool_size)
+        async with engine.connect() as connection:
+            await connection.execution_options(isolation_level="AUTOCOMMIT")
+            await insert_events(connection, [incoming_event(e, livemode=False) for e in stream])
+        statements: dict[str, int] = {}
+
+        def count(conn: object, cursor: object, statement: str, *args: object) -> None:
+            key = " ".join(statement.split())[:90]
+            statements[key] = statements.get(key, 0) + 1
+
+        event.listen(engine.sync_engine, "before_cursor_execute", count)
+        gateway = StripeGateway.from_settings(settings)
+        processor = EventProcessor(
+            create_session_factory(engine),
+            settings,
+            gateway,
+            batch_size=int(os.environ.get("PROC_BATCH", "100")),
+        )
+        calls_before = len(fake.requests)
+        profiler = cProfile.Profile() if profile else None
+        started = time.perf_counter()
+        cpu_started = time.thread_time()
+        if profiler:
+            profiler.enable()
+        attempted = await processor.drain()
+        if profiler:
+            profiler.disable()
+        elapsed = time.perf_counter() - started
+        cpu = time.thread_time() - cpu_started
+        counts = await count_status(dsn)
+        mirror = await mirror_check(dsn, accounts)
+        print(
+            f"{len(scenario.events)} events ({attempted} attempted) in {elapsed:.2f} s: "
+            f"{len(scenario.events) / elapsed:,.0f} events/s, "
+            f"{cpu / len(scenario.events) * 1000:.2f} ms CPU/event (event loop thread; the fake runs in its own); "
+            f"{counts}; mirror as at Stripe: {mirror == expected_mirror(accounts)}; "
+            f"conflict retries: {metrics.CONFLICTS._value.get():.0f}; "
+            f"Stripe calls: {len(fake.requests) - calls_before}"
+        )
+        if mirror != expected_mirror(accounts):
+            print(mirror, expected_mirror(accounts))
+        total = sum(statements.values())
+        print(f"SQL statements: {total} ({total / len(scenario.events):.1f} per event); top:")
+        for key, n in sorted(statements.items(), key=lambda kv: -kv[1])[:25]:
+            print(f"{n:7d}  {key}")
+        if profiler:
+            out = io.StringIO()
+            stats = pstats.Stats(profiler, stream=out)
+            stats.sort_stats("cumulative").print_stats(60)
+            stats.sort_stats("tottime").print_stats(40)
+            path = RESULTS / "profile-processor.txt"
+            path.write_text(out.getvalue())
+            print(f"profile: {path}")
+        await gateway.close()
+        await engine.dispose()
+    finally:
+        fake.stop()
+        await harness.drop_database(name)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())
