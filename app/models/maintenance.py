@@ -72,6 +72,11 @@ class MaintenanceExtension(Base):
     stripe_trial_end: Mapped[datetime | None] = mapped_column(
         comment="The trial_end sent to Stripe (fixed at creation, so retries send the same)."
     )
+    period_days_at_target: Mapped[int | None] = mapped_column(
+        Integer,
+        comment="subscriptions.extension_days when this row was made: the extension days "
+        "Stripe's period includes once Stripe's trial_end reaches stripe_trial_end.",
+    )
     stripe_period_end: Mapped[datetime | None] = mapped_column(
         comment="Stripe's period end after the update."
     )
