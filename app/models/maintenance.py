@@ -51,8 +51,10 @@ class MaintenanceWindow(Base):
 class MaintenanceExtension(Base):
     """The access extension one window granted one subscription: created once (unique), its
     days added to `subscriptions.extension_days` in the same transaction, then pushed to Stripe
-    (`stripe_status`); when Stripe's answer is recorded, `subscriptions.extension_days_in_period`
-    grows by `days` and `included_in_period` becomes true, in one transaction."""
+    (`stripe_status`) as the absolute `stripe_trial_end`. `subscriptions.extension_days_in_period`
+    is derived from the stored Stripe snapshot: once Stripe's `trial_end` reaches
+    `stripe_trial_end`, Stripe's period holds `period_days_at_target` days
+    (app/maintenance/service.py `count_extension_days_in_period`)."""
 
     __tablename__ = "maintenance_extensions"
     __table_args__ = (UniqueConstraint("window_id", "subscription_id"),)
