@@ -17,7 +17,15 @@ from sqlalchemy.exc import IntegrityError
 from app.models import RefundExecution
 from app.refunds.repository import add_ledger_entry
 from tests.conftest import Deliver, TokenFactory, bearer
-from tests.refunds.flows import balance, ledger, new_events, outbox, pay_subscription, pay_top_up
+from tests.refunds.flows import (
+    balance,
+    ledger,
+    new_events,
+    outbox,
+    pay_subscription,
+    pay_top_up,
+    subscription,
+)
 from tests.refunds.test_refund_workflow import FINANCE, file_request, reply
 from tests.stripe_fake import StripeFake
 
@@ -54,6 +62,16 @@ async def finance_view(
     response = await client.get(f"/v1/finance/refund-requests/{request_id}", headers=finance(token))
     assert response.status_code == 200, response.text
     return dict(response.json())
+
+
+async def quote(client: httpx.AsyncClient, token: TokenFactory, account_id: str) -> dict[str, Any]:
+    response = await client.get(
+        f"/v1/accounts/{account_id}/refund-eligibility",
+        headers=bearer(token(account_id=account_id)),
+    )
+    assert response.status_code == 200, response.text
+    [only] = response.json()["quotes"]
+    return dict(only)
 
 
 async def attempts(app: FastAPI, request_id: str) -> list[tuple[int, str, int]]:
@@ -404,3 +422,41 @@ async def test_a_failed_refund_finance_settles_otherwise_can_be_closed_and_not_r
     assert (after.status_code, after.json()["code"]) == (409, "refund_not_failed")
     assert len(stripe_fake.all("refund")) == 1
     assert await balance(app, "acc_cx") == 5000
+
+
+async def test_retrying_a_failed_subscription_refund_refunds_once_more_and_access_stays_ended(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    paid = await pay_subscription(
+        app, stripe_fake, deliver, account_id="acc_rs", channel_id="ch_rs"
+    )
+    created = await file_request(client, token, "acc_rs", payment_reference=paid.charge_id)
+    seen = len(stripe_fake.events)
+    await reply(client, token, created["id"], **APPROVE, amount=2000)
+    await deliver(new_events(stripe_fake, seen))
+    first_refund = stripe_fake.all("refund")[0]["id"]
+    await deliver(stripe_fake.fail_refund(first_refund))
+    assert (await finance_view(client, token, created["id"]))["status"] == "refund_failed"
+    assert (await quote(client, token, "acc_rs"))["already_refunded"] == 0  # nothing went back
+
+    seen = len(stripe_fake.events)
+    retried = await retry(client, token, created["id"])
+    assert retried.status_code == 201, retried.text
+    await deliver(new_events(stripe_fake, seen))
+
+    view = await finance_view(client, token, created["id"])
+    assert view["status"] == "refunded"
+    assert (view["refund"]["attempt"], view["refund"]["amount"]) == (2, 2000)
+    refunds = stripe_fake.all("refund")
+    assert sorted(r["status"] for r in refunds) == ["failed", "succeeded"]
+    assert paid.subscription_id is not None
+    at_stripe = stripe_fake.get("subscription", paid.subscription_id)
+    assert at_stripe["status"] == "canceled"
+    sub = await subscription(app, paid.subscription_id)
+    assert sub.access_revoked_at is not None
+    # Eligibility counts only the refund that went through.
+    assert (await quote(client, token, "acc_rs"))["already_refunded"] == 2000
