@@ -132,6 +132,15 @@ async def _expire_access(_: argparse.Namespace) -> int:
     return 0
 
 
+async def _push_extensions(_: argparse.Namespace) -> int:
+    from app.maintenance.service import retry_pending_extensions
+
+    async with _runtime() as (_settings, engine, gateway):
+        settled = await retry_pending_extensions(create_session_factory(engine), gateway)
+    print(f"settled {settled} pending maintenance extension pushes")
+    return 0
+
+
 async def _process_events(_: argparse.Namespace) -> int:
     async with _runtime() as (settings, engine, gateway):
         processor = EventProcessor(create_session_factory(engine), settings, gateway)
@@ -183,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
         "expire-access", help="append access that ended by time alone to the access feed"
     )
     expire.set_defaults(handler=_expire_access, run_async=True)
+
+    push = commands.add_parser(
+        "push-extensions",
+        help="retry maintenance extensions still pending at Stripe (same idempotency keys)",
+    )
+    push.set_defaults(handler=_push_extensions, run_async=True)
 
     work = commands.add_parser("process-events", help="run the event processor in the foreground")
     work.set_defaults(handler=_process_events, run_async=True)

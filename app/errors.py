@@ -163,6 +163,14 @@ class RefundInProgress(Conflict):
     code, title = "refund_in_progress", "A refund for this request is already in progress"
 
 
+class RefundNotFailed(Conflict):
+    code, title = "refund_not_failed", "Only a refund Stripe reported failed can be retried"
+
+
+class RequestNotClosable(Conflict):
+    code, title = "request_not_closable", "The request cannot be closed in its current status"
+
+
 def problem_response(
     status: int,
     code: str,

@@ -18,6 +18,7 @@ from app.errors import install_error_handlers
 from app.health.router import migration_head
 from app.health.router import router as health_router
 from app.maintenance.router import router as maintenance_router
+from app.maintenance.service import retry_pending_extensions
 from app.notifications.worker import EmailWorker
 from app.observability import RequestContextMiddleware, configure_logging
 from app.openapi import BillingAPI
@@ -57,6 +58,13 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
             workers.start(
                 "expire-access",
                 every(60, lambda: record_expired_access(app.state.session_factory, settings)),
+            )
+            workers.start(
+                "maintenance-pushes",
+                every(
+                    60,
+                    lambda: retry_pending_extensions(app.state.session_factory, app.state.stripe),
+                ),
             )
             workers.start(
                 "prune-events",

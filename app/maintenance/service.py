@@ -22,18 +22,28 @@ Completion (`complete_window`), idempotent:
 2. Stripe, per extension: `trial_end` = the new `access_until` with `proration_behavior=none`
    (Stripe makes the subscription `trialing`, a live state, and the next invoice moves by the
    same days, nothing is credited or charged for it), with the idempotency key
-   `billing:maintenance-extension:<row id>`; the target is fixed when the row is created, so a
-   retry sends the same request. Only `active` and `trialing` subscriptions are pushed
-   (`past_due` ones would have their unpaid invoice side-stepped; others have no next charge):
-   the rest are `skipped`. A refusal from Stripe (e.g. the subscription ended there, or a
-   `cancel_at` before the new date) marks the row `rejected`; either way the client keeps the
-   extension through `access_until` (the days stay outside Stripe's period).
-3. Stripe's answer is recorded in one transaction: the subscription's period end, trial end and
-   status as Stripe returned them, `extension_days_in_period += days`, row `applied`. From then
-   on Stripe's period end includes the days, so `access_until` does not count them twice, and
-   the webhook consumer's later overwrite of the period end with the same value changes nothing.
-   If Stripe is down the row stays `pending`; repeating the completion pushes it again with the
-   same key.
+   `billing:maintenance-extension:<row id>`. The target is an absolute time fixed when the row
+   is created (`stripe_trial_end`), together with `period_days_at_target`: the subscription's
+   `extension_days` at that moment, which is how many extension days Stripe's period holds once
+   Stripe's `trial_end` reaches the target. Sending the same absolute `trial_end` again, with
+   the same key, changes nothing, so every retry is safe. Only `active` and `trialing`
+   subscriptions are pushed (`past_due` ones would have their unpaid invoice side-stepped;
+   others have no next charge): the rest are `skipped`. A refusal from Stripe (e.g. the
+   subscription ended there, or a `cancel_at` before the new date) marks the row `rejected`, and
+   so does a target Stripe's period has already passed without it (pushing it would shorten a
+   paid period); either way the client keeps the extension through `access_until`.
+3. Which days Stripe's period already includes is never a counter we must remember to bump: it
+   is derived from the Stripe snapshot we hold (`count_extension_days_in_period`): the largest
+   `period_days_at_target` of the subscription's pushed rows whose target Stripe's stored
+   `trial_end` has reached. It is recomputed whenever that snapshot changes, by the webhook
+   consumer (in the same transaction that stores Stripe's new period end) and by the pusher
+   when it records Stripe's answer. So a crash anywhere (before the call, after Stripe applied
+   it but before we recorded the answer, before the webhook arrives) never counts a day twice
+   nor drops one: `access_until` = Stripe's period end + the days that period does not hold,
+   both read from the same snapshot.
+4. Pending pushes (Stripe down, or a crash) are retried with the same key by
+   `retry_pending_extensions`: every minute in the background workers, or
+   `billing push-extensions` where they are off; repeating the completion also retries.
 
 A maintenance window never touches payments, invoices or refunds: it is never grounds for a
 refund (policy section 5) and the refund eligibility quote does not read it.
@@ -366,8 +376,9 @@ async def _extend(
     days = len(new_dates)
     until_after = access_until(subscription)
     if until_after is not None:
-        until_after += timedelta(days=days)
-    pushable = days > 0 and subscription.status in STRIPE_PUSHABLE
+        # Stripe speaks whole seconds; the target is compared with Stripe's trial_end.
+        until_after = (until_after + timedelta(days=days)).replace(microsecond=0)
+    pushable = days > 0 and until_after is not None and subscription.status in STRIPE_PUSHABLE
     inserted = (
         await session.execute(
             insert(MaintenanceExtension)
@@ -380,6 +391,7 @@ async def _extend(
                 credited_dates=new_dates,
                 stripe_status="pending" if pushable else "skipped",
                 stripe_trial_end=until_after if pushable else None,
+                period_days_at_target=subscription.extension_days + days if pushable else None,
             )
             .on_conflict_do_nothing(
                 index_elements=[
@@ -459,8 +471,10 @@ async def push_pending_extensions(
     the previous); stops at the first Stripe outage, leaving the rest pending.
 
     One pusher per subscription at a time (a transaction-level advisory lock, held across the
-    Stripe call): a concurrent completion finds the lock taken and leaves the push to its holder,
-    so Stripe receives each update once; the answer is recorded in that same transaction."""
+    Stripe call): a concurrent completion or retry job finds the lock taken and leaves the push
+    to its holder; the answer is recorded in that same transaction. A row whose target Stripe's
+    stored period already holds (its event arrived after a crash lost the answer) is confirmed
+    without another call."""
     while True:
         async with session_factory() as session, session.begin():
             locked = (
@@ -473,7 +487,7 @@ async def push_pending_extensions(
                 return
             row = (
                 await session.execute(
-                    select(MaintenanceExtension, Subscription.stripe_id)
+                    select(MaintenanceExtension, Subscription)
                     .join(Subscription, Subscription.id == MaintenanceExtension.subscription_id)
                     .where(
                         MaintenanceExtension.subscription_id == subscription_id,
@@ -485,15 +499,31 @@ async def push_pending_extensions(
             ).first()
             if row is None:
                 return
-            extension, stripe_id = row
-            assert extension.stripe_trial_end is not None
-            params = {
-                "trial_end": int(extension.stripe_trial_end.timestamp()),
-                "proration_behavior": "none",
-            }
+            extension, subscription = row
+            target = extension.stripe_trial_end
+            assert target is not None
+            if subscription.trial_end is not None and subscription.trial_end >= target:
+                await _mark_applied(session, extension, subscription.current_period_end)
+                await count_extension_days_in_period(session, subscription)
+                log.info("maintenance.stripe_extension_confirmed", extension_id=extension.id)
+                continue
+            if (
+                subscription.current_period_end is not None
+                and subscription.current_period_end >= target
+            ):
+                extension.stripe_status = "rejected"
+                extension.last_error = (
+                    "target_passed: Stripe's period already ends at or after the target; "
+                    "the days stay in access_until"
+                )
+                log.warning("maintenance.stripe_push_target_passed", extension_id=extension.id)
+                continue
+            params = {"trial_end": int(target.timestamp()), "proration_behavior": "none"}
             try:
                 answer = await gateway.update_subscription(
-                    stripe_id, params, key=idempotency_key("maintenance-extension", extension.id)
+                    subscription.stripe_id,
+                    params,
+                    key=idempotency_key("maintenance-extension", extension.id),
                 )
             except StripeRequestRejected as exc:
                 extension.stripe_status = "rejected"
@@ -510,14 +540,100 @@ async def push_pending_extensions(
             await _record_stripe_answer(session, extension, answer)
 
 
+async def retry_pending_extensions(
+    session_factory: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    *,
+    limit: int = 200,
+) -> int:
+    """Push every subscription's pending extensions again (same idempotency keys); the job of
+    the background workers and of `billing push-extensions`. Returns how many rows left
+    `pending`."""
+    async with session_factory() as session:
+        subscription_ids = list(
+            (
+                await session.execute(
+                    select(MaintenanceExtension.subscription_id)
+                    .where(MaintenanceExtension.stripe_status == "pending")
+                    .group_by(MaintenanceExtension.subscription_id)
+                    .order_by(func.min(MaintenanceExtension.id))
+                    .limit(limit)
+                )
+            ).scalars()
+        )
+        before = await _pending_count(session)
+    for subscription_id in subscription_ids:
+        await push_pending_extensions(session_factory, gateway, subscription_id)
+    async with session_factory() as session:
+        settled = before - await _pending_count(session)
+    if subscription_ids:
+        log.info(
+            "maintenance.pending_pushes_retried",
+            subscriptions=len(subscription_ids),
+            settled=settled,
+        )
+    return settled
+
+
+async def _pending_count(session: AsyncSession) -> int:
+    return int(
+        (
+            await session.execute(
+                select(func.count())
+                .select_from(MaintenanceExtension)
+                .where(MaintenanceExtension.stripe_status == "pending")
+            )
+        ).scalar_one()
+    )
+
+
+async def count_extension_days_in_period(session: AsyncSession, subscription: Subscription) -> None:
+    """Set `extension_days_in_period` to what the stored Stripe snapshot holds: the largest
+    `period_days_at_target` among the subscription's pushed extensions whose target Stripe's
+    `trial_end` has reached (0 when none has). Called by the webhook consumer whenever it
+    stores a subscription and by the pusher when it records Stripe's answer, so the period end
+    and the days it includes always come from the same snapshot (see the module docstring)."""
+    held = 0
+    if subscription.trial_end is not None:
+        held = int(
+            (
+                await session.scalar(
+                    select(
+                        func.coalesce(func.max(MaintenanceExtension.period_days_at_target), 0)
+                    ).where(
+                        MaintenanceExtension.subscription_id == subscription.id,
+                        MaintenanceExtension.stripe_trial_end.is_not(None),
+                        MaintenanceExtension.stripe_trial_end <= subscription.trial_end,
+                    )
+                )
+            )
+            or 0
+        )
+    if subscription.extension_days_in_period != held:
+        subscription.extension_days_in_period = held
+        await session.flush()
+
+
 def _timestamp(value: object) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if isinstance(value, int) else None
+
+
+async def _mark_applied(
+    session: AsyncSession, extension: MaintenanceExtension, period_end: datetime | None
+) -> None:
+    extension.stripe_status = "applied"
+    extension.included_in_period = True
+    extension.stripe_period_end = period_end
+    extension.last_error = None
+    await session.flush()
 
 
 async def _record_stripe_answer(
     session: AsyncSession, extension: MaintenanceExtension, answer: dict[str, object]
 ) -> None:
-    """Stripe's period now includes the extension: record that and its period end together."""
+    """Stripe's answer is a snapshot of the subscription: stored unless the one we hold is
+    newer (an answer replayed for a retry can be hours old: its period end is then behind the
+    stored one), then the days in the period are derived from it."""
     items = answer.get("items")
     ends = [
         item.get("current_period_end")
@@ -525,17 +641,19 @@ async def _record_stripe_answer(
         if isinstance(item, dict)
     ]
     period_end = _timestamp(max((end for end in ends if isinstance(end, int)), default=None))
-    subscription = await session.get(Subscription, extension.subscription_id, with_for_update=True)
+    subscription = await session.get(
+        Subscription, extension.subscription_id, with_for_update=True, populate_existing=True
+    )
     assert subscription is not None
-    extension.stripe_status = "applied"
-    extension.included_in_period = True
-    extension.stripe_period_end = period_end
-    subscription.extension_days_in_period += extension.days
-    if period_end is not None:
+    await _mark_applied(session, extension, period_end)
+    stored_end = subscription.current_period_end
+    if period_end is not None and (stored_end is None or period_end >= stored_end):
         subscription.current_period_end = period_end
-    subscription.trial_end = _timestamp(answer.get("trial_end"))
-    if isinstance(answer.get("status"), str):
-        subscription.status = str(answer["status"])
+        subscription.trial_end = _timestamp(answer.get("trial_end"))
+        if isinstance(answer.get("status"), str) and subscription.status in STRIPE_PUSHABLE:
+            subscription.status = str(answer["status"])
+    await session.flush()
+    await count_extension_days_in_period(session, subscription)
     log.info(
         "maintenance.stripe_extension_applied",
         extension_id=extension.id,

@@ -51,8 +51,10 @@ class MaintenanceWindow(Base):
 class MaintenanceExtension(Base):
     """The access extension one window granted one subscription: created once (unique), its
     days added to `subscriptions.extension_days` in the same transaction, then pushed to Stripe
-    (`stripe_status`); when Stripe's answer is recorded, `subscriptions.extension_days_in_period`
-    grows by `days` and `included_in_period` becomes true, in one transaction."""
+    (`stripe_status`) as the absolute `stripe_trial_end`. `subscriptions.extension_days_in_period`
+    is derived from the stored Stripe snapshot: once Stripe's `trial_end` reaches
+    `stripe_trial_end`, Stripe's period holds `period_days_at_target` days
+    (app/maintenance/service.py `count_extension_days_in_period`)."""
 
     __tablename__ = "maintenance_extensions"
     __table_args__ = (UniqueConstraint("window_id", "subscription_id"),)
@@ -71,6 +73,11 @@ class MaintenanceExtension(Base):
     )
     stripe_trial_end: Mapped[datetime | None] = mapped_column(
         comment="The trial_end sent to Stripe (fixed at creation, so retries send the same)."
+    )
+    period_days_at_target: Mapped[int | None] = mapped_column(
+        Integer,
+        comment="subscriptions.extension_days when this row was made: the extension days "
+        "Stripe's period includes once Stripe's trial_end reaches stripe_trial_end.",
     )
     stripe_period_end: Mapped[datetime | None] = mapped_column(
         comment="Stripe's period end after the update."

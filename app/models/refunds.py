@@ -71,7 +71,7 @@ class RefundRequestResponse(Base):
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     request_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("refund_requests.id"), index=True)
-    kind: Mapped[str] = mapped_column(String(16), comment="initial|interim|decision")
+    kind: Mapped[str] = mapped_column(String(16), comment="initial|interim|decision|closing")
     message: Mapped[str] = mapped_column(Text)
     next_step_due: Mapped[datetime | None]
     outcome: Mapped[str | None] = mapped_column(String(16))
@@ -107,14 +107,21 @@ class RefundRequestAudit(Base):
 
 
 class RefundExecution(Timestamped, Base):
-    """One refund we ask Stripe for: committed `pending` before Stripe is called, its id is the
-    idempotency key (`billing:refund:<id>`) and travels in the refund's metadata. One per
-    request (a double-submitted approval finds the same row)."""
+    """One attempt at the refund a decision approved: committed `pending` before Stripe is
+    called, its id is the idempotency key (`billing:refund:<id>`) and travels in the refund's
+    metadata. Attempt 1 is made by the approval (a double-submitted approval finds the same
+    row); finance may retry a refund Stripe reported failed, each retry a new attempt row (so a
+    new key). At most one attempt per request is not `failed` (a partial unique index), so one
+    decision never has two live or successful refunds."""
 
     __tablename__ = "refund_executions"
+    __table_args__ = (UniqueConstraint("request_id", "attempt"),)
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    request_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("refund_requests.id"), unique=True)
+    request_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("refund_requests.id"))
+    attempt: Mapped[int] = mapped_column(
+        Integer, server_default="1", comment="1 for the approval, +1 for each finance retry."
+    )
     payment_id: Mapped[uuid.UUID] = mapped_column(ForeignKey("payments.id"), index=True)
     account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
     amount: Mapped[int] = mapped_column(BigInteger)
@@ -128,6 +135,15 @@ class RefundExecution(Timestamped, Base):
     subscription_cancelled_at: Mapped[datetime | None] = mapped_column(
         comment="When the refunded subscription payment's subscription was cancelled at Stripe."
     )
+
+
+# One live (not failed) refund per request, decided by the database.
+Index(
+    "uq_refund_executions_one_live_attempt",
+    RefundExecution.request_id,
+    unique=True,
+    postgresql_where=RefundExecution.status != "failed",
+)
 
 
 class DisputeEffect(Base):

@@ -84,10 +84,11 @@ async def _our_execution(session: AsyncSession, refund: Refund) -> RefundExecuti
     execution = (await session.execute(statement)).scalar_one_or_none()
     if execution is None:
         return None
-    # Lock in the same order as the approval: request, then execution.
+    # Lock in the same order as the approval: request, then execution. The refund names its
+    # own attempt, which need not be the request's latest one.
     request = await repo.get_request(session, execution.request_id, lock=True)
     assert request is not None
-    return await repo.execution_for_request(session, execution.request_id, lock=True)
+    return await repo.lock_execution(session, execution.id)
 
 
 async def _complete_execution(
@@ -104,16 +105,20 @@ async def _complete_execution(
         return
     request = await repo.get_request(session, execution.request_id, lock=True)
     assert request is not None
+    # Only the latest attempt moves the request (an earlier attempt's late event must not).
+    latest = await repo.execution_for_request(session, execution.request_id)
+    current = latest is not None and latest.id == execution.id
     if refund.status in SUCCEEDED and execution.status in ("pending", "submitted"):
         execution.status = "succeeded"
-        if request.status == "refund_pending":
+        # refund_failed: a retry whose answer we never recorded (the retry adopts it too).
+        if current and request.status in ("refund_pending", "refund_failed"):
             request.status = "refunded"
         audit_step(session, request, "refund_succeeded", ACTOR, stripe_refund_id=refund.stripe_id)
         await _email(session, request, execution, succeeded=True)
     elif refund.status in FAILED and execution.status != "failed":
         execution.status = "failed"
         execution.failure_reason = refund.status
-        if request.status in ("refund_pending", "refunded"):
+        if current and request.status in ("refund_pending", "refunded"):
             request.status = "refund_failed"
         audit_step(
             session,

@@ -133,15 +133,21 @@ async def subscription_period_ends(
 
 async def already_refunded(session: AsyncSession, payment: Payment) -> int:
     """What has gone back or is on its way back: Stripe's refunds (mirrored) plus refunds this
-    service has asked for that Stripe has not yet reported."""
-    mirrored = (
+    service has asked for that Stripe has not yet reported. The charge's `amount_refunded` is
+    mirrored as the highest value seen (events arrive in any order), so refunds that later
+    failed are taken out of it again."""
+    mirrored, failed = (
         await session.execute(
-            select(func.coalesce(func.sum(Refund.amount), 0)).where(
-                Refund.stripe_payment_intent_id == payment.stripe_id,
-                Refund.status.in_(LIVE_REFUND_STATUSES),
-            )
+            select(
+                func.coalesce(
+                    func.sum(Refund.amount).filter(Refund.status.in_(LIVE_REFUND_STATUSES)), 0
+                ),
+                func.coalesce(
+                    func.sum(Refund.amount).filter(Refund.status.not_in(LIVE_REFUND_STATUSES)), 0
+                ),
+            ).where(Refund.stripe_payment_intent_id == payment.stripe_id)
         )
-    ).scalar_one()
+    ).one()
     unmirrored = (
         await session.execute(
             select(func.coalesce(func.sum(RefundExecution.amount), 0)).where(
@@ -154,7 +160,7 @@ async def already_refunded(session: AsyncSession, payment: Payment) -> int:
             )
         )
     ).scalar_one()
-    return max(payment.amount_refunded, int(mirrored)) + int(unmirrored)
+    return max(payment.amount_refunded - int(failed), int(mirrored)) + int(unmirrored)
 
 
 async def find_payment_by_reference(
@@ -232,19 +238,38 @@ async def get_request(
 async def execution_for_request(
     session: AsyncSession, request_id: uuid.UUID, *, lock: bool = False
 ) -> RefundExecution | None:
-    statement = select(RefundExecution).where(RefundExecution.request_id == request_id)
+    """The request's latest refund attempt."""
+    statement = (
+        select(RefundExecution)
+        .where(RefundExecution.request_id == request_id)
+        .order_by(RefundExecution.attempt.desc())
+        .limit(1)
+    )
     if lock:
         statement = statement.with_for_update().execution_options(populate_existing=True)
+    return (await session.execute(statement)).scalar_one_or_none()
+
+
+async def lock_execution(session: AsyncSession, execution_id: uuid.UUID) -> RefundExecution | None:
+    statement = (
+        select(RefundExecution)
+        .where(RefundExecution.id == execution_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
     return (await session.execute(statement)).scalar_one_or_none()
 
 
 async def executions_for_requests(
     session: AsyncSession, request_ids: list[uuid.UUID]
 ) -> dict[uuid.UUID, RefundExecution]:
+    """Each request's latest refund attempt."""
     if not request_ids:
         return {}
     rows = await session.execute(
-        select(RefundExecution).where(RefundExecution.request_id.in_(request_ids))
+        select(RefundExecution)
+        .where(RefundExecution.request_id.in_(request_ids))
+        .order_by(RefundExecution.attempt)
     )
     return {execution.request_id: execution for execution in rows.scalars()}
 
@@ -283,6 +308,7 @@ def overdue_condition(now: datetime) -> Any:
     return and_(
         RefundRequest.clock_started_at.is_not(None),
         RefundRequest.decided_at.is_(None),
+        RefundRequest.status != "closed",
         or_(
             and_(
                 RefundRequest.first_responded_at.is_(None),

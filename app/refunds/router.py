@@ -15,8 +15,10 @@ from app.errors import (
     PaymentDisputed,
     RefundExceedsLimit,
     RefundInProgress,
+    RefundNotFailed,
     RefundRequestNotFound,
     RequestAlreadyDecided,
+    RequestNotClosable,
     RequestNotReady,
     StripeUnavailable,
     Unauthorized,
@@ -31,6 +33,8 @@ from app.refunds.schemas import (
     RefundRequestCreate,
     RefundRequestOut,
     RefundRequestUpdate,
+    RefundRetryCreate,
+    RequestClose,
     RequestStatus,
     ResponseCreate,
 )
@@ -225,4 +229,57 @@ async def respond_to_refund_request(
         request_id=request_id,
         body=body,
         principal=principal,
+    )
+
+
+@router.post(
+    "/v1/finance/refund-requests/{request_id}/refund-attempts",
+    summary="Retry a refund Stripe reported failed (a new attempt with its own idempotency key)",
+    description="Only for a request in `refund_failed`: the decided amount is executed again "
+    "through Stripe as a new attempt (`refund.attempt`), still at most what was paid less what "
+    "is already refunded; the request is `refund_pending` until Stripe's refund event. One "
+    "decision never has two live or successful refunds. 409 `refund_not_failed` for any other "
+    "status.",
+    status_code=201,
+    response_model=FinanceRefundRequestOut,
+    responses=error_responses(
+        Unauthorized,
+        Forbidden,
+        RefundRequestNotFound,
+        RefundNotFailed,
+        RefundInProgress,
+        PaymentDisputed,
+        RefundExceedsLimit,
+        StripeUnavailable,
+        StripeRequestRejected,
+    ),
+)
+async def retry_refund(
+    request_id: uuid.UUID, body: RefundRetryCreate, request: Request, principal: FinanceStaff
+) -> FinanceRefundRequestOut:
+    # No request session: like an approval, a retry commits in steps around the Stripe call.
+    return await service.retry_refund(
+        request.app.state.session_factory,
+        request.app.state.stripe,
+        request_id=request_id,
+        body=body,
+        principal=principal,
+    )
+
+
+@router.post(
+    "/v1/finance/refund-requests/{request_id}/close",
+    summary="Close a request with nothing left to do, with a closing reply to the client",
+    description="Closable while open (withdrawn, duplicate, details never came) or after the "
+    "final reply (`approved`, `rejected`, `refunded`, `refund_failed` settled otherwise). "
+    "409 `request_not_closable` while a refund is on its way (`refund_pending`) or when "
+    "already `closed`.",
+    response_model=FinanceRefundRequestOut,
+    responses=error_responses(Unauthorized, Forbidden, RefundRequestNotFound, RequestNotClosable),
+)
+async def close_refund_request(
+    request_id: uuid.UUID, body: RequestClose, session: SessionDep, principal: FinanceStaff
+) -> FinanceRefundRequestOut:
+    return await service.close_request(
+        session, request_id=request_id, body=body, principal=principal, now=service.utcnow()
     )

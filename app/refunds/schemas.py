@@ -24,6 +24,9 @@ RequestStatus = Literal[
     "closed",
 ]
 ResponseKind = Literal["initial", "interim", "decision"]
+# Replies shown to the client: finance's replies, plus the message that closed the request.
+ReplyKind = Literal["initial", "interim", "decision", "closing"]
+CloseReason = Literal["withdrawn", "resolved", "duplicate", "unresponsive"]
 Outcome = Literal["approved", "rejected"]
 Remedy = Literal["refund", "balance_credit", "access_extension"]
 Currency = Field(pattern=r"^[a-z]{3}$", description="3-letter lowercase ISO currency.")
@@ -128,9 +131,35 @@ class ResponseCreate(BaseModel):
         return self
 
 
+class RefundRetryCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    note: str | None = Field(
+        default=None,
+        min_length=1,
+        max_length=2000,
+        description="Why the refund is retried (kept in the audit trail, not emailed).",
+    )
+
+
+class RequestClose(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    reason: CloseReason = Field(
+        description="`withdrawn` (the client withdrew it), `resolved` (nothing is left to do "
+        "after the final reply or by other means), `duplicate` (another request covers it), "
+        "`unresponsive` (the missing details never came)."
+    )
+    message: str = Field(
+        min_length=1,
+        max_length=10000,
+        description="The closing reply, emailed to the client and shown with the replies.",
+    )
+
+
 class ResponseOut(BaseModel):
     id: uuid.UUID
-    kind: ResponseKind
+    kind: ReplyKind = Field(description="`closing` is the reply that closed the request.")
     message: str
     next_step_due: datetime | None
     outcome: Outcome | None
@@ -142,6 +171,9 @@ class ResponseOut(BaseModel):
 
 class RefundOut(BaseModel):
     id: uuid.UUID = Field(description="Our refund id (Stripe idempotency key and metadata).")
+    attempt: int = Field(
+        description="1 for the approval's refund, +1 for each retry after Stripe failed one."
+    )
     amount: int
     currency: str
     status: Literal["pending", "submitted", "succeeded", "failed"]
@@ -176,7 +208,9 @@ class RefundRequestOut(BaseModel):
     remedy_amount: int | None
     remedy_days: int | None
     responses: list[ResponseOut] = Field(description="Every reply, oldest first.")
-    refund: RefundOut | None = Field(description="The refund executed through Stripe, if any.")
+    refund: RefundOut | None = Field(
+        description="The refund executed through Stripe, if any (its latest attempt)."
+    )
 
 
 class AuditOut(BaseModel):

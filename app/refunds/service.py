@@ -10,16 +10,22 @@ suspension, say) start their clock at receipt. Due dates are business days in th
 calendar after the clock start.
 
 Statuses: needs_information -> received -> acknowledged (initial reply) -> in_review (interim
-reply) -> approved | rejected | refund_pending -> refunded | refund_failed. `closed` is set
-when a request's payment is refunded or charged back by other means while it is still
-open (nothing is left to decide).
+reply) -> approved | rejected | refund_pending -> refunded | refund_failed. From
+refund_failed finance may retry the refund (-> refund_pending, a new attempt; see
+`retry_refund`). `closed` ends a request with nothing left to do: finance closes it
+(`close_request`: withdrawn by the client, resolved after the final reply or by other means, a
+duplicate, or details that never came), or a chargeback on its payment closes it while it is
+still open (a disputed payment is never also refunded). A closed request is never overdue.
 
-Refunds run through Stripe exactly once: the approval first commits a `pending`
-RefundExecution (one per request, unique) in its own transaction, then calls Stripe with
+Refunds run through Stripe exactly once per attempt: the approval first commits a `pending`
+RefundExecution (attempt 1) in its own transaction, then calls Stripe with
 `billing:refund:<execution id>` as idempotency key and the execution id in the refund's
 metadata, then records the decision. A retry, a double click or a crash between the steps
 reuses the same row and key, so Stripe creates one refund. `refund_pending` lasts until
-Stripe's refund event arrives (app/refunds/events.py).
+Stripe's refund event arrives (app/refunds/events.py). When Stripe reports the refund failed,
+finance may retry it: a new attempt row (new id, so a new key) for the decided amount, bounded
+again by what was paid less what is already refunded; the database allows one attempt that is
+not `failed` per request, so one decision never has two live or successful refunds.
 """
 
 from __future__ import annotations
@@ -42,8 +48,10 @@ from app.errors import (
     PaymentDisputed,
     RefundExceedsLimit,
     RefundInProgress,
+    RefundNotFailed,
     RefundRequestNotFound,
     RequestAlreadyDecided,
+    RequestNotClosable,
     RequestNotReady,
     Unprocessable,
 )
@@ -66,6 +74,8 @@ from app.refunds.schemas import (
     RefundRequestCreate,
     RefundRequestOut,
     RefundRequestUpdate,
+    RefundRetryCreate,
+    RequestClose,
     ResponseCreate,
     ResponseOut,
 )
@@ -372,7 +382,11 @@ async def finance_get(
 
 def is_overdue(request: RefundRequest, now: datetime) -> bool:
     """Python twin of `repository.overdue_condition`."""
-    if request.clock_started_at is None or request.decided_at is not None:
+    if (
+        request.clock_started_at is None
+        or request.decided_at is not None
+        or request.status == "closed"
+    ):
         return False
     return bool(
         (request.first_responded_at is None and _passed(request.first_response_due, now))
@@ -449,6 +463,7 @@ SUBJECTS = {
     "initial": "We have received your billing request",
     "interim": "An update on your billing request",
     "decision": "A decision on your billing request",
+    "closing": "Your billing request is closed",
 }
 
 
@@ -682,7 +697,7 @@ async def _approve_refund(
                     status="pending",
                     requested_by=principal.sub,
                 )
-                .on_conflict_do_nothing(index_elements=["request_id"])
+                .on_conflict_do_nothing()  # one live attempt per request (unique index)
             )
             await session.execute(statement)
             audit_step(
@@ -764,3 +779,193 @@ async def _check_refund_bound(session: AsyncSession, payment: Payment, amount: i
         limit = min(limit, unspent)
     if amount > limit:
         raise RefundExceedsLimit(f"At most {max(0, limit)} {payment.currency} can be refunded")
+
+
+# --- refund retries and closing ------------------------------------------------------------
+
+CLOSABLE_STATUSES = (*OPEN_STATUSES, "approved", "rejected", "refunded", "refund_failed")
+
+
+async def retry_refund(
+    factory: async_sessionmaker[AsyncSession],
+    stripe: StripeGateway,
+    *,
+    request_id: uuid.UUID,
+    body: RefundRetryCreate,
+    principal: Principal,
+) -> FinanceRefundRequestOut:
+    """Execute an approved refund again after Stripe reported it failed (`refund_failed`).
+
+    The same three steps as the approval: commit a `pending` attempt (attempt n+1, a new id, so
+    a new idempotency key) for the decided amount, still at most what was paid less what is
+    already refunded; call Stripe; record its answer (`refund_pending` until Stripe's event).
+    A retry of the retry (Stripe down: 502, or a crash) finds that attempt still `pending` and
+    reuses it and its key. The partial unique index on live attempts makes a second live refund
+    for one decision impossible, whatever runs concurrently."""
+    # 1. Commit the new attempt before calling Stripe.
+    async with factory() as session, session.begin():
+        unlocked = await repo.get_request(session, request_id)
+        if unlocked is None:
+            raise RefundRequestNotFound()
+        if unlocked.status != "refund_failed" or unlocked.payment_id is None:
+            raise RefundNotFailed(f"The request is {unlocked.status}")
+        # Lock order everywhere: payment, then request, then refund execution.
+        payment = await repo.get_payment(session, unlocked.payment_id, lock=True)
+        assert payment is not None
+        request = await repo.get_request(session, request_id, lock=True)
+        assert request is not None
+        if request.status != "refund_failed":
+            raise RefundNotFailed(f"The request is {request.status}")
+        if payment.disputed:
+            raise PaymentDisputed()
+        latest = await repo.execution_for_request(session, request.id, lock=True)
+        if latest is None or latest.status in ("submitted", "succeeded"):
+            raise RefundInProgress("The request's refund is not failed at Stripe")
+        if latest.status == "failed":
+            amount = request.remedy_amount or latest.amount
+            await _check_refund_bound(session, payment, amount)
+            attempt = RefundExecution(
+                id=uuid.uuid4(),
+                request_id=request.id,
+                attempt=latest.attempt + 1,
+                payment_id=payment.id,
+                account_id=request.account_id,
+                amount=amount,
+                currency=payment.currency,
+                status="pending",
+                requested_by=principal.sub,
+            )
+            session.add(attempt)
+            await session.flush()
+            audit_step(
+                session,
+                request,
+                "refund_retry_created",
+                principal.sub,
+                refund_id=attempt.id,
+                attempt=attempt.attempt,
+                amount=amount,
+                note=body.note,
+            )
+            latest = attempt
+        execution_id, amount, number = latest.id, latest.amount, latest.attempt
+        payment_intent, account_id = payment.stripe_id, request.account_id
+
+    # 2. Ask Stripe, with the attempt's id as the idempotency key.
+    try:
+        refund = await stripe.create_refund(
+            payment_intent=payment_intent,
+            amount=amount,
+            metadata={
+                "refund_execution_id": str(execution_id),
+                "refund_request_id": str(request_id),
+                "account_id": account_id,
+                "attempt": str(number),
+            },
+            key=idempotency_key("refund", execution_id),
+        )
+    except StripeRequestRejected:
+        async with factory() as session, session.begin():
+            execution = await repo.lock_execution(session, execution_id)
+            if execution is not None and execution.status == "pending":
+                await session.delete(execution)
+        raise
+
+    # 3. Record Stripe's answer.
+    async with factory() as session, session.begin():
+        request = await repo.get_request(session, request_id, lock=True)
+        assert request is not None
+        execution = await repo.lock_execution(session, execution_id)
+        assert execution is not None
+        if execution.stripe_refund_id is None:
+            execution.stripe_refund_id = refund["id"]
+        if execution.status == "pending":
+            execution.status = "submitted"
+        if request.status == "refund_failed":
+            request.status = {"succeeded": "refunded", "failed": "refund_failed"}.get(
+                execution.status, "refund_pending"
+            )
+            audit_step(
+                session,
+                request,
+                "refund_retried",
+                principal.sub,
+                refund_id=execution.id,
+                attempt=execution.attempt,
+                amount=execution.amount,
+                stripe_refund_id=execution.stripe_refund_id,
+            )
+            await _email_retry(session, request, execution)
+    log.info(
+        "refund.retried", request_id=str(request_id), refund_id=str(execution_id), attempt=number
+    )
+    async with factory() as session:
+        return await finance_get(session, request_id=request_id, now=utcnow())
+
+
+async def _email_retry(
+    session: AsyncSession, request: RefundRequest, execution: RefundExecution
+) -> None:
+    to = await repo.account_email(session, request.account_id)
+    if to is None:
+        log.warning("refund_request.no_billing_contact", request_id=str(request.id))
+        return
+    await enqueue_email(
+        session,
+        dedupe_key=f"refund-retried:{execution.id}",
+        to=to,
+        subject=f"Your refund has been submitted again [{request.id}]",
+        body=f"The payment provider could not complete your refund of {execution.amount} "
+        f"{execution.currency}, so we have submitted it again. Your bank decides when it "
+        f"appears.\nRequest reference: {request.id}",
+    )
+
+
+async def close_request(
+    session: AsyncSession,
+    *,
+    request_id: uuid.UUID,
+    body: RequestClose,
+    principal: Principal,
+    now: datetime,
+) -> FinanceRefundRequestOut:
+    """Close a request with nothing left to do, with a closing reply emailed to the client.
+
+    Closable: an open request (withdrawn, duplicate, details that never came, or settled by
+    other means), or one with its final reply (`approved`, `rejected`, `refunded`, or
+    `refund_failed` that finance settles without another attempt). Not while a refund is on
+    its way (`refund_pending`, or a retry not yet answered by Stripe), and not twice: 409
+    `request_not_closable`."""
+    request = await repo.get_request(session, request_id, lock=True)
+    if request is None:
+        raise RefundRequestNotFound()
+    if request.status not in CLOSABLE_STATUSES:
+        raise RequestNotClosable(f"The request is {request.status}")
+    latest = await repo.execution_for_request(session, request.id, lock=True)
+    if latest is not None and latest.status in ("pending", "submitted"):
+        raise RequestNotClosable(f"A refund ({latest.status} at Stripe) is on its way")
+    status_before = request.status
+    request.status = "closed"
+    request.first_responded_at = request.first_responded_at or now
+    response = RefundRequestResponse(
+        id=uuid.uuid4(),
+        request_id=request.id,
+        kind="closing",
+        message=body.message,
+        author=principal.sub,
+    )
+    session.add(response)
+    await session.flush()
+    audit_step(
+        session,
+        request,
+        "closed",
+        principal.sub,
+        reason=body.reason,
+        status_before=status_before,
+        response_id=response.id,
+    )
+    await _email_reply(session, request, response)
+    await session.flush()
+    log.info("refund_request.closed", request_id=str(request.id), reason=body.reason)
+    return (await _render_finance(session, [request], now))[0]

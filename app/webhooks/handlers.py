@@ -37,6 +37,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.accounts.service import ensure_account
 from app.config import Settings
 from app.disputes.events import on_dispute_mirrored
+from app.maintenance.service import count_extension_days_in_period
 from app.models import (
     Account,
     Channel,
@@ -357,6 +358,8 @@ async def on_subscription(ctx: EventContext) -> None:
         for key, value in values.items():
             setattr(existing, key, value)
     await ctx.session.flush()
+    if existing is not None:  # the maintenance days this snapshot's period holds
+        await count_extension_days_in_period(ctx.session, existing)
     if status in LIVE_STATUSES:
         await fulfil_subscription_checkout(ctx, obj["id"], metadata)
     await record_access_change(ctx.session, channel_id, ctx.settings, ctx.now)

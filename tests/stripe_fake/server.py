@@ -71,7 +71,7 @@ class FailureRule:
 
     count: int = 1
     status: int = 500
-    kind: str = "error"  # error | timeout | card_error
+    kind: str = "error"  # error | timeout | card_error | lost_response
     delay: float = 5.0
     path_prefix: str | None = None
     method: str | None = None
@@ -218,8 +218,11 @@ class StripeFake(StripeSimulator):
         kind="error": answer ``status`` (429 gets ``Retry-After`` + rate_limit body).
         kind="timeout": sleep ``delay`` seconds first, then answer normally.
         kind="card_error": 402 card_declined.
+        kind="lost_response": handle the request normally (Stripe applies it, and keeps its
+        answer under the idempotency key), then answer ``status`` instead: the answer was
+        lost, as when the caller crashes or the connection drops after Stripe committed.
         """
-        if kind not in {"error", "timeout", "card_error"}:
+        if kind not in {"error", "timeout", "card_error", "lost_response"}:
             raise ValueError(f"unknown failure kind {kind!r}")
         with self._lock:
             self._failures.append(
@@ -353,11 +356,25 @@ class StripeFake(StripeSimulator):
         request_id: str,
     ) -> tuple[int, Json, dict[str, str]]:
         rule = self._take_failure(method, path)
+        if rule is not None and rule.kind == "lost_response":
+            await self._process_request(method, path, raw, headers, record, request_id)
+            return self._failure_response(rule)
         if rule is not None:
             if rule.kind == "timeout":
                 await self._sleep(rule.delay)
             else:
                 return self._failure_response(rule)
+        return await self._process_request(method, path, raw, headers, record, request_id)
+
+    async def _process_request(
+        self,
+        method: str,
+        path: str,
+        raw: Json,
+        headers: dict[str, str],
+        record: RecordedRequest,
+        request_id: str,
+    ) -> tuple[int, Json, dict[str, str]]:
         auth = headers.get("authorization", "")
         if not auth.startswith("Bearer sk_") and not auth.startswith("Bearer rk_"):
             return _error(

@@ -1,0 +1,290 @@
+"""Maintenance extensions reach Stripe exactly once and heal themselves after a crash.
+
+The crash that matters is the one after Stripe applied `trial_end` but before we recorded its
+answer: the Stripe fake's `lost_response` failure applies the update (and keeps the answer
+under the idempotency key) and then answers 500, which is what the service sees when it
+dies or its connection drops at that moment. Nothing is recorded; Stripe's event with the new
+period end is on its way."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from app.config import Settings
+from app.maintenance.service import retry_pending_extensions
+from app.models import MaintenanceExtension
+from app.subscriptions.access import access_until
+from tests.conftest import JWT_SECRET, STRIPE_KEY, WEBHOOK_SECRET, Deliver, TokenFactory, bearer
+from tests.maintenance.conftest import PERIOD_START, LiveSubscription
+from tests.maintenance.test_completion import (
+    ACROSS_MIDNIGHT,
+    PERIOD_END,
+    Factory,
+    complete,
+    open_window,
+    subscription,
+)
+from tests.stripe_fake import StripeFake
+
+EXTENDED = PERIOD_END + timedelta(days=2)  # ACROSS_MIDNIGHT touches two Singapore dates
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def ops(token: TokenFactory) -> dict[str, str]:
+    return bearer(token(scope="ops", sub="ops-carol"))
+
+
+def pushes(stripe_fake: StripeFake, stripe_id: str) -> list[Any]:
+    return stripe_fake.requests_to("POST", f"/v1/subscriptions/{stripe_id}")
+
+
+def subscription_events(stripe_fake: StripeFake, seen: int) -> list[dict[str, Any]]:
+    return [
+        e for e in stripe_fake.events_since(seen) if e["type"] == "customer.subscription.updated"
+    ]
+
+
+async def api_access_until(
+    client: httpx.AsyncClient, token: TokenFactory, account_id: str
+) -> datetime:
+    response = await client.get(
+        f"/v1/accounts/{account_id}/subscriptions", headers=bearer(token(account_id=account_id))
+    )
+    assert response.status_code == 200, response.text
+    [row] = response.json()["data"]
+    return datetime.fromisoformat(row["access_until"])
+
+
+async def extension_row(factory: Factory) -> MaintenanceExtension:
+    async with factory() as session:
+        return (await session.execute(select(MaintenanceExtension))).scalar_one()
+
+
+async def crash_after_stripe_answered(
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    stripe_fake: StripeFake,
+    sub: dict[str, Any],
+) -> None:
+    """Complete a window while every attempt's answer is lost after Stripe applied it."""
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+    stripe_fake.fail_next(
+        2, 500, kind="lost_response", path_prefix=f"/v1/subscriptions/{sub['id']}"
+    )
+    response = await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+    assert response.status_code == 200, response.text
+    assert response.json()["stripe_updates"]["pending"] == 1
+    at_stripe = stripe_fake.get("subscription", sub["id"])
+    assert at_stripe["items"]["data"][0]["current_period_end"] == int(EXTENDED.timestamp())
+
+
+async def test_stripe_event_after_a_crash_that_lost_stripes_answer_never_counts_days_twice(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    factory: Factory,
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    sub = await live_subscription("acc_x1", "ch_x1", email="x1@client.example")
+    seen = len(stripe_fake.events)
+    await crash_after_stripe_answered(client, ops, stripe_fake, sub)
+
+    # Nothing recorded: the days show outside Stripe's (stored) period.
+    row = await subscription(factory, "ch_x1")
+    assert (row.current_period_end, row.extension_days, row.extension_days_in_period) == (
+        PERIOD_END,
+        2,
+        0,
+    )
+    assert await api_access_until(client, token, "acc_x1") == EXTENDED
+
+    # Stripe's event with the moved period end arrives before any retry.
+    await deliver(subscription_events(stripe_fake, seen))
+    row = await subscription(factory, "ch_x1")
+    assert (row.current_period_end, row.extension_days, row.extension_days_in_period) == (
+        EXTENDED,
+        2,
+        2,
+    )
+    assert access_until(row) == EXTENDED
+    assert await api_access_until(client, token, "acc_x1") == EXTENDED
+    assert (await extension_row(factory)).stripe_status == "pending"
+
+    # The retry job settles the row; Stripe's period already holds it, so it is not re-sent.
+    settled = await retry_pending_extensions(factory, app.state.stripe)
+
+    assert settled == 1
+    extension = await extension_row(factory)
+    assert (extension.stripe_status, extension.stripe_period_end) == ("applied", EXTENDED)
+    attempts = pushes(stripe_fake, sub["id"])
+    assert len({r.idempotency_key for r in attempts}) == 1
+    assert [r.replayed for r in attempts] == [False, True]  # Stripe applied it once
+    assert await api_access_until(client, token, "acc_x1") == EXTENDED
+    assert await retry_pending_extensions(factory, app.state.stripe) == 0
+
+
+async def test_retry_job_replays_stripes_answer_with_the_same_key_and_the_late_event_adds_nothing(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    factory: Factory,
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    sub = await live_subscription("acc_x2", "ch_x2", email="x2@client.example")
+    seen = len(stripe_fake.events)
+    await crash_after_stripe_answered(client, ops, stripe_fake, sub)
+
+    settled = await retry_pending_extensions(factory, app.state.stripe)
+
+    assert settled == 1
+    attempts = pushes(stripe_fake, sub["id"])
+    assert len({r.idempotency_key for r in attempts}) == 1
+    assert [(r.replayed, r.status) for r in attempts] == [(False, 500), (True, 500), (True, 200)]
+    row = await subscription(factory, "ch_x2")
+    assert (row.current_period_end, row.extension_days_in_period, row.status) == (
+        EXTENDED,
+        2,
+        "trialing",
+    )
+    assert access_until(row) == EXTENDED
+
+    # The event Stripe sent for the update arrives late, then the moved renewal.
+    await deliver(subscription_events(stripe_fake, seen))
+    assert access_until(await subscription(factory, "ch_x2")) == EXTENDED
+    stripe_fake.set_time(EXTENDED.timestamp())
+    await deliver(stripe_fake.renew_subscription(sub["id"]))
+    renewed = await subscription(factory, "ch_x2")
+    assert renewed.current_period_start == EXTENDED
+    assert access_until(renewed) == renewed.current_period_end
+    assert (renewed.extension_days, renewed.extension_days_in_period) == (2, 2)
+    assert await api_access_until(client, token, "acc_x2") == renewed.current_period_end
+
+
+async def test_an_older_stripe_snapshot_arriving_after_the_push_neither_drops_nor_doubles_days(
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    factory: Factory,
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    sub = await live_subscription("acc_x3", "ch_x3", email="x3@client.example")
+    # A change at Stripe whose event is delayed until after the push was recorded.
+    stripe_fake.set_time((PERIOD_START + timedelta(minutes=1)).timestamp())
+    delayed = stripe_fake.update_subscription(sub["id"], metadata={"note": "delayed"})
+    stripe_fake.set_time((PERIOD_START + timedelta(minutes=2)).timestamp())
+    seen = len(stripe_fake.events)
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+    response = await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+    assert response.json()["stripe_updates"]["applied"] == 1
+    assert access_until(await subscription(factory, "ch_x3")) == EXTENDED
+
+    await deliver(delayed)  # Stripe's period before the push: the days are outside it again
+    row = await subscription(factory, "ch_x3")
+    assert (row.current_period_end, row.extension_days_in_period) == (PERIOD_END, 0)
+    assert access_until(row) == EXTENDED
+
+    await deliver(subscription_events(stripe_fake, seen))
+    row = await subscription(factory, "ch_x3")
+    assert (row.current_period_end, row.extension_days_in_period) == (EXTENDED, 2)
+    assert access_until(row) == EXTENDED
+
+
+async def test_a_target_stripes_period_already_passed_is_not_pushed(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    factory: Factory,
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    """Stripe stayed down until the subscription renewed without the extension: pushing the
+    old target would cut the newly paid period short, so the row is rejected and the days stay
+    in access_until."""
+    sub = await live_subscription("acc_x4", "ch_x4", email="x4@client.example")
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+    stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}")
+    await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+    stripe_fake.set_time(PERIOD_END.timestamp())
+    await deliver(stripe_fake.renew_subscription(sub["id"]))
+    renewed = await subscription(factory, "ch_x4")
+    assert renewed.current_period_end is not None and renewed.current_period_end > EXTENDED
+    requests_before = len(pushes(stripe_fake, sub["id"]))
+
+    assert await retry_pending_extensions(factory, app.state.stripe) == 1
+
+    extension = await extension_row(factory)
+    assert extension.stripe_status == "rejected"
+    assert extension.last_error and extension.last_error.startswith("target_passed")
+    assert len(pushes(stripe_fake, sub["id"])) == requests_before
+    row = await subscription(factory, "ch_x4")
+    assert access_until(row) == renewed.current_period_end + timedelta(days=2)
+
+
+async def test_push_extensions_command_retries_pending_pushes_with_the_same_key(
+    settings: Settings,
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    factory: Factory,
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+) -> None:
+    """`billing push-extensions`, for deployments without background workers."""
+    sub = await live_subscription("acc_x5", "ch_x5", email="x5@client.example")
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+    stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}")
+    await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+    assert (await extension_row(factory)).stripe_status == "pending"
+
+    env = {
+        **os.environ,
+        "APP_ENV": "test",
+        "DATABASE_URL": settings.database_url,
+        "STRIPE_SECRET_KEY": STRIPE_KEY,
+        "STRIPE_API_BASE": stripe_fake.url,
+        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+        "AUTH_JWT_SECRET": JWT_SECRET,
+        "LOG_LEVEL": "WARNING",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "app.cli",
+        "push-extensions",
+        cwd=ROOT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    stdout, stderr = await process.communicate()
+
+    assert process.returncode == 0, stderr.decode()
+    assert "settled 1 pending maintenance extension pushes" in stdout.decode()
+    extension = await extension_row(factory)
+    assert extension.stripe_status == "applied"
+    attempts = pushes(stripe_fake, sub["id"])
+    assert len({r.idempotency_key for r in attempts}) == 1
+    assert [r.status for r in attempts] == [500, 500, 200]
+    row = await subscription(factory, "ch_x5")
+    assert (row.current_period_end, row.extension_days_in_period) == (EXTENDED, 2)
+    assert access_until(row) == EXTENDED
+    assert row.current_period_end.tzinfo is not None
+    assert row.current_period_end > datetime(2026, 1, 1, tzinfo=UTC)
