@@ -1,6 +1,6 @@
 """Webhook ingestion benchmark: `bench/run ingestion` (see bench/README.md).
 
-1. Builds ACCOUNTS realistic Stripe lifecycles with the Stripe fake (23 events each), adds 10%
+1. Builds ACCOUNTS realistic Stripe lifecycles with the Stripe fake (22 events each), adds 10%
    duplicate deliveries and shuffles them; seeds the rows the checkout API would have written.
 2. Acknowledgement: the service (one uvicorn worker, README defaults, background workers off)
    and the reference endpoint (bench/reference.py) take the same signed stream from wrk at the
@@ -105,7 +105,7 @@ async def main() -> None:
     log.write_bytes(b"")
     print(f"machine: {harness.machine()}")
     print(
-        f"setup: {ACCOUNTS} accounts x 23 events, +{DUPLICATES:.0%} duplicates, shuffled; "
+        f"setup: {ACCOUNTS} accounts' lifecycles, +{DUPLICATES:.0%} duplicates, shuffled; "
         f"{ROUNDS} alternating rounds; wrk, {CONNECTIONS} connections",
         flush=True,
     )
@@ -222,7 +222,9 @@ async def main() -> None:
         summary["reference_rate"] = ref_rate
         if not args.skip_e2e:
             n = min(E2E_ACCOUNTS, ACCOUNTS)
-            subset = scenario.events[: n * 23]  # copies are in account order (scenario.py)
+            # copies are in account order (scenario.py), each lifecycle the same length
+            per_account = len(scenario.events) // len(scenario.accounts)
+            subset = scenario.events[: n * per_account]
             e2e_bodies = [
                 harness.event_body(e) for e in deliveries(subset, DUPLICATES, random.Random(8))
             ]

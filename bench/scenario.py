@@ -2,7 +2,7 @@
 
 Every account lives the test suite's lifecycle (tests/webhooks/lifecycle.py): a subscription
 checkout, its fee settling, cancel at period end and resume, a top-up with a partial refund, a
-lost dispute on the subscription payment, a renewal and the deletion: 23 events of 14 types.
+lost dispute on the subscription payment, a renewal and the deletion: 22 events of 14 types.
 The rows the checkout API would have written first (account with its Stripe customer, our
 checkout sessions) are returned for seeding, exactly as tests/webhooks/flows.py makes them.
 """
