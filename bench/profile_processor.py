@@ -60,19 +60,22 @@ async def main() -> None:
 
         event.listen(engine.sync_engine, "before_cursor_execute", count)
         gateway = StripeGateway.from_settings(settings)
-        processor = EventProcessor(
-            create_session_factory(engine),
-            settings,
-            gateway,
-            batch_size=int(os.environ.get("PROC_BATCH", "100")),
-        )
+        processors = [
+            EventProcessor(
+                create_session_factory(engine),
+                settings,
+                gateway,
+                batch_size=int(os.environ.get("PROC_BATCH", "100")),
+            )
+            for _ in range(int(os.environ.get("PROC_WORKERS", "1")))
+        ]
         calls_before = len(fake.requests)
         profiler = cProfile.Profile() if profile else None
         started = time.perf_counter()
         cpu_started = time.thread_time()
         if profiler:
             profiler.enable()
-        attempted = await processor.drain()
+        attempted = sum(await asyncio.gather(*(p.drain() for p in processors)))
         if profiler:
             profiler.disable()
         elapsed = time.perf_counter() - started
