@@ -86,8 +86,7 @@ RETURNING stripe_id
 """
 
 
-async def insert_events(connection: AsyncConnection, events: list[IncomingEvent]) -> set[str]:
-    """Insert events, skipping stored ones; returns the ids that were new."""
+def _columns(events: list[IncomingEvent]) -> tuple[list[Any], ...]:
     columns: tuple[list[Any], ...] = tuple([] for _ in range(8))
     for e in events:
         values = (
@@ -102,7 +101,12 @@ async def insert_events(connection: AsyncConnection, events: list[IncomingEvent]
         )
         for column, value in zip(columns, values, strict=True):
             column.append(value)
-    result = await connection.exec_driver_sql(INSERT_EVENTS, columns)
+    return columns
+
+
+async def insert_events(connection: AsyncConnection, events: list[IncomingEvent]) -> set[str]:
+    """Insert events, skipping stored ones; returns the ids that were new."""
+    result = await connection.exec_driver_sql(INSERT_EVENTS, _columns(events))
     return {row[0] for row in result}
 
 
@@ -131,14 +135,16 @@ class EventIngestor:
         """Store the event durably; True when new, False for a duplicate. Raises on failure."""
         self.start()
         future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        await self._queue.put((event, future))
+        self._queue.put_nowait((event, future))
         return await future
 
     async def _flush_forever(self) -> None:
-        # Each flusher keeps one connection in autocommit: a batch is one statement, one round
-        # trip and one WAL flush (no pool checkout and ping, BEGIN or COMMIT per batch). A
-        # connection that failed is dropped and a new one taken for the next batch.
+        # Each flusher keeps one connection in autocommit and talks to asyncpg directly: a batch
+        # is one statement, one round trip and one WAL flush (no pool checkout and ping, BEGIN
+        # or COMMIT, no SQLAlchemy result machinery per batch). A connection that failed is
+        # dropped and a new one taken for the next batch.
         connection: AsyncConnection | None = None
+        driver: Any = None
         try:
             while True:
                 batch = [await self._queue.get()]
@@ -148,8 +154,10 @@ class EventIngestor:
                     if connection is None:
                         connection = await self._engine.connect()
                         await connection.execution_options(isolation_level="AUTOCOMMIT")
-                    inserted = await insert_events(connection, [event for event, _ in batch])
-                    await connection.commit()
+                        driver = (await connection.get_raw_connection()).driver_connection
+                    rows = await driver.fetch(
+                        INSERT_EVENTS, *_columns([event for event, _ in batch])
+                    )
                 except Exception as exc:
                     log.warning(
                         "webhook.store_failed", events=len(batch), error_type=type(exc).__name__
@@ -159,8 +167,9 @@ class EventIngestor:
                             future.set_exception(exc)
                     if connection is not None:
                         await _discard(connection)
-                        connection = None
+                        connection = driver = None
                     continue
+                inserted = {row[0] for row in rows}
                 for event, future in batch:
                     is_new = event.stripe_id in inserted
                     inserted.discard(event.stripe_id)  # a second copy in one batch is a duplicate
