@@ -102,11 +102,13 @@ async def acknowledge(state: Any, body: bytes, stripe_signature: str | None) -> 
         )
     except SignatureError as exc:
         REJECTED_SIGNATURE.inc()
+        log.info("webhook.rejected", reason="signature", detail=str(exc))
         raise InvalidWebhook(str(exc)) from None
     try:
         event = parse_event(body, settings)
-    except InvalidWebhook:
+    except InvalidWebhook as exc:
         REJECTED_PAYLOAD.inc()
+        log.info("webhook.rejected", reason="payload", detail=exc.detail)
         raise
     ingestor: EventIngestor = state.event_ingestor
     try:
