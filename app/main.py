@@ -68,7 +68,8 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         own_gateway = gateway is None
         app.state.stripe = gateway or StripeGateway.from_settings(settings)
         processor = EventProcessor(app.state.session_factory, settings, app.state.stripe)
-        ingestor = EventIngestor(engine)
+        # at most a quarter of the pool's connections (pool + overflow) for the flushers
+        ingestor = EventIngestor(engine, flushers=max(1, min(4, settings.database_pool_size // 2)))
         ingestor.on_stored.append(processor.notify)
         app.state.event_processor = processor
         app.state.event_ingestor = ingestor
