@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -92,6 +93,10 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         email_worker = EmailWorker(app.state.session_factory, settings)
         if settings.run_background_workers:
             email_worker.start()
+        # Everything built so far lives as long as the process: keep it out of the garbage
+        # collector's full passes (each took ~0.2 s with the app's ~150k objects, a latency
+        # spike every few hundred webhook deliveries; bench/README.md).
+        gc.freeze()
         try:
             yield
         finally:

@@ -24,7 +24,7 @@ from app.webhooks.handlers import HANDLED_EVENT_TYPES
 log = structlog.get_logger()
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class IncomingEvent:
     stripe_id: str
     type: str
@@ -32,9 +32,11 @@ class IncomingEvent:
     object_id: str | None
     stripe_created: datetime
     livemode: bool
-    payload: dict[str, Any]
     status: str  # "pending" for types we apply, "ignored" for the rest
-    raw: bytes | None = None  # the body as delivered (stored as is, no re-serialising)
+    # What is stored: the body as delivered (no re-serialising), or the event serialised. The
+    # parsed event itself is not kept: a delivery's thousands of objects are freed as soon as
+    # its envelope is checked, not when its batch commits (far less garbage-collector work).
+    payload_json: str
 
 
 def incoming_event(event: Any, *, livemode: bool, raw: bytes | None = None) -> IncomingEvent:
@@ -65,9 +67,8 @@ def incoming_event(event: Any, *, livemode: bool, raw: bytes | None = None) -> I
         object_id=object_id if isinstance(object_id, str) else None,
         stripe_created=datetime.fromtimestamp(created, UTC),
         livemode=livemode,
-        payload=event,
         status="pending" if event_type in HANDLED_EVENT_TYPES else "ignored",
-        raw=raw,
+        payload_json=(raw if raw is not None else orjson.dumps(event)).decode(),
     )
 
 
@@ -96,7 +97,7 @@ def _columns(events: list[IncomingEvent]) -> tuple[list[Any], ...]:
             e.object_id,
             e.stripe_created,
             e.livemode,
-            (e.raw or orjson.dumps(e.payload)).decode(),
+            e.payload_json,
             e.status,
         )
         for column, value in zip(columns, values, strict=True):
