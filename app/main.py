@@ -93,13 +93,14 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         email_worker = EmailWorker(app.state.session_factory, settings)
         if settings.run_background_workers:
             email_worker.start()
-        # Everything built so far lives as long as the process: keep it out of the garbage
+        # Everything built so far lives as long as the app: keep it out of the garbage
         # collector's full passes (each took ~0.2 s with the app's ~150k objects, a latency
-        # spike every few hundred webhook deliveries; bench/README.md).
+        # spike every few hundred webhook deliveries; bench/README.md). Undone at shutdown.
         gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             await email_worker.stop()
             await workers.stop()
             await ingestor.stop()
