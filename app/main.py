@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
+from starlette.types import Receive, Scope, Send
 
 from app.balance.router import router as balance_router
 from app.checkout.router import router as checkout_router
@@ -30,9 +32,29 @@ from app.subscriptions.router import router as subscriptions_router
 from app.subscriptions.service import record_expired_access
 from app.webhooks.ingest import EventIngestor
 from app.webhooks.processor import EventProcessor, prune_payloads
-from app.webhooks.router import WebhookFastPath
+from app.webhooks.router import WEBHOOK_PATH, WebhookFastPath
 from app.webhooks.router import router as webhooks_router
 from app.workers import BackgroundWorkers, every
+
+
+class BillingApp(BillingAPI):
+    """The FastAPI app, with Stripe's deliveries (`POST /webhooks/stripe`) answered by
+    `WebhookFastPath` before any of FastAPI's own layers (its error and telemetry middlewares,
+    routing, dependencies): they cost more than the acknowledgement itself. Everything else,
+    lifespan included, is FastAPI's."""
+
+    webhook: WebhookFastPath | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if (
+            scope["type"] == "http"
+            and scope["path"] == WEBHOOK_PATH
+            and scope["method"] == "POST"
+            and self.webhook is not None
+        ):
+            await self.webhook(scope, receive, send)
+            return
+        await super().__call__(scope, receive, send)
 
 
 def create_app(settings: Settings | None = None, gateway: StripeGateway | None = None) -> FastAPI:
@@ -48,7 +70,8 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         own_gateway = gateway is None
         app.state.stripe = gateway or StripeGateway.from_settings(settings)
         processor = EventProcessor(app.state.session_factory, settings, app.state.stripe)
-        ingestor = EventIngestor(engine)
+        # at most a quarter of the pool's connections (pool + overflow) for the flushers
+        ingestor = EventIngestor(engine, flushers=max(1, min(4, settings.database_pool_size // 2)))
         ingestor.on_stored.append(processor.notify)
         app.state.event_processor = processor
         app.state.event_ingestor = ingestor
@@ -78,9 +101,14 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         email_worker = EmailWorker(app.state.session_factory, settings)
         if settings.run_background_workers:
             email_worker.start()
+        # Everything built so far lives as long as the app: keep it out of the garbage
+        # collector's full passes (each took ~0.2 s with the app's ~150k objects, a latency
+        # spike every few hundred webhook deliveries; bench/README.md). Undone at shutdown.
+        gc.freeze()
         try:
             yield
         finally:
+            gc.unfreeze()
             await email_worker.stop()
             await workers.stop()
             await ingestor.stop()
@@ -88,7 +116,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
                 await app.state.stripe.close()
             await engine.dispose()
 
-    app = BillingAPI(
+    app = BillingApp(
         title="1msg billing service",
         version="0.1.0",
         description=(
@@ -120,13 +148,13 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     app.include_router(disputes_router)
     app.include_router(webhooks_router)
     app.include_router(maintenance_router)
-    webhook_route = next(
-        r
-        for r in webhooks_router.routes
-        if isinstance(r, APIRoute) and r.path == "/webhooks/stripe"
-    )
-    app.add_middleware(WebhookFastPath, route=webhook_route)
     app.add_middleware(RequestContextMiddleware)
+    app.webhook = WebhookFastPath(
+        app,
+        next(
+            r for r in webhooks_router.routes if isinstance(r, APIRoute) and r.path == WEBHOOK_PATH
+        ),
+    )
     return app
 
 

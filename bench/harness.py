@@ -32,7 +32,15 @@ WEBHOOK_SECRET = "whsec_bench_" + "d" * 32
 STRIPE_KEY = "sk_test_bench_" + "e" * 32
 JWT_SECRET = "bench-jwt-secret-" + "f" * 32
 # exactly the Dockerfile's command line (uvloop + httptools are picked up automatically)
-UVICORN = ["-m", "uvicorn", "--host", "127.0.0.1", "--proxy-headers", "--no-server-header"]
+UVICORN = [
+    "-m",
+    "uvicorn",
+    "--host",
+    "127.0.0.1",
+    "--proxy-headers",
+    "--no-server-header",
+    "--no-access-log",
+]
 
 
 def dsn_for(name: str) -> str:

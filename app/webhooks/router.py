@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Annotated, Any
 
 import orjson
@@ -9,7 +11,8 @@ import structlog
 from fastapi import APIRouter, Header, Query, Request
 from fastapi.routing import APIRoute
 from sqlalchemy import select
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from app.auth import OpsStaff
 from app.config import Settings
@@ -24,6 +27,7 @@ from app.errors import (
     problem_response,
 )
 from app.models import StripeEvent
+from app.observability import HTTP_LATENCY, HTTP_REQUESTS, MAX_BODY_BYTES
 from app.webhooks import metrics
 from app.webhooks.ingest import EventIngestor, IncomingEvent, incoming_event
 from app.webhooks.processor import replay_event
@@ -57,8 +61,11 @@ def parse_event(body: bytes, settings: Settings) -> IncomingEvent:
         raise InvalidWebhook(str(exc)) from None
 
 
+WEBHOOK_PATH = "/webhooks/stripe"
+
+
 @router.post(
-    "/webhooks/stripe",
+    WEBHOOK_PATH,
     tags=["webhooks"],
     summary="Receive a Stripe event",
     description=(
@@ -75,15 +82,17 @@ async def receive_stripe_event(
     request: Request,
     stripe_signature: Annotated[str | None, Header(alias="Stripe-Signature")] = None,
 ) -> WebhookAck:
-    # Normally answered by `WebhookFastPath` before the framework sees it; this route is the
-    # documented contract and serves any request the fast path passes on.
-    return await acknowledge(request.app.state, await request.body(), stripe_signature)
+    # The documented contract. `WebhookFastPath` (in front of the framework, app/main.py)
+    # answers these requests identically, so this only runs for an app built without it.
+    duplicate = await acknowledge(request.app.state, await request.body(), stripe_signature)
+    return WebhookAck(received=True, duplicate=duplicate)
 
 
-async def acknowledge(state: Any, body: bytes, stripe_signature: str | None) -> WebhookAck:
-    """Verify, parse and durably store one delivery; raises InvalidWebhook/ServiceUnavailable."""
+async def acknowledge(state: Any, body: bytes, stripe_signature: str | None) -> bool:
+    """Verify, parse and durably store one delivery; True when it was a duplicate.
+    Raises InvalidWebhook (400) or ServiceUnavailable (503)."""
     settings: Settings = state.settings
-    metrics.RECEIVED.inc()
+    RECEIVED.inc()
     try:
         verify_signature(
             body,
@@ -92,12 +101,14 @@ async def acknowledge(state: Any, body: bytes, stripe_signature: str | None) -> 
             tolerance_seconds=settings.stripe_webhook_tolerance_seconds,
         )
     except SignatureError as exc:
-        metrics.REJECTED.labels("signature").inc()
+        REJECTED_SIGNATURE.inc()
+        log.info("webhook.rejected", reason="signature", detail=str(exc))
         raise InvalidWebhook(str(exc)) from None
     try:
         event = parse_event(body, settings)
-    except InvalidWebhook:
-        metrics.REJECTED.labels("payload").inc()
+    except InvalidWebhook as exc:
+        REJECTED_PAYLOAD.inc()
+        log.info("webhook.rejected", reason="payload", detail=exc.detail)
         raise
     ingestor: EventIngestor = state.event_ingestor
     try:
@@ -105,66 +116,151 @@ async def acknowledge(state: Any, body: bytes, stripe_signature: str | None) -> 
     except Exception:
         raise ServiceUnavailable("the event could not be stored; retry later") from None
     if not is_new:
-        metrics.DUPLICATES.inc()
-    structlog.contextvars.bind_contextvars(stripe_event_id=event.stripe_id)
-    return WebhookAck(received=True, duplicate=not is_new)
+        DUPLICATES.inc()
+    return not is_new
 
 
+RECEIVED = metrics.RECEIVED
+DUPLICATES = metrics.DUPLICATES
+REJECTED_SIGNATURE = metrics.REJECTED.labels("signature")
+REJECTED_PAYLOAD = metrics.REJECTED.labels("payload")
 _ACKS = {
     duplicate: orjson.dumps(WebhookAck(received=True, duplicate=duplicate).model_dump())
     for duplicate in (False, True)
 }
+_JSON = (b"content-type", b"application/json")
+_ACK_LENGTHS = {duplicate: str(len(body)).encode() for duplicate, body in _ACKS.items()}
 
 
 class WebhookFastPath:
-    """Pure ASGI handler of `POST /webhooks/stripe`, in front of the framework's routing,
-    CORS, exception and dependency layers, which cost several times the work of the delivery
-    itself (see bench/README.md). It answers exactly what the route documents (same function,
-    same problem+json errors); any other request goes on to the app. It sits inside
-    `RequestContextMiddleware`, so request ids, the body limit and the metrics still apply."""
+    """Pure ASGI handler of `POST /webhooks/stripe`, called by the app before any of the
+    framework's layers (`BillingApp.__call__` in app/main.py): routing, dependency solving,
+    CORS, the exception and telemetry middlewares cost several times the delivery's own work
+    (bench/README.md). It answers exactly what the route documents (the same `acknowledge`,
+    the same 200 body and problem+json 400/503, a problem+json 500 for a bug) and does what
+    `RequestContextMiddleware` does for every other request: the request id (bound to the
+    logs, echoed in `x-request-id`), the 1 MiB body limit (413) and the route's metrics."""
 
-    def __init__(self, app: ASGIApp, route: APIRoute) -> None:
+    def __init__(self, app: Any, route: APIRoute, max_body_bytes: int = MAX_BODY_BYTES) -> None:
         self.app = app
         self.route = route
+        self.max_body_bytes = max_body_bytes
+        self._latency = HTTP_LATENCY.labels("POST", route.path)
+        self._answered: dict[int, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["path"] != self.route.path or scope["method"] != "POST":
-            await self.app(scope, receive, send)
-            return
-        scope["route"] = self.route  # the metrics' route label
-        chunks = []
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body", False):
-                break
-        signature = None
+        started = time.perf_counter()
+        scope["app"] = self.app
+        scope["route"] = self.route
+        request_id = signature = declared = None
         for name, value in scope["headers"]:
             if name == b"stripe-signature":
                 signature = value.decode("latin-1")
-                break
+            elif name == b"x-request-id":
+                request_id = value[:64]
+            elif name == b"content-length":
+                declared = value
+        if not request_id:
+            request_id = os.urandom(16).hex().encode()
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=request_id.decode("latin-1"))
+        status = 500
         try:
-            ack = await acknowledge(scope["app"].state, b"".join(chunks), signature)
-        except BillingError as exc:
-            response = problem_response(
-                exc.status, exc.code, exc.title, exc.detail, headers=exc.headers
-            )
-            await response(scope, receive, send)
-            return
-        body = _ACKS[ack.duplicate]
+            body = await self._body(declared, receive)
+            if body is None:
+                status = 413
+                await self._problem(send, request_id, PAYLOAD_TOO_LARGE)
+            else:
+                try:
+                    duplicate = await acknowledge(self.app.state, body, signature)
+                except BillingError as exc:
+                    status = exc.status
+                    await self._problem(
+                        send,
+                        request_id,
+                        problem_response(
+                            exc.status, exc.code, exc.title, exc.detail, headers=exc.headers
+                        ),
+                    )
+                else:
+                    status = 200
+                    await send(
+                        {
+                            "type": "http.response.start",
+                            "status": 200,
+                            "headers": [
+                                _JSON,
+                                (b"content-length", _ACK_LENGTHS[duplicate]),
+                                (b"x-request-id", request_id),
+                            ],
+                        }
+                    )
+                    await send({"type": "http.response.body", "body": _ACKS[duplicate]})
+        except _ClientGone:
+            pass  # nothing to answer
+        except Exception as exc:
+            log.exception("request.unhandled_error", error_type=type(exc).__name__)
+            await self._problem(send, request_id, INTERNAL_ERROR)
+        finally:
+            counter = self._answered.get(status)
+            if counter is None:
+                counter = self._answered[status] = HTTP_REQUESTS.labels(
+                    "POST", self.route.path, str(status)
+                )
+            counter.inc()
+            self._latency.observe(time.perf_counter() - started)
+
+    async def _body(self, declared: bytes | None, receive: Receive) -> bytes | None:
+        """The whole body; None when over the limit."""
+        if declared is not None:
+            try:
+                if int(declared) > self.max_body_bytes:
+                    return None
+            except ValueError:
+                return None
+        message = await receive()
+        if message["type"] != "http.request":
+            raise _ClientGone
+        body: bytes = message.get("body", b"")
+        if not message.get("more_body", False):
+            return body if len(body) <= self.max_body_bytes else None
+        chunks = [body]
+        size = len(body)
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise _ClientGone
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_body_bytes:
+                return None
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return b"".join(chunks)
+
+    @staticmethod
+    async def _problem(send: Send, request_id: bytes, response: Response) -> None:
         await send(
             {
                 "type": "http.response.start",
-                "status": 200,
-                "headers": [
-                    (b"content-type", b"application/json"),
-                    (b"content-length", str(len(body)).encode()),
-                ],
+                "status": response.status_code,
+                "headers": [*response.raw_headers, (b"x-request-id", request_id)],
             }
         )
-        await send({"type": "http.response.body", "body": body})
+        await send({"type": "http.response.body", "body": response.body})
+
+
+class _ClientGone(Exception):
+    """The client disconnected before its body was read."""
+
+
+PAYLOAD_TOO_LARGE = problem_response(
+    413,
+    "payload_too_large",
+    "Request body too large",
+    f"Request bodies are limited to {MAX_BODY_BYTES} bytes",
+)
+INTERNAL_ERROR = problem_response(500, "internal_error", "Internal error", "Unexpected error")
 
 
 @router.get(

@@ -3,7 +3,6 @@ exactly as Stripe signs them: `Stripe-Signature: t=<unix>,v1=<hex HMAC of "t.bod
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import time
 
@@ -41,7 +40,7 @@ def verify_signature(
         raise SignatureError("stale Stripe-Signature timestamp")
     signed = str(timestamp).encode() + b"." + body
     for secret in secrets:
-        expected = hmac.new(secret, signed, hashlib.sha256).hexdigest().encode()
+        expected = hmac.digest(secret, signed, "sha256").hex().encode()  # one C call
         if any(hmac.compare_digest(expected, candidate) for candidate in signatures):
             return
     raise SignatureError("no matching v1 signature")
