@@ -43,8 +43,8 @@ async def main() -> None:
         from app.config import get_settings
         from app.db import create_engine, create_session_factory
         from app.stripe_gateway import StripeGateway
-        from app.webhooks.ingest import incoming_event, insert_events
         from app.webhooks import metrics
+        from app.webhooks.ingest import incoming_event, insert_events
         from app.webhooks.processor import EventProcessor
 
         settings = get_settings()
