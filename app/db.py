@@ -11,6 +11,7 @@ a fresh connection first (`Reader`), so reads do not even see that.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
 from typing import Annotated, Any
@@ -50,6 +51,7 @@ BIGINT_MAX = 2**63 - 1
 """The largest row id: cursors and other ids from callers are bounded by it (422, not a 500)."""
 
 
+POOL_TIMEOUT_SECONDS = 5
 POOL_RECYCLE_SECONDS = 1800
 """Pooled connections older than this are replaced at checkout (below the idle timeouts of
 proxies and firewalls), instead of a ping round trip before every use."""
@@ -61,7 +63,7 @@ def create_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
         pool_size=pool_size,
         max_overflow=pool_size,
         pool_recycle=POOL_RECYCLE_SECONDS,
-        pool_timeout=5,
+        pool_timeout=POOL_TIMEOUT_SECONDS,
         connect_args={"timeout": 5, "command_timeout": 30},
         json_serializer=lambda value: orjson.dumps(value).decode(),
         json_deserializer=orjson.loads,
@@ -96,6 +98,10 @@ class Reader:
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # At most as many reads at once as the pool keeps connections: more would open and
+        # close overflow connections (a connect each) under a burst of cheap reads, when
+        # waiting a moment for a pooled one is far cheaper. Waits as long as the pool would.
+        self._slots = asyncio.Semaphore(max(1, engine.pool.size()))  # type: ignore[attr-defined]
 
     async def all(
         self, statement: Executable, params: dict[str, Any] | None = None
@@ -109,15 +115,23 @@ class Reader:
     async def _run(
         self, statement: Executable, params: dict[str, Any] | None, *, many: bool
     ) -> Sequence[Row[Any]]:
-        for attempt in (1, 2):
-            try:
-                async with self.engine.connect() as connection:
-                    result = await connection.execute(statement, params)
-                    return list(result.all()) if many else [result.one()]
-            except DBAPIError as exc:
-                if attempt == 2 or not exc.connection_invalidated:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        if self._slots.locked():
+            async with asyncio.timeout(POOL_TIMEOUT_SECONDS):
+                await self._slots.acquire()
+        else:
+            await self._slots.acquire()
+        try:
+            for attempt in (1, 2):
+                try:
+                    async with self.engine.connect() as connection:
+                        result = await connection.execute(statement, params)
+                        return list(result.all()) if many else [result.one()]
+                except DBAPIError as exc:
+                    if attempt == 2 or not exc.connection_invalidated:
+                        raise
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            self._slots.release()
 
 
 async def get_reader(request: Request) -> Reader:

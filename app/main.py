@@ -9,6 +9,7 @@ from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 
+from app.auth import TokenVerifier
 from app.balance.router import router as balance_router
 from app.checkout.router import router as checkout_router
 from app.config import Settings, get_settings
@@ -91,6 +92,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.token_verifier = TokenVerifier(settings)
     app.state.webhook_secrets = [
         secret.get_secret_value().encode() for secret in settings.stripe_webhook_secrets
     ]
