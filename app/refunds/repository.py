@@ -7,7 +7,7 @@ import uuid
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import String, and_, bindparam, exists, func, or_, select
+from sqlalchemy import String, and_, bindparam, exists, func, literal_column, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -98,6 +98,13 @@ async def subscription_payments(session: AsyncSession, account_id: str) -> list[
     return list((await session.execute(statement)).scalars())
 
 
+def _constants(values: tuple[str, ...]) -> list[Any]:
+    """Our own constant strings inlined in the SQL (`IN ('a', 'b')`), so a cached statement
+    needs no per-execution expansion of the list into parameters."""
+    assert all(value.isidentifier() for value in values)
+    return [literal_column(f"'{value}'") for value in values]
+
+
 def _eligibility_facts() -> Any:
     """One statement with everything a refund-eligibility quote needs, one row per subscription
     payment of the account (newest first): the payment, the subscription it paid for (its own
@@ -118,7 +125,7 @@ def _eligibility_facts() -> Any:
         select(func.coalesce(func.sum(refunds.c.amount), 0))
         .where(
             refunds.c.stripe_payment_intent_id == payments.c.stripe_id,
-            refunds.c.status.in_(LIVE_REFUND_STATUSES),
+            refunds.c.status.in_(_constants(LIVE_REFUND_STATUSES)),
         )
         .scalar_subquery()
     )
@@ -127,7 +134,7 @@ def _eligibility_facts() -> Any:
         select(func.coalesce(func.sum(executions.c.amount), 0))
         .where(
             executions.c.payment_id == payments.c.id,
-            executions.c.status.in_(("pending", "submitted")),
+            executions.c.status.in_(_constants(("pending", "submitted"))),
             or_(
                 executions.c.stripe_refund_id.is_(None),
                 ~exists().where(known.c.stripe_id == executions.c.stripe_refund_id),
@@ -139,7 +146,7 @@ def _eligibility_facts() -> Any:
         exists().where(Activity.__table__.c.account_id == account_id),
         exists().where(
             LedgerEntry.__table__.c.account_id == account_id,
-            LedgerEntry.__table__.c.kind.in_(USAGE_LEDGER_KINDS),
+            LedgerEntry.__table__.c.kind.in_(_constants(USAGE_LEDGER_KINDS)),
         ),
     )
     return (
