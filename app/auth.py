@@ -153,23 +153,32 @@ def mint_token(
     return jwt.encode(claims, secret.get_secret_value(), algorithm="HS256")
 
 
-async def get_principal(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _verified(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("Missing bearer token")
     verifier: TokenVerifier = request.app.state.token_verifier
     return verifier.verify(credentials.credentials)
 
 
+async def get_principal(request: Request, credentials: Credentials) -> Principal:
+    return _verified(request, credentials)
+
+
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
+# The guards below verify the token themselves rather than depending on `get_principal`: one
+# level less of dependency solving on every request (the verification is cached, see
+# `TokenVerifier`, so a route that also asks for `PrincipalDep` pays little for it).
 
-def require_scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
+
+def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency admitting service/staff tokens that carry `scope`."""
 
-    async def dependency(principal: PrincipalDep) -> Principal:
+    async def dependency(request: Request, credentials: Credentials) -> Principal:
+        principal = _verified(request, credentials)
         if scope not in principal.scopes:
             raise Forbidden(f"This route requires scope `{scope}`")
         return principal
@@ -177,11 +186,12 @@ def require_scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
     return dependency
 
 
-def account_access(scope: str) -> Callable[[str, Principal], Awaitable[Principal]]:
+def account_access(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency for `/v1/accounts/{account_id}/...`: the account's own user token, or a
     service token carrying `scope`."""
 
-    async def dependency(account_id: str, principal: PrincipalDep) -> Principal:
+    async def dependency(account_id: str, request: Request, credentials: Credentials) -> Principal:
+        principal = _verified(request, credentials)
         if not principal.may_access_account(account_id, scope):
             if principal.is_user:
                 raise Forbidden("This token belongs to another account")
@@ -191,9 +201,10 @@ def account_access(scope: str) -> Callable[[str, Principal], Awaitable[Principal
     return dependency
 
 
-async def account_owner(account_id: str, principal: PrincipalDep) -> Principal:
+async def account_owner(account_id: str, request: Request, credentials: Credentials) -> Principal:
     """A dependency for account routes only the account's own user token may call (checked
     before the body is validated, like every other authorization dependency)."""
+    principal = _verified(request, credentials)
     if principal.account_id != account_id:
         raise Forbidden("Only the account's own token may do this")
     return principal
