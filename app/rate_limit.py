@@ -30,9 +30,10 @@ class RecentSessions:
     """Seconds until the oldest counted session leaves the window (None when there is none)."""
 
 
-def recent_stripe_sessions(account_id: str) -> tuple[Any, Any]:
+def recent_stripe_sessions(account_id: Any) -> tuple[Any, Any]:
     """Two scalar subqueries: the account's checkout plus portal sessions of the last
-    `WINDOW`, and the seconds until the oldest of them leaves it (to embed in a statement)."""
+    `WINDOW`, and the seconds until the oldest of them leaves it (to embed in a statement).
+    `account_id` is a value or a bind parameter."""
     since = func.now() - WINDOW
     recent = union_all(
         select(CheckoutSession.created_at.label("at")).where(

@@ -22,10 +22,10 @@ channel, one currency per account.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
-from sqlalchemy import false, func, select, update
+from sqlalchemy import String, Table, bindparam, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -51,17 +51,26 @@ async def ensure_account(session: AsyncSession, account_id: str, email: str | No
     await session.execute(statement)
 
 
+def _lock_account_statement() -> Any:
+    accounts = cast(Table, Account.__table__)
+    statement = insert(accounts).values(id=bindparam("account_id"), email=bindparam("email"))
+    new_email = statement.excluded.email
+    return statement.on_conflict_do_update(
+        index_elements=[accounts.c.id],
+        set_={"email": new_email},
+        where=accounts.c.email.is_distinct_from(new_email) & (func.coalesce(new_email, "") != ""),
+    )
+
+
+_LOCK_ACCOUNT = _lock_account_statement()
+
+
 async def lock_account(session: AsyncSession, account_id: str, email: str | None = None) -> None:
     """`ensure_account` and `SELECT ... FOR UPDATE` of the row in one statement: `ON CONFLICT DO
     UPDATE` locks the existing row even when its `WHERE` leaves it unchanged (PostgreSQL locks
-    every conflicting row it considers), and a row just inserted is ours until commit."""
-    statement = insert(Account).values(id=account_id, email=email)
-    statement = statement.on_conflict_do_update(
-        index_elements=[Account.id],
-        set_={"email": statement.excluded.email},
-        where=Account.email.is_distinct_from(statement.excluded.email) if email else false(),
-    )
-    await session.execute(statement)
+    every conflicting row it considers), and a row just inserted is ours until commit. The
+    email is updated as `ensure_account` does (only to a non-empty, different one)."""
+    await session.execute(_LOCK_ACCOUNT, {"account_id": account_id, "email": email})
 
 
 @dataclass(frozen=True)
@@ -72,9 +81,8 @@ class AccountFacts:
     recent: RecentSessions
 
 
-async def account_facts(session: AsyncSession, account_id: str) -> AccountFacts:
-    """One statement (run it after `lock_account`, so it sees every committed checkout of the
-    account): its bound currency, Stripe customer and Stripe sessions of the last minute."""
+def _account_facts_statement() -> Any:
+    account_id = bindparam("account_id", type_=String)
     ledger_currency = (
         select(LedgerEntry.currency)
         .where(LedgerEntry.account_id == account_id)
@@ -82,13 +90,21 @@ async def account_facts(session: AsyncSession, account_id: str) -> AccountFacts:
         .scalar_subquery()
     )
     count, seconds_left = recent_stripe_sessions(account_id)
-    columns: list[Any] = [
+    return select(
         func.coalesce(Account.currency, ledger_currency),
         Account.stripe_customer_id,
         count,
         seconds_left,
-    ]
-    row = (await session.execute(select(*columns).where(Account.id == account_id))).one()
+    ).where(Account.id == account_id)
+
+
+_ACCOUNT_FACTS = _account_facts_statement()
+
+
+async def account_facts(session: AsyncSession, account_id: str) -> AccountFacts:
+    """One statement (run it after `lock_account`, so it sees every committed checkout of the
+    account): its bound currency, Stripe customer and Stripe sessions of the last minute."""
+    row = (await session.execute(_ACCOUNT_FACTS, {"account_id": account_id})).one()
     currency, customer, recent_count, recent_seconds = row
     return AccountFacts(
         currency=currency.lower() if currency else None,

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
-from sqlalchemy import case, func, select, update
+from sqlalchemy import Table, bindparam, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.accounts.service import (
@@ -369,30 +369,45 @@ async def _retire(
     log.info("checkout.superseded", checkout_id=str(stale.id))
 
 
+_CHECKOUTS = cast(Table, CheckoutSession.__table__)
+_STILL_OURS = _CHECKOUTS.c.status.in_(("pending", "failed"))
+_RECORD_CREATED = (
+    update(_CHECKOUTS)
+    .where(_CHECKOUTS.c.id == bindparam("row_id"))
+    .values(
+        stripe_id=bindparam("stripe_id"),
+        url=bindparam("url"),
+        expires_at=bindparam("expires_at"),
+        status=case((_STILL_OURS, bindparam("new_status")), else_=_CHECKOUTS.c.status),
+        payment_status=case(
+            (_STILL_OURS, bindparam("new_payment_status")), else_=_CHECKOUTS.c.payment_status
+        ),
+    )
+    .returning(*_CHECKOUTS.c)
+)
+
+
 async def _record_created(
     session: AsyncSession, row_id: uuid.UUID, created: StripeObject
 ) -> CheckoutSession:
     """Store Stripe's id, URL and expiry; the status only while ours is still `pending` or
-    `failed` (an event may already have moved it on). One `UPDATE ... RETURNING`."""
+    `failed` (an event may already have moved it on). One `UPDATE ... RETURNING`; the row
+    comes back as a detached `CheckoutSession`."""
     status = created.get("status") if created.get("status") in ("complete", "expired") else "open"
-    still_ours = CheckoutSession.status.in_(("pending", "failed"))
-    row = await session.scalar(
-        update(CheckoutSession)
-        .where(CheckoutSession.id == row_id)
-        .values(
-            stripe_id=created["id"],
-            url=created.get("url"),
-            expires_at=_timestamp(created.get("expires_at")),
-            status=case((still_ours, status), else_=CheckoutSession.status),
-            payment_status=case(
-                (still_ours, created.get("payment_status")), else_=CheckoutSession.payment_status
-            ),
+    row = (
+        await session.execute(
+            _RECORD_CREATED,
+            {
+                "row_id": row_id,
+                "stripe_id": created["id"],
+                "url": created.get("url"),
+                "expires_at": _timestamp(created.get("expires_at")),
+                "new_status": status,
+                "new_payment_status": created.get("payment_status"),
+            },
         )
-        .returning(CheckoutSession)
-        .execution_options(populate_existing=True)
-    )
-    assert row is not None
-    return row
+    ).one()
+    return CheckoutSession(**row._mapping)
 
 
 async def _apply_stripe_state(
