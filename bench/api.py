@@ -242,6 +242,7 @@ def reads_table(
             "p99 ms",
             "not 200",
             "1 conn p50/p99",
+            "CPU ms/req",
             "target ms",
         ],
         rows,
