@@ -106,15 +106,7 @@ class Reader:
     async def all(
         self, statement: Executable, params: dict[str, Any] | None = None
     ) -> Sequence[Row[Any]]:
-        return await self._run(statement, params, many=True)
-
-    async def one(self, statement: Executable, params: dict[str, Any] | None = None) -> Row[Any]:
-        rows = await self._run(statement, params, many=False)
-        return rows[0]
-
-    async def _run(
-        self, statement: Executable, params: dict[str, Any] | None, *, many: bool
-    ) -> Sequence[Row[Any]]:
+        """Every row of `statement` (with `params`)."""
         if self._slots.locked():
             async with asyncio.timeout(POOL_TIMEOUT_SECONDS):
                 await self._slots.acquire()
@@ -125,7 +117,7 @@ class Reader:
                 try:
                     async with self.engine.connect() as connection:
                         result = await connection.execute(statement, params)
-                        return list(result.all()) if many else [result.one()]
+                        return result.all()
                 except DBAPIError as exc:
                     if attempt == 2 or not exc.connection_invalidated:
                         raise
