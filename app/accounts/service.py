@@ -91,7 +91,7 @@ def _account_facts_statement() -> Any:
     )
     count, seconds_left = recent_stripe_sessions(account_id)
     return select(
-        func.coalesce(Account.currency, ledger_currency),
+        func.coalesce(func.nullif(Account.currency, ""), ledger_currency),
         Account.stripe_customer_id,
         count,
         seconds_left,
