@@ -47,6 +47,11 @@ class Principal:
 
 def decode_token(token: str, settings: Settings) -> Principal:
     """Verify a token and return its principal; raises Unauthorized for any bad token."""
+    return _decode(token, settings)[0]
+
+
+def _decode(token: str, settings: Settings) -> tuple[Principal, int]:
+    """The token's principal and its `exp`."""
     staff_secret = settings.auth_staff_jwt_secret
     ordinary = [settings.auth_jwt_secret]
     if settings.auth_jwt_previous_secret is not None:
@@ -70,8 +75,34 @@ def decode_token(token: str, settings: Settings) -> Principal:
         principal = _principal_from_claims(claims)
         if staff_secret is not None and not is_staff_secret and principal.scopes & STAFF_SCOPES:
             raise Unauthorized("Staff scopes require a token signed with the staff secret")
-        return principal
+        return principal, int(claims["exp"])
     raise Unauthorized("Invalid token: signature verification failed")
+
+
+class TokenVerifier:
+    """`decode_token` with a bounded cache of tokens already verified: a caller sends the same
+    token with every request, and checking its HMAC and claims again costs more than the rest of
+    a cheap read. A cached token is still refused once its `exp` has passed (checked on every
+    use, as PyJWT does: expired once `int(exp) <= now`); only tokens that verified
+    are cached, and the cache belongs to one `Settings` (one set of secrets)."""
+
+    def __init__(self, settings: Settings, max_entries: int = 4096) -> None:
+        self.settings = settings
+        self.max_entries = max_entries
+        self._verified: dict[str, tuple[Principal, int]] = {}
+
+    def verify(self, token: str) -> Principal:
+        hit = self._verified.get(token)
+        if hit is not None:
+            principal, expires = hit
+            if time.time() < expires:
+                return principal
+            del self._verified[token]
+        principal, expires = _decode(token, self.settings)
+        if len(self._verified) >= self.max_entries:
+            self._verified.pop(next(iter(self._verified)))  # the oldest entry
+        self._verified[token] = (principal, expires)
+        return principal
 
 
 def _principal_from_claims(claims: dict[str, Any]) -> Principal:
@@ -122,23 +153,32 @@ def mint_token(
     return jwt.encode(claims, secret.get_secret_value(), algorithm="HS256")
 
 
-async def get_principal(
-    request: Request,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
-) -> Principal:
+Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+
+
+def _verified(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
     if credentials is None or credentials.scheme.lower() != "bearer":
         raise Unauthorized("Missing bearer token")
-    settings: Settings = request.app.state.settings
-    return decode_token(credentials.credentials, settings)
+    verifier: TokenVerifier = request.app.state.token_verifier
+    return verifier.verify(credentials.credentials)
+
+
+async def get_principal(request: Request, credentials: Credentials) -> Principal:
+    return _verified(request, credentials)
 
 
 PrincipalDep = Annotated[Principal, Depends(get_principal)]
 
+# The guards below verify the token themselves rather than depending on `get_principal`: one
+# level less of dependency solving on every request (the verification is cached, see
+# `TokenVerifier`, so a route that also asks for `PrincipalDep` pays little for it).
 
-def require_scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
+
+def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency admitting service/staff tokens that carry `scope`."""
 
-    async def dependency(principal: PrincipalDep) -> Principal:
+    async def dependency(request: Request, credentials: Credentials) -> Principal:
+        principal = _verified(request, credentials)
         if scope not in principal.scopes:
             raise Forbidden(f"This route requires scope `{scope}`")
         return principal
@@ -146,11 +186,12 @@ def require_scope(scope: str) -> Callable[[Principal], Awaitable[Principal]]:
     return dependency
 
 
-def account_access(scope: str) -> Callable[[str, Principal], Awaitable[Principal]]:
+def account_access(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency for `/v1/accounts/{account_id}/...`: the account's own user token, or a
     service token carrying `scope`."""
 
-    async def dependency(account_id: str, principal: PrincipalDep) -> Principal:
+    async def dependency(account_id: str, request: Request, credentials: Credentials) -> Principal:
+        principal = _verified(request, credentials)
         if not principal.may_access_account(account_id, scope):
             if principal.is_user:
                 raise Forbidden("This token belongs to another account")
@@ -160,9 +201,10 @@ def account_access(scope: str) -> Callable[[str, Principal], Awaitable[Principal
     return dependency
 
 
-async def account_owner(account_id: str, principal: PrincipalDep) -> Principal:
+async def account_owner(account_id: str, request: Request, credentials: Credentials) -> Principal:
     """A dependency for account routes only the account's own user token may call (checked
     before the body is validated, like every other authorization dependency)."""
+    principal = _verified(request, credentials)
     if principal.account_id != account_id:
         raise Forbidden("Only the account's own token may do this")
     return principal

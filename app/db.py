@@ -1,14 +1,25 @@
-"""Database: declarative Base, engine and the one-session-per-request dependency."""
+"""Database: declarative Base, engine, the one-session-per-request dependency and the
+read-only reader.
+
+Pooled connections are not pinged on checkout (a round trip per request); instead they are
+recycled after `POOL_RECYCLE_SECONDS`, and a connection found dead when used (the database
+restarted) is invalidated together with every connection pooled before it (SQLAlchemy does
+this on any disconnect error), so at most the requests in flight at that moment see it: they
+answer 503 `service_unavailable` (app/errors.py), and a read-only statement is retried once on
+a fresh connection first (`Reader`), so reads do not even see that.
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import asyncio
+from collections.abc import AsyncIterator, Sequence
 from datetime import datetime
-from typing import Annotated
+from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, Request
-from sqlalchemy import DateTime, MetaData, func
+from sqlalchemy import DateTime, Executable, MetaData, Row, func
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
     AsyncSession,
@@ -40,13 +51,19 @@ BIGINT_MAX = 2**63 - 1
 """The largest row id: cursors and other ids from callers are bounded by it (422, not a 500)."""
 
 
+POOL_TIMEOUT_SECONDS = 5
+POOL_RECYCLE_SECONDS = 1800
+"""Pooled connections older than this are replaced at checkout (below the idle timeouts of
+proxies and firewalls), instead of a ping round trip before every use."""
+
+
 def create_engine(database_url: str, pool_size: int = 10) -> AsyncEngine:
     return create_async_engine(
         database_url,
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
-        pool_timeout=5,
+        pool_recycle=POOL_RECYCLE_SECONDS,
+        pool_timeout=POOL_TIMEOUT_SECONDS,
         connect_args={"timeout": 5, "command_timeout": 30},
         json_serializer=lambda value: orjson.dumps(value).decode(),
         json_deserializer=orjson.loads,
@@ -70,3 +87,48 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
+
+
+class Reader:
+    """Read-only statements for routes that change nothing: each runs on a pooled connection in
+    autocommit mode (no BEGIN/COMMIT round trips, one round trip per statement) and is retried
+    once on a fresh connection when the pooled one turns out dead (the database restarted;
+    SQLAlchemy then also discards every other connection pooled before it). A database that is
+    down raises as usual (503 through app/errors.py)."""
+
+    def __init__(self, engine: AsyncEngine) -> None:
+        self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
+        # At most as many reads at once as the pool keeps connections: more would open and
+        # close overflow connections (a connect each) under a burst of cheap reads, when
+        # waiting a moment for a pooled one is far cheaper. Waits as long as the pool would.
+        self._slots = asyncio.Semaphore(max(1, engine.pool.size()))  # type: ignore[attr-defined]
+
+    async def all(
+        self, statement: Executable, params: dict[str, Any] | None = None
+    ) -> Sequence[Row[Any]]:
+        """Every row of `statement` (with `params`)."""
+        if self._slots.locked():
+            async with asyncio.timeout(POOL_TIMEOUT_SECONDS):
+                await self._slots.acquire()
+        else:
+            await self._slots.acquire()
+        try:
+            for attempt in (1, 2):
+                try:
+                    async with self.engine.connect() as connection:
+                        result = await connection.execute(statement, params)
+                        return result.all()
+                except DBAPIError as exc:
+                    if attempt == 2 or not exc.connection_invalidated:
+                        raise
+            raise AssertionError("unreachable")  # pragma: no cover
+        finally:
+            self._slots.release()
+
+
+async def get_reader(request: Request) -> Reader:
+    reader: Reader = request.app.state.reader
+    return reader
+
+
+ReaderDep = Annotated[Reader, Depends(get_reader)]

@@ -33,7 +33,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.auth import Principal
 from app.errors import IdempotencyKeyInUse, IdempotencyKeyReused, Unprocessable
@@ -84,7 +84,7 @@ async def idempotent(
         "key": key,
     }
     digest = request_hash(body)
-    record_id, replay = await _claim(factory, scope, digest, wait_seconds)
+    record_id, replay = await _claim(request.app.state.engine, factory, scope, digest, wait_seconds)
     if replay is not None:
         return replay
     try:
@@ -108,22 +108,31 @@ async def idempotent(
 
 
 async def _claim(
+    engine: AsyncEngine,
     factory: async_sessionmaker[AsyncSession],
     scope: dict[str, str],
     digest: str,
     wait_seconds: float,
 ) -> tuple[int, JSONResponse | None]:
-    """Claim the key (returns its record id) or find the response to replay."""
+    """Claim the key (returns its record id) or find the response to replay. The usual case,
+    a new key, is one autocommit `INSERT ... ON CONFLICT DO NOTHING RETURNING` (committed on
+    its own, no BEGIN/COMMIT round trips); a key already present is examined under a lock."""
+    claim = (
+        insert(IdempotencyRecord)
+        .values(**scope, request_hash=digest)
+        .on_conflict_do_nothing()
+        .returning(IdempotencyRecord.id)
+    )
+    async with engine.connect() as connection:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        claimed = await connection.scalar(claim)
+    if claimed is not None:
+        return claimed, None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
     while True:
         async with factory() as session, session.begin():
-            record_id = await session.scalar(
-                insert(IdempotencyRecord)
-                .values(**scope, request_hash=digest)
-                .on_conflict_do_nothing()
-                .returning(IdempotencyRecord.id)
-            )
+            record_id = await session.scalar(claim)
             if record_id is not None:
                 return record_id, None
             record = await session.scalar(

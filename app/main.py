@@ -11,10 +11,11 @@ from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
 from starlette.types import Receive, Scope, Send
 
+from app.auth import TokenVerifier
 from app.balance.router import router as balance_router
 from app.checkout.router import router as checkout_router
 from app.config import Settings, get_settings
-from app.db import create_engine, create_session_factory
+from app.db import Reader, create_engine, create_session_factory
 from app.disputes.router import router as disputes_router
 from app.errors import install_error_handlers
 from app.health.router import migration_head
@@ -67,6 +68,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         engine = create_engine(settings.database_url, settings.database_pool_size)
         app.state.engine = engine
         app.state.session_factory = create_session_factory(engine)
+        app.state.reader = Reader(engine)
         own_gateway = gateway is None
         app.state.stripe = gateway or StripeGateway.from_settings(settings)
         processor = EventProcessor(app.state.session_factory, settings, app.state.stripe)
@@ -126,6 +128,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         lifespan=lifespan,
     )
     app.state.settings = settings
+    app.state.token_verifier = TokenVerifier(settings)
     app.state.webhook_secrets = [
         secret.get_secret_value().encode() for secret in settings.stripe_webhook_secrets
     ]

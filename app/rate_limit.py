@@ -10,7 +10,9 @@ nothing at Stripe and are not counted. Concurrent requests may overshoot by the 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from sqlalchemy import func, select, union_all
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -21,7 +23,17 @@ from app.models import CheckoutSession, PortalSession
 WINDOW = timedelta(seconds=60)
 
 
-async def check_stripe_rate_limit(session: AsyncSession, account_id: str, limit: int) -> None:
+@dataclass(frozen=True)
+class RecentSessions:
+    count: int
+    seconds_left: Any
+    """Seconds until the oldest counted session leaves the window (None when there is none)."""
+
+
+def recent_stripe_sessions(account_id: Any) -> tuple[Any, Any]:
+    """Two scalar subqueries: the account's checkout plus portal sessions of the last
+    `WINDOW`, and the seconds until the oldest of them leaves it (to embed in a statement).
+    `account_id` is a value or a bind parameter."""
     since = func.now() - WINDOW
     recent = union_all(
         select(CheckoutSession.created_at.label("at")).where(
@@ -31,18 +43,26 @@ async def check_stripe_rate_limit(session: AsyncSession, account_id: str, limit:
             PortalSession.account_id == account_id, PortalSession.created_at > since
         ),
     ).subquery()
-    row = (
-        await session.execute(
-            select(
-                func.count(),
-                func.extract("epoch", func.min(recent.c.at) + WINDOW - func.now()),
-            ).select_from(recent)
-        )
-    ).one()
-    count, seconds_left = int(row[0]), row[1]
-    if count >= limit:
-        retry_after = max(1, math.ceil(float(seconds_left or 1)))
+    count = select(func.count()).select_from(recent).scalar_subquery()
+    seconds_left = (
+        select(func.extract("epoch", func.min(recent.c.at) + WINDOW - func.now()))
+        .select_from(recent)
+        .scalar_subquery()
+    )
+    return count, seconds_left
+
+
+def enforce_stripe_rate_limit(recent: RecentSessions, limit: int) -> None:
+    """429 `rate_limited` when `recent` already reaches `limit`."""
+    if recent.count >= limit:
+        retry_after = max(1, math.ceil(float(recent.seconds_left or 1)))
         raise RateLimited(
             f"At most {limit} checkout or portal sessions per minute; retry in {retry_after}s",
             headers={"Retry-After": str(retry_after)},
         )
+
+
+async def check_stripe_rate_limit(session: AsyncSession, account_id: str, limit: int) -> None:
+    count, seconds_left = recent_stripe_sessions(account_id)
+    row = (await session.execute(select(count, seconds_left))).one()
+    enforce_stripe_rate_limit(RecentSessions(int(row[0]), row[1]), limit)

@@ -16,6 +16,7 @@
    directly from this process with the service's own gateway and parameters. The service's
    own time is p50(request) - p50(direct Stripe calls).
 4. Peak RSS (VmHWM) of the worker process after ingesting INGEST_EVENTS webhook deliveries.
+5. The reads again on a server with WORKERS uvicorn worker processes (`WEB_CONCURRENCY`).
 """
 
 from __future__ import annotations
@@ -46,6 +47,9 @@ CONNECTIONS = int(os.environ.get("BENCH_API_CONNECTIONS", "16"))
 SECONDS = int(os.environ.get("BENCH_API_SECONDS", "12"))
 CHECKOUTS = int(os.environ.get("BENCH_API_CHECKOUTS", "200"))
 INGEST_EVENTS = int(os.environ.get("BENCH_API_INGEST", "100000"))
+WORKERS = int(os.environ.get("BENCH_API_WORKERS", "2"))
+"""The reads are measured again with this many uvicorn worker processes (`WEB_CONCURRENCY`,
+which the Dockerfile's uvicorn command honours); 1 skips that run."""
 APP_URL = "https://app.1msg.io"
 
 SEED_SQL = [
@@ -159,6 +163,92 @@ def wrk_get(
     )
 
 
+TARGETS = {
+    "GET /healthz (floor)": ("/healthz", 1),
+    "GET /v1/channels/{id}/access": ("/v1/channels/chan_%d/access", ACCOUNTS),
+    "GET /v1/accounts/{id}/refund-eligibility": (
+        "/v1/accounts/acc_%d/refund-eligibility",
+        ACCOUNTS,
+    ),
+}
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time (user + system) of a process and its children (uvicorn's workers) so far."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        if stat.parent.name == str(pid) or fields[1] == str(pid):  # the process or a child
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def measure_reads(
+    url: str, token: str, pid: int
+) -> tuple[dict[str, WrkResult], dict[str, WrkResult], dict[str, float]]:
+    """Each read route at CONNECTIONS connections for SECONDS, then with one connection; and
+    the service's CPU milliseconds per request at CONNECTIONS (the figure the machine's load
+    moves least)."""
+    for path, ids in TARGETS.values():  # warm-up
+        wrk_get(url, path, ids, token, 3)
+    results: dict[str, WrkResult] = {}
+    cpu_ms: dict[str, float] = {}
+    for name, (path, ids) in TARGETS.items():
+        before = cpu_seconds(pid)
+        results[name] = r = wrk_get(url, path, ids, token, SECONDS)
+        cpu_ms[name] = (cpu_seconds(pid) - before) * 1000 / max(1, r.requests)
+        print(
+            f"{name:42s} {r.rate:7,.0f} req/s  p50 {r.p50_ms:6.2f}  p95 {r.p95_ms:6.2f}"
+            f"  p99 {r.p99_ms:6.2f} ms  not 200: {r.non200 + r.errors}"
+            f"  CPU {cpu_ms[name]:.2f} ms/req",
+            flush=True,
+        )
+    single: dict[str, WrkResult] = {}
+    for name, (path, ids) in TARGETS.items():
+        single[name] = r = wrk_get(url, path, ids, token, 5, connections=1)
+        print(
+            f"{name:42s} 1 connection: p50 {r.p50_ms:6.2f}  p99 {r.p99_ms:6.2f} ms",
+            flush=True,
+        )
+    return results, single, cpu_ms
+
+
+def reads_table(
+    results: dict[str, WrkResult], single: dict[str, WrkResult], cpu_ms: dict[str, float]
+) -> str:
+    rows = [
+        [
+            name,
+            f"{r.rate:,.0f}",
+            f"{r.p50_ms:.2f}",
+            f"{r.p95_ms:.2f}",
+            f"{r.p99_ms:.2f}",
+            r.non200 + r.errors,
+            f"{single[name].p50_ms:.2f} / {single[name].p99_ms:.2f}",
+            f"{cpu_ms[name]:.2f}",
+            target,
+        ]
+        for (name, r), target in zip(results.items(), ["", "p99 <= 5", "p99 <= 20"], strict=True)
+    ]
+    return table(
+        [
+            "request",
+            "req/s",
+            "p50 ms",
+            "p95 ms",
+            "p99 ms",
+            "not 200",
+            "1 conn p50/p99",
+            "CPU ms/req",
+            "target ms",
+        ],
+        rows,
+    )
+
+
 def memory(pid: int) -> dict[str, int]:
     """VmHWM / VmRSS of a process, kB."""
     out = {}
@@ -186,7 +276,9 @@ def service_settings(env: dict[str, str]) -> Any:
         os.environ.update(saved)
 
 
-async def checkout_timings(url: str, env: dict[str, str], fake_url: str) -> dict[str, Any]:
+async def checkout_timings(
+    url: str, env: dict[str, str], fake_url: str, pid: int
+) -> dict[str, Any]:
     """Service request time vs the same Stripe calls made directly (both one at a time)."""
     from app.auth import mint_token
     from app.checkout.service import stripe_params
@@ -204,8 +296,11 @@ async def checkout_timings(url: str, env: dict[str, str], fake_url: str) -> dict
     run_tag = uuid.uuid4().hex[:6]
     service: list[float] = []
     statuses: dict[int, int] = {}
+    cpu_before = 0.0
     async with httpx.AsyncClient(base_url=url, timeout=30) as client:
         for i in range(-20, CHECKOUTS):  # 20 warm-up requests, not counted
+            if i == 0:
+                cpu_before = cpu_seconds(pid)
             account = f"acc_ck_{run_tag}_{i + 20}"
             token = mint_token(
                 settings, sub=f"user_{account}", account_id=account, email=f"{account}@example.com"
@@ -219,6 +314,7 @@ async def checkout_timings(url: str, env: dict[str, str], fake_url: str) -> dict
             if i >= 0:
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
                 service.append(elapsed * 1000)
+    service_cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / CHECKOUTS
     gateway = StripeGateway(api_key=harness.STRIPE_KEY, api_base=fake_url)
     direct: list[float] = []
     for i in range(-20, CHECKOUTS):
@@ -250,6 +346,7 @@ async def checkout_timings(url: str, env: dict[str, str], fake_url: str) -> dict
         "direct_p50": statistics.median(direct),
         "direct_p95": percentile(direct, 0.95),
         "added_p50": statistics.median(service) - statistics.median(direct),
+        "service_cpu_ms": service_cpu_ms,
     }
 
 
@@ -278,6 +375,7 @@ async def main() -> None:
             **harness.service_env(dsn, fake.url, workers=False),
             "REDIRECT_ALLOWED_ORIGINS": APP_URL,
             "STRIPE_SESSIONS_PER_ACCOUNT_PER_MINUTE": "1000",
+            "WEB_CONCURRENCY": "1",
         }
         settings = service_settings(env)
         from app.auth import mint_token
@@ -289,35 +387,13 @@ async def main() -> None:
             running.append(server)
             pid = server.process.pid
             print(f"service pid {pid}, at start {memory(pid)}", flush=True)
-            targets = {
-                "GET /healthz (floor)": ("/healthz", 1),
-                "GET /v1/channels/{id}/access": ("/v1/channels/chan_%d/access", ACCOUNTS),
-                "GET /v1/accounts/{id}/refund-eligibility": (
-                    "/v1/accounts/acc_%d/refund-eligibility",
-                    ACCOUNTS,
-                ),
-            }
-            for path, ids in targets.values():  # warm-up
-                wrk_get(server.url, path, ids, reader, 3)
-            for name, (path, ids) in targets.items():
-                results[name] = r = wrk_get(server.url, path, ids, reader, SECONDS)
-                print(
-                    f"{name:42s} {r.rate:7,.0f} req/s  p50 {r.p50_ms:6.2f}  p95 {r.p95_ms:6.2f}"
-                    f"  p99 {r.p99_ms:6.2f} ms  not 200: {r.non200 + r.errors}",
-                    flush=True,
-                )
-            single: dict[str, WrkResult] = {}
-            for name, (path, ids) in targets.items():
-                single[name] = r = wrk_get(server.url, path, ids, reader, 5, connections=1)
-                print(
-                    f"{name:42s} 1 connection: p50 {r.p50_ms:6.2f}  p99 {r.p99_ms:6.2f} ms",
-                    flush=True,
-                )
+            results, single, cpu_ms = measure_reads(server.url, reader, pid)
             after_reads = memory(pid)
-            checkout = await checkout_timings(server.url, env, fake.url)
+            checkout = await checkout_timings(server.url, env, fake.url, pid)
             print(
                 f"checkout: service p50 {checkout['service_p50']:.2f} ms, direct Stripe calls p50 "
-                f"{checkout['direct_p50']:.2f} ms, added {checkout['added_p50']:.2f} ms "
+                f"{checkout['direct_p50']:.2f} ms, added {checkout['added_p50']:.2f} ms, "
+                f"service CPU {checkout['service_cpu_ms']:.2f} ms per request "
                 f"(statuses {checkout['statuses']})",
                 flush=True,
             )
@@ -334,37 +410,24 @@ async def main() -> None:
                 f"memory {after_ingest}",
                 flush=True,
             )
-        rows = [
-            [
-                name,
-                f"{r.rate:,.0f}",
-                f"{r.p50_ms:.2f}",
-                f"{r.p95_ms:.2f}",
-                f"{r.p99_ms:.2f}",
-                r.non200 + r.errors,
-                f"{single[name].p50_ms:.2f} / {single[name].p99_ms:.2f}",
-                target,
-            ]
-            for (name, r), target in zip(
-                results.items(), ["", "p99 <= 5", "p99 <= 20"], strict=True
-            )
-        ]
+            server.stop()
+            many: tuple[dict[str, WrkResult], dict[str, WrkResult], dict[str, float]] | None = None
+            if WORKERS > 1:
+                pool = harness.start_server(
+                    f"service x{WORKERS}",
+                    "app.main:app",
+                    {**env, "WEB_CONCURRENCY": str(WORKERS)},
+                    log,
+                )
+                running.append(pool)
+                time.sleep(3)  # every worker up (the port answers as soon as the first one is)
+                print(f"\nreads with {WORKERS} uvicorn workers:", flush=True)
+                many = measure_reads(pool.url, reader, pool.process.pid)
         print(f"\n{CONNECTIONS} connections, {SECONDS} s each, one uvicorn worker:")
-        print(
-            table(
-                [
-                    "request",
-                    "req/s",
-                    "p50 ms",
-                    "p95 ms",
-                    "p99 ms",
-                    "not 200",
-                    "1 conn p50/p99",
-                    "target ms",
-                ],
-                rows,
-            )
-        )
+        print(reads_table(results, single, cpu_ms))
+        if many is not None:
+            print(f"\nthe same with {WORKERS} uvicorn workers (WEB_CONCURRENCY={WORKERS}):")
+            print(reads_table(*many))
         print()
         print(
             table(
@@ -381,6 +444,11 @@ async def main() -> None:
                         "",
                     ],
                     ["service's own time p50", f"{checkout['added_p50']:.2f} ms", "<= 5 ms"],
+                    [
+                        "service CPU per checkout (incl. its Stripe SDK calls)",
+                        f"{checkout['service_cpu_ms']:.2f} ms",
+                        "",
+                    ],
                     ["worker VmHWM after the reads", f"{after_reads['VmHWM'] / 1024:.0f} MB", ""],
                     [
                         f"worker VmHWM after ingesting {ingest.requests:,} events",
@@ -395,6 +463,13 @@ async def main() -> None:
         summary |= {
             "reads": {k: vars(v) for k, v in results.items()},
             "reads_one_connection": {k: vars(v) for k, v in single.items()},
+            "reads_cpu_ms": cpu_ms,
+            "reads_workers_cpu_ms": many[2] if many else None,
+            "workers": WORKERS,
+            "reads_workers": {k: vars(v) for k, v in many[0].items()} if many else None,
+            "reads_workers_one_connection": (
+                {k: vars(v) for k, v in many[1].items()} if many else None
+            ),
             "checkout": checkout,
             "memory": {
                 "after_reads": after_reads,

@@ -1,7 +1,9 @@
 """Profile the service while it answers one read route at 16 connections (py-spy, collapsed
 stacks): `BENCH_API_ACCOUNTS=5000 BENCH_API_EVENTS=10000 PYTHONPATH=. python -m
-bench.profile_api access|eligibility` -> bench/results/profile-api-<route>.txt, and prints the
-share of samples in the frames that matter."""
+bench.profile_api access|eligibility|checkout` -> bench/results/profile-api-<route>.txt, and
+prints the share of samples in the frames that matter and the service's CPU per request.
+`checkout`: 150 top-up checkouts one at a time, each a first request of a new account, as in
+bench/api.py (the CPU figure includes the service's Stripe SDK calls)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,9 @@ import os
 import subprocess
 import sys
 import time
+import uuid
+
+import httpx
 
 from bench import api, harness
 from bench.harness import RESULTS
@@ -36,6 +41,31 @@ MARKERS = [
 ]
 
 
+async def checkouts(url: str, env: dict[str, str], n: int) -> int:
+    """`n` top-up checkouts, one at a time, each the first request of a new account."""
+    from app.auth import mint_token
+
+    settings = api.service_settings(env)
+    body = {
+        "purpose": "top_up",
+        "amount": 5000,
+        "currency": "usd",
+        "success_url": f"{api.APP_URL}/balance/done",
+        "cancel_url": f"{api.APP_URL}/balance",
+    }
+    tag = uuid.uuid4().hex[:6]
+    async with httpx.AsyncClient(base_url=url, timeout=30) as client:
+        for i in range(n):
+            account = f"acc_prof_{tag}_{i}"
+            token = mint_token(settings, sub="u", account_id=account, email=f"{account}@x.io")
+            headers = {"Authorization": f"Bearer {token}", "Idempotency-Key": uuid.uuid4().hex}
+            response = await client.post(
+                f"/v1/accounts/{account}/checkout-sessions", json=body, headers=headers
+            )
+            assert response.status_code == 201, response.text
+    return n
+
+
 async def main() -> None:
     route = sys.argv[1] if len(sys.argv) > 1 else "access"
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -45,7 +75,11 @@ async def main() -> None:
         dsn = await harness.create_database(name)
         harness.migrate(dsn)
         await api.seed_big(dsn)
-        env = harness.service_env(dsn, fake.url, workers=False)
+        env = {
+            **harness.service_env(dsn, fake.url, workers=False),
+            "REDIRECT_ALLOWED_ORIGINS": api.APP_URL,
+            "STRIPE_SESSIONS_PER_ACCOUNT_PER_MINUTE": "1000",
+        }
         from app.auth import mint_token
 
         token = mint_token(api.service_settings(env), sub="bench", scope="billing:read")
@@ -53,7 +87,11 @@ async def main() -> None:
         with harness.servers() as running:
             server = harness.start_server("service", "app.main:app", env, RESULTS / "p.log")
             running.append(server)
-            api.wrk_get(server.url, ROUTES[route], api.ACCOUNTS, token, 3)
+            if route == "checkout":
+                await checkouts(server.url, env, 20)
+            else:
+                api.wrk_get(server.url, ROUTES[route], api.ACCOUNTS, token, 3)
+            cpu_before = api.cpu_seconds(server.process.pid)
             spy = subprocess.Popen(
                 [
                     os.path.join(os.path.dirname(sys.executable), "py-spy"),
@@ -71,10 +109,17 @@ async def main() -> None:
                 stderr=subprocess.DEVNULL,
             )
             time.sleep(1)
-            result = api.wrk_get(server.url, ROUTES[route], api.ACCOUNTS, token, 15)
+            if route == "checkout":
+                requests = await checkouts(server.url, env, 150)
+                summary = f"{requests} checkouts"
+            else:
+                result = api.wrk_get(server.url, ROUTES[route], api.ACCOUNTS, token, 15)
+                requests = result.requests
+                summary = f"{result.rate:,.0f} req/s, p50 {result.p50_ms:.1f} ms"
+            cpu_ms = (api.cpu_seconds(server.process.pid) - cpu_before) * 1000 / requests
             spy.send_signal(2)
             spy.wait(30)
-        print(f"{route}: {result.rate:,.0f} req/s, p50 {result.p50_ms:.1f} ms")
+        print(f"{route}: {summary}, service CPU {cpu_ms:.2f} ms per request (under py-spy)")
         totals: collections.Counter[str] = collections.Counter()
         samples = 0
         for line in out.read_text().splitlines():

@@ -14,18 +14,25 @@ channel, one currency per account.
 - `effective_currency`: the account's currency once a payment set it; before that the currency
   of its existing ledger entries (usage reported before any payment); else None (any supported
   currency may be the first).
+- `lock_account` = `ensure_account` + the account row lock in one statement, and
+  `account_facts` what a checkout decides on (bound currency, Stripe customer, recent Stripe
+  sessions) in one more: the checkout path's round trips to Postgres.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any, cast
+
 import structlog
-from sqlalchemy import event, select
+from sqlalchemy import String, Table, bindparam, event, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session
 
 from app.errors import ChannelNotFound, CurrencyMismatch
 from app.models import Account, Channel, LedgerEntry
+from app.rate_limit import RecentSessions, recent_stripe_sessions
 from app.stripe_gateway import StripeGateway, idempotency_key
 
 log = structlog.get_logger()
@@ -60,6 +67,75 @@ async def ensure_account(session: AsyncSession, account_id: str, email: str | No
     ensured.add(account_id)
 
 
+def _lock_account_statement() -> Any:
+    accounts = cast(Table, Account.__table__)
+    statement = insert(accounts).values(id=bindparam("account_id"), email=bindparam("email"))
+    new_email = statement.excluded.email
+    return statement.on_conflict_do_update(
+        index_elements=[accounts.c.id],
+        set_={"email": new_email},
+        where=accounts.c.email.is_distinct_from(new_email) & (func.coalesce(new_email, "") != ""),
+    )
+
+
+_LOCK_ACCOUNT = _lock_account_statement()
+
+
+async def lock_account(session: AsyncSession, account_id: str, email: str | None = None) -> None:
+    """`ensure_account` and `SELECT ... FOR UPDATE` of the row in one statement: `ON CONFLICT DO
+    UPDATE` locks the existing row even when its `WHERE` leaves it unchanged (PostgreSQL locks
+    every conflicting row it considers), and a row just inserted is ours until commit. The
+    email is updated as `ensure_account` does (only to a non-empty, different one)."""
+    await session.execute(_LOCK_ACCOUNT, {"account_id": account_id, "email": email})
+
+
+@dataclass(frozen=True)
+class AccountFacts:
+    currency: str | None
+    """The bound currency (`effective_currency`), lowercase, or None while any may be first."""
+    stripe_customer_id: str | None
+    recent: RecentSessions
+
+
+def _account_facts_statement() -> Any:
+    account_id = bindparam("account_id", type_=String)
+    ledger_currency = (
+        select(LedgerEntry.currency)
+        .where(LedgerEntry.account_id == account_id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    count, seconds_left = recent_stripe_sessions(account_id)
+    return select(
+        func.coalesce(func.nullif(Account.currency, ""), ledger_currency),
+        Account.stripe_customer_id,
+        count,
+        seconds_left,
+    ).where(Account.id == account_id)
+
+
+_ACCOUNT_FACTS = _account_facts_statement()
+
+
+async def account_facts(session: AsyncSession, account_id: str) -> AccountFacts:
+    """One statement (run it after `lock_account`, so it sees every committed checkout of the
+    account): its bound currency, Stripe customer and Stripe sessions of the last minute."""
+    row = (await session.execute(_ACCOUNT_FACTS, {"account_id": account_id})).one()
+    currency, customer, recent_count, recent_seconds = row
+    return AccountFacts(
+        currency=currency.lower() if currency else None,
+        stripe_customer_id=customer or None,
+        recent=RecentSessions(int(recent_count), recent_seconds),
+    )
+
+
+def require_currency(bound: str | None, currency: str) -> None:
+    """422 `currency_mismatch` when money in `currency` cannot move on an account bound to
+    `bound` (see `check_currency`)."""
+    if bound is not None and bound != currency.lower():
+        raise CurrencyMismatch(f"This account uses {bound.upper()}, not {currency.upper()}")
+
+
 async def claim_channel(session: AsyncSession, account_id: str, channel_id: str) -> None:
     """Make `account_id` the channel's owner if nobody is; 404 when another account owns it."""
     await session.execute(
@@ -85,21 +161,29 @@ async def ensure_stripe_customer(
 ) -> str:
     """The account's Stripe customer id, created once (see module docstring)."""
     async with factory() as session, session.begin():
-        account = await session.scalar(
-            select(Account).where(Account.id == account_id).with_for_update()
-        )
-        if account is None:  # pragma: no cover - callers ensure the account first
+        row = (
+            await session.execute(
+                select(Account.stripe_customer_id, Account.email)
+                .where(Account.id == account_id)
+                .with_for_update()
+            )
+        ).one_or_none()
+        if row is None:  # pragma: no cover - callers ensure the account first
             raise RuntimeError("account row missing")
-        if account.stripe_customer_id:
-            return account.stripe_customer_id
+        existing, email = row
+        if existing:
+            return str(existing)
         customer = await gateway.create_customer(
             account_id=account_id,
-            email=account.email,
+            email=email,
             key=idempotency_key("customer", account_id),
         )
-        account.stripe_customer_id = str(customer["id"])
-        log.info("stripe_customer.created", account_id=account_id, customer=customer["id"])
-        return account.stripe_customer_id
+        customer_id = str(customer["id"])
+        await session.execute(
+            update(Account).where(Account.id == account_id).values(stripe_customer_id=customer_id)
+        )
+        log.info("stripe_customer.created", account_id=account_id, customer=customer_id)
+        return customer_id
 
 
 async def effective_currency(session: AsyncSession, account_id: str) -> str | None:
@@ -115,6 +199,4 @@ async def effective_currency(session: AsyncSession, account_id: str) -> str | No
 
 async def check_currency(session: AsyncSession, account_id: str, currency: str) -> None:
     """422 `currency_mismatch` when money in `currency` cannot move on this account."""
-    bound = await effective_currency(session, account_id)
-    if bound is not None and bound != currency.lower():
-        raise CurrencyMismatch(f"This account uses {bound.upper()}, not {currency.upper()}")
+    require_currency(await effective_currency(session, account_id), currency)

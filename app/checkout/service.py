@@ -3,9 +3,12 @@
 Creating one (all validation first: nothing reaches Stripe for a request we will refuse):
 
 1. One short transaction (its own, committed) locks the account row, so an account's checkout
-   requests run one at a time; checks the rate limit, the channel's owner, live subscriptions,
-   the currency and the debt; and commits a `pending` row.
-2. The account's Stripe customer is created once (app/accounts/service.py).
+   requests run one at a time (creating the account on first use in the same statement);
+   reads the currency, the Stripe customer and the rate-limit count in one more statement;
+   checks the rate limit, the channel's owner, live subscriptions, the currency and the debt;
+   and commits a `pending` row.
+2. The account's Stripe customer is created once (app/accounts/service.py), unless step 1
+   already found it.
 3. Stripe is called with `idempotency_key("checkout", row.id)`; the result is recorded in the
    request's transaction. A Stripe failure marks the row `failed` and answers 502; a retry of a
    `pending` row (a crash, or a concurrent request for the same channel) reuses its key.
@@ -26,18 +29,19 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
-from sqlalchemy import func, select, update
+from sqlalchemy import Table, bindparam, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.accounts.service import (
-    check_currency,
+    account_facts,
     claim_channel,
-    ensure_account,
     ensure_stripe_customer,
+    lock_account,
+    require_currency,
 )
 from app.auth import Principal
 from app.balance.service import account_balance
@@ -56,8 +60,8 @@ from app.errors import (
     SubscriptionExists,
     Unprocessable,
 )
-from app.models import Account, CheckoutSession, Subscription
-from app.rate_limit import check_stripe_rate_limit
+from app.models import CheckoutSession, Subscription
+from app.rate_limit import enforce_stripe_rate_limit
 from app.redirects import check_redirects
 from app.stripe_gateway import StripeGateway, StripeObject, StripeRequestRejected, idempotency_key
 
@@ -85,13 +89,14 @@ async def create_checkout_session(
     plan = _validate(settings, body)
 
     stale: CheckoutSession | None = None
+    limit = settings.stripe_sessions_per_account_per_minute
     async with factory() as tx, tx.begin():
-        await ensure_account(tx, account_id, principal.email)
-        await tx.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+        await lock_account(tx, account_id, principal.email)
+        facts = await account_facts(tx, account_id)
         if isinstance(body, SubscriptionCheckoutIn):
             assert plan is not None
             await claim_channel(tx, account_id, body.channel_id)
-            await check_currency(tx, account_id, plan.currency)
+            require_currency(facts.currency, plan.currency)
             if await _has_live_subscription(tx, body.channel_id):
                 raise SubscriptionExists(f"Channel {body.channel_id!r} already has a subscription")
             existing = await _latest_subscription_checkout(tx, body.channel_id)
@@ -109,32 +114,28 @@ async def create_checkout_session(
                 stale = existing
                 row = None
             if row is None:
-                await check_stripe_rate_limit(
-                    tx, account_id, settings.stripe_sessions_per_account_per_minute
-                )
+                enforce_stripe_rate_limit(facts.recent, limit)
                 row = _new_row(account_id, body, plan.amount, plan.currency.lower(), plan)
                 tx.add(row)
         elif isinstance(body, TopUpCheckoutIn):
             currency = body.currency.lower()
-            await check_currency(tx, account_id, currency)
-            await check_stripe_rate_limit(
-                tx, account_id, settings.stripe_sessions_per_account_per_minute
-            )
+            require_currency(facts.currency, currency)
+            enforce_stripe_rate_limit(facts.recent, limit)
             row = _new_row(account_id, body, body.amount, currency, None)
             tx.add(row)
         else:
             _, debt, bound = await account_balance(tx, account_id)
             if debt <= 0:
                 raise NoDebt("The account has no debt to repay")
-            await check_stripe_rate_limit(
-                tx, account_id, settings.stripe_sessions_per_account_per_minute
-            )
+            enforce_stripe_rate_limit(facts.recent, limit)
             row = _new_row(account_id, body, debt, bound or settings.default_currency, None)
             tx.add(row)
         await tx.flush()
 
     try:
-        customer = await ensure_stripe_customer(factory, gateway, account_id)
+        customer = facts.stripe_customer_id or await ensure_stripe_customer(
+            factory, gateway, account_id
+        )
         if stale is not None:
             await _retire(session, gateway, settings, stale, customer)
         created = await gateway.create_checkout_session(
@@ -143,7 +144,7 @@ async def create_checkout_session(
     except BillingError:
         await _mark_failed(factory, row.id)
         raise
-    await _record_created(session, row.id, created)
+    recorded = await _record_created(session, row.id, created)
     log.info(
         "checkout.created",
         checkout_id=str(row.id),
@@ -151,7 +152,7 @@ async def create_checkout_session(
         purpose=row.purpose,
         stripe_id=created.get("id"),
     )
-    return to_out(await _reload(session, row.id))
+    return to_out(recorded)
 
 
 async def get_checkout_session(
@@ -368,22 +369,45 @@ async def _retire(
     log.info("checkout.superseded", checkout_id=str(stale.id))
 
 
-async def _record_created(session: AsyncSession, row_id: uuid.UUID, created: StripeObject) -> None:
+_CHECKOUTS = cast(Table, CheckoutSession.__table__)
+_STILL_OURS = _CHECKOUTS.c.status.in_(("pending", "failed"))
+_RECORD_CREATED = (
+    update(_CHECKOUTS)
+    .where(_CHECKOUTS.c.id == bindparam("row_id"))
+    .values(
+        stripe_id=bindparam("stripe_id"),
+        url=bindparam("url"),
+        expires_at=bindparam("expires_at"),
+        status=case((_STILL_OURS, bindparam("new_status")), else_=_CHECKOUTS.c.status),
+        payment_status=case(
+            (_STILL_OURS, bindparam("new_payment_status")), else_=_CHECKOUTS.c.payment_status
+        ),
+    )
+    .returning(*_CHECKOUTS.c)
+)
+
+
+async def _record_created(
+    session: AsyncSession, row_id: uuid.UUID, created: StripeObject
+) -> CheckoutSession:
+    """Store Stripe's id, URL and expiry; the status only while ours is still `pending` or
+    `failed` (an event may already have moved it on). One `UPDATE ... RETURNING`; the row
+    comes back as a detached `CheckoutSession`."""
     status = created.get("status") if created.get("status") in ("complete", "expired") else "open"
-    await session.execute(
-        update(CheckoutSession)
-        .where(CheckoutSession.id == row_id)
-        .values(
-            stripe_id=created["id"],
-            url=created.get("url"),
-            expires_at=_timestamp(created.get("expires_at")),
+    row = (
+        await session.execute(
+            _RECORD_CREATED,
+            {
+                "row_id": row_id,
+                "stripe_id": created["id"],
+                "url": created.get("url"),
+                "expires_at": _timestamp(created.get("expires_at")),
+                "new_status": status,
+                "new_payment_status": created.get("payment_status"),
+            },
         )
-    )
-    await session.execute(
-        update(CheckoutSession)
-        .where(CheckoutSession.id == row_id, CheckoutSession.status.in_(("pending", "failed")))
-        .values(status=status, payment_status=created.get("payment_status"))
-    )
+    ).one()
+    return CheckoutSession(**row._mapping)
 
 
 async def _apply_stripe_state(

@@ -7,7 +7,7 @@ import uuid
 from datetime import date, datetime
 from typing import Any
 
-from sqlalchemy import and_, exists, func, or_, select
+from sqlalchemy import String, and_, bindparam, exists, func, literal_column, or_, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -45,15 +45,6 @@ async def account_currency(session: AsyncSession, account_id: str) -> str | None
     return (
         await session.execute(select(Account.currency).where(Account.id == account_id))
     ).scalar_one_or_none()
-
-
-async def usage_detected(session: AsyncSession, account_id: str) -> bool:
-    """Any reported activity or usage charge since the account started."""
-    activity = exists().where(Activity.account_id == account_id)
-    usage = exists().where(
-        LedgerEntry.account_id == account_id, LedgerEntry.kind.in_(USAGE_LEDGER_KINDS)
-    )
-    return bool((await session.execute(select(or_(activity, usage)))).scalar_one())
 
 
 async def add_ledger_entry(
@@ -107,28 +98,94 @@ async def subscription_payments(session: AsyncSession, account_id: str) -> list[
     return list((await session.execute(statement)).scalars())
 
 
-async def invoice_subscriptions(session: AsyncSession, invoice_ids: list[str]) -> dict[str, str]:
-    if not invoice_ids:
-        return {}
-    rows = await session.execute(
-        select(Invoice.stripe_id, Invoice.stripe_subscription_id).where(
-            Invoice.stripe_id.in_(invoice_ids), Invoice.stripe_subscription_id.is_not(None)
-        )
-    )
-    return {invoice: subscription for invoice, subscription in rows.tuples() if subscription}
+def _constants(values: tuple[str, ...]) -> list[Any]:
+    """Our own constant strings inlined in the SQL (`IN ('a', 'b')`), so a cached statement
+    needs no per-execution expansion of the list into parameters."""
+    assert all(value.isidentifier() for value in values)
+    return [literal_column(f"'{value}'") for value in values]
 
 
-async def subscription_period_ends(
-    session: AsyncSession, subscription_ids: list[str]
-) -> dict[str, datetime | None]:
-    if not subscription_ids:
-        return {}
-    rows = await session.execute(
-        select(Subscription.stripe_id, Subscription.current_period_end).where(
-            Subscription.stripe_id.in_(subscription_ids)
-        )
+def _eligibility_facts() -> Any:
+    """One statement with everything a refund-eligibility quote needs, one row per subscription
+    payment of the account (newest first): the payment, the subscription it paid for (its own
+    id, else its invoice's) with that subscription's `current_period_end`, what Stripe has
+    refunded (mirrored refunds still live, and those that failed), what this service has asked Stripe to refund that
+    Stripe has not reported yet, and whether the account has any usage."""
+    payments = Payment.__table__
+    invoices = Invoice.__table__
+    subscriptions = Subscription.__table__
+    refunds = Refund.__table__
+    executions = RefundExecution.__table__
+    account_id = bindparam("account_id", type_=String)
+    subscription_id = func.coalesce(
+        func.nullif(payments.c.stripe_subscription_id, ""),
+        func.nullif(invoices.c.stripe_subscription_id, ""),
     )
-    return {stripe_id: period_end for stripe_id, period_end in rows.all()}
+    mirrored = (
+        select(func.coalesce(func.sum(refunds.c.amount), 0))
+        .where(
+            refunds.c.stripe_payment_intent_id == payments.c.stripe_id,
+            refunds.c.status.in_(_constants(LIVE_REFUND_STATUSES)),
+        )
+        .scalar_subquery()
+    )
+    failed = (  # the charge's `amount_refunded` is the highest seen: it still counts these
+        select(func.coalesce(func.sum(refunds.c.amount), 0))
+        .where(
+            refunds.c.stripe_payment_intent_id == payments.c.stripe_id,
+            refunds.c.status.not_in(_constants(LIVE_REFUND_STATUSES)),
+        )
+        .scalar_subquery()
+    )
+    known = refunds.alias("known")
+    unmirrored = (
+        select(func.coalesce(func.sum(executions.c.amount), 0))
+        .where(
+            executions.c.payment_id == payments.c.id,
+            executions.c.status.in_(_constants(("pending", "submitted"))),
+            or_(
+                executions.c.stripe_refund_id.is_(None),
+                ~exists().where(known.c.stripe_id == executions.c.stripe_refund_id),
+            ),
+        )
+        .scalar_subquery()
+    )
+    used = or_(
+        exists().where(Activity.__table__.c.account_id == account_id),
+        exists().where(
+            LedgerEntry.__table__.c.account_id == account_id,
+            LedgerEntry.__table__.c.kind.in_(_constants(USAGE_LEDGER_KINDS)),
+        ),
+    )
+    return (
+        select(
+            payments.c.id,
+            payments.c.amount,
+            payments.c.currency,
+            payments.c.status,
+            payments.c.fee,
+            payments.c.disputed,
+            payments.c.amount_refunded,
+            payments.c.paid_at,
+            subscription_id.label("subscription_id"),
+            subscriptions.c.current_period_end,
+            mirrored.label("mirrored_refunds"),
+            failed.label("failed_refunds"),
+            unmirrored.label("unmirrored_refunds"),
+            used.label("usage_detected"),
+        )
+        .select_from(
+            payments.outerjoin(
+                invoices, invoices.c.stripe_id == payments.c.stripe_invoice_id
+            ).outerjoin(subscriptions, subscriptions.c.stripe_id == subscription_id)
+        )
+        .where(payments.c.account_id == account_id, payments.c.purpose == "subscription")
+        .order_by(payments.c.paid_at.desc().nulls_last(), payments.c.created_at.desc())
+    )
+
+
+ELIGIBILITY_FACTS = _eligibility_facts()
+"""See `_eligibility_facts`; parameter `account_id`."""
 
 
 async def already_refunded(session: AsyncSession, payment: Payment) -> int:

@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import itertools
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import structlog
+from sqlalchemy import Row
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -44,6 +46,7 @@ from app.accounts.service import ensure_account
 from app.auth import Principal
 from app.balance.service import account_balance
 from app.config import Settings
+from app.db import Reader
 from app.errors import (
     PaymentDisputed,
     RefundExceedsLimit,
@@ -96,59 +99,52 @@ def utcnow() -> datetime:
 
 
 async def refund_eligibility(
-    session: AsyncSession, account_id: str, settings: Settings, now: datetime
+    reader: Reader, account_id: str, settings: Settings, now: datetime
 ) -> RefundEligibility:
-    payments = await repo.subscription_payments(session, account_id)
-    used = await repo.usage_detected(session, account_id)
-    by_invoice = await repo.invoice_subscriptions(
-        session, [p.stripe_invoice_id for p in payments if p.stripe_invoice_id]
-    )
-    subscription_of = {
-        p.id: p.stripe_subscription_id or by_invoice.get(p.stripe_invoice_id or "")
-        for p in payments
-    }
-    subscription_ends = await repo.subscription_period_ends(
-        session, [s for s in subscription_of.values() if s]
-    )
-    period_ends = _paid_period_ends(payments, subscription_of, subscription_ends)
+    """One quote per subscription payment; the facts come from one statement
+    (`repo.ELIGIBILITY_FACTS`), the rules from `app/refunds/eligibility.py`."""
+    rows = await reader.all(repo.ELIGIBILITY_FACTS, {"account_id": account_id})
+    period_ends = _paid_period_ends(rows)
     quotes = []
-    for payment in payments:
-        period_end = period_ends.get(payment.id)
+    for row in rows:
         facts = PaymentFacts(
-            payment_id=payment.id,
-            amount_paid=payment.amount,
-            currency=payment.currency,
-            status=payment.status,
-            processing_fee=payment.fee,
-            already_refunded=await repo.already_refunded(session, payment),
-            disputed=payment.disputed,
-            period_end=period_end,
+            payment_id=row.id,
+            amount_paid=row.amount,
+            currency=row.currency,
+            status=row.status,
+            processing_fee=row.fee,
+            already_refunded=max(
+                row.amount_refunded - int(row.failed_refunds), int(row.mirrored_refunds)
+            )
+            + int(row.unmirrored_refunds),
+            disputed=row.disputed,
+            period_end=period_ends.get(row.id),
         )
-        result = quote(facts, usage_detected=used, setup_fees=settings.waba_setup_fees, now=now)
+        result = quote(
+            facts,
+            usage_detected=row.usage_detected,
+            setup_fees=settings.waba_setup_fees,
+            now=now,
+        )
         quotes.append(RefundQuote.model_validate(result, from_attributes=True))
     return RefundEligibility(quotes=quotes)
 
 
-def _paid_period_ends(
-    payments: list[Payment],
-    subscription_of: dict[uuid.UUID, str | None],
-    subscription_ends: dict[str, datetime | None],
-) -> dict[uuid.UUID, datetime | None]:
+def _paid_period_ends(payments: Sequence[Row[Any]]) -> dict[uuid.UUID, datetime | None]:
     """When each payment's paid period ends. Stripe's invoice `period_*` fields describe the
     previous period (zero-length on a first invoice), so they cannot decide: the newest
     payment of a subscription pays for its current period (`current_period_end`); an older
     one's period ended when the next payment renewed it."""
     ends: dict[uuid.UUID, datetime | None] = {}
-    by_subscription: dict[str, list[Payment]] = {}
+    by_subscription: dict[str, list[Row[Any]]] = {}
     for payment in payments:
-        subscription_id = subscription_of.get(payment.id)
-        if subscription_id and payment.paid_at is not None:
-            by_subscription.setdefault(subscription_id, []).append(payment)
-    for subscription_id, paid in by_subscription.items():
-        paid.sort(key=lambda p: p.paid_at or datetime.min.replace(tzinfo=UTC))
+        if payment.subscription_id and payment.paid_at is not None:
+            by_subscription.setdefault(payment.subscription_id, []).append(payment)
+    for paid in by_subscription.values():
+        paid.sort(key=lambda p: p.paid_at)
         for current, following in itertools.pairwise(paid):
             ends[current.id] = following.paid_at
-        ends[paid[-1].id] = subscription_ends.get(subscription_id)
+        ends[paid[-1].id] = paid[-1].current_period_end
     return ends
 
 

@@ -11,12 +11,42 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-
-from app.models import Subscription
+from typing import Protocol
 
 LIVE_STATUSES = frozenset({"active", "trialing"})
+
+ACCESS_COLUMNS = (
+    "status",
+    "cancel_at_period_end",
+    "cancel_at",
+    "current_period_end",
+    "extension_days",
+    "extension_days_in_period",
+    "access_revoked_at",
+)
+"""The subscription columns access depends on (a `Subscription` row, or just these columns)."""
+
+
+class SubscriptionState(Protocol):
+    """What access is derived from: a `Subscription` or a row of `ACCESS_COLUMNS`."""
+
+    @property
+    def status(self) -> str: ...
+    @property
+    def cancel_at_period_end(self) -> bool: ...
+    @property
+    def cancel_at(self) -> datetime | None: ...
+    @property
+    def current_period_end(self) -> datetime | None: ...
+    @property
+    def extension_days(self) -> int: ...
+    @property
+    def extension_days_in_period(self) -> int: ...
+    @property
+    def access_revoked_at(self) -> datetime | None: ...
 
 
 @dataclass(frozen=True)
@@ -26,7 +56,7 @@ class Access:
     reason: str
 
 
-def access_until(subscription: Subscription) -> datetime | None:
+def access_until(subscription: SubscriptionState) -> datetime | None:
     if subscription.current_period_end is None:
         return None
     pending_days = max(0, subscription.extension_days - subscription.extension_days_in_period)
@@ -34,7 +64,7 @@ def access_until(subscription: Subscription) -> datetime | None:
 
 
 def subscription_access(
-    subscription: Subscription, now: datetime, *, past_due_keeps_access: bool = True
+    subscription: SubscriptionState, now: datetime, *, past_due_keeps_access: bool = True
 ) -> Access:
     until = access_until(subscription)
     if subscription.access_revoked_at is not None:
@@ -52,7 +82,7 @@ def subscription_access(
 
 
 def channel_access(
-    subscriptions: list[Subscription], now: datetime, *, past_due_keeps_access: bool = True
+    subscriptions: Iterable[SubscriptionState], now: datetime, *, past_due_keeps_access: bool = True
 ) -> Access:
     """The best access any of the channel's subscriptions gives."""
     best = Access(False, None, "no_subscription")

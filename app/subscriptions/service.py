@@ -12,14 +12,21 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import func, select, text
+from sqlalchemy import bindparam, func, select, text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
+from app.db import Reader
 from app.errors import ServiceUnavailable
 from app.models import AccessChange, Channel, Subscription
-from app.subscriptions.access import Access, channel_access, subscription_access
+from app.subscriptions.access import (
+    ACCESS_COLUMNS,
+    Access,
+    SubscriptionState,
+    channel_access,
+    subscription_access,
+)
 from app.subscriptions.schemas import AccessOut, SubscriptionOut
 
 
@@ -109,15 +116,25 @@ async def list_subscriptions(
     return result
 
 
-async def get_channel_access(
-    session: AsyncSession, settings: Settings, channel_id: str
-) -> AccessOut:
-    """Access from the channel's subscriptions; an unknown channel has none (`no_subscription`)."""
-    rows = list(
-        await session.scalars(select(Subscription).where(Subscription.channel_id == channel_id))
-    )
+_CLOCK = select(func.now().label("now")).subquery("clock")
+_SUBSCRIPTIONS = Subscription.__table__
+CHANNEL_ACCESS = select(
+    _CLOCK.c.now, *(_SUBSCRIPTIONS.c[name] for name in ACCESS_COLUMNS)
+).select_from(
+    _CLOCK.outerjoin(_SUBSCRIPTIONS, _SUBSCRIPTIONS.c.channel_id == bindparam("channel_id"))
+)
+"""The database time and the access columns of the channel's subscriptions, in one statement
+(one row with NULL columns when the channel has none)."""
+
+
+async def get_channel_access(reader: Reader, settings: Settings, channel_id: str) -> AccessOut:
+    """Access from the channel's subscriptions; an unknown channel has none (`no_subscription`).
+    One autocommit statement: no transaction, and the clock is the database's."""
+    rows = await reader.all(CHANNEL_ACCESS, {"channel_id": channel_id})
+    now: datetime = rows[0].now
+    subscriptions: list[SubscriptionState] = [row for row in rows if row.status is not None]
     access = channel_access(
-        rows, await _now(session), past_due_keeps_access=settings.past_due_keeps_access
+        subscriptions, now, past_due_keeps_access=settings.past_due_keeps_access
     )
     return AccessOut(
         channel_id=channel_id,

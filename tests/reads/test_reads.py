@@ -1,0 +1,326 @@
+"""The read-only routes (channel access, refund eligibility): answered from one autocommit
+statement each, with the same answers as the rules in app/subscriptions/access.py and
+app/refunds/eligibility.py; a pooled connection the database dropped is replaced without the
+caller noticing; a database that is down is a 503, not a 500."""
+
+from __future__ import annotations
+
+import socket
+import types
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import asyncpg
+import httpx
+import jwt
+import pytest
+from fastapi import FastAPI
+
+import app.auth
+from app.auth import TokenVerifier, mint_token
+from app.config import Settings
+from app.errors import Unauthorized
+from app.main import create_app
+from app.models import (
+    Account,
+    Channel,
+    Invoice,
+    LedgerEntry,
+    Payment,
+    Refund,
+    RefundExecution,
+    RefundRequest,
+    Subscription,
+)
+from tests.conftest import TokenFactory, bearer, make_settings, plain_dsn
+from tests.stripe_fake import StripeFake
+
+NOW = datetime.now(UTC)
+
+
+def subscription(stripe_id: str, channel_id: str, status: str, **values: Any) -> Subscription:
+    return Subscription(
+        stripe_id=stripe_id,
+        account_id="acc_a",
+        channel_id=channel_id,
+        status=status,
+        current_period_end=values.pop("current_period_end", NOW + timedelta(days=20)),
+        **values,
+    )
+
+
+async def test_channel_access_is_the_best_of_the_channels_subscriptions(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    period_end = NOW + timedelta(days=20)
+    async with app.state.session_factory() as session, session.begin():
+        session.add(Account(id="acc_a", currency="usd"))
+        session.add_all(
+            [Channel(id="ch_a", account_id="acc_a"), Channel(id="ch_r", account_id="acc_a")]
+        )
+        await session.flush()
+        session.add_all(
+            [
+                subscription(
+                    "sub_old", "ch_a", "canceled", current_period_end=NOW - timedelta(days=5)
+                ),
+                subscription(
+                    "sub_new",
+                    "ch_a",
+                    "active",
+                    current_period_end=period_end,
+                    extension_days=3,
+                    extension_days_in_period=1,
+                ),
+                subscription(
+                    "sub_rev", "ch_r", "active", access_revoked_at=NOW - timedelta(hours=1)
+                ),
+            ]
+        )
+    headers = bearer(token(scope="billing:read"))
+
+    best = (await client.get("/v1/channels/ch_a/access", headers=headers)).json()
+    assert best["has_access"] is True
+    assert best["reason"] == "subscription_active"
+    assert datetime.fromisoformat(best["access_until"]) == period_end + timedelta(days=2)
+
+    revoked = (await client.get("/v1/channels/ch_r/access", headers=headers)).json()
+    assert (revoked["has_access"], revoked["reason"]) == (False, "revoked")
+
+    unknown = await client.get("/v1/channels/ch_none/access", headers=headers)
+    assert unknown.status_code == 200
+    assert unknown.json() == {
+        "channel_id": "ch_none",
+        "has_access": False,
+        "access_until": None,
+        "reason": "no_subscription",
+    }
+
+
+async def test_eligibility_counts_refunds_once_and_links_payments_through_their_invoice(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    """A renewal paid through an invoice only (no subscription id on the payment) still pays
+    for the subscription's current period and ends the first payment's; a mirrored refund and
+    a refund we asked for that Stripe has not reported both count, once; a failed one does
+    not."""
+    async with app.state.session_factory() as session, session.begin():
+        session.add(Account(id="acc_e", currency="usd"))
+        session.add(Channel(id="ch_e", account_id="acc_e"))
+        await session.flush()
+        session.add(
+            Subscription(
+                stripe_id="sub_e",
+                account_id="acc_e",
+                channel_id="ch_e",
+                status="active",
+                current_period_end=NOW + timedelta(days=20),
+            )
+        )
+        session.add(
+            Invoice(
+                stripe_id="in_2", account_id="acc_e", stripe_subscription_id="sub_e", currency="usd"
+            )
+        )
+        first = Payment(
+            stripe_id="pi_1",
+            account_id="acc_e",
+            purpose="subscription",
+            stripe_subscription_id="sub_e",
+            amount=3900,
+            currency="usd",
+            status="succeeded",
+            fee=143,
+            paid_at=NOW - timedelta(days=40),
+        )
+        renewal = Payment(
+            stripe_id="pi_2",
+            account_id="acc_e",
+            purpose="subscription",
+            stripe_invoice_id="in_2",
+            amount=3900,
+            currency="usd",
+            status="succeeded",
+            fee=143,
+            paid_at=NOW - timedelta(days=10),
+        )
+        top_up = Payment(
+            stripe_id="pi_3",
+            account_id="acc_e",
+            purpose="top_up",
+            amount=5000,
+            currency="usd",
+            status="succeeded",
+            fee=175,
+            paid_at=NOW - timedelta(days=1),
+        )
+        session.add_all([first, renewal, top_up])
+        session.add_all(
+            [
+                Refund(
+                    stripe_id="re_ok",
+                    stripe_payment_intent_id="pi_2",
+                    amount=500,
+                    currency="usd",
+                    status="succeeded",
+                ),
+                Refund(
+                    stripe_id="re_failed",
+                    stripe_payment_intent_id="pi_2",
+                    amount=700,
+                    currency="usd",
+                    status="failed",
+                ),
+            ]
+        )
+        requests = [
+            RefundRequest(
+                account_id="acc_e",
+                type="refund",
+                status="refund_pending",
+                description="refund",
+                about_payment=True,
+                channel="api",
+                filed_by="tester",
+                received_at=NOW,
+            )
+            for _ in range(2)
+        ]
+        session.add_all(requests)
+        await session.flush()
+        session.add_all(
+            [
+                RefundExecution(  # asked for, Stripe has not answered yet: counts
+                    request_id=requests[0].id,
+                    payment_id=renewal.id,
+                    account_id="acc_e",
+                    amount=300,
+                    currency="usd",
+                    status="pending",
+                    requested_by="finance",
+                ),
+                RefundExecution(  # already mirrored as re_ok: not counted twice
+                    request_id=requests[1].id,
+                    payment_id=renewal.id,
+                    account_id="acc_e",
+                    amount=500,
+                    currency="usd",
+                    status="submitted",
+                    stripe_refund_id="re_ok",
+                    requested_by="finance",
+                ),
+            ]
+        )
+    url, headers = "/v1/accounts/acc_e/refund-eligibility", bearer(token(account_id="acc_e"))
+
+    quotes = (await client.get(url, headers=headers)).json()["quotes"]
+    assert [q["payment_id"] for q in quotes] == [str(renewal.id), str(first.id)]
+    newest, oldest = quotes
+    assert newest["already_refunded"] == 800
+    assert newest["refundable_amount"] == 3900 - 800 - 1500 - 143
+    assert (newest["eligible"], newest["reasons"]) == (True, [])
+    assert oldest["already_refunded"] == 0
+    assert oldest["reasons"] == ["period_ended"]
+
+    async with app.state.session_factory() as session, session.begin():
+        session.add(
+            LedgerEntry(
+                account_id="acc_e",
+                kind="conversation",
+                source_id="conv-1",
+                amount=-25,
+                currency="usd",
+                description="conversation",
+                occurred_at=NOW,
+            )
+        )
+    quotes = (await client.get(url, headers=headers)).json()["quotes"]
+    assert [q["reasons"][0] for q in quotes] == ["usage_detected", "usage_detected"]
+
+
+async def test_a_read_survives_the_database_dropping_every_pooled_connection(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory, database_url: str
+) -> None:
+    headers = bearer(token(scope="billing:read"))
+    for _ in range(3):  # fill the pool
+        assert (await client.get("/v1/channels/ch_x/access", headers=headers)).status_code == 200
+    admin = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        killed = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        )
+    finally:
+        await admin.close()
+    assert killed >= 1
+
+    after = await client.get("/v1/channels/ch_x/access", headers=headers)
+    assert after.status_code == 200, after.text
+    assert after.json()["reason"] == "no_subscription"
+    ready = await client.get("/readyz")
+    assert ready.status_code == 200, ready.text
+
+
+def closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+    return port
+
+
+@pytest.fixture
+async def unreachable_app(stripe_fake: StripeFake) -> AsyncIterator[FastAPI]:
+    url = f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port()}/billing"
+    application = create_app(make_settings(url, stripe_fake.url))
+    async with application.router.lifespan_context(application):
+        yield application
+
+
+async def test_read_routes_answer_503_when_the_database_is_unreachable(
+    unreachable_app: FastAPI,
+) -> None:
+    settings = unreachable_app.state.settings
+    service = bearer(mint_token(settings, sub="reader", scope="billing:read"))
+    transport = httpx.ASGITransport(app=unreachable_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://billing.test") as client:
+        for path in ("/v1/channels/ch_1/access", "/v1/accounts/acc_1/refund-eligibility"):
+            response = await client.get(path, headers=service)
+            assert response.status_code == 503, response.text
+            assert response.headers["content-type"] == "application/problem+json"
+            assert response.headers["retry-after"] == "5"
+            assert response.json()["code"] == "service_unavailable"
+        ready = await client.get("/readyz")
+        assert ready.status_code == 503
+        assert ready.json()["code"] == "service_unavailable"
+
+
+def test_a_verified_token_is_refused_once_it_expires(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    verifier = TokenVerifier(settings)
+    token = mint_token(settings, sub="svc", scope="billing:read", ttl_seconds=60)
+    assert verifier.verify(token).scopes == frozenset({"billing:read"})
+    assert verifier.verify(token).sub == "svc"  # the cached verification
+
+    later = datetime.now(UTC) + timedelta(seconds=61)
+
+    class Later(datetime):
+        @classmethod
+        def now(cls, tz: Any = None) -> Later:  # type: ignore[override]
+            return later  # type: ignore[return-value]
+
+    monkeypatch.setattr(app.auth, "time", types.SimpleNamespace(time=later.timestamp))
+    monkeypatch.setattr(jwt.api_jwt, "datetime", Later)
+    with pytest.raises(Unauthorized, match="expired"):
+        verifier.verify(token)
+
+
+def test_a_token_verified_under_other_secrets_is_not_trusted(settings: Settings) -> None:
+    token = mint_token(settings, sub="svc", scope="billing:read")
+    assert TokenVerifier(settings).verify(token).sub == "svc"
+    other = settings.model_copy(
+        update={"auth_jwt_secret": type(settings.auth_jwt_secret)("x" * 40)}
+    )
+    with pytest.raises(Unauthorized):
+        TokenVerifier(other).verify(token)
