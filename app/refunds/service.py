@@ -708,24 +708,14 @@ async def _approve_refund(
         payment_intent, account_id = payment.stripe_id, request.account_id
 
     # 2. Ask Stripe, with our own row id as the idempotency key.
-    try:
-        refund = await stripe.create_refund(
-            payment_intent=payment_intent,
-            amount=amount,
-            metadata={
-                "refund_execution_id": str(execution_id),
-                "refund_request_id": str(request_id),
-                "account_id": account_id,
-            },
-            key=idempotency_key("refund", execution_id),
-        )
-    except StripeRequestRejected:
-        # Stripe created nothing: forget the pending row so a corrected retry starts afresh.
-        async with factory() as session, session.begin():
-            execution = await repo.execution_for_request(session, request_id, lock=True)
-            if execution is not None and execution.status == "pending":
-                await session.delete(execution)
-        raise
+    refund = await _submit_refund(
+        factory,
+        stripe,
+        execution_id,
+        payment_intent=payment_intent,
+        amount=amount,
+        metadata={"refund_request_id": str(request_id), "account_id": account_id},
+    )
 
     # 3. Record Stripe's answer and the decision.
     async with factory() as session, session.begin():
@@ -762,6 +752,33 @@ async def _approve_refund(
         )
         await _email_reply(session, request, response)
     log.info("refund.requested", request_id=str(request_id), refund_id=str(execution_id))
+
+
+async def _submit_refund(
+    factory: async_sessionmaker[AsyncSession],
+    stripe: StripeGateway,
+    execution_id: uuid.UUID,
+    *,
+    payment_intent: str,
+    amount: int,
+    metadata: dict[str, str],
+) -> dict[str, Any]:
+    """Create the refund at Stripe, keyed by our execution row (a retry after a crash gets the
+    same refund back). If Stripe rejects it, Stripe created nothing: the pending row is
+    forgotten so a corrected request starts afresh."""
+    try:
+        return await stripe.create_refund(
+            payment_intent=payment_intent,
+            amount=amount,
+            metadata={"refund_execution_id": str(execution_id), **metadata},
+            key=idempotency_key("refund", execution_id),
+        )
+    except StripeRequestRejected:
+        async with factory() as session, session.begin():
+            execution = await repo.lock_execution(session, execution_id)
+            if execution is not None and execution.status == "pending":
+                await session.delete(execution)
+        raise
 
 
 async def _check_refund_bound(session: AsyncSession, payment: Payment, amount: int) -> None:
@@ -848,24 +865,18 @@ async def retry_refund(
         payment_intent, account_id = payment.stripe_id, request.account_id
 
     # 2. Ask Stripe, with the attempt's id as the idempotency key.
-    try:
-        refund = await stripe.create_refund(
-            payment_intent=payment_intent,
-            amount=amount,
-            metadata={
-                "refund_execution_id": str(execution_id),
-                "refund_request_id": str(request_id),
-                "account_id": account_id,
-                "attempt": str(number),
-            },
-            key=idempotency_key("refund", execution_id),
-        )
-    except StripeRequestRejected:
-        async with factory() as session, session.begin():
-            execution = await repo.lock_execution(session, execution_id)
-            if execution is not None and execution.status == "pending":
-                await session.delete(execution)
-        raise
+    refund = await _submit_refund(
+        factory,
+        stripe,
+        execution_id,
+        payment_intent=payment_intent,
+        amount=amount,
+        metadata={
+            "refund_request_id": str(request_id),
+            "account_id": account_id,
+            "attempt": str(number),
+        },
+    )
 
     # 3. Record Stripe's answer.
     async with factory() as session, session.begin():

@@ -140,13 +140,14 @@ class EventProcessor:
                     partial(self._apply_one, fetched=fetched), [event_id]
                 )
             except Exception as exc:
-                # the transaction itself failed (e.g. the database went away): the lease runs
-                # out and the event is taken again; nothing was marked processed.
+                # the transaction itself failed (e.g. the database went away): the leases run
+                # out and the events are taken again; nothing was marked processed.
                 log.warning(
                     "stripe_event.transaction_failed",
                     error_type=type(exc).__name__,
                     sqlstate=getattr(getattr(exc, "orig", None), "sqlstate", None),
                 )
+                break
         return len(ids)
 
     async def _claim(self) -> list[int]:
