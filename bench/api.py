@@ -27,6 +27,7 @@ import os
 import random
 import statistics
 import subprocess
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -281,9 +282,6 @@ async def checkout_timings(
 ) -> dict[str, Any]:
     """Service request time vs the same Stripe calls made directly (both one at a time)."""
     from app.auth import mint_token
-    from app.checkout.service import stripe_params
-    from app.models import CheckoutSession
-    from app.stripe_gateway import StripeGateway
 
     settings = service_settings(env)
     body = {
@@ -315,30 +313,17 @@ async def checkout_timings(
                 statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
                 service.append(elapsed * 1000)
     service_cpu_ms = (cpu_seconds(pid) - cpu_before) * 1000 / CHECKOUTS
-    gateway = StripeGateway(api_key=harness.STRIPE_KEY, api_base=fake_url)
-    direct: list[float] = []
-    for i in range(-20, CHECKOUTS):
-        account = f"acc_direct_{run_tag}_{i + 20}"
-        row = CheckoutSession(
-            id=uuid.uuid4(),
-            account_id=account,
-            purpose="top_up",
-            amount=5000,
-            currency="usd",
-            status="pending",
-            success_url=body["success_url"],
-            cancel_url=body["cancel_url"],
-        )
-        started = time.perf_counter()
-        customer = await gateway.create_customer(
-            account_id=account, email=f"{account}@example.com", key=f"customer-{row.id}"
-        )
-        await gateway.create_checkout_session(
-            stripe_params(row, str(customer["id"]), settings), key=f"checkout-{row.id}"
-        )
-        elapsed = time.perf_counter() - started
-        if i >= 0:
-            direct.append(elapsed * 1000)
+    # The direct calls run in a process of their own, as the service's do (this process hosts
+    # the fake's thread).
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.direct_checkout", fake_url, str(CHECKOUTS)],
+        env={**os.environ, **env},
+        cwd=harness.ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    direct: list[float] = json.loads(result.stdout)
     return {
         "statuses": statuses,
         "service_p50": statistics.median(service),

@@ -145,8 +145,10 @@ class EventIngestor:
     async def _flush_forever(self) -> None:
         # Each flusher keeps one connection in autocommit and talks to asyncpg directly: a batch
         # is one statement, one round trip and one WAL flush (no pool checkout and ping, BEGIN
-        # or COMMIT, no SQLAlchemy result machinery per batch). A connection that failed is
-        # dropped and a new one taken for the next batch.
+        # or COMMIT, no SQLAlchemy result machinery per batch). A connection that fails (the
+        # database restarted since it was opened) is replaced and the batch tried once more on
+        # a new one; a batch that fails twice answers 503. (Should the failed try have stored
+        # the batch after all, the second reports its events as duplicates: still stored once.)
         connection: AsyncConnection | None = None
         driver: Any = None
         try:
@@ -154,25 +156,33 @@ class EventIngestor:
                 batch = [await self._queue.get()]
                 while len(batch) < self._max_batch and not self._queue.empty():
                     batch.append(self._queue.get_nowait())
-                try:
-                    if connection is None:
-                        connection = await self._engine.connect()
-                        await connection.execution_options(isolation_level="AUTOCOMMIT")
-                        driver = (await connection.get_raw_connection()).driver_connection
-                        await _prefer_lz4(driver)
-                    rows = await driver.fetch(
-                        INSERT_EVENTS, *_columns([event for event, _ in batch])
-                    )
-                except Exception as exc:
-                    log.warning(
-                        "webhook.store_failed", events=len(batch), error_type=type(exc).__name__
-                    )
-                    for _, future in batch:
-                        if not future.done():
-                            future.set_exception(exc)
-                    if connection is not None:
-                        await _discard(connection)
-                        connection = driver = None
+                columns = _columns([event for event, _ in batch])
+                rows: Any = None
+                for last_try in (False, True):
+                    try:
+                        if connection is None:
+                            connection = await self._engine.connect()
+                            await connection.execution_options(isolation_level="AUTOCOMMIT")
+                            driver = (await connection.get_raw_connection()).driver_connection
+                            await _prefer_lz4(driver)
+                        rows = await driver.fetch(INSERT_EVENTS, *columns)
+                        break
+                    except Exception as exc:
+                        log.warning(
+                            "webhook.store_failed",
+                            events=len(batch),
+                            error_type=type(exc).__name__,
+                            retrying=not last_try,
+                        )
+                        if connection is not None:
+                            await _discard(connection)
+                            connection = driver = None
+                        if last_try:
+                            for _, future in batch:
+                                if not future.done():
+                                    future.set_exception(exc)
+                            break
+                if rows is None:
                     continue
                 inserted = {row[0] for row in rows}
                 for event, future in batch:
