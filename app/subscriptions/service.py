@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 from sqlalchemy import bindparam, func, select, text
+from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -172,7 +173,7 @@ async def record_expired_access(
     now = now or datetime.now(UTC)
     latest = (
         select(AccessChange.channel_id, AccessChange.has_access, AccessChange.access_until)
-        .distinct(AccessChange.channel_id)
+        .ext(distinct_on(AccessChange.channel_id))
         .order_by(AccessChange.channel_id, AccessChange.id.desc())
         .subquery()
     )
