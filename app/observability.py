@@ -27,6 +27,40 @@ HTTP_LATENCY = Histogram(
 MAX_BODY_BYTES = 1024 * 1024
 
 
+class ClientDisconnected(Exception):
+    """The client went away before its request body was read."""
+
+
+async def read_body(declared: bytes | None, receive: Receive, max_bytes: int) -> bytes | None:
+    """A request's whole body from the ASGI `receive`; None when it is over `max_bytes` (by
+    its `content-length`, or as it arrives). One message, the usual case, is not copied."""
+    if declared is not None:
+        try:
+            if int(declared) > max_bytes:
+                return None
+        except ValueError:
+            return None
+    message = await receive()
+    if message["type"] != "http.request":
+        raise ClientDisconnected
+    body: bytes = message.get("body", b"")
+    if not message.get("more_body", False):
+        return body if len(body) <= max_bytes else None
+    chunks = [body]
+    size = len(body)
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            raise ClientDisconnected
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > max_bytes:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(format="%(message)s", level=level.upper())
     structlog.configure(
@@ -91,27 +125,12 @@ class RequestContextMiddleware:
         self, headers: dict[bytes, bytes], receive: Receive
     ) -> Receive | None:
         """Read the whole body up front (at most the limit); None when it is too large."""
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            try:
-                if int(declared) > self.max_body_bytes:
-                    return None
-            except ValueError:
-                return None
-        chunks: list[bytes] = []
-        size = 0
-        more = True
-        while more:
-            message = await receive()
-            if message["type"] != "http.request":
-                return receive
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
+        try:
+            body = await read_body(headers.get(b"content-length"), receive, self.max_body_bytes)
+        except ClientDisconnected:
+            return receive  # the app sees the disconnect on its next receive()
+        if body is None:
+            return None
         delivered = False
 
         async def replay() -> Message:

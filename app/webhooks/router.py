@@ -27,7 +27,13 @@ from app.errors import (
     problem_response,
 )
 from app.models import StripeEvent
-from app.observability import HTTP_LATENCY, HTTP_REQUESTS, MAX_BODY_BYTES
+from app.observability import (
+    HTTP_LATENCY,
+    HTTP_REQUESTS,
+    MAX_BODY_BYTES,
+    ClientDisconnected,
+    read_body,
+)
 from app.webhooks import metrics
 from app.webhooks.ingest import EventIngestor, IncomingEvent, incoming_event
 from app.webhooks.processor import replay_event
@@ -166,7 +172,7 @@ class WebhookFastPath:
         structlog.contextvars.bind_contextvars(request_id=request_id.decode("latin-1"))
         status = 500
         try:
-            body = await self._body(declared, receive)
+            body = await read_body(declared, receive, self.max_body_bytes)
             if body is None:
                 status = 413
                 await self._problem(send, request_id, PAYLOAD_TOO_LARGE)
@@ -196,7 +202,7 @@ class WebhookFastPath:
                         }
                     )
                     await send({"type": "http.response.body", "body": _ACKS[duplicate]})
-        except _ClientGone:
+        except ClientDisconnected:
             pass  # nothing to answer
         except Exception as exc:
             log.exception("request.unhandled_error", error_type=type(exc).__name__)
@@ -210,34 +216,6 @@ class WebhookFastPath:
             counter.inc()
             self._latency.observe(time.perf_counter() - started)
 
-    async def _body(self, declared: bytes | None, receive: Receive) -> bytes | None:
-        """The whole body; None when over the limit."""
-        if declared is not None:
-            try:
-                if int(declared) > self.max_body_bytes:
-                    return None
-            except ValueError:
-                return None
-        message = await receive()
-        if message["type"] != "http.request":
-            raise _ClientGone
-        body: bytes = message.get("body", b"")
-        if not message.get("more_body", False):
-            return body if len(body) <= self.max_body_bytes else None
-        chunks = [body]
-        size = len(body)
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                raise _ClientGone
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_body_bytes:
-                return None
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
-
     @staticmethod
     async def _problem(send: Send, request_id: bytes, response: Response) -> None:
         await send(
@@ -248,10 +226,6 @@ class WebhookFastPath:
             }
         )
         await send({"type": "http.response.body", "body": response.body})
-
-
-class _ClientGone(Exception):
-    """The client disconnected before its body was read."""
 
 
 PAYLOAD_TOO_LARGE = problem_response(
