@@ -148,20 +148,7 @@ def wrk_get(
     done = subprocess.run(
         command, env={**os.environ, "BENCH_TOKEN": token}, capture_output=True, text=True
     )
-    line = next((x for x in done.stdout.splitlines() if x.startswith("RESULT ")), None)
-    if line is None:
-        raise RuntimeError(f"wrk failed: {done.stdout}\n{done.stderr}")
-    raw = json.loads(line[len("RESULT ") :])
-    return WrkResult(
-        requests=raw["requests"],
-        seconds=raw["duration_us"] / 1e6,
-        non200=raw["non200"],
-        errors=raw["connect_errors"] + raw["read_errors"] + raw["write_errors"] + raw["timeouts"],
-        p50_ms=raw["p50_us"] / 1000,
-        p95_ms=raw["p95_us"] / 1000,
-        p99_ms=raw["p99_us"] / 1000,
-        max_ms=raw["max_us"] / 1000,
-    )
+    return harness.wrk_result(done.stdout, done.stderr)
 
 
 TARGETS = {

@@ -250,9 +250,14 @@ def run_wrk(
             errors.append(line)
     stdout = process.stdout.read()
     process.wait()
+    return wrk_result(stdout, "".join(errors))
+
+
+def wrk_result(stdout: str, stderr: str) -> WrkResult:
+    """The figures our wrk scripts print as one `RESULT {json}` line."""
     line = next((x for x in stdout.splitlines() if x.startswith("RESULT ")), None)
     if line is None:
-        raise RuntimeError(f"wrk failed: {stdout}\n{''.join(errors)}")
+        raise RuntimeError(f"wrk failed: {stdout}\n{stderr}")
     raw = json.loads(line[len("RESULT ") :])
     return WrkResult(
         requests=raw["requests"],
