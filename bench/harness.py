@@ -162,6 +162,29 @@ def start_server(name: str, target: str, env: dict[str, str], log: Path) -> Serv
     raise RuntimeError(f"{name} did not start; see {log}")
 
 
+def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
+    """py-spy recording `pid` at 200 Hz into `out` (raw collapsed stacks) until sent SIGINT;
+    returns once it is attached."""
+    spy = subprocess.Popen(
+        [
+            os.path.join(os.path.dirname(sys.executable), "py-spy"),
+            "record",
+            "--pid",
+            str(pid),
+            "--format",
+            "raw",
+            "-o",
+            str(out),
+            "--rate",
+            "200",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    time.sleep(1)
+    return spy
+
+
 def get_json(url: str) -> Any:
     with urllib.request.urlopen(url, timeout=10) as response:
         return json.loads(response.read())

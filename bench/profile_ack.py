@@ -7,7 +7,6 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
 import sys
 import time
 
@@ -39,23 +38,7 @@ async def main() -> None:
             )
             running.append(service)
             out = RESULTS / f"profile-{'e2e' if workers else 'ack'}.txt"
-            spy = subprocess.Popen(
-                [
-                    os.path.join(os.path.dirname(sys.executable), "py-spy"),
-                    "record",
-                    "--pid",
-                    str(service.process.pid),
-                    "--format",
-                    "raw",
-                    "-o",
-                    str(out),
-                    "--rate",
-                    "200",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(1)
+            spy = harness.start_py_spy(service.process.pid, out)
             harness.write_deliveries(file, bodies)
             started = time.monotonic()
             result = run_wrk(service.url, file, connections=64)

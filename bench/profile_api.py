@@ -10,9 +10,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import os
-import subprocess
 import sys
-import time
 import uuid
 
 import httpx
@@ -92,23 +90,7 @@ async def main() -> None:
             else:
                 api.wrk_get(server.url, ROUTES[route], api.ACCOUNTS, token, 3)
             cpu_before = api.cpu_seconds(server.process.pid)
-            spy = subprocess.Popen(
-                [
-                    os.path.join(os.path.dirname(sys.executable), "py-spy"),
-                    "record",
-                    "--pid",
-                    str(server.process.pid),
-                    "--format",
-                    "raw",
-                    "-o",
-                    str(out),
-                    "--rate",
-                    "200",
-                ],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            time.sleep(1)
+            spy = harness.start_py_spy(server.process.pid, out)
             if route == "checkout":
                 requests = await checkouts(server.url, env, 150)
                 summary = f"{requests} checkouts"
