@@ -157,7 +157,7 @@ class Dispute(Timestamped, Base):
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
     stripe_id: Mapped[str] = mapped_column(String(255), unique=True)
     stripe_charge_id: Mapped[str] = mapped_column(String(255), index=True)
-    stripe_payment_intent_id: Mapped[str | None] = mapped_column(String(255))
+    stripe_payment_intent_id: Mapped[str | None] = mapped_column(String(255), index=True)
     account_id: Mapped[str | None] = mapped_column(ForeignKey("accounts.id"), index=True)
     amount: Mapped[int] = mapped_column(BigInteger)
     currency: Mapped[str] = mapped_column(String(3))

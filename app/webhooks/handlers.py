@@ -23,6 +23,7 @@ Checkout sessions, subscriptions and payment intents carry our metadata (`accoun
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import structlog
-from sqlalchemy import Select, func, select, update
+from sqlalchemy import ColumnElement, func, literal, select, text, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -129,6 +130,7 @@ DISPUTE_STATUS_ORDER = [
     "lost",
 ]
 TERMINAL_SUBSCRIPTION_STATUSES = frozenset({"canceled", "incomplete_expired"})
+ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as the account routes accept them
 
 
 # --- shared lookups ------------------------------------------------------------------------
@@ -159,7 +161,12 @@ async def record_first_payment(
     await ensure_account(session, account_id)
     await session.execute(
         update(Account)
-        .where(Account.id == account_id)
+        .where(
+            Account.id == account_id,
+            Account.first_paid_at.is_(None)
+            | (Account.first_paid_at > paid_at)
+            | Account.currency.is_(None),  # otherwise nothing changes: no row version written
+        )
         .values(
             first_paid_at=func.least(func.coalesce(Account.first_paid_at, paid_at), paid_at),
             currency=func.coalesce(Account.currency, currency),
@@ -169,23 +176,42 @@ async def record_first_payment(
 
 async def locked_mirror_row(
     session: AsyncSession, model: type[MirrorRow], stripe_id: str, **defaults: Any
-) -> MirrorRow:
+) -> tuple[MirrorRow, bool]:
     """The mirror row for a Stripe object, created with `defaults` if missing, locked for
-    this transaction (creation races are decided by the unique `stripe_id`)."""
+    this transaction (creation races are decided by the unique `stripe_id`), and whether it
+    was missing. A row that exists, the usual case (an object has several events), costs one
+    statement."""
+    locked = select(model).where(model.stripe_id == stripe_id).with_for_update()
+    row = await session.scalar(locked)
+    if row is not None:
+        return row, False
     await session.execute(
         insert(model)
         .values(stripe_id=stripe_id, **defaults)
         .on_conflict_do_nothing(index_elements=["stripe_id"])
     )
-    row = await session.scalar(select(model).where(model.stripe_id == stripe_id).with_for_update())
+    row = await session.scalar(locked)
     assert row is not None
-    return row
+    return row, True
 
 
-async def upsert_payment(session: AsyncSession, stripe_id: str, **values: Any) -> Payment:
-    """Insert or merge a payment row; `None` values never overwrite what is known."""
+PAYMENT_LINKS = (
+    "account_id",
+    "purpose",
+    "stripe_invoice_id",
+    "stripe_subscription_id",
+    "stripe_charge_id",
+)
+"""What refund and dispute effects learn about a payment from (see `reapply_money_effects`)."""
+
+
+async def upsert_payment(
+    session: AsyncSession, stripe_id: str, **values: Any
+) -> tuple[Payment, bool]:
+    """Insert or merge a payment row; `None` values never overwrite what is known. Also
+    says whether the row is new or one of its `PAYMENT_LINKS` became known."""
     known = {key: value for key, value in values.items() if value is not None}
-    payment = await locked_mirror_row(
+    payment, created = await locked_mirror_row(
         session,
         Payment,
         stripe_id,
@@ -193,6 +219,7 @@ async def upsert_payment(session: AsyncSession, stripe_id: str, **values: Any) -
         currency=known.get("currency", ""),
         status=known.get("status", "pending"),
     )
+    links_before = [getattr(payment, link) for link in PAYMENT_LINKS]
     for key, value in known.items():
         if key == "status":
             payment.status = rank_merge(PAYMENT_STATUS_ORDER, payment.status, value) or value
@@ -204,22 +231,25 @@ async def upsert_payment(session: AsyncSession, stripe_id: str, **values: Any) -
             payment.paid_at = min(payment.paid_at, value) if payment.paid_at else value
         elif key in ("amount", "currency") or getattr(payment, key) is None:
             setattr(payment, key, value)
-    # a dispute may have been mirrored before the payment it is about
+    # a dispute may have been mirrored before the payment it is about (one look for both:
+    # whether there is one, and whether it still lacks the account)
     about_payment = (Dispute.stripe_payment_intent_id == stripe_id) | (
         Dispute.stripe_charge_id == payment.stripe_charge_id
     )
-    if not payment.disputed:
-        payment.disputed = (
-            await session.scalar(select(Dispute.id).where(about_payment).limit(1))
-        ) is not None
-    if payment.account_id is not None:
+    disputes = (
+        await session.execute(select(Dispute.id, Dispute.account_id).where(about_payment))
+    ).all()
+    payment.disputed = payment.disputed or bool(disputes)
+    unlinked = [dispute_id for dispute_id, account_id in disputes if account_id is None]
+    if payment.account_id is not None and unlinked:
         await session.execute(
             update(Dispute)
-            .where(about_payment, Dispute.account_id.is_(None))
+            .where(Dispute.id.in_(unlinked), Dispute.account_id.is_(None))
             .values(account_id=payment.account_id)
         )
     await session.flush()
-    return payment
+    learned = links_before != [getattr(payment, link) for link in PAYMENT_LINKS]
+    return payment, created or learned
 
 
 # --- checkout sessions ---------------------------------------------------------------------
@@ -287,7 +317,7 @@ async def _credit_balance(ctx: EventContext, row: CheckoutSession, obj: Json) ->
         row.fulfilled_at = ctx.now
     payment_intent = ref(obj.get("payment_intent"))
     if payment_intent:
-        await upsert_payment(
+        _, learned = await upsert_payment(
             ctx.session,
             payment_intent,
             account_id=row.account_id,
@@ -298,7 +328,8 @@ async def _credit_balance(ctx: EventContext, row: CheckoutSession, obj: Json) ->
             status="succeeded",
             paid_at=ctx.created,
         )
-        await reapply_money_effects(ctx, select(Payment).where(Payment.stripe_id == payment_intent))
+        if learned:
+            await reapply_money_effects(ctx, Payment.stripe_id == payment_intent)
     await record_first_payment(ctx.session, row.account_id, ctx.created, currency)
 
 
@@ -363,9 +394,8 @@ async def on_subscription(ctx: EventContext) -> None:
     if status in LIVE_STATUSES:
         await fulfil_subscription_checkout(ctx, obj["id"], metadata)
     await record_access_change(ctx.session, channel_id, ctx.settings, ctx.now)
-    await reapply_money_effects(
-        ctx, select(Payment).where(Payment.stripe_subscription_id == obj["id"])
-    )
+    if existing is None:  # effects that needed the subscription row can complete now
+        await reapply_money_effects(ctx, Payment.stripe_subscription_id == obj["id"])
 
 
 async def fulfil_subscription_checkout(
@@ -405,9 +435,10 @@ async def on_invoice(ctx: EventContext) -> None:
     )
     if account_id is not None:
         await ensure_account(ctx.session, account_id)
-    invoice = await locked_mirror_row(
+    invoice, created = await locked_mirror_row(
         ctx.session, Invoice, obj["id"], currency=obj.get("currency") or ""
     )
+    links_before = (invoice.account_id, invoice.stripe_subscription_id)
     invoice.account_id = invoice.account_id or account_id
     invoice.stripe_subscription_id = invoice.stripe_subscription_id or subscription_id
     invoice.status = rank_merge(INVOICE_STATUS_ORDER, invoice.status, obj.get("status"))
@@ -420,15 +451,22 @@ async def on_invoice(ctx: EventContext) -> None:
     await ctx.session.flush()
     if invoice.status == "paid" and subscription_id is not None:
         await fulfil_subscription_checkout(ctx, subscription_id, details.get("metadata") or {})
-    await ctx.session.execute(
+    linked_payments = await ctx.session.scalars(
         update(Payment)
-        .where(Payment.stripe_invoice_id == obj["id"])
+        .where(
+            Payment.stripe_invoice_id == obj["id"],
+            (Payment.account_id.is_(None) & literal(account_id is not None))
+            | (Payment.stripe_subscription_id.is_(None) & literal(subscription_id is not None)),
+        )
         .values(
             account_id=func.coalesce(Payment.account_id, account_id),
             stripe_subscription_id=func.coalesce(Payment.stripe_subscription_id, subscription_id),
         )
+        .returning(Payment.id)
     )
-    await reapply_money_effects(ctx, select(Payment).where(Payment.stripe_invoice_id == obj["id"]))
+    learned = links_before != (invoice.account_id, invoice.stripe_subscription_id)
+    if created or learned or linked_payments.first() is not None:
+        await reapply_money_effects(ctx, Payment.stripe_invoice_id == obj["id"])
 
 
 async def on_invoice_payment(ctx: EventContext) -> None:
@@ -442,7 +480,7 @@ async def on_invoice_payment(ctx: EventContext) -> None:
     invoice = await ctx.session.scalar(select(Invoice).where(Invoice.stripe_id == invoice_id))
     transitions = obj.get("status_transitions") or {}
     paid_at = ts(transitions.get("paid_at")) or ctx.created
-    row = await upsert_payment(
+    row, learned = await upsert_payment(
         ctx.session,
         payment_intent,
         purpose="subscription",
@@ -456,7 +494,8 @@ async def on_invoice_payment(ctx: EventContext) -> None:
     )
     if row.account_id and row.status == "succeeded":
         await record_first_payment(ctx.session, row.account_id, paid_at, row.currency)
-    await reapply_money_effects(ctx, select(Payment).where(Payment.id == row.id))
+    if learned:
+        await reapply_money_effects(ctx, Payment.id == row.id)
 
 
 async def on_charge(ctx: EventContext) -> None:
@@ -472,7 +511,7 @@ async def on_charge(ctx: EventContext) -> None:
     if account_id is not None:
         await ensure_account(ctx.session, account_id)
     succeeded = obj.get("status") == "succeeded" and bool(obj.get("paid"))
-    row = await upsert_payment(
+    row, learned = await upsert_payment(
         ctx.session,
         payment_intent,
         account_id=account_id,
@@ -500,7 +539,8 @@ async def on_charge(ctx: EventContext) -> None:
             ctx.session, account_id, ts(obj.get("created")) or ctx.created, row.currency
         )
     await ctx.session.flush()
-    await reapply_money_effects(ctx, select(Payment).where(Payment.id == row.id))
+    if learned:
+        await reapply_money_effects(ctx, Payment.id == row.id)
 
 
 PREFETCH_CONCURRENCY = 8
@@ -545,6 +585,22 @@ async def prefetch_balance_transactions(
     }
 
 
+def accounts_named(events: Sequence[Json]) -> set[str]:
+    """The 1msg accounts these events' handlers link objects to, by our metadata (checkout
+    sessions, subscriptions, charges, invoices of subscriptions): ensured in one statement
+    for a batch (`ensure_accounts`) instead of one per event."""
+    named: set[str] = set()
+    for event in events:
+        obj = event["data"]["object"]
+        parent = obj.get("parent") if event["type"].startswith("invoice.") else None
+        details = (parent or {}).get("subscription_details") or {}
+        for metadata in (obj.get("metadata"), details.get("metadata")):
+            account_id = metadata.get("account_id") if isinstance(metadata, dict) else None
+            if isinstance(account_id, str) and ACCOUNT_ID.fullmatch(account_id):
+                named.add(account_id)
+    return named
+
+
 def fee_in_payment_currency(balance_transaction: Json, payment_currency: str) -> int:
     """Stripe's fee is in the settlement currency; convert it back when that differs."""
     fee = int(balance_transaction.get("fee") or 0)
@@ -559,7 +615,7 @@ def fee_in_payment_currency(balance_transaction: Json, payment_currency: str) ->
 
 async def on_refund(ctx: EventContext) -> None:
     obj = ctx.object
-    refund = await locked_mirror_row(
+    refund, _ = await locked_mirror_row(
         ctx.session,
         Refund,
         obj["id"],
@@ -588,7 +644,7 @@ async def on_dispute(ctx: EventContext) -> None:
             (Payment.stripe_id == payment_intent) | (Payment.stripe_charge_id == charge_id)
         )
     )
-    dispute = await locked_mirror_row(
+    dispute, _ = await locked_mirror_row(
         ctx.session,
         Dispute,
         obj["id"],
@@ -635,21 +691,37 @@ async def apply_dispute_effects(ctx: EventContext, dispute: Dispute) -> None:
     )
 
 
-async def reapply_money_effects(ctx: EventContext, payments: Select[Payment]) -> None:
+async def reapply_money_effects(ctx: EventContext, payments: ColumnElement[bool]) -> None:
     """Refund and dispute effects depend on what is known about their payment (account,
-    purpose, subscription). When an event teaches us more about payments, the effects of
-    their refunds and disputes mirrored earlier are applied again; they are idempotent, so
-    whichever event arrives last completes them."""
-    for payment in (await ctx.session.scalars(payments)).all():
-        refunds = await ctx.session.scalars(
-            select(Refund).where(Refund.stripe_payment_intent_id == payment.stripe_id)
+    purpose, subscription). When an event teaches us more about the `payments` matching the
+    condition, the effects of their refunds and disputes mirrored earlier are applied again;
+    they are idempotent, so whichever event arrives last completes them. One statement finds
+    them (most payments have neither), refunds first, each in id order."""
+    found = (
+        await ctx.session.execute(
+            select(literal(0), Refund.id)
+            .join(Payment, Refund.stripe_payment_intent_id == Payment.stripe_id)
+            .where(payments)
+            .union_all(
+                select(literal(1), Dispute.id)
+                .join(
+                    Payment,
+                    (Dispute.stripe_payment_intent_id == Payment.stripe_id)
+                    | (Dispute.stripe_charge_id == Payment.stripe_charge_id),
+                )
+                .where(payments)
+            )
+            .order_by(text("1, 2"))
         )
-        for refund in refunds.all():
+    ).all()
+    for kind, row_id in found:
+        if kind == 0:
+            refund = await ctx.session.get(Refund, row_id)
+            assert refund is not None
             await apply_refund_effects(ctx, refund)
-        about_payment = Dispute.stripe_payment_intent_id == payment.stripe_id
-        if payment.stripe_charge_id is not None:
-            about_payment = about_payment | (Dispute.stripe_charge_id == payment.stripe_charge_id)
-        for dispute in (await ctx.session.scalars(select(Dispute).where(about_payment))).all():
+        else:
+            dispute = await ctx.session.get(Dispute, row_id)
+            assert dispute is not None
             await apply_dispute_effects(ctx, dispute)
 
 

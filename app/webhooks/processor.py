@@ -30,6 +30,7 @@ from sqlalchemy import func, select, text, update
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.accounts.service import ensure_accounts
 from app.config import Settings
 from app.models import StripeEvent
 from app.stripe_gateway import StripeGateway
@@ -37,6 +38,7 @@ from app.webhooks import metrics
 from app.webhooks.handlers import (
     EventContext,
     PrefetchedObjects,
+    accounts_named,
     apply_event,
     lock_key,
     prefetch_balance_transactions,
@@ -226,6 +228,7 @@ class EventProcessor:
             payloads = [row.payload for row in rows if row.payload is not None]
             if not fetched:
                 fetched.update(await prefetch_balance_transactions(session, self._stripe, payloads))
+            await ensure_accounts(session, accounts_named(payloads))
             session.expunge_all()  # the event rows are read, never written through the ORM
             for payload in payloads:
                 await apply_event(
