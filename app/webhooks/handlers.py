@@ -28,10 +28,20 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import structlog
-from sqlalchemy import ColumnElement, func, literal, select, text, update
+from sqlalchemy import (
+    CompoundSelect,
+    DateTime,
+    Select,
+    bindparam,
+    func,
+    literal,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -134,25 +144,50 @@ ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as the account routes accept 
 
 
 # --- shared lookups ------------------------------------------------------------------------
+# The statements run for most events are built once and executed with parameters: building a
+# SQLAlchemy statement costs more CPU than Postgres spends running these.
+
+ACCOUNT_OF_CUSTOMER = select(Account.id).where(Account.stripe_customer_id == bindparam("customer"))
+LINK_CUSTOMER = (
+    update(Account)
+    .where(Account.id == bindparam("account"), Account.stripe_customer_id.is_(None))
+    .values(stripe_customer_id=bindparam("customer"))
+)
+_paid_at = bindparam("paid_at", type_=DateTime(timezone=True))
+RECORD_FIRST_PAYMENT = (
+    update(Account)
+    .where(
+        Account.id == bindparam("account"),
+        Account.first_paid_at.is_(None)
+        | (Account.first_paid_at > _paid_at)
+        | Account.currency.is_(None),  # otherwise nothing changes: no row version written
+    )
+    .values(
+        first_paid_at=func.least(func.coalesce(Account.first_paid_at, _paid_at), _paid_at),
+        currency=func.coalesce(Account.currency, bindparam("currency")),
+    )
+)
+LOCKED_MIRROR_ROW = {
+    model: select(model).where(model.stripe_id == bindparam("stripe_id")).with_for_update()
+    for model in (Invoice, Payment, Refund, Dispute)
+}
+DISPUTES_OF_PAYMENT = select(Dispute.id, Dispute.account_id).where(
+    (Dispute.stripe_payment_intent_id == bindparam("payment_intent"))
+    | (Dispute.stripe_charge_id == bindparam("charge"))
+)
 
 
 async def account_for_customer(session: AsyncSession, customer_id: str | None) -> str | None:
     if customer_id is None:
         return None
-    account_id: str | None = await session.scalar(
-        select(Account.id).where(Account.stripe_customer_id == customer_id)
-    )
+    account_id: str | None = await session.scalar(ACCOUNT_OF_CUSTOMER, {"customer": customer_id})
     return account_id
 
 
 async def link_customer(session: AsyncSession, account_id: str, customer_id: str | None) -> None:
     await ensure_account(session, account_id)
     if customer_id:
-        await session.execute(
-            update(Account)
-            .where(Account.id == account_id, Account.stripe_customer_id.is_(None))
-            .values(stripe_customer_id=customer_id)
-        )
+        await session.execute(LINK_CUSTOMER, {"account": account_id, "customer": customer_id})
 
 
 async def record_first_payment(
@@ -160,17 +195,7 @@ async def record_first_payment(
 ) -> None:
     await ensure_account(session, account_id)
     await session.execute(
-        update(Account)
-        .where(
-            Account.id == account_id,
-            Account.first_paid_at.is_(None)
-            | (Account.first_paid_at > paid_at)
-            | Account.currency.is_(None),  # otherwise nothing changes: no row version written
-        )
-        .values(
-            first_paid_at=func.least(func.coalesce(Account.first_paid_at, paid_at), paid_at),
-            currency=func.coalesce(Account.currency, currency),
-        )
+        RECORD_FIRST_PAYMENT, {"account": account_id, "paid_at": paid_at, "currency": currency}
     )
 
 
@@ -181,8 +206,8 @@ async def locked_mirror_row(
     this transaction (creation races are decided by the unique `stripe_id`), and whether it
     was missing. A row that exists, the usual case (an object has several events), costs one
     statement."""
-    locked = select(model).where(model.stripe_id == stripe_id).with_for_update()
-    row = await session.scalar(locked)
+    locked = cast(Select[MirrorRow], LOCKED_MIRROR_ROW[model])
+    row = await session.scalar(locked, {"stripe_id": stripe_id})
     if row is not None:
         return row, False
     await session.execute(
@@ -190,7 +215,7 @@ async def locked_mirror_row(
         .values(stripe_id=stripe_id, **defaults)
         .on_conflict_do_nothing(index_elements=["stripe_id"])
     )
-    row = await session.scalar(locked)
+    row = await session.scalar(locked, {"stripe_id": stripe_id})
     assert row is not None
     return row, True
 
@@ -233,11 +258,10 @@ async def upsert_payment(
             setattr(payment, key, value)
     # a dispute may have been mirrored before the payment it is about (one look for both:
     # whether there is one, and whether it still lacks the account)
-    about_payment = (Dispute.stripe_payment_intent_id == stripe_id) | (
-        Dispute.stripe_charge_id == payment.stripe_charge_id
-    )
     disputes = (
-        await session.execute(select(Dispute.id, Dispute.account_id).where(about_payment))
+        await session.execute(
+            DISPUTES_OF_PAYMENT, {"payment_intent": stripe_id, "charge": payment.stripe_charge_id}
+        )
     ).all()
     payment.disputed = payment.disputed or bool(disputes)
     unlinked = [dispute_id for dispute_id, account_id in disputes if account_id is None]
@@ -329,7 +353,7 @@ async def _credit_balance(ctx: EventContext, row: CheckoutSession, obj: Json) ->
             paid_at=ctx.created,
         )
         if learned:
-            await reapply_money_effects(ctx, Payment.stripe_id == payment_intent)
+            await reapply_money_effects(ctx, "stripe_id", payment_intent)
     await record_first_payment(ctx.session, row.account_id, ctx.created, currency)
 
 
@@ -395,7 +419,7 @@ async def on_subscription(ctx: EventContext) -> None:
         await fulfil_subscription_checkout(ctx, obj["id"], metadata)
     await record_access_change(ctx.session, channel_id, ctx.settings, ctx.now)
     if existing is None:  # effects that needed the subscription row can complete now
-        await reapply_money_effects(ctx, Payment.stripe_subscription_id == obj["id"])
+        await reapply_money_effects(ctx, "stripe_subscription_id", obj["id"])
 
 
 async def fulfil_subscription_checkout(
@@ -466,7 +490,7 @@ async def on_invoice(ctx: EventContext) -> None:
     )
     learned = links_before != (invoice.account_id, invoice.stripe_subscription_id)
     if created or learned or linked_payments.first() is not None:
-        await reapply_money_effects(ctx, Payment.stripe_invoice_id == obj["id"])
+        await reapply_money_effects(ctx, "stripe_invoice_id", obj["id"])
 
 
 async def on_invoice_payment(ctx: EventContext) -> None:
@@ -495,7 +519,7 @@ async def on_invoice_payment(ctx: EventContext) -> None:
     if row.account_id and row.status == "succeeded":
         await record_first_payment(ctx.session, row.account_id, paid_at, row.currency)
     if learned:
-        await reapply_money_effects(ctx, Payment.id == row.id)
+        await reapply_money_effects(ctx, "id", row.id)
 
 
 async def on_charge(ctx: EventContext) -> None:
@@ -540,7 +564,7 @@ async def on_charge(ctx: EventContext) -> None:
         )
     await ctx.session.flush()
     if learned:
-        await reapply_money_effects(ctx, Payment.id == row.id)
+        await reapply_money_effects(ctx, "id", row.id)
 
 
 PREFETCH_CONCURRENCY = 8
@@ -691,29 +715,39 @@ async def apply_dispute_effects(ctx: EventContext, dispute: Dispute) -> None:
     )
 
 
-async def reapply_money_effects(ctx: EventContext, payments: ColumnElement[bool]) -> None:
-    """Refund and dispute effects depend on what is known about their payment (account,
-    purpose, subscription). When an event teaches us more about the `payments` matching the
-    condition, the effects of their refunds and disputes mirrored earlier are applied again;
-    they are idempotent, so whichever event arrives last completes them. One statement finds
-    them (most payments have neither), refunds first, each in id order."""
-    found = (
-        await ctx.session.execute(
-            select(literal(0), Refund.id)
-            .join(Payment, Refund.stripe_payment_intent_id == Payment.stripe_id)
-            .where(payments)
-            .union_all(
-                select(literal(1), Dispute.id)
-                .join(
-                    Payment,
-                    (Dispute.stripe_payment_intent_id == Payment.stripe_id)
-                    | (Dispute.stripe_charge_id == Payment.stripe_charge_id),
-                )
-                .where(payments)
-            )
-            .order_by(text("1, 2"))
+def _money_effects_statement(payment_column: str) -> CompoundSelect[int, uuid.UUID]:
+    """The refunds, then the disputes, of the payments whose `payment_column` is :value."""
+    of_payments = getattr(Payment, payment_column) == bindparam("value")
+    refunds = (
+        select(literal(0), Refund.id)
+        .join(Payment, Refund.stripe_payment_intent_id == Payment.stripe_id)
+        .where(of_payments)
+    )
+    disputes = (
+        select(literal(1), Dispute.id)
+        .join(
+            Payment,
+            (Dispute.stripe_payment_intent_id == Payment.stripe_id)
+            | (Dispute.stripe_charge_id == Payment.stripe_charge_id),
         )
-    ).all()
+        .where(of_payments)
+    )
+    return refunds.union_all(disputes).order_by(text("1, 2"))
+
+
+MONEY_EFFECTS_OF = {
+    column: _money_effects_statement(column)
+    for column in ("id", "stripe_id", "stripe_invoice_id", "stripe_subscription_id")
+}
+
+
+async def reapply_money_effects(ctx: EventContext, payment_column: str, value: object) -> None:
+    """Refund and dispute effects depend on what is known about their payment (account,
+    purpose, subscription). When an event teaches us more about the payments whose
+    `payment_column` is `value`, the effects of their refunds and disputes mirrored earlier
+    are applied again; they are idempotent, so whichever event arrives last completes them.
+    One statement finds them (most payments have neither)."""
+    found = (await ctx.session.execute(MONEY_EFFECTS_OF[payment_column], {"value": value})).all()
     for kind, row_id in found:
         if kind == 0:
             refund = await ctx.session.get(Refund, row_id)

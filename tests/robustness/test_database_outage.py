@@ -116,10 +116,13 @@ async def test_a_database_crash_mid_stream_loses_and_doubles_nothing(
         answered: dict[str, int] = {}
         gate = asyncio.Semaphore(3)
         crash_after = 3
-        crashed = asyncio.Event()
+        crashed, stopped = asyncio.Event(), asyncio.Event()
 
         async def deliver(event: dict[str, Any]) -> None:
             async with gate:
+                if len(answered) >= crash_after:
+                    # those already in flight race the crash; the rest arrive once it is down
+                    await stopped.wait()
                 answered[event["id"]] = await post_event(client, stripe_fake, event)
                 if len(answered) == crash_after:
                     crashed.set()
@@ -127,6 +130,7 @@ async def test_a_database_crash_mid_stream_loses_and_doubles_nothing(
         async def crash() -> None:
             await crashed.wait()
             await asyncio.to_thread(cluster.stop, "immediate")
+            stopped.set()
 
         await asyncio.gather(crash(), *(deliver(event) for event in rest))
         assert set(answered.values()) <= {200, 503}
