@@ -31,6 +31,7 @@ from typing import Any
 
 import structlog
 from fastapi import APIRouter, FastAPI
+from fastapi.datastructures import DefaultPlaceholder
 from fastapi.dependencies.utils import request_params_to_args
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter
@@ -58,6 +59,13 @@ class FastRead:
             or dependant.body_params
             or route.response_model is None
             or route.status_code not in (None, 200)
+            or not isinstance(route.response_class, DefaultPlaceholder)  # JSON, as below
+            or not route.response_model_by_alias
+            or route.response_model_include is not None
+            or route.response_model_exclude is not None
+            or route.response_model_exclude_unset
+            or route.response_model_exclude_defaults
+            or route.response_model_exclude_none
         ):
             raise ValueError(f"{route.path} is not a plain guarded GET of path parameters")
         self.route = route
