@@ -9,7 +9,8 @@ and answers a request itself only when everything is in order, with exactly what
 would send; anything else goes to FastAPI, untouched, which answers it as always:
 
 - it is not a plain GET of one of these paths (another method, a body, an `Origin` header,
-  so CORS, a path that does not match the route's own pattern, a mounted root path);
+  so CORS, a path that does not match the route's own pattern, a mounted root path); no
+  route registered before them may match their paths (the tests compare the answers);
 - a path parameter fails the route's own validation (FastAPI's `request_params_to_args`, the
   function FastAPI itself validates them with);
 - the guard refuses the token (the guard object of the route, the same rule FastAPI runs);
@@ -25,6 +26,7 @@ same byte for byte, errors included.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Iterable
 from typing import Any
@@ -50,6 +52,7 @@ class FastRead:
         guards = [d for d in dependant.dependencies if isinstance(d.call, Guard)]
         if (
             route.methods != {"GET"}
+            or not inspect.iscoroutinefunction(route.endpoint)
             or len(guards) != 1
             or len(dependant.dependencies) != 1
             or guards[0].name is None
