@@ -15,7 +15,8 @@ from typing import Annotated, Any
 
 import jwt
 from fastapi import Depends, Request
-from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.security import HTTPBearer
+from fastapi.security.utils import get_authorization_scheme_param
 
 from app.config import Settings
 from app.errors import Forbidden, Unauthorized
@@ -23,7 +24,7 @@ from app.errors import Forbidden, Unauthorized
 STAFF_SCOPES = frozenset({"finance", "ops"})
 KNOWN_SCOPES = frozenset({"billing:read", "billing:write", "usage:write", "finance", "ops"})
 
-_bearer = HTTPBearer(auto_error=False, description="HS256 JWT (user or service token)")
+BEARER_DESCRIPTION = "HS256 JWT (user or service token)"
 
 
 @dataclass(frozen=True)
@@ -153,63 +154,103 @@ def mint_token(
     return jwt.encode(claims, secret.get_secret_value(), algorithm="HS256")
 
 
-Credentials = Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)]
+class Guard(HTTPBearer):
+    """A route guard: the bearer scheme of the OpenAPI document (`HTTPBearer`, as FastAPI's
+    own `HTTPBearer` documents it) and the authorization rule in one dependency, so a request
+    solves one dependency for its token instead of three (the scheme's, the verification's and
+    the rule's). Subclasses say who may pass in `check`, which app/fast_reads.py also calls."""
+
+    def __init__(self) -> None:
+        super().__init__(auto_error=False, scheme_name="HTTPBearer", description=BEARER_DESCRIPTION)
+
+    @staticmethod
+    def verified(request: Request) -> Principal:
+        """The token's principal, or Unauthorized (no `Bearer` credentials, or a bad token)."""
+        authorization = request.headers.get("Authorization")
+        scheme, credentials = get_authorization_scheme_param(authorization)
+        if not (authorization and scheme and credentials) or scheme.lower() != "bearer":
+            raise Unauthorized("Missing bearer token")
+        verifier: TokenVerifier = request.app.state.token_verifier
+        return verifier.verify(credentials)
+
+    def check(self, request: Request, path_params: dict[str, str]) -> Principal:
+        """The principal when it may pass (`path_params`: the raw path parameters), else
+        Unauthorized or Forbidden."""
+        return self.verified(request)
 
 
-def _verified(request: Request, credentials: HTTPAuthorizationCredentials | None) -> Principal:
-    if credentials is None or credentials.scheme.lower() != "bearer":
-        raise Unauthorized("Missing bearer token")
-    verifier: TokenVerifier = request.app.state.token_verifier
-    return verifier.verify(credentials.credentials)
+class _AnyToken(Guard):
+    async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
+        return self.check(request, {})
 
 
-async def get_principal(request: Request, credentials: Credentials) -> Principal:
-    return _verified(request, credentials)
+class _Scope(Guard):
+    """Service/staff tokens that carry `scope`."""
+
+    def __init__(self, scope: str) -> None:
+        super().__init__()
+        self.scope = scope
+
+    def check(self, request: Request, path_params: dict[str, str]) -> Principal:
+        principal = self.verified(request)
+        if self.scope not in principal.scopes:
+            raise Forbidden(f"This route requires scope `{self.scope}`")
+        return principal
+
+    async def __call__(self, request: Request) -> Principal:  # type: ignore[override]
+        return self.check(request, {})
 
 
-PrincipalDep = Annotated[Principal, Depends(get_principal)]
+class _AccountAccess(Guard):
+    """For `/v1/accounts/{account_id}/...`: the account's own user token, or a service token
+    carrying `scope`."""
 
-# The guards below verify the token themselves rather than depending on `get_principal`: one
-# level less of dependency solving on every request (the verification is cached, see
-# `TokenVerifier`, so a route that also asks for `PrincipalDep` pays little for it).
+    def __init__(self, scope: str) -> None:
+        super().__init__()
+        self.scope = scope
+
+    def check(self, request: Request, path_params: dict[str, str]) -> Principal:
+        principal = self.verified(request)
+        if not principal.may_access_account(path_params["account_id"], self.scope):
+            if principal.is_user:
+                raise Forbidden("This token belongs to another account")
+            raise Forbidden(f"This route requires scope `{self.scope}` or the account's own token")
+        return principal
+
+    async def __call__(self, account_id: str, request: Request) -> Principal:  # type: ignore[override]
+        return self.check(request, {"account_id": account_id})
+
+
+class _AccountOwner(Guard):
+    """For account routes only the account's own user token may call (checked before the body
+    is validated, like every other authorization dependency)."""
+
+    def check(self, request: Request, path_params: dict[str, str]) -> Principal:
+        principal = self.verified(request)
+        if principal.account_id != path_params["account_id"]:
+            raise Forbidden("Only the account's own token may do this")
+        return principal
+
+    async def __call__(self, account_id: str, request: Request) -> Principal:  # type: ignore[override]
+        return self.check(request, {"account_id": account_id})
 
 
 def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency admitting service/staff tokens that carry `scope`."""
-
-    async def dependency(request: Request, credentials: Credentials) -> Principal:
-        principal = _verified(request, credentials)
-        if scope not in principal.scopes:
-            raise Forbidden(f"This route requires scope `{scope}`")
-        return principal
-
-    return dependency
+    return _Scope(scope)
 
 
 def account_access(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency for `/v1/accounts/{account_id}/...`: the account's own user token, or a
     service token carrying `scope`."""
-
-    async def dependency(account_id: str, request: Request, credentials: Credentials) -> Principal:
-        principal = _verified(request, credentials)
-        if not principal.may_access_account(account_id, scope):
-            if principal.is_user:
-                raise Forbidden("This token belongs to another account")
-            raise Forbidden(f"This route requires scope `{scope}` or the account's own token")
-        return principal
-
-    return dependency
+    return _AccountAccess(scope)
 
 
-async def account_owner(account_id: str, request: Request, credentials: Credentials) -> Principal:
-    """A dependency for account routes only the account's own user token may call (checked
-    before the body is validated, like every other authorization dependency)."""
-    principal = _verified(request, credentials)
-    if principal.account_id != account_id:
-        raise Forbidden("Only the account's own token may do this")
-    return principal
+get_principal = _AnyToken()
+"""Any valid token's principal."""
+account_owner = _AccountOwner()
 
-
+PrincipalDep = Annotated[Principal, Depends(get_principal)]
 AccountOwner = Annotated[Principal, Depends(account_owner)]
 AccountReader = Annotated[Principal, Depends(account_access("billing:read"))]
 AccountWriter = Annotated[Principal, Depends(account_access("billing:write"))]

@@ -12,13 +12,15 @@ a fresh connection first (`Reader`), so reads do not even see that.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+import collections
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, Request
-from sqlalchemy import DateTime, Executable, MetaData, Row, func
+from sqlalchemy import DateTime, Dialect, Executable, MetaData, Row, func
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncEngine,
@@ -27,6 +29,8 @@ from sqlalchemy.ext.asyncio import (
     create_async_engine,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.sql import ClauseElement
+from sqlalchemy.sql.compiler import SQLCompiler
 
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -89,12 +93,24 @@ async def get_session(request: Request) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
+MAX_DIRECT_STATEMENTS = 64
+"""Statements a `Reader` keeps compiled for asyncpg (the read routes pass module-level ones)."""
+
+
 class Reader:
     """Read-only statements for routes that change nothing: each runs on a pooled connection in
     autocommit mode (no BEGIN/COMMIT round trips, one round trip per statement) and is retried
     once on a fresh connection when the pooled one turns out dead (the database restarted;
     SQLAlchemy then also discards every other connection pooled before it). A database that is
-    down raises as usual (503 through app/errors.py)."""
+    down raises as usual (503 through app/errors.py).
+
+    A statement's first execution goes through SQLAlchemy Core; later ones send the SQL it
+    compiled to straight to the pooled asyncpg connection (no SQLAlchemy connection, execution
+    context or result objects: ~0.2 ms of CPU per read), when SQLAlchemy would not convert any
+    of its parameters or columns anyway. Rows have the same attribute names either way. Should
+    that fail for any reason (a dead connection, an error), the connection is discarded and the
+    statement runs again through SQLAlchemy Core, which retries, translates errors and discards
+    stale connections exactly as before."""
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
@@ -102,28 +118,107 @@ class Reader:
         # close overflow connections (a connect each) under a burst of cheap reads, when
         # waiting a moment for a pooled one is far cheaper. Waits as long as the pool would.
         self._slots = asyncio.Semaphore(max(1, engine.pool.size()))  # type: ignore[attr-defined]
+        self._direct: dict[Executable, _Direct | None] = {}
 
     async def all(
         self, statement: Executable, params: dict[str, Any] | None = None
-    ) -> Sequence[Row[Any]]:
-        """Every row of `statement` (with `params`)."""
+    ) -> Sequence[Any]:
+        """Every row of `statement` (with `params`), each with the columns as attributes."""
         if self._slots.locked():
             async with asyncio.timeout(POOL_TIMEOUT_SECONDS):
                 await self._slots.acquire()
         else:
             await self._slots.acquire()
         try:
-            for attempt in (1, 2):
-                try:
-                    async with self.engine.connect() as connection:
-                        result = await connection.execute(statement, params)
-                        return result.all()
-                except DBAPIError as exc:
-                    if attempt == 2 or not exc.connection_invalidated:
-                        raise
-            raise AssertionError("unreachable")  # pragma: no cover
+            direct = self._direct.get(statement)
+            if direct is not None:
+                rows = await self._fetch_direct(direct, params or {})
+                if rows is not None:
+                    return rows
+            return await self._execute(statement, params)
         finally:
             self._slots.release()
+
+    async def _execute(
+        self, statement: Executable, params: dict[str, Any] | None
+    ) -> Sequence[Row[Any]]:
+        for attempt in (1, 2):
+            try:
+                async with self.engine.connect() as connection:
+                    result = await connection.execute(statement, params)
+                    rows = result.all()
+                    if statement not in self._direct and len(self._direct) < MAX_DIRECT_STATEMENTS:
+                        self._direct[statement] = _Direct.compile(
+                            statement, self.engine.dialect, tuple(result.keys())
+                        )
+                    return rows
+            except DBAPIError as exc:
+                if attempt == 2 or not exc.connection_invalidated:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _fetch_direct(self, direct: _Direct, params: dict[str, Any]) -> list[Any] | None:
+        """The rows, or None when SQLAlchemy Core should run the statement instead."""
+        connection = await self.engine.raw_connection()
+        try:
+            driver: Any = connection.driver_connection
+            records = await driver.fetch(direct.sql, *direct.args(params))
+        except Exception:
+            connection.invalidate()  # dead, or in a state not worth finding out
+            return None
+        except BaseException:  # cancelled mid-statement: the connection's state is unknown
+            connection.invalidate()
+            raise
+        finally:
+            connection.close()
+        make = direct.row
+        return [make(record) for record in records]
+
+
+@dataclass(frozen=True)
+class _Direct:
+    """A statement as the SQL text and positional parameters asyncpg takes."""
+
+    sql: str
+    names: tuple[str, ...]
+    defaults: dict[str, Any]
+    row: Callable[[Any], Any]
+
+    @classmethod
+    def compile(
+        cls, statement: Executable, dialect: Dialect, keys: tuple[str, ...]
+    ) -> _Direct | None:
+        """None when SQLAlchemy converts a parameter or a column of `statement`: Core runs it."""
+        if not isinstance(statement, ClauseElement):
+            return None
+        compiled = statement.compile(dialect=dialect)
+        if not isinstance(compiled, SQLCompiler) or compiled.positiontup is None:
+            return None
+        binds = compiled.binds
+        for name in compiled.positiontup:
+            if binds[name].type.dialect_impl(dialect).bind_processor(dialect) is not None:
+                return None
+            if binds[name].expanding or binds[name].callable is not None:
+                return None
+        columns = getattr(statement, "selected_columns", None)
+        if columns is None or len(columns) != len(keys):
+            return None
+        for column in columns:
+            if column.type.dialect_impl(dialect).result_processor(dialect, None) is not None:
+                return None
+        try:
+            fields = collections.namedtuple("Row", keys)  # type: ignore[misc]
+        except ValueError:  # a column name that is no identifier
+            return None
+        return cls(
+            sql=compiled.string,
+            names=tuple(compiled.positiontup),
+            defaults=compiled.params,
+            row=fields._make,
+        )
+
+    def args(self, params: dict[str, Any]) -> list[Any]:
+        return [params[n] if n in params else self.defaults[n] for n in self.names]
 
 
 async def get_reader(request: Request) -> Reader:

@@ -18,6 +18,7 @@ from app.config import Settings, get_settings
 from app.db import Reader, create_engine, create_session_factory
 from app.disputes.router import router as disputes_router
 from app.errors import install_error_handlers
+from app.fast_reads import FastReads, fast_reads_for
 from app.health.router import migration_head
 from app.health.router import router as health_router
 from app.maintenance.router import router as maintenance_router
@@ -27,8 +28,10 @@ from app.observability import RequestContextMiddleware, configure_logging
 from app.openapi import BillingAPI
 from app.plans.router import router as plans_router
 from app.portal.router import router as portal_router
+from app.refunds.router import refund_eligibility
 from app.refunds.router import router as refunds_router
 from app.stripe_gateway import StripeGateway
+from app.subscriptions.router import get_channel_access
 from app.subscriptions.router import router as subscriptions_router
 from app.subscriptions.service import record_expired_access
 from app.webhooks.ingest import EventIngestor
@@ -45,17 +48,24 @@ class BillingApp(BillingAPI):
     lifespan included, is FastAPI's."""
 
     webhook: WebhookFastPath | None = None
+    fast_reads: FastReads | None = None
+    """The read routes' successful answers (app/fast_reads.py); FastAPI answers the rest."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if (
-            scope["type"] == "http"
-            and scope["path"] == WEBHOOK_PATH
-            and scope["method"] == "POST"
-            and self.webhook is not None
-        ):
-            await self.webhook(scope, receive, send)
-            return
+        if scope["type"] == "http":
+            if scope["path"] == WEBHOOK_PATH and scope["method"] == "POST" and self.webhook:
+                await self.webhook(scope, receive, send)
+                return
+            if self.fast_reads is not None and not self.root_path and not self._telemetry_on():
+                found = self.fast_reads.match(scope)
+                if found is not None and await self.fast_reads(scope, receive, send, found):
+                    return
         await super().__call__(scope, receive, send)
+
+    def _telemetry_on(self) -> bool:
+        """FastAPI's own OpenTelemetry instrumentation: when it is on, FastAPI answers."""
+        telemetry = getattr(self, "_native_telemetry", None)
+        return telemetry is not None and bool(telemetry.enabled())
 
 
 def create_app(settings: Settings | None = None, gateway: StripeGateway | None = None) -> FastAPI:
@@ -157,6 +167,9 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         next(
             r for r in webhooks_router.routes if isinstance(r, APIRoute) and r.path == WEBHOOK_PATH
         ),
+    )
+    app.fast_reads = fast_reads_for(
+        app, [subscriptions_router, refunds_router], [get_channel_access, refund_eligibility]
     )
     return app
 

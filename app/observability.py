@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
 import time
-import uuid
 from typing import Any
 
 import structlog
@@ -25,6 +25,28 @@ HTTP_LATENCY = Histogram(
 )
 
 MAX_BODY_BYTES = 1024 * 1024
+
+_route_metrics: dict[tuple[str, str, int], tuple[Any, Any]] = {}
+
+
+def route_metrics(method: str, route: str, status: int) -> tuple[Any, Any]:
+    """The request counter and latency histogram children of one method, route and status,
+    looked up once (`labels()` takes a lock and builds its key on every call)."""
+    key = (method, route, status)
+    children = _route_metrics.get(key)
+    if children is None:
+        children = (
+            HTTP_REQUESTS.labels(method, route, str(status)),
+            HTTP_LATENCY.labels(method, route),
+        )
+        if len(_route_metrics) < 1024:  # methods of unmatched requests are the client's
+            _route_metrics[key] = children
+    return children
+
+
+def new_request_id() -> str:
+    """32 random hex digits (what `uuid4().hex` gave, without building a UUID)."""
+    return os.urandom(16).hex()
 
 
 class ClientDisconnected(Exception):
@@ -90,7 +112,7 @@ class RequestContextMiddleware:
             return
         started = time.perf_counter()
         headers = dict(scope.get("headers") or [])
-        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or uuid.uuid4().hex
+        request_id = headers.get(b"x-request-id", b"").decode("latin-1")[:64] or new_request_id()
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=request_id)
         status_holder: dict[str, Any] = {"status": 500}
@@ -117,14 +139,20 @@ class RequestContextMiddleware:
         finally:
             route = scope.get("route")
             route_name = getattr(route, "path", None) or "unmatched"
-            method = scope.get("method", "")
-            HTTP_REQUESTS.labels(method, route_name, str(status_holder["status"])).inc()
-            HTTP_LATENCY.labels(method, route_name).observe(time.perf_counter() - started)
+            requests, latency = route_metrics(
+                scope.get("method", ""), route_name, status_holder["status"]
+            )
+            requests.inc()
+            latency.observe(time.perf_counter() - started)
 
     async def _bounded_receive(
         self, headers: dict[bytes, bytes], receive: Receive
     ) -> Receive | None:
-        """Read the whole body up front (at most the limit); None when it is too large."""
+        """Read the whole body up front (at most the limit); None when it is too large. A
+        request that declares no body (neither `content-length` nor `transfer-encoding`, as
+        HTTP/1.1 requires of one that has a body) is passed on untouched."""
+        if b"content-length" not in headers and b"transfer-encoding" not in headers:
+            return receive
         try:
             body = await read_body(headers.get(b"content-length"), receive, self.max_body_bytes)
         except ClientDisconnected:

@@ -30,6 +30,7 @@ import subprocess
 import sys
 import time
 import uuid
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -129,8 +130,16 @@ async def seed_big(dsn: str) -> dict[str, int]:
 
 
 def wrk_get(
-    url: str, path: str, ids: int, token: str, seconds: int, connections: int = CONNECTIONS
+    url: str,
+    path: str,
+    ids: int,
+    token: str,
+    seconds: int,
+    connections: int = CONNECTIONS,
+    rate: float = 0.0,
 ) -> WrkResult:
+    """wrk on one thread: flat out (closed loop), or offering `rate` requests/s in all with
+    Poisson arrivals (bench/get.lua)."""
     command = [
         ensure_wrk(),
         "-t1",
@@ -144,6 +153,8 @@ def wrk_get(
         "--",
         path,
         str(ids),
+        str(rate),
+        str(connections),
     ]
     done = subprocess.run(
         command, env={**os.environ, "BENCH_TOKEN": token}, capture_output=True, text=True
@@ -174,24 +185,50 @@ def cpu_seconds(pid: int) -> float:
     return total
 
 
-def measure_reads(
-    url: str, token: str, pid: int
-) -> tuple[dict[str, WrkResult], dict[str, WrkResult], dict[str, float]]:
-    """Each read route at CONNECTIONS connections for SECONDS, then with one connection; and
-    the service's CPU milliseconds per request at CONNECTIONS (the figure the machine's load
-    moves least)."""
+@dataclass
+class Reads:
+    """The read routes on one server: flat out, paced, one connection; CPU per request."""
+
+    peak: dict[str, WrkResult]
+    """CONNECTIONS connections, closed loop (each sends again as soon as it is answered)."""
+    paced: dict[str, WrkResult]
+    """CONNECTIONS connections offering `offered` requests/s with Poisson arrivals."""
+    offered: dict[str, float]
+    single: dict[str, WrkResult]
+    """One connection, closed loop: a request's own time, no queue."""
+    cpu_ms: dict[str, float]
+    paced_cpu_ms: dict[str, float]
+
+
+def measure_reads(url: str, token: str, pid: int, offered: dict[str, float] | None = None) -> Reads:
+    """Each read route at CONNECTIONS connections for SECONDS flat out, then paced at the
+    `offered` rate (default: half the peak just measured), then with one connection; and the
+    service's CPU milliseconds per request (the figure the machine's load moves least)."""
     for path, ids in TARGETS.values():  # warm-up
         wrk_get(url, path, ids, token, 3)
-    results: dict[str, WrkResult] = {}
+    peak: dict[str, WrkResult] = {}
+    paced: dict[str, WrkResult] = {}
+    rates: dict[str, float] = {}
     cpu_ms: dict[str, float] = {}
+    paced_cpu_ms: dict[str, float] = {}
     for name, (path, ids) in TARGETS.items():
         before = cpu_seconds(pid)
-        results[name] = r = wrk_get(url, path, ids, token, SECONDS)
+        peak[name] = r = wrk_get(url, path, ids, token, SECONDS)
         cpu_ms[name] = (cpu_seconds(pid) - before) * 1000 / max(1, r.requests)
         print(
             f"{name:42s} {r.rate:7,.0f} req/s  p50 {r.p50_ms:6.2f}  p95 {r.p95_ms:6.2f}"
             f"  p99 {r.p99_ms:6.2f} ms  not 200: {r.non200 + r.errors}"
             f"  CPU {cpu_ms[name]:.2f} ms/req",
+            flush=True,
+        )
+        rates[name] = rate = offered[name] if offered else r.rate / 2
+        before = cpu_seconds(pid)
+        paced[name] = p = wrk_get(url, path, ids, token, SECONDS, rate=rate)
+        paced_cpu_ms[name] = (cpu_seconds(pid) - before) * 1000 / max(1, p.requests)
+        print(
+            f"{'  paced, ' + f'{rate:,.0f}/s offered':42s} {p.rate:7,.0f} req/s  "
+            f"p50 {p.p50_ms:6.2f}  p95 {p.p95_ms:6.2f}  p99 {p.p99_ms:6.2f} ms  "
+            f"not 200: {p.non200 + p.errors}  CPU {paced_cpu_ms[name]:.2f} ms/req",
             flush=True,
         )
     single: dict[str, WrkResult] = {}
@@ -201,29 +238,48 @@ def measure_reads(
             f"{name:42s} 1 connection: p50 {r.p50_ms:6.2f}  p99 {r.p99_ms:6.2f} ms",
             flush=True,
         )
-    return results, single, cpu_ms
+    return Reads(peak, paced, rates, single, cpu_ms, paced_cpu_ms)
 
 
-def reads_table(
-    results: dict[str, WrkResult], single: dict[str, WrkResult], cpu_ms: dict[str, float]
-) -> str:
-    rows = [
-        [
-            name,
-            f"{r.rate:,.0f}",
-            f"{r.p50_ms:.2f}",
-            f"{r.p95_ms:.2f}",
-            f"{r.p99_ms:.2f}",
-            r.non200 + r.errors,
-            f"{single[name].p50_ms:.2f} / {single[name].p99_ms:.2f}",
-            f"{cpu_ms[name]:.2f}",
-            target,
-        ]
-        for (name, r), target in zip(results.items(), ["", "p99 <= 5", "p99 <= 20"], strict=True)
-    ]
+def reads_table(reads: Reads) -> str:
+    rows = []
+    for name, target in zip(TARGETS, ["", "p99 <= 5", "p99 <= 20"], strict=True):
+        r, p, s = reads.peak[name], reads.paced[name], reads.single[name]
+        rows.append(
+            [
+                name,
+                "peak (closed loop)",
+                "",
+                f"{r.rate:,.0f}",
+                f"{r.p50_ms:.2f}",
+                f"{r.p95_ms:.2f}",
+                f"{r.p99_ms:.2f}",
+                r.non200 + r.errors,
+                f"{s.p50_ms:.2f} / {s.p99_ms:.2f}",
+                f"{reads.cpu_ms[name]:.2f}",
+                target,
+            ]
+        )
+        rows.append(
+            [
+                "",
+                "paced (Poisson)",
+                f"{reads.offered[name]:,.0f}",
+                f"{p.rate:,.0f}",
+                f"{p.p50_ms:.2f}",
+                f"{p.p95_ms:.2f}",
+                f"{p.p99_ms:.2f}",
+                p.non200 + p.errors,
+                "",
+                f"{reads.paced_cpu_ms[name]:.2f}",
+                target,
+            ]
+        )
     return table(
         [
             "request",
+            "load",
+            "offered/s",
             "req/s",
             "p50 ms",
             "p95 ms",
@@ -353,13 +409,12 @@ async def main() -> None:
         from app.auth import mint_token
 
         reader = mint_token(settings, sub="bench-reader", scope="billing:read", ttl_seconds=7200)
-        results: dict[str, WrkResult] = {}
         with harness.servers() as running:
             server = harness.start_server("service", "app.main:app", env, log)
             running.append(server)
             pid = server.process.pid
             print(f"service pid {pid}, at start {memory(pid)}", flush=True)
-            results, single, cpu_ms = measure_reads(server.url, reader, pid)
+            reads = measure_reads(server.url, reader, pid)
             after_reads = memory(pid)
             checkout = await checkout_timings(server.url, env, fake.url, pid)
             print(
@@ -383,7 +438,7 @@ async def main() -> None:
                 flush=True,
             )
             server.stop()
-            many: tuple[dict[str, WrkResult], dict[str, WrkResult], dict[str, float]] | None = None
+            many: Reads | None = None
             if WORKERS > 1:
                 pool = harness.start_server(
                     f"service x{WORKERS}",
@@ -394,12 +449,19 @@ async def main() -> None:
                 running.append(pool)
                 time.sleep(3)  # every worker up (the port answers as soon as the first one is)
                 print(f"\nreads with {WORKERS} uvicorn workers:", flush=True)
-                many = measure_reads(pool.url, reader, pool.process.pid)
-        print(f"\n{CONNECTIONS} connections, {SECONDS} s each, one uvicorn worker:")
-        print(reads_table(results, single, cpu_ms))
+                # the same offered rates as the one worker's paced runs
+                many = measure_reads(pool.url, reader, pool.process.pid, reads.offered)
+        print(
+            f"\n{CONNECTIONS} connections, {SECONDS} s each: flat out, then offering half that "
+            "peak with Poisson arrivals; one uvicorn worker:"
+        )
+        print(reads_table(reads))
         if many is not None:
-            print(f"\nthe same with {WORKERS} uvicorn workers (WEB_CONCURRENCY={WORKERS}):")
-            print(reads_table(*many))
+            print(
+                f"\nthe same with {WORKERS} uvicorn workers (WEB_CONCURRENCY={WORKERS}), paced at "
+                "the one worker's offered rates:"
+            )
+            print(reads_table(many))
         print()
         print(
             table(
@@ -433,15 +495,9 @@ async def main() -> None:
             )
         )
         summary |= {
-            "reads": {k: vars(v) for k, v in results.items()},
-            "reads_one_connection": {k: vars(v) for k, v in single.items()},
-            "reads_cpu_ms": cpu_ms,
-            "reads_workers_cpu_ms": many[2] if many else None,
+            "reads": asdict(reads),
             "workers": WORKERS,
-            "reads_workers": {k: vars(v) for k, v in many[0].items()} if many else None,
-            "reads_workers_one_connection": (
-                {k: vars(v) for k, v in many[1].items()} if many else None
-            ),
+            "reads_workers": asdict(many) if many else None,
             "checkout": checkout,
             "memory": {
                 "after_reads": after_reads,

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Query, Request
 
 from app.accounts.params import AccountId, ChannelId
 from app.auth import AccountReader, BillingReader
-from app.db import BIGINT_MAX, ReaderDep, SessionDep
+from app.db import BIGINT_MAX, SessionDep
 from app.errors import Forbidden, ServiceUnavailable, Unauthorized, error_responses
 from app.subscriptions import service
 from app.subscriptions.schemas import (
@@ -41,9 +41,10 @@ async def list_subscriptions(
     responses=error_responses(Unauthorized, Forbidden),
 )
 async def get_channel_access(
-    channel_id: ChannelId, request: Request, reader: ReaderDep, _: BillingReader
+    channel_id: ChannelId, request: Request, _: BillingReader
 ) -> AccessOut:
-    return await service.get_channel_access(reader, request.app.state.settings, channel_id)
+    state = request.app.state  # the reader as an attribute, not one more dependency to solve
+    return await service.get_channel_access(state.reader, state.settings, channel_id)
 
 
 @router.get(

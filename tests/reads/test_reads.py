@@ -16,10 +16,13 @@ import httpx
 import jwt
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import Integer, Row, bindparam, cast, func, select
+from sqlalchemy.exc import DBAPIError
 
 import app.auth
 from app.auth import TokenVerifier, mint_token
 from app.config import Settings
+from app.db import Reader
 from app.errors import Unauthorized
 from app.main import create_app
 from app.models import (
@@ -33,6 +36,8 @@ from app.models import (
     RefundRequest,
     Subscription,
 )
+from app.refunds.repository import ELIGIBILITY_FACTS
+from app.subscriptions.service import CHANNEL_ACCESS
 from tests.conftest import TokenFactory, bearer, make_settings, plain_dsn
 from tests.stripe_fake import StripeFake
 
@@ -324,3 +329,59 @@ def test_a_token_verified_under_other_secrets_is_not_trusted(settings: Settings)
     )
     with pytest.raises(Unauthorized):
         TokenVerifier(other).verify(token)
+
+
+async def test_the_direct_asyncpg_path_returns_the_rows_sqlalchemy_core_does(
+    app: FastAPI,
+) -> None:
+    """A statement's first execution goes through SQLAlchemy Core, later ones straight to
+    asyncpg: same values, same types, same attribute names."""
+    async with app.state.session_factory() as session, session.begin():
+        session.add(Account(id="acc_a", currency="usd"))
+        session.add(Channel(id="ch_d", account_id="acc_a"))
+        await session.flush()
+        session.add(subscription("sub_d", "ch_d", "active"))
+        await session.flush()
+        session.add(
+            Payment(
+                stripe_id="pi_d",
+                account_id="acc_a",
+                purpose="subscription",
+                stripe_subscription_id="sub_d",
+                amount=3900,
+                currency="usd",
+                status="succeeded",
+                fee=143,
+                paid_at=NOW - timedelta(days=3),
+            )
+        )
+    reader: Reader = app.state.reader
+    for statement, params in (
+        (CHANNEL_ACCESS, {"channel_id": "ch_d"}),
+        (ELIGIBILITY_FACTS, {"account_id": "acc_a"}),
+    ):
+        core = await reader.all(statement, params)
+        direct = await reader.all(statement, params)
+        assert all(isinstance(row, Row) for row in core)
+        assert not any(isinstance(row, Row) for row in direct)  # the direct path answered
+        assert len(core) == len(direct) == 1
+        fields = core[0]._fields
+        assert direct[0]._fields == fields
+        for name in fields:
+            if name != "now":  # the database's clock at each execution
+                assert getattr(direct[0], name) == getattr(core[0], name), name
+            assert type(getattr(direct[0], name)) is type(getattr(core[0], name)), name
+
+
+async def test_a_statement_failing_on_the_direct_path_fails_as_through_sqlalchemy(
+    app: FastAPI,
+) -> None:
+    """An error on the direct path is not asyncpg's: the statement runs again through Core,
+    which raises its usual DBAPIError (what app/errors.py maps), and the reader still works."""
+    reader: Reader = app.state.reader
+    x, y = cast(bindparam("x"), Integer), cast(bindparam("y"), Integer)
+    statement = select(func.mod(x, y, type_=Integer).label("rest"))
+    assert [row.rest for row in await reader.all(statement, {"x": 7, "y": 4})] == [3]
+    with pytest.raises(DBAPIError, match="division by zero"):
+        await reader.all(statement, {"x": 7, "y": 0})  # on the direct path, then through Core
+    assert [row.rest for row in await reader.all(statement, {"x": 8, "y": 5})] == [3]
