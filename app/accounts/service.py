@@ -6,11 +6,14 @@ channel, one currency per account.
 - `claim_channel`: a channel belongs to the account whose checkout first named it; the database
   decides races (`INSERT ... ON CONFLICT DO NOTHING`), and any other account gets 404
   `channel_not_found`, indistinguishable from a channel that does not exist.
-- `ensure_stripe_customer` creates the account's Stripe customer exactly once: it locks the
-  account row (`SELECT ... FOR UPDATE`) in its own short transaction, so concurrent first
-  requests wait for the first one and then reuse its customer; the Stripe idempotency key is
-  derived from the account id, so a retry after a crash between Stripe's answer and our commit
-  returns the same customer instead of a second one.
+- `create_stripe_customer` creates the account's Stripe customer exactly once: its caller holds
+  the account row lock (`lock_account`) and found no customer, so concurrent first requests
+  wait for the first one and then reuse its customer; the Stripe idempotency key is derived
+  from the account id, so a retry after a crash between Stripe's answer and our commit returns
+  the same customer instead of a second one. The transaction that records the id must commit
+  durably (never with `synchronous_commit = off`): the record, not Stripe's 24-hour key memory,
+  is what keeps a later checkout from making a second customer. `ensure_stripe_customer` does
+  the same in a short transaction of its own.
 - `effective_currency`: the account's currency once a payment set it; before that the currency
   of its existing ledger entries (usage reported before any payment); else None (any supported
   currency may be the first).
@@ -95,6 +98,8 @@ class AccountFacts:
     """The bound currency (`effective_currency`), lowercase, or None while any may be first."""
     stripe_customer_id: str | None
     recent: RecentSessions
+    email: str | None = None
+    """The billing contact (for a Stripe customer made now)."""
 
 
 def _account_facts_statement() -> Any:
@@ -111,6 +116,7 @@ def _account_facts_statement() -> Any:
         Account.stripe_customer_id,
         count,
         seconds_left,
+        Account.email,
     ).where(Account.id == account_id)
 
 
@@ -121,11 +127,12 @@ async def account_facts(session: AsyncSession, account_id: str) -> AccountFacts:
     """One statement (run it after `lock_account`, so it sees every committed checkout of the
     account): its bound currency, Stripe customer and Stripe sessions of the last minute."""
     row = (await session.execute(_ACCOUNT_FACTS, {"account_id": account_id})).one()
-    currency, customer, recent_count, recent_seconds = row
+    currency, customer, recent_count, recent_seconds, email = row
     return AccountFacts(
         currency=currency.lower() if currency else None,
         stripe_customer_id=customer or None,
         recent=RecentSessions(int(recent_count), recent_seconds),
+        email=email,
     )
 
 
@@ -173,17 +180,23 @@ async def ensure_stripe_customer(
         existing, email = row
         if existing:
             return str(existing)
-        customer = await gateway.create_customer(
-            account_id=account_id,
-            email=email,
-            key=idempotency_key("customer", account_id),
-        )
-        customer_id = str(customer["id"])
-        await session.execute(
-            update(Account).where(Account.id == account_id).values(stripe_customer_id=customer_id)
-        )
-        log.info("stripe_customer.created", account_id=account_id, customer=customer_id)
-        return customer_id
+        return await create_stripe_customer(session, gateway, account_id, email)
+
+
+async def create_stripe_customer(
+    session: AsyncSession, gateway: StripeGateway, account_id: str, email: str | None
+) -> str:
+    """Create the account's Stripe customer and record its id, in the caller's transaction,
+    which holds the account row lock and found no customer (see module docstring)."""
+    customer = await gateway.create_customer(
+        account_id=account_id, email=email, key=idempotency_key("customer", account_id)
+    )
+    customer_id = str(customer["id"])
+    await session.execute(
+        update(Account).where(Account.id == account_id).values(stripe_customer_id=customer_id)
+    )
+    log.info("stripe_customer.created", account_id=account_id, customer=customer_id)
+    return customer_id
 
 
 async def effective_currency(session: AsyncSession, account_id: str) -> str | None:

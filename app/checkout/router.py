@@ -28,7 +28,7 @@ from app.errors import (
     Unprocessable,
     error_responses,
 )
-from app.idempotency import Outcome, idempotent
+from app.idempotency import Claim, Outcome, idempotent_claiming_in
 
 router = APIRouter(tags=["checkout"])
 
@@ -63,7 +63,7 @@ async def create_checkout_session(
 ) -> JSONResponse:
     state = request.app.state
 
-    async def run() -> Outcome:
+    async def run(claim: Claim) -> Outcome:
         out = await service.create_checkout_session(
             session,
             state.session_factory,
@@ -72,10 +72,13 @@ async def create_checkout_session(
             principal,
             account_id,
             body,
+            claim,
         )
         return Outcome(201, out)
 
-    return await idempotent(request, session, principal, account_id, idempotency_key, body, run)
+    return await idempotent_claiming_in(
+        request, session, principal, account_id, idempotency_key, body, run
+    )
 
 
 @router.get(

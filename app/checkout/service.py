@@ -2,16 +2,39 @@
 
 Creating one (all validation first: nothing reaches Stripe for a request we will refuse):
 
-1. One short transaction (its own, committed) locks the account row, so an account's checkout
-   requests run one at a time (creating the account on first use in the same statement);
-   reads the currency, the Stripe customer and the rate-limit count in one more statement;
-   checks the rate limit, the channel's owner, live subscriptions, the currency and the debt;
-   and commits a `pending` row.
-2. The account's Stripe customer is created once (app/accounts/service.py), unless step 1
-   already found it.
-3. Stripe is called with `idempotency_key("checkout", row.id)`; the result is recorded in the
-   request's transaction. A Stripe failure marks the row `failed` and answers 502; a retry of a
-   `pending` row (a crash, or a concurrent request for the same channel) reuses its key.
+1. One short transaction (its own, committed): claims the request's `Idempotency-Key`
+   (app/idempotency.py `idempotent_claiming_in`; a refusal below rolls the claim back with the
+   rest), locks the account row, so an account's checkout requests run one at a time (creating
+   the account on first use in the same statement); reads the currency, the Stripe customer,
+   the billing email and the rate-limit count in one more statement; checks the rate limit,
+   the channel's owner, live subscriptions, the currency and the debt; inserts a `pending` row;
+   and, on the account's first checkout, creates its Stripe customer (key derived from the
+   account id, app/accounts/service.py) and records its id. A Stripe failure there rolls all of
+   it back: no claim, no row, no customer id.
+2. Stripe is called with `idempotency_key("checkout", row.id)`; the result is recorded in the
+   request's transaction, with the stored idempotent response. A Stripe failure marks the row
+   `failed` and answers 502; a retry of a `pending` row (a crash, or a concurrent request for
+   the same channel) reuses its key.
+
+Durability: one commit per request waits for the disk (fdatasync), the request's last, before
+the response is sent. Transaction 1 commits with `synchronous_commit = off` (it is visible at
+once and safe from a crash of this process; the WAL writer flushes it within ~0.6 s), unless it
+recorded a new Stripe customer. PostgreSQL flushes WAL in order, so the final durable commit
+(or any later durable commit in the cluster) makes transaction 1 durable too. Only a crash of
+the database server in the window between them can lose it, and then the request has not
+answered (its final commit failed): the client sees an error (or nothing) and retries. What the
+retry does: its key claim and pending row are gone, so it claims again and inserts a new
+pending row with a new id, hence a new Stripe key: Stripe makes a second Checkout session; the
+first one's URL was never shown to anyone, nobody can pay it, and it expires (its
+`checkout.session.expired` event names a row we do not have, which the event handler logs and
+ignores). The Stripe customer must stay exactly-once, so the transaction that records a new
+customer id commits durably: once it has committed, no later checkout creates another; if it
+did not commit (a crash of either process while Stripe answered), the retry creates the
+customer with the same account-derived key and Stripe returns the same customer (Stripe keeps
+keys at least 24 hours; this was so before, too). A client never receives a session whose row
+may still be lost. While an account's first checkout waits for Stripe to create its customer,
+a second request with the same Idempotency-Key waits on the claim in the database rather than
+in `IDEMPOTENCY_WAIT_SECONDS`' loop (it then replays the first answer as usual).
 
 Subscription checkouts: an open, unexpired session for the same channel and plan is returned
 again instead of a second one; one for the same channel and another plan is expired at Stripe
@@ -33,13 +56,13 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
-from sqlalchemy import Table, bindparam, case, func, select, update
+from sqlalchemy import Table, bindparam, case, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.accounts.service import (
     account_facts,
     claim_channel,
-    ensure_stripe_customer,
+    create_stripe_customer,
     lock_account,
     require_currency,
 )
@@ -60,6 +83,7 @@ from app.errors import (
     SubscriptionExists,
     Unprocessable,
 )
+from app.idempotency import Claim
 from app.models import CheckoutSession, Subscription
 from app.rate_limit import enforce_stripe_rate_limit
 from app.redirects import check_redirects
@@ -82,6 +106,7 @@ async def create_checkout_session(
     principal: Principal,
     account_id: str,
     body: CheckoutIn,
+    claim: Claim | None = None,
 ) -> CheckoutOut:
     check_redirects(
         settings.redirect_allowed_origins, success_url=body.success_url, cancel_url=body.cancel_url
@@ -91,8 +116,12 @@ async def create_checkout_session(
     stale: CheckoutSession | None = None
     limit = settings.stripe_sessions_per_account_per_minute
     async with factory() as tx, tx.begin():
+        if claim is not None:
+            await claim(tx)
         await lock_account(tx, account_id, principal.email)
         facts = await account_facts(tx, account_id)
+        row: CheckoutSession | None = None
+        new = True
         if isinstance(body, SubscriptionCheckoutIn):
             assert plan is not None
             await claim_channel(tx, account_id, body.channel_id)
@@ -106,36 +135,36 @@ async def create_checkout_session(
                     log.info("checkout.reused", checkout_id=str(existing.id))
                     return to_out(existing)
                 if existing.status == "pending":
-                    row = existing
-                else:
-                    stale = existing if existing.status == "open" else None
-                    row = None
+                    row, new = existing, False
+                elif existing.status == "open":
+                    stale = existing
             else:
                 stale = existing
-                row = None
             if row is None:
                 enforce_stripe_rate_limit(facts.recent, limit)
                 row = _new_row(account_id, body, plan.amount, plan.currency.lower(), plan)
-                tx.add(row)
         elif isinstance(body, TopUpCheckoutIn):
             currency = body.currency.lower()
             require_currency(facts.currency, currency)
             enforce_stripe_rate_limit(facts.recent, limit)
             row = _new_row(account_id, body, body.amount, currency, None)
-            tx.add(row)
         else:
             _, debt, bound = await account_balance(tx, account_id)
             if debt <= 0:
                 raise NoDebt("The account has no debt to repay")
             enforce_stripe_rate_limit(facts.recent, limit)
             row = _new_row(account_id, body, debt, bound or settings.default_currency, None)
-            tx.add(row)
-        await tx.flush()
+        if new:
+            await tx.execute(_INSERT_PENDING, _pending_values(row))
+        customer = facts.stripe_customer_id
+        if customer is None:
+            # A Stripe failure here rolls everything back (the key claim included): nothing
+            # half-made. This commit stays durable: it records the customer (module docstring).
+            customer = await create_stripe_customer(tx, gateway, account_id, facts.email)
+        else:
+            await commit_without_flush_wait(tx)
 
     try:
-        customer = facts.stripe_customer_id or await ensure_stripe_customer(
-            factory, gateway, account_id
-        )
         if stale is not None:
             await _retire(session, gateway, settings, stale, customer)
         created = await gateway.create_checkout_session(
@@ -153,6 +182,13 @@ async def create_checkout_session(
         stripe_id=created.get("id"),
     )
     return to_out(recorded)
+
+
+async def commit_without_flush_wait(tx: AsyncSession) -> None:
+    """Let `tx` commit without waiting for its WAL to reach the disk (`SET LOCAL
+    synchronous_commit = off`): the request's final, durable commit flushes it (WAL is flushed
+    in order), and only a database crash before that can lose it (module docstring)."""
+    await tx.execute(_NO_FLUSH_WAIT)
 
 
 async def get_checkout_session(
@@ -370,6 +406,26 @@ async def _retire(
 
 
 _CHECKOUTS = cast(Table, CheckoutSession.__table__)
+_PENDING_COLUMNS = (
+    "id",
+    "account_id",
+    "purpose",
+    "channel_id",
+    "plan_code",
+    "amount",
+    "currency",
+    "status",
+    "success_url",
+    "cancel_url",
+)
+_INSERT_PENDING = insert(_CHECKOUTS)
+_NO_FLUSH_WAIT = text("SET LOCAL synchronous_commit = off")
+
+
+def _pending_values(row: CheckoutSession) -> dict[str, Any]:
+    return {column: getattr(row, column) for column in _PENDING_COLUMNS}
+
+
 _STILL_OURS = _CHECKOUTS.c.status.in_(("pending", "failed"))
 _RECORD_CREATED = (
     update(_CHECKOUTS)

@@ -1,0 +1,140 @@
+"""How a checkout commits: the Idempotency-Key claimed in the first transaction, one durable
+commit per request except the one recording a new Stripe customer, and what a retry after a
+crash between Stripe's answer and our record does."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import event, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.checkout import service
+from app.models import Account, CheckoutSession, IdempotencyRecord
+from tests.checkout.conftest import PostCheckout, subscription_body, top_up_body
+from tests.stripe_fake import StripeFake
+
+NO_FLUSH_WAIT = "SET LOCAL synchronous_commit = off"
+URLS = ("success_url", "cancel_url")
+
+
+@pytest.fixture
+def committed(app: FastAPI) -> Iterator[list[list[str]]]:
+    """The statements of every transaction the app commits, in commit order."""
+    engine = app.state.engine.sync_engine
+    open_transactions: dict[int, list[str]] = {}
+    done: list[list[str]] = []
+
+    def before_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        open_transactions.setdefault(id(conn.connection.dbapi_connection), []).append(statement)
+
+    def on_commit(conn: Any) -> None:
+        statements = open_transactions.pop(id(conn.connection.dbapi_connection), [])
+        if statements:
+            done.append(statements)
+
+    def on_rollback(conn: Any) -> None:
+        open_transactions.pop(id(conn.connection.dbapi_connection), None)
+
+    event.listen(engine, "before_cursor_execute", before_execute)
+    event.listen(engine, "commit", on_commit)
+    event.listen(engine, "rollback", on_rollback)
+    yield done
+    event.remove(engine, "before_cursor_execute", before_execute)
+    event.remove(engine, "commit", on_commit)
+    event.remove(engine, "rollback", on_rollback)
+
+
+def writing(transactions: list[list[str]], fragment: str) -> list[list[str]]:
+    return [t for t in transactions if any(fragment in s for s in t)]
+
+
+async def test_only_the_final_commit_waits_for_the_disk_once_the_account_has_its_customer(
+    post_checkout: PostCheckout, committed: list[list[str]]
+) -> None:
+    assert (await post_checkout("acc_1", top_up_body(), key="first")).status_code == 201
+    [customer_tx] = writing(committed, "UPDATE accounts SET stripe_customer_id")
+    assert NO_FLUSH_WAIT not in customer_tx  # the customer's record is durable at once
+    assert any("INSERT INTO idempotency_records" in s for s in customer_tx)
+    assert any("INSERT INTO checkout_sessions" in s for s in customer_tx)
+    committed.clear()
+
+    assert (await post_checkout("acc_1", top_up_body(), key="second")).status_code == 201
+    pending_tx, final_tx = committed
+    assert any("INSERT INTO idempotency_records" in s for s in pending_tx)
+    assert any("INSERT INTO checkout_sessions" in s for s in pending_tx)
+    assert NO_FLUSH_WAIT in pending_tx
+    assert any("UPDATE checkout_sessions" in s for s in final_tx)
+    assert any("UPDATE idempotency_records" in s for s in final_tx)
+    assert NO_FLUSH_WAIT not in final_tx  # the response is sent after a durable commit
+
+
+async def test_a_refused_request_leaves_its_idempotency_key_unclaimed(
+    post_checkout: PostCheckout,
+    stripe_fake: StripeFake,
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    repay = {"purpose": "debt_repayment", **{k: top_up_body()[k] for k in URLS}}
+    refused = await post_checkout("acc_1", repay, key="k")
+    assert refused.status_code == 409
+    assert refused.json()["code"] == "no_debt"
+    async with db() as session:
+        assert (await session.scalars(select(IdempotencyRecord))).all() == []
+        assert (await session.scalars(select(CheckoutSession))).all() == []
+    # the key is free: another body under it runs, once
+    created = await post_checkout("acc_1", top_up_body(), key="k")
+    assert created.status_code == 201, created.text
+    replayed = await post_checkout("acc_1", top_up_body(), key="k")
+    assert replayed.json() == created.json()
+    assert replayed.headers["Idempotent-Replayed"] == "true"
+    assert len(stripe_fake.all("checkout.session")) == 1
+
+
+async def test_a_crash_before_the_result_is_recorded_leaves_a_pending_row_whose_key_the_retry_reuses(
+    post_checkout: PostCheckout,
+    stripe_fake: StripeFake,
+    db: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    async def crash(*args: Any) -> None:
+        raise RuntimeError("the process died after Stripe answered")
+
+    monkeypatch.setattr(service, "_record_created", crash)
+    with pytest.raises(RuntimeError):
+        await post_checkout("acc_1", subscription_body("ch_1"), key="buy")
+    monkeypatch.undo()
+    async with db() as session:
+        [pending] = (await session.scalars(select(CheckoutSession))).all()
+        assert pending.status == "pending" and pending.stripe_id is None
+
+    retry = await post_checkout("acc_1", subscription_body("ch_1"), key="buy")
+    assert retry.status_code == 201, retry.text
+    assert retry.json()["id"] == str(pending.id)
+    keys = [r.idempotency_key for r in stripe_fake.requests_to("POST", "/v1/checkout/sessions")]
+    assert keys == [f"billing:checkout:{pending.id}"] * 2
+    [created] = stripe_fake.all("checkout.session")
+    assert retry.json()["stripe_checkout_session_id"] == created["id"]
+    assert len(stripe_fake.all("customer")) == 1
+
+
+async def test_concurrent_first_checkouts_of_many_accounts_make_one_customer_each(
+    post_checkout: PostCheckout,
+    stripe_fake: StripeFake,
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    accounts = [f"acc_{i}" for i in range(4)]
+    responses = await asyncio.gather(
+        *[post_checkout(a, top_up_body(), key=f"k{n}") for a in accounts for n in range(3)]
+    )
+    assert {r.status_code for r in responses} == {201}
+    customers = stripe_fake.all("customer")
+    assert sorted(c["metadata"]["account_id"] for c in customers) == accounts
+    async with db() as session:
+        recorded = {a.id: a.stripe_customer_id for a in await session.scalars(select(Account))}
+    assert recorded == {c["metadata"]["account_id"]: c["id"] for c in customers}
+    by_account = {r.json()["id"]: r for r in responses}
+    assert len(by_account) == 12
