@@ -18,7 +18,7 @@ A key is scoped to (token `sub`, account, method, path) and kept at least 24 hou
 Keys sent to Stripe never come from here: they derive from our own row ids.
 
 `idempotent_claiming_in` is the same contract with the claim made inside the operation's own
-first transaction (`await claim(tx)` as its first statement) instead of a transaction of its
+first transaction (`await claim(conn)` as its first statement, on a `driver_transaction`) instead of a transaction of its
 own: one statement, no extra commit, and a refusal in that transaction (a 4xx) rolls the claim
 back with everything else, so nothing needs releasing. A key already present makes `claim`
 raise `KeyHeld`; the operation's transaction rolls back and the request takes the usual path
@@ -43,6 +43,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.auth import Principal
+from app.db import DriverStatement
 from app.errors import IdempotencyKeyInUse, IdempotencyKeyReused, Unprocessable
 from app.models import IdempotencyRecord
 
@@ -64,10 +65,11 @@ class Claim:
         self._values = values
         self.record_id: int | None = None
 
-    async def __call__(self, tx: AsyncSession) -> None:
+    async def __call__(self, conn: Any) -> None:
+        """Claim on `conn`, the asyncpg connection of the caller's `driver_transaction`."""
         if self._values is None or self.record_id is not None:
             return
-        record_id: int | None = await tx.scalar(_CLAIM, self._values)
+        record_id: int | None = await _CLAIM_SQL.fetchval(conn, **self._values)
         if record_id is None:
             raise KeyHeld
         self.record_id = record_id
@@ -173,6 +175,7 @@ _CLAIM = (
     .returning(_RECORDS.c.id)
 )
 """Claim a key: its record id, or nothing when the key already has a record."""
+_CLAIM_SQL = DriverStatement(_CLAIM)
 _STORE = (
     update(_RECORDS)
     .where(_RECORDS.c.id == bindparam("record_id"))

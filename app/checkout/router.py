@@ -67,6 +67,7 @@ async def create_checkout_session(
         out = await service.create_checkout_session(
             session,
             state.session_factory,
+            state.engine,
             state.stripe,
             state.settings,
             principal,

@@ -56,8 +56,8 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
-from sqlalchemy import Table, bindparam, case, func, insert, select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import String, Table, bindparam, case, func, insert, literal, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.accounts.service import (
     account_facts,
@@ -67,7 +67,6 @@ from app.accounts.service import (
     require_currency,
 )
 from app.auth import Principal
-from app.balance.service import account_balance
 from app.checkout.schemas import (
     CheckoutIn,
     CheckoutOut,
@@ -76,6 +75,7 @@ from app.checkout.schemas import (
     TopUpCheckoutIn,
 )
 from app.config import Plan, Settings
+from app.db import DriverStatement, driver_transaction
 from app.errors import (
     BillingError,
     CheckoutSessionNotFound,
@@ -84,7 +84,7 @@ from app.errors import (
     Unprocessable,
 )
 from app.idempotency import Claim
-from app.models import CheckoutSession, Subscription
+from app.models import CheckoutSession, LedgerEntry, Subscription
 from app.rate_limit import enforce_stripe_rate_limit
 from app.redirects import check_redirects
 from app.stripe_gateway import StripeGateway, StripeObject, StripeRequestRejected, idempotency_key
@@ -101,6 +101,7 @@ PRODUCT_NAMES = {"top_up": "Balance top-up", "debt_repayment": "Debt repayment"}
 async def create_checkout_session(
     session: AsyncSession,
     factory: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
     gateway: StripeGateway,
     settings: Settings,
     principal: Principal,
@@ -115,23 +116,24 @@ async def create_checkout_session(
 
     stale: CheckoutSession | None = None
     limit = settings.stripe_sessions_per_account_per_minute
-    async with factory() as tx, tx.begin():
+    async with driver_transaction(engine) as conn:
         if claim is not None:
-            await claim(tx)
-        await lock_account(tx, account_id, principal.email)
-        facts = await account_facts(tx, account_id)
+            await claim(conn)
+        await lock_account(conn, account_id, principal.email)
+        facts = await account_facts(conn, account_id)
         row: CheckoutSession | None = None
         new = True
         if isinstance(body, SubscriptionCheckoutIn):
             assert plan is not None
-            await claim_channel(tx, account_id, body.channel_id)
+            await claim_channel(conn, account_id, body.channel_id)
             require_currency(facts.currency, plan.currency)
-            if await _has_live_subscription(tx, body.channel_id):
+            if await _LIVE_SUBSCRIPTION.fetchval(conn, channel_id=body.channel_id) is not None:
                 raise SubscriptionExists(f"Channel {body.channel_id!r} already has a subscription")
-            existing = await _latest_subscription_checkout(tx, body.channel_id)
-            now = await _now(tx)
+            found = await _LATEST_SUBSCRIPTION_CHECKOUT.fetchrow(conn, channel_id=body.channel_id)
+            existing = _detached(found)
+            now = found["now"] if found is not None else None
             if existing is not None and existing.plan_code == plan.code:
-                if existing.status == "open" and _open_for(existing, now):
+                if existing.status == "open" and now is not None and _open_for(existing, now):
                     log.info("checkout.reused", checkout_id=str(existing.id))
                     return to_out(existing)
                 if existing.status == "pending":
@@ -149,20 +151,22 @@ async def create_checkout_session(
             enforce_stripe_rate_limit(facts.recent, limit)
             row = _new_row(account_id, body, body.amount, currency, None)
         else:
-            _, debt, bound = await account_balance(tx, account_id)
+            debt = max(0, -int(await _LEDGER_TOTAL.fetchval(conn, account_id=account_id)))
             if debt <= 0:
                 raise NoDebt("The account has no debt to repay")
             enforce_stripe_rate_limit(facts.recent, limit)
-            row = _new_row(account_id, body, debt, bound or settings.default_currency, None)
+            row = _new_row(
+                account_id, body, debt, facts.currency or settings.default_currency, None
+            )
         if new:
-            await tx.execute(_INSERT_PENDING, _pending_values(row))
+            await _INSERT_PENDING.execute(conn, **_pending_values(row))
         customer = facts.stripe_customer_id
         if customer is None:
             # A Stripe failure here rolls everything back (the key claim included): nothing
             # half-made. This commit stays durable: it records the customer (module docstring).
-            customer = await create_stripe_customer(tx, gateway, account_id, facts.email)
+            customer = await create_stripe_customer(conn, gateway, account_id, facts.email)
         else:
-            await commit_without_flush_wait(tx)
+            await commit_without_flush_wait(conn)
 
     try:
         if stale is not None:
@@ -184,11 +188,11 @@ async def create_checkout_session(
     return to_out(recorded)
 
 
-async def commit_without_flush_wait(tx: AsyncSession) -> None:
-    """Let `tx` commit without waiting for its WAL to reach the disk (`SET LOCAL
+async def commit_without_flush_wait(conn: Any) -> None:
+    """Let the transaction on `conn` commit without waiting for its WAL to reach the disk (`SET LOCAL
     synchronous_commit = off`): the request's final, durable commit flushes it (WAL is flushed
     in order), and only a database crash before that can lose it (module docstring)."""
-    await tx.execute(_NO_FLUSH_WAIT)
+    await conn.execute(NO_FLUSH_WAIT)
 
 
 async def get_checkout_session(
@@ -337,47 +341,15 @@ def _new_row(
     )
 
 
-async def _now(session: AsyncSession) -> datetime:
-    now: datetime | None = await session.scalar(select(func.now()))
-    assert now is not None
-    return now
+def _detached(record: Any) -> CheckoutSession | None:
+    """A `CheckoutSession` (not in any ORM session) from a row of `_LATEST_SUBSCRIPTION_CHECKOUT`."""
+    if record is None:
+        return None
+    return CheckoutSession(**{k: v for k, v in record.items() if k != "now"})
 
 
 def _open_for(row: CheckoutSession, now: datetime) -> bool:
     return row.expires_at is not None and row.expires_at > now + REUSE_MARGIN
-
-
-async def _has_live_subscription(session: AsyncSession, channel_id: str) -> bool:
-    found = await session.scalar(
-        select(Subscription.id)
-        .where(
-            Subscription.channel_id == channel_id,
-            Subscription.status.in_(LIVE_SUBSCRIPTION_STATUSES),
-            Subscription.access_revoked_at.is_(None),
-        )
-        .limit(1)
-    )
-    return found is not None
-
-
-async def _latest_subscription_checkout(
-    session: AsyncSession, channel_id: str
-) -> CheckoutSession | None:
-    """The channel's newest subscription checkout that may still be paid (open, or pending and
-    young enough for its Stripe idempotency key to replay)."""
-    result: CheckoutSession | None = await session.scalar(
-        select(CheckoutSession)
-        .where(
-            CheckoutSession.channel_id == channel_id,
-            CheckoutSession.purpose == "subscription",
-            CheckoutSession.status.in_(("pending", "open")),
-            CheckoutSession.fulfilled_at.is_(None),
-            CheckoutSession.created_at > func.now() - PENDING_REPLAY_WINDOW,
-        )
-        .order_by(CheckoutSession.created_at.desc())
-        .limit(1)
-    )
-    return result
 
 
 async def _retire(
@@ -418,8 +390,39 @@ _PENDING_COLUMNS = (
     "success_url",
     "cancel_url",
 )
-_INSERT_PENDING = insert(_CHECKOUTS)
-_NO_FLUSH_WAIT = text("SET LOCAL synchronous_commit = off")
+_INSERT_PENDING = DriverStatement(
+    insert(_CHECKOUTS).values({column: bindparam(column) for column in _PENDING_COLUMNS})
+)
+NO_FLUSH_WAIT = "SET LOCAL synchronous_commit = off"
+_CHANNEL = bindparam("channel_id", type_=String)
+_LIVE_SUBSCRIPTION = DriverStatement(
+    select(Subscription.id)
+    .where(
+        Subscription.channel_id == _CHANNEL,
+        Subscription.status.in_([literal(status) for status in LIVE_SUBSCRIPTION_STATUSES]),
+        Subscription.access_revoked_at.is_(None),
+    )
+    .limit(1)
+)
+_LATEST_SUBSCRIPTION_CHECKOUT = DriverStatement(
+    select(*_CHECKOUTS.c, func.now().label("now"))
+    .where(
+        _CHECKOUTS.c.channel_id == _CHANNEL,
+        _CHECKOUTS.c.purpose == "subscription",
+        _CHECKOUTS.c.status.in_([literal("pending"), literal("open")]),
+        _CHECKOUTS.c.fulfilled_at.is_(None),
+        _CHECKOUTS.c.created_at > func.now() - PENDING_REPLAY_WINDOW,
+    )
+    .order_by(_CHECKOUTS.c.created_at.desc())
+    .limit(1)
+)
+"""The channel's newest subscription checkout that may still be paid (open, or pending and
+young enough for its Stripe idempotency key to replay), with the database's clock."""
+_LEDGER_TOTAL = DriverStatement(
+    select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+        LedgerEntry.account_id == bindparam("account_id", type_=String)
+    )
+)
 
 
 def _pending_values(row: CheckoutSession) -> dict[str, Any]:

@@ -5,7 +5,9 @@ crash between Stripe's answer and our record does."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -18,24 +20,60 @@ from app.models import Account, CheckoutSession, IdempotencyRecord
 from tests.checkout.conftest import PostCheckout, subscription_body, top_up_body
 from tests.stripe_fake import StripeFake
 
-NO_FLUSH_WAIT = "SET LOCAL synchronous_commit = off"
 URLS = ("success_url", "cancel_url")
 
 
+@dataclass
+class Transaction:
+    statements: list[str] = field(default_factory=list)
+    synchronous_commit: str = ""
+    """The setting its COMMIT runs under."""
+
+
+class Recording:
+    """Records the statements of a driver connection."""
+
+    def __init__(self, conn: Any, tx: Transaction) -> None:
+        self._conn, self._tx = conn, tx
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._conn, name)
+
+        async def recorded(sql: str, *args: Any) -> Any:
+            self._tx.statements.append(sql)
+            return await method(sql, *args)
+
+        return recorded
+
+
 @pytest.fixture
-def committed(app: FastAPI) -> Iterator[list[list[str]]]:
-    """The statements of every transaction the app commits, in commit order."""
+def committed(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Transaction]]:
+    """Every transaction the app commits, in commit order: the checkout's driver transactions
+    (with the `synchronous_commit` their COMMIT runs under) and the SQLAlchemy ones."""
+    done: list[Transaction] = []
+    real = service.driver_transaction
+
+    @contextlib.asynccontextmanager
+    async def recording(engine: Any) -> AsyncIterator[Any]:
+        tx = Transaction()
+        async with real(engine) as conn:
+            yield Recording(conn, tx)
+            tx.synchronous_commit = await conn.fetchval("SHOW synchronous_commit")
+        done.append(tx)
+
+    monkeypatch.setattr(service, "driver_transaction", recording)
     engine = app.state.engine.sync_engine
-    open_transactions: dict[int, list[str]] = {}
-    done: list[list[str]] = []
+    open_transactions: dict[int, Transaction] = {}
 
     def before_execute(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
-        open_transactions.setdefault(id(conn.connection.dbapi_connection), []).append(statement)
+        key = id(conn.connection.dbapi_connection)
+        open_transactions.setdefault(key, Transaction()).statements.append(statement)
 
     def on_commit(conn: Any) -> None:
-        statements = open_transactions.pop(id(conn.connection.dbapi_connection), [])
-        if statements:
-            done.append(statements)
+        tx = open_transactions.pop(id(conn.connection.dbapi_connection), None)
+        if tx is not None:
+            tx.synchronous_commit = "on"  # no SET LOCAL on the SQLAlchemy path
+            done.append(tx)
 
     def on_rollback(conn: Any) -> None:
         open_transactions.pop(id(conn.connection.dbapi_connection), None)
@@ -49,28 +87,29 @@ def committed(app: FastAPI) -> Iterator[list[list[str]]]:
     event.remove(engine, "rollback", on_rollback)
 
 
-def writing(transactions: list[list[str]], fragment: str) -> list[list[str]]:
-    return [t for t in transactions if any(fragment in s for s in t)]
+def has(tx: Transaction, fragment: str) -> bool:
+    return any(fragment in statement for statement in tx.statements)
 
 
 async def test_only_the_final_commit_waits_for_the_disk_once_the_account_has_its_customer(
-    post_checkout: PostCheckout, committed: list[list[str]]
+    post_checkout: PostCheckout, committed: list[Transaction]
 ) -> None:
     assert (await post_checkout("acc_1", top_up_body(), key="first")).status_code == 201
-    [customer_tx] = writing(committed, "UPDATE accounts SET stripe_customer_id")
-    assert NO_FLUSH_WAIT not in customer_tx  # the customer's record is durable at once
-    assert any("INSERT INTO idempotency_records" in s for s in customer_tx)
-    assert any("INSERT INTO checkout_sessions" in s for s in customer_tx)
+    [customer_tx] = [t for t in committed if has(t, "UPDATE accounts SET stripe_customer_id")]
+    assert customer_tx.synchronous_commit == "on"  # the customer's record is durable at once
+    assert has(customer_tx, "INSERT INTO idempotency_records")
+    assert has(customer_tx, "INSERT INTO checkout_sessions")
     committed.clear()
 
     assert (await post_checkout("acc_1", top_up_body(), key="second")).status_code == 201
     pending_tx, final_tx = committed
-    assert any("INSERT INTO idempotency_records" in s for s in pending_tx)
-    assert any("INSERT INTO checkout_sessions" in s for s in pending_tx)
-    assert NO_FLUSH_WAIT in pending_tx
-    assert any("UPDATE checkout_sessions" in s for s in final_tx)
-    assert any("UPDATE idempotency_records" in s for s in final_tx)
-    assert NO_FLUSH_WAIT not in final_tx  # the response is sent after a durable commit
+    assert has(pending_tx, "INSERT INTO idempotency_records")
+    assert has(pending_tx, "INSERT INTO checkout_sessions")
+    assert pending_tx.synchronous_commit == "off"
+    assert has(final_tx, "UPDATE checkout_sessions")
+    assert has(final_tx, "UPDATE idempotency_records")
+    assert final_tx.synchronous_commit == "on"  # the response is sent after a durable commit
+    assert not has(final_tx, "synchronous_commit")
 
 
 async def test_a_refused_request_leaves_its_idempotency_key_unclaimed(
