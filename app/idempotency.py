@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, cast
 
+import orjson
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
 from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
@@ -64,6 +65,7 @@ class Claim:
     def __init__(self, values: dict[str, str] | None = None) -> None:
         self._values = values
         self.record_id: int | None = None
+        self.answered: tuple[int, bytes] | None = None
 
     async def __call__(self, conn: Any) -> None:
         """Claim on `conn`, the asyncpg connection of the caller's `driver_transaction`."""
@@ -73,6 +75,16 @@ class Claim:
         if record_id is None:
             raise KeyHeld
         self.record_id = record_id
+
+    async def answer(self, conn: Any, status: int, body: BaseModel) -> None:
+        """Store the response under the key in the operation's final transaction on `conn`
+        (so it commits with what it created); the request then answers with it."""
+        rendered = orjson.dumps(body.model_dump(mode="json"))
+        if self.record_id is not None:
+            await _STORE_SQL.execute(
+                conn, record_id=self.record_id, status=status, body=rendered.decode()
+            )
+        self.answered = (status, rendered)
 
 
 @dataclass(frozen=True)
@@ -125,12 +137,16 @@ async def idempotent_claiming_in(
     key: str | None,
     body: BaseModel | None,
     operation: Callable[[Claim], Awaitable[Outcome]],
-) -> JSONResponse:
+) -> Response:
     """`idempotent`, with the key claimed by `operation` in its own first transaction
-    (see module docstring)."""
+    (see module docstring); an operation that stored its answer (`Claim.answer`) in its final
+    transaction is answered with it."""
     if key is None:
-        outcome = await operation(Claim())
-        return JSONResponse(outcome.body.model_dump(mode="json"), status_code=outcome.status)
+        claim = Claim()
+        outcome = await operation(claim)
+        return _answer(claim) or JSONResponse(
+            outcome.body.model_dump(mode="json"), status_code=outcome.status
+        )
     scope = _scope(request, principal, account_id, key)
     digest = request_hash(body)
     claim = Claim({**scope, "request_hash": digest})
@@ -151,7 +167,14 @@ async def idempotent_claiming_in(
             await _release(request.app.state.session_factory, claim.record_id)
         raise
     assert claim.record_id is not None, "the operation must claim the key"
-    return await _store(session, claim.record_id, outcome)
+    return _answer(claim) or await _store(session, claim.record_id, outcome)
+
+
+def _answer(claim: Claim) -> Response | None:
+    if claim.answered is None:
+        return None
+    status, rendered = claim.answered
+    return Response(rendered, status_code=status, media_type="application/json")
 
 
 def _scope(request: Request, principal: Principal, account_id: str, key: str) -> dict[str, str]:
@@ -181,6 +204,8 @@ _STORE = (
     .where(_RECORDS.c.id == bindparam("record_id"))
     .values(response_status=bindparam("status"), response_body=bindparam("body"))
 )
+_STORE_SQL = DriverStatement(_STORE)
+"""(`body` is JSON text: the jsonb codec SQLAlchemy installs on its connections takes text.)"""
 
 
 async def _release(factory: async_sessionmaker[AsyncSession], record_id: int) -> None:

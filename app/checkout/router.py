@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from app.accounts.params import AccountId, IdempotencyKeyHeader
 from app.auth import AccountReader, AccountWriter
@@ -60,7 +60,7 @@ async def create_checkout_session(
     session: SessionDep,
     principal: AccountWriter,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> JSONResponse:
+) -> Response:
     state = request.app.state
 
     async def run(claim: Claim) -> Outcome:

@@ -177,7 +177,11 @@ async def create_checkout_session(
     except BillingError:
         await _mark_failed(factory, row.id)
         raise
-    recorded = await _record_created(session, row.id, created)
+    async with driver_transaction(engine) as conn:  # the request's one durable commit
+        record = await _RECORD_CREATED_SQL.fetchrow(conn, **_created_values(row.id, created))
+        out = to_out(CheckoutSession(**record))
+        if claim is not None:
+            await claim.answer(conn, 201, out)
     log.info(
         "checkout.created",
         checkout_id=str(row.id),
@@ -185,7 +189,7 @@ async def create_checkout_session(
         purpose=row.purpose,
         stripe_id=created.get("id"),
     )
-    return to_out(recorded)
+    return out
 
 
 async def commit_without_flush_wait(conn: Any) -> None:
@@ -429,7 +433,7 @@ def _pending_values(row: CheckoutSession) -> dict[str, Any]:
     return {column: getattr(row, column) for column in _PENDING_COLUMNS}
 
 
-_STILL_OURS = _CHECKOUTS.c.status.in_(("pending", "failed"))
+_STILL_OURS = _CHECKOUTS.c.status.in_([literal("pending"), literal("failed")])
 _RECORD_CREATED = (
     update(_CHECKOUTS)
     .where(_CHECKOUTS.c.id == bindparam("row_id"))
@@ -452,21 +456,23 @@ async def _record_created(
     """Store Stripe's id, URL and expiry; the status only while ours is still `pending` or
     `failed` (an event may already have moved it on). One `UPDATE ... RETURNING`; the row
     comes back as a detached `CheckoutSession`."""
-    status = created.get("status") if created.get("status") in ("complete", "expired") else "open"
-    row = (
-        await session.execute(
-            _RECORD_CREATED,
-            {
-                "row_id": row_id,
-                "stripe_id": created["id"],
-                "url": created.get("url"),
-                "expires_at": _timestamp(created.get("expires_at")),
-                "new_status": status,
-                "new_payment_status": created.get("payment_status"),
-            },
-        )
-    ).one()
+    row = (await session.execute(_RECORD_CREATED, _created_values(row_id, created))).one()
     return CheckoutSession(**row._mapping)
+
+
+_RECORD_CREATED_SQL = DriverStatement(_RECORD_CREATED)
+
+
+def _created_values(row_id: uuid.UUID, created: StripeObject) -> dict[str, Any]:
+    status = created.get("status") if created.get("status") in ("complete", "expired") else "open"
+    return {
+        "row_id": row_id,
+        "stripe_id": created["id"],
+        "url": created.get("url"),
+        "expires_at": _timestamp(created.get("expires_at")),
+        "new_status": status,
+        "new_payment_status": created.get("payment_status"),
+    }
 
 
 async def _apply_stripe_state(

@@ -139,10 +139,10 @@ async def test_a_crash_before_the_result_is_recorded_leaves_a_pending_row_whose_
     db: async_sessionmaker[AsyncSession],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    async def crash(*args: Any) -> None:
+    def crash(*args: Any) -> None:
         raise RuntimeError("the process died after Stripe answered")
 
-    monkeypatch.setattr(service, "_record_created", crash)
+    monkeypatch.setattr(service, "_created_values", crash)
     with pytest.raises(RuntimeError):
         await post_checkout("acc_1", subscription_body("ch_1"), key="buy")
     monkeypatch.undo()
