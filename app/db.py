@@ -1,5 +1,6 @@
-"""Database: declarative Base, engine, the one-session-per-request dependency and the
-read-only reader.
+"""Database: declarative Base, engine, the one-session-per-request dependency, the
+read-only reader, and the driver path (`DriverStatement`, `driver_transaction`: Core statements
+compiled once and run by asyncpg, for the checkout's hot transactions).
 
 Pooled connections are not pinged on checkout (a round trip per request); instead they are
 recycled after `POOL_RECYCLE_SECONDS`, and a connection found dead when used (the database

@@ -22,7 +22,9 @@ first transaction (`await claim(conn)` as its first statement, on a `driver_tran
 own: one statement, no extra commit, and a refusal in that transaction (a 4xx) rolls the claim
 back with everything else, so nothing needs releasing. A key already present makes `claim`
 raise `KeyHeld`; the operation's transaction rolls back and the request takes the usual path
-(wait, replay, 409, or take over), then runs the operation again with the key held.
+(wait, replay, 409, or take over), then runs the operation again with the key held. The
+operation may also store its answer in its own final transaction (`Claim.answer`), so the
+response commits with what it created without a transaction of the request session.
 """
 
 from __future__ import annotations

@@ -235,8 +235,11 @@ async def main() -> None:
                         variant, server, dsn, settings, f"{uuid.uuid4().hex[:6]}_{round_}"
                     )
                     first = statistics.median(variant.samples["first"][-N:])
+                    again = statistics.median(variant.samples["returning"][-N:])
                     print(
-                        f"round {round_ + 1} {variant.label}: first p50 {first:.2f} ms", flush=True
+                        f"round {round_ + 1} {variant.label}: request p50 first {first:.2f} ms, "
+                        f"returning {again:.2f} ms",
+                        flush=True,
                     )
             result = subprocess.run(
                 [sys.executable, "-m", "bench.checkout", "direct", stripe.url, str(N)],
@@ -278,6 +281,13 @@ async def main() -> None:
             "statuses": variant.statuses,
         }
     summary["direct"] = direct_ms
+    for variant in variants:  # per round: the load of a shared machine moves between rounds
+        own = [
+            f"{statistics.median(variant.samples['first'][r * N : (r + 1) * N]) - pair:.2f}"
+            f" / {statistics.median(variant.samples['returning'][r * N : (r + 1) * N]) - single:.2f}"
+            for r in range(ROUNDS)
+        ]
+        print(f"own time p50 per round, first / returning, {variant.label}: {', '.join(own)} ms")
     print(
         f"\ndirect Stripe calls to the instant stand-in, p50: customer + session {pair:.2f} ms, "
         f"session alone {single:.2f} ms; {ROUNDS} rounds x {N} requests per kind"

@@ -11,10 +11,17 @@ Creating one (all validation first: nothing reaches Stripe for a request we will
    and, on the account's first checkout, creates its Stripe customer (key derived from the
    account id, app/accounts/service.py) and records its id. A Stripe failure there rolls all of
    it back: no claim, no row, no customer id.
-2. Stripe is called with `idempotency_key("checkout", row.id)`; the result is recorded in the
-   request's transaction, with the stored idempotent response. A Stripe failure marks the row
-   `failed` and answers 502; a retry of a `pending` row (a crash, or a concurrent request for
-   the same channel) reuses its key.
+2. Stripe is called with `idempotency_key("checkout", row.id)`; the result and the stored
+   idempotent response (`Claim.answer`) are recorded in one more transaction, the request's
+   durable commit. A Stripe failure marks the row `failed` and answers 502; a retry of a
+   `pending` row (a crash, or a concurrent request for the same channel) reuses its key.
+
+Both transactions run on the asyncpg connection (`app/db.py` `driver_transaction`), with Core
+statements compiled once (`DriverStatement`): SQLAlchemy's per-statement execution work was
+most of a checkout's own CPU (bench/README.md). 11 round trips to Postgres for a top-up (BEGIN,
+claim, lock, facts, insert, SET LOCAL or the customer id, COMMIT; BEGIN, result, response,
+COMMIT); a subscription adds the channel claim, its owner, the live-subscription check and the
+channel's latest checkout.
 
 Durability: one commit per request waits for the disk (fdatasync), the request's last, before
 the response is sent. Transaction 1 commits with `synchronous_commit = off` (it is visible at
