@@ -16,6 +16,15 @@ A key is scoped to (token `sub`, account, method, path) and kept at least 24 hou
   a record older than `RETENTION` is treated as absent.
 
 Keys sent to Stripe never come from here: they derive from our own row ids.
+
+`idempotent_claiming_in` is the same contract with the claim made inside the operation's own
+first transaction (`await claim(conn)` as its first statement, on a `driver_transaction`) instead of a transaction of its
+own: one statement, no extra commit, and a refusal in that transaction (a 4xx) rolls the claim
+back with everything else, so nothing needs releasing. A key already present makes `claim`
+raise `KeyHeld`; the operation's transaction rolls back and the request takes the usual path
+(wait, replay, 409, or take over), then runs the operation again with the key held. The
+operation may also store its answer in its own final transaction (`Claim.answer`), so the
+response commits with what it created without a transaction of the request session.
 """
 
 from __future__ import annotations
@@ -26,16 +35,18 @@ import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Any
+from typing import Any, cast
 
+import orjson
 from fastapi import Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Table, bindparam, delete, func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.auth import Principal
+from app.db import DriverStatement
 from app.errors import IdempotencyKeyInUse, IdempotencyKeyReused, Unprocessable
 from app.models import IdempotencyRecord
 
@@ -43,6 +54,39 @@ RETENTION = timedelta(hours=24)
 ABANDONED_AFTER = timedelta(seconds=120)
 POLL_SECONDS = 0.05
 MAX_KEY_LENGTH = 255
+
+
+class KeyHeld(Exception):
+    """Raised by `Claim` when the key already has a record (see module docstring)."""
+
+
+class Claim:
+    """Claims the request's Idempotency-Key in the transaction it is given; a no-op when the
+    request has no key or the key is already held by this request."""
+
+    def __init__(self, values: dict[str, str] | None = None) -> None:
+        self._values = values
+        self.record_id: int | None = None
+        self.answered: tuple[int, bytes] | None = None
+
+    async def __call__(self, conn: Any) -> None:
+        """Claim on `conn`, the asyncpg connection of the caller's `driver_transaction`."""
+        if self._values is None or self.record_id is not None:
+            return
+        record_id: int | None = await _CLAIM_SQL.fetchval(conn, **self._values)
+        if record_id is None:
+            raise KeyHeld
+        self.record_id = record_id
+
+    async def answer(self, conn: Any, status: int, body: BaseModel) -> None:
+        """Store the response under the key in the operation's final transaction on `conn`
+        (so it commits with what it created); the request then answers with it."""
+        rendered = orjson.dumps(body.model_dump(mode="json"))
+        if self.record_id is not None:
+            await _STORE_SQL.execute(
+                conn, record_id=self.record_id, status=status, body=rendered.decode()
+            )
+        self.answered = (status, rendered)
 
 
 @dataclass(frozen=True)
@@ -72,17 +116,9 @@ async def idempotent(
     if key is None:
         outcome = await operation()
         return JSONResponse(outcome.body.model_dump(mode="json"), status_code=outcome.status)
-    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
-        raise Unprocessable(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters")
+    scope = _scope(request, principal, account_id, key)
     factory: async_sessionmaker[AsyncSession] = request.app.state.session_factory
     wait_seconds: float = request.app.state.settings.idempotency_wait_seconds
-    scope = {
-        "principal_sub": principal.sub,
-        "account_id": account_id,
-        "method": request.method,
-        "path": request.url.path,
-        "key": key,
-    }
     digest = request_hash(body)
     record_id, replay = await _claim(request.app.state.engine, factory, scope, digest, wait_seconds)
     if replay is not None:
@@ -90,19 +126,105 @@ async def idempotent(
     try:
         outcome = await operation()
     except BaseException:
-        async with factory() as release, release.begin():
-            await release.execute(
-                delete(IdempotencyRecord).where(
-                    IdempotencyRecord.id == record_id,
-                    IdempotencyRecord.response_status.is_(None),
-                )
-            )
+        await _release(factory, record_id)
         raise
+    return await _store(session, record_id, outcome)
+
+
+async def idempotent_claiming_in(
+    request: Request,
+    session: AsyncSession,
+    principal: Principal,
+    account_id: str,
+    key: str | None,
+    body: BaseModel | None,
+    operation: Callable[[Claim], Awaitable[Outcome]],
+) -> Response:
+    """`idempotent`, with the key claimed by `operation` in its own first transaction
+    (see module docstring); an operation that stored its answer (`Claim.answer`) in its final
+    transaction is answered with it."""
+    if key is None:
+        claim = Claim()
+        outcome = await operation(claim)
+        return _answer(claim) or JSONResponse(
+            outcome.body.model_dump(mode="json"), status_code=outcome.status
+        )
+    scope = _scope(request, principal, account_id, key)
+    digest = request_hash(body)
+    claim = Claim({**scope, "request_hash": digest})
+    try:
+        try:
+            outcome = await operation(claim)
+        except KeyHeld:
+            factory: async_sessionmaker[AsyncSession] = request.app.state.session_factory
+            wait_seconds: float = request.app.state.settings.idempotency_wait_seconds
+            claim.record_id, replay = await _claim(
+                request.app.state.engine, factory, scope, digest, wait_seconds
+            )
+            if replay is not None:
+                return replay
+            outcome = await operation(claim)
+    except BaseException:
+        if claim.record_id is not None:  # a claim rolled back with its transaction deletes nothing
+            await _release(request.app.state.session_factory, claim.record_id)
+        raise
+    assert claim.record_id is not None, "the operation must claim the key"
+    return _answer(claim) or await _store(session, claim.record_id, outcome)
+
+
+def _answer(claim: Claim) -> Response | None:
+    if claim.answered is None:
+        return None
+    status, rendered = claim.answered
+    return Response(rendered, status_code=status, media_type="application/json")
+
+
+def _scope(request: Request, principal: Principal, account_id: str, key: str) -> dict[str, str]:
+    if not key or len(key) > MAX_KEY_LENGTH or not key.isprintable():
+        raise Unprocessable(f"Idempotency-Key must be 1 to {MAX_KEY_LENGTH} printable characters")
+    return {
+        "principal_sub": principal.sub,
+        "account_id": account_id,
+        "method": request.method,
+        "path": request.url.path,
+        "key": key,
+    }
+
+
+_RECORDS = cast(Table, IdempotencyRecord.__table__)
+_SCOPE_COLUMNS = ("principal_sub", "account_id", "method", "path", "key")
+_CLAIM = (
+    insert(_RECORDS)
+    .values({name: bindparam(name) for name in (*_SCOPE_COLUMNS, "request_hash")})
+    .on_conflict_do_nothing()
+    .returning(_RECORDS.c.id)
+)
+"""Claim a key: its record id, or nothing when the key already has a record."""
+_CLAIM_SQL = DriverStatement(_CLAIM)
+_STORE = (
+    update(_RECORDS)
+    .where(_RECORDS.c.id == bindparam("record_id"))
+    .values(response_status=bindparam("status"), response_body=bindparam("body"))
+)
+_STORE_SQL = DriverStatement(_STORE)
+"""(`body` is JSON text: the jsonb codec SQLAlchemy installs on its connections takes text.)"""
+
+
+async def _release(factory: async_sessionmaker[AsyncSession], record_id: int) -> None:
+    async with factory() as release, release.begin():
+        await release.execute(
+            delete(IdempotencyRecord).where(
+                IdempotencyRecord.id == record_id,
+                IdempotencyRecord.response_status.is_(None),
+            )
+        )
+
+
+async def _store(session: AsyncSession, record_id: int, outcome: Outcome) -> JSONResponse:
+    """The response, stored in the request's transaction (it commits with what it created)."""
     content = outcome.body.model_dump(mode="json")
     await session.execute(
-        update(IdempotencyRecord)
-        .where(IdempotencyRecord.id == record_id)
-        .values(response_status=outcome.status, response_body=content)
+        _STORE, {"record_id": record_id, "status": outcome.status, "body": content}
     )
     return JSONResponse(content, status_code=outcome.status)
 
@@ -117,22 +239,17 @@ async def _claim(
     """Claim the key (returns its record id) or find the response to replay. The usual case,
     a new key, is one autocommit `INSERT ... ON CONFLICT DO NOTHING RETURNING` (committed on
     its own, no BEGIN/COMMIT round trips); a key already present is examined under a lock."""
-    claim = (
-        insert(IdempotencyRecord)
-        .values(**scope, request_hash=digest)
-        .on_conflict_do_nothing()
-        .returning(IdempotencyRecord.id)
-    )
+    values = {**scope, "request_hash": digest}
     async with engine.connect() as connection:
         await connection.execution_options(isolation_level="AUTOCOMMIT")
-        claimed = await connection.scalar(claim)
+        claimed = await connection.scalar(_CLAIM, values)
     if claimed is not None:
         return claimed, None
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait_seconds
     while True:
         async with factory() as session, session.begin():
-            record_id = await session.scalar(claim)
+            record_id = await session.scalar(_CLAIM, values)
             if record_id is not None:
                 return record_id, None
             record = await session.scalar(

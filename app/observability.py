@@ -83,8 +83,15 @@ async def read_body(declared: bytes | None, receive: Receive, max_bytes: int) ->
             return b"".join(chunks)
 
 
+QUIET_LIBRARY_LOGGERS = ("httpx", "httpcore", "stripe")
+"""Loggers that would write one unstructured INFO line per Stripe call (URL included): our own
+`stripe.*` events say what matters, as JSON."""
+
+
 def configure_logging(level: str) -> None:
     logging.basicConfig(format="%(message)s", level=level.upper())
+    for name in QUIET_LIBRARY_LOGGERS:
+        logging.getLogger(name).setLevel(max(logging.WARNING, logging.getLevelName(level.upper())))
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -127,6 +127,15 @@ class StripeGateway:
                 raise StripeUnavailable(f"Stripe failed {operation}") from None
             return _plain(result)
 
+    async def _post_json(self, path: str, params: dict[str, Any], key: str) -> StripeObject:
+        """POST through the SDK's `raw_request` (same encoding, retries, errors and key) and
+        return Stripe's JSON as parsed, without building `StripeObject`s only to turn them
+        back into dicts: for the calls on the checkout's hot path. `params` must not use the
+        SDK's option names (`api_key`, `headers`, `idempotency_key`, ...)."""
+        response = await self._client.raw_request_async("post", path, **params, idempotency_key=key)
+        data: StripeObject = response.data
+        return data
+
     # --- customers -------------------------------------------------------------------------
 
     async def create_customer(
@@ -136,8 +145,7 @@ class StripeGateway:
         if email:
             params["email"] = email
         return await self._call(
-            "customers.create",
-            lambda: self._v1.customers.create_async(params, {"idempotency_key": key}),
+            "customers.create", lambda: self._post_json("/v1/customers", params, key)
         )
 
     # --- checkout --------------------------------------------------------------------------
@@ -145,7 +153,7 @@ class StripeGateway:
     async def create_checkout_session(self, params: dict[str, Any], *, key: str) -> StripeObject:
         return await self._call(
             "checkout.sessions.create",
-            lambda: self._v1.checkout.sessions.create_async(params, {"idempotency_key": key}),
+            lambda: self._post_json("/v1/checkout/sessions", params, key),
         )
 
     async def retrieve_checkout_session(self, session_id: str) -> StripeObject:

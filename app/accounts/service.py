@@ -6,17 +6,21 @@ channel, one currency per account.
 - `claim_channel`: a channel belongs to the account whose checkout first named it; the database
   decides races (`INSERT ... ON CONFLICT DO NOTHING`), and any other account gets 404
   `channel_not_found`, indistinguishable from a channel that does not exist.
-- `ensure_stripe_customer` creates the account's Stripe customer exactly once: it locks the
-  account row (`SELECT ... FOR UPDATE`) in its own short transaction, so concurrent first
-  requests wait for the first one and then reuse its customer; the Stripe idempotency key is
-  derived from the account id, so a retry after a crash between Stripe's answer and our commit
-  returns the same customer instead of a second one.
+- `create_stripe_customer` creates the account's Stripe customer exactly once: its caller holds
+  the account row lock (`lock_account`) and found no customer, so concurrent first requests
+  wait for the first one and then reuse its customer; the Stripe idempotency key is derived
+  from the account id, so a retry after a crash between Stripe's answer and our commit returns
+  the same customer instead of a second one. The transaction that records the id must commit
+  durably (never with `synchronous_commit = off`): the record, not Stripe's 24-hour key memory,
+  is what keeps a later checkout from making a second customer.
 - `effective_currency`: the account's currency once a payment set it; before that the currency
   of its existing ledger entries (usage reported before any payment); else None (any supported
   currency may be the first).
 - `lock_account` = `ensure_account` + the account row lock in one statement, and
   `account_facts` what a checkout decides on (bound currency, Stripe customer, recent Stripe
-  sessions) in one more: the checkout path's round trips to Postgres.
+  sessions, email) in one more: the checkout path's round trips to Postgres. These, with
+  `claim_channel` and `create_stripe_customer`, run on the checkout's `driver_transaction`
+  (app/db.py): Core statements compiled once, executed by asyncpg.
 """
 
 from __future__ import annotations
@@ -28,9 +32,10 @@ from typing import Any, cast
 import structlog
 from sqlalchemy import String, Table, bindparam, event, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY, insert
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
+from app.db import DriverStatement
 from app.errors import ChannelNotFound, CurrencyMismatch
 from app.models import Account, Channel, LedgerEntry
 from app.rate_limit import RecentSessions, recent_stripe_sessions
@@ -97,12 +102,16 @@ def _lock_account_statement() -> Any:
 _LOCK_ACCOUNT = _lock_account_statement()
 
 
-async def lock_account(session: AsyncSession, account_id: str, email: str | None = None) -> None:
-    """`ensure_account` and `SELECT ... FOR UPDATE` of the row in one statement: `ON CONFLICT DO
-    UPDATE` locks the existing row even when its `WHERE` leaves it unchanged (PostgreSQL locks
-    every conflicting row it considers), and a row just inserted is ours until commit. The
-    email is updated as `ensure_account` does (only to a non-empty, different one)."""
-    await session.execute(_LOCK_ACCOUNT, {"account_id": account_id, "email": email})
+_LOCK_ACCOUNT_SQL = DriverStatement(_LOCK_ACCOUNT)
+
+
+async def lock_account(conn: Any, account_id: str, email: str | None = None) -> None:
+    """`ensure_account` and `SELECT ... FOR UPDATE` of the row in one statement, on a
+    `driver_transaction`: `ON CONFLICT DO UPDATE` locks the existing row even when its `WHERE`
+    leaves it unchanged (PostgreSQL locks every conflicting row it considers), and a row just
+    inserted is ours until commit. The email is updated as `ensure_account` does (only to a
+    non-empty, different one)."""
+    await _LOCK_ACCOUNT_SQL.execute(conn, account_id=account_id, email=email)
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,8 @@ class AccountFacts:
     """The bound currency (`effective_currency`), lowercase, or None while any may be first."""
     stripe_customer_id: str | None
     recent: RecentSessions
+    email: str | None = None
+    """The billing contact (for a Stripe customer made now)."""
 
 
 def _account_facts_statement() -> Any:
@@ -127,21 +138,27 @@ def _account_facts_statement() -> Any:
         Account.stripe_customer_id,
         count,
         seconds_left,
+        Account.email,
     ).where(Account.id == account_id)
 
 
 _ACCOUNT_FACTS = _account_facts_statement()
 
 
-async def account_facts(session: AsyncSession, account_id: str) -> AccountFacts:
+_ACCOUNT_FACTS_SQL = DriverStatement(_ACCOUNT_FACTS)
+
+
+async def account_facts(conn: Any, account_id: str) -> AccountFacts:
     """One statement (run it after `lock_account`, so it sees every committed checkout of the
-    account): its bound currency, Stripe customer and Stripe sessions of the last minute."""
-    row = (await session.execute(_ACCOUNT_FACTS, {"account_id": account_id})).one()
-    currency, customer, recent_count, recent_seconds = row
+    account): its bound currency, Stripe customer, Stripe sessions of the last minute and
+    billing email."""
+    row = await _ACCOUNT_FACTS_SQL.fetchrow(conn, account_id=account_id)
+    currency, customer, recent_count, recent_seconds, email = row
     return AccountFacts(
         currency=currency.lower() if currency else None,
         stripe_customer_id=customer or None,
         recent=RecentSessions(int(recent_count), recent_seconds),
+        email=email,
     )
 
 
@@ -152,14 +169,21 @@ def require_currency(bound: str | None, currency: str) -> None:
         raise CurrencyMismatch(f"This account uses {bound.upper()}, not {currency.upper()}")
 
 
-async def claim_channel(session: AsyncSession, account_id: str, channel_id: str) -> None:
-    """Make `account_id` the channel's owner if nobody is; 404 when another account owns it."""
-    await session.execute(
-        insert(Channel)
-        .values(id=channel_id, account_id=account_id)
-        .on_conflict_do_nothing(index_elements=[Channel.id])
-    )
-    owner = await session.scalar(select(Channel.account_id).where(Channel.id == channel_id))
+_CLAIM_CHANNEL = DriverStatement(
+    insert(Channel)
+    .values(id=bindparam("channel_id"), account_id=bindparam("account_id"))
+    .on_conflict_do_nothing(index_elements=[Channel.id])
+)
+_CHANNEL_OWNER = DriverStatement(
+    select(Channel.account_id).where(Channel.id == bindparam("channel_id", type_=String))
+)
+
+
+async def claim_channel(conn: Any, account_id: str, channel_id: str) -> None:
+    """Make `account_id` the channel's owner if nobody is; 404 when another account owns it
+    (on a `driver_transaction`)."""
+    await _CLAIM_CHANNEL.execute(conn, channel_id=channel_id, account_id=account_id)
+    owner = await _CHANNEL_OWNER.fetchval(conn, channel_id=channel_id)
     if owner != account_id:
         log.info("channel.foreign_claim_refused", account_id=account_id)
         raise ChannelNotFound(f"No channel {channel_id!r} on this account")
@@ -170,36 +194,26 @@ async def owns_channel(session: AsyncSession, account_id: str, channel_id: str) 
     return owner == account_id
 
 
-async def ensure_stripe_customer(
-    factory: async_sessionmaker[AsyncSession],
-    gateway: StripeGateway,
-    account_id: str,
+_RECORD_CUSTOMER = DriverStatement(
+    update(Account)
+    .where(Account.id == bindparam("account_id", type_=String))
+    .values(stripe_customer_id=bindparam("customer_id"))
+)
+
+
+async def create_stripe_customer(
+    conn: Any, gateway: StripeGateway, account_id: str, email: str | None
 ) -> str:
-    """The account's Stripe customer id, created once (see module docstring)."""
-    async with factory() as session, session.begin():
-        row = (
-            await session.execute(
-                select(Account.stripe_customer_id, Account.email)
-                .where(Account.id == account_id)
-                .with_for_update()
-            )
-        ).one_or_none()
-        if row is None:  # pragma: no cover - callers ensure the account first
-            raise RuntimeError("account row missing")
-        existing, email = row
-        if existing:
-            return str(existing)
-        customer = await gateway.create_customer(
-            account_id=account_id,
-            email=email,
-            key=idempotency_key("customer", account_id),
-        )
-        customer_id = str(customer["id"])
-        await session.execute(
-            update(Account).where(Account.id == account_id).values(stripe_customer_id=customer_id)
-        )
-        log.info("stripe_customer.created", account_id=account_id, customer=customer_id)
-        return customer_id
+    """Create the account's Stripe customer and record its id, in the caller's
+    `driver_transaction`, which holds the account row lock and found no customer (see module
+    docstring)."""
+    customer = await gateway.create_customer(
+        account_id=account_id, email=email, key=idempotency_key("customer", account_id)
+    )
+    customer_id = str(customer["id"])
+    await _RECORD_CUSTOMER.execute(conn, account_id=account_id, customer_id=customer_id)
+    log.info("stripe_customer.created", account_id=account_id, customer=customer_id)
+    return customer_id
 
 
 async def effective_currency(session: AsyncSession, account_id: str) -> str | None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Body, Path, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 
 from app.accounts.params import AccountId, IdempotencyKeyHeader
 from app.auth import AccountReader, AccountWriter
@@ -28,7 +28,7 @@ from app.errors import (
     Unprocessable,
     error_responses,
 )
-from app.idempotency import Outcome, idempotent
+from app.idempotency import Claim, Outcome, idempotent_claiming_in
 
 router = APIRouter(tags=["checkout"])
 
@@ -60,22 +60,26 @@ async def create_checkout_session(
     session: SessionDep,
     principal: AccountWriter,
     idempotency_key: IdempotencyKeyHeader = None,
-) -> JSONResponse:
+) -> Response:
     state = request.app.state
 
-    async def run() -> Outcome:
+    async def run(claim: Claim) -> Outcome:
         out = await service.create_checkout_session(
             session,
             state.session_factory,
+            state.engine,
             state.stripe,
             state.settings,
             principal,
             account_id,
             body,
+            claim,
         )
         return Outcome(201, out)
 
-    return await idempotent(request, session, principal, account_id, idempotency_key, body, run)
+    return await idempotent_claiming_in(
+        request, session, principal, account_id, idempotency_key, body, run
+    )
 
 
 @router.get(

@@ -2,16 +2,46 @@
 
 Creating one (all validation first: nothing reaches Stripe for a request we will refuse):
 
-1. One short transaction (its own, committed) locks the account row, so an account's checkout
-   requests run one at a time (creating the account on first use in the same statement);
-   reads the currency, the Stripe customer and the rate-limit count in one more statement;
-   checks the rate limit, the channel's owner, live subscriptions, the currency and the debt;
-   and commits a `pending` row.
-2. The account's Stripe customer is created once (app/accounts/service.py), unless step 1
-   already found it.
-3. Stripe is called with `idempotency_key("checkout", row.id)`; the result is recorded in the
-   request's transaction. A Stripe failure marks the row `failed` and answers 502; a retry of a
+1. One short transaction (its own, committed): claims the request's `Idempotency-Key`
+   (app/idempotency.py `idempotent_claiming_in`; a refusal below rolls the claim back with the
+   rest), locks the account row, so an account's checkout requests run one at a time (creating
+   the account on first use in the same statement); reads the currency, the Stripe customer,
+   the billing email and the rate-limit count in one more statement; checks the rate limit,
+   the channel's owner, live subscriptions, the currency and the debt; inserts a `pending` row;
+   and, on the account's first checkout, creates its Stripe customer (key derived from the
+   account id, app/accounts/service.py) and records its id. A Stripe failure there rolls all of
+   it back: no claim, no row, no customer id.
+2. Stripe is called with `idempotency_key("checkout", row.id)`; the result and the stored
+   idempotent response (`Claim.answer`) are recorded in one more transaction, the request's
+   durable commit. A Stripe failure marks the row `failed` and answers 502; a retry of a
    `pending` row (a crash, or a concurrent request for the same channel) reuses its key.
+
+Both transactions run on the asyncpg connection (`app/db.py` `driver_transaction`), with Core
+statements compiled once (`DriverStatement`): SQLAlchemy's per-statement execution work was
+most of a checkout's own CPU (bench/README.md). 11 round trips to Postgres for a top-up (BEGIN,
+claim, lock, facts, insert, SET LOCAL or the customer id, COMMIT; BEGIN, result, response,
+COMMIT); a subscription adds the channel claim, its owner, the live-subscription check and the
+channel's latest checkout.
+
+Durability: one commit per request waits for the disk (fdatasync), the request's last, before
+the response is sent. Transaction 1 commits with `synchronous_commit = off` (it is visible at
+once and safe from a crash of this process; the WAL writer flushes it within ~0.6 s), unless it
+recorded a new Stripe customer. PostgreSQL flushes WAL in order, so the final durable commit
+(or any later durable commit in the cluster) makes transaction 1 durable too. Only a crash of
+the database server in the window between them can lose it, and then the request has not
+answered (its final commit failed): the client sees an error (or nothing) and retries. What the
+retry does: its key claim and pending row are gone, so it claims again and inserts a new
+pending row with a new id, hence a new Stripe key: Stripe makes a second Checkout session; the
+first one's URL was never shown to anyone, nobody can pay it, and it expires (its
+`checkout.session.expired` event names a row we do not have, which the event handler logs and
+ignores). The Stripe customer must stay exactly-once, so the transaction that records a new
+customer id commits durably: once it has committed, no later checkout creates another; if it
+did not commit (a crash of either process while Stripe answered), the retry creates the
+customer with the same account-derived key and Stripe returns the same customer (Stripe keeps
+keys at least 24 hours; this was so before, too). A client never receives a session whose row
+may still be lost. While an account's first checkout waits for Stripe to create its customer,
+a second request with the same Idempotency-Key waits on the claim in the database rather than
+in `IDEMPOTENCY_WAIT_SECONDS`' loop (it then replays the first answer as usual).
 
 Subscription checkouts: an open, unexpired session for the same channel and plan is returned
 again instead of a second one; one for the same channel and another plan is expired at Stripe
@@ -33,18 +63,17 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
-from sqlalchemy import Table, bindparam, case, func, select, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy import String, Table, bindparam, case, func, insert, literal, select, update
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.accounts.service import (
     account_facts,
     claim_channel,
-    ensure_stripe_customer,
+    create_stripe_customer,
     lock_account,
     require_currency,
 )
 from app.auth import Principal
-from app.balance.service import account_balance
 from app.checkout.schemas import (
     CheckoutIn,
     CheckoutOut,
@@ -53,6 +82,7 @@ from app.checkout.schemas import (
     TopUpCheckoutIn,
 )
 from app.config import Plan, Settings
+from app.db import DriverStatement, driver_transaction
 from app.errors import (
     BillingError,
     CheckoutSessionNotFound,
@@ -60,7 +90,8 @@ from app.errors import (
     SubscriptionExists,
     Unprocessable,
 )
-from app.models import CheckoutSession, Subscription
+from app.idempotency import Claim
+from app.models import CheckoutSession, LedgerEntry, Subscription
 from app.rate_limit import enforce_stripe_rate_limit
 from app.redirects import check_redirects
 from app.stripe_gateway import StripeGateway, StripeObject, StripeRequestRejected, idempotency_key
@@ -77,11 +108,13 @@ PRODUCT_NAMES = {"top_up": "Balance top-up", "debt_repayment": "Debt repayment"}
 async def create_checkout_session(
     session: AsyncSession,
     factory: async_sessionmaker[AsyncSession],
+    engine: AsyncEngine,
     gateway: StripeGateway,
     settings: Settings,
     principal: Principal,
     account_id: str,
     body: CheckoutIn,
+    claim: Claim | None = None,
 ) -> CheckoutOut:
     check_redirects(
         settings.redirect_allowed_origins, success_url=body.success_url, cancel_url=body.cancel_url
@@ -90,52 +123,59 @@ async def create_checkout_session(
 
     stale: CheckoutSession | None = None
     limit = settings.stripe_sessions_per_account_per_minute
-    async with factory() as tx, tx.begin():
-        await lock_account(tx, account_id, principal.email)
-        facts = await account_facts(tx, account_id)
+    async with driver_transaction(engine) as conn:
+        if claim is not None:
+            await claim(conn)
+        await lock_account(conn, account_id, principal.email)
+        facts = await account_facts(conn, account_id)
+        row: CheckoutSession | None = None
+        new = True
         if isinstance(body, SubscriptionCheckoutIn):
             assert plan is not None
-            await claim_channel(tx, account_id, body.channel_id)
+            await claim_channel(conn, account_id, body.channel_id)
             require_currency(facts.currency, plan.currency)
-            if await _has_live_subscription(tx, body.channel_id):
+            if await _LIVE_SUBSCRIPTION.fetchval(conn, channel_id=body.channel_id) is not None:
                 raise SubscriptionExists(f"Channel {body.channel_id!r} already has a subscription")
-            existing = await _latest_subscription_checkout(tx, body.channel_id)
-            now = await _now(tx)
+            found = await _LATEST_SUBSCRIPTION_CHECKOUT.fetchrow(conn, channel_id=body.channel_id)
+            existing = _detached(found)
+            now = found["now"] if found is not None else None
             if existing is not None and existing.plan_code == plan.code:
-                if existing.status == "open" and _open_for(existing, now):
+                if existing.status == "open" and now is not None and _open_for(existing, now):
                     log.info("checkout.reused", checkout_id=str(existing.id))
                     return to_out(existing)
                 if existing.status == "pending":
-                    row = existing
-                else:
-                    stale = existing if existing.status == "open" else None
-                    row = None
+                    row, new = existing, False
+                elif existing.status == "open":
+                    stale = existing
             else:
                 stale = existing
-                row = None
             if row is None:
                 enforce_stripe_rate_limit(facts.recent, limit)
                 row = _new_row(account_id, body, plan.amount, plan.currency.lower(), plan)
-                tx.add(row)
         elif isinstance(body, TopUpCheckoutIn):
             currency = body.currency.lower()
             require_currency(facts.currency, currency)
             enforce_stripe_rate_limit(facts.recent, limit)
             row = _new_row(account_id, body, body.amount, currency, None)
-            tx.add(row)
         else:
-            _, debt, bound = await account_balance(tx, account_id)
+            debt = max(0, -int(await _LEDGER_TOTAL.fetchval(conn, account_id=account_id)))
             if debt <= 0:
                 raise NoDebt("The account has no debt to repay")
             enforce_stripe_rate_limit(facts.recent, limit)
-            row = _new_row(account_id, body, debt, bound or settings.default_currency, None)
-            tx.add(row)
-        await tx.flush()
+            row = _new_row(
+                account_id, body, debt, facts.currency or settings.default_currency, None
+            )
+        if new:
+            await _INSERT_PENDING.execute(conn, **_pending_values(row))
+        customer = facts.stripe_customer_id
+        if customer is None:
+            # A Stripe failure here rolls everything back (the key claim included): nothing
+            # half-made. This commit stays durable: it records the customer (module docstring).
+            customer = await create_stripe_customer(conn, gateway, account_id, facts.email)
+        else:
+            await commit_without_flush_wait(conn)
 
     try:
-        customer = facts.stripe_customer_id or await ensure_stripe_customer(
-            factory, gateway, account_id
-        )
         if stale is not None:
             await _retire(session, gateway, settings, stale, customer)
         created = await gateway.create_checkout_session(
@@ -144,7 +184,11 @@ async def create_checkout_session(
     except BillingError:
         await _mark_failed(factory, row.id)
         raise
-    recorded = await _record_created(session, row.id, created)
+    async with driver_transaction(engine) as conn:  # the request's one durable commit
+        record = await _RECORD_CREATED_SQL.fetchrow(conn, **_created_values(row.id, created))
+        out = to_out(CheckoutSession(**record))
+        if claim is not None:
+            await claim.answer(conn, 201, out)
     log.info(
         "checkout.created",
         checkout_id=str(row.id),
@@ -152,7 +196,14 @@ async def create_checkout_session(
         purpose=row.purpose,
         stripe_id=created.get("id"),
     )
-    return to_out(recorded)
+    return out
+
+
+async def commit_without_flush_wait(conn: Any) -> None:
+    """Let the transaction on `conn` commit without waiting for its WAL to reach the disk (`SET LOCAL
+    synchronous_commit = off`): the request's final, durable commit flushes it (WAL is flushed
+    in order), and only a database crash before that can lose it (module docstring)."""
+    await conn.execute(NO_FLUSH_WAIT)
 
 
 async def get_checkout_session(
@@ -301,47 +352,15 @@ def _new_row(
     )
 
 
-async def _now(session: AsyncSession) -> datetime:
-    now: datetime | None = await session.scalar(select(func.now()))
-    assert now is not None
-    return now
+def _detached(record: Any) -> CheckoutSession | None:
+    """A `CheckoutSession` (not in any ORM session) from a row of `_LATEST_SUBSCRIPTION_CHECKOUT`."""
+    if record is None:
+        return None
+    return CheckoutSession(**{k: v for k, v in record.items() if k != "now"})
 
 
 def _open_for(row: CheckoutSession, now: datetime) -> bool:
     return row.expires_at is not None and row.expires_at > now + REUSE_MARGIN
-
-
-async def _has_live_subscription(session: AsyncSession, channel_id: str) -> bool:
-    found = await session.scalar(
-        select(Subscription.id)
-        .where(
-            Subscription.channel_id == channel_id,
-            Subscription.status.in_(LIVE_SUBSCRIPTION_STATUSES),
-            Subscription.access_revoked_at.is_(None),
-        )
-        .limit(1)
-    )
-    return found is not None
-
-
-async def _latest_subscription_checkout(
-    session: AsyncSession, channel_id: str
-) -> CheckoutSession | None:
-    """The channel's newest subscription checkout that may still be paid (open, or pending and
-    young enough for its Stripe idempotency key to replay)."""
-    result: CheckoutSession | None = await session.scalar(
-        select(CheckoutSession)
-        .where(
-            CheckoutSession.channel_id == channel_id,
-            CheckoutSession.purpose == "subscription",
-            CheckoutSession.status.in_(("pending", "open")),
-            CheckoutSession.fulfilled_at.is_(None),
-            CheckoutSession.created_at > func.now() - PENDING_REPLAY_WINDOW,
-        )
-        .order_by(CheckoutSession.created_at.desc())
-        .limit(1)
-    )
-    return result
 
 
 async def _retire(
@@ -370,7 +389,58 @@ async def _retire(
 
 
 _CHECKOUTS = cast(Table, CheckoutSession.__table__)
-_STILL_OURS = _CHECKOUTS.c.status.in_(("pending", "failed"))
+_PENDING_COLUMNS = (
+    "id",
+    "account_id",
+    "purpose",
+    "channel_id",
+    "plan_code",
+    "amount",
+    "currency",
+    "status",
+    "success_url",
+    "cancel_url",
+)
+_INSERT_PENDING = DriverStatement(
+    insert(_CHECKOUTS).values({column: bindparam(column) for column in _PENDING_COLUMNS})
+)
+NO_FLUSH_WAIT = "SET LOCAL synchronous_commit = off"
+_CHANNEL = bindparam("channel_id", type_=String)
+_LIVE_SUBSCRIPTION = DriverStatement(
+    select(Subscription.id)
+    .where(
+        Subscription.channel_id == _CHANNEL,
+        Subscription.status.in_([literal(status) for status in LIVE_SUBSCRIPTION_STATUSES]),
+        Subscription.access_revoked_at.is_(None),
+    )
+    .limit(1)
+)
+_LATEST_SUBSCRIPTION_CHECKOUT = DriverStatement(
+    select(*_CHECKOUTS.c, func.now().label("now"))
+    .where(
+        _CHECKOUTS.c.channel_id == _CHANNEL,
+        _CHECKOUTS.c.purpose == "subscription",
+        _CHECKOUTS.c.status.in_([literal("pending"), literal("open")]),
+        _CHECKOUTS.c.fulfilled_at.is_(None),
+        _CHECKOUTS.c.created_at > func.now() - PENDING_REPLAY_WINDOW,
+    )
+    .order_by(_CHECKOUTS.c.created_at.desc())
+    .limit(1)
+)
+"""The channel's newest subscription checkout that may still be paid (open, or pending and
+young enough for its Stripe idempotency key to replay), with the database's clock."""
+_LEDGER_TOTAL = DriverStatement(
+    select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+        LedgerEntry.account_id == bindparam("account_id", type_=String)
+    )
+)
+
+
+def _pending_values(row: CheckoutSession) -> dict[str, Any]:
+    return {column: getattr(row, column) for column in _PENDING_COLUMNS}
+
+
+_STILL_OURS = _CHECKOUTS.c.status.in_([literal("pending"), literal("failed")])
 _RECORD_CREATED = (
     update(_CHECKOUTS)
     .where(_CHECKOUTS.c.id == bindparam("row_id"))
@@ -393,21 +463,23 @@ async def _record_created(
     """Store Stripe's id, URL and expiry; the status only while ours is still `pending` or
     `failed` (an event may already have moved it on). One `UPDATE ... RETURNING`; the row
     comes back as a detached `CheckoutSession`."""
-    status = created.get("status") if created.get("status") in ("complete", "expired") else "open"
-    row = (
-        await session.execute(
-            _RECORD_CREATED,
-            {
-                "row_id": row_id,
-                "stripe_id": created["id"],
-                "url": created.get("url"),
-                "expires_at": _timestamp(created.get("expires_at")),
-                "new_status": status,
-                "new_payment_status": created.get("payment_status"),
-            },
-        )
-    ).one()
+    row = (await session.execute(_RECORD_CREATED, _created_values(row_id, created))).one()
     return CheckoutSession(**row._mapping)
+
+
+_RECORD_CREATED_SQL = DriverStatement(_RECORD_CREATED)
+
+
+def _created_values(row_id: uuid.UUID, created: StripeObject) -> dict[str, Any]:
+    status = created.get("status") if created.get("status") in ("complete", "expired") else "open"
+    return {
+        "row_id": row_id,
+        "stripe_id": created["id"],
+        "url": created.get("url"),
+        "expires_at": _timestamp(created.get("expires_at")),
+        "new_status": status,
+        "new_payment_status": created.get("payment_status"),
+    }
 
 
 async def _apply_stripe_state(
