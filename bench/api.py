@@ -366,7 +366,7 @@ async def checkout_timings(
         capture_output=True,
         text=True,
     )
-    direct: list[float] = json.loads(result.stdout)
+    direct: list[float] = json.loads(result.stdout)["pair"]
     return {
         "statuses": statuses,
         "service_p50": statistics.median(service),

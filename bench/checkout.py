@@ -157,45 +157,6 @@ async def measure_round(
                 variant.statuses[status] = variant.statuses.get(status, 0) + count
 
 
-async def direct(stripe_url: str, count: int) -> dict[str, list[float]]:
-    """The same Stripe calls made with the service's gateway (run in a process of its own)."""
-    from app.checkout.service import stripe_params
-    from app.config import Settings
-    from app.models import CheckoutSession
-    from app.stripe_gateway import StripeGateway
-
-    settings = Settings()
-    gateway = StripeGateway(api_key=harness.STRIPE_KEY, api_base=stripe_url)
-    out: dict[str, list[float]] = {"pair": [], "session": []}
-    try:
-        for i in range(-20, count):
-            row = CheckoutSession(
-                id=uuid.uuid4(),
-                account_id=f"acc_direct_{i}",
-                purpose="top_up",
-                amount=5000,
-                currency="usd",
-                status="pending",
-                success_url=f"{APP_URL}/balance/done",
-                cancel_url=f"{APP_URL}/balance",
-            )
-            started = time.perf_counter()
-            customer = await gateway.create_customer(
-                account_id=row.account_id, email="x@example.com", key=f"c-{row.id}"
-            )
-            middle = time.perf_counter()
-            await gateway.create_checkout_session(
-                stripe_params(row, str(customer["id"]), settings), key=f"s-{row.id}"
-            )
-            ended = time.perf_counter()
-            if i >= 0:
-                out["pair"].append((ended - started) * 1000)
-                out["session"].append((ended - middle) * 1000)
-    finally:
-        await gateway.close()
-    return out
-
-
 async def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     log = RESULTS / "checkout-servers.log"
@@ -242,7 +203,7 @@ async def main() -> None:
                         flush=True,
                     )
             result = subprocess.run(
-                [sys.executable, "-m", "bench.checkout", "direct", stripe.url, str(N)],
+                [sys.executable, "-m", "bench.direct_checkout", stripe.url, str(N)],
                 env=env,
                 cwd=ROOT,
                 check=True,
@@ -314,7 +275,4 @@ async def main() -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "direct":
-        print(json.dumps(asyncio.run(direct(sys.argv[2], int(sys.argv[3])))))
-    else:
-        asyncio.run(main())
+    asyncio.run(main())

@@ -1,7 +1,9 @@
 """The two Stripe calls of a top-up checkout made directly with the service's `StripeGateway`
-and parameters, one at a time: `python -m bench.direct_checkout <fake url> <n>` prints the
-durations (ms, after 20 warm-up pairs) as JSON. Run by bench/api.py in its own process, with
-the service's environment, so the SDK's work does not share a process with the fake."""
+and parameters, one at a time: `python -m bench.direct_checkout <stripe url> <n>` prints the
+durations in ms (after 20 warm-up pairs) as JSON: `pair` (customer + session) and `session`
+(the session alone). Run by bench/api.py and bench/checkout.py in a process of its own, with
+the service's environment, so the SDK's work does not share a process with the Stripe fake or
+the benchmark."""
 
 from __future__ import annotations
 
@@ -20,11 +22,11 @@ from bench import harness
 APP_URL = "https://app.1msg.io"
 
 
-async def main(fake_url: str, count: int) -> list[float]:
+async def main(stripe_url: str, count: int) -> dict[str, list[float]]:
     settings = Settings()
-    gateway = StripeGateway(api_key=harness.STRIPE_KEY, api_base=fake_url)
+    gateway = StripeGateway(api_key=harness.STRIPE_KEY, api_base=stripe_url)
     run_tag = uuid.uuid4().hex[:6]
-    durations: list[float] = []
+    durations: dict[str, list[float]] = {"pair": [], "session": []}
     try:
         for i in range(-20, count):
             account = f"acc_direct_{run_tag}_{i + 20}"
@@ -42,11 +44,14 @@ async def main(fake_url: str, count: int) -> list[float]:
             customer = await gateway.create_customer(
                 account_id=account, email=f"{account}@example.com", key=f"customer-{row.id}"
             )
+            middle = time.perf_counter()
             await gateway.create_checkout_session(
                 stripe_params(row, str(customer["id"]), settings), key=f"checkout-{row.id}"
             )
+            ended = time.perf_counter()
             if i >= 0:
-                durations.append((time.perf_counter() - started) * 1000)
+                durations["pair"].append((ended - started) * 1000)
+                durations["session"].append((ended - middle) * 1000)
     finally:
         await gateway.close()
     return durations
