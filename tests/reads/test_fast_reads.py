@@ -4,7 +4,7 @@ FastAPI, byte for byte what FastAPI answers (status, headers in order, body); ev
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any
 from urllib.parse import unquote
 
@@ -13,10 +13,10 @@ from fastapi import FastAPI
 from prometheus_client import REGISTRY
 
 from app.fast_reads import FastReads
-from app.models import Account, Channel, Payment, Subscription
+from app.models import Account, Channel, Subscription
 from tests.conftest import TokenFactory, bearer
+from tests.reads.rows import NOW, succeeded_payment
 
-NOW = datetime.now(UTC)
 ACCESS = "/v1/channels/{}/access"
 ELIGIBILITY = "/v1/accounts/{}/refund-eligibility"
 
@@ -37,19 +37,7 @@ async def seed(app: FastAPI) -> None:
             )
         )
         await session.flush()
-        session.add(
-            Payment(
-                stripe_id="pi_f",
-                account_id="acc_f",
-                purpose="subscription",
-                stripe_subscription_id="sub_f",
-                amount=3900,
-                currency="usd",
-                status="succeeded",
-                fee=143,
-                paid_at=NOW - timedelta(days=2),
-            )
-        )
+        session.add(succeeded_payment("pi_f", "acc_f", days_ago=2, stripe_subscription_id="sub_f"))
 
 
 async def answers(

@@ -30,7 +30,6 @@ from app.models import (
     Channel,
     Invoice,
     LedgerEntry,
-    Payment,
     Refund,
     RefundExecution,
     RefundRequest,
@@ -39,9 +38,8 @@ from app.models import (
 from app.refunds.repository import ELIGIBILITY_FACTS
 from app.subscriptions.service import CHANNEL_ACCESS
 from tests.conftest import TokenFactory, bearer, make_settings, plain_dsn
+from tests.reads.rows import NOW, succeeded_payment
 from tests.stripe_fake import StripeFake
-
-NOW = datetime.now(UTC)
 
 
 def subscription(stripe_id: str, channel_id: str, status: str, **values: Any) -> Subscription:
@@ -128,37 +126,10 @@ async def test_eligibility_counts_refunds_once_and_links_payments_through_their_
                 stripe_id="in_2", account_id="acc_e", stripe_subscription_id="sub_e", currency="usd"
             )
         )
-        first = Payment(
-            stripe_id="pi_1",
-            account_id="acc_e",
-            purpose="subscription",
-            stripe_subscription_id="sub_e",
-            amount=3900,
-            currency="usd",
-            status="succeeded",
-            fee=143,
-            paid_at=NOW - timedelta(days=40),
-        )
-        renewal = Payment(
-            stripe_id="pi_2",
-            account_id="acc_e",
-            purpose="subscription",
-            stripe_invoice_id="in_2",
-            amount=3900,
-            currency="usd",
-            status="succeeded",
-            fee=143,
-            paid_at=NOW - timedelta(days=10),
-        )
-        top_up = Payment(
-            stripe_id="pi_3",
-            account_id="acc_e",
-            purpose="top_up",
-            amount=5000,
-            currency="usd",
-            status="succeeded",
-            fee=175,
-            paid_at=NOW - timedelta(days=1),
+        first = succeeded_payment("pi_1", "acc_e", days_ago=40, stripe_subscription_id="sub_e")
+        renewal = succeeded_payment("pi_2", "acc_e", days_ago=10, stripe_invoice_id="in_2")
+        top_up = succeeded_payment(
+            "pi_3", "acc_e", days_ago=1, purpose="top_up", amount=5000, fee=175
         )
         session.add_all([first, renewal, top_up])
         session.add_all(
@@ -342,19 +313,7 @@ async def test_the_direct_asyncpg_path_returns_the_rows_sqlalchemy_core_does(
         await session.flush()
         session.add(subscription("sub_d", "ch_d", "active"))
         await session.flush()
-        session.add(
-            Payment(
-                stripe_id="pi_d",
-                account_id="acc_a",
-                purpose="subscription",
-                stripe_subscription_id="sub_d",
-                amount=3900,
-                currency="usd",
-                status="succeeded",
-                fee=143,
-                paid_at=NOW - timedelta(days=3),
-            )
-        )
+        session.add(succeeded_payment("pi_d", "acc_a", days_ago=3, stripe_subscription_id="sub_d"))
     reader: Reader = app.state.reader
     for statement, params in (
         (CHANNEL_ACCESS, {"channel_id": "ch_d"}),
