@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
-from sqlalchemy import bindparam, func, select, text
+from sqlalchemy import String, bindparam, func, select, text
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -30,14 +30,26 @@ from app.subscriptions.access import (
 )
 from app.subscriptions.schemas import AccessOut, SubscriptionOut
 
+_channel = bindparam("channel_id", type_=String)
+CHANNEL_SUBSCRIPTIONS = select(Subscription).where(Subscription.channel_id == _channel)
+LOCK_CHANNEL_FEED = select(
+    func.pg_advisory_xact_lock(func.hashtextextended("channel:" + _channel, 0))
+)
+LAST_ACCESS_CHANGE = (
+    select(AccessChange)
+    .where(AccessChange.channel_id == _channel)
+    .order_by(AccessChange.id.desc())
+    .limit(1)
+)
+CHANNEL_ACCOUNT = select(Channel.account_id).where(Channel.id == _channel)
+"""Built once: the event processor runs them for every subscription event."""
+
 
 async def current_channel_access(
     session: AsyncSession, channel_id: str, settings: Settings, now: datetime
 ) -> Access:
     subscriptions = list(
-        (
-            await session.scalars(select(Subscription).where(Subscription.channel_id == channel_id))
-        ).all()
+        (await session.scalars(CHANNEL_SUBSCRIPTIONS, {"channel_id": channel_id})).all()
     )
     return channel_access(subscriptions, now, past_due_keeps_access=settings.past_due_keeps_access)
 
@@ -49,16 +61,9 @@ async def record_access_change(
 
     Serialized per channel with an advisory lock, so concurrent events for two subscriptions
     of one channel cannot both append the same change."""
-    await session.execute(
-        select(func.pg_advisory_xact_lock(func.hashtextextended("channel:" + channel_id, 0)))
-    )
+    await session.execute(LOCK_CHANNEL_FEED, {"channel_id": channel_id})
     access = await current_channel_access(session, channel_id, settings, now)
-    last = await session.scalar(
-        select(AccessChange)
-        .where(AccessChange.channel_id == channel_id)
-        .order_by(AccessChange.id.desc())
-        .limit(1)
-    )
+    last = await session.scalar(LAST_ACCESS_CHANGE, {"channel_id": channel_id})
     if last is not None and (last.has_access, last.access_until) == (
         access.has_access,
         access.access_until,
@@ -66,7 +71,7 @@ async def record_access_change(
         return None
     if last is None and not access.has_access and access.access_until is None:
         return None
-    account_id = await session.scalar(select(Channel.account_id).where(Channel.id == channel_id))
+    account_id = await session.scalar(CHANNEL_ACCOUNT, {"channel_id": channel_id})
     change = AccessChange(
         channel_id=channel_id,
         account_id=account_id or "",

@@ -171,6 +171,14 @@ LOCKED_MIRROR_ROW = {
     model: select(model).where(model.stripe_id == bindparam("stripe_id")).with_for_update()
     for model in (Invoice, Payment, Refund, Dispute)
 }
+LOCKED_SUBSCRIPTION = (
+    select(Subscription).where(Subscription.stripe_id == bindparam("stripe_id")).with_for_update()
+)
+INVOICE = select(Invoice).where(Invoice.stripe_id == bindparam("stripe_id"))
+PAYMENT_OF_DISPUTE = select(Payment).where(
+    (Payment.stripe_id == bindparam("payment_intent"))
+    | (Payment.stripe_charge_id == bindparam("charge"))
+)
 DISPUTES_OF_PAYMENT = select(Dispute.id, Dispute.account_id).where(
     (Dispute.stripe_payment_intent_id == bindparam("payment_intent"))
     | (Dispute.stripe_charge_id == bindparam("charge"))
@@ -362,9 +370,7 @@ async def _credit_balance(ctx: EventContext, row: CheckoutSession, obj: Json) ->
 
 async def on_subscription(ctx: EventContext) -> None:
     obj = ctx.object
-    existing = await ctx.session.scalar(
-        select(Subscription).where(Subscription.stripe_id == obj["id"]).with_for_update()
-    )
+    existing = await ctx.session.scalar(LOCKED_SUBSCRIPTION, {"stripe_id": obj["id"]})
     if existing is not None and existing.source_event_created is not None:
         if ctx.created < existing.source_event_created:
             log.info("subscription.stale_event_ignored", stripe_id=obj["id"], type=ctx.type)
@@ -501,7 +507,7 @@ async def on_invoice_payment(ctx: EventContext) -> None:
         log.info("invoice_payment.not_a_payment_intent", stripe_id=obj.get("id"))
         return
     invoice_id = ref(obj.get("invoice"))
-    invoice = await ctx.session.scalar(select(Invoice).where(Invoice.stripe_id == invoice_id))
+    invoice = await ctx.session.scalar(INVOICE, {"stripe_id": invoice_id})
     transitions = obj.get("status_transitions") or {}
     paid_at = ts(transitions.get("paid_at")) or ctx.created
     row, learned = await upsert_payment(
@@ -664,9 +670,7 @@ async def on_dispute(ctx: EventContext) -> None:
     charge_id = ref(obj.get("charge")) or ""
     payment_intent = ref(obj.get("payment_intent"))
     payment = await ctx.session.scalar(
-        select(Payment).where(
-            (Payment.stripe_id == payment_intent) | (Payment.stripe_charge_id == charge_id)
-        )
+        PAYMENT_OF_DISPUTE, {"payment_intent": payment_intent, "charge": charge_id}
     )
     dispute, _ = await locked_mirror_row(
         ctx.session,
