@@ -1,6 +1,6 @@
 """Database: declarative Base, engine, the one-session-per-request dependency, the
 read-only reader, and the driver path (`DriverStatement`, `driver_transaction`: Core statements
-compiled once and run by asyncpg, for the checkout's hot transactions).
+compiled once and run by asyncpg, for the checkout's transactions and the reader's repeats).
 
 Pooled connections are not pinged on checkout (a round trip per request); instead they are
 recycled after `POOL_RECYCLE_SECONDS`, and a connection found dead when used (the database
@@ -19,7 +19,6 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from datetime import datetime
 from typing import Annotated, Any
 
-import asyncpg  # type: ignore[import-untyped]
 import orjson
 from fastapi import Depends, Request
 from sqlalchemy import DateTime, Executable, MetaData, Row, func
@@ -192,8 +191,6 @@ ReaderDep = Annotated[Reader, Depends(get_reader)]
 # --- the driver path (hot paths only) --------------------------------------------------------
 
 _DRIVER_DIALECT = asyncpg_dialect()  # type: ignore[no-untyped-call]
-INPUT_DATA_SQLSTATES = frozenset({"22001", "22003", "22007", "22008", "22021", "22P05"})
-"""SQLSTATEs meaning "this input cannot be stored" (as app/errors.py reads them)."""
 
 
 class DriverStatement:
@@ -258,10 +255,10 @@ class DriverStatement:
 @contextlib.asynccontextmanager
 async def driver_transaction(engine: AsyncEngine) -> AsyncIterator[Any]:
     """A transaction on a pooled connection's asyncpg connection (committed when the block
-    ends, rolled back when it raises). Database errors answer as the SQLAlchemy path's do
-    (app/errors.py): a lost connection is discarded from the pool and answers 503
-    `service_unavailable`, a value the database cannot store 422 `validation_error`."""
-    from app.errors import ServiceUnavailable, Unprocessable
+    ends, rolled back when it raises). Database errors are classified and answered as on the
+    SQLAlchemy path (app/errors.py: 503 `service_unavailable`, or 422 for a value the database
+    cannot store); a connection found unusable is discarded from the pool."""
+    from app.errors import database_unavailable
 
     async with engine.connect() as connection:
         driver = (await connection.get_raw_connection()).driver_connection
@@ -269,21 +266,7 @@ async def driver_transaction(engine: AsyncEngine) -> AsyncIterator[Any]:
         try:
             async with driver.transaction():
                 yield driver
-        except (OSError, TimeoutError, asyncpg.InterfaceError) as exc:
-            await connection.invalidate()
-            raise ServiceUnavailable(
-                "The database is unavailable; retry later", headers={"Retry-After": "5"}
-            ) from exc
-        except asyncpg.PostgresError as exc:
-            sqlstate = str(getattr(exc, "sqlstate", "") or "")
-            if sqlstate in INPUT_DATA_SQLSTATES:
-                raise Unprocessable(
-                    "A value in the request cannot be stored (too long, out of range, or "
-                    "containing characters such as NUL)"
-                ) from exc
-            if sqlstate.startswith(("08", "57P")):
+        except Exception as exc:
+            if database_unavailable(exc):
                 await connection.invalidate()
-                raise ServiceUnavailable(
-                    "The database is unavailable; retry later", headers={"Retry-After": "5"}
-                ) from exc
             raise

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -217,8 +218,11 @@ _UNAVAILABLE_SQLSTATES = ("08", "57P")
 _INPUT_DATA_SQLSTATES = frozenset({"22001", "22003", "22007", "22008", "22021", "22P05"})
 
 
-def _sqlstate(exc: sa_exc.DBAPIError) -> str | None:
-    for candidate in (exc.orig, getattr(exc.orig, "__cause__", None)):
+def _sqlstate(exc: BaseException) -> str | None:
+    """The SQLSTATE of a database error: SQLAlchemy's (its driver's error, or the asyncpg
+    error behind that) or asyncpg's own (statements run on the driver, app/db.py)."""
+    orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
+    for candidate in (orig, getattr(orig, "__cause__", None)):
         sqlstate = getattr(candidate, "sqlstate", None)
         if isinstance(sqlstate, str):
             return sqlstate
@@ -227,14 +231,16 @@ def _sqlstate(exc: sa_exc.DBAPIError) -> str | None:
 
 def unstorable_input(exc: BaseException) -> bool:
     """True when the database refused a value the request carried (see _INPUT_DATA_SQLSTATES)."""
-    return isinstance(exc, sa_exc.DBAPIError) and _sqlstate(exc) in _INPUT_DATA_SQLSTATES
+    return _sqlstate(exc) in _INPUT_DATA_SQLSTATES
 
 
 def database_unavailable(exc: BaseException) -> bool:
     """True when `exc` means the database cannot be reached right now (connection refused or
     lost, pool exhausted, server shutting down or starting), not that the request was wrong."""
-    if isinstance(exc, OSError | TimeoutError | sa_exc.TimeoutError):
+    if isinstance(exc, OSError | TimeoutError | sa_exc.TimeoutError | asyncpg.InterfaceError):
         return True
+    if isinstance(exc, asyncpg.PostgresError):
+        return (_sqlstate(exc) or "").startswith(_UNAVAILABLE_SQLSTATES)
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated or isinstance(exc.orig, OSError | TimeoutError):
             return True
@@ -295,7 +301,8 @@ def install_error_handlers(app: FastAPI) -> None:
         log.exception("request.unhandled_error", error_type=type(exc).__name__)
         return problem_response(500, "internal_error", "Internal error", "Unexpected error")
 
-    for infrastructure in (OSError, TimeoutError, sa_exc.SQLAlchemyError):
+    database = (sa_exc.SQLAlchemyError, asyncpg.PostgresError, asyncpg.InterfaceError)
+    for infrastructure in (OSError, TimeoutError, *database):
         app.add_exception_handler(infrastructure, _infrastructure_error)
 
     @app.exception_handler(Exception)

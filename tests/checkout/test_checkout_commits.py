@@ -177,3 +177,23 @@ async def test_concurrent_first_checkouts_of_many_accounts_make_one_customer_eac
     assert recorded == {c["metadata"]["account_id"]: c["id"] for c in customers}
     by_account = {r.json()["id"]: r for r in responses}
     assert len(by_account) == 12
+
+
+async def test_a_value_the_database_cannot_store_is_a_422_and_creates_nothing(
+    post_checkout: PostCheckout,
+    token: Any,
+    stripe_fake: StripeFake,
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    """The first transaction runs on the asyncpg connection: its database errors are answered
+    as the SQLAlchemy path's (app/errors.py), here a NUL character in the token's email."""
+    tok = token(account_id="acc_nul", email="nul\x00@example.com")
+    response = await post_checkout("acc_nul", top_up_body(), key="nul", tok=tok)
+    assert response.status_code == 422, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    assert response.json()["code"] == "validation_error"
+    async with db() as session:
+        assert await session.get(Account, "acc_nul") is None
+        assert (await session.scalars(select(CheckoutSession))).all() == []
+        assert (await session.scalars(select(IdempotencyRecord))).all() == []
+    assert stripe_fake.all("customer") == []
