@@ -211,26 +211,23 @@ def measure_reads(url: str, token: str, pid: int, offered: dict[str, float] | No
     rates: dict[str, float] = {}
     cpu_ms: dict[str, float] = {}
     paced_cpu_ms: dict[str, float] = {}
+
+    def run(label: str, path: str, ids: int, rate: float = 0.0) -> tuple[WrkResult, float]:
+        """One wrk run, printed, with the service's CPU ms per request."""
+        before = cpu_seconds(pid)
+        r = wrk_get(url, path, ids, token, SECONDS, rate=rate)
+        cpu = (cpu_seconds(pid) - before) * 1000 / max(1, r.requests)
+        print(
+            f"{label:42s} {r.rate:7,.0f} req/s  p50 {r.p50_ms:6.2f}  p95 {r.p95_ms:6.2f}"
+            f"  p99 {r.p99_ms:6.2f} ms  not 200: {r.non200 + r.errors}  CPU {cpu:.2f} ms/req",
+            flush=True,
+        )
+        return r, cpu
+
     for name, (path, ids) in TARGETS.items():
-        before = cpu_seconds(pid)
-        peak[name] = r = wrk_get(url, path, ids, token, SECONDS)
-        cpu_ms[name] = (cpu_seconds(pid) - before) * 1000 / max(1, r.requests)
-        print(
-            f"{name:42s} {r.rate:7,.0f} req/s  p50 {r.p50_ms:6.2f}  p95 {r.p95_ms:6.2f}"
-            f"  p99 {r.p99_ms:6.2f} ms  not 200: {r.non200 + r.errors}"
-            f"  CPU {cpu_ms[name]:.2f} ms/req",
-            flush=True,
-        )
-        rates[name] = rate = offered[name] if offered else r.rate / 2
-        before = cpu_seconds(pid)
-        paced[name] = p = wrk_get(url, path, ids, token, SECONDS, rate=rate)
-        paced_cpu_ms[name] = (cpu_seconds(pid) - before) * 1000 / max(1, p.requests)
-        print(
-            f"{'  paced, ' + f'{rate:,.0f}/s offered':42s} {p.rate:7,.0f} req/s  "
-            f"p50 {p.p50_ms:6.2f}  p95 {p.p95_ms:6.2f}  p99 {p.p99_ms:6.2f} ms  "
-            f"not 200: {p.non200 + p.errors}  CPU {paced_cpu_ms[name]:.2f} ms/req",
-            flush=True,
-        )
+        peak[name], cpu_ms[name] = run(name, path, ids)
+        rates[name] = rate = offered[name] if offered else peak[name].rate / 2
+        paced[name], paced_cpu_ms[name] = run(f"  paced, {rate:,.0f}/s offered", path, ids, rate)
     single: dict[str, WrkResult] = {}
     for name, (path, ids) in TARGETS.items():
         single[name] = r = wrk_get(url, path, ids, token, 5, connections=1)
