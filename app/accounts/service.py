@@ -189,11 +189,6 @@ async def claim_channel(conn: Any, account_id: str, channel_id: str) -> None:
         raise ChannelNotFound(f"No channel {channel_id!r} on this account")
 
 
-async def owns_channel(session: AsyncSession, account_id: str, channel_id: str) -> bool:
-    owner = await session.scalar(select(Channel.account_id).where(Channel.id == channel_id))
-    return owner == account_id
-
-
 _RECORD_CUSTOMER = DriverStatement(
     update(Account)
     .where(Account.id == bindparam("account_id", type_=String))
