@@ -253,20 +253,45 @@ class DriverStatement:
 
 
 @contextlib.asynccontextmanager
-async def driver_transaction(engine: AsyncEngine) -> AsyncIterator[Any]:
+async def driver_transaction(
+    engine: AsyncEngine, *, wait_for_flush: bool = True
+) -> AsyncIterator[Any]:
     """A transaction on a pooled connection's asyncpg connection (committed when the block
     ends, rolled back when it raises). Database errors are classified and answered as on the
     SQLAlchemy path (app/errors.py: 503 `service_unavailable`, or 422 for a value the database
-    cannot store); a connection found unusable is discarded from the pool."""
+    cannot store); a connection found unusable, or left mid-statement by a cancellation, is
+    discarded from the pool.
+
+    `wait_for_flush=False`: its COMMIT does not wait for the WAL to reach the disk (`SET LOCAL
+    synchronous_commit = off`, sent with the `BEGIN` in one round trip); `flush_on_commit`
+    turns the wait back on for the transaction."""
     from app.errors import database_unavailable
 
-    async with engine.connect() as connection:
-        driver = (await connection.get_raw_connection()).driver_connection
-        assert driver is not None
+    pooled = await engine.raw_connection()
+    driver: Any = pooled.driver_connection
+    try:
+        await driver.execute(BEGIN if wait_for_flush else BEGIN_WITHOUT_FLUSH_WAIT)
         try:
-            async with driver.transaction():
-                yield driver
-        except Exception as exc:
-            if database_unavailable(exc):
-                await connection.invalidate()
+            yield driver
+        except Exception:
+            await driver.execute("ROLLBACK")
             raise
+        await driver.execute("COMMIT")
+    except Exception as exc:
+        if database_unavailable(exc):
+            pooled.invalidate()
+        raise
+    except BaseException:  # cancelled, perhaps mid-statement: the connection's state is unknown
+        pooled.invalidate()
+        raise
+    finally:
+        pooled.close()
+
+
+BEGIN = "BEGIN"
+BEGIN_WITHOUT_FLUSH_WAIT = "BEGIN; SET LOCAL synchronous_commit = off"
+
+
+async def flush_on_commit(conn: Any) -> None:
+    """Make the `driver_transaction` on `conn` wait for its WAL to reach the disk at COMMIT."""
+    await conn.execute("SET LOCAL synchronous_commit = on")

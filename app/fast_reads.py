@@ -121,13 +121,7 @@ class FastReads:
         """Answer the request; False (nothing sent) when FastAPI should."""
         read, raw_params = found
         started = time.perf_counter()
-        request_id = b""
-        for name, value in scope["headers"]:
-            if name == b"x-request-id":  # the last one, as RequestContextMiddleware reads it
-                request_id = value
-        request_id_text = request_id.decode("latin-1")[:64] or new_request_id()
-        structlog.contextvars.clear_contextvars()
-        structlog.contextvars.bind_contextvars(request_id=request_id_text)
+        request_id = bind_request_id(scope)
         scope["app"] = self.app
         body = await read.answer(Request(scope, receive), raw_params)
         if body is None:
@@ -136,7 +130,7 @@ class FastReads:
             (b"content-length", str(len(body)).encode()),
             (b"content-type", b"application/json"),
             (b"vary", b"Origin"),
-            (b"x-request-id", request_id_text.encode()),
+            (b"x-request-id", request_id.encode()),
         ]
         status = 500  # what RequestContextMiddleware counts when the answer could not start
         try:
@@ -144,10 +138,28 @@ class FastReads:
             status = 200
             await send({"type": "http.response.body", "body": body})
         finally:
-            requests, latency = route_metrics("GET", read.route.path, status)
-            requests.inc()
-            latency.observe(time.perf_counter() - started)
+            count_request("GET", read.route.path, status, started)
         return True
+
+
+def bind_request_id(scope: Scope) -> str:
+    """The request's id (its last `X-Request-ID`, as `RequestContextMiddleware` reads it, or a
+    new one), bound to the logs."""
+    request_id = b""
+    for name, value in scope["headers"]:
+        if name == b"x-request-id":
+            request_id = value
+    text = request_id.decode("latin-1")[:64] or new_request_id()
+    structlog.contextvars.clear_contextvars()
+    structlog.contextvars.bind_contextvars(request_id=text)
+    return text
+
+
+def count_request(method: str, route_path: str, status: int, started: float) -> None:
+    """The request in its route's metrics, as `RequestContextMiddleware` counts it."""
+    requests, latency = route_metrics(method, route_path, status)
+    requests.inc()
+    latency.observe(time.perf_counter() - started)
 
 
 def fast_reads_for(

@@ -133,7 +133,6 @@ async def idempotent(
 
 async def idempotent_claiming_in(
     request: Request,
-    session: AsyncSession,
     principal: Principal,
     account_id: str,
     key: str | None,
@@ -142,7 +141,8 @@ async def idempotent_claiming_in(
 ) -> Response:
     """`idempotent`, with the key claimed by `operation` in its own first transaction
     (see module docstring); an operation that stored its answer (`Claim.answer`) in its final
-    transaction is answered with it."""
+    transaction is answered with it. One that created nothing and did not (it found what it
+    would create already there) has its answer stored in a transaction of its own."""
     if key is None:
         claim = Claim()
         outcome = await operation(claim)
@@ -169,7 +169,11 @@ async def idempotent_claiming_in(
             await _release(request.app.state.session_factory, claim.record_id)
         raise
     assert claim.record_id is not None, "the operation must claim the key"
-    return _answer(claim) or await _store(session, claim.record_id, outcome)
+    if (answer := _answer(claim)) is not None:
+        return answer
+    factory = request.app.state.session_factory
+    async with factory() as session, session.begin():
+        return await _store(session, claim.record_id, outcome)
 
 
 def _answer(claim: Claim) -> Response | None:

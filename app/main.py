@@ -13,12 +13,14 @@ from starlette.types import Receive, Scope, Send
 
 from app.auth import TokenVerifier
 from app.balance.router import router as balance_router
+from app.checkout.router import create_checkout_session
 from app.checkout.router import router as checkout_router
 from app.config import Settings, get_settings
 from app.db import Reader, create_engine, create_session_factory
 from app.disputes.router import router as disputes_router
 from app.errors import install_error_handlers
 from app.fast_reads import FastReads, fast_reads_for
+from app.fast_writes import FastPost
 from app.health.router import migration_head
 from app.health.router import router as health_router
 from app.maintenance.router import router as maintenance_router
@@ -50,16 +52,26 @@ class BillingApp(BillingAPI):
     webhook: WebhookFastPath | None = None
     fast_reads: FastReads | None = None
     """The read routes' successful answers (app/fast_reads.py); FastAPI answers the rest."""
+    fast_checkout: FastPost | None = None
+    """Checkout creation once its input is valid (app/fast_writes.py); FastAPI answers the rest."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
             if scope["path"] == WEBHOOK_PATH and scope["method"] == "POST" and self.webhook:
                 await self.webhook(scope, receive, send)
                 return
-            if self.fast_reads is not None and not self.root_path and not self._telemetry_on():
-                found = self.fast_reads.match(scope)
-                if found is not None and await self.fast_reads(scope, receive, send, found):
-                    return
+            if not self.root_path and not self._telemetry_on():
+                if self.fast_reads is not None:
+                    found = self.fast_reads.match(scope)
+                    if found is not None and await self.fast_reads(scope, receive, send, found):
+                        return
+                if self.fast_checkout is not None:
+                    raw_params = self.fast_checkout.match(scope)
+                    if raw_params is not None:
+                        unanswered = await self.fast_checkout(scope, receive, send, raw_params)
+                        if unanswered is None:
+                            return
+                        receive = unanswered
         await super().__call__(scope, receive, send)
 
     def _telemetry_on(self) -> bool:
@@ -170,6 +182,14 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     )
     app.fast_reads = fast_reads_for(
         app, [subscriptions_router, refunds_router], [get_channel_access, refund_eligibility]
+    )
+    app.fast_checkout = FastPost(
+        app,
+        next(
+            r
+            for r in checkout_router.routes
+            if isinstance(r, APIRoute) and r.endpoint is create_checkout_session
+        ),
     )
     return app
 

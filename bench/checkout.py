@@ -11,7 +11,10 @@ request's latency is almost all the service's own. Per round and source tree, on
 - **direct**: the same Stripe calls (customer + session, and session alone) made with the
   service's `StripeGateway` from a process of its own against the same stand-in.
 
-Own time = p50(request) - p50(the direct calls it makes). Also printed: the service's CPU per
+Own time = p50(request) - p50(the direct calls it makes). Requests are timed by
+bench/lean_http.py on one keep-alive connection (httpx's own client-side work, ~2 ms a request
+here, is the load generator's time, not the service's; it was counted before issue #7's third
+pass). Also printed: the service's CPU per
 request (`/proc/<pid>/stat`, the figure the machine's load moves least), the database's commits
 per request (`pg_stat_database.xact_commit`), `GET /healthz` one at a time (the HTTP floor).
 
@@ -40,6 +43,7 @@ import httpx
 from bench import harness
 from bench.api import cpu_seconds, percentile, service_settings
 from bench.harness import RESULTS, ROOT
+from bench.lean_http import LeanClient
 
 APP_URL = "https://app.1msg.io"
 ROUNDS = int(os.environ.get("BENCH_CHECKOUT_ROUNDS", "3"))
@@ -89,19 +93,18 @@ async def commits(dsn: str) -> int:
 
 
 async def timed_posts(
-    client: httpx.AsyncClient, settings: Any, accounts: list[str]
+    client: LeanClient, settings: Any, accounts: list[str]
 ) -> tuple[list[float], dict[int, int]]:
     durations: list[float] = []
     statuses: dict[int, int] = {}
     for account in accounts:
         token = f"Bearer {TOKENS.setdefault(account, mint(settings, account))}"
-        headers = {"Authorization": token, "Idempotency-Key": uuid.uuid4().hex}
-        started = time.perf_counter()
-        response = await client.post(
-            f"/v1/accounts/{account}/checkout-sessions", json=BODY, headers=headers
+        headers = {"authorization": token, "idempotency-key": uuid.uuid4().hex}
+        status, _, elapsed = await client.request(
+            "POST", f"/v1/accounts/{account}/checkout-sessions", headers, BODY
         )
-        durations.append((time.perf_counter() - started) * 1000)
-        statuses[response.status_code] = statuses.get(response.status_code, 0) + 1
+        durations.append(elapsed)
+        statuses[status] = statuses.get(status, 0) + 1
     return durations, statuses
 
 
@@ -130,11 +133,10 @@ async def measure_round(
     variant: Variant, server: harness.Server, dsn: str, settings: Any, tag: str
 ) -> None:
     pid = server.process.pid
-    async with httpx.AsyncClient(base_url=server.url, timeout=30) as client:
+    async with LeanClient("127.0.0.1", server.port) as client:
         for _ in range(20):
-            started = time.perf_counter()
-            await client.get("/healthz")
-            variant.samples["healthz"].append((time.perf_counter() - started) * 1000)
+            _, _, elapsed = await client.request("GET", "/healthz")
+            variant.samples["healthz"].append(elapsed)
         returning = f"acc_ret_{tag}"
         await timed_posts(client, settings, [f"acc_warm_{tag}_{i}" for i in range(10)])
         await timed_posts(client, settings, [returning] * 5)

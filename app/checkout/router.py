@@ -57,7 +57,6 @@ async def create_checkout_session(
     account_id: AccountId,
     body: Annotated[CheckoutIn, Body()],
     request: Request,
-    session: SessionDep,
     principal: AccountWriter,
     idempotency_key: IdempotencyKeyHeader = None,
 ) -> Response:
@@ -65,7 +64,6 @@ async def create_checkout_session(
 
     async def run(claim: Claim) -> Outcome:
         out = await service.create_checkout_session(
-            session,
             state.session_factory,
             state.engine,
             state.stripe,
@@ -77,9 +75,7 @@ async def create_checkout_session(
         )
         return Outcome(201, out)
 
-    return await idempotent_claiming_in(
-        request, session, principal, account_id, idempotency_key, body, run
-    )
+    return await idempotent_claiming_in(request, principal, account_id, idempotency_key, body, run)
 
 
 @router.get(

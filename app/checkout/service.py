@@ -18,9 +18,10 @@ Creating one (all validation first: nothing reaches Stripe for a request we will
 
 Both transactions run on the asyncpg connection (`app/db.py` `driver_transaction`), with Core
 statements compiled once (`DriverStatement`): SQLAlchemy's per-statement execution work was
-most of a checkout's own CPU (bench/README.md). 11 round trips to Postgres for a top-up (BEGIN,
-claim, lock, facts, insert, SET LOCAL or the customer id, COMMIT; BEGIN, result, response,
-COMMIT); a subscription adds the channel claim, its owner, the live-subscription check and the
+most of a checkout's own CPU (bench/README.md). 10 round trips to Postgres for a top-up (BEGIN
+with its SET LOCAL, claim, lock, facts, insert, COMMIT; BEGIN, result, response, COMMIT); an
+account's first checkout adds the customer's id and the SET LOCAL that makes its commit
+durable; a subscription adds the channel claim, its owner, the live-subscription check and the
 channel's latest checkout.
 
 Durability: one commit per request waits for the disk (fdatasync), the request's last, before
@@ -58,6 +59,7 @@ when no event has fulfilled it yet, so a browser returning from Checkout sees th
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -82,7 +84,7 @@ from app.checkout.schemas import (
     TopUpCheckoutIn,
 )
 from app.config import Plan, Settings
-from app.db import DriverStatement, driver_transaction
+from app.db import DriverStatement, driver_transaction, flush_on_commit
 from app.errors import (
     BillingError,
     CheckoutSessionNotFound,
@@ -105,8 +107,37 @@ SESSION_ID_PLACEHOLDER = "{CHECKOUT_SESSION_ID}"
 PRODUCT_NAMES = {"top_up": "Balance top-up", "debt_repayment": "Debt repayment"}
 
 
+@dataclass(kw_only=True, slots=True)
+class CheckoutRow:
+    """A `checkout_sessions` row as plain data: what the checkout's own transactions read and
+    write through asyncpg (building an ORM instance costs more CPU than the statement that
+    stores it; bench/README.md)."""
+
+    id: uuid.UUID
+    account_id: str
+    purpose: str
+    channel_id: str | None = None
+    plan_code: str | None = None
+    amount: int | None = None
+    currency: str
+    status: str
+    payment_status: str | None = None
+    stripe_id: str | None = None
+    url: str | None = None
+    success_url: str
+    cancel_url: str
+    expires_at: datetime | None = None
+    stripe_subscription_id: str | None = None
+    stripe_payment_intent_id: str | None = None
+    fulfilled_at: datetime | None = None
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+AnyCheckoutRow = CheckoutSession | CheckoutRow
+
+
 async def create_checkout_session(
-    session: AsyncSession,
     factory: async_sessionmaker[AsyncSession],
     engine: AsyncEngine,
     gateway: StripeGateway,
@@ -121,14 +152,14 @@ async def create_checkout_session(
     )
     plan = _validate(settings, body)
 
-    stale: CheckoutSession | None = None
+    stale: CheckoutRow | None = None
     limit = settings.stripe_sessions_per_account_per_minute
-    async with driver_transaction(engine) as conn:
+    async with driver_transaction(engine, wait_for_flush=False) as conn:
         if claim is not None:
             await claim(conn)
         await lock_account(conn, account_id, principal.email)
         facts = await account_facts(conn, account_id)
-        row: CheckoutSession | None = None
+        row: CheckoutRow | None = None
         new = True
         if isinstance(body, SubscriptionCheckoutIn):
             assert plan is not None
@@ -172,12 +203,11 @@ async def create_checkout_session(
             # A Stripe failure here rolls everything back (the key claim included): nothing
             # half-made. This commit stays durable: it records the customer (module docstring).
             customer = await create_stripe_customer(conn, gateway, account_id, facts.email)
-        else:
-            await commit_without_flush_wait(conn)
+            await flush_on_commit(conn)
 
     try:
         if stale is not None:
-            await _retire(session, gateway, settings, stale, customer)
+            await _retire(factory, gateway, settings, stale, customer)
         created = await gateway.create_checkout_session(
             stripe_params(row, customer, settings), key=idempotency_key("checkout", row.id)
         )
@@ -186,7 +216,7 @@ async def create_checkout_session(
         raise
     async with driver_transaction(engine) as conn:  # the request's one durable commit
         record = await _RECORD_CREATED_SQL.fetchrow(conn, **_created_values(row.id, created))
-        out = to_out(CheckoutSession(**record))
+        out = to_out(CheckoutRow(**record))
         if claim is not None:
             await claim.answer(conn, 201, out)
     log.info(
@@ -197,13 +227,6 @@ async def create_checkout_session(
         stripe_id=created.get("id"),
     )
     return out
-
-
-async def commit_without_flush_wait(conn: Any) -> None:
-    """Let the transaction on `conn` commit without waiting for its WAL to reach the disk (`SET LOCAL
-    synchronous_commit = off`): the request's final, durable commit flushes it (WAL is flushed
-    in order), and only a database crash before that can lose it (module docstring)."""
-    await conn.execute(NO_FLUSH_WAIT)
 
 
 async def get_checkout_session(
@@ -232,7 +255,7 @@ async def get_checkout_session(
     return to_out(row)
 
 
-def stripe_params(row: CheckoutSession, customer: str, settings: Settings) -> dict[str, Any]:
+def stripe_params(row: AnyCheckoutRow, customer: str, settings: Settings) -> dict[str, Any]:
     """The Checkout session parameters, a pure function of our row (so a retry with the row's
     idempotency key sends the same request)."""
     metadata: dict[str, str] = {
@@ -294,7 +317,7 @@ def with_session_id(url: str) -> str:
     return f"{base}{separator}session_id={SESSION_ID_PLACEHOLDER}{hash_sign}{fragment}"
 
 
-def to_out(row: CheckoutSession) -> CheckoutOut:
+def to_out(row: AnyCheckoutRow) -> CheckoutOut:
     status = row.status if row.status in ("complete", "expired") else "open"
     return CheckoutOut(
         id=str(row.id),
@@ -337,8 +360,8 @@ def _validate(settings: Settings, body: CheckoutIn) -> Plan | None:
 
 def _new_row(
     account_id: str, body: CheckoutIn, amount: int, currency: str, plan: Plan | None
-) -> CheckoutSession:
-    return CheckoutSession(
+) -> CheckoutRow:
+    return CheckoutRow(
         id=uuid.uuid4(),
         account_id=account_id,
         purpose=body.purpose,
@@ -352,37 +375,41 @@ def _new_row(
     )
 
 
-def _detached(record: Any) -> CheckoutSession | None:
-    """A `CheckoutSession` (not in any ORM session) from a row of `_LATEST_SUBSCRIPTION_CHECKOUT`."""
+def _detached(record: Any) -> CheckoutRow | None:
+    """A `CheckoutRow` from a row of `_LATEST_SUBSCRIPTION_CHECKOUT`."""
     if record is None:
         return None
-    return CheckoutSession(**{k: v for k, v in record.items() if k != "now"})
+    return CheckoutRow(**{k: v for k, v in record.items() if k != "now"})
 
 
-def _open_for(row: CheckoutSession, now: datetime) -> bool:
+def _open_for(row: CheckoutRow, now: datetime) -> bool:
     return row.expires_at is not None and row.expires_at > now + REUSE_MARGIN
 
 
 async def _retire(
-    session: AsyncSession,
+    factory: async_sessionmaker[AsyncSession],
     gateway: StripeGateway,
     settings: Settings,
-    stale: CheckoutSession,
+    stale: CheckoutRow,
     customer: str,
 ) -> None:
-    """Expire the channel's previous checkout (another plan) so only one can be paid."""
+    """Expire the channel's previous checkout (another plan) so only one can be paid. What
+    Stripe says of it is recorded at once, in a transaction of its own (it is true whatever
+    happens to the new checkout)."""
     stripe_id = stale.stripe_id
     if stripe_id is None:  # never recorded: replay its creation to learn its id
         created = await gateway.create_checkout_session(
             stripe_params(stale, customer, settings), key=idempotency_key("checkout", stale.id)
         )
         stripe_id = str(created["id"])
-        await _record_created(session, stale.id, created)
+        async with factory() as session, session.begin():
+            await _record_created(session, stale.id, created)
     try:
         expired = await gateway.expire_checkout_session(stripe_id)
     except StripeRequestRejected:
         expired = await gateway.retrieve_checkout_session(stripe_id)
-    await _apply_stripe_state(session, stale.id, expired)
+    async with factory() as session, session.begin():
+        await _apply_stripe_state(session, stale.id, expired)
     if expired.get("status") == "complete":
         raise SubscriptionExists("The channel's previous checkout was just completed")
     log.info("checkout.superseded", checkout_id=str(stale.id))
@@ -404,7 +431,6 @@ _PENDING_COLUMNS = (
 _INSERT_PENDING = DriverStatement(
     insert(_CHECKOUTS).values({column: bindparam(column) for column in _PENDING_COLUMNS})
 )
-NO_FLUSH_WAIT = "SET LOCAL synchronous_commit = off"
 _CHANNEL = bindparam("channel_id", type_=String)
 _LIVE_SUBSCRIPTION = DriverStatement(
     select(Subscription.id)
@@ -436,7 +462,7 @@ _LEDGER_TOTAL = DriverStatement(
 )
 
 
-def _pending_values(row: CheckoutSession) -> dict[str, Any]:
+def _pending_values(row: CheckoutRow) -> dict[str, Any]:
     return {column: getattr(row, column) for column in _PENDING_COLUMNS}
 
 
@@ -457,14 +483,10 @@ _RECORD_CREATED = (
 )
 
 
-async def _record_created(
-    session: AsyncSession, row_id: uuid.UUID, created: StripeObject
-) -> CheckoutSession:
+async def _record_created(session: AsyncSession, row_id: uuid.UUID, created: StripeObject) -> None:
     """Store Stripe's id, URL and expiry; the status only while ours is still `pending` or
-    `failed` (an event may already have moved it on). One `UPDATE ... RETURNING`; the row
-    comes back as a detached `CheckoutSession`."""
-    row = (await session.execute(_RECORD_CREATED, _created_values(row_id, created))).one()
-    return CheckoutSession(**row._mapping)
+    `failed` (an event may already have moved it on)."""
+    await session.execute(_RECORD_CREATED, _created_values(row_id, created))
 
 
 _RECORD_CREATED_SQL = DriverStatement(_RECORD_CREATED)

@@ -54,9 +54,9 @@ def committed(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Tr
     real = service.driver_transaction
 
     @contextlib.asynccontextmanager
-    async def recording(engine: Any) -> AsyncIterator[Any]:
+    async def recording(engine: Any, **options: Any) -> AsyncIterator[Any]:
         tx = Transaction()
-        async with real(engine) as conn:
+        async with real(engine, **options) as conn:
             yield Recording(conn, tx)
             tx.synchronous_commit = await conn.fetchval("SHOW synchronous_commit")
         done.append(tx)
