@@ -49,13 +49,10 @@ class FastRead:
 
     def __init__(self, route: APIRoute) -> None:
         dependant = route.dependant
-        guards = [d for d in dependant.dependencies if isinstance(d.call, Guard)]
+        guard = only_guard(route)
         if (
             route.methods != {"GET"}
-            or not inspect.iscoroutinefunction(route.endpoint)
-            or len(guards) != 1
-            or len(dependant.dependencies) != 1
-            or guards[0].name is None
+            or guard is None
             or dependant.query_params
             or dependant.header_params
             or dependant.cookie_params
@@ -73,8 +70,7 @@ class FastRead:
             raise ValueError(f"{route.path} is not a plain guarded GET of path parameters")
         self.route = route
         self.path_regex = route.path_regex
-        self.guard: Guard = guards[0].call  # type: ignore[assignment]
-        self.guard_param = guards[0].name
+        self.guard, self.guard_param = guard
         self.request_param = dependant.request_param_name
         self.path_params = dependant.path_params
         self.response = TypeAdapter(route.response_model)
@@ -140,6 +136,16 @@ class FastReads:
         finally:
             count_request("GET", read.route.path, status, started)
         return True
+
+
+def only_guard(route: APIRoute) -> tuple[Guard, str] | None:
+    """The route's guard and its parameter's name, when the route has a coroutine endpoint
+    and no dependency but that guard."""
+    dependencies = route.dependant.dependencies
+    if not inspect.iscoroutinefunction(route.endpoint) or len(dependencies) != 1:
+        return None
+    guard, name = dependencies[0].call, dependencies[0].name
+    return (guard, name) if isinstance(guard, Guard) and name is not None else None
 
 
 def bind_request_id(scope: Scope) -> str:

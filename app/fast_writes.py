@@ -41,8 +41,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.types import Message, Receive, Scope, Send
 
-from app.auth import Guard
-from app.fast_reads import bind_request_id, count_request
+from app.fast_reads import bind_request_id, count_request, only_guard
 from app.observability import MAX_BODY_BYTES
 
 
@@ -51,14 +50,11 @@ class FastPost:
 
     def __init__(self, app: FastAPI, route: APIRoute) -> None:
         dependant = route.dependant
-        guards = [d for d in dependant.dependencies if isinstance(d.call, Guard)]
+        guard = only_guard(route)
         returns = inspect.signature(route.endpoint).return_annotation
         if (
             route.methods != {"POST"}
-            or not inspect.iscoroutinefunction(route.endpoint)
-            or len(guards) != 1
-            or len(dependant.dependencies) != 1
-            or guards[0].name is None
+            or guard is None
             or len(dependant.body_params) != 1
             or dependant.query_params
             or dependant.cookie_params
@@ -68,8 +64,7 @@ class FastPost:
         self.app = app
         self.route = route
         self.path_regex = route.path_regex
-        self.guard: Guard = guards[0].call  # type: ignore[assignment]
-        self.guard_param = guards[0].name
+        self.guard, self.guard_param = guard
         self.request_param = dependant.request_param_name
         self.path_params = dependant.path_params
         self.header_params = dependant.header_params

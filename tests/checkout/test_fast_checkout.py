@@ -6,6 +6,7 @@ the body they sent."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -15,6 +16,7 @@ from sqlalchemy import func, select
 
 from app.fast_writes import FastPost
 from app.models import CheckoutSession, IdempotencyRecord
+from tests.asgi import http_scope
 from tests.checkout.conftest import APP_URL, subscription_body, top_up_body
 from tests.conftest import TokenFactory, bearer
 from tests.stripe_fake import StripeFake
@@ -34,21 +36,7 @@ async def fast_path_alone(
     and the body FastAPI would then read (None when the fast path answered)."""
     fast: FastPost = app.fast_checkout  # type: ignore[attr-defined]
     headers = {"x-request-id": "req-fixed", "content-length": str(len(body)), **headers}
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": path,
-        "raw_path": path.encode(),
-        "root_path": "",
-        "query_string": b"",
-        "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 1),
-        "server": ("billing.test", 80),
-        "state": {},
-    }
+    scope = http_scope("POST", path, headers)
     chunks = [body[:7], body[7:]]  # sent in two parts, as a client may
 
     async def receive() -> dict[str, Any]:
@@ -88,6 +76,26 @@ async def fastapi_answer(app: FastAPI, path: str, headers: dict[str, str], body:
     return response.status_code, response.headers.raw, response.content
 
 
+async def on_two_new_accounts(
+    app: FastAPI, token: TokenFactory, prefix: str, before: Callable[[], None] = lambda: None
+) -> tuple[Answer, Answer]:
+    """A top-up checkout (key `k-1`) of account `<prefix>_1` answered by the fast path, and
+    the same of `<prefix>_2` by FastAPI alone: two new accounts, so both meet the same state.
+    `before` runs before each."""
+    content_type, body = json_body(top_up_body())
+    answers = []
+    for account, fast in ((f"{prefix}_1", True), (f"{prefix}_2", False)):
+        headers = {**user(token, account), **content_type, "Idempotency-Key": "k-1"}
+        before()
+        if fast:
+            sent, unread = await fast_path_alone(app, PATH.format(account), headers, body)
+            assert unread is None
+            answers.append(as_answer(sent))
+        else:
+            answers.append(await fastapi_answer(app, PATH.format(account), headers, body))
+    return answers[0], answers[1]
+
+
 def as_answer(sent: list[Any]) -> Answer:
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
     return sent[0]["status"], sent[0]["headers"], sent[1]["body"]
@@ -121,44 +129,27 @@ async def test_errors_the_checkout_raises_are_answered_by_the_fast_path_as_by_fa
         assert fast == framework, label
 
     # Stripe fails (after the retries): 502, the pending row marked failed, the key released
-    content_type, body = json_body(top_up_body())
-    answers = []
-    for account in ("acc_down_1", "acc_down_2"):
-        headers = {**user(token, account), **content_type, "Idempotency-Key": "k-down"}
+    def stripe_down() -> None:
         stripe_fake.fail_next(10, 500, path_prefix="/v1/customers")
-        if account == "acc_down_1":
-            answers.append(
-                as_answer((await fast_path_alone(app, PATH.format(account), headers, body))[0])
-            )
-        else:
-            answers.append(await fastapi_answer(app, PATH.format(account), headers, body))
-        stripe_fake.clear_failures()
-    assert answers[0][0] == 502
-    assert answers[0] == answers[1]
-    async with app.state.session_factory() as session:
-        held = await session.scalar(select(func.count()).select_from(IdempotencyRecord))
-    assert held == 0
+
+    fast, framework = await on_two_new_accounts(app, token, "acc_down", before=stripe_down)
+    stripe_fake.clear_failures()
+    assert fast[0] == 502
+    assert fast == framework
+    assert await count(app, IdempotencyRecord) == 0
 
 
 async def test_a_created_checkout_and_its_replays_are_answered_as_by_fastapi(
     app: FastAPI, token: TokenFactory
 ) -> None:
-    content_type, body = json_body(top_up_body())
-    created = []
-    for account in ("acc_new_1", "acc_new_2"):
-        headers = {**user(token, account), **content_type, "Idempotency-Key": "k-1"}
-        if account == "acc_new_1":
-            sent, unread = await fast_path_alone(app, PATH.format(account), headers, body)
-            assert unread is None
-            created.append(as_answer(sent))
-        else:
-            created.append(await fastapi_answer(app, PATH.format(account), headers, body))
+    created = await on_two_new_accounts(app, token, "acc_new")
     (fast_status, fast_headers, fast_body), (status, headers_, framework_body) = created
     assert fast_status == status == 201
     assert [name for name, _ in fast_headers] == [name for name, _ in headers_]
     assert _without_ids(fast_body) == _without_ids(framework_body)
 
     # the same key again: a replay, and the same key with another body: 409, either way
+    body = json.dumps(top_up_body()).encode()
     other_type, other_body = json_body(top_up_body(amount=6000))
     for again in (body, other_body):
         headers = {**user(token, "acc_new_1"), **other_type, "Idempotency-Key": "k-1"}
@@ -167,9 +158,7 @@ async def test_a_created_checkout_and_its_replays_are_answered_as_by_fastapi(
         framework = await fastapi_answer(app, PATH.format("acc_new_1"), headers, again)
         assert as_answer(sent) == framework
         assert framework[0] == (201 if again == body else 409)
-    async with app.state.session_factory() as session:
-        rows = await session.scalar(select(func.count()).select_from(CheckoutSession))
-    assert rows == 2
+    assert await count(app, CheckoutSession) == 2
 
 
 async def test_invalid_input_refused_tokens_and_cors_are_left_to_fastapi_with_their_body(
@@ -224,9 +213,7 @@ async def test_invalid_input_refused_tokens_and_cors_are_left_to_fastapi_with_th
         assert unread == body, label
         framework = await fastapi_answer(app, PATH.format(account), headers, body)
         assert framework[0] != 201 or label == "CORS", (label, framework)
-    async with app.state.session_factory() as session:
-        rows = await session.scalar(select(func.count()).select_from(CheckoutSession))
-    assert rows == 1  # the CORS request, answered by FastAPI
+    assert await count(app, CheckoutSession) == 1  # the CORS request, answered by FastAPI
 
 
 async def test_a_checkout_answered_by_the_fast_path_is_counted_in_the_routes_metrics(
@@ -244,6 +231,11 @@ async def test_a_checkout_answered_by_the_fast_path_is_counted_in_the_routes_met
     assert as_answer(sent)[0] == 201
     after = REGISTRY.get_sample_value("billing_http_requests_total", labels)
     assert after == before + 1
+
+
+async def count(app: FastAPI, model: Any) -> int:
+    async with app.state.session_factory() as session:
+        return int(await session.scalar(select(func.count()).select_from(model)) or 0)
 
 
 def _urls() -> dict[str, str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from datetime import timedelta
 from typing import Any
-from urllib.parse import unquote
 
 import httpx
 from fastapi import FastAPI
@@ -14,6 +13,7 @@ from prometheus_client import REGISTRY
 
 from app.fast_reads import FastReads
 from app.models import Account, Channel, Subscription
+from tests.asgi import http_scope
 from tests.conftest import TokenFactory, bearer
 from tests.reads.rows import NOW, succeeded_payment
 
@@ -65,23 +65,7 @@ async def fast_path_alone(app: FastAPI, path: str, headers: dict[str, str]) -> l
     """The ASGI messages `FastReads` sends for a GET of `path` ([] when it leaves it to
     FastAPI)."""
     fast: FastReads = app.fast_reads  # type: ignore[attr-defined]
-    raw_path, _, query = path.partition("?")
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0"},
-        "http_version": "1.1",
-        "method": "GET",
-        "scheme": "http",
-        "path": unquote(raw_path),  # as servers pass it: percent-decoded
-        "raw_path": raw_path.encode(),
-        "root_path": "",
-        "query_string": query.encode(),
-        "headers": [(b"x-request-id", b"req-fixed")]
-        + [(k.lower().encode(), v.encode()) for k, v in headers.items()],
-        "client": ("127.0.0.1", 1),
-        "server": ("billing.test", 80),
-        "state": {},
-    }
+    scope = http_scope("GET", path, {"x-request-id": "req-fixed", **headers})
     sent: list[Any] = []
 
     async def receive() -> dict[str, Any]:
