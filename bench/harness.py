@@ -182,6 +182,18 @@ def start_server(name: str, target: str, env: dict[str, str], log: Path) -> Serv
     raise RuntimeError(f"{name} did not start; see {log}")
 
 
+def start_worker(name: str, command: list[str], env: dict[str, str], log: Path) -> Server:
+    """`billing <command>` (app/cli.py) in a process of its own (port 0: it serves nothing)."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "app.cli", *command],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
+    return Server(name, 0, process)
+
+
 def start_py_spy(pid: int, out: Path) -> subprocess.Popen[bytes]:
     """py-spy recording `pid` at 200 Hz into `out` (raw collapsed stacks) until sent SIGINT;
     returns once it is attached."""

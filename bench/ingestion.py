@@ -228,9 +228,10 @@ async def main() -> None:
             e2e_bodies = [
                 harness.event_body(e) for e in deliveries(subset, DUPLICATES, random.Random(8))
             ]
-            summary["e2e"] = await end_to_end(
-                fake, seed_db, e2e_db, e2e_bodies, len(subset), n, ref_rate, log
-            )
+            for separate in (False, True):
+                summary["e2e_separate_processor" if separate else "e2e"] = await end_to_end(
+                    fake, seed_db, e2e_db, e2e_bodies, len(subset), n, ref_rate, log, separate
+                )
         out = RESULTS / "ingestion.json"
         out.write_text(json.dumps(summary, indent=2, default=str))
         print(f"\nresults: {out}; total {time.monotonic() - started:.0f} s")
@@ -249,15 +250,21 @@ async def end_to_end(
     accounts: int,
     ref_rate: float,
     log: Path,
+    separate_processor: bool,
 ) -> dict[str, Any]:
+    """The burst, then the drain. The processor runs inside the web process (the default,
+    `RUN_BACKGROUND_WORKERS=true`), or with `separate_processor` as a `billing
+    process-events` process of its own beside a web process without background workers
+    (README, "Running in production")."""
     dsn = await harness.create_database(e2e_db, template=seed_db)
     file = RESULTS / "deliveries.bin"
     harness.write_deliveries(file, bodies)
     with harness.servers() as running:
-        service = harness.start_server(
-            "service", "app.main:app", harness.service_env(dsn, fake.url, workers=True), log
-        )
+        env = harness.service_env(dsn, fake.url, workers=not separate_processor)
+        service = harness.start_server("service", "app.main:app", env, log)
         running.append(service)
+        if separate_processor:
+            running.append(harness.start_worker("processor", ["process-events"], env, log))
         started = time.monotonic()
         burst = run_wrk(service.url, file, connections=CONNECTIONS)
         acked = time.monotonic()
@@ -276,9 +283,10 @@ async def end_to_end(
     mirror = await mirror_check(dsn, accounts)
     expected = expected_mirror(accounts)
     e2e_rate = len(bodies) / (applied - started)
+    where = "a processor process of its own" if separate_processor else "background workers on"
     print(
         f"\nEnd to end ({accounts} accounts' lifecycles, {len(bodies)} deliveries as one burst,"
-        " background workers on):"
+        f" {where}):"
     )
     print(
         table(
