@@ -269,22 +269,22 @@ async def driver_transaction(
 
     pooled = await engine.raw_connection()
     driver: Any = pooled.driver_connection
+    clean = False  # the connection ends outside any transaction, fit for its next user
     try:
         await driver.execute(BEGIN if wait_for_flush else BEGIN_WITHOUT_FLUSH_WAIT)
         try:
             yield driver
-        except Exception:
-            await driver.execute("ROLLBACK")
+        except Exception as failure:
+            if not database_unavailable(failure):
+                with contextlib.suppress(Exception):  # failing, it leaves `clean` False
+                    await driver.execute("ROLLBACK")
+                    clean = True
             raise
         await driver.execute("COMMIT")
-    except Exception as exc:
-        if database_unavailable(exc):
+        clean = True
+    finally:  # unusable, failed mid-way, or cancelled (perhaps mid-statement): discarded
+        if not clean:
             pooled.invalidate()
-        raise
-    except BaseException:  # cancelled, perhaps mid-statement: the connection's state is unknown
-        pooled.invalidate()
-        raise
-    finally:
         pooled.close()
 
 

@@ -1,0 +1,76 @@
+"""app/db.py `driver_transaction`: commits when its block ends, rolls back when it raises,
+and never hands the next user a connection left inside a transaction or mid-statement."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+import pytest
+from fastapi import FastAPI
+
+from app.db import driver_transaction, flush_on_commit
+
+
+async def insert(app: FastAPI, *values: int, then: Exception | None = None) -> None:
+    """Insert `values` into a scratch table in one transaction, then raise `then`."""
+    async with driver_transaction(app.state.engine) as conn:
+        await conn.execute("CREATE TABLE IF NOT EXISTS scratch_tx (n int PRIMARY KEY)")
+        for value in values:
+            await conn.execute("INSERT INTO scratch_tx VALUES ($1)", value)
+        if then is not None:
+            raise then
+
+
+async def stored(app: FastAPI) -> set[int]:
+    async with driver_transaction(app.state.engine) as conn:
+        return {r["n"] for r in await conn.fetch("SELECT n FROM scratch_tx")}
+
+
+async def test_the_block_commits_and_a_raising_block_rolls_back(app: FastAPI) -> None:
+    await insert(app, 1)
+    with pytest.raises(LookupError):
+        await insert(app, 2, then=LookupError("refused after writing"))
+    assert await stored(app) == {1}
+    # more than the pool holds: had a connection come back inside the rolled-back
+    # transaction, its next BEGIN would be ignored and row 2 would be seen through it
+    for _ in range(12):
+        assert await stored(app) == {1}
+
+
+async def test_a_failed_statement_rolls_back_and_the_connection_serves_again(
+    app: FastAPI,
+) -> None:
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await insert(app, 5, 5)
+    assert 5 not in await stored(app)
+
+
+async def test_a_transaction_cancelled_mid_statement_leaves_no_connection_behind(
+    app: FastAPI,
+) -> None:
+    await insert(app)
+
+    async def slow() -> None:
+        async with driver_transaction(app.state.engine) as conn:
+            await conn.execute("INSERT INTO scratch_tx VALUES (7)")
+            await conn.execute("SELECT pg_sleep(30)")
+
+    task = asyncio.create_task(slow())
+    await asyncio.sleep(0.5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    for _ in range(12):  # nothing committed, and every pooled connection answers
+        assert 7 not in await stored(app)
+
+
+async def test_without_flush_wait_the_commit_does_not_wait_unless_turned_back_on(
+    app: FastAPI,
+) -> None:
+    async with driver_transaction(app.state.engine, wait_for_flush=False) as conn:
+        assert await conn.fetchval("SHOW synchronous_commit") == "off"
+        await flush_on_commit(conn)
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
+    async with driver_transaction(app.state.engine) as conn:
+        assert await conn.fetchval("SHOW synchronous_commit") == "on"
