@@ -40,6 +40,7 @@ from app.webhooks.handlers import (
     PrefetchedObjects,
     accounts_named,
     apply_event,
+    apply_events,
     lock_key,
     prefetch_balance_transactions,
 )
@@ -230,13 +231,19 @@ class EventProcessor:
                 fetched.update(await prefetch_balance_transactions(session, self._stripe, payloads))
             await ensure_accounts(session, accounts_named(payloads))
             session.expunge_all()  # the event rows are read, never written through the ORM
-            for payload in payloads:
-                await apply_event(
-                    EventContext(session, self._settings, self._stripe, payload, now, fetched)
-                )
-                await session.flush()
+
+            async def forget_loaded_rows() -> None:
                 # the next event reads the database afresh, as it would in its own transaction
+                await session.flush()
                 session.expunge_all()
+
+            await apply_events(
+                [
+                    EventContext(session, self._settings, self._stripe, payload, now, fetched)
+                    for payload in payloads
+                ],
+                after_each=forget_loaded_rows,
+            )
             await session.execute(
                 update(StripeEvent)
                 .where(StripeEvent.id.in_([row.id for row in rows]))
