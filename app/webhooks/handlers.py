@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import structlog
 from sqlalchemy import (
@@ -74,7 +74,6 @@ log = structlog.get_logger()
 Json = dict[str, Any]
 PrefetchedObjects = dict[str, Json | Exception]
 """Stripe objects by id, or the error fetching one raised (not fetched again in the batch)."""
-MirrorRow = TypeVar("MirrorRow", Invoice, Refund, Dispute)
 TIMESTAMPS = ("created_at", "updated_at")
 
 
@@ -173,16 +172,9 @@ RECORD_FIRST_PAYMENT = (  # a Core statement: also run for many accounts at once
         currency=func.coalesce(ACCOUNTS.c.currency, bindparam("currency")),
     )
 )
-LOCKED_MIRROR_ROW = {
-    model: select(model).where(model.stripe_id == bindparam("stripe_id")).with_for_update()
-    for model in (Invoice, Refund, Dispute)
-}
+LOCKED_REFUND = select(Refund).where(Refund.stripe_id == bindparam("stripe_id")).with_for_update()
 LOCKED_SUBSCRIPTION = (
     select(Subscription).where(Subscription.stripe_id == bindparam("stripe_id")).with_for_update()
-)
-PAYMENT_OF_DISPUTE = select(Payment).where(
-    (Payment.stripe_id == bindparam("payment_intent"))
-    | (Payment.stripe_charge_id == bindparam("charge"))
 )
 DISPUTES = cast(Table, Dispute.__table__)
 
@@ -209,25 +201,21 @@ async def record_first_payment(
     )
 
 
-async def locked_mirror_row(
-    session: AsyncSession, model: type[MirrorRow], stripe_id: str, **defaults: Any
-) -> tuple[MirrorRow, bool]:
-    """The mirror row for a Stripe object, created with `defaults` if missing, locked for
-    this transaction (creation races are decided by the unique `stripe_id`), and whether it
-    was missing. A row that exists, the usual case (an object has several events), costs one
-    statement."""
-    locked = cast(Select[MirrorRow], LOCKED_MIRROR_ROW[model])
-    row = await session.scalar(locked, {"stripe_id": stripe_id})
+async def locked_refund(session: AsyncSession, stripe_id: str, **defaults: Any) -> Refund:
+    """The refund's row, created with `defaults` if missing, locked for this transaction
+    (creation races are decided by the unique `stripe_id`). A row that exists, the usual case
+    (a refund has several events), costs one statement."""
+    row = await session.scalar(LOCKED_REFUND, {"stripe_id": stripe_id})
     if row is not None:
-        return row, False
+        return row
     await session.execute(
-        insert(model)
+        insert(Refund)
         .values(stripe_id=stripe_id, **defaults)
         .on_conflict_do_nothing(index_elements=["stripe_id"])
     )
-    row = await session.scalar(locked, {"stripe_id": stripe_id})
+    row = await session.scalar(LOCKED_REFUND, {"stripe_id": stripe_id})
     assert row is not None
-    return row, True
+    return row
 
 
 PAYMENT_LINKS = (
@@ -265,7 +253,7 @@ def _mirror_statements(table: Table) -> tuple[Select[Any], Any, Any]:
     return locked, new, write
 
 
-MIRROR_STATEMENTS = {table: _mirror_statements(table) for table in (PAYMENTS, INVOICES)}
+MIRROR_STATEMENTS = {table: _mirror_statements(table) for table in (PAYMENTS, INVOICES, DISPUTES)}
 
 
 async def locked_rows(
@@ -956,9 +944,8 @@ def fee_in_payment_currency(balance_transaction: Json, payment_currency: str) ->
 
 async def on_refund(ctx: EventContext) -> None:
     obj = ctx.object
-    refund, _ = await locked_mirror_row(
+    refund = await locked_refund(
         ctx.session,
-        Refund,
         obj["id"],
         amount=int(obj.get("amount") or 0),
         currency=obj.get("currency") or "",
@@ -976,36 +963,95 @@ async def on_refund(ctx: EventContext) -> None:
     await apply_refund_effects(ctx, refund)
 
 
-async def on_dispute(ctx: EventContext) -> None:
-    obj = ctx.object
-    charge_id = ref(obj.get("charge")) or ""
-    payment_intent = ref(obj.get("payment_intent"))
-    payment = await ctx.session.scalar(
-        PAYMENT_OF_DISPUTE, {"payment_intent": payment_intent, "charge": charge_id}
+DISPUTE_EVENTS = frozenset(
+    {
+        "charge.dispute.created",
+        "charge.dispute.updated",
+        "charge.dispute.closed",
+        "charge.dispute.funds_withdrawn",
+        "charge.dispute.funds_reinstated",
+    }
+)
+PAYMENTS_OF_DISPUTES = select(
+    PAYMENTS.c.id, PAYMENTS.c.stripe_id, PAYMENTS.c.stripe_charge_id, PAYMENTS.c.account_id
+).where(
+    (PAYMENTS.c.stripe_id == any_(bindparam("payment_intents", type_=ARRAY(String))))
+    | (PAYMENTS.c.stripe_charge_id == any_(bindparam("charges", type_=ARRAY(String))))
+)
+MARK_DISPUTED = (
+    update(PAYMENTS)
+    .where(
+        PAYMENTS.c.id == any_(bindparam("payment_ids", type_=ARRAY(Uuid))),
+        PAYMENTS.c.disputed.is_(False),
     )
-    dispute, _ = await locked_mirror_row(
-        ctx.session,
-        Dispute,
-        obj["id"],
-        stripe_charge_id=charge_id,
-        amount=int(obj.get("amount") or 0),
-        currency=obj.get("currency") or "",
-        status=obj.get("status") or "needs_response",
+    .values(disputed=True)
+)
+
+
+async def on_dispute_events(ctxs: Sequence[EventContext]) -> None:
+    """Dispute events, applied together: each merged into its dispute row in order (status
+    forward, funds withdrawn and reinstated only grow, ids, account and Stripe's creation
+    time kept once known, the earliest closing kept), the rows written in one statement, their
+    payments marked disputed in one more; then the effects of each dispute, once, from its
+    merged state (`apply_dispute_effects`, in the context of its last event)."""
+    session = ctxs[0].session
+    objects = [ctx.object for ctx in ctxs]
+    found = await session.execute(
+        PAYMENTS_OF_DISPUTES,
+        {
+            "payment_intents": sorted(
+                {pi for obj in objects if (pi := ref(obj.get("payment_intent")))}
+            ),
+            "charges": sorted({charge for obj in objects if (charge := ref(obj.get("charge")))}),
+        },
     )
-    dispute.stripe_payment_intent_id = dispute.stripe_payment_intent_id or payment_intent
-    dispute.account_id = dispute.account_id or (payment.account_id if payment else None)
-    dispute.status = rank_merge(DISPUTE_STATUS_ORDER, dispute.status, obj.get("status")) or ""
-    dispute.reason = obj.get("reason") or dispute.reason
-    withdrawn, reinstated = _dispute_funds(obj)
-    dispute.funds_withdrawn = max(dispute.funds_withdrawn, withdrawn)
-    dispute.funds_reinstated = max(dispute.funds_reinstated, reinstated)
-    dispute.stripe_created = dispute.stripe_created or ts(obj.get("created"))
-    if obj.get("status") in ("won", "lost"):
-        dispute.closed_at = min(dispute.closed_at or ctx.created, ctx.created)
-    if payment is not None:
-        payment.disputed = True
-    await ctx.session.flush()
-    await apply_dispute_effects(ctx, dispute)
+    by_intent: dict[str, Any] = {}
+    by_charge: dict[str, Any] = {}
+    for known in found.all():
+        by_intent[known.stripe_id] = known
+        if known.stripe_charge_id:
+            by_charge[known.stripe_charge_id] = known
+    defaults = {
+        obj["id"]: {
+            "stripe_charge_id": ref(obj.get("charge")) or "",
+            "amount": int(obj.get("amount") or 0),
+            "currency": obj.get("currency") or "",
+            "status": obj.get("status") or "needs_response",
+        }
+        for obj in reversed(objects)  # a new row starts from its first event's values
+    }
+    rows, _ = await locked_rows(session, DISPUTES, defaults)
+    stored = {stripe_id: dict(row) for stripe_id, row in rows.items()}
+    disputed: set[uuid.UUID] = set()
+    last_event: dict[str, EventContext] = {}
+    for ctx in ctxs:
+        obj = ctx.object
+        payment_intent = ref(obj.get("payment_intent"))
+        payment = by_intent.get(payment_intent or "") or by_charge.get(ref(obj.get("charge")) or "")
+        row = rows[obj["id"]]
+        row["stripe_payment_intent_id"] = row["stripe_payment_intent_id"] or payment_intent
+        row["account_id"] = row["account_id"] or (payment.account_id if payment else None)
+        row["status"] = rank_merge(DISPUTE_STATUS_ORDER, row["status"], obj.get("status")) or ""
+        row["reason"] = obj.get("reason") or row["reason"]
+        withdrawn, reinstated = _dispute_funds(obj)
+        row["funds_withdrawn"] = max(row["funds_withdrawn"], withdrawn)
+        row["funds_reinstated"] = max(row["funds_reinstated"], reinstated)
+        row["stripe_created"] = row["stripe_created"] or ts(obj.get("created"))
+        if obj.get("status") in ("won", "lost"):
+            row["closed_at"] = min(row["closed_at"] or ctx.created, ctx.created)
+        if payment is not None:
+            disputed.add(payment.id)
+        last_event[obj["id"]] = ctx
+    await write_rows(session, DISPUTES, rows, stored)
+    if disputed:
+        await session.execute(MARK_DISPUTED, {"payment_ids": sorted(disputed)})
+    mirrored = await session.scalars(
+        select(Dispute)
+        .where(Dispute.id.in_([row["id"] for row in rows.values()]))
+        .order_by(Dispute.stripe_id)
+    )
+    for dispute in mirrored.all():
+        await apply_dispute_effects(last_event[dispute.stripe_id], dispute)
 
 
 async def apply_refund_effects(ctx: EventContext, refund: Refund) -> None:
@@ -1118,11 +1164,6 @@ HANDLERS: dict[str, Handler] = {
     "refund.created": on_refund,
     "refund.updated": on_refund,
     "refund.failed": on_refund,
-    "charge.dispute.created": on_dispute,
-    "charge.dispute.updated": on_dispute,
-    "charge.dispute.closed": on_dispute,
-    "charge.dispute.funds_withdrawn": on_dispute,
-    "charge.dispute.funds_reinstated": on_dispute,
 }
 GroupHandler = Callable[[Sequence[EventContext]], Awaitable[None]]
 
@@ -1130,11 +1171,13 @@ GROUP_HANDLERS: dict[str, GroupHandler] = {  # the groups run in this order (see
     **{event_type: on_invoice_events for event_type in sorted(INVOICE_EVENTS)},
     "invoice_payment.paid": on_payment_events,
     **{event_type: on_payment_events for event_type in sorted(CHARGE_EVENTS)},
+    **{event_type: on_dispute_events for event_type in sorted(DISPUTE_EVENTS)},
 }
 """Event types applied together, after a batch's other events: their merges are monotonic
 and commute (see the module docstring), so applying them as one group ends where applying
 them one by one in any order would, with a few statements per group instead of several per
-event. Invoices first: invoice payments take the invoice's account and subscription."""
+event. Invoices first (invoice payments take the invoice's account and subscription), then
+payments, then disputes (a dispute takes its payment's account)."""
 HANDLED_EVENT_TYPES = frozenset(HANDLERS) | frozenset(GROUP_HANDLERS)
 
 
