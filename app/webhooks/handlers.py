@@ -44,6 +44,7 @@ from sqlalchemy import (
     literal,
     select,
     text,
+    union_all,
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, insert
@@ -153,6 +154,7 @@ ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as the account routes accept 
 
 ACCOUNT_OF_CUSTOMER = select(Account.id).where(Account.stripe_customer_id == bindparam("customer"))
 ACCOUNTS = cast(Table, Account.__table__)
+CHECKOUTS = cast(Table, CheckoutSession.__table__)
 LINK_CUSTOMER = (  # Core statements (the ORM's UPDATE costs more CPU than Postgres does here)
     update(ACCOUNTS)
     .where(ACCOUNTS.c.id == bindparam("account"), ACCOUNTS.c.stripe_customer_id.is_(None))
@@ -192,13 +194,28 @@ async def link_customer(session: AsyncSession, account_id: str, customer_id: str
         await session.execute(LINK_CUSTOMER, {"account": account_id, "customer": customer_id})
 
 
-async def record_first_payment(
-    session: AsyncSession, account_id: str, paid_at: datetime, currency: str
+FirstPayments = dict[str, tuple[datetime, str]]
+"""Payments to record as their accounts' (`RECORD_FIRST_PAYMENT`): account -> (the earliest
+paid time, the currency of the first recorded), as one statement per payment would."""
+
+
+def add_first_payment(
+    first_payments: FirstPayments, account_id: str, paid_at: datetime, currency: str
 ) -> None:
-    await ensure_account(session, account_id)
-    await session.execute(
-        RECORD_FIRST_PAYMENT, {"account": account_id, "paid_at": paid_at, "currency": currency}
-    )
+    earliest, first_currency = first_payments.get(account_id, (paid_at, currency))
+    first_payments[account_id] = (min(earliest, paid_at), first_currency)
+
+
+async def record_first_payments(session: AsyncSession, first_payments: FirstPayments) -> None:
+    """The accounts' first payment time (the earliest) and currency (once set, kept)."""
+    if first_payments:
+        await session.execute(
+            RECORD_FIRST_PAYMENT,
+            [
+                {"account": account_id, "paid_at": paid_at, "currency": currency}
+                for account_id, (paid_at, currency) in sorted(first_payments.items())
+            ],
+        )
 
 
 async def locked_refund(session: AsyncSession, stripe_id: str, **defaults: Any) -> Refund:
@@ -369,7 +386,7 @@ async def apply_payment_changes(changes: Sequence[PaymentChange]) -> None:
         )
     rows, created = await locked_rows(session, PAYMENTS, defaults)
     stored = {stripe_id: dict(row) for stripe_id, row in rows.items()}
-    first_payments: dict[str, tuple[datetime, str]] = {}  # account -> (earliest, currency)
+    first_payments: FirstPayments = {}
     learned_from: dict[str, EventContext] = {}  # payment -> the first event that taught
     for change in changes:
         row = rows[change.stripe_id]
@@ -379,21 +396,12 @@ async def apply_payment_changes(changes: Sequence[PaymentChange]) -> None:
             transaction = await _balance_transaction(change.ctx, change.balance_transaction)
             row["fee"] = fee_in_payment_currency(transaction, row["currency"])
         if (first := change.first_payment(row)) is not None:
-            account_id, paid_at = first
-            earliest, currency = first_payments.get(account_id, (paid_at, row["currency"]))
-            first_payments[account_id] = (min(earliest, paid_at), currency)
+            add_first_payment(first_payments, *first, row["currency"])
         if change.stripe_id in created or links_before != [row[link] for link in PAYMENT_LINKS]:
             learned_from.setdefault(change.stripe_id, change.ctx)
     await _link_disputes(session, rows)
     await write_rows(session, PAYMENTS, rows, stored)
-    if first_payments:
-        await session.execute(
-            RECORD_FIRST_PAYMENT,
-            [
-                {"account": account_id, "paid_at": paid_at, "currency": currency}
-                for account_id, (paid_at, currency) in sorted(first_payments.items())
-            ],
-        )
+    await record_first_payments(session, first_payments)
     if learned_from:
         await reapply_money_effects(
             "id", {rows[stripe_id]["id"]: ctx for stripe_id, ctx in learned_from.items()}
@@ -438,79 +446,189 @@ async def _link_disputes(session: AsyncSession, rows: dict[str, PaymentRow]) -> 
 # --- checkout sessions ---------------------------------------------------------------------
 
 
-async def on_checkout_session(ctx: EventContext) -> None:
-    obj = ctx.object
-    metadata = obj.get("metadata") or {}
-    row = await ctx.session.scalar(
-        select(CheckoutSession).where(CheckoutSession.stripe_id == obj["id"]).with_for_update()
+CHECKOUT_EVENTS = frozenset(
+    {
+        "checkout.session.completed",
+        "checkout.session.expired",
+        "checkout.session.async_payment_succeeded",
+        "checkout.session.async_payment_failed",
+    }
+)
+CHECKOUT_MERGED = (
+    "stripe_id",
+    "status",
+    "payment_status",
+    "stripe_subscription_id",
+    "stripe_payment_intent_id",
+    "fulfilled_at",
+)
+"""The columns of our checkout sessions that their events change."""
+LOCKED_CHECKOUTS = (
+    select(
+        CHECKOUTS.c.id,
+        CHECKOUTS.c.account_id,
+        CHECKOUTS.c.purpose,
+        CHECKOUTS.c.currency,
+        *(CHECKOUTS.c[name] for name in CHECKOUT_MERGED),
     )
-    if row is None and (our_id := _uuid(metadata.get("checkout_session_id"))) is not None:
-        row = await ctx.session.scalar(
-            select(CheckoutSession).where(CheckoutSession.id == our_id).with_for_update()
-        )
-    if row is None:
-        log.info("checkout_session.unknown", stripe_id=obj.get("id"))
-        return
-    row.stripe_id = row.stripe_id or obj["id"]
-    row.status = rank_merge(CHECKOUT_STATUS_ORDER, row.status, obj.get("status")) or row.status
-    row.payment_status = rank_merge(
-        CHECKOUT_PAYMENT_ORDER, row.payment_status, obj.get("payment_status")
+    .where(
+        (CHECKOUTS.c.stripe_id == any_(bindparam("stripe_ids", type_=ARRAY(String))))
+        | (CHECKOUTS.c.id == any_(bindparam("ids", type_=ARRAY(Uuid))))
     )
-    row.stripe_subscription_id = row.stripe_subscription_id or ref(obj.get("subscription"))
-    row.stripe_payment_intent_id = row.stripe_payment_intent_id or ref(obj.get("payment_intent"))
-    await link_customer(ctx.session, row.account_id, ref(obj.get("customer")))
+    .order_by(CHECKOUTS.c.id)
+    .with_for_update()
+)
+WRITE_CHECKOUT = (
+    update(CHECKOUTS)
+    .where(CHECKOUTS.c.id == bindparam("row_id"))
+    .values({name: bindparam(f"new_{name}") for name in CHECKOUT_MERGED})
+)
+CREDIT_BALANCE = insert(LedgerEntry).on_conflict_do_nothing(
+    index_elements=["account_id", "kind", "source_id"]
+)
+_subscription_ids = bindparam("subscriptions", type_=ARRAY(String))
+FULFILLING_SUBSCRIPTIONS: CompoundSelect[str] = union_all(
+    select(Subscription.stripe_id).where(
+        Subscription.stripe_id == any_(_subscription_ids),
+        Subscription.status.in_(LIVE_STATUSES),
+    ),
+    select(Invoice.stripe_subscription_id).where(
+        Invoice.stripe_subscription_id == any_(_subscription_ids), Invoice.status == "paid"
+    ),
+)
+"""Of these subscriptions, those that fulfil their checkout: live, or with a paid invoice."""
 
-    paid = (ctx.type == "checkout.session.completed" and obj.get("payment_status") == "paid") or (
-        ctx.type == "checkout.session.async_payment_succeeded"
+
+async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
+    """Checkout session events, applied together to our checkout sessions (found by Stripe
+    id, else by our id in the metadata; unknown ones are logged and skipped), in order:
+    status and payment status forward, Stripe ids kept once known, the account linked to its
+    Stripe customer; a paid top-up or debt repayment credits the balance once (one ledger
+    entry per session), mirrors its payment (`apply_payment_changes`) and is the account's
+    payment; a subscription checkout is fulfilled once its subscription is live or an
+    invoice of it is paid."""
+    session, now = ctxs[0].session, ctxs[0].now
+    found = await session.execute(
+        LOCKED_CHECKOUTS,
+        {
+            "stripe_ids": sorted({ctx.object["id"] for ctx in ctxs}),
+            "ids": sorted({our_id for ctx in ctxs if (our_id := _our_checkout(ctx.object))}),
+        },
     )
-    if row.purpose in ("top_up", "debt_repayment") and paid:
-        await _credit_balance(ctx, row, obj)
-    elif row.purpose == "subscription" and row.stripe_subscription_id and row.fulfilled_at is None:
-        subscription_id = row.stripe_subscription_id
-        live = select(Subscription.id).where(
-            Subscription.stripe_id == subscription_id, Subscription.status.in_(LIVE_STATUSES)
+    rows = {row["id"]: dict(row) for row in found.mappings()}
+    stored = {row_id: dict(row) for row_id, row in rows.items()}
+    by_stripe_id = {row["stripe_id"]: row for row in rows.values() if row["stripe_id"]}
+    customers: dict[tuple[str, str], None] = {}  # (account, Stripe customer), in order
+    credits: list[dict[str, Any]] = []
+    payments: list[PaymentChange] = []
+    first_payments: FirstPayments = {}
+    for ctx in ctxs:
+        obj = ctx.object
+        our_id = _our_checkout(obj)
+        row = by_stripe_id.get(obj["id"]) or (rows.get(our_id) if our_id else None)
+        if row is None:
+            log.info("checkout_session.unknown", stripe_id=obj.get("id"))
+            continue
+        row["stripe_id"] = row["stripe_id"] or obj["id"]
+        by_stripe_id.setdefault(row["stripe_id"], row)
+        row["status"] = (
+            rank_merge(CHECKOUT_STATUS_ORDER, row["status"], obj.get("status")) or row["status"]
         )
-        paid = select(Invoice.id).where(
-            Invoice.stripe_subscription_id == subscription_id, Invoice.status == "paid"
+        row["payment_status"] = rank_merge(
+            CHECKOUT_PAYMENT_ORDER, row["payment_status"], obj.get("payment_status")
         )
-        if await ctx.session.scalar(live.union_all(paid).limit(1)) is not None:
-            row.fulfilled_at = ctx.now
-    await ctx.session.flush()
+        row["stripe_subscription_id"] = row["stripe_subscription_id"] or ref(
+            obj.get("subscription")
+        )
+        row["stripe_payment_intent_id"] = row["stripe_payment_intent_id"] or ref(
+            obj.get("payment_intent")
+        )
+        if (customer := ref(obj.get("customer"))) is not None:
+            customers[(row["account_id"], customer)] = None
+        paid = (
+            ctx.type == "checkout.session.completed" and obj.get("payment_status") == "paid"
+        ) or ctx.type == "checkout.session.async_payment_succeeded"
+        if row["purpose"] in ("top_up", "debt_repayment") and paid:
+            credit = _credit(ctx, row, obj)
+            credits.append(credit)
+            row["fulfilled_at"] = row["fulfilled_at"] or now
+            if (payment_intent := ref(obj.get("payment_intent"))) is not None:
+                payments.append(_checkout_payment(ctx, payment_intent, credit))
+            add_first_payment(first_payments, row["account_id"], ctx.created, credit["currency"])
+    await _fulfil_waiting_subscription_checkouts(session, now, rows.values())
+    changed = [row for row_id, row in rows.items() if row != stored[row_id]]
+    if changed:
+        await session.execute(
+            WRITE_CHECKOUT,
+            [
+                {"row_id": row["id"], **{f"new_{name}": row[name] for name in CHECKOUT_MERGED}}
+                for row in changed
+            ],
+        )
+    if customers:
+        await session.execute(
+            LINK_CUSTOMER, [{"account": account, "customer": c} for account, c in customers]
+        )
+    if credits:
+        await session.execute(CREDIT_BALANCE, credits)
+    if payments:
+        await apply_payment_changes(payments)
+    await record_first_payments(session, first_payments)
 
 
-async def _credit_balance(ctx: EventContext, row: CheckoutSession, obj: Json) -> None:
+def _our_checkout(checkout_session: Json) -> uuid.UUID | None:
+    """Our checkout session's id, from the Stripe session's metadata."""
+    return _uuid((checkout_session.get("metadata") or {}).get("checkout_session_id"))
+
+
+def _credit(ctx: EventContext, row: MirrorDict, obj: Json) -> dict[str, Any]:
+    """The ledger entry crediting a paid top-up or debt repayment (once per session)."""
     amount = obj.get("amount_total")
-    currency = str(obj.get("currency") or row.currency)
     if not isinstance(amount, int) or amount <= 0:
         raise ValueError(f"checkout session {obj['id']} has no amount_total")
-    await ctx.session.execute(
-        insert(LedgerEntry)
-        .values(
-            account_id=row.account_id,
-            kind=row.purpose,
-            source_id=obj["id"],
-            amount=amount,
-            currency=currency,
-            description="Balance top-up" if row.purpose == "top_up" else "Debt repayment",
-            occurred_at=ts(obj.get("created")) or ctx.created,
-        )
-        .on_conflict_do_nothing(index_elements=["account_id", "kind", "source_id"])
-    )
-    if row.fulfilled_at is None:
-        row.fulfilled_at = ctx.now
-    payment_intent = ref(obj.get("payment_intent"))
-    if payment_intent:
-        change = {
-            "account_id": row.account_id,
-            "purpose": row.purpose,
-            "stripe_checkout_session_id": obj["id"],
-            "amount": amount,
-            "currency": currency,
-            "status": "succeeded",
-            "paid_at": ctx.created,
-        }
-        await apply_payment_changes([PaymentChange(ctx, payment_intent, change)])
-    await record_first_payment(ctx.session, row.account_id, ctx.created, currency)
+    return {
+        "account_id": row["account_id"],
+        "kind": row["purpose"],
+        "source_id": obj["id"],
+        "amount": amount,
+        "currency": str(obj.get("currency") or row["currency"]),
+        "description": "Balance top-up" if row["purpose"] == "top_up" else "Debt repayment",
+        "occurred_at": ts(obj.get("created")) or ctx.created,
+    }
+
+
+def _checkout_payment(
+    ctx: EventContext, payment_intent: str, credit: dict[str, Any]
+) -> PaymentChange:
+    """The payment of a paid top-up or debt repayment."""
+    values = {
+        "account_id": credit["account_id"],
+        "purpose": credit["kind"],
+        "stripe_checkout_session_id": ctx.object["id"],
+        "amount": credit["amount"],
+        "currency": credit["currency"],
+        "status": "succeeded",
+        "paid_at": ctx.created,
+    }
+    return PaymentChange(ctx, payment_intent, values)
+
+
+async def _fulfil_waiting_subscription_checkouts(
+    session: AsyncSession, now: datetime, rows: Iterable[MirrorDict]
+) -> None:
+    """Subscription checkouts not fulfilled yet are fulfilled (`fulfilled_at` set in `rows`)
+    when their subscription is live or has a paid invoice."""
+    waiting: dict[str, list[MirrorDict]] = {}
+    for row in rows:
+        subscription_id = row["stripe_subscription_id"]
+        if row["purpose"] == "subscription" and subscription_id and row["fulfilled_at"] is None:
+            waiting.setdefault(subscription_id, []).append(row)
+    if not waiting:
+        return
+    found = await session.scalars(FULFILLING_SUBSCRIPTIONS, {"subscriptions": sorted(waiting)})
+    for subscription_id in set(found.all()):
+        for row in waiting[subscription_id]:
+            row["fulfilled_at"] = now
 
 
 # --- subscriptions -------------------------------------------------------------------------
@@ -578,7 +696,6 @@ async def on_subscription(ctx: EventContext) -> None:
         await reapply_money_effects("stripe_subscription_id", {obj["id"]: ctx})
 
 
-CHECKOUTS = cast(Table, CheckoutSession.__table__)
 FULFIL_SUBSCRIPTION_CHECKOUT = (
     update(CHECKOUTS)
     .where(
@@ -1152,10 +1269,6 @@ def _uuid(value: Any) -> uuid.UUID | None:
 Handler = Callable[[EventContext], Awaitable[None]]
 
 HANDLERS: dict[str, Handler] = {
-    "checkout.session.completed": on_checkout_session,
-    "checkout.session.expired": on_checkout_session,
-    "checkout.session.async_payment_succeeded": on_checkout_session,
-    "checkout.session.async_payment_failed": on_checkout_session,
     "customer.subscription.created": on_subscription,
     "customer.subscription.updated": on_subscription,
     "customer.subscription.deleted": on_subscription,
@@ -1168,6 +1281,7 @@ HANDLERS: dict[str, Handler] = {
 GroupHandler = Callable[[Sequence[EventContext]], Awaitable[None]]
 
 GROUP_HANDLERS: dict[str, GroupHandler] = {  # the groups run in this order (see below)
+    **{event_type: on_checkout_events for event_type in sorted(CHECKOUT_EVENTS)},
     **{event_type: on_invoice_events for event_type in sorted(INVOICE_EVENTS)},
     "invoice_payment.paid": on_payment_events,
     **{event_type: on_payment_events for event_type in sorted(CHARGE_EVENTS)},
@@ -1176,8 +1290,8 @@ GROUP_HANDLERS: dict[str, GroupHandler] = {  # the groups run in this order (see
 """Event types applied together, after a batch's other events: their merges are monotonic
 and commute (see the module docstring), so applying them as one group ends where applying
 them one by one in any order would, with a few statements per group instead of several per
-event. Invoices first (invoice payments take the invoice's account and subscription), then
-payments, then disputes (a dispute takes its payment's account)."""
+event. Checkout sessions, invoices (invoice payments take the invoice's account and
+subscription), payments, disputes (a dispute takes its payment's account)."""
 HANDLED_EVENT_TYPES = frozenset(HANDLERS) | frozenset(GROUP_HANDLERS)
 
 
