@@ -53,7 +53,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.accounts.service import ensure_account, ensure_accounts
 from app.config import Settings
 from app.disputes.events import on_dispute_mirrored
-from app.maintenance.service import count_extension_days_in_period
+from app.maintenance.service import extension_days_held
 from app.models import (
     Account,
     Channel,
@@ -175,8 +175,36 @@ RECORD_FIRST_PAYMENT = (  # also run for many accounts at once (executemany)
     )
 )
 LOCKED_REFUND = select(Refund).where(Refund.stripe_id == bindparam("stripe_id")).with_for_update()
+NEW_CHANNEL = insert(cast(Table, Channel.__table__)).on_conflict_do_nothing(index_elements=["id"])
+SUBSCRIPTIONS = cast(Table, Subscription.__table__)
+SUBSCRIPTION_SNAPSHOT = (
+    "account_id",
+    "channel_id",
+    "stripe_customer_id",
+    "plan_code",
+    "stripe_price_id",
+    "status",
+    "cancel_at_period_end",
+    "cancel_at",
+    "current_period_start",
+    "current_period_end",
+    "trial_end",
+    "canceled_at",
+    "ended_at",
+    "source_event_created",
+    "extension_days_in_period",
+)
+"""The columns a subscription event writes (`on_subscription`)."""
 LOCKED_SUBSCRIPTION = (
-    select(Subscription).where(Subscription.stripe_id == bindparam("stripe_id")).with_for_update()
+    select(SUBSCRIPTIONS.c.id, *(SUBSCRIPTIONS.c[name] for name in SUBSCRIPTION_SNAPSHOT))
+    .where(SUBSCRIPTIONS.c.stripe_id == bindparam("stripe_id"))
+    .with_for_update()
+)
+NEW_SUBSCRIPTION = insert(SUBSCRIPTIONS)
+WRITE_SUBSCRIPTION = (
+    update(SUBSCRIPTIONS)
+    .where(SUBSCRIPTIONS.c.id == bindparam("row_id"))
+    .values({name: bindparam(f"new_{name}") for name in SUBSCRIPTION_SNAPSHOT})
 )
 DISPUTES = cast(Table, Dispute.__table__)
 
@@ -636,30 +664,27 @@ async def _fulfil_waiting_subscription_checkouts(
 
 async def on_subscription(ctx: EventContext) -> None:
     obj = ctx.object
-    existing = await ctx.session.scalar(LOCKED_SUBSCRIPTION, {"stripe_id": obj["id"]})
-    if existing is not None and existing.source_event_created is not None:
-        if ctx.created < existing.source_event_created:
+    found = await ctx.session.execute(LOCKED_SUBSCRIPTION, {"stripe_id": obj["id"]})
+    existing = found.mappings().first()
+    if existing is not None and existing["source_event_created"] is not None:
+        if ctx.created < existing["source_event_created"]:
             log.info("subscription.stale_event_ignored", stripe_id=obj["id"], type=ctx.type)
             return
-        if ctx.created == existing.source_event_created:
+        if ctx.created == existing["source_event_created"]:
             obj = await ctx.stripe.retrieve_subscription(obj["id"])
     metadata = obj.get("metadata") or {}
     customer_id = ref(obj.get("customer"))
-    account_id = metadata.get("account_id") or (existing.account_id if existing else None)
+    account_id = metadata.get("account_id") or (existing["account_id"] if existing else None)
     account_id = account_id or await account_for_customer(ctx.session, customer_id)
-    channel_id = metadata.get("channel_id") or (existing.channel_id if existing else None)
+    channel_id = metadata.get("channel_id") or (existing["channel_id"] if existing else None)
     if account_id is None or channel_id is None:
         log.warning("subscription.unlinked", stripe_id=obj["id"])
         return
     await link_customer(ctx.session, account_id, customer_id)
-    await ctx.session.execute(
-        insert(Channel)
-        .values(id=channel_id, account_id=account_id)
-        .on_conflict_do_nothing(index_elements=[Channel.id])
-    )
+    await ctx.session.execute(NEW_CHANNEL, {"id": channel_id, "account_id": account_id})
     status = str(obj.get("status"))
-    if existing is not None and existing.status in TERMINAL_SUBSCRIPTION_STATUSES:
-        status = existing.status
+    if existing is not None and existing["status"] in TERMINAL_SUBSCRIPTION_STATUSES:
+        status = existing["status"]
     item = _first_item(obj)
     price_id = ref(item.get("price")) if item else None
     plan = next((p for p in ctx.settings.plans if p.stripe_price_id == price_id), None)
@@ -680,13 +705,16 @@ async def on_subscription(ctx: EventContext) -> None:
         "source_event_created": ctx.created,  # never older than the stored one (see above)
     }
     if existing is None:
-        ctx.session.add(Subscription(stripe_id=obj["id"], **values))
-    else:
-        for key, value in values.items():
-            setattr(existing, key, value)
-    await ctx.session.flush()
-    if existing is not None:  # the maintenance days this snapshot's period holds
-        await count_extension_days_in_period(ctx.session, existing)
+        await ctx.session.execute(NEW_SUBSCRIPTION, {"stripe_id": obj["id"], **values})
+    else:  # with the maintenance days this snapshot's period holds
+        values["extension_days_in_period"] = await extension_days_held(
+            ctx.session, existing["id"], values["trial_end"]
+        )
+        if any(existing[name] != value for name, value in values.items()):
+            await ctx.session.execute(
+                WRITE_SUBSCRIPTION,
+                {"row_id": existing["id"], **{f"new_{k}": v for k, v in values.items()}},
+            )
     if status in LIVE_STATUSES:
         await fulfil_subscription_checkouts(
             ctx.session, ctx.now, [(obj["id"], _uuid(metadata.get("checkout_session_id")))]
