@@ -13,7 +13,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import cast
 
-from sqlalchemy import String, Table, bindparam, func, select, text, true
+from sqlalchemy import String, Table, bindparam, func, insert, select, text, true
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -60,6 +60,7 @@ CHANNEL_FEED_STATE = select(
 """What `record_access_change` decides on, in one statement: the channel's owner, the last
 feed entry's access (NULL when there is none) and the access columns of the channel's
 subscriptions (one row with NULL columns when it has none)."""
+NEW_ACCESS_CHANGE = insert(cast(Table, AccessChange.__table__))
 
 
 async def current_channel_access(
@@ -73,8 +74,9 @@ async def current_channel_access(
 
 async def record_access_change(
     session: AsyncSession, channel_id: str, settings: Settings, now: datetime
-) -> AccessChange | None:
-    """Append to the access feed when the channel's access differs from the last entry.
+) -> bool:
+    """Append to the access feed when the channel's access differs from the last entry
+    (True when it did).
 
     Serialized per channel with an advisory lock, so concurrent events for two subscriptions
     of one channel cannot both append the same change."""
@@ -90,19 +92,18 @@ async def record_access_change(
         access.has_access,
         access.access_until,
     ):
-        return None
+        return False
     if last.last_has_access is None and not access.has_access and access.access_until is None:
-        return None
-    change = AccessChange(
-        channel_id=channel_id,
-        account_id=last.owner or "",
-        has_access=access.has_access,
-        access_until=access.access_until,
-        reason=access.reason,
-    )
-    session.add(change)
-    await session.flush()
-    return change
+        return False
+    change = {
+        "channel_id": channel_id,
+        "account_id": last.owner or "",
+        "has_access": access.has_access,
+        "access_until": access.access_until,
+        "reason": access.reason,
+    }
+    await session.execute(NEW_ACCESS_CHANGE, change)
+    return True
 
 
 async def _now(session: AsyncSession) -> datetime:
