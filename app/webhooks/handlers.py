@@ -18,6 +18,17 @@ The sound rules that make any delivery order converge on Stripe's latest state:
 Checkout sessions, subscriptions and payment intents carry our metadata (`account_id`,
 `purpose`, `checkout_session_id`, `channel_id`, `plan_code`), so every event can be linked to a
 1msg account without depending on another event having arrived first.
+
+How a transaction's events are applied (`apply_events`): subscription and refund events one by
+one, in stored order, each by its handler (`HANDLERS`); then the events of the one-way objects
+by group (`GROUP_HANDLERS`: checkout sessions, invoices, payments from charges and invoice
+payments, disputes). A group locks its rows in one statement, folds every event into its row in
+stored order in Python (the same merge rules, so one event or many end alike), writes the rows
+that changed in one statement, and runs the effects once per object from the merged row. Since
+the merges commute, moving these events after the others in their transaction is one of the
+"any order"s above. The per-event fallback applies an event as a group of one: the same code.
+Refund events stay one by one: their effects follow each status a refund passes through
+(an execution that succeeded and then failed is told both), which a merged row would skip.
 """
 
 from __future__ import annotations
@@ -274,7 +285,6 @@ PAYMENT_LINKS = (
 
 MirrorDict = dict[str, Any]
 """A mirror row as column name -> value, read and written with Core (no ORM objects)."""
-PaymentRow = MirrorDict
 PAYMENTS = cast(Table, Payment.__table__)
 INVOICES = cast(Table, Invoice.__table__)
 
@@ -355,7 +365,7 @@ LINK_DISPUTE = (
 )
 
 
-def _no_first_payment(row: PaymentRow) -> tuple[str, datetime] | None:
+def _no_first_payment(row: MirrorDict) -> tuple[str, datetime] | None:
     return None
 
 
@@ -369,12 +379,12 @@ class PaymentChange:
     values: dict[str, Any]
     balance_transaction: Any = None
     """A charge's (an id or the object): its fee becomes the payment's while that is unknown."""
-    first_payment: Callable[[PaymentRow], tuple[str, datetime] | None] = _no_first_payment
+    first_payment: Callable[[MirrorDict], tuple[str, datetime] | None] = _no_first_payment
     """Given the merged row: the (account, paid at) this event records as a payment of the
     account (`RECORD_FIRST_PAYMENT`, with the row's currency), if any."""
 
 
-def merge_payment(row: PaymentRow, values: dict[str, Any]) -> None:
+def merge_payment(row: MirrorDict, values: dict[str, Any]) -> None:
     """The monotonic merge of what an event says into a payment row: the status only moves
     forward, the amount refunded only grows, disputed stays, the earliest paid time wins, the
     amount and currency are the event's, and everything else is kept once known."""
@@ -450,7 +460,7 @@ async def _balance_transaction(ctx: EventContext, transaction: Any) -> Json:
     return known or dict(await ctx.stripe.retrieve_balance_transaction(str(transaction)))
 
 
-async def _link_disputes(session: AsyncSession, rows: dict[str, PaymentRow]) -> None:
+async def _link_disputes(session: AsyncSession, rows: dict[str, MirrorDict]) -> None:
     """A dispute may have been mirrored before the payment it is about: the payment is
     marked disputed, and the dispute gets the payment's account if it still lacks one."""
     charges = {row["stripe_charge_id"]: row for row in rows.values() if row["stripe_charge_id"]}
@@ -961,7 +971,7 @@ def invoice_payment_change(
     paid_at = ts(transitions.get("paid_at")) or ctx.created
     paid = obj.get("status") == "paid"
 
-    def first_payment(row: PaymentRow) -> tuple[str, datetime] | None:
+    def first_payment(row: MirrorDict) -> tuple[str, datetime] | None:
         if row["account_id"] and row["status"] == "succeeded":
             return row["account_id"], paid_at
         return None
@@ -995,7 +1005,7 @@ def charge_change(ctx: EventContext, accounts: dict[str, str]) -> PaymentChange 
     succeeded = obj.get("status") == "succeeded" and bool(obj.get("paid"))
     paid_at = ts(obj.get("created")) or ctx.created
 
-    def first_payment(row: PaymentRow) -> tuple[str, datetime] | None:
+    def first_payment(row: MirrorDict) -> tuple[str, datetime] | None:
         return (account_id, paid_at) if succeeded and account_id is not None else None
 
     return PaymentChange(
@@ -1245,7 +1255,7 @@ def _money_effects_statement(payment_column: str) -> CompoundSelect[int, uuid.UU
 
 MONEY_EFFECTS_OF = {
     column: _money_effects_statement(column)
-    for column in ("id", "stripe_id", "stripe_invoice_id", "stripe_subscription_id")
+    for column in ("id", "stripe_invoice_id", "stripe_subscription_id")
 }
 
 

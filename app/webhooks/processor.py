@@ -4,7 +4,8 @@
   `next_attempt_at`), so replicas never take the same event and a crashed worker's lease runs out.
 - Applying: a claimed batch in one transaction that re-locks the event rows, takes a Postgres
   advisory lock on each Stripe object the events are about (so two replicas never interleave
-  on one subscription), applies the handlers in the order the events were stored, and marks
+  on one subscription), applies the handlers (app/webhooks/handlers.py `apply_events`: one by
+  one in the order the events were stored, then the one-way objects' events by group), and marks
   them `processed` in the same commit: the effects and the "done" marks cannot be separated.
   One transaction per batch instead of per event is what makes applying cheap (one BEGIN, lock
   and commit for up to `batch_size` events). These commits use `synchronous_commit=off`: the
