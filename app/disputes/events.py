@@ -16,9 +16,10 @@ Each change is recorded once in `dispute_effects` for `GET /v1/finance/disputes`
 from __future__ import annotations
 
 from datetime import datetime
+from typing import cast
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import Table, bindparam, select
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,6 +31,20 @@ from app.refunds.service import OPEN_STATUSES, audit_step
 from app.subscriptions.service import record_access_change
 
 log = structlog.get_logger()
+
+# Built once (run for every dispute effect the event processor applies).
+RECORD_EFFECT = insert(cast(Table, DisputeEffect.__table__)).on_conflict_do_nothing(
+    index_elements=["dispute_id", "kind"]
+)
+OPEN_REQUESTS = (
+    select(RefundRequest)
+    .where(
+        RefundRequest.payment_id == bindparam("payment_id"),
+        RefundRequest.type == "refund",
+        RefundRequest.status.in_(OPEN_STATUSES),
+    )
+    .with_for_update()
+)
 
 
 async def on_dispute_mirrored(
@@ -71,15 +86,14 @@ async def _effect(
     subscription_id: object = None,
 ) -> None:
     await session.execute(
-        insert(DisputeEffect)
-        .values(
-            dispute_id=dispute.id,
-            kind=kind,
-            amount=amount,
-            currency=currency,
-            subscription_id=subscription_id,
-        )
-        .on_conflict_do_nothing(index_elements=["dispute_id", "kind"])
+        RECORD_EFFECT,
+        {
+            "dispute_id": dispute.id,
+            "kind": kind,
+            "amount": amount,
+            "currency": currency,
+            "subscription_id": subscription_id,
+        },
     )
 
 
@@ -143,17 +157,7 @@ async def _end_access(
 
 
 async def _close_open_requests(session: AsyncSession, dispute: Dispute, payment: Payment) -> None:
-    requests = (
-        await session.execute(
-            select(RefundRequest)
-            .where(
-                RefundRequest.payment_id == payment.id,
-                RefundRequest.type == "refund",
-                RefundRequest.status.in_(OPEN_STATUSES),
-            )
-            .with_for_update()
-        )
-    ).scalars()
+    requests = (await session.execute(OPEN_REQUESTS, {"payment_id": payment.id})).scalars()
     for request in requests:
         request.status = "closed"
         audit_step(session, request, "closed_by_chargeback", "stripe", dispute_id=dispute.stripe_id)

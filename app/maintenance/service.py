@@ -56,7 +56,7 @@ from collections import defaultdict
 from datetime import UTC, date, datetime, timedelta
 
 import structlog
-from sqlalchemy import func, or_, select, text
+from sqlalchemy import DateTime, bindparam, func, or_, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -587,28 +587,34 @@ async def _pending_count(session: AsyncSession) -> int:
     )
 
 
+DAYS_HELD = select(func.coalesce(func.max(MaintenanceExtension.period_days_at_target), 0)).where(
+    MaintenanceExtension.subscription_id == bindparam("subscription_id"),
+    MaintenanceExtension.stripe_trial_end.is_not(None),
+    MaintenanceExtension.stripe_trial_end <= bindparam("trial_end", type_=DateTime(timezone=True)),
+)
+"""Built once (run for every subscription event the processor applies)."""
+
+
+async def extension_days_held(
+    session: AsyncSession, subscription_id: uuid.UUID, trial_end: datetime | None
+) -> int:
+    """What `extension_days_in_period` is for a Stripe snapshot whose `trial_end` is this
+    (see `count_extension_days_in_period`)."""
+    if trial_end is None:
+        return 0
+    days = await session.scalar(
+        DAYS_HELD, {"subscription_id": subscription_id, "trial_end": trial_end}
+    )
+    return int(days or 0)
+
+
 async def count_extension_days_in_period(session: AsyncSession, subscription: Subscription) -> None:
     """Set `extension_days_in_period` to what the stored Stripe snapshot holds: the largest
     `period_days_at_target` among the subscription's pushed extensions whose target Stripe's
     `trial_end` has reached (0 when none has). Called by the webhook consumer whenever it
     stores a subscription and by the pusher when it records Stripe's answer, so the period end
     and the days it includes always come from the same snapshot (see the module docstring)."""
-    held = 0
-    if subscription.trial_end is not None:
-        held = int(
-            (
-                await session.scalar(
-                    select(
-                        func.coalesce(func.max(MaintenanceExtension.period_days_at_target), 0)
-                    ).where(
-                        MaintenanceExtension.subscription_id == subscription.id,
-                        MaintenanceExtension.stripe_trial_end.is_not(None),
-                        MaintenanceExtension.stripe_trial_end <= subscription.trial_end,
-                    )
-                )
-            )
-            or 0
-        )
+    held = await extension_days_held(session, subscription.id, subscription.trial_end)
     if subscription.extension_days_in_period != held:
         subscription.extension_days_in_period = held
         await session.flush()

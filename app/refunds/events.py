@@ -20,7 +20,7 @@ import uuid
 from datetime import datetime
 
 import structlog
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
@@ -36,6 +36,11 @@ log = structlog.get_logger()
 SUCCEEDED = ("succeeded",)
 FAILED = ("failed", "canceled")
 ACTOR = "stripe"
+EXECUTION_BY_ID = select(RefundExecution).where(RefundExecution.id == bindparam("execution_id"))
+EXECUTION_OF_REFUND = select(RefundExecution).where(
+    RefundExecution.stripe_refund_id == bindparam("stripe_id")
+)
+"""Built once (run for every refund event)."""
 
 
 async def on_refund_mirrored(
@@ -76,12 +81,11 @@ async def _our_execution(session: AsyncSession, refund: Refund) -> RefundExecuti
             execution_id = uuid.UUID(raw)
         except ValueError:
             execution_id = None
-    statement = select(RefundExecution)
     if execution_id is not None:
-        statement = statement.where(RefundExecution.id == execution_id)
+        found = await session.execute(EXECUTION_BY_ID, {"execution_id": execution_id})
     else:
-        statement = statement.where(RefundExecution.stripe_refund_id == refund.stripe_id)
-    execution = (await session.execute(statement)).scalar_one_or_none()
+        found = await session.execute(EXECUTION_OF_REFUND, {"stripe_id": refund.stripe_id})
+    execution = found.scalar_one_or_none()
     if execution is None:
         return None
     # Lock in the same order as the approval: request, then execution. The refund names its

@@ -5,9 +5,19 @@ from __future__ import annotations
 import contextlib
 import uuid
 from datetime import date, datetime
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import String, and_, bindparam, exists, func, literal_column, or_, select
+from sqlalchemy import (
+    String,
+    Table,
+    and_,
+    bindparam,
+    exists,
+    func,
+    literal_column,
+    or_,
+    select,
+)
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -30,11 +40,37 @@ BALANCE_PURPOSES = ("top_up", "debt_repayment")
 # Stripe refund statuses under which the money is (or is on its way) back with the client.
 LIVE_REFUND_STATUSES = ("pending", "requires_action", "succeeded")
 
+# Built once: the event processor runs these for every refund and dispute effect (building a
+# SQLAlchemy statement costs more CPU than Postgres spends running them).
+LEDGER_ENTRIES = cast(Table, LedgerEntry.__table__)
+ACCOUNT_EMAIL = select(Account.email).where(Account.id == bindparam("account_id"))
+ADD_LEDGER_ENTRY = (
+    insert(LEDGER_ENTRIES)
+    .on_conflict_do_nothing(index_elements=["account_id", "kind", "source_id"])
+    .returning(LEDGER_ENTRIES.c.id)
+)
+LEDGER_ENTRY_EXISTS = select(
+    exists().where(
+        LedgerEntry.account_id == bindparam("account_id"),
+        LedgerEntry.kind == bindparam("kind"),
+        LedgerEntry.source_id == bindparam("source_id"),
+    )
+)
+PAYMENT_BY_INTENT = select(Payment).where(Payment.stripe_id == bindparam("stripe_id"))
+PAYMENT_BY_CHARGE = select(Payment).where(Payment.stripe_charge_id == bindparam("charge_id"))
+SUBSCRIPTION_OF_INVOICE = select(Invoice.stripe_subscription_id).where(
+    Invoice.stripe_id == bindparam("invoice_id")
+)
+SUBSCRIPTION_BY_STRIPE_ID = select(Subscription).where(
+    Subscription.stripe_id == bindparam("stripe_id")
+)
+LOCKED_SUBSCRIPTION_BY_STRIPE_ID = SUBSCRIPTION_BY_STRIPE_ID.with_for_update().execution_options(
+    populate_existing=True
+)
+
 
 async def account_email(session: AsyncSession, account_id: str) -> str | None:
-    return (
-        await session.execute(select(Account.email).where(Account.id == account_id))
-    ).scalar_one_or_none()
+    return (await session.execute(ACCOUNT_EMAIL, {"account_id": account_id})).scalar_one_or_none()
 
 
 async def lock_account(session: AsyncSession, account_id: str) -> None:
@@ -59,34 +95,25 @@ async def add_ledger_entry(
     occurred_at: datetime,
 ) -> bool:
     """Apply one ledger movement once per (account, kind, source); True when newly applied."""
-    statement = (
-        insert(LedgerEntry)
-        .values(
-            account_id=account_id,
-            kind=kind,
-            source_id=source_id,
-            amount=amount,
-            currency=currency,
-            description=description,
-            occurred_at=occurred_at,
-        )
-        .on_conflict_do_nothing(index_elements=["account_id", "kind", "source_id"])
-        .returning(LedgerEntry.id)
-    )
-    return (await session.execute(statement)).scalar_one_or_none() is not None
+    entry = {
+        "account_id": account_id,
+        "kind": kind,
+        "source_id": source_id,
+        "amount": amount,
+        "currency": currency,
+        "description": description,
+        "occurred_at": occurred_at,
+    }
+    return (await session.execute(ADD_LEDGER_ENTRY, entry)).scalar_one_or_none() is not None
 
 
 async def ledger_entry_exists(
     session: AsyncSession, account_id: str, kind: str, source_id: str
 ) -> bool:
-    statement = select(
-        exists().where(
-            LedgerEntry.account_id == account_id,
-            LedgerEntry.kind == kind,
-            LedgerEntry.source_id == source_id,
-        )
+    found = await session.execute(
+        LEDGER_ENTRY_EXISTS, {"account_id": account_id, "kind": kind, "source_id": source_id}
     )
-    return bool((await session.execute(statement)).scalar_one())
+    return bool(found.scalar_one())
 
 
 async def subscription_payments(session: AsyncSession, account_id: str) -> list[Payment]:
@@ -264,17 +291,15 @@ async def get_payment(
 async def payment_by_intent(session: AsyncSession, payment_intent: str | None) -> Payment | None:
     if not payment_intent:
         return None
-    return (
-        await session.execute(select(Payment).where(Payment.stripe_id == payment_intent))
-    ).scalar_one_or_none()
+    found = await session.execute(PAYMENT_BY_INTENT, {"stripe_id": payment_intent})
+    return found.scalar_one_or_none()
 
 
 async def payment_by_charge(session: AsyncSession, charge_id: str | None) -> Payment | None:
     if not charge_id:
         return None
-    return (
-        await session.execute(select(Payment).where(Payment.stripe_charge_id == charge_id))
-    ).scalar_one_or_none()
+    found = await session.execute(PAYMENT_BY_CHARGE, {"charge_id": charge_id})
+    return found.scalar_one_or_none()
 
 
 async def get_request(
@@ -419,13 +444,10 @@ async def subscription_of_payment(
     does not name it yet)."""
     stripe_id = payment.stripe_subscription_id
     if stripe_id is None and payment.stripe_invoice_id is not None:
-        stripe_id = (
-            await session.execute(
-                select(Invoice.stripe_subscription_id).where(
-                    Invoice.stripe_id == payment.stripe_invoice_id
-                )
-            )
-        ).scalar_one_or_none()
+        found = await session.execute(
+            SUBSCRIPTION_OF_INVOICE, {"invoice_id": payment.stripe_invoice_id}
+        )
+        stripe_id = found.scalar_one_or_none()
     return await subscription_by_stripe_id(session, stripe_id, lock=lock)
 
 
@@ -434,7 +456,5 @@ async def subscription_by_stripe_id(
 ) -> Subscription | None:
     if not stripe_id:
         return None
-    statement = select(Subscription).where(Subscription.stripe_id == stripe_id)
-    if lock:
-        statement = statement.with_for_update().execution_options(populate_existing=True)
-    return (await session.execute(statement)).scalar_one_or_none()
+    statement = LOCKED_SUBSCRIPTION_BY_STRIPE_ID if lock else SUBSCRIPTION_BY_STRIPE_ID
+    return (await session.execute(statement, {"stripe_id": stripe_id})).scalar_one_or_none()

@@ -11,8 +11,9 @@ Writers wait only for the duration of one read.
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import cast
 
-from sqlalchemy import String, bindparam, func, select, text
+from sqlalchemy import String, Table, bindparam, func, insert, select, text, true
 from sqlalchemy.dialects.postgresql import distinct_on
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -35,14 +36,31 @@ CHANNEL_SUBSCRIPTIONS = select(Subscription).where(Subscription.channel_id == _c
 LOCK_CHANNEL_FEED = select(
     func.pg_advisory_xact_lock(func.hashtextextended("channel:" + _channel, 0))
 )
-LAST_ACCESS_CHANGE = (
-    select(AccessChange)
+_FEED_SUBSCRIPTIONS = cast(Table, Subscription.__table__)
+_LAST_CHANGE = (
+    select(AccessChange.has_access, AccessChange.access_until)
     .where(AccessChange.channel_id == _channel)
     .order_by(AccessChange.id.desc())
     .limit(1)
+    .subquery("last_change")
 )
-CHANNEL_ACCOUNT = select(Channel.account_id).where(Channel.id == _channel)
-"""Built once: the event processor runs them for every subscription event."""
+_OWNER = select(
+    select(Channel.account_id).where(Channel.id == _channel).scalar_subquery().label("owner")
+).subquery("owner")
+CHANNEL_FEED_STATE = select(
+    _OWNER.c.owner,
+    _LAST_CHANGE.c.has_access.label("last_has_access"),
+    _LAST_CHANGE.c.access_until.label("last_access_until"),
+    *(_FEED_SUBSCRIPTIONS.c[name] for name in ACCESS_COLUMNS),
+).select_from(
+    _OWNER.outerjoin(_LAST_CHANGE, true()).outerjoin(
+        _FEED_SUBSCRIPTIONS, _FEED_SUBSCRIPTIONS.c.channel_id == _channel
+    )
+)
+"""What `record_access_change` decides on, in one statement: the channel's owner, the last
+feed entry's access (NULL when there is none) and the access columns of the channel's
+subscriptions (one row with NULL columns when it has none)."""
+NEW_ACCESS_CHANGE = insert(cast(Table, AccessChange.__table__))
 
 
 async def current_channel_access(
@@ -56,32 +74,36 @@ async def current_channel_access(
 
 async def record_access_change(
     session: AsyncSession, channel_id: str, settings: Settings, now: datetime
-) -> AccessChange | None:
-    """Append to the access feed when the channel's access differs from the last entry.
+) -> bool:
+    """Append to the access feed when the channel's access differs from the last entry
+    (True when it did).
 
     Serialized per channel with an advisory lock, so concurrent events for two subscriptions
     of one channel cannot both append the same change."""
     await session.execute(LOCK_CHANNEL_FEED, {"channel_id": channel_id})
-    access = await current_channel_access(session, channel_id, settings, now)
-    last = await session.scalar(LAST_ACCESS_CHANGE, {"channel_id": channel_id})
-    if last is not None and (last.has_access, last.access_until) == (
+    await session.flush()  # a Core statement follows: it does not flush by itself
+    rows = (await session.execute(CHANNEL_FEED_STATE, {"channel_id": channel_id})).all()
+    subscriptions: list[SubscriptionState] = [row for row in rows if row.status is not None]
+    access = channel_access(
+        subscriptions, now, past_due_keeps_access=settings.past_due_keeps_access
+    )
+    last = rows[0]
+    if last.last_has_access is not None and (last.last_has_access, last.last_access_until) == (
         access.has_access,
         access.access_until,
     ):
-        return None
-    if last is None and not access.has_access and access.access_until is None:
-        return None
-    account_id = await session.scalar(CHANNEL_ACCOUNT, {"channel_id": channel_id})
-    change = AccessChange(
-        channel_id=channel_id,
-        account_id=account_id or "",
-        has_access=access.has_access,
-        access_until=access.access_until,
-        reason=access.reason,
-    )
-    session.add(change)
-    await session.flush()
-    return change
+        return False
+    if last.last_has_access is None and not access.has_access and access.access_until is None:
+        return False
+    change = {
+        "channel_id": channel_id,
+        "account_id": last.owner or "",
+        "has_access": access.has_access,
+        "access_until": access.access_until,
+        "reason": access.reason,
+    }
+    await session.execute(NEW_ACCESS_CHANGE, change)
+    return True
 
 
 async def _now(session: AsyncSession) -> datetime:

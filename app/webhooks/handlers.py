@@ -18,6 +18,17 @@ The sound rules that make any delivery order converge on Stripe's latest state:
 Checkout sessions, subscriptions and payment intents carry our metadata (`account_id`,
 `purpose`, `checkout_session_id`, `channel_id`, `plan_code`), so every event can be linked to a
 1msg account without depending on another event having arrived first.
+
+How a transaction's events are applied (`apply_events`): subscription and refund events one by
+one, in stored order, each by its handler (`HANDLERS`); then the events of the one-way objects
+by group (`GROUP_HANDLERS`: checkout sessions, invoices, payments from charges and invoice
+payments, disputes). A group locks its rows in one statement, folds every event into its row in
+stored order in Python (the same merge rules, so one event or many end alike), writes the rows
+that changed in one statement, and runs the effects once per object from the merged row. Since
+the merges commute, moving these events after the others in their transaction is one of the
+"any order"s above. The per-event fallback applies an event as a group of one: the same code.
+Refund events stay one by one: their effects follow each status a refund passes through
+(an execution that succeeded and then failed is told both), which a merged row would skip.
 """
 
 from __future__ import annotations
@@ -25,30 +36,35 @@ from __future__ import annotations
 import asyncio
 import re
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import structlog
 from sqlalchemy import (
     CompoundSelect,
     DateTime,
     Select,
+    String,
+    Table,
+    Uuid,
+    any_,
     bindparam,
     func,
     literal,
     select,
     text,
+    union_all,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.accounts.service import ensure_account
+from app.accounts.service import ensure_account, ensure_accounts
 from app.config import Settings
 from app.disputes.events import on_dispute_mirrored
-from app.maintenance.service import count_extension_days_in_period
+from app.maintenance.service import extension_days_held
 from app.models import (
     Account,
     Channel,
@@ -70,7 +86,7 @@ log = structlog.get_logger()
 Json = dict[str, Any]
 PrefetchedObjects = dict[str, Json | Exception]
 """Stripe objects by id, or the error fetching one raised (not fetched again in the batch)."""
-MirrorRow = TypeVar("MirrorRow", Invoice, Payment, Refund, Dispute)
+TIMESTAMPS = ("created_at", "updated_at")
 
 
 @dataclass
@@ -148,41 +164,60 @@ ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as the account routes accept 
 # SQLAlchemy statement costs more CPU than Postgres spends running these.
 
 ACCOUNT_OF_CUSTOMER = select(Account.id).where(Account.stripe_customer_id == bindparam("customer"))
-LINK_CUSTOMER = (
-    update(Account)
-    .where(Account.id == bindparam("account"), Account.stripe_customer_id.is_(None))
+ACCOUNTS = cast(Table, Account.__table__)
+CHECKOUTS = cast(Table, CheckoutSession.__table__)
+LINK_CUSTOMER = (  # Core statements (the ORM's UPDATE costs more CPU than Postgres does here)
+    update(ACCOUNTS)
+    .where(ACCOUNTS.c.id == bindparam("account"), ACCOUNTS.c.stripe_customer_id.is_(None))
     .values(stripe_customer_id=bindparam("customer"))
 )
 _paid_at = bindparam("paid_at", type_=DateTime(timezone=True))
-RECORD_FIRST_PAYMENT = (
-    update(Account)
+RECORD_FIRST_PAYMENT = (  # also run for many accounts at once (executemany)
+    update(ACCOUNTS)
     .where(
-        Account.id == bindparam("account"),
-        Account.first_paid_at.is_(None)
-        | (Account.first_paid_at > _paid_at)
-        | Account.currency.is_(None),  # otherwise nothing changes: no row version written
+        ACCOUNTS.c.id == bindparam("account"),
+        ACCOUNTS.c.first_paid_at.is_(None)
+        | (ACCOUNTS.c.first_paid_at > _paid_at)
+        | ACCOUNTS.c.currency.is_(None),  # otherwise nothing changes: no row version written
     )
     .values(
-        first_paid_at=func.least(func.coalesce(Account.first_paid_at, _paid_at), _paid_at),
-        currency=func.coalesce(Account.currency, bindparam("currency")),
+        first_paid_at=func.least(func.coalesce(ACCOUNTS.c.first_paid_at, _paid_at), _paid_at),
+        currency=func.coalesce(ACCOUNTS.c.currency, bindparam("currency")),
     )
 )
-LOCKED_MIRROR_ROW = {
-    model: select(model).where(model.stripe_id == bindparam("stripe_id")).with_for_update()
-    for model in (Invoice, Payment, Refund, Dispute)
-}
+LOCKED_REFUND = select(Refund).where(Refund.stripe_id == bindparam("stripe_id")).with_for_update()
+NEW_CHANNEL = insert(cast(Table, Channel.__table__)).on_conflict_do_nothing(index_elements=["id"])
+SUBSCRIPTIONS = cast(Table, Subscription.__table__)
+SUBSCRIPTION_SNAPSHOT = (
+    "account_id",
+    "channel_id",
+    "stripe_customer_id",
+    "plan_code",
+    "stripe_price_id",
+    "status",
+    "cancel_at_period_end",
+    "cancel_at",
+    "current_period_start",
+    "current_period_end",
+    "trial_end",
+    "canceled_at",
+    "ended_at",
+    "source_event_created",
+    "extension_days_in_period",
+)
+"""The columns a subscription event writes (`on_subscription`)."""
 LOCKED_SUBSCRIPTION = (
-    select(Subscription).where(Subscription.stripe_id == bindparam("stripe_id")).with_for_update()
+    select(SUBSCRIPTIONS.c.id, *(SUBSCRIPTIONS.c[name] for name in SUBSCRIPTION_SNAPSHOT))
+    .where(SUBSCRIPTIONS.c.stripe_id == bindparam("stripe_id"))
+    .with_for_update()
 )
-INVOICE = select(Invoice).where(Invoice.stripe_id == bindparam("stripe_id"))
-PAYMENT_OF_DISPUTE = select(Payment).where(
-    (Payment.stripe_id == bindparam("payment_intent"))
-    | (Payment.stripe_charge_id == bindparam("charge"))
+NEW_SUBSCRIPTION = insert(SUBSCRIPTIONS)
+WRITE_SUBSCRIPTION = (
+    update(SUBSCRIPTIONS)
+    .where(SUBSCRIPTIONS.c.id == bindparam("row_id"))
+    .values({name: bindparam(f"new_{name}") for name in SUBSCRIPTION_SNAPSHOT})
 )
-DISPUTES_OF_PAYMENT = select(Dispute.id, Dispute.account_id).where(
-    (Dispute.stripe_payment_intent_id == bindparam("payment_intent"))
-    | (Dispute.stripe_charge_id == bindparam("charge"))
-)
+DISPUTES = cast(Table, Dispute.__table__)
 
 
 async def account_for_customer(session: AsyncSession, customer_id: str | None) -> str | None:
@@ -198,34 +233,45 @@ async def link_customer(session: AsyncSession, account_id: str, customer_id: str
         await session.execute(LINK_CUSTOMER, {"account": account_id, "customer": customer_id})
 
 
-async def record_first_payment(
-    session: AsyncSession, account_id: str, paid_at: datetime, currency: str
+FirstPayments = dict[str, tuple[datetime, str]]
+"""Payments to record as their accounts' (`RECORD_FIRST_PAYMENT`): account -> (the earliest
+paid time, the currency of the first recorded), as one statement per payment would."""
+
+
+def add_first_payment(
+    first_payments: FirstPayments, account_id: str, paid_at: datetime, currency: str
 ) -> None:
-    await ensure_account(session, account_id)
-    await session.execute(
-        RECORD_FIRST_PAYMENT, {"account": account_id, "paid_at": paid_at, "currency": currency}
-    )
+    earliest, first_currency = first_payments.get(account_id, (paid_at, currency))
+    first_payments[account_id] = (min(earliest, paid_at), first_currency)
 
 
-async def locked_mirror_row(
-    session: AsyncSession, model: type[MirrorRow], stripe_id: str, **defaults: Any
-) -> tuple[MirrorRow, bool]:
-    """The mirror row for a Stripe object, created with `defaults` if missing, locked for
-    this transaction (creation races are decided by the unique `stripe_id`), and whether it
-    was missing. A row that exists, the usual case (an object has several events), costs one
-    statement."""
-    locked = cast(Select[MirrorRow], LOCKED_MIRROR_ROW[model])
-    row = await session.scalar(locked, {"stripe_id": stripe_id})
+async def record_first_payments(session: AsyncSession, first_payments: FirstPayments) -> None:
+    """The accounts' first payment time (the earliest) and currency (once set, kept)."""
+    if first_payments:
+        await session.execute(
+            RECORD_FIRST_PAYMENT,
+            [
+                {"account": account_id, "paid_at": paid_at, "currency": currency}
+                for account_id, (paid_at, currency) in sorted(first_payments.items())
+            ],
+        )
+
+
+async def locked_refund(session: AsyncSession, stripe_id: str, **defaults: Any) -> Refund:
+    """The refund's row, created with `defaults` if missing, locked for this transaction
+    (creation races are decided by the unique `stripe_id`). A row that exists, the usual case
+    (a refund has several events), costs one statement."""
+    row = await session.scalar(LOCKED_REFUND, {"stripe_id": stripe_id})
     if row is not None:
-        return row, False
+        return row
     await session.execute(
-        insert(model)
+        insert(Refund)
         .values(stripe_id=stripe_id, **defaults)
         .on_conflict_do_nothing(index_elements=["stripe_id"])
     )
-    row = await session.scalar(locked, {"stripe_id": stripe_id})
+    row = await session.scalar(LOCKED_REFUND, {"stripe_id": stripe_id})
     assert row is not None
-    return row, True
+    return row
 
 
 PAYMENT_LINKS = (
@@ -237,132 +283,390 @@ PAYMENT_LINKS = (
 )
 """What refund and dispute effects learn about a payment from (see `reapply_money_effects`)."""
 
+MirrorDict = dict[str, Any]
+"""A mirror row as column name -> value, read and written with Core (no ORM objects)."""
+PAYMENTS = cast(Table, Payment.__table__)
+INVOICES = cast(Table, Invoice.__table__)
 
-async def upsert_payment(
-    session: AsyncSession, stripe_id: str, **values: Any
-) -> tuple[Payment, bool]:
-    """Insert or merge a payment row; `None` values never overwrite what is known. Also
-    says whether the row is new or one of its `PAYMENT_LINKS` became known."""
-    known = {key: value for key, value in values.items() if value is not None}
-    payment, created = await locked_mirror_row(
-        session,
-        Payment,
-        stripe_id,
-        amount=known.get("amount", 0),
-        currency=known.get("currency", ""),
-        status=known.get("status", "pending"),
+
+def _mirror_statements(table: Table) -> tuple[Select[Any], Any, Any]:
+    """(lock the rows of :stripe_ids, insert a missing row, write a row by :row_id)."""
+    columns = [column for column in table.c if column.name not in TIMESTAMPS]
+    locked = (
+        select(*columns)
+        .where(table.c.stripe_id == any_(bindparam("stripe_ids", type_=ARRAY(String))))
+        .order_by(table.c.stripe_id)
+        .with_for_update()
     )
-    links_before = [getattr(payment, link) for link in PAYMENT_LINKS]
-    for key, value in known.items():
+    new = insert(table).on_conflict_do_nothing(index_elements=["stripe_id"])
+    written = [column.name for column in columns if column.name not in ("id", "stripe_id")]
+    write = (
+        update(table)
+        .where(table.c.id == bindparam("row_id"))
+        .values({name: bindparam(f"new_{name}") for name in written})
+    )
+    return locked, new, write
+
+
+MIRROR_STATEMENTS = {table: _mirror_statements(table) for table in (PAYMENTS, INVOICES, DISPUTES)}
+
+
+async def locked_rows(
+    session: AsyncSession, table: Table, defaults: dict[str, dict[str, Any]]
+) -> tuple[dict[str, MirrorDict], set[str]]:
+    """The mirror rows of the Stripe ids in `defaults`, locked, and which of them were
+    missing (created here with their `defaults`; creation races are decided by the unique
+    `stripe_id`). One statement when they all exist."""
+    locked, new, _ = MIRROR_STATEMENTS[table]
+    found = await session.execute(locked, {"stripe_ids": sorted(defaults)})
+    rows = {row["stripe_id"]: dict(row) for row in found.mappings()}
+    missing = [stripe_id for stripe_id in sorted(defaults) if stripe_id not in rows]
+    if missing:
+        await session.execute(
+            new, [{"stripe_id": stripe_id, **defaults[stripe_id]} for stripe_id in missing]
+        )
+        found = await session.execute(locked, {"stripe_ids": missing})
+        rows.update((row["stripe_id"], dict(row)) for row in found.mappings())
+    return rows, set(missing)
+
+
+async def write_rows(
+    session: AsyncSession,
+    table: Table,
+    rows: dict[str, MirrorDict],
+    stored: dict[str, MirrorDict],
+) -> None:
+    """Write the `rows` that differ from how they were `stored`, in one statement."""
+    changed = [row for stripe_id, row in rows.items() if row != stored[stripe_id]]
+    if changed:
+        _, _, write = MIRROR_STATEMENTS[table]
+        await session.execute(
+            write,
+            [
+                {
+                    "row_id": row["id"],
+                    **{f"new_{k}": v for k, v in row.items() if k not in ("id", "stripe_id")},
+                }
+                for row in changed
+            ],
+        )
+
+
+DISPUTES_OF_PAYMENTS = select(
+    Dispute.id, Dispute.account_id, Dispute.stripe_payment_intent_id, Dispute.stripe_charge_id
+).where(
+    (Dispute.stripe_payment_intent_id == any_(bindparam("payment_intents", type_=ARRAY(String))))
+    | (Dispute.stripe_charge_id == any_(bindparam("charges", type_=ARRAY(String))))
+)
+LINK_DISPUTE = (
+    update(DISPUTES)
+    .where(DISPUTES.c.id == bindparam("dispute_id"), DISPUTES.c.account_id.is_(None))
+    .values(account_id=bindparam("account"))
+)
+
+
+def _no_first_payment(row: MirrorDict) -> tuple[str, datetime] | None:
+    return None
+
+
+@dataclass
+class PaymentChange:
+    """What one event says about a payment: `values` by column (None: not known from this
+    event), merged by `merge_payment`."""
+
+    ctx: EventContext
+    stripe_id: str
+    values: dict[str, Any]
+    balance_transaction: Any = None
+    """A charge's (an id or the object): its fee becomes the payment's while that is unknown."""
+    first_payment: Callable[[MirrorDict], tuple[str, datetime] | None] = _no_first_payment
+    """Given the merged row: the (account, paid at) this event records as a payment of the
+    account (`RECORD_FIRST_PAYMENT`, with the row's currency), if any."""
+
+
+def merge_payment(row: MirrorDict, values: dict[str, Any]) -> None:
+    """The monotonic merge of what an event says into a payment row: the status only moves
+    forward, the amount refunded only grows, disputed stays, the earliest paid time wins, the
+    amount and currency are the event's, and everything else is kept once known."""
+    for key, value in values.items():
+        if value is None:
+            continue
         if key == "status":
-            payment.status = rank_merge(PAYMENT_STATUS_ORDER, payment.status, value) or value
+            row[key] = rank_merge(PAYMENT_STATUS_ORDER, row[key], value) or value
         elif key == "amount_refunded":
-            payment.amount_refunded = max(payment.amount_refunded, value)
+            row[key] = max(row[key], value)
         elif key == "disputed":
-            payment.disputed = payment.disputed or bool(value)
+            row[key] = row[key] or bool(value)
         elif key == "paid_at":
-            payment.paid_at = min(payment.paid_at, value) if payment.paid_at else value
-        elif key in ("amount", "currency") or getattr(payment, key) is None:
-            setattr(payment, key, value)
-    # a dispute may have been mirrored before the payment it is about (one look for both:
-    # whether there is one, and whether it still lacks the account)
+            row[key] = min(row[key], value) if row[key] else value
+        elif key in ("amount", "currency") or row[key] is None:
+            row[key] = value
+
+
+async def apply_payment_changes(changes: Sequence[PaymentChange]) -> None:
+    """Merge the changes into their payment rows, in order, with a handful of statements
+    whatever their number: lock (and create) the rows, merge in Python, write the rows that
+    changed, then the effects: disputes mirrored before their payment, the accounts' first
+    payments, and the refund and dispute effects of every payment that is new or one of
+    whose `PAYMENT_LINKS` became known (`reapply_money_effects`). The merges commute, so
+    this ends where applying the events one by one would."""
+    session = changes[0].ctx.session
+    defaults: dict[str, dict[str, Any]] = {}
+    for change in changes:  # a new row starts from its first change's values
+        values = change.values
+        defaults.setdefault(
+            change.stripe_id,
+            {
+                "amount": _known(values, "amount", 0),
+                "currency": _known(values, "currency", ""),
+                "status": _known(values, "status", "pending"),
+            },
+        )
+    rows, created = await locked_rows(session, PAYMENTS, defaults)
+    stored = {stripe_id: dict(row) for stripe_id, row in rows.items()}
+    first_payments: FirstPayments = {}
+    learned_from: dict[str, EventContext] = {}  # payment -> the first event that taught
+    for change in changes:
+        row = rows[change.stripe_id]
+        links_before = [row[link] for link in PAYMENT_LINKS]
+        merge_payment(row, change.values)
+        if row["fee"] is None and change.balance_transaction is not None:
+            transaction = await _balance_transaction(change.ctx, change.balance_transaction)
+            row["fee"] = fee_in_payment_currency(transaction, row["currency"])
+        if (first := change.first_payment(row)) is not None:
+            add_first_payment(first_payments, *first, row["currency"])
+        if change.stripe_id in created or links_before != [row[link] for link in PAYMENT_LINKS]:
+            learned_from.setdefault(change.stripe_id, change.ctx)
+    await _link_disputes(session, rows)
+    await write_rows(session, PAYMENTS, rows, stored)
+    await record_first_payments(session, first_payments)
+    if learned_from:
+        await reapply_money_effects(
+            "id", {rows[stripe_id]["id"]: ctx for stripe_id, ctx in learned_from.items()}
+        )
+
+
+def _known(values: dict[str, Any], key: str, default: Any) -> Any:
+    value = values.get(key)
+    return default if value is None else value
+
+
+async def _balance_transaction(ctx: EventContext, transaction: Any) -> Json:
+    if isinstance(transaction, dict):
+        return transaction
+    known = ctx.prefetched.get(str(transaction))
+    if isinstance(known, Exception):
+        raise known
+    return known or dict(await ctx.stripe.retrieve_balance_transaction(str(transaction)))
+
+
+async def _link_disputes(session: AsyncSession, rows: dict[str, MirrorDict]) -> None:
+    """A dispute may have been mirrored before the payment it is about: the payment is
+    marked disputed, and the dispute gets the payment's account if it still lacks one."""
+    charges = {row["stripe_charge_id"]: row for row in rows.values() if row["stripe_charge_id"]}
     disputes = (
         await session.execute(
-            DISPUTES_OF_PAYMENT, {"payment_intent": stripe_id, "charge": payment.stripe_charge_id}
+            DISPUTES_OF_PAYMENTS, {"payment_intents": list(rows), "charges": list(charges)}
         )
     ).all()
-    payment.disputed = payment.disputed or bool(disputes)
-    unlinked = [dispute_id for dispute_id, account_id in disputes if account_id is None]
-    if payment.account_id is not None and unlinked:
-        await session.execute(
-            update(Dispute)
-            .where(Dispute.id.in_(unlinked), Dispute.account_id.is_(None))
-            .values(account_id=payment.account_id)
-        )
-    await session.flush()
-    learned = links_before != [getattr(payment, link) for link in PAYMENT_LINKS]
-    return payment, created or learned
+    unlinked = []
+    for dispute_id, account_id, payment_intent, charge_id in disputes:
+        for row in (rows.get(payment_intent or ""), charges.get(charge_id)):
+            if row is None:
+                continue
+            row["disputed"] = True
+            if account_id is None and row["account_id"] is not None:
+                unlinked.append({"dispute_id": dispute_id, "account": row["account_id"]})
+    if unlinked:
+        await session.execute(LINK_DISPUTE, unlinked)
 
 
 # --- checkout sessions ---------------------------------------------------------------------
 
 
-async def on_checkout_session(ctx: EventContext) -> None:
-    obj = ctx.object
-    metadata = obj.get("metadata") or {}
-    row = await ctx.session.scalar(
-        select(CheckoutSession).where(CheckoutSession.stripe_id == obj["id"]).with_for_update()
+CHECKOUT_EVENTS = frozenset(
+    {
+        "checkout.session.completed",
+        "checkout.session.expired",
+        "checkout.session.async_payment_succeeded",
+        "checkout.session.async_payment_failed",
+    }
+)
+CHECKOUT_MERGED = (
+    "stripe_id",
+    "status",
+    "payment_status",
+    "stripe_subscription_id",
+    "stripe_payment_intent_id",
+    "fulfilled_at",
+)
+"""The columns of our checkout sessions that their events change."""
+LOCKED_CHECKOUTS = (
+    select(
+        CHECKOUTS.c.id,
+        CHECKOUTS.c.account_id,
+        CHECKOUTS.c.purpose,
+        CHECKOUTS.c.currency,
+        *(CHECKOUTS.c[name] for name in CHECKOUT_MERGED),
     )
-    if row is None and (our_id := _uuid(metadata.get("checkout_session_id"))) is not None:
-        row = await ctx.session.scalar(
-            select(CheckoutSession).where(CheckoutSession.id == our_id).with_for_update()
-        )
-    if row is None:
-        log.info("checkout_session.unknown", stripe_id=obj.get("id"))
-        return
-    row.stripe_id = row.stripe_id or obj["id"]
-    row.status = rank_merge(CHECKOUT_STATUS_ORDER, row.status, obj.get("status")) or row.status
-    row.payment_status = rank_merge(
-        CHECKOUT_PAYMENT_ORDER, row.payment_status, obj.get("payment_status")
+    .where(
+        (CHECKOUTS.c.stripe_id == any_(bindparam("stripe_ids", type_=ARRAY(String))))
+        | (CHECKOUTS.c.id == any_(bindparam("ids", type_=ARRAY(Uuid))))
     )
-    row.stripe_subscription_id = row.stripe_subscription_id or ref(obj.get("subscription"))
-    row.stripe_payment_intent_id = row.stripe_payment_intent_id or ref(obj.get("payment_intent"))
-    await link_customer(ctx.session, row.account_id, ref(obj.get("customer")))
+    .order_by(CHECKOUTS.c.id)
+    .with_for_update()
+)
+WRITE_CHECKOUT = (
+    update(CHECKOUTS)
+    .where(CHECKOUTS.c.id == bindparam("row_id"))
+    .values({name: bindparam(f"new_{name}") for name in CHECKOUT_MERGED})
+)
+CREDIT_BALANCE = insert(LedgerEntry).on_conflict_do_nothing(
+    index_elements=["account_id", "kind", "source_id"]
+)
+_subscription_ids = bindparam("subscriptions", type_=ARRAY(String))
+FULFILLING_SUBSCRIPTIONS: CompoundSelect[str] = union_all(
+    select(Subscription.stripe_id).where(
+        Subscription.stripe_id == any_(_subscription_ids),
+        Subscription.status.in_(LIVE_STATUSES),
+    ),
+    select(Invoice.stripe_subscription_id).where(
+        Invoice.stripe_subscription_id == any_(_subscription_ids), Invoice.status == "paid"
+    ),
+)
+"""Of these subscriptions, those that fulfil their checkout: live, or with a paid invoice."""
 
-    paid = (ctx.type == "checkout.session.completed" and obj.get("payment_status") == "paid") or (
-        ctx.type == "checkout.session.async_payment_succeeded"
+
+async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
+    """Checkout session events, applied together to our checkout sessions (found by Stripe
+    id, else by our id in the metadata; unknown ones are logged and skipped), in order:
+    status and payment status forward, Stripe ids kept once known, the account linked to its
+    Stripe customer; a paid top-up or debt repayment credits the balance once (one ledger
+    entry per session), mirrors its payment (`apply_payment_changes`) and is the account's
+    payment; a subscription checkout is fulfilled once its subscription is live or an
+    invoice of it is paid."""
+    session, now = ctxs[0].session, ctxs[0].now
+    found = await session.execute(
+        LOCKED_CHECKOUTS,
+        {
+            "stripe_ids": sorted({ctx.object["id"] for ctx in ctxs}),
+            "ids": sorted({our_id for ctx in ctxs if (our_id := _our_checkout(ctx.object))}),
+        },
     )
-    if row.purpose in ("top_up", "debt_repayment") and paid:
-        await _credit_balance(ctx, row, obj)
-    elif row.purpose == "subscription" and row.stripe_subscription_id and row.fulfilled_at is None:
-        subscription_id = row.stripe_subscription_id
-        live = select(Subscription.id).where(
-            Subscription.stripe_id == subscription_id, Subscription.status.in_(LIVE_STATUSES)
+    rows = {row["id"]: dict(row) for row in found.mappings()}
+    stored = {row_id: dict(row) for row_id, row in rows.items()}
+    by_stripe_id = {row["stripe_id"]: row for row in rows.values() if row["stripe_id"]}
+    customers: dict[tuple[str, str], None] = {}  # (account, Stripe customer), in order
+    credits: list[dict[str, Any]] = []
+    payments: list[PaymentChange] = []
+    first_payments: FirstPayments = {}
+    for ctx in ctxs:
+        obj = ctx.object
+        our_id = _our_checkout(obj)
+        row = by_stripe_id.get(obj["id"]) or (rows.get(our_id) if our_id else None)
+        if row is None:
+            log.info("checkout_session.unknown", stripe_id=obj.get("id"))
+            continue
+        row["stripe_id"] = row["stripe_id"] or obj["id"]
+        by_stripe_id.setdefault(row["stripe_id"], row)
+        row["status"] = (
+            rank_merge(CHECKOUT_STATUS_ORDER, row["status"], obj.get("status")) or row["status"]
         )
-        paid = select(Invoice.id).where(
-            Invoice.stripe_subscription_id == subscription_id, Invoice.status == "paid"
+        row["payment_status"] = rank_merge(
+            CHECKOUT_PAYMENT_ORDER, row["payment_status"], obj.get("payment_status")
         )
-        if await ctx.session.scalar(live.union_all(paid).limit(1)) is not None:
-            row.fulfilled_at = ctx.now
-    await ctx.session.flush()
+        row["stripe_subscription_id"] = row["stripe_subscription_id"] or ref(
+            obj.get("subscription")
+        )
+        row["stripe_payment_intent_id"] = row["stripe_payment_intent_id"] or ref(
+            obj.get("payment_intent")
+        )
+        if (customer := ref(obj.get("customer"))) is not None:
+            customers[(row["account_id"], customer)] = None
+        paid = (
+            ctx.type == "checkout.session.completed" and obj.get("payment_status") == "paid"
+        ) or ctx.type == "checkout.session.async_payment_succeeded"
+        if row["purpose"] in ("top_up", "debt_repayment") and paid:
+            credit = _credit(ctx, row, obj)
+            credits.append(credit)
+            row["fulfilled_at"] = row["fulfilled_at"] or now
+            if (payment_intent := ref(obj.get("payment_intent"))) is not None:
+                payments.append(_checkout_payment(ctx, payment_intent, credit))
+            add_first_payment(first_payments, row["account_id"], ctx.created, credit["currency"])
+    await _fulfil_waiting_subscription_checkouts(session, now, rows.values())
+    changed = [row for row_id, row in rows.items() if row != stored[row_id]]
+    if changed:
+        await session.execute(
+            WRITE_CHECKOUT,
+            [
+                {"row_id": row["id"], **{f"new_{name}": row[name] for name in CHECKOUT_MERGED}}
+                for row in changed
+            ],
+        )
+    if customers:
+        await session.execute(
+            LINK_CUSTOMER, [{"account": account, "customer": c} for account, c in customers]
+        )
+    if credits:
+        await session.execute(CREDIT_BALANCE, credits)
+    if payments:
+        await apply_payment_changes(payments)
+    await record_first_payments(session, first_payments)
 
 
-async def _credit_balance(ctx: EventContext, row: CheckoutSession, obj: Json) -> None:
+def _our_checkout(checkout_session: Json) -> uuid.UUID | None:
+    """Our checkout session's id, from the Stripe session's metadata."""
+    return _uuid((checkout_session.get("metadata") or {}).get("checkout_session_id"))
+
+
+def _credit(ctx: EventContext, row: MirrorDict, obj: Json) -> dict[str, Any]:
+    """The ledger entry crediting a paid top-up or debt repayment (once per session)."""
     amount = obj.get("amount_total")
-    currency = str(obj.get("currency") or row.currency)
     if not isinstance(amount, int) or amount <= 0:
         raise ValueError(f"checkout session {obj['id']} has no amount_total")
-    await ctx.session.execute(
-        insert(LedgerEntry)
-        .values(
-            account_id=row.account_id,
-            kind=row.purpose,
-            source_id=obj["id"],
-            amount=amount,
-            currency=currency,
-            description="Balance top-up" if row.purpose == "top_up" else "Debt repayment",
-            occurred_at=ts(obj.get("created")) or ctx.created,
-        )
-        .on_conflict_do_nothing(index_elements=["account_id", "kind", "source_id"])
-    )
-    if row.fulfilled_at is None:
-        row.fulfilled_at = ctx.now
-    payment_intent = ref(obj.get("payment_intent"))
-    if payment_intent:
-        _, learned = await upsert_payment(
-            ctx.session,
-            payment_intent,
-            account_id=row.account_id,
-            purpose=row.purpose,
-            stripe_checkout_session_id=obj["id"],
-            amount=amount,
-            currency=currency,
-            status="succeeded",
-            paid_at=ctx.created,
-        )
-        if learned:
-            await reapply_money_effects(ctx, "stripe_id", payment_intent)
-    await record_first_payment(ctx.session, row.account_id, ctx.created, currency)
+    return {
+        "account_id": row["account_id"],
+        "kind": row["purpose"],
+        "source_id": obj["id"],
+        "amount": amount,
+        "currency": str(obj.get("currency") or row["currency"]),
+        "description": "Balance top-up" if row["purpose"] == "top_up" else "Debt repayment",
+        "occurred_at": ts(obj.get("created")) or ctx.created,
+    }
+
+
+def _checkout_payment(
+    ctx: EventContext, payment_intent: str, credit: dict[str, Any]
+) -> PaymentChange:
+    """The payment of a paid top-up or debt repayment."""
+    values = {
+        "account_id": credit["account_id"],
+        "purpose": credit["kind"],
+        "stripe_checkout_session_id": ctx.object["id"],
+        "amount": credit["amount"],
+        "currency": credit["currency"],
+        "status": "succeeded",
+        "paid_at": ctx.created,
+    }
+    return PaymentChange(ctx, payment_intent, values)
+
+
+async def _fulfil_waiting_subscription_checkouts(
+    session: AsyncSession, now: datetime, rows: Iterable[MirrorDict]
+) -> None:
+    """Subscription checkouts not fulfilled yet are fulfilled (`fulfilled_at` set in `rows`)
+    when their subscription is live or has a paid invoice."""
+    waiting: dict[str, list[MirrorDict]] = {}
+    for row in rows:
+        subscription_id = row["stripe_subscription_id"]
+        if row["purpose"] == "subscription" and subscription_id and row["fulfilled_at"] is None:
+            waiting.setdefault(subscription_id, []).append(row)
+    if not waiting:
+        return
+    found = await session.scalars(FULFILLING_SUBSCRIPTIONS, {"subscriptions": sorted(waiting)})
+    for subscription_id in set(found.all()):
+        for row in waiting[subscription_id]:
+            row["fulfilled_at"] = now
 
 
 # --- subscriptions -------------------------------------------------------------------------
@@ -370,30 +674,27 @@ async def _credit_balance(ctx: EventContext, row: CheckoutSession, obj: Json) ->
 
 async def on_subscription(ctx: EventContext) -> None:
     obj = ctx.object
-    existing = await ctx.session.scalar(LOCKED_SUBSCRIPTION, {"stripe_id": obj["id"]})
-    if existing is not None and existing.source_event_created is not None:
-        if ctx.created < existing.source_event_created:
+    found = await ctx.session.execute(LOCKED_SUBSCRIPTION, {"stripe_id": obj["id"]})
+    existing = found.mappings().first()
+    if existing is not None and existing["source_event_created"] is not None:
+        if ctx.created < existing["source_event_created"]:
             log.info("subscription.stale_event_ignored", stripe_id=obj["id"], type=ctx.type)
             return
-        if ctx.created == existing.source_event_created:
+        if ctx.created == existing["source_event_created"]:
             obj = await ctx.stripe.retrieve_subscription(obj["id"])
     metadata = obj.get("metadata") or {}
     customer_id = ref(obj.get("customer"))
-    account_id = metadata.get("account_id") or (existing.account_id if existing else None)
+    account_id = metadata.get("account_id") or (existing["account_id"] if existing else None)
     account_id = account_id or await account_for_customer(ctx.session, customer_id)
-    channel_id = metadata.get("channel_id") or (existing.channel_id if existing else None)
+    channel_id = metadata.get("channel_id") or (existing["channel_id"] if existing else None)
     if account_id is None or channel_id is None:
         log.warning("subscription.unlinked", stripe_id=obj["id"])
         return
     await link_customer(ctx.session, account_id, customer_id)
-    await ctx.session.execute(
-        insert(Channel)
-        .values(id=channel_id, account_id=account_id)
-        .on_conflict_do_nothing(index_elements=[Channel.id])
-    )
+    await ctx.session.execute(NEW_CHANNEL, {"id": channel_id, "account_id": account_id})
     status = str(obj.get("status"))
-    if existing is not None and existing.status in TERMINAL_SUBSCRIPTION_STATUSES:
-        status = existing.status
+    if existing is not None and existing["status"] in TERMINAL_SUBSCRIPTION_STATUSES:
+        status = existing["status"]
     item = _first_item(obj)
     price_id = ref(item.get("price")) if item else None
     plan = next((p for p in ctx.settings.plans if p.stripe_price_id == price_id), None)
@@ -414,33 +715,50 @@ async def on_subscription(ctx: EventContext) -> None:
         "source_event_created": ctx.created,  # never older than the stored one (see above)
     }
     if existing is None:
-        ctx.session.add(Subscription(stripe_id=obj["id"], **values))
-    else:
-        for key, value in values.items():
-            setattr(existing, key, value)
-    await ctx.session.flush()
-    if existing is not None:  # the maintenance days this snapshot's period holds
-        await count_extension_days_in_period(ctx.session, existing)
+        await ctx.session.execute(NEW_SUBSCRIPTION, {"stripe_id": obj["id"], **values})
+    else:  # with the maintenance days this snapshot's period holds
+        values["extension_days_in_period"] = await extension_days_held(
+            ctx.session, existing["id"], values["trial_end"]
+        )
+        if any(existing[name] != value for name, value in values.items()):
+            await ctx.session.execute(
+                WRITE_SUBSCRIPTION,
+                {"row_id": existing["id"], **{f"new_{k}": v for k, v in values.items()}},
+            )
     if status in LIVE_STATUSES:
-        await fulfil_subscription_checkout(ctx, obj["id"], metadata)
+        await fulfil_subscription_checkouts(
+            ctx.session, ctx.now, [(obj["id"], _uuid(metadata.get("checkout_session_id")))]
+        )
     await record_access_change(ctx.session, channel_id, ctx.settings, ctx.now)
     if existing is None:  # effects that needed the subscription row can complete now
-        await reapply_money_effects(ctx, "stripe_subscription_id", obj["id"])
+        await reapply_money_effects("stripe_subscription_id", {obj["id"]: ctx})
 
 
-async def fulfil_subscription_checkout(
-    ctx: EventContext, subscription_id: str, metadata: dict[str, Any]
+FULFIL_SUBSCRIPTION_CHECKOUT = (
+    update(CHECKOUTS)
+    .where(
+        (CHECKOUTS.c.stripe_subscription_id == bindparam("subscription"))
+        | (CHECKOUTS.c.id == bindparam("checkout", type_=Uuid)),
+        CHECKOUTS.c.fulfilled_at.is_(None),
+    )
+    .values(fulfilled_at=bindparam("now"), stripe_subscription_id=bindparam("subscription"))
+)
+
+
+async def fulfil_subscription_checkouts(
+    session: AsyncSession, now: datetime, checkouts: Sequence[tuple[str, uuid.UUID | None]]
 ) -> None:
     """A subscription checkout is fulfilled once its subscription is live or an invoice of it
-    is paid, whichever event is applied first (the checkout event itself checks too)."""
-    ours = CheckoutSession.stripe_subscription_id == subscription_id
-    if (our_checkout := _uuid(metadata.get("checkout_session_id"))) is not None:
-        ours = ours | (CheckoutSession.id == our_checkout)
-    await ctx.session.execute(
-        update(CheckoutSession)
-        .where(ours, CheckoutSession.fulfilled_at.is_(None))
-        .values(fulfilled_at=ctx.now, stripe_subscription_id=subscription_id)
-    )
+    is paid, whichever event is applied first (the checkout event itself checks too).
+    `checkouts`: (Stripe subscription, our checkout session id from its metadata if any)."""
+    if checkouts:
+        await session.execute(
+            FULFIL_SUBSCRIPTION_CHECKOUT,
+            [
+                {"subscription": subscription, "checkout": checkout, "now": now}
+                for subscription, checkout in checkouts
+            ],
+        )
 
 
 def _first_item(subscription: Json) -> Json | None:
@@ -455,122 +773,258 @@ def _first_item(subscription: Json) -> Json | None:
 # --- invoices and payments -----------------------------------------------------------------
 
 
-async def on_invoice(ctx: EventContext) -> None:
-    obj = ctx.object
-    parent = obj.get("parent") or {}
-    details = parent.get("subscription_details") or {}
-    subscription_id = ref(details.get("subscription"))
-    account_id = (details.get("metadata") or {}).get("account_id") or await account_for_customer(
-        ctx.session, ref(obj.get("customer"))
+async def on_invoice_events(ctxs: Sequence[EventContext]) -> None:
+    """Invoice events, applied together: each merged into its invoice row in order (status
+    forward, amount paid only grows, account, subscription and paid time kept once known,
+    amount due and period as the latest event says), the rows written in one statement; then
+    the subscription checkouts of paid invoices fulfilled, the invoices' payments given the
+    account and subscription (`LINK_INVOICE_PAYMENTS`), and the refund and dispute effects of
+    every invoice that is new or taught its payments something applied again."""
+    session, now = ctxs[0].session, ctxs[0].now
+    accounts = await _accounts_of_customers(
+        session,
+        (
+            ref(ctx.object.get("customer"))
+            for ctx in ctxs
+            if not _invoice_metadata(ctx.object).get("account_id")
+        ),
     )
-    if account_id is not None:
-        await ensure_account(ctx.session, account_id)
-    invoice, created = await locked_mirror_row(
-        ctx.session, Invoice, obj["id"], currency=obj.get("currency") or ""
+    await ensure_accounts(
+        session,
+        (
+            account_id
+            for ctx in ctxs
+            if isinstance(account_id := _invoice_metadata(ctx.object).get("account_id"), str)
+            and account_id
+        ),
     )
-    links_before = (invoice.account_id, invoice.stripe_subscription_id)
-    invoice.account_id = invoice.account_id or account_id
-    invoice.stripe_subscription_id = invoice.stripe_subscription_id or subscription_id
-    invoice.status = rank_merge(INVOICE_STATUS_ORDER, invoice.status, obj.get("status"))
-    invoice.amount_due = int(obj.get("amount_due") or 0)
-    invoice.amount_paid = max(invoice.amount_paid, int(obj.get("amount_paid") or 0))
-    invoice.period_start = ts(obj.get("period_start"))
-    invoice.period_end = ts(obj.get("period_end"))
-    transitions = obj.get("status_transitions") or {}
-    invoice.paid_at = invoice.paid_at or ts(transitions.get("paid_at"))
-    await ctx.session.flush()
-    if invoice.status == "paid" and subscription_id is not None:
-        await fulfil_subscription_checkout(ctx, subscription_id, details.get("metadata") or {})
-    linked_payments = await ctx.session.scalars(
-        update(Payment)
-        .where(
-            Payment.stripe_invoice_id == obj["id"],
-            (Payment.account_id.is_(None) & literal(account_id is not None))
-            | (Payment.stripe_subscription_id.is_(None) & literal(subscription_id is not None)),
+    defaults = {
+        ctx.object["id"]: {"currency": ctx.object.get("currency") or ""} for ctx in reversed(ctxs)
+    }  # reversed: a new row starts from its first event's currency
+    rows, created = await locked_rows(session, INVOICES, defaults)
+    stored = {stripe_id: dict(row) for stripe_id, row in rows.items()}
+    taught: dict[str, EventContext] = {ctx.object["id"]: ctx for ctx in reversed(ctxs)}
+    payment_links: dict[str, list[str | None]] = {}  # invoice -> [account, subscription]
+    fulfilled: dict[tuple[str, uuid.UUID | None], None] = {}
+    for ctx in ctxs:
+        obj = ctx.object
+        metadata = _invoice_metadata(obj)
+        subscription_id = ref(
+            ((obj.get("parent") or {}).get("subscription_details") or {}).get("subscription")
         )
-        .values(
-            account_id=func.coalesce(Payment.account_id, account_id),
-            stripe_subscription_id=func.coalesce(Payment.stripe_subscription_id, subscription_id),
-        )
-        .returning(Payment.id)
+        account_id = metadata.get("account_id") or accounts.get(ref(obj.get("customer")) or "")
+        row = rows[obj["id"]]
+        row["account_id"] = row["account_id"] or account_id
+        row["stripe_subscription_id"] = row["stripe_subscription_id"] or subscription_id
+        row["status"] = rank_merge(INVOICE_STATUS_ORDER, row["status"], obj.get("status"))
+        row["amount_due"] = int(obj.get("amount_due") or 0)
+        row["amount_paid"] = max(row["amount_paid"], int(obj.get("amount_paid") or 0))
+        row["period_start"] = ts(obj.get("period_start"))
+        row["period_end"] = ts(obj.get("period_end"))
+        transitions = obj.get("status_transitions") or {}
+        row["paid_at"] = row["paid_at"] or ts(transitions.get("paid_at"))
+        if row["status"] == "paid" and subscription_id is not None:
+            fulfilled[(subscription_id, _uuid(metadata.get("checkout_session_id")))] = None
+        links = payment_links.setdefault(obj["id"], [None, None])
+        links[0] = links[0] or account_id
+        links[1] = links[1] or subscription_id
+    await write_rows(session, INVOICES, rows, stored)
+    await fulfil_subscription_checkouts(session, now, list(fulfilled))
+    linked = await session.execute(
+        LINK_INVOICE_PAYMENTS,
+        {
+            "invoices": list(payment_links),
+            "accounts": [account for account, _ in payment_links.values()],
+            "subscriptions": [subscription for _, subscription in payment_links.values()],
+        },
     )
-    learned = links_before != (invoice.account_id, invoice.stripe_subscription_id)
-    if created or learned or linked_payments.first() is not None:
-        await reapply_money_effects(ctx, "stripe_invoice_id", obj["id"])
+    learned = (
+        created
+        | set(linked.scalars())
+        | {
+            stripe_id
+            for stripe_id, row in rows.items()
+            if (row["account_id"], row["stripe_subscription_id"])
+            != (stored[stripe_id]["account_id"], stored[stripe_id]["stripe_subscription_id"])
+        }
+    )
+    if learned:
+        await reapply_money_effects(
+            "stripe_invoice_id", {stripe_id: taught[stripe_id] for stripe_id in sorted(learned)}
+        )
 
 
-async def on_invoice_payment(ctx: EventContext) -> None:
+def _invoice_metadata(invoice: Json) -> Json:
+    """Our metadata on the invoice's subscription (`account_id`, `checkout_session_id`)."""
+    details = (invoice.get("parent") or {}).get("subscription_details") or {}
+    metadata: Json = details.get("metadata") or {}
+    return metadata
+
+
+async def _accounts_of_customers(
+    session: AsyncSession, customers: Iterable[str | None]
+) -> dict[str, str]:
+    """The accounts of these Stripe customers (those known), in one statement."""
+    wanted = sorted({customer for customer in customers if customer is not None})
+    if not wanted:
+        return {}
+    found = await session.execute(ACCOUNTS_OF_CUSTOMERS, {"customers": wanted})
+    return {str(customer): account_id for customer, account_id in found.all()}
+
+
+LINK_INVOICE_PAYMENTS = text(
+    "UPDATE payments"
+    " SET account_id = coalesce(payments.account_id, v.account_id),"
+    " stripe_subscription_id = coalesce(payments.stripe_subscription_id, v.subscription_id),"
+    " updated_at = now()"
+    " FROM unnest(CAST(:invoices AS text[]), CAST(:accounts AS text[]),"
+    " CAST(:subscriptions AS text[])) AS v(invoice_id, account_id, subscription_id)"
+    " WHERE payments.stripe_invoice_id = v.invoice_id"
+    " AND ((payments.account_id IS NULL AND v.account_id IS NOT NULL)"
+    " OR (payments.stripe_subscription_id IS NULL AND v.subscription_id IS NOT NULL))"
+    " RETURNING v.invoice_id"
+)
+"""The payments of each invoice get the account and subscription its events named (the
+first each named, as one `UPDATE` per event would); returns the invoices whose payments
+learned something."""
+
+
+INVOICE_EVENTS = frozenset(
+    {
+        "invoice.paid",
+        "invoice.payment_failed",
+        "invoice.finalized",
+        "invoice.voided",
+        "invoice.marked_uncollectible",
+    }
+)
+CHARGE_EVENTS = frozenset(
+    {"charge.succeeded", "charge.updated", "charge.refunded", "charge.failed"}
+)
+ACCOUNTS_OF_CUSTOMERS = select(Account.stripe_customer_id, Account.id).where(
+    Account.stripe_customer_id == any_(bindparam("customers", type_=ARRAY(String)))
+)
+INVOICE_LINKS = select(Invoice.stripe_id, Invoice.account_id, Invoice.stripe_subscription_id).where(
+    Invoice.stripe_id == any_(bindparam("invoices", type_=ARRAY(String)))
+)
+
+
+async def on_payment_events(ctxs: Sequence[EventContext]) -> None:
+    """Charge and invoice payment events, applied together (`apply_payment_changes`): the
+    accounts of charges' customers and the invoices of invoice payments are looked up in one
+    statement each."""
+    session = ctxs[0].session
+    charges = [ctx for ctx in ctxs if ctx.type in CHARGE_EVENTS]
+    accounts = await _accounts_of_customers(
+        session,
+        (
+            ref(ctx.object.get("customer"))
+            for ctx in charges
+            if not (ctx.object.get("metadata") or {}).get("account_id")
+        ),
+    )
+    invoice_ids = {
+        invoice_id
+        for ctx in ctxs
+        if ctx.type not in CHARGE_EVENTS and (invoice_id := ref(ctx.object.get("invoice")))
+    }
+    invoices: dict[str, tuple[str | None, str | None]] = {}
+    if invoice_ids:
+        links = await session.execute(INVOICE_LINKS, {"invoices": sorted(invoice_ids)})
+        invoices = {stripe_id: (account, sub) for stripe_id, account, sub in links.all()}
+    await ensure_accounts(
+        session,
+        (
+            account_id
+            for ctx in charges
+            if isinstance(account_id := (ctx.object.get("metadata") or {}).get("account_id"), str)
+            and account_id
+        ),
+    )
+    changes = [
+        change
+        for ctx in ctxs
+        if (
+            change := charge_change(ctx, accounts)
+            if ctx.type in CHARGE_EVENTS
+            else invoice_payment_change(ctx, invoices)
+        )
+        is not None
+    ]
+    if changes:
+        await apply_payment_changes(changes)
+
+
+def invoice_payment_change(
+    ctx: EventContext, invoices: dict[str, tuple[str | None, str | None]]
+) -> PaymentChange | None:
+    """`invoices`: (account, subscription) of the invoices mirrored so far."""
     obj = ctx.object
     payment = obj.get("payment") or {}
     payment_intent = ref(payment.get("payment_intent"))
     if payment_intent is None:
         log.info("invoice_payment.not_a_payment_intent", stripe_id=obj.get("id"))
-        return
+        return None
     invoice_id = ref(obj.get("invoice"))
-    invoice = await ctx.session.scalar(INVOICE, {"stripe_id": invoice_id})
+    account_id, subscription_id = invoices.get(invoice_id or "", (None, None))
     transitions = obj.get("status_transitions") or {}
     paid_at = ts(transitions.get("paid_at")) or ctx.created
-    row, learned = await upsert_payment(
-        ctx.session,
+    paid = obj.get("status") == "paid"
+
+    def first_payment(row: MirrorDict) -> tuple[str, datetime] | None:
+        if row["account_id"] and row["status"] == "succeeded":
+            return row["account_id"], paid_at
+        return None
+
+    return PaymentChange(
+        ctx,
         payment_intent,
-        purpose="subscription",
-        stripe_invoice_id=invoice_id,
-        stripe_subscription_id=invoice.stripe_subscription_id if invoice else None,
-        account_id=invoice.account_id if invoice else None,
-        amount=int(obj.get("amount_paid") or obj.get("amount_requested") or 0),
-        currency=obj.get("currency"),
-        status="succeeded" if obj.get("status") == "paid" else None,
-        paid_at=paid_at if obj.get("status") == "paid" else None,
+        {
+            "purpose": "subscription",
+            "stripe_invoice_id": invoice_id,
+            "stripe_subscription_id": subscription_id,
+            "account_id": account_id,
+            "amount": int(obj.get("amount_paid") or obj.get("amount_requested") or 0),
+            "currency": obj.get("currency"),
+            "status": "succeeded" if paid else None,
+            "paid_at": paid_at if paid else None,
+        },
+        first_payment=first_payment,
     )
-    if row.account_id and row.status == "succeeded":
-        await record_first_payment(ctx.session, row.account_id, paid_at, row.currency)
-    if learned:
-        await reapply_money_effects(ctx, "id", row.id)
 
 
-async def on_charge(ctx: EventContext) -> None:
+def charge_change(ctx: EventContext, accounts: dict[str, str]) -> PaymentChange | None:
+    """`accounts`: the accounts of Stripe customers (for charges without our metadata)."""
     obj = ctx.object
     payment_intent = ref(obj.get("payment_intent"))
     if payment_intent is None:
         log.info("charge.without_payment_intent", stripe_id=obj.get("id"))
-        return
+        return None
     metadata = obj.get("metadata") or {}
-    account_id = metadata.get("account_id") or await account_for_customer(
-        ctx.session, ref(obj.get("customer"))
-    )
-    if account_id is not None:
-        await ensure_account(ctx.session, account_id)
+    account_id = metadata.get("account_id") or accounts.get(ref(obj.get("customer")) or "")
     succeeded = obj.get("status") == "succeeded" and bool(obj.get("paid"))
-    row, learned = await upsert_payment(
-        ctx.session,
+    paid_at = ts(obj.get("created")) or ctx.created
+
+    def first_payment(row: MirrorDict) -> tuple[str, datetime] | None:
+        return (account_id, paid_at) if succeeded and account_id is not None else None
+
+    return PaymentChange(
+        ctx,
         payment_intent,
-        account_id=account_id,
-        purpose=metadata.get("purpose"),
-        stripe_charge_id=obj.get("id"),
-        amount=int(obj.get("amount") or 0),
-        currency=obj.get("currency"),
-        status="succeeded" if succeeded else obj.get("status"),
-        amount_refunded=int(obj.get("amount_refunded") or 0),
-        disputed=bool(obj.get("disputed")),
-        paid_at=ts(obj.get("created")) if succeeded else None,
+        {
+            "account_id": account_id,
+            "purpose": metadata.get("purpose"),
+            "stripe_charge_id": obj.get("id"),
+            "amount": int(obj.get("amount") or 0),
+            "currency": obj.get("currency"),
+            "status": "succeeded" if succeeded else obj.get("status"),
+            "amount_refunded": int(obj.get("amount_refunded") or 0),
+            "disputed": bool(obj.get("disputed")),
+            "paid_at": ts(obj.get("created")) if succeeded else None,
+        },
+        balance_transaction=obj.get("balance_transaction"),
+        first_payment=first_payment,
     )
-    balance_transaction = obj.get("balance_transaction")
-    if row.fee is None and balance_transaction is not None:
-        if not isinstance(balance_transaction, dict):
-            known = ctx.prefetched.get(str(balance_transaction))
-            if isinstance(known, Exception):
-                raise known
-            balance_transaction = known or await ctx.stripe.retrieve_balance_transaction(
-                str(balance_transaction)
-            )
-        row.fee = fee_in_payment_currency(balance_transaction, row.currency)
-    if succeeded and account_id is not None:
-        await record_first_payment(
-            ctx.session, account_id, ts(obj.get("created")) or ctx.created, row.currency
-        )
-    await ctx.session.flush()
-    if learned:
-        await reapply_money_effects(ctx, "id", row.id)
 
 
 PREFETCH_CONCURRENCY = 8
@@ -586,7 +1040,7 @@ async def prefetch_balance_transactions(
     wanted: dict[str, str] = {}  # payment intent -> balance transaction
     for event in events:
         obj = event["data"]["object"]
-        if HANDLERS.get(str(event["type"])) is on_charge:
+        if event["type"] in CHARGE_EVENTS:
             payment_intent, transaction = (
                 ref(obj.get("payment_intent")),
                 obj.get("balance_transaction"),
@@ -645,9 +1099,8 @@ def fee_in_payment_currency(balance_transaction: Json, payment_currency: str) ->
 
 async def on_refund(ctx: EventContext) -> None:
     obj = ctx.object
-    refund, _ = await locked_mirror_row(
+    refund = await locked_refund(
         ctx.session,
-        Refund,
         obj["id"],
         amount=int(obj.get("amount") or 0),
         currency=obj.get("currency") or "",
@@ -665,36 +1118,95 @@ async def on_refund(ctx: EventContext) -> None:
     await apply_refund_effects(ctx, refund)
 
 
-async def on_dispute(ctx: EventContext) -> None:
-    obj = ctx.object
-    charge_id = ref(obj.get("charge")) or ""
-    payment_intent = ref(obj.get("payment_intent"))
-    payment = await ctx.session.scalar(
-        PAYMENT_OF_DISPUTE, {"payment_intent": payment_intent, "charge": charge_id}
+DISPUTE_EVENTS = frozenset(
+    {
+        "charge.dispute.created",
+        "charge.dispute.updated",
+        "charge.dispute.closed",
+        "charge.dispute.funds_withdrawn",
+        "charge.dispute.funds_reinstated",
+    }
+)
+PAYMENTS_OF_DISPUTES = select(
+    PAYMENTS.c.id, PAYMENTS.c.stripe_id, PAYMENTS.c.stripe_charge_id, PAYMENTS.c.account_id
+).where(
+    (PAYMENTS.c.stripe_id == any_(bindparam("payment_intents", type_=ARRAY(String))))
+    | (PAYMENTS.c.stripe_charge_id == any_(bindparam("charges", type_=ARRAY(String))))
+)
+MARK_DISPUTED = (
+    update(PAYMENTS)
+    .where(
+        PAYMENTS.c.id == any_(bindparam("payment_ids", type_=ARRAY(Uuid))),
+        PAYMENTS.c.disputed.is_(False),
     )
-    dispute, _ = await locked_mirror_row(
-        ctx.session,
-        Dispute,
-        obj["id"],
-        stripe_charge_id=charge_id,
-        amount=int(obj.get("amount") or 0),
-        currency=obj.get("currency") or "",
-        status=obj.get("status") or "needs_response",
+    .values(disputed=True)
+)
+
+
+async def on_dispute_events(ctxs: Sequence[EventContext]) -> None:
+    """Dispute events, applied together: each merged into its dispute row in order (status
+    forward, funds withdrawn and reinstated only grow, ids, account and Stripe's creation
+    time kept once known, the earliest closing kept), the rows written in one statement, their
+    payments marked disputed in one more; then the effects of each dispute, once, from its
+    merged state (`apply_dispute_effects`, in the context of its last event)."""
+    session = ctxs[0].session
+    objects = [ctx.object for ctx in ctxs]
+    found = await session.execute(
+        PAYMENTS_OF_DISPUTES,
+        {
+            "payment_intents": sorted(
+                {pi for obj in objects if (pi := ref(obj.get("payment_intent")))}
+            ),
+            "charges": sorted({charge for obj in objects if (charge := ref(obj.get("charge")))}),
+        },
     )
-    dispute.stripe_payment_intent_id = dispute.stripe_payment_intent_id or payment_intent
-    dispute.account_id = dispute.account_id or (payment.account_id if payment else None)
-    dispute.status = rank_merge(DISPUTE_STATUS_ORDER, dispute.status, obj.get("status")) or ""
-    dispute.reason = obj.get("reason") or dispute.reason
-    withdrawn, reinstated = _dispute_funds(obj)
-    dispute.funds_withdrawn = max(dispute.funds_withdrawn, withdrawn)
-    dispute.funds_reinstated = max(dispute.funds_reinstated, reinstated)
-    dispute.stripe_created = dispute.stripe_created or ts(obj.get("created"))
-    if obj.get("status") in ("won", "lost"):
-        dispute.closed_at = min(dispute.closed_at or ctx.created, ctx.created)
-    if payment is not None:
-        payment.disputed = True
-    await ctx.session.flush()
-    await apply_dispute_effects(ctx, dispute)
+    by_intent: dict[str, Any] = {}
+    by_charge: dict[str, Any] = {}
+    for known in found.all():
+        by_intent[known.stripe_id] = known
+        if known.stripe_charge_id:
+            by_charge[known.stripe_charge_id] = known
+    defaults = {
+        obj["id"]: {
+            "stripe_charge_id": ref(obj.get("charge")) or "",
+            "amount": int(obj.get("amount") or 0),
+            "currency": obj.get("currency") or "",
+            "status": obj.get("status") or "needs_response",
+        }
+        for obj in reversed(objects)  # a new row starts from its first event's values
+    }
+    rows, _ = await locked_rows(session, DISPUTES, defaults)
+    stored = {stripe_id: dict(row) for stripe_id, row in rows.items()}
+    disputed: set[uuid.UUID] = set()
+    last_event: dict[str, EventContext] = {}
+    for ctx in ctxs:
+        obj = ctx.object
+        payment_intent = ref(obj.get("payment_intent"))
+        payment = by_intent.get(payment_intent or "") or by_charge.get(ref(obj.get("charge")) or "")
+        row = rows[obj["id"]]
+        row["stripe_payment_intent_id"] = row["stripe_payment_intent_id"] or payment_intent
+        row["account_id"] = row["account_id"] or (payment.account_id if payment else None)
+        row["status"] = rank_merge(DISPUTE_STATUS_ORDER, row["status"], obj.get("status")) or ""
+        row["reason"] = obj.get("reason") or row["reason"]
+        withdrawn, reinstated = _dispute_funds(obj)
+        row["funds_withdrawn"] = max(row["funds_withdrawn"], withdrawn)
+        row["funds_reinstated"] = max(row["funds_reinstated"], reinstated)
+        row["stripe_created"] = row["stripe_created"] or ts(obj.get("created"))
+        if obj.get("status") in ("won", "lost"):
+            row["closed_at"] = min(row["closed_at"] or ctx.created, ctx.created)
+        if payment is not None:
+            disputed.add(payment.id)
+        last_event[obj["id"]] = ctx
+    await write_rows(session, DISPUTES, rows, stored)
+    if disputed:
+        await session.execute(MARK_DISPUTED, {"payment_ids": sorted(disputed)})
+    mirrored = await session.scalars(
+        select(Dispute)
+        .where(Dispute.id.in_([row["id"] for row in rows.values()]))
+        .order_by(Dispute.stripe_id)
+    )
+    for dispute in mirrored.all():
+        await apply_dispute_effects(last_event[dispute.stripe_id], dispute)
 
 
 async def apply_refund_effects(ctx: EventContext, refund: Refund) -> None:
@@ -719,16 +1231,18 @@ async def apply_dispute_effects(ctx: EventContext, dispute: Dispute) -> None:
     )
 
 
-def _money_effects_statement(payment_column: str) -> CompoundSelect[int, uuid.UUID]:
-    """The refunds, then the disputes, of the payments whose `payment_column` is :value."""
-    of_payments = getattr(Payment, payment_column) == bindparam("value")
+def _money_effects_statement(payment_column: str) -> CompoundSelect[int, uuid.UUID, Any]:
+    """The refunds, then the disputes, of the payments whose `payment_column` is one of
+    :values, with that value."""
+    column = getattr(Payment, payment_column)
+    of_payments = column == any_(bindparam("values", type_=ARRAY(column.type)))
     refunds = (
-        select(literal(0), Refund.id)
+        select(literal(0), Refund.id, column)
         .join(Payment, Refund.stripe_payment_intent_id == Payment.stripe_id)
         .where(of_payments)
     )
     disputes = (
-        select(literal(1), Dispute.id)
+        select(literal(1), Dispute.id, column)
         .join(
             Payment,
             (Dispute.stripe_payment_intent_id == Payment.stripe_id)
@@ -741,24 +1255,27 @@ def _money_effects_statement(payment_column: str) -> CompoundSelect[int, uuid.UU
 
 MONEY_EFFECTS_OF = {
     column: _money_effects_statement(column)
-    for column in ("id", "stripe_id", "stripe_invoice_id", "stripe_subscription_id")
+    for column in ("id", "stripe_invoice_id", "stripe_subscription_id")
 }
 
 
-async def reapply_money_effects(ctx: EventContext, payment_column: str, value: object) -> None:
+async def reapply_money_effects(payment_column: str, taught: dict[Any, EventContext]) -> None:
     """Refund and dispute effects depend on what is known about their payment (account,
-    purpose, subscription). When an event teaches us more about the payments whose
-    `payment_column` is `value`, the effects of their refunds and disputes mirrored earlier
-    are applied again; they are idempotent, so whichever event arrives last completes them.
-    One statement finds them (most payments have neither)."""
-    found = (await ctx.session.execute(MONEY_EFFECTS_OF[payment_column], {"value": value})).all()
-    for kind, row_id in found:
+    purpose, subscription). When events teach us more about the payments whose
+    `payment_column` is a key of `taught`, the effects of their refunds and disputes mirrored
+    earlier are applied again (in the context of the event that taught); they are
+    idempotent, so whichever event arrives last completes them. One statement finds them
+    (most payments have neither)."""
+    session = next(iter(taught.values())).session
+    found = await session.execute(MONEY_EFFECTS_OF[payment_column], {"values": list(taught)})
+    for kind, row_id, value in found.all():
+        ctx = taught[value]
         if kind == 0:
-            refund = await ctx.session.get(Refund, row_id)
+            refund = await session.get(Refund, row_id)
             assert refund is not None
             await apply_refund_effects(ctx, refund)
         else:
-            dispute = await ctx.session.get(Dispute, row_id)
+            dispute = await session.get(Dispute, row_id)
             assert dispute is not None
             await apply_dispute_effects(ctx, dispute)
 
@@ -790,35 +1307,30 @@ def _uuid(value: Any) -> uuid.UUID | None:
 Handler = Callable[[EventContext], Awaitable[None]]
 
 HANDLERS: dict[str, Handler] = {
-    "checkout.session.completed": on_checkout_session,
-    "checkout.session.expired": on_checkout_session,
-    "checkout.session.async_payment_succeeded": on_checkout_session,
-    "checkout.session.async_payment_failed": on_checkout_session,
     "customer.subscription.created": on_subscription,
     "customer.subscription.updated": on_subscription,
     "customer.subscription.deleted": on_subscription,
     "customer.subscription.paused": on_subscription,
     "customer.subscription.resumed": on_subscription,
-    "invoice.paid": on_invoice,
-    "invoice.payment_failed": on_invoice,
-    "invoice.finalized": on_invoice,
-    "invoice.voided": on_invoice,
-    "invoice.marked_uncollectible": on_invoice,
-    "invoice_payment.paid": on_invoice_payment,
-    "charge.succeeded": on_charge,
-    "charge.updated": on_charge,
-    "charge.refunded": on_charge,
-    "charge.failed": on_charge,
     "refund.created": on_refund,
     "refund.updated": on_refund,
     "refund.failed": on_refund,
-    "charge.dispute.created": on_dispute,
-    "charge.dispute.updated": on_dispute,
-    "charge.dispute.closed": on_dispute,
-    "charge.dispute.funds_withdrawn": on_dispute,
-    "charge.dispute.funds_reinstated": on_dispute,
 }
-HANDLED_EVENT_TYPES = frozenset(HANDLERS)
+GroupHandler = Callable[[Sequence[EventContext]], Awaitable[None]]
+
+GROUP_HANDLERS: dict[str, GroupHandler] = {  # the groups run in this order (see below)
+    **{event_type: on_checkout_events for event_type in sorted(CHECKOUT_EVENTS)},
+    **{event_type: on_invoice_events for event_type in sorted(INVOICE_EVENTS)},
+    "invoice_payment.paid": on_payment_events,
+    **{event_type: on_payment_events for event_type in sorted(CHARGE_EVENTS)},
+    **{event_type: on_dispute_events for event_type in sorted(DISPUTE_EVENTS)},
+}
+"""Event types applied together, after a batch's other events: their merges are monotonic
+and commute (see the module docstring), so applying them as one group ends where applying
+them one by one in any order would, with a few statements per group instead of several per
+event. Checkout sessions, invoices (invoice payments take the invoice's account and
+subscription), payments, disputes (a dispute takes its payment's account)."""
+HANDLED_EVENT_TYPES = frozenset(HANDLERS) | frozenset(GROUP_HANDLERS)
 
 
 def lock_key(event: Json) -> str:
@@ -835,7 +1347,31 @@ def lock_key(event: Json) -> str:
     return str(obj.get("id"))
 
 
+async def apply_events(
+    ctxs: Sequence[EventContext], after_each: Callable[[], Awaitable[None]]
+) -> None:
+    """Apply the events of one transaction: each with its own handler in order (then
+    `after_each`), and the events of each `GROUP_HANDLERS` handler together at the end (then
+    `after_each` again)."""
+    groups: dict[GroupHandler, list[EventContext]] = {
+        group: []
+        for group in GROUP_HANDLERS.values()  # in their order
+    }
+    for ctx in ctxs:
+        if (group := GROUP_HANDLERS.get(ctx.type)) is not None:
+            groups[group].append(ctx)
+        elif (handler := HANDLERS.get(ctx.type)) is not None:
+            await handler(ctx)
+            await after_each()
+    for group, members in groups.items():
+        if members:
+            await group(members)
+            await after_each()
+
+
 async def apply_event(ctx: EventContext) -> None:
-    handler = HANDLERS.get(ctx.type)
-    if handler is not None:
+    """One event (a group of one for a `GROUP_HANDLERS` type)."""
+    if (group := GROUP_HANDLERS.get(ctx.type)) is not None:
+        await group([ctx])
+    elif (handler := HANDLERS.get(ctx.type)) is not None:
         await handler(ctx)

@@ -4,7 +4,8 @@
   `next_attempt_at`), so replicas never take the same event and a crashed worker's lease runs out.
 - Applying: a claimed batch in one transaction that re-locks the event rows, takes a Postgres
   advisory lock on each Stripe object the events are about (so two replicas never interleave
-  on one subscription), applies the handlers in the order the events were stored, and marks
+  on one subscription), applies the handlers (app/webhooks/handlers.py `apply_events`: one by
+  one in the order the events were stored, then the one-way objects' events by group), and marks
   them `processed` in the same commit: the effects and the "done" marks cannot be separated.
   One transaction per batch instead of per event is what makes applying cheap (one BEGIN, lock
   and commit for up to `batch_size` events). These commits use `synchronous_commit=off`: the
@@ -40,6 +41,7 @@ from app.webhooks.handlers import (
     PrefetchedObjects,
     accounts_named,
     apply_event,
+    apply_events,
     lock_key,
     prefetch_balance_transactions,
 )
@@ -230,13 +232,19 @@ class EventProcessor:
                 fetched.update(await prefetch_balance_transactions(session, self._stripe, payloads))
             await ensure_accounts(session, accounts_named(payloads))
             session.expunge_all()  # the event rows are read, never written through the ORM
-            for payload in payloads:
-                await apply_event(
-                    EventContext(session, self._settings, self._stripe, payload, now, fetched)
-                )
-                await session.flush()
+
+            async def forget_loaded_rows() -> None:
                 # the next event reads the database afresh, as it would in its own transaction
+                await session.flush()
                 session.expunge_all()
+
+            await apply_events(
+                [
+                    EventContext(session, self._settings, self._stripe, payload, now, fetched)
+                    for payload in payloads
+                ],
+                after_each=forget_loaded_rows,
+            )
             await session.execute(
                 update(StripeEvent)
                 .where(StripeEvent.id.in_([row.id for row in rows]))
