@@ -288,6 +288,27 @@ async def driver_transaction(
         pooled.close()
 
 
+@contextlib.asynccontextmanager
+async def driver_connection(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """A pooled connection's asyncpg connection outside any transaction: each statement
+    commits on its own, durably (one round trip for a change that is one statement). Errors
+    as for `driver_transaction`; an unusable or cancelled connection is discarded."""
+    from app.errors import database_unavailable
+
+    pooled = await engine.raw_connection()
+    usable = False
+    try:
+        yield pooled.driver_connection
+        usable = True
+    except Exception as exc:
+        usable = not database_unavailable(exc)  # a failed statement leaves no transaction
+        raise
+    finally:
+        if not usable:
+            pooled.invalidate()
+        pooled.close()
+
+
 BEGIN = "BEGIN"
 BEGIN_WITHOUT_FLUSH_WAIT = "BEGIN; SET LOCAL synchronous_commit = off"
 

@@ -23,8 +23,10 @@ own: one statement, no extra commit, and a refusal in that transaction (a 4xx) r
 back with everything else, so nothing needs releasing. A key already present makes `claim`
 raise `KeyHeld`; the operation's transaction rolls back and the request takes the usual path
 (wait, replay, 409, or take over), then runs the operation again with the key held. The
-operation may also store its answer in its own final transaction (`Claim.answer`), so the
-response commits with what it created without a transaction of the request session.
+operation may also store its answer in its own final transaction (`Claim.answer`), or in the
+very statement that records what it created (`Claim.answer_params` gives `STORE_ANSWER`'s
+parameters), so the response commits with what it created without a transaction of the
+request session.
 """
 
 from __future__ import annotations
@@ -68,6 +70,7 @@ class Claim:
         self._values = values
         self.record_id: int | None = None
         self.answered: tuple[int, bytes] | None = None
+        self._given: tuple[int, bytes] | None = None
 
     async def __call__(self, conn: Any) -> None:
         """Claim on `conn`, the asyncpg connection of the caller's `driver_transaction`."""
@@ -81,12 +84,21 @@ class Claim:
     async def answer(self, conn: Any, status: int, body: BaseModel) -> None:
         """Store the response under the key in the operation's final transaction on `conn`
         (so it commits with what it created); the request then answers with it."""
-        rendered = orjson.dumps(body.model_dump(mode="json"))
+        stored = self.answer_params(status, body)
         if self.record_id is not None:
-            await _STORE_SQL.execute(
-                conn, record_id=self.record_id, status=status, body=rendered.decode()
-            )
-        self.answered = (status, rendered)
+            await STORE_ANSWER_SQL.execute(conn, **stored)
+        self.answered_as_given()
+
+    def answer_params(self, status: int, body: BaseModel) -> dict[str, Any]:
+        """The parameters of `STORE_ANSWER` (`record_id`, `status`, `body`) for this answer,
+        for an operation that stores it in a statement of its own (with what it creates);
+        `answered_as_given` once that statement has stored it."""
+        rendered = orjson.dumps(body.model_dump(mode="json"))
+        self._given = (status, rendered)
+        return {"record_id": self.record_id, "status": status, "body": rendered.decode()}
+
+    def answered_as_given(self) -> None:
+        self.answered = self._given
 
 
 @dataclass(frozen=True)
@@ -205,12 +217,12 @@ _CLAIM = (
 )
 """Claim a key: its record id, or nothing when the key already has a record."""
 _CLAIM_SQL = DriverStatement(_CLAIM)
-_STORE = (
+STORE_ANSWER = (
     update(_RECORDS)
     .where(_RECORDS.c.id == bindparam("record_id"))
     .values(response_status=bindparam("status"), response_body=bindparam("body"))
 )
-_STORE_SQL = DriverStatement(_STORE)
+STORE_ANSWER_SQL = DriverStatement(STORE_ANSWER)
 """(`body` is JSON text: the jsonb codec SQLAlchemy installs on its connections takes text.)"""
 
 
@@ -228,7 +240,7 @@ async def _store(session: AsyncSession, record_id: int, outcome: Outcome) -> JSO
     """The response, stored in the request's transaction (it commits with what it created)."""
     content = outcome.body.model_dump(mode="json")
     await session.execute(
-        _STORE, {"record_id": record_id, "status": outcome.status, "body": content}
+        STORE_ANSWER, {"record_id": record_id, "status": outcome.status, "body": content}
     )
     return JSONResponse(content, status_code=outcome.status)
 

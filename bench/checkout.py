@@ -11,7 +11,8 @@ request's latency is almost all the service's own. Per round and source tree, on
 - **direct**: the same Stripe calls (customer + session, and session alone) made with the
   service's `StripeGateway` from a process of its own against the same stand-in.
 
-Own time = p50(request) - p50(the direct calls it makes). Requests are timed by
+Own time = p50(request) - p50(the direct calls it makes), per round (the direct calls are
+made after each round, so both see the machine as it was), and the median of the rounds. Requests are timed by
 bench/lean_http.py on one keep-alive connection (httpx's own client-side work, ~2 ms a request
 here, is the load generator's time, not the service's; it was counted before issue #7's third
 pass). Also printed: the service's CPU per
@@ -108,6 +109,28 @@ async def timed_posts(
     return durations, statuses
 
 
+def direct_calls(stripe_url: str, env: dict[str, str]) -> dict[str, list[float]]:
+    """The Stripe calls of a checkout made directly (bench/direct_checkout.py), N of each."""
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.direct_checkout", stripe_url, str(N)],
+        env=env,
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    durations: dict[str, list[float]] = json.loads(result.stdout)
+    return durations
+
+
+def own_per_round(samples: list[float], direct_p50s: list[float]) -> list[float]:
+    """Each round's p50 request time minus that round's p50 of the direct calls."""
+    return [
+        statistics.median(samples[r * N : (r + 1) * N]) - direct
+        for r, direct in enumerate(direct_p50s)
+    ]
+
+
 TOKENS: dict[str, str] = {}
 
 
@@ -192,6 +215,7 @@ async def main() -> None:
                 server = start(f"service-{index}", "app.main:app", env, variant.tree, log)
                 running.append(server)
                 servers.append((variant, server, dsn, service_settings(env)))
+            direct_rounds: list[dict[str, list[float]]] = []
             for round_ in range(ROUNDS):
                 for variant, server, dsn, settings in servers:
                     await measure_round(
@@ -204,33 +228,31 @@ async def main() -> None:
                         f"returning {again:.2f} ms",
                         flush=True,
                     )
-            result = subprocess.run(
-                [sys.executable, "-m", "bench.direct_checkout", stripe.url, str(N)],
-                env=env,
-                cwd=ROOT,
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            direct_ms: dict[str, list[float]] = json.loads(result.stdout)
+                # the direct calls in every round: the machine's speed moves between rounds
+                direct_rounds.append(direct_calls(stripe.url, env))
     finally:
         for name in databases:
             await harness.drop_database(name)
-    pair = statistics.median(direct_ms["pair"])
-    single = statistics.median(direct_ms["session"])
+    pairs = [statistics.median(d["pair"]) for d in direct_rounds]
+    singles = [statistics.median(d["session"]) for d in direct_rounds]
     rows = []
+    own: dict[str, tuple[list[float], list[float]]] = {}
     for variant in variants:
+        own[variant.label] = (
+            own_per_round(variant.samples["first"], pairs),
+            own_per_round(variant.samples["returning"], singles),
+        )
         first = statistics.median(variant.samples["first"])
         again = statistics.median(variant.samples["returning"])
         rows.append(
             [
                 variant.label,
                 f"{first:.2f} / {percentile(variant.samples['first'], 0.95):.2f}",
-                f"{first - pair:.2f}",
+                f"{statistics.median(own[variant.label][0]):.2f}",
                 f"{statistics.median(variant.cpu_ms['first']):.2f}",
                 f"{statistics.median(variant.commits['first']):.2f}",
                 f"{again:.2f} / {percentile(variant.samples['returning'], 0.95):.2f}",
-                f"{again - single:.2f}",
+                f"{statistics.median(own[variant.label][1]):.2f}",
                 f"{statistics.median(variant.cpu_ms['returning']):.2f}",
                 f"{statistics.median(variant.commits['returning']):.2f}",
                 f"{statistics.median(variant.samples['healthz']):.2f}",
@@ -243,17 +265,14 @@ async def main() -> None:
             "commits": variant.commits,
             "statuses": variant.statuses,
         }
-    summary["direct"] = direct_ms
-    for variant in variants:  # per round: the load of a shared machine moves between rounds
-        own = [
-            f"{statistics.median(variant.samples['first'][r * N : (r + 1) * N]) - pair:.2f}"
-            f" / {statistics.median(variant.samples['returning'][r * N : (r + 1) * N]) - single:.2f}"
-            for r in range(ROUNDS)
-        ]
-        print(f"own time p50 per round, first / returning, {variant.label}: {', '.join(own)} ms")
+    summary["direct"] = direct_rounds
+    for label, (firsts, returning) in own.items():
+        per_round = ", ".join(f"{a:.2f} / {b:.2f}" for a, b in zip(firsts, returning, strict=True))
+        print(f"own time p50 per round, first / returning, {label}: {per_round} ms")
     print(
-        f"\ndirect Stripe calls to the instant stand-in, p50: customer + session {pair:.2f} ms, "
-        f"session alone {single:.2f} ms; {ROUNDS} rounds x {N} requests per kind"
+        "\ndirect Stripe calls to the instant stand-in, p50 per round: customer + session "
+        f"{', '.join(f'{p:.2f}' for p in pairs)} ms, session alone "
+        f"{', '.join(f'{p:.2f}' for p in singles)} ms; {ROUNDS} rounds x {N} requests per kind"
     )
     print(
         harness.table(

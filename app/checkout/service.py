@@ -12,15 +12,16 @@ Creating one (all validation first: nothing reaches Stripe for a request we will
    account id, app/accounts/service.py) and records its id. A Stripe failure there rolls all of
    it back: no claim, no row, no customer id.
 2. Stripe is called with `idempotency_key("checkout", row.id)`; the result and the stored
-   idempotent response (`Claim.answer`) are recorded in one more transaction, the request's
-   durable commit. A Stripe failure marks the row `failed` and answers 502; a retry of a
-   `pending` row (a crash, or a concurrent request for the same channel) reuses its key.
+   idempotent response are recorded by one statement committed on its own, the request's
+   durable commit (`_record_with_answer`). A Stripe failure marks the row `failed` and answers
+   502; a retry of a `pending` row (a crash, or a concurrent request for the same channel)
+   reuses its key.
 
-Both transactions run on the asyncpg connection (`app/db.py` `driver_transaction`), with Core
-statements compiled once (`DriverStatement`): SQLAlchemy's per-statement execution work was
-most of a checkout's own CPU (bench/README.md). 10 round trips to Postgres for a top-up (BEGIN
-with its SET LOCAL, claim, lock, facts, insert, COMMIT; BEGIN, result, response, COMMIT); an
-account's first checkout adds the customer's id and the SET LOCAL that makes its commit
+Both run on the asyncpg connection (`app/db.py` `driver_transaction`, `driver_connection`),
+with Core statements compiled once (`DriverStatement`): SQLAlchemy's per-statement execution
+work was most of a checkout's own CPU (bench/README.md). 7 round trips to Postgres for a top-up
+(BEGIN with its SET LOCAL, claim, lock, facts, insert, COMMIT; the result with the response);
+an account's first checkout adds the customer's id and the SET LOCAL that makes its commit
 durable; a subscription adds the channel claim, its owner, the live-subscription check and the
 channel's latest checkout.
 
@@ -59,7 +60,7 @@ when no event has fulfilled it yet, so a browser returning from Checkout sees th
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 from urllib.parse import urlsplit
@@ -84,7 +85,7 @@ from app.checkout.schemas import (
     TopUpCheckoutIn,
 )
 from app.config import Plan, Settings
-from app.db import DriverStatement, driver_transaction, flush_on_commit
+from app.db import DriverStatement, driver_connection, driver_transaction, flush_on_commit
 from app.errors import (
     BillingError,
     CheckoutSessionNotFound,
@@ -92,7 +93,7 @@ from app.errors import (
     SubscriptionExists,
     Unprocessable,
 )
-from app.idempotency import Claim
+from app.idempotency import STORE_ANSWER, Claim
 from app.models import CheckoutSession, LedgerEntry, Subscription
 from app.rate_limit import enforce_stripe_rate_limit
 from app.redirects import check_redirects
@@ -214,11 +215,7 @@ async def create_checkout_session(
     except BillingError:
         await _mark_failed(factory, row.id)
         raise
-    async with driver_transaction(engine) as conn:  # the request's one durable commit
-        record = await _RECORD_CREATED_SQL.fetchrow(conn, **_created_values(row.id, created))
-        out = to_out(CheckoutRow(**record))
-        if claim is not None:
-            await claim.answer(conn, 201, out)
+    out = await _record_with_answer(engine, row, created, claim or Claim())
     log.info(
         "checkout.created",
         checkout_id=str(row.id),
@@ -489,7 +486,59 @@ async def _record_created(session: AsyncSession, row_id: uuid.UUID, created: Str
     await session.execute(_RECORD_CREATED, _created_values(row_id, created))
 
 
-_RECORD_CREATED_SQL = DriverStatement(_RECORD_CREATED)
+_RECORDED = _RECORD_CREATED.cte("recorded")
+_ANSWER_STORED = (
+    STORE_ANSWER.where(
+        select(_RECORDED.c.id)
+        .where(
+            _RECORDED.c.status == bindparam("new_status"),
+            _RECORDED.c.payment_status.is_not_distinct_from(bindparam("new_payment_status")),
+            _RECORDED.c.fulfilled_at.is_(None),
+        )
+        .exists()
+    )
+    .returning(literal(1))
+    .cte("answer_stored")
+)
+_RECORD_WITH_ANSWER = DriverStatement(
+    select(
+        _RECORDED,
+        select(func.count()).select_from(_ANSWER_STORED).scalar_subquery().label("answered"),
+    )
+)
+"""`_RECORD_CREATED` and the request's answer stored under its Idempotency-Key, in one
+statement; the answer only when the recorded row is as the answer says (`status`,
+`payment_status`, not fulfilled), which it is unless a Stripe event moved the row on first."""
+
+
+async def _record_with_answer(
+    engine: AsyncEngine, row: CheckoutRow, created: StripeObject, claim: Claim
+) -> CheckoutOut:
+    """Record Stripe's answer and store the request's under its key: one statement, committed
+    on its own, the request's one durable commit. The answer is rendered from the row as
+    recording makes it while it is still ours; should an event have moved the row on first
+    (it is then not stored), it is rendered from the recorded row and stored by one more."""
+    values = _created_values(row.id, created)
+    expected = to_out(
+        replace(
+            row,
+            stripe_id=values["stripe_id"],
+            url=values["url"],
+            expires_at=values["expires_at"],
+            status=values["new_status"],
+            payment_status=values["new_payment_status"],
+        )
+    )
+    async with driver_connection(engine) as conn:
+        record = dict(
+            await _RECORD_WITH_ANSWER.fetchrow(conn, **values, **claim.answer_params(201, expected))
+        )
+        if record.pop("answered"):
+            claim.answered_as_given()
+            return expected
+        out = to_out(CheckoutRow(**record))
+        await claim.answer(conn, 201, out)
+        return out
 
 
 def _created_values(row_id: uuid.UUID, created: StripeObject) -> dict[str, Any]:

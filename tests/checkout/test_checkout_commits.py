@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import event, select
+from sqlalchemy import event, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.checkout import service
@@ -46,10 +47,30 @@ class Recording:
         return recorded
 
 
+class Autocommit:
+    """Records the statements of a driver connection outside any transaction: each commits
+    on its own (with the `synchronous_commit` the connection has)."""
+
+    def __init__(self, conn: Any, done: list[Transaction]) -> None:
+        self._conn, self._done = conn, done
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self._conn, name)
+
+        async def recorded(sql: str, *args: Any) -> Any:
+            setting = await self._conn.fetchval("SHOW synchronous_commit")
+            result = await method(sql, *args)
+            self._done.append(Transaction([sql], setting))
+            return result
+
+        return recorded
+
+
 @pytest.fixture
 def committed(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Transaction]]:
     """Every transaction the app commits, in commit order: the checkout's driver transactions
-    (with the `synchronous_commit` their COMMIT runs under) and the SQLAlchemy ones."""
+    (with the `synchronous_commit` their COMMIT runs under), its statements committed on their
+    own, and the SQLAlchemy transactions."""
     done: list[Transaction] = []
     real = service.driver_transaction
 
@@ -62,6 +83,14 @@ def committed(app: FastAPI, monkeypatch: pytest.MonkeyPatch) -> Iterator[list[Tr
         done.append(tx)
 
     monkeypatch.setattr(service, "driver_transaction", recording)
+    real_connection = service.driver_connection
+
+    @contextlib.asynccontextmanager
+    async def autocommit(engine: Any) -> AsyncIterator[Any]:
+        async with real_connection(engine) as conn:
+            yield Autocommit(conn, done)
+
+    monkeypatch.setattr(service, "driver_connection", autocommit)
     engine = app.state.engine.sync_engine
     open_transactions: dict[int, Transaction] = {}
 
@@ -197,3 +226,36 @@ async def test_a_value_the_database_cannot_store_is_a_422_and_creates_nothing(
         assert (await session.scalars(select(CheckoutSession))).all() == []
         assert (await session.scalars(select(IdempotencyRecord))).all() == []
     assert stripe_fake.all("customer") == []
+
+
+async def test_a_payment_event_applied_before_the_result_is_recorded_is_what_the_answer_says(
+    app: FastAPI,
+    post_checkout: PostCheckout,
+    db: async_sessionmaker[AsyncSession],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The answer is stored with the result in one statement only when the row is as the
+    answer says; here an event completed the session between Stripe's answer and our record,
+    so the answer (and its replay) says what the row says."""
+    gateway = app.state.stripe
+    create = gateway.create_checkout_session
+
+    async def created_then_paid(params: dict[str, Any], *, key: str) -> Any:
+        created = await create(params, key=key)
+        async with db() as session, session.begin():
+            await session.execute(
+                update(CheckoutSession)
+                .where(CheckoutSession.id == uuid.UUID(params["metadata"]["checkout_session_id"]))
+                .values(status="complete", payment_status="paid", fulfilled_at=func.now())
+            )
+        return created
+
+    monkeypatch.setattr(gateway, "create_checkout_session", created_then_paid)
+    answer = await post_checkout("acc_1", top_up_body(), key="k-race")
+    assert answer.status_code == 201, answer.text
+    assert answer.json()["status"] == "complete"
+    assert answer.json()["fulfilled"] is True
+    assert answer.json()["url"] is None
+    replay = await post_checkout("acc_1", top_up_body(), key="k-race")
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    assert replay.json() == answer.json()
