@@ -4,6 +4,7 @@ and never hands the next user a connection left inside a transaction or mid-stat
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 
 import asyncpg
 import pytest
@@ -12,10 +13,19 @@ from fastapi import FastAPI
 from app.db import driver_transaction, flush_on_commit
 
 
-async def insert(app: FastAPI, *values: int, then: Exception | None = None) -> None:
-    """Insert `values` into a scratch table in one transaction, then raise `then`."""
+@pytest.fixture(autouse=True)
+async def scratch_table(app: FastAPI) -> AsyncIterator[None]:
+    """The tests' own table, dropped after each (the schema stays the migrations')."""
     async with driver_transaction(app.state.engine) as conn:
-        await conn.execute("CREATE TABLE IF NOT EXISTS scratch_tx (n int PRIMARY KEY)")
+        await conn.execute("CREATE TABLE scratch_tx (n int PRIMARY KEY)")
+    yield
+    async with driver_transaction(app.state.engine) as conn:
+        await conn.execute("DROP TABLE scratch_tx")
+
+
+async def insert(app: FastAPI, *values: int, then: Exception | None = None) -> None:
+    """Insert `values` into the scratch table in one transaction, then raise `then`."""
+    async with driver_transaction(app.state.engine) as conn:
         for value in values:
             await conn.execute("INSERT INTO scratch_tx VALUES ($1)", value)
         if then is not None:
@@ -49,8 +59,6 @@ async def test_a_failed_statement_rolls_back_and_the_connection_serves_again(
 async def test_a_transaction_cancelled_mid_statement_leaves_no_connection_behind(
     app: FastAPI,
 ) -> None:
-    await insert(app)
-
     async def slow() -> None:
         async with driver_transaction(app.state.engine) as conn:
             await conn.execute("INSERT INTO scratch_tx VALUES (7)")
