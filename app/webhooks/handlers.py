@@ -84,8 +84,9 @@ from app.subscriptions.service import record_access_change
 log = structlog.get_logger()
 
 Json = dict[str, Any]
-PrefetchedObjects = dict[str, Json | Exception]
-"""Stripe objects by id, or the error fetching one raised (not fetched again in the batch)."""
+PrefetchedObjects = dict[str, "asyncio.Task[Json]"]
+"""Stripe objects by id, being fetched while the batch's other events are applied; awaiting
+one that failed raises its error again (it is not asked for again in the batch)."""
 TIMESTAMPS = ("created_at", "updated_at")
 
 
@@ -97,7 +98,7 @@ class EventContext:
     event: Json
     now: datetime
     prefetched: PrefetchedObjects = field(default_factory=dict)
-    """Fetched ahead for a batch of events (see `prefetch_balance_transactions`)."""
+    """Fetched ahead for a batch of events (see `start_balance_transaction_fetches`)."""
 
     @property
     def type(self) -> str:
@@ -454,10 +455,10 @@ def _known(values: dict[str, Any], key: str, default: Any) -> Any:
 async def _balance_transaction(ctx: EventContext, transaction: Any) -> Json:
     if isinstance(transaction, dict):
         return transaction
-    known = ctx.prefetched.get(str(transaction))
-    if isinstance(known, Exception):
-        raise known
-    return known or dict(await ctx.stripe.retrieve_balance_transaction(str(transaction)))
+    fetching = ctx.prefetched.get(str(transaction))
+    if fetching is not None:
+        return await fetching
+    return dict(await ctx.stripe.retrieve_balance_transaction(str(transaction)))
 
 
 async def _link_disputes(session: AsyncSession, rows: dict[str, MirrorDict]) -> None:
@@ -1030,13 +1031,14 @@ def charge_change(ctx: EventContext, accounts: dict[str, str]) -> PaymentChange 
 PREFETCH_CONCURRENCY = 8
 
 
-async def prefetch_balance_transactions(
+async def start_balance_transaction_fetches(
     session: AsyncSession, stripe: StripeGateway, events: Sequence[Json]
 ) -> PrefetchedObjects:
-    """The balance transactions that `on_charge` will fetch for these events (fees not known
-    yet), fetched concurrently instead of one after another. A fetch that fails is kept as
-    its error: the event's handler raises it (the attempt fails and is retried later) rather
-    than asking Stripe again at once."""
+    """Start fetching the balance transactions the charge events among `events` need (fees
+    not known yet), concurrently, in tasks that run while the batch's other events are
+    applied (Stripe answers in tens of milliseconds or more; the payment group awaits them).
+    A fetch that fails keeps its error: the event's handler raises it (the attempt fails and
+    is retried later) rather than asking Stripe again at once."""
     wanted: dict[str, str] = {}  # payment intent -> balance transaction
     for event in events:
         obj = event["data"]["object"]
@@ -1060,13 +1062,15 @@ async def prefetch_balance_transactions(
         async with limit:
             return dict(await stripe.retrieve_balance_transaction(transaction_id))
 
-    ids = sorted(set(wanted.values()))
-    results = await asyncio.gather(*(fetch(i) for i in ids), return_exceptions=True)
-    return {
-        i: r
-        for i, r in zip(ids, results, strict=True)
-        if isinstance(r, dict | Exception)  # not CancelledError and the like
-    }
+    return {i: asyncio.create_task(fetch(i)) for i in sorted(set(wanted.values()))}
+
+
+async def settle_fetches(fetches: PrefetchedObjects) -> None:
+    """Cancel the fetches still running (their events were not applied) and retrieve every
+    outcome, so no task is left pending or with an error nobody saw."""
+    for task in fetches.values():
+        task.cancel()
+    await asyncio.gather(*fetches.values(), return_exceptions=True)
 
 
 def accounts_named(events: Sequence[Json]) -> set[str]:

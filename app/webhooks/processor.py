@@ -43,7 +43,8 @@ from app.webhooks.handlers import (
     apply_event,
     apply_events,
     lock_key,
-    prefetch_balance_transactions,
+    settle_fetches,
+    start_balance_transaction_fetches,
 )
 
 log = structlog.get_logger()
@@ -130,8 +131,15 @@ class EventProcessor:
             return 0
         fetched: PrefetchedObjects = {}  # Stripe objects fetched once for this claim
         try:
+            await self._apply_claimed(ids, fetched)
+        finally:
+            await settle_fetches(fetched)
+        return len(ids)
+
+    async def _apply_claimed(self, ids: list[int], fetched: PrefetchedObjects) -> None:
+        try:
             await self._with_conflict_retries(partial(self._apply_batch, fetched=fetched), ids)
-            return len(ids)
+            return
         except Exception as exc:
             log.info(
                 "stripe_event.batch_fallback",
@@ -152,7 +160,6 @@ class EventProcessor:
                     sqlstate=getattr(getattr(exc, "orig", None), "sqlstate", None),
                 )
                 break
-        return len(ids)
 
     async def _claim(self) -> list[int]:
         due = (
@@ -229,7 +236,9 @@ class EventProcessor:
             now = datetime.now(UTC)
             payloads = [row.payload for row in rows if row.payload is not None]
             if not fetched:
-                fetched.update(await prefetch_balance_transactions(session, self._stripe, payloads))
+                fetched.update(
+                    await start_balance_transaction_fetches(session, self._stripe, payloads)
+                )
             await ensure_accounts(session, accounts_named(payloads))
             session.expunge_all()  # the event rows are read, never written through the ORM
 
