@@ -137,6 +137,7 @@ class EventProcessor:
         return len(ids)
 
     async def _apply_claimed(self, ids: list[int], fetched: PrefetchedObjects) -> None:
+        """The batch in one transaction, or else its events one per transaction."""
         try:
             await self._with_conflict_retries(partial(self._apply_batch, fetched=fetched), ids)
             return
