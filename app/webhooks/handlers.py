@@ -164,7 +164,6 @@ ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as the account routes accept 
 # The statements run for most events are built once and executed with parameters: building a
 # SQLAlchemy statement costs more CPU than Postgres spends running these.
 
-ACCOUNT_OF_CUSTOMER = select(Account.id).where(Account.stripe_customer_id == bindparam("customer"))
 ACCOUNTS = cast(Table, Account.__table__)
 CHECKOUTS = cast(Table, CheckoutSession.__table__)
 LINK_CUSTOMER = (  # Core statements (the ORM's UPDATE costs more CPU than Postgres does here)
@@ -222,10 +221,10 @@ DISPUTES = cast(Table, Dispute.__table__)
 
 
 async def account_for_customer(session: AsyncSession, customer_id: str | None) -> str | None:
+    """The account of one Stripe customer, if known (`_accounts_of_customers`)."""
     if customer_id is None:
         return None
-    account_id: str | None = await session.scalar(ACCOUNT_OF_CUSTOMER, {"customer": customer_id})
-    return account_id
+    return (await _accounts_of_customers(session, [customer_id])).get(customer_id)
 
 
 async def link_customer(session: AsyncSession, account_id: str, customer_id: str | None) -> None:
