@@ -1,10 +1,12 @@
 """Time (and optionally profile) the event processor alone, in this process:
-`PYTHONPATH=. python -m bench.profile_processor [accounts] [cprofile]`.
+`PYTHONPATH=. python -m bench.profile_processor [accounts] [cprofile|handlers]`.
 
 Stores the benchmark stream (bench/scenario.py lifecycles, 10% duplicates, shuffled) straight
 into `stripe_events`, then drains it with `EventProcessor` against the Stripe fake and prints
 events/s, then checks every account's mirror as `bench/run ingestion` does. With `cprofile`,
-writes bench/results/profile-processor.txt (cumulative and own time)."""
+writes bench/results/profile-processor.txt (cumulative and own time); with `handlers`, prints
+the event loop's CPU time spent in each handler and group handler (what a handler awaits, such
+as a prefetch task finishing meanwhile, counts to it)."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ import pstats
 import random
 import sys
 import time
+from typing import Any
 
 from sqlalchemy import event
 
@@ -28,7 +31,8 @@ from tests.stripe_fake import StripeFake
 
 async def main() -> None:
     accounts = int(sys.argv[1]) if len(sys.argv) > 1 else 50
-    profile = len(sys.argv) > 2 and sys.argv[2] == "cprofile"
+    mode = sys.argv[2] if len(sys.argv) > 2 else ""
+    profile = mode == "cprofile"
     RESULTS.mkdir(parents=True, exist_ok=True)
     fake = StripeFake().start()
     name = f"bench_proc_{os.getpid()}"
@@ -69,6 +73,7 @@ async def main() -> None:
             )
             for _ in range(int(os.environ.get("PROC_WORKERS", "1")))
         ]
+        handler_cpu = time_handlers() if mode == "handlers" else {}
         calls_before = len(fake.requests)
         profiler = cProfile.Profile() if profile else None
         started = time.perf_counter()
@@ -96,6 +101,11 @@ async def main() -> None:
         print(f"SQL statements: {total} ({total / len(scenario.events):.1f} per event); top:")
         for key, n in sorted(statements.items(), key=lambda kv: -kv[1])[:25]:
             print(f"{n:7d}  {key}")
+        for name, (calls, seconds) in sorted(handler_cpu.items(), key=lambda kv: -kv[1][1]):
+            print(
+                f"{seconds * 1000:9.0f} ms CPU  {calls:5d} calls  {name}"
+                f"  ({seconds / cpu:.0%} of the event loop's)"
+            )
         if profiler:
             out = io.StringIO()
             stats = pstats.Stats(profiler, stream=out)
@@ -109,6 +119,31 @@ async def main() -> None:
     finally:
         fake.stop()
         await harness.drop_database(name)
+
+
+def time_handlers() -> dict[str, list[float]]:
+    """Wrap every handler and group handler to add up the event loop's CPU time in each."""
+    from app.webhooks import handlers
+
+    totals: dict[str, list[float]] = {}
+
+    def timed(function: Any) -> Any:
+        entry = totals.setdefault(function.__name__, [0, 0.0])
+
+        async def wrapper(arg: Any) -> None:
+            started = time.thread_time()
+            try:
+                await function(arg)
+            finally:
+                entry[0] += 1
+                entry[1] += time.thread_time() - started
+
+        return wrapper
+
+    for table in (handlers.HANDLERS, handlers.GROUP_HANDLERS):
+        wrapped = {function: timed(function) for function in set(table.values())}
+        table.update({key: wrapped[function] for key, function in table.items()})
+    return totals
 
 
 if __name__ == "__main__":
