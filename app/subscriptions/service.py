@@ -10,11 +10,12 @@ Writers wait only for the duration of one read.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
-from typing import cast
+from typing import Any, cast
 
 from sqlalchemy import String, Table, bindparam, func, insert, select, text, true
-from sqlalchemy.dialects.postgresql import distinct_on
+from sqlalchemy.dialects.postgresql import ARRAY, distinct_on
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -33,33 +34,40 @@ from app.subscriptions.schemas import AccessOut, SubscriptionOut
 
 _channel = bindparam("channel_id", type_=String)
 CHANNEL_SUBSCRIPTIONS = select(Subscription).where(Subscription.channel_id == _channel)
-LOCK_CHANNEL_FEED = select(
-    func.pg_advisory_xact_lock(func.hashtextextended("channel:" + _channel, 0))
+LOCK_CHANNEL_FEEDS = text(
+    "SELECT pg_advisory_xact_lock(hashtextextended('channel:' || channel, 0))"
+    " FROM unnest(CAST(:channels AS text[])) WITH ORDINALITY AS c(channel, position)"
+    " ORDER BY position"
 )
+"""Each channel's feed lock, taken in the order given (sorted, so two writers cannot deadlock)."""
 _FEED_SUBSCRIPTIONS = cast(Table, Subscription.__table__)
+_FEED_CHANNELS = cast(Table, Channel.__table__)
+_WANTED = (
+    func.unnest(bindparam("channels", type_=ARRAY(String)))
+    .table_valued("channel_id")
+    .render_derived(name="wanted")
+)
 _LAST_CHANGE = (
     select(AccessChange.has_access, AccessChange.access_until)
-    .where(AccessChange.channel_id == _channel)
+    .where(AccessChange.channel_id == _WANTED.c.channel_id)
     .order_by(AccessChange.id.desc())
     .limit(1)
-    .subquery("last_change")
+    .lateral("last_change")
 )
-_OWNER = select(
-    select(Channel.account_id).where(Channel.id == _channel).scalar_subquery().label("owner")
-).subquery("owner")
-CHANNEL_FEED_STATE = select(
-    _OWNER.c.owner,
+CHANNELS_FEED_STATE = select(
+    _WANTED.c.channel_id.label("channel"),
+    _FEED_CHANNELS.c.account_id.label("owner"),
     _LAST_CHANGE.c.has_access.label("last_has_access"),
     _LAST_CHANGE.c.access_until.label("last_access_until"),
     *(_FEED_SUBSCRIPTIONS.c[name] for name in ACCESS_COLUMNS),
 ).select_from(
-    _OWNER.outerjoin(_LAST_CHANGE, true()).outerjoin(
-        _FEED_SUBSCRIPTIONS, _FEED_SUBSCRIPTIONS.c.channel_id == _channel
-    )
+    _WANTED.outerjoin(_FEED_CHANNELS, _FEED_CHANNELS.c.id == _WANTED.c.channel_id)
+    .outerjoin(_LAST_CHANGE, true())
+    .outerjoin(_FEED_SUBSCRIPTIONS, _FEED_SUBSCRIPTIONS.c.channel_id == _WANTED.c.channel_id)
 )
-"""What `record_access_change` decides on, in one statement: the channel's owner, the last
-feed entry's access (NULL when there is none) and the access columns of the channel's
-subscriptions (one row with NULL columns when it has none)."""
+"""What `record_access_changes` decides on, in one statement for many channels: per channel,
+its owner, the last feed entry's access (NULL when there is none) and the access columns of
+its subscriptions (one row with NULL columns when it has none)."""
 NEW_ACCESS_CHANGE = insert(cast(Table, AccessChange.__table__))
 
 
@@ -75,35 +83,54 @@ async def current_channel_access(
 async def record_access_change(
     session: AsyncSession, channel_id: str, settings: Settings, now: datetime
 ) -> bool:
-    """Append to the access feed when the channel's access differs from the last entry
-    (True when it did).
+    """`record_access_changes` for one channel (True when it appended)."""
+    return bool(await record_access_changes(session, [channel_id], settings, now))
+
+
+async def record_access_changes(
+    session: AsyncSession, channel_ids: Iterable[str], settings: Settings, now: datetime
+) -> list[str]:
+    """Append to the access feed for each channel whose access differs from its last entry;
+    returns those channels. Three statements whatever the number of channels.
 
     Serialized per channel with an advisory lock, so concurrent events for two subscriptions
     of one channel cannot both append the same change."""
-    await session.execute(LOCK_CHANNEL_FEED, {"channel_id": channel_id})
+    channels = sorted(set(channel_ids))
+    if not channels:
+        return []
+    await session.execute(LOCK_CHANNEL_FEEDS, {"channels": channels})
     await session.flush()  # a Core statement follows: it does not flush by itself
-    rows = (await session.execute(CHANNEL_FEED_STATE, {"channel_id": channel_id})).all()
-    subscriptions: list[SubscriptionState] = [row for row in rows if row.status is not None]
-    access = channel_access(
-        subscriptions, now, past_due_keeps_access=settings.past_due_keeps_access
-    )
-    last = rows[0]
-    if last.last_has_access is not None and (last.last_has_access, last.last_access_until) == (
-        access.has_access,
-        access.access_until,
-    ):
-        return False
-    if last.last_has_access is None and not access.has_access and access.access_until is None:
-        return False
-    change = {
-        "channel_id": channel_id,
-        "account_id": last.owner or "",
-        "has_access": access.has_access,
-        "access_until": access.access_until,
-        "reason": access.reason,
-    }
-    await session.execute(NEW_ACCESS_CHANGE, change)
-    return True
+    rows: dict[str, list[Any]] = {}
+    for row in await session.execute(CHANNELS_FEED_STATE, {"channels": channels}):
+        rows.setdefault(row.channel, []).append(row)
+    changes: list[dict[str, Any]] = []
+    for channel in channels:
+        found = rows[channel]
+        subscriptions: list[SubscriptionState] = [row for row in found if row.status is not None]
+        access = channel_access(
+            subscriptions, now, past_due_keeps_access=settings.past_due_keeps_access
+        )
+        last = found[0]
+        if last.last_has_access is None:
+            if not access.has_access and access.access_until is None:
+                continue  # nothing to say about a channel that never had access
+        elif (last.last_has_access, last.last_access_until) == (
+            access.has_access,
+            access.access_until,
+        ):
+            continue
+        changes.append(
+            {
+                "channel_id": channel,
+                "account_id": last.owner or "",
+                "has_access": access.has_access,
+                "access_until": access.access_until,
+                "reason": access.reason,
+            }
+        )
+    if changes:
+        await session.execute(NEW_ACCESS_CHANGE, changes)
+    return [str(change["channel_id"]) for change in changes]
 
 
 async def _now(session: AsyncSession) -> datetime:
@@ -212,6 +239,5 @@ async def record_expired_access(
                 )
             )
         ).all()
-        for channel_id in expired:
-            await record_access_change(session, channel_id, settings, now)
+        await record_access_changes(session, expired, settings, now)
     return len(expired)

@@ -19,14 +19,15 @@ Checkout sessions, subscriptions and payment intents carry our metadata (`accoun
 `purpose`, `checkout_session_id`, `channel_id`, `plan_code`), so every event can be linked to a
 1msg account without depending on another event having arrived first.
 
-How a transaction's events are applied (`apply_events`): subscription and refund events one by
-one, in stored order, each by its handler (`HANDLERS`); then the events of the one-way objects
-by group (`GROUP_HANDLERS`: checkout sessions, invoices, payments from charges and invoice
-payments, disputes). A group locks its rows in one statement, folds every event into its row in
-stored order in Python (the same merge rules, so one event or many end alike), writes the rows
-that changed in one statement, and runs the effects once per object from the merged row. Since
-the merges commute, moving these events after the others in their transaction is one of the
-"any order"s above. The per-event fallback applies an event as a group of one: the same code.
+How a transaction's events are applied (`apply_events`): refund events one by one, in stored
+order, by their handler (`HANDLERS`); then the other events by group (`GROUP_HANDLERS`:
+subscriptions, checkout sessions, invoices, payments from charges and invoice payments,
+disputes). A group locks its rows in one statement, folds every event into its row in stored
+order in Python (the same rules, so one event or many end alike), writes the rows that changed
+in one statement, and runs the effects once per object from the folded row. The one-way merges
+commute, and a subscription's events keep their stored order among themselves (the newest
+wins), so moving a group's events after the others in their transaction is one of the "any
+order"s above. The per-event fallback applies an event as a group of one: the same code.
 Refund events stay one by one: their effects follow each status a refund passes through
 (an execution that succeeded and then failed is told both), which a merged row would skip.
 """
@@ -61,7 +62,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.accounts.service import ensure_account, ensure_accounts
+from app.accounts.service import ensure_accounts
 from app.config import Settings
 from app.disputes.events import on_dispute_mirrored
 from app.maintenance.service import extension_days_held
@@ -79,7 +80,7 @@ from app.models import (
 from app.refunds.events import on_refund_mirrored
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.access import LIVE_STATUSES
-from app.subscriptions.service import record_access_change
+from app.subscriptions.service import record_access_changes
 
 log = structlog.get_logger()
 
@@ -205,10 +206,15 @@ SUBSCRIPTION_SNAPSHOT = (
     "source_event_created",
     "extension_days_in_period",
 )
-"""The columns a subscription event writes (`on_subscription`)."""
-LOCKED_SUBSCRIPTION = (
-    select(SUBSCRIPTIONS.c.id, *(SUBSCRIPTIONS.c[name] for name in SUBSCRIPTION_SNAPSHOT))
-    .where(SUBSCRIPTIONS.c.stripe_id == bindparam("stripe_id"))
+"""The columns a subscription event writes (`on_subscription_events`)."""
+LOCKED_SUBSCRIPTIONS = (
+    select(
+        SUBSCRIPTIONS.c.id,
+        SUBSCRIPTIONS.c.stripe_id,
+        *(SUBSCRIPTIONS.c[name] for name in SUBSCRIPTION_SNAPSHOT),
+    )
+    .where(SUBSCRIPTIONS.c.stripe_id == any_(bindparam("stripe_ids", type_=ARRAY(String))))
+    .order_by(SUBSCRIPTIONS.c.stripe_id)
     .with_for_update()
 )
 NEW_SUBSCRIPTION = insert(SUBSCRIPTIONS)
@@ -218,19 +224,6 @@ WRITE_SUBSCRIPTION = (
     .values({name: bindparam(f"new_{name}") for name in SUBSCRIPTION_SNAPSHOT})
 )
 DISPUTES = cast(Table, Dispute.__table__)
-
-
-async def account_for_customer(session: AsyncSession, customer_id: str | None) -> str | None:
-    """The account of one Stripe customer, if known (`_accounts_of_customers`)."""
-    if customer_id is None:
-        return None
-    return (await _accounts_of_customers(session, [customer_id])).get(customer_id)
-
-
-async def link_customer(session: AsyncSession, account_id: str, customer_id: str | None) -> None:
-    await ensure_account(session, account_id)
-    if customer_id:
-        await session.execute(LINK_CUSTOMER, {"account": account_id, "customer": customer_id})
 
 
 FirstPayments = dict[str, tuple[datetime, str]]
@@ -672,39 +665,137 @@ async def _fulfil_waiting_subscription_checkouts(
 # --- subscriptions -------------------------------------------------------------------------
 
 
-async def on_subscription(ctx: EventContext) -> None:
-    obj = ctx.object
-    found = await ctx.session.execute(LOCKED_SUBSCRIPTION, {"stripe_id": obj["id"]})
-    existing = found.mappings().first()
-    if existing is not None and existing["source_event_created"] is not None:
-        if ctx.created < existing["source_event_created"]:
-            log.info("subscription.stale_event_ignored", stripe_id=obj["id"], type=ctx.type)
-            return
-        if ctx.created == existing["source_event_created"]:
-            obj = await ctx.stripe.retrieve_subscription(obj["id"])
+SUBSCRIPTION_EVENTS = frozenset(
+    {
+        "customer.subscription.created",
+        "customer.subscription.updated",
+        "customer.subscription.deleted",
+        "customer.subscription.paused",
+        "customer.subscription.resumed",
+    }
+)
+
+
+@dataclass
+class _Links:
+    """What a subscription group links, written in three statements: the accounts (ensured),
+    their Stripe customers (set once) and the channels (created with their owner)."""
+
+    customers: dict[tuple[str, str | None], None] = field(default_factory=dict)
+    channels: dict[tuple[str, str], None] = field(default_factory=dict)
+
+    async def write(self, session: AsyncSession) -> None:
+        """In first-seen order, as one statement per event would (the first link wins)."""
+        await ensure_accounts(session, (account for account, _ in self.customers))
+        linked = [{"account": a, "customer": c} for a, c in self.customers if c is not None]
+        if linked:
+            await session.execute(LINK_CUSTOMER, linked)
+        if self.channels:
+            await session.execute(
+                NEW_CHANNEL, [{"id": channel, "account_id": a} for channel, a in self.channels]
+            )
+        self.customers.clear()
+        self.channels.clear()
+
+
+async def on_subscription_events(ctxs: Sequence[EventContext]) -> None:
+    """Subscription events, applied together: each subscription's events folded into its row
+    in stored order by the newest-event-wins rule (module docstring), then the new rows
+    inserted and the changed ones written, the accounts' customers and the channels linked,
+    the live subscriptions' checkouts fulfilled and the channels' access feed appended, each
+    in one statement for the group; a subscription new to the mirror then completes the money
+    effects that were waiting for it (`reapply_money_effects`, in the context of the event
+    that created it). The feed gets each channel's access after the group rather than after
+    every event: the entries in between depend on the delivery order anyway."""
+    session, settings = ctxs[0].session, ctxs[0].settings
+    found = await session.execute(
+        LOCKED_SUBSCRIPTIONS, {"stripe_ids": sorted({ctx.object["id"] for ctx in ctxs})}
+    )
+    stored = {row.stripe_id: dict(row._mapping) for row in found}
+    rows: dict[str, MirrorDict] = {stripe_id: dict(row) for stripe_id, row in stored.items()}
+    created: dict[str, EventContext] = {}  # new to the mirror: the event that created it
+    links = _Links()
+    channels: set[str] = set()
+    fulfilled: dict[tuple[str, uuid.UUID | None], None] = {}
+    for ctx in ctxs:
+        obj = ctx.object
+        row = rows.get(obj["id"])
+        if row is not None and row["source_event_created"] is not None:
+            if ctx.created < row["source_event_created"]:
+                log.info("subscription.stale_event_ignored", stripe_id=obj["id"], type=ctx.type)
+                continue
+            if ctx.created == row["source_event_created"]:
+                obj = await ctx.stripe.retrieve_subscription(obj["id"])
+        metadata = obj.get("metadata") or {}
+        customer_id = ref(obj.get("customer"))
+        account_id = metadata.get("account_id") or (row["account_id"] if row else None)
+        if account_id is None and customer_id is not None:
+            await links.write(session)  # the customer may have been linked by this group
+            account_id = (await _accounts_of_customers(session, [customer_id])).get(customer_id)
+        channel_id = metadata.get("channel_id") or (row["channel_id"] if row else None)
+        if account_id is None or channel_id is None:
+            log.warning("subscription.unlinked", stripe_id=obj["id"])
+            continue
+        links.customers[(account_id, customer_id)] = None
+        links.channels[(channel_id, account_id)] = None
+        values = _subscription_values(settings, obj, account_id, channel_id, ctx.created)
+        if row is not None and row["status"] in TERMINAL_SUBSCRIPTION_STATUSES:
+            values["status"] = row["status"]  # a canceled subscription never comes back
+        if row is None:
+            rows[obj["id"]] = {"id": None, "extension_days_in_period": 0, **values}
+            created[obj["id"]] = ctx
+        else:
+            row.update(values)
+        if values["status"] in LIVE_STATUSES:
+            fulfilled[(obj["id"], _uuid(metadata.get("checkout_session_id")))] = None
+        channels.add(channel_id)
+    await links.write(session)
+    if created:
+        await session.execute(
+            NEW_SUBSCRIPTION,
+            [
+                {
+                    "stripe_id": stripe_id,
+                    **{name: rows[stripe_id][name] for name in SUBSCRIPTION_SNAPSHOT},
+                }
+                for stripe_id in created
+            ],
+        )
+    changed = []
+    for stripe_id, before in stored.items():
+        row = rows[stripe_id]
+        # with the maintenance days this snapshot's period holds
+        row["extension_days_in_period"] = await extension_days_held(
+            session, row["id"], row["trial_end"]
+        )
+        if any(before[name] != row[name] for name in SUBSCRIPTION_SNAPSHOT):
+            changed.append(
+                {"row_id": row["id"], **{f"new_{k}": row[k] for k in SUBSCRIPTION_SNAPSHOT}}
+            )
+    if changed:
+        await session.execute(WRITE_SUBSCRIPTION, changed)
+    await fulfil_subscription_checkouts(session, ctxs[0].now, list(fulfilled))
+    await record_access_changes(session, channels, settings, ctxs[0].now)
+    if created:  # effects that needed the subscription row can complete now
+        await reapply_money_effects("stripe_subscription_id", created)
+
+
+def _subscription_values(
+    settings: Settings, obj: Json, account_id: str, channel_id: str, created: datetime
+) -> dict[str, Any]:
+    """The subscription row as this snapshot says (`SUBSCRIPTION_SNAPSHOT` but the
+    maintenance days), `created` being its event's."""
     metadata = obj.get("metadata") or {}
-    customer_id = ref(obj.get("customer"))
-    account_id = metadata.get("account_id") or (existing["account_id"] if existing else None)
-    account_id = account_id or await account_for_customer(ctx.session, customer_id)
-    channel_id = metadata.get("channel_id") or (existing["channel_id"] if existing else None)
-    if account_id is None or channel_id is None:
-        log.warning("subscription.unlinked", stripe_id=obj["id"])
-        return
-    await link_customer(ctx.session, account_id, customer_id)
-    await ctx.session.execute(NEW_CHANNEL, {"id": channel_id, "account_id": account_id})
-    status = str(obj.get("status"))
-    if existing is not None and existing["status"] in TERMINAL_SUBSCRIPTION_STATUSES:
-        status = existing["status"]
     item = _first_item(obj)
     price_id = ref(item.get("price")) if item else None
-    plan = next((p for p in ctx.settings.plans if p.stripe_price_id == price_id), None)
-    values: dict[str, Any] = {
+    plan = next((p for p in settings.plans if p.stripe_price_id == price_id), None)
+    return {
         "account_id": account_id,
         "channel_id": channel_id,
-        "stripe_customer_id": customer_id,
+        "stripe_customer_id": ref(obj.get("customer")),
         "plan_code": plan.code if plan else metadata.get("plan_code"),
         "stripe_price_id": price_id,
-        "status": status,
+        "status": str(obj.get("status")),
         "cancel_at_period_end": bool(obj.get("cancel_at_period_end")),
         "cancel_at": ts(obj.get("cancel_at")),
         "current_period_start": ts(item.get("current_period_start")) if item else None,
@@ -712,26 +803,8 @@ async def on_subscription(ctx: EventContext) -> None:
         "trial_end": ts(obj.get("trial_end")),
         "canceled_at": ts(obj.get("canceled_at")),
         "ended_at": ts(obj.get("ended_at")),
-        "source_event_created": ctx.created,  # never older than the stored one (see above)
+        "source_event_created": created,  # never older than the stored one (see above)
     }
-    if existing is None:
-        await ctx.session.execute(NEW_SUBSCRIPTION, {"stripe_id": obj["id"], **values})
-    else:  # with the maintenance days this snapshot's period holds
-        values["extension_days_in_period"] = await extension_days_held(
-            ctx.session, existing["id"], values["trial_end"]
-        )
-        if any(existing[name] != value for name, value in values.items()):
-            await ctx.session.execute(
-                WRITE_SUBSCRIPTION,
-                {"row_id": existing["id"], **{f"new_{k}": v for k, v in values.items()}},
-            )
-    if status in LIVE_STATUSES:
-        await fulfil_subscription_checkouts(
-            ctx.session, ctx.now, [(obj["id"], _uuid(metadata.get("checkout_session_id")))]
-        )
-    await record_access_change(ctx.session, channel_id, ctx.settings, ctx.now)
-    if existing is None:  # effects that needed the subscription row can complete now
-        await reapply_money_effects("stripe_subscription_id", {obj["id"]: ctx})
 
 
 FULFIL_SUBSCRIPTION_CHECKOUT = (
@@ -1310,11 +1383,6 @@ def _uuid(value: Any) -> uuid.UUID | None:
 Handler = Callable[[EventContext], Awaitable[None]]
 
 HANDLERS: dict[str, Handler] = {
-    "customer.subscription.created": on_subscription,
-    "customer.subscription.updated": on_subscription,
-    "customer.subscription.deleted": on_subscription,
-    "customer.subscription.paused": on_subscription,
-    "customer.subscription.resumed": on_subscription,
     "refund.created": on_refund,
     "refund.updated": on_refund,
     "refund.failed": on_refund,
@@ -1322,6 +1390,7 @@ HANDLERS: dict[str, Handler] = {
 GroupHandler = Callable[[Sequence[EventContext]], Awaitable[None]]
 
 GROUP_HANDLERS: dict[str, GroupHandler] = {  # the groups run in this order (see below)
+    **{event_type: on_subscription_events for event_type in sorted(SUBSCRIPTION_EVENTS)},
     **{event_type: on_checkout_events for event_type in sorted(CHECKOUT_EVENTS)},
     **{event_type: on_invoice_events for event_type in sorted(INVOICE_EVENTS)},
     "invoice_payment.paid": on_payment_events,
