@@ -21,6 +21,7 @@ from app.stripe_gateway import StripeGateway
 from app.subscriptions.service import record_expired_access
 from app.webhooks.processor import EventProcessor, prune_payloads
 from app.webhooks.reconcile import reconcile, register_webhook_endpoint
+from app.webhooks.wakeup import listen_for_stored_events
 
 
 def _mint_token(args: argparse.Namespace) -> int:
@@ -144,7 +145,12 @@ async def _push_extensions(_: argparse.Namespace) -> int:
 async def _process_events(_: argparse.Namespace) -> int:
     async with _runtime() as (settings, engine, gateway):
         processor = EventProcessor(create_session_factory(engine), settings, gateway)
-        await processor.run_forever()
+        listener = asyncio.create_task(listen_for_stored_events(engine, processor.notify))
+        try:
+            await processor.run_forever()
+        finally:
+            listener.cancel()
+            await asyncio.gather(listener, return_exceptions=True)
     return 0
 
 

@@ -40,6 +40,7 @@ from app.webhooks.ingest import EventIngestor
 from app.webhooks.processor import EventProcessor, prune_payloads
 from app.webhooks.router import WEBHOOK_PATH, WebhookFastPath
 from app.webhooks.router import router as webhooks_router
+from app.webhooks.wakeup import StoredEventsNotifier
 from app.workers import BackgroundWorkers, every
 
 
@@ -97,6 +98,10 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         # at most a quarter of the pool's connections (pool + overflow) for the flushers
         ingestor = EventIngestor(engine, flushers=max(1, min(4, settings.database_pool_size // 2)))
         ingestor.on_stored.append(processor.notify)
+        notifier = None
+        if not settings.run_background_workers:  # a `billing process-events` applies them
+            notifier = StoredEventsNotifier(engine)
+            ingestor.on_stored.append(notifier.poke)
         app.state.event_processor = processor
         app.state.event_ingestor = ingestor
         workers = BackgroundWorkers()
@@ -136,6 +141,8 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
             await email_worker.stop()
             await workers.stop()
             await ingestor.stop()
+            if notifier is not None:
+                await notifier.stop()
             if own_gateway:
                 await app.state.stripe.close()
             await engine.dispose()

@@ -19,6 +19,7 @@ import json
 import os
 import random
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +32,10 @@ from bench.scenario import build, deliveries
 from tests.stripe_fake import StripeFake
 
 ACCOUNTS = int(os.environ.get("BENCH_ACCOUNTS", "600"))
-# the end-to-end burst uses the first E2E_ACCOUNTS lifecycles (applying is the slow part)
+# the end-to-end burst uses the first E2E_ACCOUNTS lifecycles (applying is the slow part),
+# after a warm-up with the next E2E_WARM_UP ones
 E2E_ACCOUNTS = int(os.environ.get("BENCH_E2E_ACCOUNTS", "100"))
+E2E_WARM_UP = 10
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 DUPLICATES = 0.10
@@ -221,16 +224,27 @@ async def main() -> None:
         summary["half_peak"] = {k: vars(v) for k, v in half.items()}
         summary["reference_rate"] = ref_rate
         if not args.skip_e2e:
-            n = min(E2E_ACCOUNTS, ACCOUNTS)
+            n = min(E2E_ACCOUNTS, ACCOUNTS - E2E_WARM_UP)
             # copies are in account order (scenario.py), each lifecycle the same length
             per_account = len(scenario.events) // len(scenario.accounts)
             subset = scenario.events[: n * per_account]
-            e2e_bodies = [
-                harness.event_body(e) for e in deliveries(subset, DUPLICATES, random.Random(8))
+            warm_up = scenario.events[n * per_account : (n + E2E_WARM_UP) * per_account]
+            streams = [
+                [harness.event_body(e) for e in deliveries(events, DUPLICATES, random.Random(8))]
+                for events in (warm_up, subset)
             ]
             for separate in (False, True):
                 summary["e2e_separate_processor" if separate else "e2e"] = await end_to_end(
-                    fake, seed_db, e2e_db, e2e_bodies, len(subset), n, ref_rate, log, separate
+                    fake,
+                    seed_db,
+                    e2e_db,
+                    streams,
+                    len(warm_up),
+                    len(subset),
+                    n,
+                    ref_rate,
+                    log,
+                    separate,
                 )
         out = RESULTS / "ingestion.json"
         out.write_text(json.dumps(summary, indent=2, default=str))
@@ -245,43 +259,49 @@ async def end_to_end(
     fake: StripeFake,
     seed_db: str,
     e2e_db: str,
-    bodies: list[bytes],
+    streams: list[list[bytes]],
+    warm_unique: int,
     unique: int,
     accounts: int,
     ref_rate: float,
     log: Path,
     separate_processor: bool,
 ) -> dict[str, Any]:
-    """The burst, then the drain. The processor runs inside the web process (the default,
-    `RUN_BACKGROUND_WORKERS=true`), or with `separate_processor` as a `billing
-    process-events` process of its own beside a web process without background workers
-    (README, "Running in production")."""
+    """The warm-up stream (other accounts, `E2E_WARM_UP`) delivered and applied, not counted,
+    as the acknowledgement rounds warm up too; then the burst, timed until it is applied.
+    The processor runs inside the web process (the default, `RUN_BACKGROUND_WORKERS=true`),
+    or with `separate_processor` as a `billing process-events` process of its own beside a
+    web process without background workers (README, "Running in production")."""
+    warm_up, bodies = streams
     dsn = await harness.create_database(e2e_db, template=seed_db)
     file = RESULTS / "deliveries.bin"
-    harness.write_deliveries(file, bodies)
     with harness.servers() as running:
         env = harness.service_env(dsn, fake.url, workers=not separate_processor)
         service = harness.start_server("service", "app.main:app", env, log)
         running.append(service)
         if separate_processor:
             running.append(harness.start_worker("processor", ["process-events"], env, log))
+
+        async def applied_at_least(events: int) -> bool:
+            counts = await count_status(dsn)
+            done = counts.get("processed", 0) + counts.get("ignored", 0)
+            return done + counts.get("failed", 0) >= events
+
+        harness.write_deliveries(file, warm_up)
+        run_wrk(service.url, file, connections=CONNECTIONS)
+        assert await harness.wait_for(partial(applied_at_least, warm_unique), seconds=600)
+        harness.write_deliveries(file, bodies)
         started = time.monotonic()
         burst = run_wrk(service.url, file, connections=CONNECTIONS)
         acked = time.monotonic()
         backlog = (await count_status(dsn)).get("pending", 0)
-
-        async def drained() -> bool:
-            counts = await count_status(dsn)
-            return (
-                counts.get("processed", 0) + counts.get("ignored", 0) + counts.get("failed", 0)
-                >= unique
-            )
-
-        finished = await harness.wait_for(drained, seconds=600, interval=0.2)
+        finished = await harness.wait_for(
+            partial(applied_at_least, warm_unique + unique), seconds=600, interval=0.2
+        )
         applied = time.monotonic()
     counts = await count_status(dsn)
-    mirror = await mirror_check(dsn, accounts)
-    expected = expected_mirror(accounts)
+    mirror = await mirror_check(dsn, accounts + E2E_WARM_UP)
+    expected = expected_mirror(accounts + E2E_WARM_UP)
     e2e_rate = len(bodies) / (applied - started)
     where = "a processor process of its own" if separate_processor else "background workers on"
     print(

@@ -175,7 +175,7 @@ class EventIngestor:
                             retrying=not last_try,
                         )
                         if connection is not None:
-                            await _discard(connection)
+                            await discard_connection(connection)
                             connection = driver = None
                         if last_try:
                             for _, future in batch:
@@ -194,7 +194,7 @@ class EventIngestor:
                     callback()
         finally:
             if connection is not None:
-                await _discard(connection)
+                await discard_connection(connection)
 
 
 async def _prefer_lz4(driver: Any) -> None:
@@ -207,7 +207,8 @@ async def _prefer_lz4(driver: Any) -> None:
         log.info("webhook.lz4_unavailable", error_type=type(exc).__name__)
 
 
-async def _discard(connection: AsyncConnection) -> None:
+async def discard_connection(connection: AsyncConnection) -> None:
+    """Close a connection without returning it to the pool (it may be broken)."""
     try:
         await connection.invalidate()
         await connection.close()
