@@ -1397,11 +1397,13 @@ GROUP_HANDLERS: dict[str, GroupHandler] = {  # the groups run in this order (see
     **{event_type: on_payment_events for event_type in sorted(CHARGE_EVENTS)},
     **{event_type: on_dispute_events for event_type in sorted(DISPUTE_EVENTS)},
 }
-"""Event types applied together, after a batch's other events: their merges are monotonic
-and commute (see the module docstring), so applying them as one group ends where applying
-them one by one in any order would, with a few statements per group instead of several per
-event. Checkout sessions, invoices (invoice payments take the invoice's account and
-subscription), payments, disputes (a dispute takes its payment's account)."""
+"""Event types applied together, after a batch's other events: the one-way objects' merges
+are monotonic and commute, and a subscription's events are folded in their stored order (see
+the module docstring), so applying them as one group ends where applying them one by one in
+any order would, with a few statements per group instead of several per event.
+Subscriptions first (a checkout is fulfilled once its subscription is live), checkout
+sessions, invoices (invoice payments take the invoice's account and subscription), payments,
+disputes (a dispute takes its payment's account)."""
 HANDLED_EVENT_TYPES = frozenset(HANDLERS) | frozenset(GROUP_HANDLERS)
 
 
