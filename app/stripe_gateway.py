@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
+from urllib.parse import quote
 
 import stripe
 import structlog
@@ -133,6 +134,13 @@ class StripeGateway:
         back into dicts: for the calls on the checkout's hot path. `params` must not use the
         SDK's option names (`api_key`, `headers`, `idempotency_key`, ...)."""
         response = await self._client.raw_request_async("post", path, **params, idempotency_key=key)
+        data: StripeObject = response.data
+        return data
+
+    async def _get_json(self, path: str) -> StripeObject:
+        """GET through the SDK's `raw_request`, Stripe's JSON as parsed (as `_post_json`): for
+        the look-ups the event processor makes for many events."""
+        response = await self._client.raw_request_async("get", path)
         data: StripeObject = response.data
         return data
 
@@ -263,10 +271,8 @@ class StripeGateway:
             raise
 
     async def retrieve_balance_transaction(self, balance_transaction_id: str) -> StripeObject:
-        return await self._call(
-            "balance_transactions.retrieve",
-            lambda: self._v1.balance_transactions.retrieve_async(balance_transaction_id),
-        )
+        path = f"/v1/balance_transactions/{quote(balance_transaction_id, safe='')}"
+        return await self._call("balance_transactions.retrieve", lambda: self._get_json(path))
 
     async def create_webhook_endpoint(self, params: dict[str, Any]) -> StripeObject:
         return await self._call(
