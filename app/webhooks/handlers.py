@@ -1137,15 +1137,20 @@ def merge_refund(row: MirrorDict, refund: Json) -> None:
     row["stripe_created"] = row["stripe_created"] or ts(refund.get("created"))
 
 
-async def locked_refund(session: AsyncSession, refund: Json) -> MirrorDict:
+async def locked_refund(
+    session: AsyncSession, refund: Json, *, probably_new: bool = False
+) -> MirrorDict:
     """The row of this Stripe refund with the event merged in (`merge_refund`), locked for
-    this transaction and written if that changed it. A row that exists, the usual case (a
-    refund has several events), costs one statement, plus one when it changes; a missing
-    one is inserted as merged (as inserting it with the event's amount, currency and status
-    and merging the event in would leave it; creation races are decided by the unique
-    `stripe_id`)."""
-    found = await session.execute(LOCKED_REFUND, {"stripe_id": refund["id"]})
-    stored = found.mappings().first()
+    this transaction and written if that changed it. A missing row is inserted as merged (as
+    inserting it with the event's amount, currency and status and merging the event in would
+    leave it; creation races are decided by the unique `stripe_id`). A row that exists costs
+    one statement, plus one when it changes; a new one costs two, or one when it was
+    `probably_new` (then the insert is tried first: either way ends alike)."""
+    stored: Any = None
+    if not probably_new:
+        stored = (
+            (await session.execute(LOCKED_REFUND, {"stripe_id": refund["id"]})).mappings().first()
+        )
     if stored is None:
         row: MirrorDict = {
             "stripe_id": refund["id"],
@@ -1164,6 +1169,7 @@ async def locked_refund(session: AsyncSession, refund: Json) -> MirrorDict:
             return dict(created)
         found = await session.execute(LOCKED_REFUND, {"stripe_id": refund["id"]})
         stored = found.mappings().one()
+    stored = dict(stored)
     row = dict(stored)
     merge_refund(row, refund)
     if row != stored:
@@ -1175,7 +1181,9 @@ async def locked_refund(session: AsyncSession, refund: Json) -> MirrorDict:
 
 
 async def on_refund(ctx: EventContext) -> None:
-    refund = await locked_refund(ctx.session, ctx.object)
+    """A refund event merged into its row (`locked_refund`: the row of a `refund.created`
+    event is usually new), then the refund's effects from the merged row."""
+    refund = await locked_refund(ctx.session, ctx.object, probably_new=ctx.type == "refund.created")
     await apply_refund_effects(ctx, refund)
 
 
