@@ -11,156 +11,456 @@ Decided from the dispute's stored state, not the event type, so any order conver
 - Open refund requests about the disputed payment are `closed`: a disputed payment is never
   also refunded (the approval refuses it too).
 Each change is recorded once in `dispute_effects` for `GET /v1/finance/disputes`.
+
+Disputes are applied together (`on_disputes_mirrored`): what their effects are decided on is
+read for all of them in one statement per kind (their payments, ledger entries already
+made, subscriptions, open refund requests), and the ledger entries and effect records are
+written with one statement each; the result is the one applying them one after another in
+the given order would give. The disputes come as their rows' columns (read and written with
+Core by the webhook consumer); ORM rows are loaded only for refund requests to close.
 """
 
 from __future__ import annotations
 
+import uuid
+from collections.abc import Iterable, Iterator, MutableMapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
-from typing import cast
+from typing import Any, cast
 
 import structlog
-from sqlalchemy import Table, bindparam, select
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import (
+    Row,
+    String,
+    Table,
+    Uuid,
+    any_,
+    bindparam,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.models import Dispute, DisputeEffect, Payment, RefundRequest
+from app.models import Dispute, DisputeEffect, Invoice, Payment, RefundRequest, Subscription
 from app.notifications.outbox import enqueue_email
 from app.refunds import repository as repo
+from app.refunds.events import PAYMENT_FACTS
 from app.refunds.service import OPEN_STATUSES, audit_step
 from app.subscriptions.service import record_access_change
 
 log = structlog.get_logger()
 
-# Built once (run for every dispute effect the event processor applies).
+DisputeRow = MutableMapping[str, Any]
+"""A `disputes` row as column name -> value."""
+
+# Built once (run for every group of dispute effects the event processor applies).
 RECORD_EFFECT = insert(cast(Table, DisputeEffect.__table__)).on_conflict_do_nothing(
     index_elements=["dispute_id", "kind"]
 )
-OPEN_REQUESTS = (
-    select(RefundRequest)
+ADD_LEDGER_ENTRIES = insert(repo.LEDGER_ENTRIES).on_conflict_do_nothing(
+    index_elements=["account_id", "kind", "source_id"]
+)
+"""`repo.add_ledger_entry` for several entries at once (executemany)."""
+_PAYMENTS = cast(Table, Payment.__table__)
+PAYMENTS_OF_DISPUTES = select(
+    *(_PAYMENTS.c[name] for name in PAYMENT_FACTS), _PAYMENTS.c.stripe_charge_id
+).where(
+    (_PAYMENTS.c.stripe_id == any_(bindparam("payment_intents", type_=ARRAY(String))))
+    | (_PAYMENTS.c.stripe_charge_id == any_(bindparam("charges", type_=ARRAY(String))))
+)
+"""The payments (`PAYMENT_FACTS` and the charge) of these payment intents or charges."""
+DISPUTE_LEDGER_ENTRIES = text(
+    "SELECT entries.account_id, entries.kind, entries.source_id"
+    " FROM unnest(CAST(:accounts AS text[]), CAST(:sources AS text[]))"
+    " AS wanted(account_id, source_id)"
+    " JOIN ledger_entries AS entries ON entries.account_id = wanted.account_id"
+    " AND entries.kind IN ('dispute_withdrawal', 'dispute_reinstatement')"
+    " AND entries.source_id = wanted.source_id"
+)
+"""Which dispute ledger entries exist among (account, dispute) pairs: one index look-up per
+pair (the unique (account, kind, source) index)."""
+_SUBSCRIPTIONS = cast(Table, Subscription.__table__)
+SUBSCRIPTIONS_OF_INVOICES = select(Invoice.stripe_id, Invoice.stripe_subscription_id).where(
+    Invoice.stripe_id == any_(bindparam("invoices", type_=ARRAY(String)))
+)
+LOCKED_SUBSCRIPTIONS = (
+    select(
+        _SUBSCRIPTIONS.c.id,
+        _SUBSCRIPTIONS.c.stripe_id,
+        _SUBSCRIPTIONS.c.channel_id,
+        _SUBSCRIPTIONS.c.access_revoked_at,
+    )
+    .where(_SUBSCRIPTIONS.c.stripe_id == any_(bindparam("stripe_ids", type_=ARRAY(String))))
+    .order_by(_SUBSCRIPTIONS.c.stripe_id)
+    .with_for_update()
+)
+"""The subscriptions whose access lost disputes end, locked (as
+`repo.subscription_of_payment(..., lock=True)` locks each)."""
+REVOKE_ACCESS = (
+    update(_SUBSCRIPTIONS)
+    .where(_SUBSCRIPTIONS.c.id == bindparam("subscription_id"))
+    .values(access_revoked_at=bindparam("revoked_at"))
+)
+_DISPUTES = cast(Table, Dispute.__table__)
+MARK_ACCESS_ENDED = (
+    update(_DISPUTES)
     .where(
-        RefundRequest.payment_id == bindparam("payment_id"),
+        _DISPUTES.c.id == any_(bindparam("dispute_ids", type_=ARRAY(Uuid))),
+        _DISPUTES.c.access_ended.is_(False),
+    )
+    .values(access_ended=True)
+)
+OPEN_REQUESTS = (
+    select(RefundRequest.id, RefundRequest.payment_id)
+    .where(
+        RefundRequest.payment_id == any_(bindparam("payment_ids", type_=ARRAY(Uuid))),
         RefundRequest.type == "refund",
         RefundRequest.status.in_(OPEN_STATUSES),
     )
+    .order_by(RefundRequest.id)
     .with_for_update()
+)
+"""The open refund requests about these payments, locked (a chargeback closes them)."""
+REQUESTS_BY_ID = (
+    select(RefundRequest)
+    .where(RefundRequest.id == any_(bindparam("ids", type_=ARRAY(Uuid))))
+    .order_by(RefundRequest.id)
+    .execution_options(populate_existing=True)
 )
 
 
-async def on_dispute_mirrored(
+class DisputedPayments:
+    """Payments read by `PAYMENTS_OF_DISPUTES`, found as `repo.payment_by_intent`, then
+    `repo.payment_by_charge`, would find them."""
+
+    def __init__(self, rows: Iterable[Any]) -> None:
+        self.by_intent: dict[str, Row[Any]] = {}
+        self.by_charge: dict[str, Row[Any]] = {}
+        for row in rows:
+            self.by_intent[row.stripe_id] = row
+            if row.stripe_charge_id:
+                self.by_charge[row.stripe_charge_id] = row
+
+    @classmethod
+    async def read(
+        cls,
+        session: AsyncSession,
+        payment_intents: Iterable[str | None],
+        charges: Iterable[str | None],
+    ) -> DisputedPayments:
+        found = await session.execute(
+            PAYMENTS_OF_DISPUTES,
+            {
+                "payment_intents": sorted({pi for pi in payment_intents if pi}),
+                "charges": sorted({charge for charge in charges if charge}),
+            },
+        )
+        return cls(found.all())
+
+    def of(self, payment_intent: str | None, charge: str | None) -> Row[Any] | None:
+        """The payment of this payment intent, else of this charge."""
+        found = self.by_intent.get(payment_intent) if payment_intent else None
+        if found is None and charge:
+            found = self.by_charge.get(charge)
+        return found
+
+
+@dataclass
+class MirroredDispute:
+    """A dispute whose effects to apply: its row (`access_ended` is updated here), the type
+    of the event applying them (for the logs) and the time the effects are dated by."""
+
+    row: DisputeRow
+    event_type: str
+    occurred_at: datetime
+
+
+async def on_disputes_mirrored(
     session: AsyncSession,
-    dispute: Dispute,
-    event_type: str,
+    disputes: Sequence[MirroredDispute],
     settings: Settings,
-    *,
-    occurred_at: datetime,
+    payments: DisputedPayments | None = None,
 ) -> None:
-    """`occurred_at` is the Stripe event's time: effects are dated by what happened at
-    Stripe, not by when this service processed it, so any delivery order dates them alike."""
-    now = occurred_at
-    payment = await repo.payment_by_intent(session, dispute.stripe_payment_intent_id)
-    if payment is None:
-        payment = await repo.payment_by_charge(session, dispute.stripe_charge_id)
-    if payment is None or payment.account_id is None:
-        log.warning("dispute.payment_unknown", dispute_id=dispute.stripe_id, event_type=event_type)
-        return
-    if payment.purpose in repo.BALANCE_PURPOSES:
-        await _adjust_balance(session, dispute, payment, now)
-    if (
-        payment.purpose == "subscription"
-        and dispute.status == "lost"
-        and settings.dispute_lost_ends_access
-    ):
-        await _end_access(session, dispute, payment, settings, now)
-    await _close_open_requests(session, dispute, payment)
+    """The effects of each dispute, as applying them one dispute after another in this order
+    would have them. `occurred_at` is the Stripe event's time: effects are dated by what
+    happened at Stripe, not by when this service processed it, so any delivery order dates
+    them alike. `payments`: already read, when they include every dispute's."""
+    for run in _distinct_runs(disputes):
+        await _apply(session, run, settings, payments)
+
+
+def _distinct_runs(disputes: Sequence[MirroredDispute]) -> Iterator[list[MirroredDispute]]:
+    """Consecutive runs in which no dispute appears twice (a dispute's second application
+    must see what its first one wrote)."""
+    run: list[MirroredDispute] = []
+    seen: set[uuid.UUID] = set()
+    for dispute in disputes:
+        if dispute.row["id"] in seen:
+            yield run
+            run, seen = [], set()
+        run.append(dispute)
+        seen.add(dispute.row["id"])
+    if run:
+        yield run
+
+
+async def _apply(
+    session: AsyncSession,
+    disputes: list[MirroredDispute],
+    settings: Settings,
+    payments: DisputedPayments | None,
+) -> None:
+    """The effects of distinct disputes: the reads first, for all of them, then each
+    dispute's decisions in order, then the writes that do not depend on each other."""
+    await session.flush()  # the reads below are Core statements
+    if payments is None:
+        payments = await DisputedPayments.read(
+            session,
+            (d.row["stripe_payment_intent_id"] for d in disputes),
+            (d.row["stripe_charge_id"] for d in disputes),
+        )
+    payment_of = [
+        payments.of(d.row["stripe_payment_intent_id"], d.row["stripe_charge_id"]) for d in disputes
+    ]
+    paid = [
+        (dispute, payment)
+        for dispute, payment in zip(disputes, payment_of, strict=True)
+        if payment is not None and payment.account_id is not None
+    ]
+    balance = [(d, p) for d, p in paid if p.purpose in repo.BALANCE_PURPOSES]
+    ending = [(d, p) for d, p in paid if _ends_access(d, p, settings)]
+    entries = await _dispute_ledger_entries(session, balance)
+    subscriptions = await _subscriptions_ending(session, ending)
+    requests = await _open_requests(session, [p.id for _, p in paid])
+    ledger: list[dict[str, Any]] = []
+    effects: list[dict[str, Any]] = []
+    access_ended: list[uuid.UUID] = []
+    for dispute, payment in zip(disputes, payment_of, strict=True):
+        if payment is None or payment.account_id is None:
+            log.warning(
+                "dispute.payment_unknown",
+                dispute_id=dispute.row["stripe_id"],
+                event_type=dispute.event_type,
+            )
+            continue
+        if payment.purpose in repo.BALANCE_PURPOSES:
+            _adjust_balance(dispute, payment, entries, ledger, effects)
+        if _ends_access(dispute, payment, settings):
+            ended_before = dispute.row["access_ended"]
+            await _end_access(session, dispute, payment, subscriptions, settings, effects)
+            if dispute.row["access_ended"] and not ended_before:
+                access_ended.append(dispute.row["id"])
+        await _close_open_requests(session, dispute, payment, requests)
+    if ledger:
+        await session.execute(ADD_LEDGER_ENTRIES, ledger)
+    if effects:
+        await session.execute(RECORD_EFFECT, effects)
+    if access_ended:
+        await session.execute(MARK_ACCESS_ENDED, {"dispute_ids": access_ended})
     await session.flush()
 
 
-async def _effect(
-    session: AsyncSession,
-    dispute: Dispute,
+def _ends_access(dispute: MirroredDispute, payment: Row[Any], settings: Settings) -> bool:
+    """A lost dispute of a subscription payment ends access (unless the settings say not)."""
+    return (
+        payment.purpose == "subscription"
+        and dispute.row["status"] == "lost"
+        and settings.dispute_lost_ends_access
+    )
+
+
+LedgerKey = tuple[str, str, str]
+"""(account, kind, source) of a ledger entry."""
+
+
+async def _dispute_ledger_entries(
+    session: AsyncSession, balance: list[tuple[MirroredDispute, Row[Any]]]
+) -> set[LedgerKey]:
+    """The dispute ledger entries that exist for these disputes of balance payments."""
+    if not balance:
+        return set()
+    found = await session.execute(
+        DISPUTE_LEDGER_ENTRIES,
+        {
+            "accounts": [payment.account_id for _, payment in balance],
+            "sources": [dispute.row["stripe_id"] for dispute, _ in balance],
+        },
+    )
+    return {(account, kind, source) for account, kind, source in found.all()}
+
+
+def _adjust_balance(
+    dispute: MirroredDispute,
+    payment: Row[Any],
+    entries: set[LedgerKey],
+    ledger: list[dict[str, Any]],
+    effects: list[dict[str, Any]],
+) -> None:
+    """The ledger entries (into `ledger`) and effects (into `effects`) of a dispute of a
+    balance payment, given the dispute ledger `entries` that exist (each insert is `ON
+    CONFLICT DO NOTHING`: it adds exactly those not in `entries`; under SERIALIZABLE an entry
+    a concurrent transaction adds makes one of the two fail)."""
+    row, account_id = dispute.row, payment.account_id
+    stripe_id, amount, currency = row["stripe_id"], row["amount"], row["currency"]
+    withdrawn = (account_id, "dispute_withdrawal", stripe_id) in entries
+    if row["funds_withdrawn"] > 0 and not withdrawn:
+        ledger.append(
+            {
+                "account_id": account_id,
+                "kind": "dispute_withdrawal",
+                "source_id": stripe_id,
+                "amount": -amount,
+                "currency": currency,
+                "description": f"Chargeback {stripe_id}: funds withdrawn by the bank",
+                "occurred_at": dispute.occurred_at,
+            }
+        )
+        effects.append(_effect(row, "balance_withdrawn", amount=-amount, currency=currency))
+        entries.add((account_id, "dispute_withdrawal", stripe_id))
+        withdrawn = True
+    if row["funds_reinstated"] > 0 and withdrawn:
+        key = (account_id, "dispute_reinstatement", stripe_id)
+        if key not in entries:
+            ledger.append(
+                {
+                    "account_id": account_id,
+                    "kind": "dispute_reinstatement",
+                    "source_id": stripe_id,
+                    "amount": amount,
+                    "currency": currency,
+                    "description": f"Chargeback {stripe_id} won: funds reinstated",
+                    "occurred_at": dispute.occurred_at,
+                }
+            )
+            effects.append(_effect(row, "balance_reinstated", amount=amount, currency=currency))
+            entries.add(key)
+
+
+def _effect(
+    row: DisputeRow,
     kind: str,
     *,
     amount: int | None = None,
     currency: str | None = None,
-    subscription_id: object = None,
-) -> None:
-    await session.execute(
-        RECORD_EFFECT,
+    subscription_id: uuid.UUID | None = None,
+) -> dict[str, Any]:
+    """A `dispute_effects` row (`RECORD_EFFECT`: recorded once per dispute and kind)."""
+    return {
+        "dispute_id": row["id"],
+        "kind": kind,
+        "amount": amount,
+        "currency": currency,
+        "subscription_id": subscription_id,
+    }
+
+
+SubscriptionRow = dict[str, Any]
+"""A subscription's `LOCKED_SUBSCRIPTIONS` columns."""
+
+
+@dataclass
+class EndingSubscriptions:
+    """The subscriptions whose access lost disputes may end, locked, and the subscriptions
+    of the invoices of payments that do not name theirs."""
+
+    by_stripe_id: dict[str, SubscriptionRow]
+    of_invoice: dict[str, str | None]
+
+    def of(self, payment: Row[Any]) -> SubscriptionRow | None:
+        """The payment's subscription, else its invoice's (`repo.subscription_of_payment`)."""
+        stripe_id = payment.stripe_subscription_id
+        if stripe_id is None and payment.stripe_invoice_id is not None:
+            stripe_id = self.of_invoice.get(payment.stripe_invoice_id)
+        return self.by_stripe_id.get(stripe_id) if stripe_id else None
+
+
+async def _subscriptions_ending(
+    session: AsyncSession, ending: list[tuple[MirroredDispute, Row[Any]]]
+) -> EndingSubscriptions:
+    """The subscriptions of the payments whose lost disputes end access, locked (as
+    `repo.subscription_of_payment(..., lock=True)` locks each)."""
+    subscriptions = EndingSubscriptions({}, {})
+    if not ending:
+        return subscriptions
+    invoices = sorted(
         {
-            "dispute_id": dispute.id,
-            "kind": kind,
-            "amount": amount,
-            "currency": currency,
-            "subscription_id": subscription_id,
-        },
+            p.stripe_invoice_id
+            for _, p in ending
+            if p.stripe_subscription_id is None and p.stripe_invoice_id is not None
+        }
     )
-
-
-async def _adjust_balance(
-    session: AsyncSession, dispute: Dispute, payment: Payment, now: datetime
-) -> None:
-    account_id = payment.account_id
-    assert account_id is not None
-    withdrawn = await repo.ledger_entry_exists(
-        session, account_id, "dispute_withdrawal", dispute.stripe_id
+    if invoices:
+        found = await session.execute(SUBSCRIPTIONS_OF_INVOICES, {"invoices": invoices})
+        subscriptions.of_invoice = {invoice: subscription for invoice, subscription in found.all()}
+    wanted = {p.stripe_subscription_id for _, p in ending if p.stripe_subscription_id}
+    wanted.update(
+        subscription for subscription in subscriptions.of_invoice.values() if subscription
     )
-    if dispute.funds_withdrawn > 0 and not withdrawn:
-        await repo.add_ledger_entry(
-            session,
-            account_id=account_id,
-            kind="dispute_withdrawal",
-            source_id=dispute.stripe_id,
-            amount=-dispute.amount,
-            currency=dispute.currency,
-            description=f"Chargeback {dispute.stripe_id}: funds withdrawn by the bank",
-            occurred_at=now,
-        )
-        await _effect(
-            session, dispute, "balance_withdrawn", amount=-dispute.amount, currency=dispute.currency
-        )
-        withdrawn = True
-    if dispute.funds_reinstated > 0 and withdrawn:
-        added = await repo.add_ledger_entry(
-            session,
-            account_id=account_id,
-            kind="dispute_reinstatement",
-            source_id=dispute.stripe_id,
-            amount=dispute.amount,
-            currency=dispute.currency,
-            description=f"Chargeback {dispute.stripe_id} won: funds reinstated",
-            occurred_at=now,
-        )
-        if added:
-            await _effect(
-                session,
-                dispute,
-                "balance_reinstated",
-                amount=dispute.amount,
-                currency=dispute.currency,
-            )
+    if wanted:
+        locked = await session.execute(LOCKED_SUBSCRIPTIONS, {"stripe_ids": sorted(wanted)})
+        subscriptions.by_stripe_id = {row["stripe_id"]: dict(row) for row in locked.mappings()}
+    return subscriptions
 
 
 async def _end_access(
-    session: AsyncSession, dispute: Dispute, payment: Payment, settings: Settings, now: datetime
+    session: AsyncSession,
+    dispute: MirroredDispute,
+    payment: Row[Any],
+    subscriptions: EndingSubscriptions,
+    settings: Settings,
+    effects: list[dict[str, Any]],
 ) -> None:
-    subscription = await repo.subscription_of_payment(session, payment, lock=True)
+    """A lost dispute of a subscription payment ends the subscription's access (at once:
+    the feed is told before the next dispute is looked at) and marks the dispute."""
+    subscription = subscriptions.of(payment)
     if subscription is None:
-        log.warning("dispute.subscription_unknown", dispute_id=dispute.stripe_id)
+        log.warning("dispute.subscription_unknown", dispute_id=dispute.row["stripe_id"])
         return
-    if subscription.access_revoked_at is None:
-        subscription.access_revoked_at = now
-        await session.flush()
-        await record_access_change(session, subscription.channel_id, settings, now)
-    dispute.access_ended = True
-    await _effect(session, dispute, "access_ended", subscription_id=subscription.id)
+    if subscription["access_revoked_at"] is None:
+        subscription["access_revoked_at"] = dispute.occurred_at
+        await session.execute(
+            REVOKE_ACCESS,
+            {"subscription_id": subscription["id"], "revoked_at": dispute.occurred_at},
+        )
+        await record_access_change(
+            session, subscription["channel_id"], settings, dispute.occurred_at
+        )
+    dispute.row["access_ended"] = True
+    effects.append(_effect(dispute.row, "access_ended", subscription_id=subscription["id"]))
 
 
-async def _close_open_requests(session: AsyncSession, dispute: Dispute, payment: Payment) -> None:
-    requests = (await session.execute(OPEN_REQUESTS, {"payment_id": payment.id})).scalars()
-    for request in requests:
+async def _open_requests(
+    session: AsyncSession, payment_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, list[RefundRequest]]:
+    """The open refund requests of these payments, locked, by payment."""
+    if not payment_ids:
+        return {}
+    found = (await session.execute(OPEN_REQUESTS, {"payment_ids": sorted(set(payment_ids))})).all()
+    if not found:
+        return {}
+    loaded = await session.scalars(REQUESTS_BY_ID, {"ids": [request_id for request_id, _ in found]})
+    by_payment: dict[uuid.UUID, list[RefundRequest]] = {}
+    for request in loaded.all():
+        assert request.payment_id is not None
+        by_payment.setdefault(request.payment_id, []).append(request)
+    return by_payment
+
+
+async def _close_open_requests(
+    session: AsyncSession,
+    dispute: MirroredDispute,
+    payment: Row[Any],
+    requests: dict[uuid.UUID, list[RefundRequest]],
+) -> None:
+    """The payment's open requests are closed by the first of its disputes applied."""
+    for request in requests.pop(payment.id, []):
         request.status = "closed"
-        audit_step(session, request, "closed_by_chargeback", "stripe", dispute_id=dispute.stripe_id)
+        audit_step(
+            session, request, "closed_by_chargeback", "stripe", dispute_id=dispute.row["stripe_id"]
+        )
         to = await repo.account_email(session, request.account_id)
         if to is not None:
             await enqueue_email(

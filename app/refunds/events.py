@@ -12,19 +12,37 @@
   without proration or a final invoice, and ends its access (`access_revoked_at`). Refunds
   made in the Dashboard do not cancel anything here.
 Every step is idempotent: the hook runs again for every event about the same refund.
+
+The refund arrives as its row's columns (`RefundRow`, read and written with Core by the
+webhook consumer), and one statement (`REFUND_FACTS_BY_EXECUTION` / `REFUND_FACTS_BY_REFUND`)
+reads what the effects are decided on: our execution (if any), its request's latest attempt,
+and the refunded payment. Only our own refunds load ORM rows (the request and execution they
+change, locked).
 """
 
 from __future__ import annotations
 
 import uuid
+from collections.abc import Mapping
 from datetime import datetime
+from typing import Any
 
 import structlog
-from sqlalchemy import bindparam, select
+from sqlalchemy import (
+    ColumnElement,
+    Row,
+    Select,
+    String,
+    Uuid,
+    bindparam,
+    literal_column,
+    select,
+    true,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.models import Payment, Refund, RefundExecution, RefundRequest
+from app.models import Payment, RefundExecution, RefundRequest
 from app.notifications.outbox import enqueue_email
 from app.refunds import repository as repo
 from app.refunds.service import audit_step
@@ -36,16 +54,79 @@ log = structlog.get_logger()
 SUCCEEDED = ("succeeded",)
 FAILED = ("failed", "canceled")
 ACTOR = "stripe"
-EXECUTION_BY_ID = select(RefundExecution).where(RefundExecution.id == bindparam("execution_id"))
-EXECUTION_OF_REFUND = select(RefundExecution).where(
-    RefundExecution.stripe_refund_id == bindparam("stripe_id")
+
+RefundRow = Mapping[str, Any]
+"""A `refunds` row as column name -> value (`metadata` is the JSON object)."""
+PAYMENT_FACTS = (
+    "id",
+    "stripe_id",
+    "account_id",
+    "purpose",
+    "stripe_subscription_id",
+    "stripe_invoice_id",
 )
-"""Built once (run for every refund event)."""
+"""The payment columns refund and dispute effects are decided on."""
+
+
+def _refund_facts(ours: ColumnElement[bool]) -> Select[Any]:
+    """One row: our execution matching `ours` (`execution_id`, `request_id`, and
+    `latest_id`, its request's latest attempt; NULL when the refund is not ours), and the
+    refunded payment's `PAYMENT_FACTS` (as `payment_<column>`; found by :payment_intent,
+    else by :charge, as `payment_by_intent` then `payment_by_charge`; NULL when unknown).
+    Plain reads: the execution and its request are locked afterwards, request first."""
+    executions = RefundExecution.__table__
+    attempts = executions.alias("attempts")
+    payments = Payment.__table__
+    latest = (
+        select(attempts.c.id)
+        .where(attempts.c.request_id == executions.c.request_id)
+        .order_by(attempts.c.attempt.desc())
+        .limit(1)
+        .scalar_subquery()
+    )
+    execution = (
+        select(
+            executions.c.id.label("execution_id"),
+            executions.c.request_id,
+            latest.label("latest_id"),
+        )
+        .where(ours)
+        .lateral("ours")
+    )
+    columns = [payments.c[name] for name in PAYMENT_FACTS]
+    payment = (
+        select(literal_column("0").label("rank"), *columns)
+        .where(payments.c.stripe_id == bindparam("payment_intent", type_=String))
+        .union_all(
+            select(literal_column("1").label("rank"), *columns).where(
+                payments.c.stripe_charge_id == bindparam("charge", type_=String)
+            )
+        )
+        .order_by("rank")
+        .limit(1)
+        .lateral("payment")
+    )
+    one = select(literal_column("1").label("one")).subquery("one")
+    return select(
+        execution.c.execution_id,
+        execution.c.request_id,
+        execution.c.latest_id,
+        *(payment.c[name].label(f"payment_{name}") for name in PAYMENT_FACTS),
+    ).select_from(one.outerjoin(execution, true()).outerjoin(payment, true()))
+
+
+_executions = RefundExecution.__table__
+REFUND_FACTS_BY_EXECUTION = _refund_facts(_executions.c.id == bindparam("execution_id", type_=Uuid))
+"""`_refund_facts` for a refund naming our execution in its metadata."""
+REFUND_FACTS_BY_REFUND = _refund_facts(
+    _executions.c.stripe_refund_id == bindparam("stripe_id", type_=String)
+)
+"""`_refund_facts` for any other refund: our execution that recorded this Stripe refund."""
 
 
 async def on_refund_mirrored(
     session: AsyncSession,
-    refund: Refund,
+    refund: RefundRow,
     settings: Settings,
     stripe: StripeGateway,
     *,
@@ -54,74 +135,99 @@ async def on_refund_mirrored(
     """`occurred_at` is the Stripe event's time: effects are dated by what happened at
     Stripe, not by when this service processed it, so any delivery order dates them alike."""
     now = occurred_at
-    execution = await _our_execution(session, refund)
-    payment = await repo.payment_by_intent(session, refund.stripe_payment_intent_id)
-    if payment is None:
-        payment = await repo.payment_by_charge(session, refund.stripe_charge_id)
+    facts = await _refund_facts_of(session, refund)
+    execution: RefundExecution | None = None
+    request: RefundRequest | None = None
+    if facts.execution_id is not None:
+        # Lock in the same order as the approval: request, then execution. The refund names
+        # its own attempt, which need not be the request's latest one.
+        request = await repo.get_request(session, facts.request_id, lock=True)
+        assert request is not None
+        execution = await repo.lock_execution(session, facts.execution_id)
+    payment = facts if facts.payment_id is not None else None
     if execution is not None:
-        await _complete_execution(session, execution, refund)
-    if payment is not None and payment.account_id and payment.purpose in repo.BALANCE_PURPOSES:
+        assert request is not None
+        current = facts.latest_id == execution.id
+        await _complete_execution(session, execution, request, refund, current=current)
+    if (
+        payment is not None
+        and payment.payment_account_id
+        and payment.payment_purpose in repo.BALANCE_PURPOSES
+    ):
         await _adjust_ledger(session, payment, refund, now)
     if (
         execution is not None
         and payment is not None
-        and payment.purpose == "subscription"
-        and refund.status in repo.LIVE_REFUND_STATUSES
+        and payment.payment_purpose == "subscription"
+        and refund["status"] in repo.LIVE_REFUND_STATUSES
         and execution.subscription_cancelled_at is None
     ):
-        await _cancel_subscription(session, execution, payment, stripe, settings, now)
+        assert request is not None
+        await _cancel_subscription(session, execution, request, payment, stripe, settings, now)
     await session.flush()
 
 
-async def _our_execution(session: AsyncSession, refund: Refund) -> RefundExecution | None:
-    raw = (refund.metadata_ or {}).get("refund_execution_id")
-    execution_id: uuid.UUID | None = None
+async def _refund_facts_of(session: AsyncSession, refund: RefundRow) -> Row[Any]:
+    """What the effects of `refund` are decided on (`_refund_facts`), in one statement."""
+    params: dict[str, Any] = {
+        "payment_intent": refund["stripe_payment_intent_id"] or None,
+        "charge": refund["stripe_charge_id"] or None,
+    }
+    execution_id = _execution_named(refund["metadata"])
+    if execution_id is not None:
+        found = await session.execute(
+            REFUND_FACTS_BY_EXECUTION, {**params, "execution_id": execution_id}
+        )
+    else:
+        found = await session.execute(
+            REFUND_FACTS_BY_REFUND, {**params, "stripe_id": refund["stripe_id"]}
+        )
+    facts: Row[Any] = found.one()
+    return facts
+
+
+def _execution_named(metadata: Mapping[str, Any] | None) -> uuid.UUID | None:
+    """Our execution's id from the refund's metadata (None when absent or not an id)."""
+    raw = (metadata or {}).get("refund_execution_id")
     if isinstance(raw, str):
         try:
-            execution_id = uuid.UUID(raw)
+            return uuid.UUID(raw)
         except ValueError:
-            execution_id = None
-    if execution_id is not None:
-        found = await session.execute(EXECUTION_BY_ID, {"execution_id": execution_id})
-    else:
-        found = await session.execute(EXECUTION_OF_REFUND, {"stripe_id": refund.stripe_id})
-    execution = found.scalar_one_or_none()
-    if execution is None:
-        return None
-    # Lock in the same order as the approval: request, then execution. The refund names its
-    # own attempt, which need not be the request's latest one.
-    request = await repo.get_request(session, execution.request_id, lock=True)
-    assert request is not None
-    return await repo.lock_execution(session, execution.id)
+            return None
+    return None
 
 
 async def _complete_execution(
-    session: AsyncSession, execution: RefundExecution, refund: Refund
+    session: AsyncSession,
+    execution: RefundExecution,
+    request: RefundRequest,
+    refund: RefundRow,
+    *,
+    current: bool,
 ) -> None:
+    """`request`: the execution's, locked; `current`: the execution is the request's latest
+    attempt (only the latest attempt moves the request: an earlier attempt's late event
+    must not)."""
+    stripe_id, status = refund["stripe_id"], refund["status"]
     if execution.stripe_refund_id is None:
-        execution.stripe_refund_id = refund.stripe_id
-    elif execution.stripe_refund_id != refund.stripe_id:
+        execution.stripe_refund_id = stripe_id
+    elif execution.stripe_refund_id != stripe_id:
         log.warning(
             "refund.execution_mismatch",
             refund_id=str(execution.id),
-            stripe_refund_id=refund.stripe_id,
+            stripe_refund_id=stripe_id,
         )
         return
-    request = await repo.get_request(session, execution.request_id, lock=True)
-    assert request is not None
-    # Only the latest attempt moves the request (an earlier attempt's late event must not).
-    latest = await repo.execution_for_request(session, execution.request_id)
-    current = latest is not None and latest.id == execution.id
-    if refund.status in SUCCEEDED and execution.status in ("pending", "submitted"):
+    if status in SUCCEEDED and execution.status in ("pending", "submitted"):
         execution.status = "succeeded"
         # refund_failed: a retry whose answer we never recorded (the retry adopts it too).
         if current and request.status in ("refund_pending", "refund_failed"):
             request.status = "refunded"
-        audit_step(session, request, "refund_succeeded", ACTOR, stripe_refund_id=refund.stripe_id)
+        audit_step(session, request, "refund_succeeded", ACTOR, stripe_refund_id=stripe_id)
         await _email(session, request, execution, succeeded=True)
-    elif refund.status in FAILED and execution.status != "failed":
+    elif status in FAILED and execution.status != "failed":
         execution.status = "failed"
-        execution.failure_reason = refund.status
+        execution.failure_reason = status
         if current and request.status in ("refund_pending", "refunded"):
             request.status = "refund_failed"
         audit_step(
@@ -129,8 +235,8 @@ async def _complete_execution(
             request,
             "refund_failed",
             ACTOR,
-            stripe_refund_id=refund.stripe_id,
-            stripe_status=refund.status,
+            stripe_refund_id=stripe_id,
+            stripe_status=status,
         )
         await _email(session, request, execution, succeeded=False)
     await session.flush()
@@ -160,31 +266,35 @@ async def _email(
 
 
 async def _adjust_ledger(
-    session: AsyncSession, payment: Payment, refund: Refund, now: datetime
+    session: AsyncSession, payment: Row[Any], refund: RefundRow, now: datetime
 ) -> None:
-    assert payment.account_id is not None
-    if refund.status in repo.LIVE_REFUND_STATUSES:
+    """`payment`: the refund's `_refund_facts` (the payment's columns as `payment_<name>`)."""
+    account_id: str = payment.payment_account_id
+    stripe_id, amount, currency = refund["stripe_id"], refund["amount"], refund["currency"]
+    if refund["status"] in repo.LIVE_REFUND_STATUSES:
         await repo.add_ledger_entry(
             session,
-            account_id=payment.account_id,
+            account_id=account_id,
             kind="refund",
-            source_id=refund.stripe_id,
-            amount=-refund.amount,
-            currency=refund.currency,
-            description=f"Refund of {payment.purpose} payment {payment.stripe_id}",
+            source_id=stripe_id,
+            amount=-amount,
+            currency=currency,
+            description=(
+                f"Refund of {payment.payment_purpose} payment {payment.payment_stripe_id}"
+            ),
             occurred_at=now,
         )
-    elif refund.status in FAILED and await repo.ledger_entry_exists(
-        session, payment.account_id, "refund", refund.stripe_id
+    elif refund["status"] in FAILED and await repo.ledger_entry_exists(
+        session, account_id, "refund", stripe_id
     ):
         await repo.add_ledger_entry(
             session,
-            account_id=payment.account_id,
+            account_id=account_id,
             kind="refund_reversal",
-            source_id=refund.stripe_id,
-            amount=refund.amount,
-            currency=refund.currency,
-            description=f"Refund {refund.stripe_id} failed at Stripe",
+            source_id=stripe_id,
+            amount=amount,
+            currency=currency,
+            description=f"Refund {stripe_id} failed at Stripe",
             occurred_at=now,
         )
 
@@ -192,14 +302,21 @@ async def _adjust_ledger(
 async def _cancel_subscription(
     session: AsyncSession,
     execution: RefundExecution,
-    payment: Payment,
+    request: RefundRequest,
+    payment: Row[Any],
     stripe: StripeGateway,
     settings: Settings,
     now: datetime,
 ) -> None:
-    subscription = await repo.subscription_of_payment(session, payment, lock=True)
+    """`request`: the execution's (locked); `payment`: the refund's `_refund_facts`."""
+    subscription = await repo.subscription_of(
+        session,
+        payment.payment_stripe_subscription_id,
+        payment.payment_stripe_invoice_id,
+        lock=True,
+    )
     if subscription is None:
-        log.warning("refund.subscription_unknown", payment_id=str(payment.id))
+        log.warning("refund.subscription_unknown", payment_id=str(payment.payment_id))
         return
     await stripe.cancel_subscription(
         subscription.stripe_id, key=idempotency_key("refund-cancel", execution.id)
@@ -209,8 +326,6 @@ async def _cancel_subscription(
         subscription.access_revoked_at = now
         await session.flush()
         await record_access_change(session, subscription.channel_id, settings, now)
-    request = await repo.get_request(session, execution.request_id)
-    assert request is not None
     audit_step(
         session,
         request,

@@ -458,3 +458,19 @@ async def subscription_by_stripe_id(
         return None
     statement = LOCKED_SUBSCRIPTION_BY_STRIPE_ID if lock else SUBSCRIPTION_BY_STRIPE_ID
     return (await session.execute(statement, {"stripe_id": stripe_id})).scalar_one_or_none()
+
+
+async def subscription_of(
+    session: AsyncSession,
+    stripe_subscription_id: str | None,
+    stripe_invoice_id: str | None,
+    *,
+    lock: bool = False,
+) -> Subscription | None:
+    """`subscription_of_payment` for a payment read as columns (its Stripe subscription and
+    invoice ids) rather than loaded as a `Payment`."""
+    stripe_id = stripe_subscription_id
+    if stripe_id is None and stripe_invoice_id is not None:
+        found = await session.execute(SUBSCRIPTION_OF_INVOICE, {"invoice_id": stripe_invoice_id})
+        stripe_id = found.scalar_one_or_none()
+    return await subscription_by_stripe_id(session, stripe_id, lock=lock)

@@ -64,7 +64,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounts.service import ensure_accounts
 from app.config import Settings
-from app.disputes.events import on_dispute_mirrored
+from app.disputes import events as disputes_events
+from app.disputes.events import DisputedPayments, MirroredDispute, on_disputes_mirrored
 from app.maintenance.service import extension_days_held
 from app.models import (
     Account,
@@ -186,7 +187,6 @@ RECORD_FIRST_PAYMENT = (  # also run for many accounts at once (executemany)
         currency=func.coalesce(ACCOUNTS.c.currency, bindparam("currency")),
     )
 )
-LOCKED_REFUND = select(Refund).where(Refund.stripe_id == bindparam("stripe_id")).with_for_update()
 NEW_CHANNEL = insert(cast(Table, Channel.__table__)).on_conflict_do_nothing(index_elements=["id"])
 SUBSCRIPTIONS = cast(Table, Subscription.__table__)
 SUBSCRIPTION_SNAPSHOT = (
@@ -248,23 +248,6 @@ async def record_first_payments(session: AsyncSession, first_payments: FirstPaym
                 for account_id, (paid_at, currency) in sorted(first_payments.items())
             ],
         )
-
-
-async def locked_refund(session: AsyncSession, stripe_id: str, **defaults: Any) -> Refund:
-    """The refund's row, created with `defaults` if missing, locked for this transaction
-    (creation races are decided by the unique `stripe_id`). A row that exists, the usual case
-    (a refund has several events), costs one statement."""
-    row = await session.scalar(LOCKED_REFUND, {"stripe_id": stripe_id})
-    if row is not None:
-        return row
-    await session.execute(
-        insert(Refund)
-        .values(stripe_id=stripe_id, **defaults)
-        .on_conflict_do_nothing(index_elements=["stripe_id"])
-    )
-    row = await session.scalar(LOCKED_REFUND, {"stripe_id": stripe_id})
-    assert row is not None
-    return row
 
 
 PAYMENT_LINKS = (
@@ -1173,24 +1156,107 @@ def fee_in_payment_currency(balance_transaction: Json, payment_currency: str) ->
 # --- refunds and disputes ------------------------------------------------------------------
 
 
+REFUNDS = cast(Table, Refund.__table__)
+REFUND_COLUMNS = [column for column in REFUNDS.c if column.name not in TIMESTAMPS]
+REFUND_MERGED = (
+    "stripe_payment_intent_id",
+    "stripe_charge_id",
+    "status",
+    "reason",
+    "metadata",
+    "stripe_created",
+)
+"""The columns of a refund row that its events change (`merge_refund`)."""
+LOCKED_REFUND = (
+    select(*REFUND_COLUMNS).where(REFUNDS.c.stripe_id == bindparam("stripe_id")).with_for_update()
+)
+NEW_REFUND = (
+    insert(REFUNDS).on_conflict_do_nothing(index_elements=["stripe_id"]).returning(*REFUND_COLUMNS)
+)
+"""A refund's first row, returned (and so locked by this transaction) unless another
+transaction created it first."""
+WRITE_REFUND = (
+    update(REFUNDS)
+    .where(REFUNDS.c.id == bindparam("row_id"))
+    .values({name: bindparam(f"new_{name}") for name in REFUND_MERGED})
+)
+REFUNDS_BY_ID = select(*REFUND_COLUMNS).where(
+    REFUNDS.c.id == any_(bindparam("ids", type_=ARRAY(Uuid)))
+)
+DISPUTES_BY_ID = select(*(column for column in DISPUTES.c if column.name not in TIMESTAMPS)).where(
+    DISPUTES.c.id == any_(bindparam("ids", type_=ARRAY(Uuid)))
+)
+DISPUTES_IN_ORDER = (
+    select(DISPUTES.c.stripe_id)
+    .where(DISPUTES.c.stripe_id == any_(bindparam("stripe_ids", type_=ARRAY(String))))
+    .order_by(DISPUTES.c.stripe_id)
+)
+"""Disputes in the database's order of their Stripe ids (its collation decides)."""
+
+
+def merge_refund(row: MirrorDict, refund: Json) -> None:
+    """What a refund event says, merged into its row: the status only moves forward, ids and
+    Stripe's creation time are kept once known, the reason is the latest known, metadata
+    keys are added or replaced."""
+    row["stripe_payment_intent_id"] = row["stripe_payment_intent_id"] or ref(
+        refund.get("payment_intent")
+    )
+    row["stripe_charge_id"] = row["stripe_charge_id"] or ref(refund.get("charge"))
+    row["status"] = (
+        rank_merge(REFUND_STATUS_ORDER, row["status"], refund.get("status")) or "pending"
+    )
+    row["reason"] = refund.get("reason") or row["reason"]
+    row["metadata"] = {**row["metadata"], **(refund.get("metadata") or {})}
+    row["stripe_created"] = row["stripe_created"] or ts(refund.get("created"))
+
+
+async def locked_refund(
+    session: AsyncSession, refund: Json, *, probably_new: bool = False
+) -> MirrorDict:
+    """The row of this Stripe refund with the event merged in (`merge_refund`), locked for
+    this transaction and written if that changed it. A missing row is inserted as merged (as
+    inserting it with the event's amount, currency and status and merging the event in would
+    leave it; creation races are decided by the unique `stripe_id`). A row that exists costs
+    one statement, plus one when it changes; a new one costs two, or one when it was
+    `probably_new` (then the insert is tried first: either way ends alike)."""
+    stored: Any = None
+    if not probably_new:
+        stored = (
+            (await session.execute(LOCKED_REFUND, {"stripe_id": refund["id"]})).mappings().first()
+        )
+    if stored is None:
+        row: MirrorDict = {
+            "stripe_id": refund["id"],
+            "amount": int(refund.get("amount") or 0),
+            "currency": refund.get("currency") or "",
+            "status": refund.get("status") or "pending",
+            "stripe_payment_intent_id": None,
+            "stripe_charge_id": None,
+            "reason": None,
+            "metadata": {},
+            "stripe_created": None,
+        }
+        merge_refund(row, refund)
+        created = (await session.execute(NEW_REFUND, row)).mappings().first()
+        if created is not None:
+            return dict(created)
+        found = await session.execute(LOCKED_REFUND, {"stripe_id": refund["id"]})
+        stored = found.mappings().one()
+    stored = dict(stored)
+    row = dict(stored)
+    merge_refund(row, refund)
+    if row != stored:
+        await session.execute(
+            WRITE_REFUND,
+            {"row_id": row["id"], **{f"new_{name}": row[name] for name in REFUND_MERGED}},
+        )
+    return row
+
+
 async def on_refund(ctx: EventContext) -> None:
-    obj = ctx.object
-    refund = await locked_refund(
-        ctx.session,
-        obj["id"],
-        amount=int(obj.get("amount") or 0),
-        currency=obj.get("currency") or "",
-        status=obj.get("status") or "pending",
-    )
-    refund.stripe_payment_intent_id = refund.stripe_payment_intent_id or ref(
-        obj.get("payment_intent")
-    )
-    refund.stripe_charge_id = refund.stripe_charge_id or ref(obj.get("charge"))
-    refund.status = rank_merge(REFUND_STATUS_ORDER, refund.status, obj.get("status")) or "pending"
-    refund.reason = obj.get("reason") or refund.reason
-    refund.metadata_ = {**refund.metadata_, **(obj.get("metadata") or {})}
-    refund.stripe_created = refund.stripe_created or ts(obj.get("created"))
-    await ctx.session.flush()
+    """A refund event merged into its row (`locked_refund`: the row of a `refund.created`
+    event is usually new), then the refund's effects from the merged row."""
+    refund = await locked_refund(ctx.session, ctx.object, probably_new=ctx.type == "refund.created")
     await apply_refund_effects(ctx, refund)
 
 
@@ -1203,12 +1269,9 @@ DISPUTE_EVENTS = frozenset(
         "charge.dispute.funds_reinstated",
     }
 )
-PAYMENTS_OF_DISPUTES = select(
-    PAYMENTS.c.id, PAYMENTS.c.stripe_id, PAYMENTS.c.stripe_charge_id, PAYMENTS.c.account_id
-).where(
-    (PAYMENTS.c.stripe_id == any_(bindparam("payment_intents", type_=ARRAY(String))))
-    | (PAYMENTS.c.stripe_charge_id == any_(bindparam("charges", type_=ARRAY(String))))
-)
+PAYMENTS_OF_DISPUTES = disputes_events.PAYMENTS_OF_DISPUTES
+"""The payments (ids, account, purpose, subscription, invoice, charge) of payment intents or
+charges (`DisputedPayments`)."""
 MARK_DISPUTED = (
     update(PAYMENTS)
     .where(
@@ -1224,24 +1287,10 @@ async def on_dispute_events(ctxs: Sequence[EventContext]) -> None:
     forward, funds withdrawn and reinstated only grow, ids, account and Stripe's creation
     time kept once known, the earliest closing kept), the rows written in one statement, their
     payments marked disputed in one more; then the effects of each dispute, once, from its
-    merged state (`apply_dispute_effects`, in the context of its last event)."""
+    merged state, in the order of their Stripe ids (`apply_dispute_effects`, each in the
+    context of its last event). The payments are read once, for the merge and the effects."""
     session = ctxs[0].session
     objects = [ctx.object for ctx in ctxs]
-    found = await session.execute(
-        PAYMENTS_OF_DISPUTES,
-        {
-            "payment_intents": sorted(
-                {pi for obj in objects if (pi := ref(obj.get("payment_intent")))}
-            ),
-            "charges": sorted({charge for obj in objects if (charge := ref(obj.get("charge")))}),
-        },
-    )
-    by_intent: dict[str, Any] = {}
-    by_charge: dict[str, Any] = {}
-    for known in found.all():
-        by_intent[known.stripe_id] = known
-        if known.stripe_charge_id:
-            by_charge[known.stripe_charge_id] = known
     defaults = {
         obj["id"]: {
             "stripe_charge_id": ref(obj.get("charge")) or "",
@@ -1253,12 +1302,23 @@ async def on_dispute_events(ctxs: Sequence[EventContext]) -> None:
     }
     rows, _ = await locked_rows(session, DISPUTES, defaults)
     stored = {stripe_id: dict(row) for stripe_id, row in rows.items()}
+    payments = await DisputedPayments.read(
+        session,
+        [
+            *(ref(obj.get("payment_intent")) for obj in objects),
+            *(row["stripe_payment_intent_id"] for row in rows.values()),
+        ],
+        [
+            *(ref(obj.get("charge")) for obj in objects),
+            *(row["stripe_charge_id"] for row in rows.values()),
+        ],
+    )
     disputed: set[uuid.UUID] = set()
     last_event: dict[str, EventContext] = {}
     for ctx in ctxs:
         obj = ctx.object
         payment_intent = ref(obj.get("payment_intent"))
-        payment = by_intent.get(payment_intent or "") or by_charge.get(ref(obj.get("charge")) or "")
+        payment = payments.of(payment_intent, ref(obj.get("charge")))
         row = rows[obj["id"]]
         row["stripe_payment_intent_id"] = row["stripe_payment_intent_id"] or payment_intent
         row["account_id"] = row["account_id"] or (payment.account_id if payment else None)
@@ -1276,34 +1336,48 @@ async def on_dispute_events(ctxs: Sequence[EventContext]) -> None:
     await write_rows(session, DISPUTES, rows, stored)
     if disputed:
         await session.execute(MARK_DISPUTED, {"payment_ids": sorted(disputed)})
-    mirrored = await session.scalars(
-        select(Dispute)
-        .where(Dispute.id.in_([row["id"] for row in rows.values()]))
-        .order_by(Dispute.stripe_id)
+    order = list(rows)
+    if len(order) > 1:  # as the effects were applied before: in the database's order
+        order = list(await session.scalars(DISPUTES_IN_ORDER, {"stripe_ids": order}))
+    await apply_dispute_effects(
+        [(last_event[stripe_id], rows[stripe_id]) for stripe_id in order], payments
     )
-    for dispute in mirrored.all():
-        await apply_dispute_effects(last_event[dispute.stripe_id], dispute)
 
 
-async def apply_refund_effects(ctx: EventContext, refund: Refund) -> None:
+async def apply_refund_effects(ctx: EventContext, refund: MirrorDict) -> None:
     """Dated by Stripe's refund time, so every delivery order dates the effect alike."""
     await on_refund_mirrored(
         ctx.session,
         refund,
         ctx.settings,
         ctx.stripe,
-        occurred_at=refund.stripe_created or ctx.created,
+        occurred_at=refund["stripe_created"] or ctx.created,
     )
 
 
-async def apply_dispute_effects(ctx: EventContext, dispute: Dispute) -> None:
-    """Dated by the dispute's closing (or creation) at Stripe, whatever the delivery order."""
-    await on_dispute_mirrored(
-        ctx.session,
-        dispute,
-        ctx.type,
-        ctx.settings,
-        occurred_at=dispute.closed_at or dispute.stripe_created or ctx.created,
+async def apply_dispute_effects(
+    disputes: Sequence[tuple[EventContext, MirrorDict]],
+    payments: DisputedPayments | None = None,
+) -> None:
+    """The effects of these disputes (each with the context of the event applying them), as
+    one after another in this order (`on_disputes_mirrored`). Each is dated by the dispute's
+    closing (or creation) at Stripe, whatever the delivery order. `payments`: already read,
+    when they include every dispute's."""
+    if not disputes:
+        return
+    first = disputes[0][0]
+    await on_disputes_mirrored(
+        first.session,
+        [
+            MirroredDispute(
+                row,
+                ctx.type,
+                occurred_at=row["closed_at"] or row["stripe_created"] or ctx.created,
+            )
+            for ctx, row in disputes
+        ],
+        first.settings,
+        payments,
     )
 
 
@@ -1341,19 +1415,35 @@ async def reapply_money_effects(payment_column: str, taught: dict[Any, EventCont
     `payment_column` is a key of `taught`, the effects of their refunds and disputes mirrored
     earlier are applied again (in the context of the event that taught); they are
     idempotent, so whichever event arrives last completes them. One statement finds them
-    (most payments have neither)."""
+    (most payments have neither); their rows are read with one more each for refunds and
+    disputes; the refunds' effects are applied one by one, then the disputes' together."""
     session = next(iter(taught.values())).session
-    found = await session.execute(MONEY_EFFECTS_OF[payment_column], {"values": list(taught)})
-    for kind, row_id, value in found.all():
-        ctx = taught[value]
-        if kind == 0:
-            refund = await session.get(Refund, row_id)
-            assert refund is not None
-            await apply_refund_effects(ctx, refund)
-        else:
-            dispute = await session.get(Dispute, row_id)
-            assert dispute is not None
-            await apply_dispute_effects(ctx, dispute)
+    found = (
+        await session.execute(MONEY_EFFECTS_OF[payment_column], {"values": list(taught)})
+    ).all()
+    if not found:
+        return
+    refund_ids = [row_id for kind, row_id, _ in found if kind == 0]
+    dispute_ids = [row_id for kind, row_id, _ in found if kind == 1]
+    if refund_ids:
+        refunds = await _rows_by_id(session, REFUNDS_BY_ID, refund_ids)
+        for kind, row_id, value in found:
+            if kind == 0:
+                await apply_refund_effects(taught[value], refunds[row_id])
+    if dispute_ids:
+        disputes = await _rows_by_id(session, DISPUTES_BY_ID, dispute_ids)
+        await apply_dispute_effects(
+            [(taught[value], disputes[row_id]) for kind, row_id, value in found if kind == 1]
+        )
+
+
+async def _rows_by_id(
+    session: AsyncSession, statement: Select[Any], ids: list[uuid.UUID]
+) -> dict[uuid.UUID, MirrorDict]:
+    """Rows by id, read as mappings (a row found twice is one dict, so what applying it the
+    first time changes is seen the second time)."""
+    found = await session.execute(statement, {"ids": sorted(set(ids))})
+    return {row["id"]: dict(row) for row in found.mappings()}
 
 
 def _dispute_funds(dispute: Json) -> tuple[int, int]:
