@@ -83,7 +83,7 @@ async def read_body(declared: bytes | None, receive: Receive, max_bytes: int) ->
             return b"".join(chunks)
 
 
-QUIET_LIBRARY_LOGGERS = ("httpx", "httpcore", "stripe")
+QUIET_LIBRARY_LOGGERS = ("aiohttp", "stripe")
 """Loggers that would write one unstructured INFO line per Stripe call (URL included): our own
 `stripe.*` events say what matters, as JSON."""
 

@@ -119,6 +119,7 @@ class StripeFake(StripeSimulator):
         self.host = host
         self.port = port
         self.requests: list[RecordedRequest] = []
+        self._generation = 0  # bumped by `reset`
         self._failures: list[FailureRule] = []
         self._idempotency: dict[str, _IdempotentResult] = {}
         self._server: uvicorn.Server | None = None
@@ -190,8 +191,11 @@ class StripeFake(StripeSimulator):
         self.stop()
 
     def reset(self) -> None:
-        """Forget all objects, events, recorded requests, idempotency keys and failures."""
+        """Forget all objects, events, recorded requests, idempotency keys and failures. A
+        request still held by a `timeout` failure is answered 500 without being applied: it
+        belonged to the test before (its client gave up long ago)."""
         with self._lock:
+            self._generation += 1
             self.reset_state()
             self.set_time(None)
             self.requests.clear()
@@ -361,7 +365,10 @@ class StripeFake(StripeSimulator):
             return self._failure_response(rule)
         if rule is not None:
             if rule.kind == "timeout":
+                generation = self._generation
                 await self._sleep(rule.delay)
+                if self._generation != generation:
+                    return _error(500, "The Stripe fake was reset while this request waited.")
             else:
                 return self._failure_response(rule)
         return await self._process_request(method, path, raw, headers, record, request_id)
