@@ -80,12 +80,15 @@ async def ensure_accounts(session: AsyncSession, account_ids: Iterable[str]) -> 
     missing = sorted(set(account_ids) - ensured)
     if not missing:
         return
-    await session.execute(
-        insert(Account)
-        .from_select(["id"], select(func.unnest(bindparam("ids", missing, type_=ARRAY(String)))))
-        .on_conflict_do_nothing(index_elements=[Account.id])
-    )
+    await session.execute(_ENSURE_ACCOUNTS, {"ids": missing})
     ensured.update(missing)
+
+
+_ENSURE_ACCOUNTS = (  # on the Core table: the ORM would take the parameters for rows
+    insert(cast(Table, Account.__table__))
+    .from_select(["id"], select(func.unnest(bindparam("ids", type_=ARRAY(String)))))
+    .on_conflict_do_nothing(index_elements=[Account.id])
+)
 
 
 def _lock_account_statement() -> Any:
