@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import cProfile
+import gc
 import io
 import os
 import pstats
@@ -75,6 +76,7 @@ async def main() -> None:
         ]
         handler_cpu = time_handlers() if mode == "handlers" else {}
         calls_before = len(fake.requests)
+        gc.freeze()  # as `billing process-events` and the web app do once started
         profiler = cProfile.Profile() if profile else None
         started = time.perf_counter()
         cpu_started = time.thread_time()
