@@ -49,7 +49,7 @@ from app.notifications.outbox import enqueue_email
 from app.refunds import repository as repo
 from app.refunds.events import PAYMENT_FACTS
 from app.refunds.service import OPEN_STATUSES, audit_step
-from app.subscriptions.service import record_access_change
+from app.subscriptions.service import record_access_changes
 
 log = structlog.get_logger()
 
@@ -238,6 +238,7 @@ async def _apply(
     ledger: list[dict[str, Any]] = []
     effects: list[dict[str, Any]] = []
     access_ended: list[uuid.UUID] = []
+    ended = EndedAccess([], {})
     for dispute, payment in zip(disputes, payment_of, strict=True):
         if payment is None or payment.account_id is None:
             log.warning(
@@ -250,7 +251,7 @@ async def _apply(
             _adjust_balance(dispute, payment, entries, ledger, effects)
         if _ends_access(dispute, payment, settings):
             ended_before = dispute.row["access_ended"]
-            await _end_access(session, dispute, payment, subscriptions, settings, effects)
+            _end_access(dispute, payment, subscriptions, ended, effects)
             if dispute.row["access_ended"] and not ended_before:
                 access_ended.append(dispute.row["id"])
         await _close_open_requests(session, dispute, payment, requests)
@@ -260,6 +261,9 @@ async def _apply(
         await session.execute(RECORD_EFFECT, effects)
     if access_ended:
         await session.execute(MARK_ACCESS_ENDED, {"dispute_ids": access_ended})
+    if ended.revoked:
+        await session.execute(REVOKE_ACCESS, ended.revoked)
+        await record_access_changes(session, ended.channels_at, settings)
     await session.flush()
 
 
@@ -405,29 +409,36 @@ async def _subscriptions_ending(
     return subscriptions
 
 
-async def _end_access(
-    session: AsyncSession,
+@dataclass
+class EndedAccess:
+    """The subscriptions whose access a group's lost disputes end (`REVOKE_ACCESS` rows) and
+    their channels, each with the latest time access ended on it (the feed's entry is
+    decided at that time, as the last of one-by-one entries would be)."""
+
+    revoked: list[dict[str, Any]]
+    channels_at: dict[str, datetime]
+
+
+def _end_access(
     dispute: MirroredDispute,
     payment: Row[Any],
     subscriptions: EndingSubscriptions,
-    settings: Settings,
+    ended: EndedAccess,
     effects: list[dict[str, Any]],
 ) -> None:
-    """A lost dispute of a subscription payment ends the subscription's access (at once:
-    the feed is told before the next dispute is looked at) and marks the dispute."""
+    """A lost dispute of a subscription payment ends the subscription's access (collected in
+    `ended`, written after the group's decisions: a later dispute of the same subscription
+    sees it revoked here) and marks the dispute."""
     subscription = subscriptions.of(payment)
     if subscription is None:
         log.warning("dispute.subscription_unknown", dispute_id=dispute.row["stripe_id"])
         return
     if subscription["access_revoked_at"] is None:
-        subscription["access_revoked_at"] = dispute.occurred_at
-        await session.execute(
-            REVOKE_ACCESS,
-            {"subscription_id": subscription["id"], "revoked_at": dispute.occurred_at},
-        )
-        await record_access_change(
-            session, subscription["channel_id"], settings, dispute.occurred_at
-        )
+        when = dispute.occurred_at
+        subscription["access_revoked_at"] = when
+        ended.revoked.append({"subscription_id": subscription["id"], "revoked_at": when})
+        channel = subscription["channel_id"]
+        ended.channels_at[channel] = max(ended.channels_at.get(channel, when), when)
     dispute.row["access_ended"] = True
     effects.append(_effect(dispute.row, "access_ended", subscription_id=subscription["id"]))
 

@@ -10,7 +10,7 @@ Writers wait only for the duration of one read.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
@@ -84,18 +84,19 @@ async def record_access_change(
     session: AsyncSession, channel_id: str, settings: Settings, now: datetime
 ) -> bool:
     """`record_access_changes` for one channel (True when it appended)."""
-    return bool(await record_access_changes(session, [channel_id], settings, now))
+    return bool(await record_access_changes(session, {channel_id: now}, settings))
 
 
 async def record_access_changes(
-    session: AsyncSession, channel_ids: Iterable[str], settings: Settings, now: datetime
+    session: AsyncSession, channels_at: Mapping[str, datetime], settings: Settings
 ) -> list[str]:
-    """Append to the access feed for each channel whose access differs from its last entry;
-    returns those channels. Three statements whatever the number of channels.
+    """Append to the access feed for each channel whose access, at the time given for it,
+    differs from its last entry; returns those channels. Three statements whatever the
+    number of channels.
 
     Serialized per channel with an advisory lock, so concurrent events for two subscriptions
     of one channel cannot both append the same change."""
-    channels = sorted(set(channel_ids))
+    channels = sorted(channels_at)
     if not channels:
         return []
     await session.execute(LOCK_CHANNEL_FEEDS, {"channels": channels})
@@ -108,7 +109,9 @@ async def record_access_changes(
         found = rows[channel]
         subscriptions: list[SubscriptionState] = [row for row in found if row.status is not None]
         access = channel_access(
-            subscriptions, now, past_due_keeps_access=settings.past_due_keeps_access
+            subscriptions,
+            channels_at[channel],
+            past_due_keeps_access=settings.past_due_keeps_access,
         )
         last = found[0]
         if last.last_has_access is None:
@@ -239,5 +242,5 @@ async def record_expired_access(
                 )
             )
         ).all()
-        await record_access_changes(session, expired, settings, now)
+        await record_access_changes(session, dict.fromkeys(expired, now), settings)
     return len(expired)

@@ -758,7 +758,7 @@ async def on_subscription_events(ctxs: Sequence[EventContext]) -> None:
     if changed:
         await session.execute(WRITE_SUBSCRIPTION, changed)
     await fulfil_subscription_checkouts(session, ctxs[0].now, list(fulfilled))
-    await record_access_changes(session, channels, settings, ctxs[0].now)
+    await record_access_changes(session, dict.fromkeys(channels, ctxs[0].now), settings)
     if created:  # effects that needed the subscription row can complete now
         await reapply_money_effects("stripe_subscription_id", created)
 
