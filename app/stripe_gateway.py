@@ -1,8 +1,8 @@
 """The only module that talks to Stripe.
 
 One method per call the service makes, async only, over `stripe.StripeClient` with the
-SDK's `AIOHTTPClient`, the SDK's pinned API version, explicit network retries and timeouts. Every call
-that creates something takes an idempotency key derived from our own row ids
+SDK's `AIOHTTPClient`, the SDK's pinned API version, explicit network retries and timeouts.
+Every call that creates something takes an idempotency key derived from our own row ids
 (`billing:<kind>:<uuid>`), never from a caller's key, so a retry after a crash cannot create
 twice. Results are returned as plain dicts in Stripe's JSON shape (the same shape webhook
 payloads carry). Failures surface as `StripeUnavailable` (Stripe down, slow or rate limiting us
