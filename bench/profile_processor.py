@@ -70,7 +70,7 @@ async def main() -> None:
                 create_session_factory(engine),
                 settings,
                 gateway,
-                batch_size=int(os.environ.get("PROC_BATCH", "100")),
+                batch_size=int(os.environ.get("PROC_BATCH", "0")) or None,  # else the setting
             )
             for _ in range(int(os.environ.get("PROC_WORKERS", "1")))
         ]
