@@ -9,11 +9,27 @@ touch: every local date that the half-open `[start, end)` overlaps and that is a
 
 from __future__ import annotations
 
-from datetime import date, datetime, time, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from functools import lru_cache
+from typing import Annotated
 from zoneinfo import ZoneInfo
 
 import holidays
+from pydantic import AfterValidator, AwareDatetime
+
+EARLIEST, LATEST = datetime(2000, 1, 1, tzinfo=UTC), datetime(2100, 1, 1, tzinfo=UTC)
+
+
+def _within_calendar(value: datetime) -> datetime:
+    if not EARLIEST <= value < LATEST:
+        raise ValueError("must be from 2000-01-01 to 2099-12-31 (UTC)")
+    return value
+
+
+Moment = Annotated[AwareDatetime, AfterValidator(_within_calendar)]
+"""A time an API caller gives: with its offset, and within the years the service computes with,
+so that moving it to the business time zone or adding business days cannot overflow (a year-1
+date with a positive offset did: a 500 found by the fuzzer). Outside them: 422."""
 
 
 @lru_cache(maxsize=32)

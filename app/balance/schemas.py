@@ -5,7 +5,9 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+
+from app.calendar import Moment
 
 ExternalId = Field(min_length=1, max_length=255, pattern=r"^[\x21-\x7e]+$")
 Currency = Field(min_length=3, max_length=3, pattern=r"^[A-Za-z]{3}$")
@@ -45,7 +47,7 @@ class UsageChargeIn(BaseModel):
     amount: StrictInt = Field(gt=0, le=10**12, description="Minor units to debit.")
     currency: str = Currency
     kind: Literal["conversation", "meta_fee"]
-    occurred_at: AwareDatetime
+    occurred_at: Moment
 
 
 class UsageChargeOut(BaseModel):
@@ -64,7 +66,7 @@ class ActivityIn(BaseModel):
 
     id: str = ExternalId
     kind: Literal["message_sent", "template_created", "number_connected", "other"]
-    occurred_at: AwareDatetime
+    occurred_at: Moment
 
 
 class ActivityOut(BaseModel):

@@ -6,7 +6,9 @@ import uuid
 from datetime import datetime
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from app.calendar import Moment
 
 MAX_WINDOW_DAYS = 366
 
@@ -14,8 +16,8 @@ MAX_WINDOW_DAYS = 366
 class MaintenanceWindowCreate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    starts_at: AwareDatetime = Field(description="Start of the suspension (inclusive).")
-    ends_at: AwareDatetime = Field(description="Planned end of the suspension (exclusive).")
+    starts_at: Moment = Field(description="Start of the suspension (inclusive).")
+    ends_at: Moment = Field(description="Planned end of the suspension (exclusive).")
     kind: Literal["scheduled", "emergency"] = Field(
         description="`scheduled` windows over 3 business days are refused; `emergency` ones "
         "are recorded and flagged `exceeds_policy_limit`."
@@ -34,7 +36,7 @@ class MaintenanceWindowCreate(BaseModel):
 class MaintenanceWindowComplete(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    ended_at: AwareDatetime = Field(
+    ended_at: Moment = Field(
         description="When the service actually became available again (exclusive); after "
         "`starts_at` and not in the future."
     )

@@ -6,8 +6,9 @@ import uuid
 from datetime import date, datetime
 from typing import Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from app.calendar import Moment
 from app.refunds.eligibility import Reason
 
 RequestType = Literal["refund", "appeal", "compensation", "other"]
@@ -82,7 +83,7 @@ class RefundRequestCreate(_PaymentDetails):
 
 class FinanceRefundRequestCreate(RefundRequestCreate):
     account_id: str = Field(min_length=1, max_length=64)
-    received_at: AwareDatetime = Field(description="When the email or call actually arrived.")
+    received_at: Moment = Field(description="When the email or call actually arrived.")
     channel: Literal["email", "phone"] = Field(description="How the request arrived.")
 
 
@@ -95,7 +96,7 @@ class ResponseCreate(BaseModel):
 
     kind: ResponseKind
     message: str = Field(min_length=1, max_length=10000, description="Emailed to the client.")
-    next_step_due: AwareDatetime | None = Field(
+    next_step_due: Moment | None = Field(
         default=None, description="Interim replies: when the next step will come."
     )
     outcome: Outcome | None = Field(default=None, description="Decisions only.")

@@ -263,6 +263,9 @@ async def test_bad_input_and_wrong_callers_are_refused(
     assert (await finance_file(client, token, received_at=future)).status_code == 422
     naive = await finance_file(client, token, received_at="2026-11-20T10:00:00")
     assert naive.status_code == 422
+    # year 1 with a positive offset once overflowed the business calendar (a 500)
+    ancient = await finance_file(client, token, received_at="0001-01-01T01:00:00+03:01")
+    assert (ancient.status_code, ancient.json()["code"]) == (422, "validation_error")
     user = bearer(token(account_id="acc_x"))
     other = await client.post(
         "/v1/accounts/acc_y/refund-requests",
