@@ -86,7 +86,7 @@ _SUBSCRIPTIONS = cast(Table, Subscription.__table__)
 SUBSCRIPTIONS_OF_INVOICES = select(Invoice.stripe_id, Invoice.stripe_subscription_id).where(
     Invoice.stripe_id == any_(bindparam("invoices", type_=ARRAY(String)))
 )
-LOCKED_SUBSCRIPTIONS = (
+SUBSCRIPTIONS_TO_REVOKE = (
     select(
         _SUBSCRIPTIONS.c.id,
         _SUBSCRIPTIONS.c.stripe_id,
@@ -362,7 +362,7 @@ def _effect(
 
 
 SubscriptionRow = dict[str, Any]
-"""A subscription's `LOCKED_SUBSCRIPTIONS` columns."""
+"""A subscription's `SUBSCRIPTIONS_TO_REVOKE` columns."""
 
 
 @dataclass
@@ -404,7 +404,7 @@ async def _subscriptions_ending(
         subscription for subscription in subscriptions.of_invoice.values() if subscription
     )
     if wanted:
-        locked = await session.execute(LOCKED_SUBSCRIPTIONS, {"stripe_ids": sorted(wanted)})
+        locked = await session.execute(SUBSCRIPTIONS_TO_REVOKE, {"stripe_ids": sorted(wanted)})
         subscriptions.by_stripe_id = {row["stripe_id"]: dict(row) for row in locked.mappings()}
     return subscriptions
 

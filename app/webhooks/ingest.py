@@ -161,9 +161,7 @@ class EventIngestor:
                 for last_try in (False, True):
                     try:
                         if connection is None:
-                            connection = await self._engine.connect()
-                            await connection.execution_options(isolation_level="AUTOCOMMIT")
-                            driver = (await connection.get_raw_connection()).driver_connection
+                            connection, driver = await autocommit_driver(self._engine)
                             await _prefer_lz4(driver)
                         rows = await driver.fetch(INSERT_EVENTS, *columns)
                         break
@@ -205,6 +203,18 @@ async def _prefer_lz4(driver: Any) -> None:
         await driver.execute("SET default_toast_compression = 'lz4'")
     except Exception as exc:
         log.info("webhook.lz4_unavailable", error_type=type(exc).__name__)
+
+
+async def autocommit_driver(engine: AsyncEngine) -> tuple[AsyncConnection, Any]:
+    """A pool connection in autocommit and its asyncpg connection, for a task that keeps it
+    (let it go with `discard_connection`)."""
+    connection = await engine.connect()
+    try:
+        await connection.execution_options(isolation_level="AUTOCOMMIT")
+        return connection, (await connection.get_raw_connection()).driver_connection
+    except BaseException:
+        await discard_connection(connection)
+        raise
 
 
 async def discard_connection(connection: AsyncConnection) -> None:

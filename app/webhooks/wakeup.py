@@ -22,20 +22,13 @@ from typing import Any
 import structlog
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from app.webhooks.ingest import discard_connection
+from app.webhooks.ingest import autocommit_driver, discard_connection
 
 log = structlog.get_logger()
 
 CHANNEL = "stripe_events"
 MIN_INTERVAL = 0.01  # seconds between two notifications
 RECONNECT_AFTER = 1.0  # seconds
-
-
-async def _autocommit_driver(engine: AsyncEngine) -> tuple[AsyncConnection, Any]:
-    """A pool connection in autocommit and its asyncpg connection."""
-    connection = await engine.connect()
-    await connection.execution_options(isolation_level="AUTOCOMMIT")
-    return connection, (await connection.get_raw_connection()).driver_connection
 
 
 class StoredEventsNotifier:
@@ -56,7 +49,7 @@ class StoredEventsNotifier:
             self._wanted = False
             try:
                 if self._connection is None:
-                    self._connection, self._driver = await _autocommit_driver(self._engine)
+                    self._connection, self._driver = await autocommit_driver(self._engine)
                 await self._driver.execute(f"NOTIFY {CHANNEL}")
             except Exception as exc:
                 log.warning("stripe_event.notify_failed", error_type=type(exc).__name__)
@@ -88,7 +81,7 @@ async def listen_for_stored_events(engine: AsyncEngine, wake: Callable[[], None]
 
 
 async def _listen_until_lost(engine: AsyncEngine, wake: Callable[[], None]) -> None:
-    connection, driver = await _autocommit_driver(engine)
+    connection, driver = await autocommit_driver(engine)
     try:
         lost = asyncio.Event()
         driver.add_termination_listener(lambda _connection: lost.set())
