@@ -47,12 +47,14 @@ async def main() -> None:
 
         from app.config import get_settings
         from app.db import create_engine, create_session_factory
+        from app.observability import configure_logging
         from app.stripe_gateway import StripeGateway
         from app.webhooks import metrics
         from app.webhooks.ingest import incoming_event, insert_events
         from app.webhooks.processor import EventProcessor
 
         settings = get_settings()
+        configure_logging(settings.log_level)  # JSON lines, as `billing process-events` logs
         engine = create_engine(settings.database_url, settings.database_pool_size)
         async with engine.connect() as connection:
             await connection.execution_options(isolation_level="AUTOCOMMIT")
@@ -80,6 +82,7 @@ async def main() -> None:
         profiler = cProfile.Profile() if profile else None
         started = time.perf_counter()
         cpu_started = time.thread_time()
+        postgres_started = harness.postgres_cpu_seconds()
         if profiler:
             profiler.enable()
         attempted = sum(await asyncio.gather(*(p.drain() for p in processors)))
@@ -87,12 +90,14 @@ async def main() -> None:
             profiler.disable()
         elapsed = time.perf_counter() - started
         cpu = time.thread_time() - cpu_started
+        postgres_cpu = harness.postgres_cpu_seconds() - postgres_started
         counts = await count_status(dsn)
         mirror = await mirror_check(dsn, accounts)
         print(
             f"{len(scenario.events)} events ({attempted} attempted) in {elapsed:.2f} s: "
             f"{len(scenario.events) / elapsed:,.0f} events/s, "
-            f"{cpu / len(scenario.events) * 1000:.2f} ms CPU/event (event loop thread; the fake runs in its own); "
+            f"{cpu / len(scenario.events) * 1000:.2f} ms CPU/event (event loop thread; the fake runs in its own), "
+            f"Postgres {postgres_cpu / len(scenario.events) * 1000:.2f} ms; "
             f"{counts}; mirror as at Stripe: {mirror == expected_mirror(accounts)}; "
             f"conflict retries: {metrics.CONFLICTS._value.get():.0f}; "
             f"Stripe calls: {len(fake.requests) - calls_before}"

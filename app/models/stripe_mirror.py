@@ -12,7 +12,7 @@ from datetime import datetime
 from typing import Any
 
 from sqlalchemy import BigInteger, ForeignKey, Identity, Index, Integer, String, Text, func
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSON, JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
 from app.db import Base, Timestamped
@@ -31,8 +31,11 @@ class StripeEvent(Base):
     stripe_created: Mapped[datetime]
     livemode: Mapped[bool]
     payload: Mapped[dict[str, Any] | None] = mapped_column(
-        JSONB, comment="Raw event; pruned after EVENT_RETENTION_DAYS once processed."
+        JSON, comment="Raw event; pruned after EVENT_RETENTION_DAYS once processed."
     )
+    """`json`, not `jsonb`: the body exactly as Stripe signed it, stored without building a
+    `jsonb` value and read back without rendering one (both cost Postgres CPU per event;
+    nothing queries inside it; migration 0009)."""
     received_at: Mapped[datetime] = mapped_column(server_default=func.now())
     status: Mapped[str] = mapped_column(
         String(16), server_default="pending", comment="pending|processed|failed|ignored"
@@ -43,9 +46,9 @@ class StripeEvent(Base):
     processed_at: Mapped[datetime | None]
 
 
-Index(
+Index(  # the processor's claim: pending events oldest first (app/webhooks/processor.py)
     "ix_stripe_events_pending",
-    StripeEvent.next_attempt_at,
+    StripeEvent.id,
     postgresql_where=StripeEvent.status == "pending",
 )
 Index("ix_stripe_events_status_received_at", StripeEvent.status, StripeEvent.received_at)

@@ -78,7 +78,7 @@ INSERT_EVENTS = """
 INSERT INTO stripe_events
     (stripe_id, type, api_version, object_id, stripe_created, livemode, payload, status)
 SELECT e.stripe_id, e.type, e.api_version, e.object_id, e.stripe_created, e.livemode,
-       e.payload::jsonb, e.status
+       e.payload::json, e.status
 FROM unnest($1::varchar[], $2::varchar[], $3::varchar[], $4::varchar[], $5::timestamptz[],
             $6::boolean[], $7::text[], $8::varchar[])
     AS e(stripe_id, type, api_version, object_id, stripe_created, livemode, payload, status)

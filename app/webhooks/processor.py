@@ -1,10 +1,11 @@
 """Applying stored Stripe events: exactly once, in any order, on any replica.
 
-- Claiming: a worker leases a batch of due `pending` events (`FOR UPDATE SKIP LOCKED`, lease in
-  `next_attempt_at`), so replicas never take the same event and a crashed worker's lease runs out.
-- Applying: a claimed batch in one transaction that re-locks the event rows, takes a Postgres
-  advisory lock on each Stripe object the events are about (so two replicas never interleave
-  on one subscription), applies the handlers (app/webhooks/handlers.py `apply_events`: one by
+- Claiming: the transaction that applies a batch starts by locking up to `batch_size` due
+  `pending` events (`FOR UPDATE SKIP LOCKED`, oldest first), so replicas never take the same
+  event, and a worker that dies mid-batch holds nothing once Postgres ends its transaction
+  (no lease to run out: the claim, the effects and the "done" marks are one commit).
+- Applying: that transaction takes a Postgres advisory lock on each Stripe object the events
+  are about (so two replicas never interleave on one subscription), applies the handlers (app/webhooks/handlers.py `apply_events`: one by
   one in the order the events were stored, then the one-way objects' events by group), and marks
   them `processed` in the same commit: the effects and the "done" marks cannot be separated.
   One transaction per batch instead of per event is what makes applying cheap (one BEGIN, lock
@@ -13,7 +14,8 @@
   one of 100, bench/README.md). These commits use `synchronous_commit=off`: the
   events were stored durably before they were acknowledged, and re-applying an event whose
   commit was lost in a crash is harmless because every handler is idempotent.
-- Failures: if a batch fails, its events are applied again one per transaction; a failing
+- Failures: if a batch fails, its events are applied again one per transaction (those another
+  replica took meanwhile are skipped: it applies them); a failing
   handler's work is rolled back (savepoint), the attempt is counted and retried with
   exponential backoff; after `MAX_ATTEMPTS` the event is parked as `failed`, listed by
   `GET /v1/ops/stripe-events?status=failed` and replayable.
@@ -24,12 +26,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
+from typing import Any
 
 import structlog
-from sqlalchemy import func, select, text, update
+from sqlalchemy import BigInteger, Row, bindparam, func, or_, select, text, update
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -52,7 +58,6 @@ from app.webhooks.handlers import (
 log = structlog.get_logger()
 
 MAX_ATTEMPTS = 8
-LEASE_SECONDS = 60
 BACKOFF_CAP_SECONDS = 3600
 
 
@@ -66,6 +71,52 @@ ADVISORY_LOCKS = text(
     " FROM unnest(CAST(:keys AS text[])) WITH ORDINALITY AS k(key, position) ORDER BY position"
 )
 LOCK_CONFLICT_SQLSTATES = frozenset({"40P01", "40001", "55P03"})  # deadlock, serialization, lock
+
+
+_EVENT_COLUMNS = (StripeEvent.id, StripeEvent.type, StripeEvent.received_at, StripeEvent.payload)
+CLAIM_DUE = (
+    select(*_EVENT_COLUMNS)
+    .where(
+        StripeEvent.status == "pending",
+        or_(StripeEvent.next_attempt_at.is_(None), StripeEvent.next_attempt_at <= func.now()),
+    )
+    .order_by(StripeEvent.id)
+    .limit(bindparam("batch_size"))
+    .with_for_update(skip_locked=True)
+)
+"""The oldest due events no other transaction holds (index `ix_stripe_events_pending`)."""
+RELOCK = (
+    select(*_EVENT_COLUMNS)
+    .where(
+        StripeEvent.id == func.any(bindparam("ids", type_=ARRAY(BigInteger))),
+        StripeEvent.status == "pending",
+    )
+    .order_by(StripeEvent.id)
+    .with_for_update(skip_locked=True)
+)
+"""Events claimed before (a batch run again) that are still pending and not taken since."""
+MARK_PROCESSED = (
+    update(StripeEvent)
+    .where(StripeEvent.id == func.any(bindparam("ids", type_=ARRAY(BigInteger))))
+    .values(
+        status="processed",
+        attempts=StripeEvent.attempts + 1,
+        processed_at=bindparam("now"),
+        next_attempt_at=None,
+        last_error=None,
+    )
+    .execution_options(synchronize_session=False)
+)
+
+
+@dataclass
+class Claim:
+    """What one `process_due` works on: the ids its first transaction claimed (its retries
+    and the one-by-one fallback take the same events again) and the Stripe objects fetched
+    for them once."""
+
+    ids: list[int] = field(default_factory=list)
+    fetched: PrefetchedObjects = field(default_factory=dict)
 
 
 def is_lock_conflict(exc: BaseException) -> bool:
@@ -127,36 +178,34 @@ class EventProcessor:
     async def process_due(self) -> int:
         """Claim a batch of due events and apply it in one transaction; if that fails (a
         handler raised, or conflicts went on), apply the batch's events one by one, so a bad
-        event is retried and parked alone and the others go through."""
-        ids = await self._claim()
-        if not ids:
-            return 0
-        fetched: PrefetchedObjects = {}  # Stripe objects fetched once for this claim
+        event is retried and parked alone and the others go through. Returns how many events
+        were claimed."""
+        claim = Claim()
         try:
-            await self._apply_claimed(ids, fetched)
+            await self._apply_claim(claim)
         finally:
-            await settle_fetches(fetched)
-        return len(ids)
+            await settle_fetches(claim.fetched)
+        return len(claim.ids)
 
-    async def _apply_claimed(self, ids: list[int], fetched: PrefetchedObjects) -> None:
+    async def _apply_claim(self, claim: Claim) -> None:
         """The batch in one transaction, or else its events one per transaction."""
         try:
-            await self._with_conflict_retries(partial(self._apply_batch, fetched=fetched), ids)
+            await self._with_conflict_retries(partial(self._apply_batch, claim))
             return
         except Exception as exc:
+            if not claim.ids:
+                raise  # nothing was claimed (e.g. the database is unreachable)
             log.info(
                 "stripe_event.batch_fallback",
-                events=len(ids),
+                events=len(claim.ids),
                 error_type=type(exc).__name__,
             )
-        for event_id in ids:
+        for event_id in claim.ids:
             try:
-                await self._with_conflict_retries(
-                    partial(self._apply_one, fetched=fetched), [event_id]
-                )
+                await self._with_conflict_retries(partial(self._apply_one, event_id, claim))
             except Exception as exc:
-                # the transaction itself failed (e.g. the database went away): the leases run
-                # out and the events are taken again; nothing was marked processed.
+                # the transaction itself failed (e.g. the database went away): nothing was
+                # marked processed, and the events are claimed again by the next batch.
                 log.warning(
                     "stripe_event.transaction_failed",
                     error_type=type(exc).__name__,
@@ -164,36 +213,13 @@ class EventProcessor:
                 )
                 break
 
-    async def _claim(self) -> list[int]:
-        due = (
-            select(StripeEvent.id)
-            .where(
-                StripeEvent.status == "pending",
-                (StripeEvent.next_attempt_at.is_(None))
-                | (StripeEvent.next_attempt_at <= func.now()),
-            )
-            .order_by(StripeEvent.id)
-            .limit(self._batch_size)
-            .with_for_update(skip_locked=True)
-            .scalar_subquery()
-        )
-        async with self._session_factory() as session, session.begin():
-            result = await session.execute(
-                update(StripeEvent)
-                .where(StripeEvent.id.in_(due))
-                .values(next_attempt_at=func.now() + timedelta(seconds=LEASE_SECONDS))
-                .returning(StripeEvent.id)
-            )
-            return sorted(result.scalars().all())
-
-    async def _with_conflict_retries(
-        self, apply: Callable[[list[int]], Awaitable[None]], ids: list[int]
-    ) -> None:
+    @staticmethod
+    async def _with_conflict_retries(apply: Callable[[], Awaitable[None]]) -> None:
         """A transaction Postgres aborted to keep the serializable order (or to break a
         deadlock) is simply run again, seeing what the other one committed."""
         for retry in range(CONFLICT_RETRIES + 1):
             try:
-                await apply(ids)
+                await apply()
                 return
             except DBAPIError as exc:
                 if not is_lock_conflict(exc) or retry == CONFLICT_RETRIES:
@@ -203,11 +229,9 @@ class EventProcessor:
                 await asyncio.sleep(random.uniform(0, 0.01 * 2**retry))  # noqa: S311 (jitter)
 
     @contextlib.asynccontextmanager
-    async def _transaction(
-        self, ids: list[int]
-    ) -> AsyncIterator[tuple[AsyncSession, list[StripeEvent]]]:
-        """A serializable transaction holding the still-pending events of `ids` (row locks, in
-        id order) and the advisory locks of the Stripe objects they are about.
+    async def _transaction(self) -> AsyncIterator[AsyncSession]:
+        """A serializable transaction for applying events: its first statement locks them,
+        then `_locked` takes the advisory locks of the Stripe objects they are about.
 
         SERIALIZABLE: handlers of different objects read what the other writes (a dispute
         needs its payment and subscription, a payment looks for its disputes); Postgres aborts
@@ -217,33 +241,38 @@ class EventProcessor:
         async with self._session_factory() as session, session.begin():
             await session.execute(text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
             await session.execute(text("SET LOCAL synchronous_commit = off"))
-            rows = list(
-                await session.scalars(
-                    select(StripeEvent)
-                    .where(StripeEvent.id.in_(ids), StripeEvent.status == "pending")
-                    .order_by(StripeEvent.id)
-                    .with_for_update()
-                )
-            )
-            rows = [row for row in rows if row.payload is not None]
-            keys = sorted({lock_key(row.payload) for row in rows if row.payload is not None})
-            if keys:
-                await session.execute(ADVISORY_LOCKS, {"keys": keys})
-            yield session, rows
+            yield session
 
-    async def _apply_batch(self, ids: list[int], *, fetched: PrefetchedObjects) -> None:
+    async def _locked(self, session: AsyncSession, events: list[Any]) -> list[Any]:
+        """`events` with a payload, once the advisory locks of their Stripe objects are held."""
+        events = [row for row in events if row.payload is not None]
+        keys = sorted({lock_key(row.payload) for row in events})
+        if keys:
+            await session.execute(ADVISORY_LOCKS, {"keys": keys})
+        return events
+
+    async def _apply_batch(self, claim: Claim) -> None:
         """All events in one transaction, in the order they were stored, marked processed by
         one statement; any failure rolls the whole batch back (the caller then applies its
-        events one by one)."""
-        async with self._transaction(ids) as (session, rows):
+        events one by one). The first attempt claims the events; a retry takes them again."""
+        async with self._transaction() as session:
+            if claim.ids:
+                found = await session.execute(RELOCK, {"ids": claim.ids})
+            else:
+                found = await session.execute(CLAIM_DUE, {"batch_size": self._batch_size})
+            rows: list[Row[Any]] = list(found)
+            if not claim.ids:
+                claim.ids = [row.id for row in rows]
+            rows = await self._locked(session, rows)
+            if not rows:
+                return
             now = datetime.now(UTC)
-            payloads = [row.payload for row in rows if row.payload is not None]
-            if not fetched:
-                fetched.update(
+            payloads = [row.payload for row in rows]
+            if not claim.fetched:
+                claim.fetched.update(
                     await start_balance_transaction_fetches(session, self._stripe, payloads)
                 )
             await ensure_accounts(session, accounts_named(payloads))
-            session.expunge_all()  # the event rows are read, never written through the ORM
 
             async def forget_loaded_rows() -> None:
                 # the next event reads the database afresh, as it would in its own transaction
@@ -252,32 +281,27 @@ class EventProcessor:
 
             await apply_events(
                 [
-                    EventContext(session, self._settings, self._stripe, payload, now, fetched)
+                    EventContext(session, self._settings, self._stripe, payload, now, claim.fetched)
                     for payload in payloads
                 ],
                 after_each=forget_loaded_rows,
             )
-            await session.execute(
-                update(StripeEvent)
-                .where(StripeEvent.id.in_([row.id for row in rows]))
-                .values(
-                    status="processed",
-                    attempts=StripeEvent.attempts + 1,
-                    processed_at=now,
-                    next_attempt_at=None,
-                    last_error=None,
-                )
-                .execution_options(synchronize_session=False)
-            )
+            await session.execute(MARK_PROCESSED, {"ids": [row.id for row in rows], "now": now})
         self._count_processed(rows, now)
 
-    async def _apply_one(self, ids: list[int], *, fetched: PrefetchedObjects) -> None:
+    async def _apply_one(self, event_id: int, claim: Claim) -> None:
         """One event; a handler's failure is rolled back to a savepoint and recorded on the
         event (retried with backoff, parked after MAX_ATTEMPTS)."""
-        async with self._transaction(ids) as (session, rows):
+        async with self._transaction() as session:
+            found = await session.scalars(
+                select(StripeEvent)
+                .where(StripeEvent.id == event_id, StripeEvent.status == "pending")
+                .with_for_update(skip_locked=True)
+            )
+            rows = await self._locked(session, list(found))
             if not rows:
                 return
-            row = rows[0]
+            row: StripeEvent = rows[0]
             assert row.payload is not None
             now = datetime.now(UTC)
             row.attempts += 1
@@ -285,7 +309,7 @@ class EventProcessor:
                 async with session.begin_nested():
                     await apply_event(
                         EventContext(
-                            session, self._settings, self._stripe, row.payload, now, fetched
+                            session, self._settings, self._stripe, row.payload, now, claim.fetched
                         )
                     )
             except Exception as exc:
@@ -304,9 +328,11 @@ class EventProcessor:
         row.last_error = None
 
     @staticmethod
-    def _count_processed(rows: list[StripeEvent], now: datetime) -> None:
+    def _count_processed(rows: list[Any], now: datetime) -> None:
+        """`rows`: events (`StripeEvent` or its `_EVENT_COLUMNS`) just committed as processed."""
+        for event_type, count in Counter(row.type for row in rows).items():
+            metrics.PROCESSED.labels(event_type).inc(count)
         for row in rows:
-            metrics.PROCESSED.labels(row.type).inc()
             metrics.LAG.observe(max(0.0, (now - row.received_at).total_seconds()))
 
     def _record_failure(self, row: StripeEvent, exc: Exception, now: datetime) -> None:
