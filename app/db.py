@@ -251,6 +251,27 @@ class DriverStatement:
     async def execute(self, conn: Any, **params: Any) -> None:
         await conn.execute(self.sql, *self.args(params))
 
+    async def fetch(self, conn: Any, **params: Any) -> list[Any]:
+        return list(await conn.fetch(self.sql, *self.args(params)))
+
+    async def executemany(self, conn: Any, rows: Sequence[dict[str, Any]]) -> None:
+        await conn.executemany(self.sql, [self.args(row) for row in rows])
+
+
+async def session_driver(session: AsyncSession) -> Any:
+    """The asyncpg connection of `session`'s transaction, for `DriverStatement`s that take
+    part in it (the event processor's group statements). Pending ORM changes are flushed
+    first, as the session's own `execute` would. The transaction must have begun at the
+    database (a statement run through the session), or a statement sent here would commit on
+    its own: that is refused (`RuntimeError`)."""
+    if session.new or session.dirty or session.deleted:
+        await session.flush()
+    connection = await session.connection()
+    driver: Any = (await connection.get_raw_connection()).driver_connection
+    if not driver.is_in_transaction():
+        raise RuntimeError("no transaction has begun on this session's connection")
+    return driver
+
 
 @contextlib.asynccontextmanager
 async def driver_transaction(

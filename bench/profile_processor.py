@@ -80,6 +80,7 @@ async def main() -> None:
         calls_before = len(fake.requests)
         gc.freeze()  # as `billing process-events` and the web app do once started
         profiler = cProfile.Profile() if profile else None
+        print(f"draining (pid {os.getpid()})", flush=True)  # a profiler may attach now
         started = time.perf_counter()
         cpu_started = time.thread_time()
         postgres_started = harness.postgres_cpu_seconds()

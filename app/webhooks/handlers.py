@@ -64,6 +64,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounts.service import ensure_accounts
 from app.config import Settings
+from app.db import DriverStatement, session_driver
 from app.disputes import events as disputes_events
 from app.disputes.events import DisputedPayments, MirroredDispute, on_disputes_mirrored
 from app.maintenance.service import extension_days_held
@@ -207,7 +208,7 @@ SUBSCRIPTION_SNAPSHOT = (
     "extension_days_in_period",
 )
 """The columns a subscription event writes (`on_subscription_events`)."""
-LOCKED_SUBSCRIPTIONS = (
+LOCKED_SUBSCRIPTIONS = DriverStatement(
     select(
         SUBSCRIPTIONS.c.id,
         SUBSCRIPTIONS.c.stripe_id,
@@ -218,7 +219,7 @@ LOCKED_SUBSCRIPTIONS = (
     .with_for_update()
 )
 NEW_SUBSCRIPTION = insert(SUBSCRIPTIONS)
-WRITE_SUBSCRIPTION = (
+WRITE_SUBSCRIPTION = DriverStatement(
     update(SUBSCRIPTIONS)
     .where(SUBSCRIPTIONS.c.id == bindparam("row_id"))
     .values({name: bindparam(f"new_{name}") for name in SUBSCRIPTION_SNAPSHOT})
@@ -265,8 +266,9 @@ PAYMENTS = cast(Table, Payment.__table__)
 INVOICES = cast(Table, Invoice.__table__)
 
 
-def _mirror_statements(table: Table) -> tuple[Select[Any], Any, Any]:
-    """(lock the rows of :stripe_ids, insert a missing row, write a row by :row_id)."""
+def _mirror_statements(table: Table) -> tuple[DriverStatement, Any, DriverStatement]:
+    """(lock the rows of :stripe_ids, insert a missing row, write a row by :row_id); the
+    first and last, run for every group, straight on the driver (`DriverStatement`)."""
     columns = [column for column in table.c if column.name not in TIMESTAMPS]
     locked = (
         select(*columns)
@@ -281,7 +283,7 @@ def _mirror_statements(table: Table) -> tuple[Select[Any], Any, Any]:
         .where(table.c.id == bindparam("row_id"))
         .values({name: bindparam(f"new_{name}") for name in written})
     )
-    return locked, new, write
+    return DriverStatement(locked), new, DriverStatement(write)
 
 
 MIRROR_STATEMENTS = {table: _mirror_statements(table) for table in (PAYMENTS, INVOICES, DISPUTES)}
@@ -294,15 +296,16 @@ async def locked_rows(
     missing (created here with their `defaults`; creation races are decided by the unique
     `stripe_id`). One statement when they all exist."""
     locked, new, _ = MIRROR_STATEMENTS[table]
-    found = await session.execute(locked, {"stripe_ids": sorted(defaults)})
-    rows = {row["stripe_id"]: dict(row) for row in found.mappings()}
+    driver = await session_driver(session)
+    found = await locked.fetch(driver, stripe_ids=sorted(defaults))
+    rows = {row["stripe_id"]: dict(row) for row in found}
     missing = [stripe_id for stripe_id in sorted(defaults) if stripe_id not in rows]
     if missing:
         await session.execute(
             new, [{"stripe_id": stripe_id, **defaults[stripe_id]} for stripe_id in missing]
         )
-        found = await session.execute(locked, {"stripe_ids": missing})
-        rows.update((row["stripe_id"], dict(row)) for row in found.mappings())
+        found = await locked.fetch(driver, stripe_ids=missing)
+        rows.update((row["stripe_id"], dict(row)) for row in found)
     return rows, set(missing)
 
 
@@ -316,8 +319,8 @@ async def write_rows(
     changed = [row for stripe_id, row in rows.items() if row != stored[stripe_id]]
     if changed:
         _, _, write = MIRROR_STATEMENTS[table]
-        await session.execute(
-            write,
+        await write.executemany(
+            await session_driver(session),
             [
                 {
                     "row_id": row["id"],
@@ -477,7 +480,7 @@ CHECKOUT_MERGED = (
     "fulfilled_at",
 )
 """The columns of our checkout sessions that their events change."""
-LOCKED_CHECKOUTS = (
+LOCKED_CHECKOUTS = DriverStatement(
     select(
         CHECKOUTS.c.id,
         CHECKOUTS.c.account_id,
@@ -492,7 +495,7 @@ LOCKED_CHECKOUTS = (
     .order_by(CHECKOUTS.c.id)
     .with_for_update()
 )
-WRITE_CHECKOUT = (
+WRITE_CHECKOUT = DriverStatement(
     update(CHECKOUTS)
     .where(CHECKOUTS.c.id == bindparam("row_id"))
     .values({name: bindparam(f"new_{name}") for name in CHECKOUT_MERGED})
@@ -522,14 +525,12 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     payment; a subscription checkout is fulfilled once its subscription is live or an
     invoice of it is paid."""
     session, now = ctxs[0].session, ctxs[0].now
-    found = await session.execute(
-        LOCKED_CHECKOUTS,
-        {
-            "stripe_ids": sorted({ctx.object["id"] for ctx in ctxs}),
-            "ids": sorted({our_id for ctx in ctxs if (our_id := _our_checkout(ctx.object))}),
-        },
+    found = await LOCKED_CHECKOUTS.fetch(
+        await session_driver(session),
+        stripe_ids=sorted({ctx.object["id"] for ctx in ctxs}),
+        ids=sorted({our_id for ctx in ctxs if (our_id := _our_checkout(ctx.object))}),
     )
-    rows = {row["id"]: dict(row) for row in found.mappings()}
+    rows = {row["id"]: dict(row) for row in found}
     stored = {row_id: dict(row) for row_id, row in rows.items()}
     by_stripe_id = {row["stripe_id"]: row for row in rows.values() if row["stripe_id"]}
     customers: dict[tuple[str, str], None] = {}  # (account, Stripe customer), in order
@@ -572,8 +573,8 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     await _fulfil_waiting_subscription_checkouts(session, now, rows.values())
     changed = [row for row_id, row in rows.items() if row != stored[row_id]]
     if changed:
-        await session.execute(
-            WRITE_CHECKOUT,
+        await WRITE_CHECKOUT.executemany(
+            await session_driver(session),
             [
                 {"row_id": row["id"], **{f"new_{name}": row[name] for name in CHECKOUT_MERGED}}
                 for row in changed
@@ -691,10 +692,10 @@ async def on_subscription_events(ctxs: Sequence[EventContext]) -> None:
     that created it). The feed gets each channel's access after the group rather than after
     every event: the entries in between depend on the delivery order anyway."""
     session, settings = ctxs[0].session, ctxs[0].settings
-    found = await session.execute(
-        LOCKED_SUBSCRIPTIONS, {"stripe_ids": sorted({ctx.object["id"] for ctx in ctxs})}
+    found = await LOCKED_SUBSCRIPTIONS.fetch(
+        await session_driver(session), stripe_ids=sorted({ctx.object["id"] for ctx in ctxs})
     )
-    stored = {row.stripe_id: dict(row._mapping) for row in found}
+    stored = {row["stripe_id"]: dict(row) for row in found}
     rows: dict[str, MirrorDict] = {stripe_id: dict(row) for stripe_id, row in stored.items()}
     created: dict[str, EventContext] = {}  # new to the mirror: the event that created it
     links = _Links()
@@ -756,7 +757,7 @@ async def on_subscription_events(ctxs: Sequence[EventContext]) -> None:
                 {"row_id": row["id"], **{f"new_{k}": row[k] for k in SUBSCRIPTION_SNAPSHOT}}
             )
     if changed:
-        await session.execute(WRITE_SUBSCRIPTION, changed)
+        await WRITE_SUBSCRIPTION.executemany(await session_driver(session), changed)
     await fulfil_subscription_checkouts(session, ctxs[0].now, list(fulfilled))
     await record_access_changes(session, dict.fromkeys(channels, ctxs[0].now), settings)
     if created:  # effects that needed the subscription row can complete now

@@ -33,6 +33,7 @@ from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 
+import asyncpg  # type: ignore[import-untyped]
 import structlog
 from sqlalchemy import BigInteger, Row, bindparam, func, or_, select, text, update
 from sqlalchemy.dialects.postgresql import ARRAY
@@ -120,9 +121,12 @@ class Claim:
 
 
 def is_lock_conflict(exc: BaseException) -> bool:
-    """A deadlock or serialization failure reported by Postgres (SQLAlchemy keeps the
-    driver's error, with its SQLSTATE, as `orig`)."""
-    return getattr(getattr(exc, "orig", None), "sqlstate", None) in LOCK_CONFLICT_SQLSTATES
+    """A deadlock or serialization failure reported by Postgres: raised by asyncpg itself
+    (statements sent straight to the driver) or kept as `orig` by SQLAlchemy's error."""
+    sqlstate = getattr(exc, "sqlstate", None) or getattr(
+        getattr(exc, "orig", None), "sqlstate", None
+    )
+    return sqlstate in LOCK_CONFLICT_SQLSTATES
 
 
 async def replay_event(session: AsyncSession, row: StripeEvent) -> None:
@@ -221,7 +225,7 @@ class EventProcessor:
             try:
                 await apply()
                 return
-            except DBAPIError as exc:
+            except (DBAPIError, asyncpg.PostgresError) as exc:
                 if not is_lock_conflict(exc) or retry == CONFLICT_RETRIES:
                     raise
                 metrics.CONFLICTS.inc()
