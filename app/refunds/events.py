@@ -1,5 +1,5 @@
-"""What a mirrored Stripe refund changes (called by the webhook consumer after it upserted the
-`refunds` row, inside the event's transaction: flush only).
+"""What mirrored Stripe refunds change (called by the webhook consumer after it upserted the
+`refunds` rows, inside the events' transaction: flush only).
 
 - Our refunds are matched by `metadata.refund_execution_id` (set when we created them), or by
   Stripe refund id; a refund event may arrive before our own approval recorded Stripe's
@@ -13,36 +13,30 @@
   made in the Dashboard do not cancel anything here.
 Every step is idempotent: the hook runs again for every event about the same refund.
 
-The refund arrives as its row's columns (`RefundRow`, read and written with Core by the
-webhook consumer), and one statement (`REFUND_FACTS_BY_EXECUTION` / `REFUND_FACTS_BY_REFUND`)
-reads what the effects are decided on: our execution (if any), its request's latest attempt,
-and the refunded payment. Only our own refunds load ORM rows (the request and execution they
-change, locked).
+Refunds are applied together (`on_refunds_mirrored`), each as the states its row passed
+through, in order (a refund that succeeded and then failed in one batch of events debits and
+then reverses, and our execution is told both): the end is the one applying each state in its
+own transaction gives. The states arrive as their rows' columns (`RefundRow`, read and written
+with Core by the webhook consumer). One statement (`REFUND_FACTS`) reads what the effects are
+decided on for all of them: our execution (if any), its request's latest attempt, and the
+refunded payment; one more reads the debits failed refunds may reverse, and one writes the
+ledger entries. Only our own refunds (rare) load ORM rows: the request and execution they
+change, locked, one refund after another.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import (
-    ColumnElement,
-    Row,
-    Select,
-    String,
-    Uuid,
-    bindparam,
-    literal_column,
-    select,
-    true,
-)
+from sqlalchemy import Row, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.models import Payment, RefundExecution, RefundRequest
+from app.models import RefundExecution, RefundRequest
 from app.notifications.outbox import enqueue_email
 from app.refunds import repository as repo
 from app.refunds.service import audit_step
@@ -57,6 +51,10 @@ ACTOR = "stripe"
 
 RefundRow = Mapping[str, Any]
 """A `refunds` row as column name -> value (`metadata` is the JSON object)."""
+RefundState = tuple[RefundRow, datetime]
+"""A state a refund's row passed through, and the time its effects are dated by (what
+happened at Stripe, not when this service processed it, so any delivery order dates them
+alike)."""
 PAYMENT_FACTS = (
     "id",
     "stripe_id",
@@ -67,123 +65,92 @@ PAYMENT_FACTS = (
 )
 """The payment columns refund and dispute effects are decided on."""
 
-
-def _refund_facts(ours: ColumnElement[bool]) -> Select[Any]:
-    """One row: our execution matching `ours` (`execution_id`, `request_id`, and
-    `latest_id`, its request's latest attempt; NULL when the refund is not ours), and the
-    refunded payment's `PAYMENT_FACTS` (as `payment_<column>`; found by :payment_intent,
-    else by :charge, as `payment_by_intent` then `payment_by_charge`; NULL when unknown).
-    Plain reads: the execution and its request are locked afterwards, request first."""
-    executions = RefundExecution.__table__
-    attempts = executions.alias("attempts")
-    payments = Payment.__table__
-    latest = (
-        select(attempts.c.id)
-        .where(attempts.c.request_id == executions.c.request_id)
-        .order_by(attempts.c.attempt.desc())
-        .limit(1)
-        .scalar_subquery()
-    )
-    execution = (
-        select(
-            executions.c.id.label("execution_id"),
-            executions.c.request_id,
-            latest.label("latest_id"),
-        )
-        .where(ours)
-        .lateral("ours")
-    )
-    columns = [payments.c[name] for name in PAYMENT_FACTS]
-    payment = (
-        select(literal_column("0").label("rank"), *columns)
-        .where(payments.c.stripe_id == bindparam("payment_intent", type_=String))
-        .union_all(
-            select(literal_column("1").label("rank"), *columns).where(
-                payments.c.stripe_charge_id == bindparam("charge", type_=String)
-            )
-        )
-        .order_by("rank")
-        .limit(1)
-        .lateral("payment")
-    )
-    one = select(literal_column("1").label("one")).subquery("one")
-    return select(
-        execution.c.execution_id,
-        execution.c.request_id,
-        execution.c.latest_id,
-        *(payment.c[name].label(f"payment_{name}") for name in PAYMENT_FACTS),
-    ).select_from(one.outerjoin(execution, true()).outerjoin(payment, true()))
-
-
-_executions = RefundExecution.__table__
-REFUND_FACTS_BY_EXECUTION = _refund_facts(_executions.c.id == bindparam("execution_id", type_=Uuid))
-"""`_refund_facts` for a refund naming our execution in its metadata."""
-REFUND_FACTS_BY_REFUND = _refund_facts(
-    _executions.c.stripe_refund_id == bindparam("stripe_id", type_=String)
+REFUND_FACTS = text(
+    "SELECT wanted.n, ours.execution_id, ours.request_id, ours.latest_id,"
+    " payment.id AS payment_id, payment.stripe_id AS payment_stripe_id,"
+    " payment.account_id AS payment_account_id, payment.purpose AS payment_purpose,"
+    " payment.stripe_subscription_id AS payment_stripe_subscription_id,"
+    " payment.stripe_invoice_id AS payment_stripe_invoice_id"
+    " FROM unnest(CAST(:execution_ids AS uuid[]), CAST(:stripe_ids AS text[]),"
+    " CAST(:payment_intents AS text[]), CAST(:charges AS text[]))"
+    " WITH ORDINALITY AS wanted(execution_id, stripe_id, payment_intent, charge, n)"
+    " LEFT JOIN LATERAL ("
+    " SELECT matched.id AS execution_id, matched.request_id,"
+    " (SELECT attempts.id FROM refund_executions AS attempts"
+    " WHERE attempts.request_id = matched.request_id"
+    " ORDER BY attempts.attempt DESC LIMIT 1) AS latest_id"
+    " FROM (SELECT id, request_id FROM refund_executions WHERE id = wanted.execution_id"
+    " UNION ALL SELECT id, request_id FROM refund_executions"
+    " WHERE wanted.execution_id IS NULL AND stripe_refund_id = wanted.stripe_id) AS matched"
+    " ) AS ours ON true"
+    " LEFT JOIN LATERAL ("
+    " SELECT 0 AS rank, payments.id, payments.stripe_id, payments.account_id,"
+    " payments.purpose, payments.stripe_subscription_id, payments.stripe_invoice_id"
+    " FROM payments WHERE payments.stripe_id = wanted.payment_intent"
+    " UNION ALL"
+    " SELECT 1 AS rank, payments.id, payments.stripe_id, payments.account_id,"
+    " payments.purpose, payments.stripe_subscription_id, payments.stripe_invoice_id"
+    " FROM payments WHERE payments.stripe_charge_id = wanted.charge"
+    " ORDER BY rank LIMIT 1"
+    " ) AS payment ON true"
 )
-"""`_refund_facts` for any other refund: our execution that recorded this Stripe refund."""
+"""For each (:execution_ids, :stripe_ids, :payment_intents, :charges), numbered `n` from 1:
+our execution (`execution_id`, `request_id`, and `latest_id`, its request's latest attempt;
+NULL when the refund is not ours), matched by the execution id the refund names, else by
+the Stripe refund id it recorded; and the refunded payment's `PAYMENT_FACTS` (as
+`payment_<column>`; found by payment intent, else by charge; NULL when unknown). Plain
+reads: the execution and its request are locked afterwards, request first."""
+
+FactsKey = tuple[uuid.UUID | None, str, str | None, str | None]
+"""What a refund state's facts are read by: (the execution it names, its Stripe id, its
+payment intent, its charge)."""
+LedgerKey = tuple[str, str]
+"""(account, Stripe refund id) of a refund's ledger entries."""
 
 
-async def on_refund_mirrored(
+async def on_refunds_mirrored(
     session: AsyncSession,
-    refund: RefundRow,
+    refunds: Sequence[Sequence[RefundState]],
     settings: Settings,
     stripe: StripeGateway,
-    *,
-    occurred_at: datetime,
 ) -> None:
-    """`occurred_at` is the Stripe event's time: effects are dated by what happened at
-    Stripe, not by when this service processed it, so any delivery order dates them alike."""
-    now = occurred_at
-    facts = await _refund_facts_of(session, refund)
-    execution: RefundExecution | None = None
-    request: RefundRequest | None = None
-    if facts.execution_id is not None:
-        # Lock in the same order as the approval: request, then execution. The refund names
-        # its own attempt, which need not be the request's latest one.
-        request = await repo.get_request(session, facts.request_id, lock=True)
-        assert request is not None
-        execution = await repo.lock_execution(session, facts.execution_id)
-    payment = facts if facts.payment_id is not None else None
-    if execution is not None:
-        assert request is not None
-        current = facts.latest_id == execution.id
-        await _complete_execution(session, execution, request, refund, current=current)
-    if (
-        payment is not None
-        and payment.payment_account_id
-        and payment.payment_purpose in repo.BALANCE_PURPOSES
-    ):
-        await _adjust_ledger(session, payment, refund, now)
-    if (
-        execution is not None
-        and payment is not None
-        and payment.payment_purpose == "subscription"
-        and refund["status"] in repo.LIVE_REFUND_STATUSES
-        and execution.subscription_cancelled_at is None
-    ):
-        assert request is not None
-        await _cancel_subscription(session, execution, request, payment, stripe, settings, now)
+    """The effects of these refunds (each given as the distinct states its row passed
+    through, in order), as applying every state in its own transaction, one after another,
+    would leave them."""
+    if not refunds:
+        return
+    await session.flush()  # the reads below are Core statements
+    facts = await _facts(session, (row for states in refunds for row, _ in states))
+    await _adjust_ledger(session, refunds, facts)
+    for states in refunds:
+        if any(facts[_facts_key(row)].execution_id is not None for row, _ in states):
+            await _apply_ours(session, states, facts, settings, stripe)
     await session.flush()
 
 
-async def _refund_facts_of(session: AsyncSession, refund: RefundRow) -> Row[Any]:
-    """What the effects of `refund` are decided on (`_refund_facts`), in one statement."""
-    params: dict[str, Any] = {
-        "payment_intent": refund["stripe_payment_intent_id"] or None,
-        "charge": refund["stripe_charge_id"] or None,
-    }
-    execution_id = _execution_named(refund["metadata"])
-    if execution_id is not None:
-        found = await session.execute(
-            REFUND_FACTS_BY_EXECUTION, {**params, "execution_id": execution_id}
-        )
-    else:
-        found = await session.execute(
-            REFUND_FACTS_BY_REFUND, {**params, "stripe_id": refund["stripe_id"]}
-        )
-    facts: Row[Any] = found.one()
-    return facts
+def _facts_key(refund: RefundRow) -> FactsKey:
+    return (
+        _execution_named(refund["metadata"]),
+        refund["stripe_id"],
+        refund["stripe_payment_intent_id"] or None,
+        refund["stripe_charge_id"] or None,
+    )
+
+
+async def _facts(session: AsyncSession, refunds: Iterable[RefundRow]) -> dict[FactsKey, Row[Any]]:
+    """What the effects of these refund states are decided on (`REFUND_FACTS`), in one
+    statement."""
+    keys = list(dict.fromkeys(_facts_key(refund) for refund in refunds))
+    found = await session.execute(
+        REFUND_FACTS,
+        {
+            "execution_ids": [key[0] for key in keys],
+            "stripe_ids": [key[1] for key in keys],
+            "payment_intents": [key[2] for key in keys],
+            "charges": [key[3] for key in keys],
+        },
+    )
+    return {keys[row.n - 1]: row for row in found.all()}
 
 
 def _execution_named(metadata: Mapping[str, Any] | None) -> uuid.UUID | None:
@@ -195,6 +162,118 @@ def _execution_named(metadata: Mapping[str, Any] | None) -> uuid.UUID | None:
         except ValueError:
             return None
     return None
+
+
+def _balance_account(facts: Row[Any]) -> str | None:
+    """The account whose balance a refund of this payment moves (top-ups and debt
+    repayments), if known."""
+    if facts.payment_id is None or facts.payment_purpose not in repo.BALANCE_PURPOSES:
+        return None
+    account: str | None = facts.payment_account_id or None
+    return account
+
+
+async def _adjust_ledger(
+    session: AsyncSession,
+    refunds: Sequence[Sequence[RefundState]],
+    facts: dict[FactsKey, Row[Any]],
+) -> None:
+    """The ledger entries of refunds of balance payments, in one statement: a live state
+    debits (once), a failed or canceled state after a debit credits it back (once). The
+    debit is this fold's (an earlier live state) or already in the ledger (read in one
+    statement for the refunds that fail without a live state here). Each insert is `ON
+    CONFLICT DO NOTHING`, as `repo.add_ledger_entry`: the first state that makes an entry
+    dates it."""
+    debited: set[LedgerKey] = set()
+    unsure: list[LedgerKey] = []
+    for states in refunds:
+        for row, _ in states:
+            account = _balance_account(facts[_facts_key(row)])
+            if account is None:
+                continue
+            key = (account, row["stripe_id"])
+            if row["status"] in repo.LIVE_REFUND_STATUSES:
+                debited.add(key)
+            elif row["status"] in FAILED and key not in debited:
+                unsure.append(key)
+    if unsure:
+        debited |= await repo.refund_debits(session, unsure)
+    entries: dict[tuple[str, str, str], dict[str, Any]] = {}
+    for states in refunds:
+        for row, occurred_at in states:
+            payment = facts[_facts_key(row)]
+            account = _balance_account(payment)
+            if account is None:
+                continue
+            stripe_id, amount = row["stripe_id"], row["amount"]
+            if row["status"] in repo.LIVE_REFUND_STATUSES:
+                entries.setdefault(
+                    (account, "refund", stripe_id),
+                    {
+                        "amount": -amount,
+                        "description": (
+                            f"Refund of {payment.payment_purpose} payment "
+                            f"{payment.payment_stripe_id}"
+                        ),
+                        "currency": row["currency"],
+                        "occurred_at": occurred_at,
+                    },
+                )
+            elif row["status"] in FAILED and (account, stripe_id) in debited:
+                entries.setdefault(
+                    (account, "refund_reversal", stripe_id),
+                    {
+                        "amount": amount,
+                        "description": f"Refund {stripe_id} failed at Stripe",
+                        "currency": row["currency"],
+                        "occurred_at": occurred_at,
+                    },
+                )
+    if entries:
+        await session.execute(
+            repo.ADD_LEDGER_ENTRIES,
+            [
+                {"account_id": account, "kind": kind, "source_id": source, **entry}
+                for (account, kind, source), entry in entries.items()
+            ],
+        )
+
+
+async def _apply_ours(
+    session: AsyncSession,
+    states: Sequence[RefundState],
+    facts: dict[FactsKey, Row[Any]],
+    settings: Settings,
+    stripe: StripeGateway,
+) -> None:
+    """Each state of one of our refunds, in order: the execution (and its request) told,
+    then, for a live refund of a subscription payment, the subscription cancelled (once)."""
+    locked: dict[uuid.UUID, tuple[RefundRequest, RefundExecution | None]] = {}
+    for refund, occurred_at in states:
+        known = facts[_facts_key(refund)]
+        if known.execution_id is None:
+            continue
+        if known.execution_id not in locked:
+            # Lock in the same order as the approval: request, then execution. The refund
+            # names its own attempt, which need not be the request's latest one.
+            request = await repo.get_request(session, known.request_id, lock=True)
+            assert request is not None
+            execution = await repo.lock_execution(session, known.execution_id)
+            locked[known.execution_id] = (request, execution)
+        request, execution = locked[known.execution_id]
+        if execution is None:
+            continue
+        current = known.latest_id == execution.id
+        await _complete_execution(session, execution, request, refund, current=current)
+        if (
+            known.payment_id is not None
+            and known.payment_purpose == "subscription"
+            and refund["status"] in repo.LIVE_REFUND_STATUSES
+            and execution.subscription_cancelled_at is None
+        ):
+            await _cancel_subscription(
+                session, execution, request, known, stripe, settings, occurred_at
+            )
 
 
 async def _complete_execution(
@@ -265,40 +344,6 @@ async def _email(
     )
 
 
-async def _adjust_ledger(
-    session: AsyncSession, payment: Row[Any], refund: RefundRow, now: datetime
-) -> None:
-    """`payment`: the refund's `_refund_facts` (the payment's columns as `payment_<name>`)."""
-    account_id: str = payment.payment_account_id
-    stripe_id, amount, currency = refund["stripe_id"], refund["amount"], refund["currency"]
-    if refund["status"] in repo.LIVE_REFUND_STATUSES:
-        await repo.add_ledger_entry(
-            session,
-            account_id=account_id,
-            kind="refund",
-            source_id=stripe_id,
-            amount=-amount,
-            currency=currency,
-            description=(
-                f"Refund of {payment.payment_purpose} payment {payment.payment_stripe_id}"
-            ),
-            occurred_at=now,
-        )
-    elif refund["status"] in FAILED and await repo.ledger_entry_exists(
-        session, account_id, "refund", stripe_id
-    ):
-        await repo.add_ledger_entry(
-            session,
-            account_id=account_id,
-            kind="refund_reversal",
-            source_id=stripe_id,
-            amount=amount,
-            currency=currency,
-            description=f"Refund {stripe_id} failed at Stripe",
-            occurred_at=now,
-        )
-
-
 async def _cancel_subscription(
     session: AsyncSession,
     execution: RefundExecution,
@@ -308,7 +353,7 @@ async def _cancel_subscription(
     settings: Settings,
     now: datetime,
 ) -> None:
-    """`request`: the execution's (locked); `payment`: the refund's `_refund_facts`."""
+    """`request`: the execution's (locked); `payment`: the refund's `REFUND_FACTS`."""
     subscription = await repo.subscription_of(
         session,
         payment.payment_stripe_subscription_id,

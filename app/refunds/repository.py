@@ -17,6 +17,7 @@ from sqlalchemy import (
     literal_column,
     or_,
     select,
+    text,
 )
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -49,13 +50,19 @@ ADD_LEDGER_ENTRY = (
     .on_conflict_do_nothing(index_elements=["account_id", "kind", "source_id"])
     .returning(LEDGER_ENTRIES.c.id)
 )
-LEDGER_ENTRY_EXISTS = select(
-    exists().where(
-        LedgerEntry.account_id == bindparam("account_id"),
-        LedgerEntry.kind == bindparam("kind"),
-        LedgerEntry.source_id == bindparam("source_id"),
-    )
+ADD_LEDGER_ENTRIES = insert(LEDGER_ENTRIES).on_conflict_do_nothing(
+    index_elements=["account_id", "kind", "source_id"]
 )
+"""`add_ledger_entry` for several entries at once (executemany)."""
+REFUND_DEBITS = text(
+    "SELECT entries.account_id, entries.source_id"
+    " FROM unnest(CAST(:accounts AS text[]), CAST(:sources AS text[]))"
+    " AS wanted(account_id, source_id)"
+    " JOIN ledger_entries AS entries ON entries.account_id = wanted.account_id"
+    " AND entries.kind = 'refund' AND entries.source_id = wanted.source_id"
+)
+"""Which (account, Stripe refund) pairs have their `refund` debit in the ledger: one index
+look-up per pair (the unique (account, kind, source) index)."""
 PAYMENT_BY_INTENT = select(Payment).where(Payment.stripe_id == bindparam("stripe_id"))
 PAYMENT_BY_CHARGE = select(Payment).where(Payment.stripe_charge_id == bindparam("charge_id"))
 SUBSCRIPTION_OF_INVOICE = select(Invoice.stripe_subscription_id).where(
@@ -107,13 +114,15 @@ async def add_ledger_entry(
     return (await session.execute(ADD_LEDGER_ENTRY, entry)).scalar_one_or_none() is not None
 
 
-async def ledger_entry_exists(
-    session: AsyncSession, account_id: str, kind: str, source_id: str
-) -> bool:
+async def refund_debits(
+    session: AsyncSession, refunds: list[tuple[str, str]]
+) -> set[tuple[str, str]]:
+    """Of these (account, Stripe refund) pairs, those debited in the ledger (`REFUND_DEBITS`)."""
     found = await session.execute(
-        LEDGER_ENTRY_EXISTS, {"account_id": account_id, "kind": kind, "source_id": source_id}
+        REFUND_DEBITS,
+        {"accounts": [account for account, _ in refunds], "sources": [s for _, s in refunds]},
     )
-    return bool(found.scalar_one())
+    return {(account, source) for account, source in found.all()}
 
 
 async def subscription_payments(session: AsyncSession, account_id: str) -> list[Payment]:

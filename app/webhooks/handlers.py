@@ -19,17 +19,17 @@ Checkout sessions, subscriptions and payment intents carry our metadata (`accoun
 `purpose`, `checkout_session_id`, `channel_id`, `plan_code`), so every event can be linked to a
 1msg account without depending on another event having arrived first.
 
-How a transaction's events are applied (`apply_events`): refund events one by one, in stored
-order, by their handler (`HANDLERS`); then the other events by group (`GROUP_HANDLERS`:
+How a transaction's events are applied (`apply_events`): by group (`GROUP_HANDLERS`:
 subscriptions, checkout sessions, invoices, payments from charges and invoice payments,
-disputes). A group locks its rows in one statement, folds every event into its row in stored
-order in Python (the same rules, so one event or many end alike), writes the rows that changed
-in one statement, and runs the effects once per object from the folded row. The one-way merges
-commute, and a subscription's events keep their stored order among themselves (the newest
-wins), so moving a group's events after the others in their transaction is one of the "any
-order"s above. The per-event fallback applies an event as a group of one: the same code.
-Refund events stay one by one: their effects follow each status a refund passes through
-(an execution that succeeded and then failed is told both), which a merged row would skip.
+refunds, disputes). A group locks its rows in one statement, folds every event into its row in
+stored order in Python (the same rules, so one event or many end alike), writes the rows that
+changed in one statement, and runs the effects once per object from the folded row. The
+one-way merges commute, and a subscription's events keep their stored order among themselves
+(the newest wins), so moving a group's events after the others in their transaction is one of
+the "any order"s above. The per-event fallback applies an event as a group of one: the same
+code. Refunds' effects follow each status a refund passes through (an execution that succeeded
+and then failed is told both), so their fold keeps every distinct state of the row, and the
+effects are applied to each in order (`on_refund_events`).
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ from app.models import (
     Refund,
     Subscription,
 )
-from app.refunds.events import on_refund_mirrored
+from app.refunds.events import on_refunds_mirrored
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.access import LIVE_STATUSES
 from app.subscriptions.service import record_access_changes
@@ -1168,14 +1168,20 @@ REFUND_MERGED = (
     "stripe_created",
 )
 """The columns of a refund row that its events change (`merge_refund`)."""
-LOCKED_REFUND = (
-    select(*REFUND_COLUMNS).where(REFUNDS.c.stripe_id == bindparam("stripe_id")).with_for_update()
+REFUND_EVENTS = frozenset({"refund.created", "refund.updated", "refund.failed"})
+LOCKED_REFUNDS = (
+    select(*REFUND_COLUMNS)
+    .where(REFUNDS.c.stripe_id == any_(bindparam("stripe_ids", type_=ARRAY(String))))
+    .order_by(REFUNDS.c.stripe_id)
+    .with_for_update()
 )
-NEW_REFUND = (
-    insert(REFUNDS).on_conflict_do_nothing(index_elements=["stripe_id"]).returning(*REFUND_COLUMNS)
+NEW_REFUNDS = (
+    insert(REFUNDS)
+    .on_conflict_do_nothing(index_elements=["stripe_id"])
+    .returning(REFUNDS.c.id, REFUNDS.c.stripe_id)
 )
-"""A refund's first row, returned (and so locked by this transaction) unless another
-transaction created it first."""
+"""Refunds' first rows (executemany); returns those inserted (and so locked by this
+transaction), not those another transaction created first."""
 WRITE_REFUND = (
     update(REFUNDS)
     .where(REFUNDS.c.id == bindparam("row_id"))
@@ -1211,54 +1217,87 @@ def merge_refund(row: MirrorDict, refund: Json) -> None:
     row["stripe_created"] = row["stripe_created"] or ts(refund.get("created"))
 
 
-async def locked_refund(
-    session: AsyncSession, refund: Json, *, probably_new: bool = False
-) -> MirrorDict:
-    """The row of this Stripe refund with the event merged in (`merge_refund`), locked for
-    this transaction and written if that changed it. A missing row is inserted as merged (as
-    inserting it with the event's amount, currency and status and merging the event in would
-    leave it; creation races are decided by the unique `stripe_id`). A row that exists costs
-    one statement, plus one when it changes; a new one costs two, or one when it was
-    `probably_new` (then the insert is tried first: either way ends alike)."""
-    stored: Any = None
-    if not probably_new:
-        stored = (
-            (await session.execute(LOCKED_REFUND, {"stripe_id": refund["id"]})).mappings().first()
-        )
-    if stored is None:
-        row: MirrorDict = {
-            "stripe_id": refund["id"],
-            "amount": int(refund.get("amount") or 0),
-            "currency": refund.get("currency") or "",
-            "status": refund.get("status") or "pending",
-            "stripe_payment_intent_id": None,
-            "stripe_charge_id": None,
-            "reason": None,
-            "metadata": {},
-            "stripe_created": None,
-        }
-        merge_refund(row, refund)
-        created = (await session.execute(NEW_REFUND, row)).mappings().first()
-        if created is not None:
-            return dict(created)
-        found = await session.execute(LOCKED_REFUND, {"stripe_id": refund["id"]})
-        stored = found.mappings().one()
-    stored = dict(stored)
-    row = dict(stored)
-    merge_refund(row, refund)
-    if row != stored:
+def _new_refund(refund: Json) -> MirrorDict:
+    """A refund's row before any event is merged in: its first event's amount, currency and
+    status."""
+    return {
+        "stripe_id": refund["id"],
+        "amount": int(refund.get("amount") or 0),
+        "currency": refund.get("currency") or "",
+        "status": refund.get("status") or "pending",
+        "stripe_payment_intent_id": None,
+        "stripe_charge_id": None,
+        "reason": None,
+        "metadata": {},
+        "stripe_created": None,
+    }
+
+
+RefundStates = list[tuple[EventContext, MirrorDict]]
+"""The distinct states a refund's row passed through, in order, each with the event that
+led to it."""
+
+
+def _fold_refund(row: MirrorDict, ctxs: Sequence[EventContext]) -> RefundStates:
+    """`row` (left unchanged) with each event merged in, in order (`merge_refund`): the
+    state after the first event, then each state that differs from the one before (the
+    effects of an unchanged state change nothing more)."""
+    states: RefundStates = []
+    for ctx in ctxs:
+        row = dict(row)
+        merge_refund(row, ctx.object)
+        if not states or row != states[-1][1]:
+            states.append((ctx, row))
+    return states
+
+
+async def on_refund_events(ctxs: Sequence[EventContext]) -> None:
+    """Refund events, applied together: the refunds' rows locked in one statement, the
+    missing ones inserted as their events leave them in one more (one that lost a creation
+    race to another transaction is read again, locked, and folded like the others), each
+    refund's events folded in stored order (`_fold_refund`), the changed rows written in one
+    statement; then the effects of every state each refund passed through
+    (`apply_refund_effects`): a refund that succeeded and then failed within the group is
+    debited and credited back, and our execution is told both, as one event per transaction
+    would have them."""
+    session = ctxs[0].session
+    events: dict[str, list[EventContext]] = {}
+    for ctx in ctxs:
+        events.setdefault(ctx.object["id"], []).append(ctx)
+    found = await session.execute(LOCKED_REFUNDS, {"stripe_ids": sorted(events)})
+    stored = {row["stripe_id"]: dict(row) for row in found.mappings()}
+    folds: dict[str, RefundStates] = {}
+    new = {
+        stripe_id: _fold_refund(_new_refund(its[0].object), its)
+        for stripe_id, its in sorted(events.items())
+        if stripe_id not in stored
+    }
+    if new:
+        created = await session.execute(NEW_REFUNDS, [states[-1][1] for states in new.values()])
+        for row_id, stripe_id in created.all():
+            for _, row in new[stripe_id]:
+                row["id"] = row_id
+            folds[stripe_id] = new[stripe_id]
+        lost = [stripe_id for stripe_id in new if stripe_id not in folds]
+        if lost:
+            found = await session.execute(LOCKED_REFUNDS, {"stripe_ids": lost})
+            stored.update((row["stripe_id"], dict(row)) for row in found.mappings())
+    for stripe_id, row in stored.items():
+        folds[stripe_id] = _fold_refund(row, events[stripe_id])
+    changed = [
+        states[-1][1]
+        for stripe_id, states in folds.items()
+        if stripe_id in stored and states[-1][1] != stored[stripe_id]
+    ]
+    if changed:
         await session.execute(
             WRITE_REFUND,
-            {"row_id": row["id"], **{f"new_{name}": row[name] for name in REFUND_MERGED}},
+            [
+                {"row_id": row["id"], **{f"new_{name}": row[name] for name in REFUND_MERGED}}
+                for row in changed
+            ],
         )
-    return row
-
-
-async def on_refund(ctx: EventContext) -> None:
-    """A refund event merged into its row (`locked_refund`: the row of a `refund.created`
-    event is usually new), then the refund's effects from the merged row."""
-    refund = await locked_refund(ctx.session, ctx.object, probably_new=ctx.type == "refund.created")
-    await apply_refund_effects(ctx, refund)
+    await apply_refund_effects([folds[stripe_id] for stripe_id in events])  # as they came
 
 
 DISPUTE_EVENTS = frozenset(
@@ -1345,14 +1384,21 @@ async def on_dispute_events(ctxs: Sequence[EventContext]) -> None:
     )
 
 
-async def apply_refund_effects(ctx: EventContext, refund: MirrorDict) -> None:
-    """Dated by Stripe's refund time, so every delivery order dates the effect alike."""
-    await on_refund_mirrored(
-        ctx.session,
-        refund,
-        ctx.settings,
-        ctx.stripe,
-        occurred_at=refund["stripe_created"] or ctx.created,
+async def apply_refund_effects(refunds: Sequence[RefundStates]) -> None:
+    """The effects of these refunds, each following the states its row passed through
+    (`on_refunds_mirrored`). Each state is dated by Stripe's refund time (else by the time of
+    the event that led to it), so every delivery order dates the effects alike."""
+    if not refunds:
+        return
+    first = refunds[0][0][0]
+    await on_refunds_mirrored(
+        first.session,
+        [
+            [(row, row["stripe_created"] or ctx.created) for ctx, row in states]
+            for states in refunds
+        ],
+        first.settings,
+        first.stripe,
     )
 
 
@@ -1417,7 +1463,8 @@ async def reapply_money_effects(payment_column: str, taught: dict[Any, EventCont
     earlier are applied again (in the context of the event that taught); they are
     idempotent, so whichever event arrives last completes them. One statement finds them
     (most payments have neither); their rows are read with one more each for refunds and
-    disputes; the refunds' effects are applied one by one, then the disputes' together."""
+    disputes; the refunds' effects are applied together (each in its current state), then
+    the disputes'."""
     session = next(iter(taught.values())).session
     found = (
         await session.execute(MONEY_EFFECTS_OF[payment_column], {"values": list(taught)})
@@ -1428,9 +1475,8 @@ async def reapply_money_effects(payment_column: str, taught: dict[Any, EventCont
     dispute_ids = [row_id for kind, row_id, _ in found if kind == 1]
     if refund_ids:
         refunds = await _rows_by_id(session, REFUNDS_BY_ID, refund_ids)
-        for kind, row_id, value in found:
-            if kind == 0:
-                await apply_refund_effects(taught[value], refunds[row_id])
+        taught_by = {row_id: taught[value] for kind, row_id, value in found if kind == 0}
+        await apply_refund_effects([[(ctx, refunds[row_id])] for row_id, ctx in taught_by.items()])
     if dispute_ids:
         disputes = await _rows_by_id(session, DISPUTES_BY_ID, dispute_ids)
         await apply_dispute_effects(
@@ -1473,11 +1519,9 @@ def _uuid(value: Any) -> uuid.UUID | None:
 
 Handler = Callable[[EventContext], Awaitable[None]]
 
-HANDLERS: dict[str, Handler] = {
-    "refund.created": on_refund,
-    "refund.updated": on_refund,
-    "refund.failed": on_refund,
-}
+HANDLERS: dict[str, Handler] = {}
+"""Event types applied one by one, in stored order, before the groups: none at present
+(every handled type is applied by group)."""
 GroupHandler = Callable[[Sequence[EventContext]], Awaitable[None]]
 
 GROUP_HANDLERS: dict[str, GroupHandler] = {  # the groups run in this order (see below)
@@ -1486,6 +1530,7 @@ GROUP_HANDLERS: dict[str, GroupHandler] = {  # the groups run in this order (see
     **{event_type: on_invoice_events for event_type in sorted(INVOICE_EVENTS)},
     "invoice_payment.paid": on_payment_events,
     **{event_type: on_payment_events for event_type in sorted(CHARGE_EVENTS)},
+    **{event_type: on_refund_events for event_type in sorted(REFUND_EVENTS)},
     **{event_type: on_dispute_events for event_type in sorted(DISPUTE_EVENTS)},
 }
 """Event types applied together, after a batch's other events: the one-way objects' merges
@@ -1494,7 +1539,15 @@ the module docstring), so applying them as one group ends where applying them on
 any order would, with a few statements per group instead of several per event.
 Subscriptions first (a checkout is fulfilled once its subscription is live), checkout
 sessions, invoices (invoice payments take the invoice's account and subscription), payments,
-disputes (a dispute takes its payment's account)."""
+refunds (a refund finds its payment even when this batch mirrored it, so for Stripe's order,
+a payment's events then its refund's, one batch ends where one event per transaction does: a
+refund that succeeded and then failed is debited and credited back), disputes (a dispute
+takes its payment's account; it comes after refunds, as when refunds ran one by one first).
+One difference is left, when a refund's events come before its payment's in one batch: the
+batch applies every state of the refund with the payment known, where one event per
+transaction applies only the refund's state when the payment arrives, so a refund that had
+also failed by then gets a debit and its reversal (net nothing) instead of neither, one of the
+outcomes different delivery orders already give."""
 HANDLED_EVENT_TYPES = frozenset(HANDLERS) | frozenset(GROUP_HANDLERS)
 
 
