@@ -21,7 +21,7 @@ from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, Request
-from sqlalchemy import DateTime, Executable, MetaData, Row, func
+from sqlalchemy import DateTime, Executable, MetaData, Row, func, literal, select
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
@@ -198,14 +198,17 @@ class DriverStatement:
     parameters by bind name, run on an asyncpg connection without SQLAlchemy's per-execution
     work (cache key, cursor adaptation, result processing: ~0.2-0.5 ms of CPU per statement,
     bench/README.md). Used by the checkout's transactions (`driver_transaction`; rows are
-    asyncpg Records) and by `Reader` (`for_rows`: rows with SQLAlchemy's attribute names).
+    asyncpg Records) and by `Reader` (`for_rows`: rows with SQLAlchemy's attribute names),
+    and by the event processor's statements inside its session's transaction
+    (`session_driver`; `named=True`: `fetch` gives rows as named tuples of the selected
+    columns' keys, for code that reads attributes).
 
     Parameters are passed to asyncpg as given: an expanding `IN` is refused (`ValueError`:
     list `literal()` values instead), and the caller passes what the driver takes (JSON as
     text for `jsonb`). `for_rows` takes only statements SQLAlchemy passes through unchanged
     (no parameter or column it converts)."""
 
-    def __init__(self, statement: ClauseElement) -> None:
+    def __init__(self, statement: ClauseElement, *, named: bool = False) -> None:
         compiled = statement.compile(dialect=_DRIVER_DIALECT)
         if not isinstance(compiled, SQLCompiler) or compiled.positiontup is None:
             raise ValueError("not a statement with positional parameters")
@@ -217,6 +220,10 @@ class DriverStatement:
         self._names = tuple(compiled.positiontup)
         self._defaults: dict[str, Any] = dict(compiled.params)
         self.row: Callable[[Any], Any] | None = None
+        if named:
+            keys = [column.key for column in getattr(statement, "selected_columns", ())]
+            fields = collections.namedtuple("Row", keys)  # type: ignore[misc]
+            self.row = fields._make
 
     @classmethod
     def for_rows(cls, statement: Executable, keys: tuple[str, ...]) -> DriverStatement | None:
@@ -252,7 +259,9 @@ class DriverStatement:
         await conn.execute(self.sql, *self.args(params))
 
     async def fetch(self, conn: Any, **params: Any) -> list[Any]:
-        return list(await conn.fetch(self.sql, *self.args(params)))
+        """asyncpg Records, or named tuples for a statement made with `named=True`."""
+        records = await conn.fetch(self.sql, *self.args(params))
+        return list(records) if self.row is None else [self.row(record) for record in records]
 
     async def executemany(self, conn: Any, rows: Sequence[dict[str, Any]]) -> None:
         await conn.executemany(self.sql, [self.args(row) for row in rows])
@@ -260,17 +269,23 @@ class DriverStatement:
 
 async def session_driver(session: AsyncSession) -> Any:
     """The asyncpg connection of `session`'s transaction, for `DriverStatement`s that take
-    part in it (the event processor's group statements). Pending ORM changes are flushed
-    first, as the session's own `execute` would. The transaction must have begun at the
-    database (a statement run through the session), or a statement sent here would commit on
-    its own: that is refused (`RuntimeError`)."""
+    part in it (the event processor's statements). Pending ORM changes are flushed first, as
+    the session's own `execute` would. SQLAlchemy sends BEGIN with its first statement: if
+    none has run yet, a `SELECT 1` through the session begins the transaction, so nothing
+    sent here commits on its own (a session without a transaction, e.g. in autocommit, is
+    refused: `RuntimeError`)."""
     if session.new or session.dirty or session.deleted:
         await session.flush()
     connection = await session.connection()
     driver: Any = (await connection.get_raw_connection()).driver_connection
     if not driver.is_in_transaction():
-        raise RuntimeError("no transaction has begun on this session's connection")
+        await connection.execute(_BEGIN)
+        if not driver.is_in_transaction():
+            raise RuntimeError("the session's connection is not in a transaction")
     return driver
+
+
+_BEGIN = select(literal(1))
 
 
 @contextlib.asynccontextmanager

@@ -1,5 +1,7 @@
 """app/db.py `driver_transaction`: commits when its block ends, rolls back when it raises,
-and never hands the next user a connection left inside a transaction or mid-statement."""
+and never hands the next user a connection left inside a transaction or mid-statement; and
+`session_driver`: statements sent on a session's asyncpg connection are part of its
+transaction."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ from collections.abc import AsyncIterator
 import asyncpg
 import pytest
 from fastapi import FastAPI
+from sqlalchemy import literal, select
 
-from app.db import driver_transaction, flush_on_commit
+from app.db import DriverStatement, driver_transaction, flush_on_commit, session_driver
+from app.models import Account
 
 
 @pytest.fixture(autouse=True)
@@ -82,3 +86,43 @@ async def test_without_flush_wait_the_commit_does_not_wait_unless_turned_back_on
         assert await conn.fetchval("SHOW synchronous_commit") == "on"
     async with driver_transaction(app.state.engine) as conn:
         assert await conn.fetchval("SHOW synchronous_commit") == "on"
+
+
+async def test_statements_sent_through_session_driver_belong_to_the_session_transaction(
+    app: FastAPI,
+) -> None:
+    """`session_driver` on a session that has sent nothing yet begins its transaction first:
+    what is sent on the driver is rolled back with the session, and committed with it."""
+    factory = app.state.session_factory
+
+    async def insert_then_fail() -> None:
+        async with factory() as session, session.begin():
+            driver = await session_driver(session)
+            await driver.execute("INSERT INTO scratch_tx VALUES (41)")
+            raise LookupError("rolled back after writing")
+
+    with pytest.raises(LookupError):
+        await insert_then_fail()
+    assert 41 not in await stored(app)
+    async with factory() as session, session.begin():
+        await (await session_driver(session)).execute("INSERT INTO scratch_tx VALUES (42)")
+    assert 42 in await stored(app)
+
+
+async def test_session_driver_flushes_pending_orm_changes_first(app: FastAPI) -> None:
+    factory = app.state.session_factory
+    async with factory() as session, session.begin():
+        session.add(Account(id="acc_driver_flush"))
+        driver = await session_driver(session)
+        found = await driver.fetchval("SELECT count(*) FROM accounts WHERE id = 'acc_driver_flush'")
+        assert found == 1
+        await session.rollback()
+
+
+async def test_named_driver_statements_give_rows_with_the_selected_keys(app: FastAPI) -> None:
+    statement = DriverStatement(
+        select(literal(7).label("seven"), literal("x").label("letter")), named=True
+    )
+    async with app.state.session_factory() as session, session.begin():
+        rows = await statement.fetch(await session_driver(session))
+    assert [(row.seven, row.letter) for row in rows] == [(7, "x")]
