@@ -35,7 +35,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from app.db import DriverStatement
+from app.db import DriverStatement, session_driver
 from app.errors import ChannelNotFound, CurrencyMismatch
 from app.models import Account, Channel, LedgerEntry
 from app.rate_limit import RecentSessions, recent_stripe_sessions
@@ -80,11 +80,11 @@ async def ensure_accounts(session: AsyncSession, account_ids: Iterable[str]) -> 
     missing = sorted(set(account_ids) - ensured)
     if not missing:
         return
-    await session.execute(_ENSURE_ACCOUNTS, {"ids": missing})
+    await _ENSURE_ACCOUNTS.execute(await session_driver(session), ids=missing)
     ensured.update(missing)
 
 
-_ENSURE_ACCOUNTS = (  # on the Core table: the ORM would take the parameters for rows
+_ENSURE_ACCOUNTS = DriverStatement(
     insert(cast(Table, Account.__table__))
     .from_select(["id"], select(func.unnest(bindparam("ids", type_=ARRAY(String)))))
     .on_conflict_do_nothing(index_elements=[Account.id])

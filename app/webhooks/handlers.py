@@ -169,13 +169,13 @@ ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as the account routes accept 
 
 ACCOUNTS = cast(Table, Account.__table__)
 CHECKOUTS = cast(Table, CheckoutSession.__table__)
-LINK_CUSTOMER = (  # Core statements (the ORM's UPDATE costs more CPU than Postgres does here)
+LINK_CUSTOMER = DriverStatement(
     update(ACCOUNTS)
     .where(ACCOUNTS.c.id == bindparam("account"), ACCOUNTS.c.stripe_customer_id.is_(None))
     .values(stripe_customer_id=bindparam("customer"))
 )
 _paid_at = bindparam("paid_at", type_=DateTime(timezone=True))
-RECORD_FIRST_PAYMENT = (  # also run for many accounts at once (executemany)
+RECORD_FIRST_PAYMENT = DriverStatement(  # for many accounts at once (executemany)
     update(ACCOUNTS)
     .where(
         ACCOUNTS.c.id == bindparam("account"),
@@ -188,7 +188,11 @@ RECORD_FIRST_PAYMENT = (  # also run for many accounts at once (executemany)
         currency=func.coalesce(ACCOUNTS.c.currency, bindparam("currency")),
     )
 )
-NEW_CHANNEL = insert(cast(Table, Channel.__table__)).on_conflict_do_nothing(index_elements=["id"])
+NEW_CHANNEL = DriverStatement(
+    insert(cast(Table, Channel.__table__))
+    .values(id=bindparam("id"), account_id=bindparam("account_id"))
+    .on_conflict_do_nothing(index_elements=["id"])
+)
 SUBSCRIPTIONS = cast(Table, Subscription.__table__)
 SUBSCRIPTION_SNAPSHOT = (
     "account_id",
@@ -242,8 +246,8 @@ def add_first_payment(
 async def record_first_payments(session: AsyncSession, first_payments: FirstPayments) -> None:
     """The accounts' first payment time (the earliest) and currency (once set, kept)."""
     if first_payments:
-        await session.execute(
-            RECORD_FIRST_PAYMENT,
+        await RECORD_FIRST_PAYMENT.executemany(
+            await session_driver(session),
             [
                 {"account": account_id, "paid_at": paid_at, "currency": currency}
                 for account_id, (paid_at, currency) in sorted(first_payments.items())
@@ -331,13 +335,18 @@ async def write_rows(
         )
 
 
-DISPUTES_OF_PAYMENTS = select(
-    Dispute.id, Dispute.account_id, Dispute.stripe_payment_intent_id, Dispute.stripe_charge_id
-).where(
-    (Dispute.stripe_payment_intent_id == any_(bindparam("payment_intents", type_=ARRAY(String))))
-    | (Dispute.stripe_charge_id == any_(bindparam("charges", type_=ARRAY(String))))
+DISPUTES_OF_PAYMENTS = DriverStatement(
+    select(
+        Dispute.id, Dispute.account_id, Dispute.stripe_payment_intent_id, Dispute.stripe_charge_id
+    ).where(
+        (
+            Dispute.stripe_payment_intent_id
+            == any_(bindparam("payment_intents", type_=ARRAY(String)))
+        )
+        | (Dispute.stripe_charge_id == any_(bindparam("charges", type_=ARRAY(String))))
+    )
 )
-LINK_DISPUTE = (
+LINK_DISPUTE = DriverStatement(
     update(DISPUTES)
     .where(DISPUTES.c.id == bindparam("dispute_id"), DISPUTES.c.account_id.is_(None))
     .values(account_id=bindparam("account"))
@@ -443,11 +452,10 @@ async def _link_disputes(session: AsyncSession, rows: dict[str, MirrorDict]) -> 
     """A dispute may have been mirrored before the payment it is about: the payment is
     marked disputed, and the dispute gets the payment's account if it still lacks one."""
     charges = {row["stripe_charge_id"]: row for row in rows.values() if row["stripe_charge_id"]}
-    disputes = (
-        await session.execute(
-            DISPUTES_OF_PAYMENTS, {"payment_intents": list(rows), "charges": list(charges)}
-        )
-    ).all()
+    driver = await session_driver(session)
+    disputes = await DISPUTES_OF_PAYMENTS.fetch(
+        driver, payment_intents=list(rows), charges=list(charges)
+    )
     unlinked = []
     for dispute_id, account_id, payment_intent, charge_id in disputes:
         for row in (rows.get(payment_intent or ""), charges.get(charge_id)):
@@ -457,7 +465,7 @@ async def _link_disputes(session: AsyncSession, rows: dict[str, MirrorDict]) -> 
             if account_id is None and row["account_id"] is not None:
                 unlinked.append({"dispute_id": dispute_id, "account": row["account_id"]})
     if unlinked:
-        await session.execute(LINK_DISPUTE, unlinked)
+        await LINK_DISPUTE.executemany(driver, unlinked)
 
 
 # --- checkout sessions ---------------------------------------------------------------------
@@ -500,18 +508,31 @@ WRITE_CHECKOUT = DriverStatement(
     .where(CHECKOUTS.c.id == bindparam("row_id"))
     .values({name: bindparam(f"new_{name}") for name in CHECKOUT_MERGED})
 )
-CREDIT_BALANCE = insert(LedgerEntry).on_conflict_do_nothing(
-    index_elements=["account_id", "kind", "source_id"]
+LEDGER_CREDIT_COLUMNS = (
+    "account_id",
+    "kind",
+    "source_id",
+    "amount",
+    "currency",
+    "description",
+    "occurred_at",
+)
+CREDIT_BALANCE = DriverStatement(
+    insert(cast(Table, LedgerEntry.__table__))
+    .values({name: bindparam(name) for name in LEDGER_CREDIT_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["account_id", "kind", "source_id"])
 )
 _subscription_ids = bindparam("subscriptions", type_=ARRAY(String))
-FULFILLING_SUBSCRIPTIONS: CompoundSelect[str] = union_all(
-    select(Subscription.stripe_id).where(
-        Subscription.stripe_id == any_(_subscription_ids),
-        Subscription.status.in_(LIVE_STATUSES),
-    ),
-    select(Invoice.stripe_subscription_id).where(
-        Invoice.stripe_subscription_id == any_(_subscription_ids), Invoice.status == "paid"
-    ),
+FULFILLING_SUBSCRIPTIONS = DriverStatement(
+    union_all(
+        select(Subscription.stripe_id).where(
+            Subscription.stripe_id == any_(_subscription_ids),
+            Subscription.status.in_([literal(status) for status in sorted(LIVE_STATUSES)]),
+        ),
+        select(Invoice.stripe_subscription_id).where(
+            Invoice.stripe_subscription_id == any_(_subscription_ids), Invoice.status == "paid"
+        ),
+    )
 )
 """Of these subscriptions, those that fulfil their checkout: live, or with a paid invoice."""
 
@@ -581,11 +602,12 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
             ],
         )
     if customers:
-        await session.execute(
-            LINK_CUSTOMER, [{"account": account, "customer": c} for account, c in customers]
+        await LINK_CUSTOMER.executemany(
+            await session_driver(session),
+            [{"account": account, "customer": c} for account, c in customers],
         )
     if credits:
-        await session.execute(CREDIT_BALANCE, credits)
+        await CREDIT_BALANCE.executemany(await session_driver(session), credits)
     if payments:
         await apply_payment_changes(payments)
     await record_first_payments(session, first_payments)
@@ -640,8 +662,10 @@ async def _fulfil_waiting_subscription_checkouts(
             waiting.setdefault(subscription_id, []).append(row)
     if not waiting:
         return
-    found = await session.scalars(FULFILLING_SUBSCRIPTIONS, {"subscriptions": sorted(waiting)})
-    for subscription_id in set(found.all()):
+    found = await FULFILLING_SUBSCRIPTIONS.fetch(
+        await session_driver(session), subscriptions=sorted(waiting)
+    )
+    for subscription_id in {row[0] for row in found}:
         for row in waiting[subscription_id]:
             row["fulfilled_at"] = now
 
@@ -673,10 +697,11 @@ class _Links:
         await ensure_accounts(session, (account for account, _ in self.customers))
         linked = [{"account": a, "customer": c} for a, c in self.customers if c is not None]
         if linked:
-            await session.execute(LINK_CUSTOMER, linked)
+            await LINK_CUSTOMER.executemany(await session_driver(session), linked)
         if self.channels:
-            await session.execute(
-                NEW_CHANNEL, [{"id": channel, "account_id": a} for channel, a in self.channels]
+            await NEW_CHANNEL.executemany(
+                await session_driver(session),
+                [{"id": channel, "account_id": a} for channel, a in self.channels],
             )
         self.customers.clear()
         self.channels.clear()
@@ -791,7 +816,7 @@ def _subscription_values(
     }
 
 
-FULFIL_SUBSCRIPTION_CHECKOUT = (
+FULFIL_SUBSCRIPTION_CHECKOUT = DriverStatement(
     update(CHECKOUTS)
     .where(
         (CHECKOUTS.c.stripe_subscription_id == bindparam("subscription"))
@@ -809,8 +834,8 @@ async def fulfil_subscription_checkouts(
     is paid, whichever event is applied first (the checkout event itself checks too).
     `checkouts`: (Stripe subscription, our checkout session id from its metadata if any)."""
     if checkouts:
-        await session.execute(
-            FULFIL_SUBSCRIPTION_CHECKOUT,
+        await FULFIL_SUBSCRIPTION_CHECKOUT.executemany(
+            await session_driver(session),
             [
                 {"subscription": subscription, "checkout": checkout, "now": now}
                 for subscription, checkout in checkouts
@@ -887,17 +912,15 @@ async def on_invoice_events(ctxs: Sequence[EventContext]) -> None:
         links[1] = links[1] or subscription_id
     await write_rows(session, INVOICES, rows, stored)
     await fulfil_subscription_checkouts(session, now, list(fulfilled))
-    linked = await session.execute(
+    linked = await (await session_driver(session)).fetch(
         LINK_INVOICE_PAYMENTS,
-        {
-            "invoices": list(payment_links),
-            "accounts": [account for account, _ in payment_links.values()],
-            "subscriptions": [subscription for _, subscription in payment_links.values()],
-        },
+        list(payment_links),
+        [account for account, _ in payment_links.values()],
+        [subscription for _, subscription in payment_links.values()],
     )
     learned = (
         created
-        | set(linked.scalars())
+        | {row["invoice_id"] for row in linked}
         | {
             stripe_id
             for stripe_id, row in rows.items()
@@ -925,17 +948,17 @@ async def _accounts_of_customers(
     wanted = sorted({customer for customer in customers if customer is not None})
     if not wanted:
         return {}
-    found = await session.execute(ACCOUNTS_OF_CUSTOMERS, {"customers": wanted})
-    return {str(customer): account_id for customer, account_id in found.all()}
+    found = await ACCOUNTS_OF_CUSTOMERS.fetch(await session_driver(session), customers=wanted)
+    return {str(customer): account_id for customer, account_id in found}
 
 
-LINK_INVOICE_PAYMENTS = text(
+LINK_INVOICE_PAYMENTS = (  # sent straight to asyncpg: $1 invoices, $2 accounts, $3 subscriptions
     "UPDATE payments"
     " SET account_id = coalesce(payments.account_id, v.account_id),"
     " stripe_subscription_id = coalesce(payments.stripe_subscription_id, v.subscription_id),"
     " updated_at = now()"
-    " FROM unnest(CAST(:invoices AS text[]), CAST(:accounts AS text[]),"
-    " CAST(:subscriptions AS text[])) AS v(invoice_id, account_id, subscription_id)"
+    " FROM unnest($1::text[], $2::text[], $3::text[])"
+    " AS v(invoice_id, account_id, subscription_id)"
     " WHERE payments.stripe_invoice_id = v.invoice_id"
     " AND ((payments.account_id IS NULL AND v.account_id IS NOT NULL)"
     " OR (payments.stripe_subscription_id IS NULL AND v.subscription_id IS NOT NULL))"
@@ -958,11 +981,15 @@ INVOICE_EVENTS = frozenset(
 CHARGE_EVENTS = frozenset(
     {"charge.succeeded", "charge.updated", "charge.refunded", "charge.failed"}
 )
-ACCOUNTS_OF_CUSTOMERS = select(Account.stripe_customer_id, Account.id).where(
-    Account.stripe_customer_id == any_(bindparam("customers", type_=ARRAY(String)))
+ACCOUNTS_OF_CUSTOMERS = DriverStatement(
+    select(Account.stripe_customer_id, Account.id).where(
+        Account.stripe_customer_id == any_(bindparam("customers", type_=ARRAY(String)))
+    )
 )
-INVOICE_LINKS = select(Invoice.stripe_id, Invoice.account_id, Invoice.stripe_subscription_id).where(
-    Invoice.stripe_id == any_(bindparam("invoices", type_=ARRAY(String)))
+INVOICE_LINKS = DriverStatement(
+    select(Invoice.stripe_id, Invoice.account_id, Invoice.stripe_subscription_id).where(
+        Invoice.stripe_id == any_(bindparam("invoices", type_=ARRAY(String)))
+    )
 )
 
 
@@ -987,8 +1014,10 @@ async def on_payment_events(ctxs: Sequence[EventContext]) -> None:
     }
     invoices: dict[str, tuple[str | None, str | None]] = {}
     if invoice_ids:
-        links = await session.execute(INVOICE_LINKS, {"invoices": sorted(invoice_ids)})
-        invoices = {stripe_id: (account, sub) for stripe_id, account, sub in links.all()}
+        links = await INVOICE_LINKS.fetch(
+            await session_driver(session), invoices=sorted(invoice_ids)
+        )
+        invoices = {stripe_id: (account, sub) for stripe_id, account, sub in links}
     await ensure_accounts(
         session,
         (
@@ -1085,6 +1114,12 @@ def charge_change(ctx: EventContext, accounts: dict[str, str]) -> PaymentChange 
 
 
 PREFETCH_CONCURRENCY = 8
+FEES_KNOWN = DriverStatement(
+    select(Payment.stripe_id).where(
+        Payment.stripe_id == any_(bindparam("payment_intents", type_=ARRAY(String))),
+        Payment.fee.is_not(None),
+    )
+)
 
 
 async def start_balance_transaction_fetches(
@@ -1107,10 +1142,8 @@ async def start_balance_transaction_fetches(
                 wanted[payment_intent] = transaction
     if not wanted:
         return {}
-    known = await session.scalars(
-        select(Payment.stripe_id).where(Payment.stripe_id.in_(wanted), Payment.fee.is_not(None))
-    )
-    for payment_intent in known:
+    known = await FEES_KNOWN.fetch(await session_driver(session), payment_intents=list(wanted))
+    for (payment_intent,) in known:
         wanted.pop(payment_intent, None)
     limit = asyncio.Semaphore(PREFETCH_CONCURRENCY)
 
@@ -1451,7 +1484,7 @@ def _money_effects_statement(payment_column: str) -> CompoundSelect[int, uuid.UU
 
 
 MONEY_EFFECTS_OF = {
-    column: _money_effects_statement(column)
+    column: DriverStatement(_money_effects_statement(column))
     for column in ("id", "stripe_invoice_id", "stripe_subscription_id")
 }
 
@@ -1466,9 +1499,9 @@ async def reapply_money_effects(payment_column: str, taught: dict[Any, EventCont
     disputes; the refunds' effects are applied together (each in its current state), then
     the disputes'."""
     session = next(iter(taught.values())).session
-    found = (
-        await session.execute(MONEY_EFFECTS_OF[payment_column], {"values": list(taught)})
-    ).all()
+    found = await MONEY_EFFECTS_OF[payment_column].fetch(
+        await session_driver(session), values=list(taught)
+    )
     if not found:
         return
     refund_ids = [row_id for kind, row_id, _ in found if kind == 0]

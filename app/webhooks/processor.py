@@ -31,17 +31,29 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import asyncpg  # type: ignore[import-untyped]
 import structlog
-from sqlalchemy import BigInteger, Row, bindparam, func, or_, select, text, update
+from sqlalchemy import (
+    BigInteger,
+    ColumnClause,
+    Table,
+    bindparam,
+    func,
+    literal_column,
+    or_,
+    select,
+    text,
+    update,
+)
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.accounts.service import ensure_accounts
 from app.config import Settings
+from app.db import DriverStatement, session_driver
 from app.models import StripeEvent
 from app.stripe_gateway import StripeGateway
 from app.webhooks import metrics
@@ -67,37 +79,41 @@ def backoff(attempts: int) -> timedelta:
 
 
 CONFLICT_RETRIES = 10
-ADVISORY_LOCKS = text(
+ADVISORY_LOCKS = (
     "SELECT pg_advisory_xact_lock(hashtextextended(key, 0))"
-    " FROM unnest(CAST(:keys AS text[])) WITH ORDINALITY AS k(key, position) ORDER BY position"
+    " FROM unnest($1::text[]) WITH ORDINALITY AS k(key, position) ORDER BY position"
 )
 LOCK_CONFLICT_SQLSTATES = frozenset({"40P01", "40001", "55P03"})  # deadlock, serialization, lock
 
 
 _EVENT_COLUMNS = (StripeEvent.id, StripeEvent.type, StripeEvent.received_at, StripeEvent.payload)
-CLAIM_DUE = (
+PENDING: ColumnClause[str] = literal_column("'pending'")
+"""In the SQL itself, not a parameter: a generic plan could not use the partial index."""
+CLAIM_DUE = DriverStatement(
     select(*_EVENT_COLUMNS)
     .where(
-        StripeEvent.status == "pending",
+        StripeEvent.status == PENDING,
         or_(StripeEvent.next_attempt_at.is_(None), StripeEvent.next_attempt_at <= func.now()),
     )
     .order_by(StripeEvent.id)
     .limit(bindparam("batch_size"))
-    .with_for_update(skip_locked=True)
+    .with_for_update(skip_locked=True),
+    named=True,
 )
 """The oldest due events no other transaction holds (index `ix_stripe_events_pending`)."""
-RELOCK = (
+RELOCK = DriverStatement(
     select(*_EVENT_COLUMNS)
     .where(
         StripeEvent.id == func.any(bindparam("ids", type_=ARRAY(BigInteger))),
-        StripeEvent.status == "pending",
+        StripeEvent.status == PENDING,
     )
     .order_by(StripeEvent.id)
-    .with_for_update(skip_locked=True)
+    .with_for_update(skip_locked=True),
+    named=True,
 )
 """Events claimed before (a batch run again) that are still pending and not taken since."""
-MARK_PROCESSED = (
-    update(StripeEvent)
+MARK_PROCESSED = DriverStatement(
+    update(cast(Table, StripeEvent.__table__))
     .where(StripeEvent.id == func.any(bindparam("ids", type_=ARRAY(BigInteger))))
     .values(
         status="processed",
@@ -106,7 +122,6 @@ MARK_PROCESSED = (
         next_attempt_at=None,
         last_error=None,
     )
-    .execution_options(synchronize_session=False)
 )
 
 
@@ -244,7 +259,7 @@ class EventProcessor:
         replicas in order (so such aborts stay rare) and cannot deadlock with each other."""
         async with self._session_factory() as session, session.begin():
             await session.execute(text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
-            await session.execute(text("SET LOCAL synchronous_commit = off"))
+            await (await session_driver(session)).execute("SET LOCAL synchronous_commit = off")
             yield session
 
     async def _locked(self, session: AsyncSession, events: list[Any]) -> list[Any]:
@@ -252,7 +267,7 @@ class EventProcessor:
         events = [row for row in events if row.payload is not None]
         keys = sorted({lock_key(row.payload) for row in events})
         if keys:
-            await session.execute(ADVISORY_LOCKS, {"keys": keys})
+            await (await session_driver(session)).execute(ADVISORY_LOCKS, keys)
         return events
 
     async def _apply_batch(self, claim: Claim) -> None:
@@ -260,11 +275,11 @@ class EventProcessor:
         one statement; any failure rolls the whole batch back (the caller then applies its
         events one by one). The first attempt claims the events; a retry takes them again."""
         async with self._transaction() as session:
+            driver = await session_driver(session)
             if claim.ids:
-                found = await session.execute(RELOCK, {"ids": claim.ids})
+                rows = await RELOCK.fetch(driver, ids=claim.ids)
             else:
-                found = await session.execute(CLAIM_DUE, {"batch_size": self._batch_size})
-            rows: list[Row[Any]] = list(found)
+                rows = await CLAIM_DUE.fetch(driver, batch_size=self._batch_size)
             if not claim.ids:
                 claim.ids = [row.id for row in rows]
             rows = await self._locked(session, rows)
@@ -290,7 +305,9 @@ class EventProcessor:
                 ],
                 after_each=forget_loaded_rows,
             )
-            await session.execute(MARK_PROCESSED, {"ids": [row.id for row in rows], "now": now})
+            await MARK_PROCESSED.execute(
+                await session_driver(session), ids=[row.id for row in rows], now=now
+            )
         self._count_processed(rows, now)
 
     async def _apply_one(self, event_id: int, claim: Claim) -> None:
