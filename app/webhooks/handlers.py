@@ -64,13 +64,12 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounts.service import ensure_accounts
 from app.config import Settings
-from app.db import DriverStatement, session_driver
+from app.db import ArrayUpdate, DriverStatement, session_driver
 from app.disputes import events as disputes_events
 from app.disputes.events import DisputedPayments, MirroredDispute, on_disputes_mirrored
 from app.maintenance.service import extension_days_held
 from app.models import (
     Account,
-    Channel,
     CheckoutSession,
     Dispute,
     Invoice,
@@ -169,11 +168,24 @@ ACCOUNT_ID = re.compile(r"[A-Za-z0-9_-]{1,64}")  # as the account routes accept 
 
 ACCOUNTS = cast(Table, Account.__table__)
 CHECKOUTS = cast(Table, CheckoutSession.__table__)
-LINK_CUSTOMER = DriverStatement(
-    update(ACCOUNTS)
-    .where(ACCOUNTS.c.id == bindparam("account"), ACCOUNTS.c.stripe_customer_id.is_(None))
-    .values(stripe_customer_id=bindparam("customer"))
+LINK_CUSTOMERS = ArrayUpdate(
+    ACCOUNTS, ["stripe_customer_id"], where='"accounts".stripe_customer_id IS NULL'
 )
+
+
+async def link_customers(session: AsyncSession, links: Iterable[tuple[str, str | None]]) -> None:
+    """Each account's Stripe customer, set once: of (account, customer) links in the order
+    the events named them, the first of each account (as one UPDATE per event would)."""
+    first: dict[str, str] = {}
+    for account_id, customer_id in links:
+        if customer_id is not None:
+            first.setdefault(account_id, customer_id)
+    await LINK_CUSTOMERS.execute(
+        await session_driver(session),
+        [{"id": account_id, "stripe_customer_id": c} for account_id, c in first.items()],
+    )
+
+
 _paid_at = bindparam("paid_at", type_=DateTime(timezone=True))
 RECORD_FIRST_PAYMENT = DriverStatement(  # for many accounts at once (executemany)
     update(ACCOUNTS)
@@ -188,10 +200,9 @@ RECORD_FIRST_PAYMENT = DriverStatement(  # for many accounts at once (executeman
         currency=func.coalesce(ACCOUNTS.c.currency, bindparam("currency")),
     )
 )
-NEW_CHANNEL = DriverStatement(
-    insert(cast(Table, Channel.__table__))
-    .values(id=bindparam("id"), account_id=bindparam("account_id"))
-    .on_conflict_do_nothing(index_elements=["id"])
+NEW_CHANNELS = (  # sent straight to asyncpg: $1 channels, $2 their accounts (the first wins)
+    "INSERT INTO channels (id, account_id)"
+    " SELECT * FROM unnest($1::varchar[], $2::varchar[]) ON CONFLICT (id) DO NOTHING"
 )
 SUBSCRIPTIONS = cast(Table, Subscription.__table__)
 SUBSCRIPTION_SNAPSHOT = (
@@ -223,11 +234,7 @@ LOCKED_SUBSCRIPTIONS = DriverStatement(
     .with_for_update()
 )
 NEW_SUBSCRIPTION = insert(SUBSCRIPTIONS)
-WRITE_SUBSCRIPTION = DriverStatement(
-    update(SUBSCRIPTIONS)
-    .where(SUBSCRIPTIONS.c.id == bindparam("row_id"))
-    .values({name: bindparam(f"new_{name}") for name in SUBSCRIPTION_SNAPSHOT})
-)
+WRITE_SUBSCRIPTIONS = ArrayUpdate(SUBSCRIPTIONS, SUBSCRIPTION_SNAPSHOT)
 DISPUTES = cast(Table, Dispute.__table__)
 
 
@@ -270,9 +277,9 @@ PAYMENTS = cast(Table, Payment.__table__)
 INVOICES = cast(Table, Invoice.__table__)
 
 
-def _mirror_statements(table: Table) -> tuple[DriverStatement, Any, DriverStatement]:
-    """(lock the rows of :stripe_ids, insert a missing row, write a row by :row_id); the
-    first and last, run for every group, straight on the driver (`DriverStatement`)."""
+def _mirror_statements(table: Table) -> tuple[DriverStatement, Any, ArrayUpdate]:
+    """(lock the rows of :stripe_ids, insert a missing row, write rows by id); the first and
+    last, run for every group, straight on the driver."""
     columns = [column for column in table.c if column.name not in TIMESTAMPS]
     locked = (
         select(*columns)
@@ -282,12 +289,7 @@ def _mirror_statements(table: Table) -> tuple[DriverStatement, Any, DriverStatem
     )
     new = insert(table).on_conflict_do_nothing(index_elements=["stripe_id"])
     written = [column.name for column in columns if column.name not in ("id", "stripe_id")]
-    write = (
-        update(table)
-        .where(table.c.id == bindparam("row_id"))
-        .values({name: bindparam(f"new_{name}") for name in written})
-    )
-    return DriverStatement(locked), new, DriverStatement(write)
+    return DriverStatement(locked), new, ArrayUpdate(table, written)
 
 
 MIRROR_STATEMENTS = {table: _mirror_statements(table) for table in (PAYMENTS, INVOICES, DISPUTES)}
@@ -323,16 +325,7 @@ async def write_rows(
     changed = [row for stripe_id, row in rows.items() if row != stored[stripe_id]]
     if changed:
         _, _, write = MIRROR_STATEMENTS[table]
-        await write.executemany(
-            await session_driver(session),
-            [
-                {
-                    "row_id": row["id"],
-                    **{f"new_{k}": v for k, v in row.items() if k not in ("id", "stripe_id")},
-                }
-                for row in changed
-            ],
-        )
+        await write.execute(await session_driver(session), changed)
 
 
 DISPUTES_OF_PAYMENTS = DriverStatement(
@@ -503,11 +496,7 @@ LOCKED_CHECKOUTS = DriverStatement(
     .order_by(CHECKOUTS.c.id)
     .with_for_update()
 )
-WRITE_CHECKOUT = DriverStatement(
-    update(CHECKOUTS)
-    .where(CHECKOUTS.c.id == bindparam("row_id"))
-    .values({name: bindparam(f"new_{name}") for name in CHECKOUT_MERGED})
-)
+WRITE_CHECKOUTS = ArrayUpdate(CHECKOUTS, CHECKOUT_MERGED)
 LEDGER_CREDIT_COLUMNS = (
     "account_id",
     "kind",
@@ -593,19 +582,8 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
             add_first_payment(first_payments, row["account_id"], ctx.created, credit["currency"])
     await _fulfil_waiting_subscription_checkouts(session, now, rows.values())
     changed = [row for row_id, row in rows.items() if row != stored[row_id]]
-    if changed:
-        await WRITE_CHECKOUT.executemany(
-            await session_driver(session),
-            [
-                {"row_id": row["id"], **{f"new_{name}": row[name] for name in CHECKOUT_MERGED}}
-                for row in changed
-            ],
-        )
-    if customers:
-        await LINK_CUSTOMER.executemany(
-            await session_driver(session),
-            [{"account": account, "customer": c} for account, c in customers],
-        )
+    await WRITE_CHECKOUTS.execute(await session_driver(session), changed)
+    await link_customers(session, customers)
     if credits:
         await CREDIT_BALANCE.executemany(await session_driver(session), credits)
     if payments:
@@ -695,13 +673,12 @@ class _Links:
     async def write(self, session: AsyncSession) -> None:
         """In first-seen order, as one statement per event would (the first link wins)."""
         await ensure_accounts(session, (account for account, _ in self.customers))
-        linked = [{"account": a, "customer": c} for a, c in self.customers if c is not None]
-        if linked:
-            await LINK_CUSTOMER.executemany(await session_driver(session), linked)
+        await link_customers(session, self.customers)
         if self.channels:
-            await NEW_CHANNEL.executemany(
-                await session_driver(session),
-                [{"id": channel, "account_id": a} for channel, a in self.channels],
+            await (await session_driver(session)).execute(
+                NEW_CHANNELS,
+                [channel for channel, _ in self.channels],
+                [account_id for _, account_id in self.channels],
             )
         self.customers.clear()
         self.channels.clear()
@@ -778,11 +755,8 @@ async def on_subscription_events(ctxs: Sequence[EventContext]) -> None:
             session, row["id"], row["trial_end"]
         )
         if any(before[name] != row[name] for name in SUBSCRIPTION_SNAPSHOT):
-            changed.append(
-                {"row_id": row["id"], **{f"new_{k}": row[k] for k in SUBSCRIPTION_SNAPSHOT}}
-            )
-    if changed:
-        await WRITE_SUBSCRIPTION.executemany(await session_driver(session), changed)
+            changed.append(row)
+    await WRITE_SUBSCRIPTIONS.execute(await session_driver(session), changed)
     await fulfil_subscription_checkouts(session, ctxs[0].now, list(fulfilled))
     await record_access_changes(session, dict.fromkeys(channels, ctxs[0].now), settings)
     if created:  # effects that needed the subscription row can complete now
