@@ -30,12 +30,12 @@ from typing import Any, cast
 
 import structlog
 from sqlalchemy import (
-    Row,
     String,
     Table,
     Uuid,
     any_,
     bindparam,
+    literal,
     select,
     text,
     update,
@@ -44,6 +44,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.db import DriverStatement, session_driver
 from app.models import Dispute, DisputeEffect, Invoice, Payment, RefundRequest, Subscription
 from app.notifications.outbox import enqueue_email
 from app.refunds import repository as repo
@@ -56,37 +57,45 @@ log = structlog.get_logger()
 DisputeRow = MutableMapping[str, Any]
 """A `disputes` row as column name -> value."""
 
-# Built once (run for every group of dispute effects the event processor applies).
-RECORD_EFFECT = insert(cast(Table, DisputeEffect.__table__)).on_conflict_do_nothing(
-    index_elements=["dispute_id", "kind"]
+# Built once, and run straight on the driver in the session's transaction (`DriverStatement`
+# on `session_driver`): the event processor runs them for every group of dispute effects.
+EFFECT_COLUMNS = ("dispute_id", "kind", "amount", "currency", "subscription_id")
+"""What a new `dispute_effects` row is given (`id` and `at` are the database's)."""
+RECORD_EFFECT = DriverStatement(
+    insert(cast(Table, DisputeEffect.__table__))
+    .inline()  # no RETURNING of the id
+    .values({name: bindparam(name) for name in EFFECT_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["dispute_id", "kind"])
 )
-ADD_LEDGER_ENTRIES = insert(repo.LEDGER_ENTRIES).on_conflict_do_nothing(
-    index_elements=["account_id", "kind", "source_id"]
-)
-"""`repo.add_ledger_entry` for several entries at once (executemany)."""
 _PAYMENTS = cast(Table, Payment.__table__)
-PAYMENTS_OF_DISPUTES = select(
-    *(_PAYMENTS.c[name] for name in PAYMENT_FACTS), _PAYMENTS.c.stripe_charge_id
-).where(
-    (_PAYMENTS.c.stripe_id == any_(bindparam("payment_intents", type_=ARRAY(String))))
-    | (_PAYMENTS.c.stripe_charge_id == any_(bindparam("charges", type_=ARRAY(String))))
+PAYMENTS_OF_DISPUTES = DriverStatement(
+    select(*(_PAYMENTS.c[name] for name in PAYMENT_FACTS), _PAYMENTS.c.stripe_charge_id).where(
+        (_PAYMENTS.c.stripe_id == any_(bindparam("payment_intents", type_=ARRAY(String))))
+        | (_PAYMENTS.c.stripe_charge_id == any_(bindparam("charges", type_=ARRAY(String))))
+    ),
+    named=True,
 )
-"""The payments (`PAYMENT_FACTS` and the charge) of these payment intents or charges."""
-DISPUTE_LEDGER_ENTRIES = text(
-    "SELECT entries.account_id, entries.kind, entries.source_id"
-    " FROM unnest(CAST(:accounts AS text[]), CAST(:sources AS text[]))"
-    " AS wanted(account_id, source_id)"
-    " JOIN ledger_entries AS entries ON entries.account_id = wanted.account_id"
-    " AND entries.kind IN ('dispute_withdrawal', 'dispute_reinstatement')"
-    " AND entries.source_id = wanted.source_id"
+"""The payments (`PAYMENT_FACTS` and the charge) of these payment intents or charges, as
+rows with these attributes."""
+DISPUTE_LEDGER_ENTRIES = DriverStatement(
+    text(
+        "SELECT entries.account_id, entries.kind, entries.source_id"
+        " FROM unnest(CAST(:accounts AS text[]), CAST(:sources AS text[]))"
+        " AS wanted(account_id, source_id)"
+        " JOIN ledger_entries AS entries ON entries.account_id = wanted.account_id"
+        " AND entries.kind IN ('dispute_withdrawal', 'dispute_reinstatement')"
+        " AND entries.source_id = wanted.source_id"
+    )
 )
 """Which dispute ledger entries exist among (account, dispute) pairs: one index look-up per
 pair (the unique (account, kind, source) index)."""
 _SUBSCRIPTIONS = cast(Table, Subscription.__table__)
-SUBSCRIPTIONS_OF_INVOICES = select(Invoice.stripe_id, Invoice.stripe_subscription_id).where(
-    Invoice.stripe_id == any_(bindparam("invoices", type_=ARRAY(String)))
+SUBSCRIPTIONS_OF_INVOICES = DriverStatement(
+    select(Invoice.stripe_id, Invoice.stripe_subscription_id).where(
+        Invoice.stripe_id == any_(bindparam("invoices", type_=ARRAY(String)))
+    )
 )
-SUBSCRIPTIONS_TO_REVOKE = (
+SUBSCRIPTIONS_TO_REVOKE = DriverStatement(
     select(
         _SUBSCRIPTIONS.c.id,
         _SUBSCRIPTIONS.c.stripe_id,
@@ -99,13 +108,13 @@ SUBSCRIPTIONS_TO_REVOKE = (
 )
 """The subscriptions whose access lost disputes end, locked (as
 `repo.subscription_of_payment(..., lock=True)` locks each)."""
-REVOKE_ACCESS = (
+REVOKE_ACCESS = DriverStatement(
     update(_SUBSCRIPTIONS)
     .where(_SUBSCRIPTIONS.c.id == bindparam("subscription_id"))
     .values(access_revoked_at=bindparam("revoked_at"))
 )
 _DISPUTES = cast(Table, Dispute.__table__)
-MARK_ACCESS_ENDED = (
+MARK_ACCESS_ENDED = DriverStatement(
     update(_DISPUTES)
     .where(
         _DISPUTES.c.id == any_(bindparam("dispute_ids", type_=ARRAY(Uuid))),
@@ -113,12 +122,12 @@ MARK_ACCESS_ENDED = (
     )
     .values(access_ended=True)
 )
-OPEN_REQUESTS = (
+OPEN_REQUESTS = DriverStatement(
     select(RefundRequest.id, RefundRequest.payment_id)
     .where(
         RefundRequest.payment_id == any_(bindparam("payment_ids", type_=ARRAY(Uuid))),
         RefundRequest.type == "refund",
-        RefundRequest.status.in_(OPEN_STATUSES),
+        RefundRequest.status.in_([literal(status) for status in OPEN_STATUSES]),
     )
     .order_by(RefundRequest.id)
     .with_for_update()
@@ -137,8 +146,8 @@ class DisputedPayments:
     `repo.payment_by_charge`, would find them."""
 
     def __init__(self, rows: Iterable[Any]) -> None:
-        self.by_intent: dict[str, Row[Any]] = {}
-        self.by_charge: dict[str, Row[Any]] = {}
+        self.by_intent: dict[str, Any] = {}
+        self.by_charge: dict[str, Any] = {}
         for row in rows:
             self.by_intent[row.stripe_id] = row
             if row.stripe_charge_id:
@@ -151,16 +160,14 @@ class DisputedPayments:
         payment_intents: Iterable[str | None],
         charges: Iterable[str | None],
     ) -> DisputedPayments:
-        found = await session.execute(
-            PAYMENTS_OF_DISPUTES,
-            {
-                "payment_intents": sorted({pi for pi in payment_intents if pi}),
-                "charges": sorted({charge for charge in charges if charge}),
-            },
+        found = await PAYMENTS_OF_DISPUTES.fetch(
+            await session_driver(session),
+            payment_intents=sorted({pi for pi in payment_intents if pi}),
+            charges=sorted({charge for charge in charges if charge}),
         )
-        return cls(found.all())
+        return cls(found)
 
-    def of(self, payment_intent: str | None, charge: str | None) -> Row[Any] | None:
+    def of(self, payment_intent: str | None, charge: str | None) -> Any | None:
         """The payment of this payment intent, else of this charge."""
         found = self.by_intent.get(payment_intent) if payment_intent else None
         if found is None and charge:
@@ -214,8 +221,10 @@ async def _apply(
     payments: DisputedPayments | None,
 ) -> None:
     """The effects of distinct disputes: the reads first, for all of them, then each
-    dispute's decisions in order, then the writes that do not depend on each other."""
-    await session.flush()  # the reads below are Core statements
+    dispute's decisions in order, then the writes that do not depend on each other. The
+    statements run on the driver (`session_driver` flushes pending ORM changes first); the
+    ORM changes of requests closed here are flushed at the end, as before."""
+    driver = await session_driver(session)
     if payments is None:
         payments = await DisputedPayments.read(
             session,
@@ -232,9 +241,9 @@ async def _apply(
     ]
     balance = [(d, p) for d, p in paid if p.purpose in repo.BALANCE_PURPOSES]
     ending = [(d, p) for d, p in paid if _ends_access(d, p, settings)]
-    entries = await _dispute_ledger_entries(session, balance)
-    subscriptions = await _subscriptions_ending(session, ending)
-    requests = await _open_requests(session, [p.id for _, p in paid])
+    entries = await _dispute_ledger_entries(driver, balance)
+    subscriptions = await _subscriptions_ending(driver, ending)
+    requests = await _open_requests(session, driver, [p.id for _, p in paid])
     ledger: list[dict[str, Any]] = []
     effects: list[dict[str, Any]] = []
     access_ended: list[uuid.UUID] = []
@@ -256,18 +265,18 @@ async def _apply(
                 access_ended.append(dispute.row["id"])
         await _close_open_requests(session, dispute, payment, requests)
     if ledger:
-        await session.execute(ADD_LEDGER_ENTRIES, ledger)
+        await repo.ADD_LEDGER_ENTRIES.executemany(driver, ledger)
     if effects:
-        await session.execute(RECORD_EFFECT, effects)
+        await RECORD_EFFECT.executemany(driver, effects)
     if access_ended:
-        await session.execute(MARK_ACCESS_ENDED, {"dispute_ids": access_ended})
+        await MARK_ACCESS_ENDED.execute(driver, dispute_ids=access_ended)
     if ended.revoked:
-        await session.execute(REVOKE_ACCESS, ended.revoked)
+        await REVOKE_ACCESS.executemany(driver, ended.revoked)
         await record_access_changes(session, ended.channels_at, settings)
     await session.flush()
 
 
-def _ends_access(dispute: MirroredDispute, payment: Row[Any], settings: Settings) -> bool:
+def _ends_access(dispute: MirroredDispute, payment: Any, settings: Settings) -> bool:
     """A lost dispute of a subscription payment ends access (unless the settings say not)."""
     return (
         payment.purpose == "subscription"
@@ -281,24 +290,22 @@ LedgerKey = tuple[str, str, str]
 
 
 async def _dispute_ledger_entries(
-    session: AsyncSession, balance: list[tuple[MirroredDispute, Row[Any]]]
+    driver: Any, balance: list[tuple[MirroredDispute, Any]]
 ) -> set[LedgerKey]:
     """The dispute ledger entries that exist for these disputes of balance payments."""
     if not balance:
         return set()
-    found = await session.execute(
-        DISPUTE_LEDGER_ENTRIES,
-        {
-            "accounts": [payment.account_id for _, payment in balance],
-            "sources": [dispute.row["stripe_id"] for dispute, _ in balance],
-        },
+    found = await DISPUTE_LEDGER_ENTRIES.fetch(
+        driver,
+        accounts=[payment.account_id for _, payment in balance],
+        sources=[dispute.row["stripe_id"] for dispute, _ in balance],
     )
-    return {(account, kind, source) for account, kind, source in found.all()}
+    return {(account, kind, source) for account, kind, source in found}
 
 
 def _adjust_balance(
     dispute: MirroredDispute,
-    payment: Row[Any],
+    payment: Any,
     entries: set[LedgerKey],
     ledger: list[dict[str, Any]],
     effects: list[dict[str, Any]],
@@ -373,7 +380,7 @@ class EndingSubscriptions:
     by_stripe_id: dict[str, SubscriptionRow]
     of_invoice: dict[str, str | None]
 
-    def of(self, payment: Row[Any]) -> SubscriptionRow | None:
+    def of(self, payment: Any) -> SubscriptionRow | None:
         """The payment's subscription, else its invoice's (`repo.subscription_of_payment`)."""
         stripe_id = payment.stripe_subscription_id
         if stripe_id is None and payment.stripe_invoice_id is not None:
@@ -382,7 +389,7 @@ class EndingSubscriptions:
 
 
 async def _subscriptions_ending(
-    session: AsyncSession, ending: list[tuple[MirroredDispute, Row[Any]]]
+    driver: Any, ending: list[tuple[MirroredDispute, Any]]
 ) -> EndingSubscriptions:
     """The subscriptions of the payments whose lost disputes end access, locked (as
     `repo.subscription_of_payment(..., lock=True)` locks each)."""
@@ -397,15 +404,15 @@ async def _subscriptions_ending(
         }
     )
     if invoices:
-        found = await session.execute(SUBSCRIPTIONS_OF_INVOICES, {"invoices": invoices})
-        subscriptions.of_invoice = {invoice: subscription for invoice, subscription in found.all()}
+        found = await SUBSCRIPTIONS_OF_INVOICES.fetch(driver, invoices=invoices)
+        subscriptions.of_invoice = {invoice: subscription for invoice, subscription in found}
     wanted = {p.stripe_subscription_id for _, p in ending if p.stripe_subscription_id}
     wanted.update(
         subscription for subscription in subscriptions.of_invoice.values() if subscription
     )
     if wanted:
-        locked = await session.execute(SUBSCRIPTIONS_TO_REVOKE, {"stripe_ids": sorted(wanted)})
-        subscriptions.by_stripe_id = {row["stripe_id"]: dict(row) for row in locked.mappings()}
+        locked = await SUBSCRIPTIONS_TO_REVOKE.fetch(driver, stripe_ids=sorted(wanted))
+        subscriptions.by_stripe_id = {row["stripe_id"]: dict(row) for row in locked}
     return subscriptions
 
 
@@ -421,7 +428,7 @@ class EndedAccess:
 
 def _end_access(
     dispute: MirroredDispute,
-    payment: Row[Any],
+    payment: Any,
     subscriptions: EndingSubscriptions,
     ended: EndedAccess,
     effects: list[dict[str, Any]],
@@ -444,12 +451,13 @@ def _end_access(
 
 
 async def _open_requests(
-    session: AsyncSession, payment_ids: list[uuid.UUID]
+    session: AsyncSession, driver: Any, payment_ids: list[uuid.UUID]
 ) -> dict[uuid.UUID, list[RefundRequest]]:
-    """The open refund requests of these payments, locked, by payment."""
+    """The open refund requests of these payments, locked (on the driver), by payment; the
+    ORM rows of those found are loaded (rare: they are closed here)."""
     if not payment_ids:
         return {}
-    found = (await session.execute(OPEN_REQUESTS, {"payment_ids": sorted(set(payment_ids))})).all()
+    found = await OPEN_REQUESTS.fetch(driver, payment_ids=sorted(set(payment_ids)))
     if not found:
         return {}
     loaded = await session.scalars(REQUESTS_BY_ID, {"ids": [request_id for request_id, _ in found]})
@@ -463,7 +471,7 @@ async def _open_requests(
 async def _close_open_requests(
     session: AsyncSession,
     dispute: MirroredDispute,
-    payment: Row[Any],
+    payment: Any,
     requests: dict[uuid.UUID, list[RefundRequest]],
 ) -> None:
     """The payment's open requests are closed by the first of its disputes applied."""

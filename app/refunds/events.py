@@ -32,10 +32,11 @@ from datetime import datetime
 from typing import Any
 
 import structlog
-from sqlalchemy import Row, text
+from sqlalchemy import column, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
+from app.db import DriverStatement, session_driver
 from app.models import RefundExecution, RefundRequest
 from app.notifications.outbox import enqueue_email
 from app.refunds import repository as repo
@@ -65,41 +66,52 @@ PAYMENT_FACTS = (
 )
 """The payment columns refund and dispute effects are decided on."""
 
-REFUND_FACTS = text(
-    "SELECT wanted.n, ours.execution_id, ours.request_id, ours.latest_id,"
-    " payment.id AS payment_id, payment.stripe_id AS payment_stripe_id,"
-    " payment.account_id AS payment_account_id, payment.purpose AS payment_purpose,"
-    " payment.stripe_subscription_id AS payment_stripe_subscription_id,"
-    " payment.stripe_invoice_id AS payment_stripe_invoice_id"
-    " FROM unnest(CAST(:execution_ids AS uuid[]), CAST(:stripe_ids AS text[]),"
-    " CAST(:payment_intents AS text[]), CAST(:charges AS text[]))"
-    " WITH ORDINALITY AS wanted(execution_id, stripe_id, payment_intent, charge, n)"
-    " LEFT JOIN LATERAL ("
-    " SELECT matched.id AS execution_id, matched.request_id,"
-    " (SELECT attempts.id FROM refund_executions AS attempts"
-    " WHERE attempts.request_id = matched.request_id"
-    " ORDER BY attempts.attempt DESC LIMIT 1) AS latest_id"
-    " FROM (SELECT id, request_id FROM refund_executions WHERE id = wanted.execution_id"
-    " UNION ALL SELECT id, request_id FROM refund_executions"
-    " WHERE wanted.execution_id IS NULL AND stripe_refund_id = wanted.stripe_id) AS matched"
-    " ) AS ours ON true"
-    " LEFT JOIN LATERAL ("
-    " SELECT 0 AS rank, payments.id, payments.stripe_id, payments.account_id,"
-    " payments.purpose, payments.stripe_subscription_id, payments.stripe_invoice_id"
-    " FROM payments WHERE payments.stripe_id = wanted.payment_intent"
-    " UNION ALL"
-    " SELECT 1 AS rank, payments.id, payments.stripe_id, payments.account_id,"
-    " payments.purpose, payments.stripe_subscription_id, payments.stripe_invoice_id"
-    " FROM payments WHERE payments.stripe_charge_id = wanted.charge"
-    " ORDER BY rank LIMIT 1"
-    " ) AS payment ON true"
+REFUND_FACT_COLUMNS = (
+    "n",
+    "execution_id",
+    "request_id",
+    "latest_id",
+    *(f"payment_{name}" for name in PAYMENT_FACTS),
+)
+REFUND_FACTS = DriverStatement(
+    text(
+        "SELECT wanted.n, ours.execution_id, ours.request_id, ours.latest_id,"
+        " payment.id AS payment_id, payment.stripe_id AS payment_stripe_id,"
+        " payment.account_id AS payment_account_id, payment.purpose AS payment_purpose,"
+        " payment.stripe_subscription_id AS payment_stripe_subscription_id,"
+        " payment.stripe_invoice_id AS payment_stripe_invoice_id"
+        " FROM unnest(CAST(:execution_ids AS uuid[]), CAST(:stripe_ids AS text[]),"
+        " CAST(:payment_intents AS text[]), CAST(:charges AS text[]))"
+        " WITH ORDINALITY AS wanted(execution_id, stripe_id, payment_intent, charge, n)"
+        " LEFT JOIN LATERAL ("
+        " SELECT matched.id AS execution_id, matched.request_id,"
+        " (SELECT attempts.id FROM refund_executions AS attempts"
+        " WHERE attempts.request_id = matched.request_id"
+        " ORDER BY attempts.attempt DESC LIMIT 1) AS latest_id"
+        " FROM (SELECT id, request_id FROM refund_executions WHERE id = wanted.execution_id"
+        " UNION ALL SELECT id, request_id FROM refund_executions"
+        " WHERE wanted.execution_id IS NULL AND stripe_refund_id = wanted.stripe_id) AS matched"
+        " ) AS ours ON true"
+        " LEFT JOIN LATERAL ("
+        " SELECT 0 AS rank, payments.id, payments.stripe_id, payments.account_id,"
+        " payments.purpose, payments.stripe_subscription_id, payments.stripe_invoice_id"
+        " FROM payments WHERE payments.stripe_id = wanted.payment_intent"
+        " UNION ALL"
+        " SELECT 1 AS rank, payments.id, payments.stripe_id, payments.account_id,"
+        " payments.purpose, payments.stripe_subscription_id, payments.stripe_invoice_id"
+        " FROM payments WHERE payments.stripe_charge_id = wanted.charge"
+        " ORDER BY rank LIMIT 1"
+        " ) AS payment ON true"
+    ).columns(*(column(name) for name in REFUND_FACT_COLUMNS)),
+    named=True,
 )
 """For each (:execution_ids, :stripe_ids, :payment_intents, :charges), numbered `n` from 1:
 our execution (`execution_id`, `request_id`, and `latest_id`, its request's latest attempt;
 NULL when the refund is not ours), matched by the execution id the refund names, else by
 the Stripe refund id it recorded; and the refunded payment's `PAYMENT_FACTS` (as
-`payment_<column>`; found by payment intent, else by charge; NULL when unknown). Plain
-reads: the execution and its request are locked afterwards, request first."""
+`payment_<column>`; found by payment intent, else by charge; NULL when unknown), as
+attributes of its rows. Plain reads: the execution and its request are locked afterwards,
+request first."""
 
 FactsKey = tuple[uuid.UUID | None, str, str | None, str | None]
 """What a refund state's facts are read by: (the execution it names, its Stripe id, its
@@ -119,7 +131,6 @@ async def on_refunds_mirrored(
     would leave them."""
     if not refunds:
         return
-    await session.flush()  # the reads below are Core statements
     facts = await _facts(session, (row for states in refunds for row, _ in states))
     await _adjust_ledger(session, refunds, facts)
     for states in refunds:
@@ -137,20 +148,18 @@ def _facts_key(refund: RefundRow) -> FactsKey:
     )
 
 
-async def _facts(session: AsyncSession, refunds: Iterable[RefundRow]) -> dict[FactsKey, Row[Any]]:
+async def _facts(session: AsyncSession, refunds: Iterable[RefundRow]) -> dict[FactsKey, Any]:
     """What the effects of these refund states are decided on (`REFUND_FACTS`), in one
-    statement."""
+    statement (on `session_driver`: pending ORM changes are flushed first)."""
     keys = list(dict.fromkeys(_facts_key(refund) for refund in refunds))
-    found = await session.execute(
-        REFUND_FACTS,
-        {
-            "execution_ids": [key[0] for key in keys],
-            "stripe_ids": [key[1] for key in keys],
-            "payment_intents": [key[2] for key in keys],
-            "charges": [key[3] for key in keys],
-        },
+    found = await REFUND_FACTS.fetch(
+        await session_driver(session),
+        execution_ids=[key[0] for key in keys],
+        stripe_ids=[key[1] for key in keys],
+        payment_intents=[key[2] for key in keys],
+        charges=[key[3] for key in keys],
     )
-    return {keys[row.n - 1]: row for row in found.all()}
+    return {keys[row.n - 1]: row for row in found}
 
 
 def _execution_named(metadata: Mapping[str, Any] | None) -> uuid.UUID | None:
@@ -164,7 +173,7 @@ def _execution_named(metadata: Mapping[str, Any] | None) -> uuid.UUID | None:
     return None
 
 
-def _balance_account(facts: Row[Any]) -> str | None:
+def _balance_account(facts: Any) -> str | None:
     """The account whose balance a refund of this payment moves (top-ups and debt
     repayments), if known."""
     if facts.payment_id is None or facts.payment_purpose not in repo.BALANCE_PURPOSES:
@@ -176,7 +185,7 @@ def _balance_account(facts: Row[Any]) -> str | None:
 async def _adjust_ledger(
     session: AsyncSession,
     refunds: Sequence[Sequence[RefundState]],
-    facts: dict[FactsKey, Row[Any]],
+    facts: dict[FactsKey, Any],
 ) -> None:
     """The ledger entries of refunds of balance payments, in one statement: a live state
     debits (once), a failed or canceled state after a debit credits it back (once). The
@@ -230,8 +239,8 @@ async def _adjust_ledger(
                     },
                 )
     if entries:
-        await session.execute(
-            repo.ADD_LEDGER_ENTRIES,
+        await repo.ADD_LEDGER_ENTRIES.executemany(
+            await session_driver(session),
             [
                 {"account_id": account, "kind": kind, "source_id": source, **entry}
                 for (account, kind, source), entry in entries.items()
@@ -242,7 +251,7 @@ async def _adjust_ledger(
 async def _apply_ours(
     session: AsyncSession,
     states: Sequence[RefundState],
-    facts: dict[FactsKey, Row[Any]],
+    facts: dict[FactsKey, Any],
     settings: Settings,
     stripe: StripeGateway,
 ) -> None:
@@ -348,7 +357,7 @@ async def _cancel_subscription(
     session: AsyncSession,
     execution: RefundExecution,
     request: RefundRequest,
-    payment: Row[Any],
+    payment: Any,
     stripe: StripeGateway,
     settings: Settings,
     now: datetime,

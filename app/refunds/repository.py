@@ -22,6 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.db import DriverStatement, session_driver
 from app.models import (
     Account,
     Activity,
@@ -50,16 +51,32 @@ ADD_LEDGER_ENTRY = (
     .on_conflict_do_nothing(index_elements=["account_id", "kind", "source_id"])
     .returning(LEDGER_ENTRIES.c.id)
 )
-ADD_LEDGER_ENTRIES = insert(LEDGER_ENTRIES).on_conflict_do_nothing(
-    index_elements=["account_id", "kind", "source_id"]
+LEDGER_ENTRY_COLUMNS = (
+    "account_id",
+    "kind",
+    "source_id",
+    "amount",
+    "currency",
+    "description",
+    "occurred_at",
 )
-"""`add_ledger_entry` for several entries at once (executemany)."""
-REFUND_DEBITS = text(
-    "SELECT entries.account_id, entries.source_id"
-    " FROM unnest(CAST(:accounts AS text[]), CAST(:sources AS text[]))"
-    " AS wanted(account_id, source_id)"
-    " JOIN ledger_entries AS entries ON entries.account_id = wanted.account_id"
-    " AND entries.kind = 'refund' AND entries.source_id = wanted.source_id"
+"""What a new ledger entry is given (`id` and `created_at` are the database's)."""
+ADD_LEDGER_ENTRIES = DriverStatement(
+    insert(LEDGER_ENTRIES)
+    .inline()  # no RETURNING of the id
+    .values({name: bindparam(name) for name in LEDGER_ENTRY_COLUMNS})
+    .on_conflict_do_nothing(index_elements=["account_id", "kind", "source_id"])
+)
+"""`add_ledger_entry` for several entries at once, each a dict of `LEDGER_ENTRY_COLUMNS`
+(`executemany` on `session_driver`: the refund and dispute groups' ledger entries)."""
+REFUND_DEBITS = DriverStatement(
+    text(
+        "SELECT entries.account_id, entries.source_id"
+        " FROM unnest(CAST(:accounts AS text[]), CAST(:sources AS text[]))"
+        " AS wanted(account_id, source_id)"
+        " JOIN ledger_entries AS entries ON entries.account_id = wanted.account_id"
+        " AND entries.kind = 'refund' AND entries.source_id = wanted.source_id"
+    )
 )
 """Which (account, Stripe refund) pairs have their `refund` debit in the ledger: one index
 look-up per pair (the unique (account, kind, source) index)."""
@@ -117,12 +134,14 @@ async def add_ledger_entry(
 async def refund_debits(
     session: AsyncSession, refunds: list[tuple[str, str]]
 ) -> set[tuple[str, str]]:
-    """Of these (account, Stripe refund) pairs, those debited in the ledger (`REFUND_DEBITS`)."""
-    found = await session.execute(
-        REFUND_DEBITS,
-        {"accounts": [account for account, _ in refunds], "sources": [s for _, s in refunds]},
+    """Of these (account, Stripe refund) pairs, those debited in the ledger (`REFUND_DEBITS`,
+    on `session_driver`)."""
+    found = await REFUND_DEBITS.fetch(
+        await session_driver(session),
+        accounts=[account for account, _ in refunds],
+        sources=[s for _, s in refunds],
     )
-    return {(account, source) for account, source in found.all()}
+    return {(account, source) for account, source in found}
 
 
 async def subscription_payments(session: AsyncSession, account_id: str) -> list[Payment]:

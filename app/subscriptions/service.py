@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
-from app.db import Reader
+from app.db import DriverStatement, Reader, session_driver
 from app.errors import ServiceUnavailable
 from app.models import AccessChange, Channel, Subscription
 from app.subscriptions.access import (
@@ -34,10 +34,12 @@ from app.subscriptions.schemas import AccessOut, SubscriptionOut
 
 _channel = bindparam("channel_id", type_=String)
 CHANNEL_SUBSCRIPTIONS = select(Subscription).where(Subscription.channel_id == _channel)
-LOCK_CHANNEL_FEEDS = text(
-    "SELECT pg_advisory_xact_lock(hashtextextended('channel:' || channel, 0))"
-    " FROM unnest(CAST(:channels AS text[])) WITH ORDINALITY AS c(channel, position)"
-    " ORDER BY position"
+LOCK_CHANNEL_FEEDS = DriverStatement(
+    text(
+        "SELECT pg_advisory_xact_lock(hashtextextended('channel:' || channel, 0))"
+        " FROM unnest(CAST(:channels AS text[])) WITH ORDINALITY AS c(channel, position)"
+        " ORDER BY position"
+    )
 )
 """Each channel's feed lock, taken in the order given (sorted, so two writers cannot deadlock)."""
 _FEED_SUBSCRIPTIONS = cast(Table, Subscription.__table__)
@@ -54,21 +56,32 @@ _LAST_CHANGE = (
     .limit(1)
     .lateral("last_change")
 )
-CHANNELS_FEED_STATE = select(
-    _WANTED.c.channel_id.label("channel"),
-    _FEED_CHANNELS.c.account_id.label("owner"),
-    _LAST_CHANGE.c.has_access.label("last_has_access"),
-    _LAST_CHANGE.c.access_until.label("last_access_until"),
-    *(_FEED_SUBSCRIPTIONS.c[name] for name in ACCESS_COLUMNS),
-).select_from(
-    _WANTED.outerjoin(_FEED_CHANNELS, _FEED_CHANNELS.c.id == _WANTED.c.channel_id)
-    .outerjoin(_LAST_CHANGE, true())
-    .outerjoin(_FEED_SUBSCRIPTIONS, _FEED_SUBSCRIPTIONS.c.channel_id == _WANTED.c.channel_id)
+CHANNELS_FEED_STATE = DriverStatement(
+    select(
+        _WANTED.c.channel_id.label("channel"),
+        _FEED_CHANNELS.c.account_id.label("owner"),
+        _LAST_CHANGE.c.has_access.label("last_has_access"),
+        _LAST_CHANGE.c.access_until.label("last_access_until"),
+        *(_FEED_SUBSCRIPTIONS.c[name] for name in ACCESS_COLUMNS),
+    ).select_from(
+        _WANTED.outerjoin(_FEED_CHANNELS, _FEED_CHANNELS.c.id == _WANTED.c.channel_id)
+        .outerjoin(_LAST_CHANGE, true())
+        .outerjoin(_FEED_SUBSCRIPTIONS, _FEED_SUBSCRIPTIONS.c.channel_id == _WANTED.c.channel_id)
+    ),
+    named=True,
 )
 """What `record_access_changes` decides on, in one statement for many channels: per channel,
 its owner, the last feed entry's access (NULL when there is none) and the access columns of
-its subscriptions (one row with NULL columns when it has none)."""
-NEW_ACCESS_CHANGE = insert(cast(Table, AccessChange.__table__))
+its subscriptions (one row with NULL columns when it has none); rows with these as
+attributes."""
+_ACCESS_CHANGES = cast(Table, AccessChange.__table__)
+ACCESS_CHANGE_COLUMNS = ("channel_id", "account_id", "has_access", "access_until", "reason")
+NEW_ACCESS_CHANGE = DriverStatement(
+    insert(_ACCESS_CHANGES)
+    .inline()  # no RETURNING of the id
+    .values({name: bindparam(name) for name in ACCESS_CHANGE_COLUMNS})
+)
+"""Appends a feed entry (executemany; `id` and `created_at` are the database's)."""
 
 
 async def current_channel_access(
@@ -92,17 +105,18 @@ async def record_access_changes(
 ) -> list[str]:
     """Append to the access feed for each channel whose access, at the time given for it,
     differs from its last entry; returns those channels. Three statements whatever the
-    number of channels.
+    number of channels, sent straight to the driver in the session's transaction (pending
+    ORM changes are flushed first: `session_driver`).
 
     Serialized per channel with an advisory lock, so concurrent events for two subscriptions
     of one channel cannot both append the same change."""
     channels = sorted(channels_at)
     if not channels:
         return []
-    await session.execute(LOCK_CHANNEL_FEEDS, {"channels": channels})
-    await session.flush()  # a Core statement follows: it does not flush by itself
+    driver = await session_driver(session)
+    await LOCK_CHANNEL_FEEDS.execute(driver, channels=channels)
     rows: dict[str, list[Any]] = {}
-    for row in await session.execute(CHANNELS_FEED_STATE, {"channels": channels}):
+    for row in await CHANNELS_FEED_STATE.fetch(driver, channels=channels):
         rows.setdefault(row.channel, []).append(row)
     changes: list[dict[str, Any]] = []
     for channel in channels:
@@ -132,7 +146,7 @@ async def record_access_changes(
             }
         )
     if changes:
-        await session.execute(NEW_ACCESS_CHANGE, changes)
+        await NEW_ACCESS_CHANGE.executemany(driver, changes)
     return [str(change["channel_id"]) for change in changes]
 
 
