@@ -218,7 +218,11 @@ class DriverStatement:
         self.sql: str = compiled.string
         self.binds = [compiled.binds[name] for name in compiled.positiontup]
         self._names = tuple(compiled.positiontup)
-        self._defaults: dict[str, Any] = dict(compiled.params)
+        self._defaults: dict[str, Any] = {  # the statement's own values (literals)
+            name: value
+            for name, value in compiled.params.items()
+            if not compiled.binds[name].required
+        }
         self.row: Callable[[Any], Any] | None = None
         if named:
             keys = [column.key for column in getattr(statement, "selected_columns", ())]
@@ -246,7 +250,9 @@ class DriverStatement:
             return None
         return direct
 
-    def args(self, params: dict[str, Any]) -> list[Any]:
+    def args(self, params: Mapping[str, Any]) -> list[Any]:
+        """The positional values: a parameter the statement does not give itself must be in
+        `params` (`KeyError` otherwise, never a silent NULL)."""
         return [params[n] if n in params else self._defaults[n] for n in self._names]
 
     async def fetchrow(self, conn: Any, **params: Any) -> Any:
