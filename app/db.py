@@ -310,18 +310,24 @@ async def session_driver(session: AsyncSession) -> Any:
     the session's own `execute` would. SQLAlchemy sends BEGIN with its first statement: if
     none has run yet, a `SELECT 1` through the session begins the transaction, so nothing
     sent here commits on its own (a session without a transaction, e.g. in autocommit, is
-    refused: `RuntimeError`)."""
+    refused: `RuntimeError`). Kept for the rest of the transaction (`session.info`)."""
     if session.new or session.dirty or session.deleted:
         await session.flush()
+    transaction = session.sync_session.get_transaction()
+    known = session.info.get(_DRIVER_OF_TRANSACTION)
+    if transaction is not None and known is not None and known[0] is transaction:
+        return known[1]
     connection = await session.connection()
     driver: Any = (await connection.get_raw_connection()).driver_connection
     if not driver.is_in_transaction():
         await connection.execute(_BEGIN)
         if not driver.is_in_transaction():
             raise RuntimeError("the session's connection is not in a transaction")
+    session.info[_DRIVER_OF_TRANSACTION] = (session.sync_session.get_transaction(), driver)
     return driver
 
 
+_DRIVER_OF_TRANSACTION = "driver_of_transaction"
 _BEGIN = select(literal(1))
 
 

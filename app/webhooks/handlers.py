@@ -708,7 +708,8 @@ async def on_subscription_events(ctxs: Sequence[EventContext]) -> None:
         row = rows.get(obj["id"])
         if row is not None and row["source_event_created"] is not None:
             if ctx.created < row["source_event_created"]:
-                log.info("subscription.stale_event_ignored", stripe_id=obj["id"], type=ctx.type)
+                # routine when Stripe delivers out of order: debug, not info
+                log.debug("subscription.stale_event_ignored", stripe_id=obj["id"], type=ctx.type)
                 continue
             if ctx.created == row["source_event_created"]:
                 obj = await ctx.stripe.retrieve_subscription(obj["id"])
