@@ -105,7 +105,7 @@ class Settings(BaseSettings):
     business_timezone: str = "Asia/Singapore"
     business_holidays_country: str = "SG"
     event_retention_days: int = Field(default=30, ge=1)
-    event_batch_size: int = Field(default=250, ge=1, le=1000)
+    event_batch_size: int = Field(default=1000, ge=1, le=1000)
 
     plans: Annotated[list[Plan], NoDecode] = DEFAULT_PLANS
     run_background_workers: bool = True
