@@ -12,6 +12,7 @@ from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 
+import uvloop
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.auth import KNOWN_SCOPES, mint_token
@@ -222,7 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "run_async", False):
-        code: int = asyncio.run(args.handler(args))
+        # uvloop, as uvicorn runs the web processes (uvicorn[standard])
+        code: int = uvloop.run(args.handler(args))
     else:
         code = args.handler(args)
     return code

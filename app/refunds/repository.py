@@ -68,7 +68,7 @@ ADD_LEDGER_ENTRIES = DriverStatement(
     .on_conflict_do_nothing(index_elements=["account_id", "kind", "source_id"])
 )
 """`add_ledger_entry` for several entries at once, each a dict of `LEDGER_ENTRY_COLUMNS`
-(`executemany` on `session_driver`: the refund and dispute groups' ledger entries)."""
+(`executemany` on `session_driver`: the checkout, refund and dispute groups' entries)."""
 REFUND_DEBITS = DriverStatement(
     text(
         "SELECT entries.account_id, entries.source_id"

@@ -73,12 +73,12 @@ from app.models import (
     CheckoutSession,
     Dispute,
     Invoice,
-    LedgerEntry,
     Payment,
     Refund,
     Subscription,
 )
 from app.refunds.events import on_refunds_mirrored
+from app.refunds.repository import ADD_LEDGER_ENTRIES
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.access import LIVE_STATUSES
 from app.subscriptions.service import record_access_changes
@@ -497,20 +497,6 @@ LOCKED_CHECKOUTS = DriverStatement(
     .with_for_update()
 )
 WRITE_CHECKOUTS = ArrayUpdate(CHECKOUTS, CHECKOUT_MERGED)
-LEDGER_CREDIT_COLUMNS = (
-    "account_id",
-    "kind",
-    "source_id",
-    "amount",
-    "currency",
-    "description",
-    "occurred_at",
-)
-CREDIT_BALANCE = DriverStatement(
-    insert(cast(Table, LedgerEntry.__table__))
-    .values({name: bindparam(name) for name in LEDGER_CREDIT_COLUMNS})
-    .on_conflict_do_nothing(index_elements=["account_id", "kind", "source_id"])
-)
 _subscription_ids = bindparam("subscriptions", type_=ARRAY(String))
 FULFILLING_SUBSCRIPTIONS = DriverStatement(
     union_all(
@@ -585,7 +571,7 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     await WRITE_CHECKOUTS.execute(await session_driver(session), changed)
     await link_customers(session, customers)
     if credits:
-        await CREDIT_BALANCE.executemany(await session_driver(session), credits)
+        await ADD_LEDGER_ENTRIES.executemany(await session_driver(session), credits)
     if payments:
         await apply_payment_changes(payments)
     await record_first_payments(session, first_payments)
