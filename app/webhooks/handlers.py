@@ -1511,11 +1511,6 @@ def _uuid(value: Any) -> uuid.UUID | None:
         return None
 
 
-Handler = Callable[[EventContext], Awaitable[None]]
-
-HANDLERS: dict[str, Handler] = {}
-"""Event types applied one by one, in stored order, before the groups: none at present
-(every handled type is applied by group)."""
 GroupHandler = Callable[[Sequence[EventContext]], Awaitable[None]]
 
 GROUP_HANDLERS: dict[str, GroupHandler] = {  # the groups run in this order (see below)
@@ -1527,8 +1522,8 @@ GROUP_HANDLERS: dict[str, GroupHandler] = {  # the groups run in this order (see
     **{event_type: on_refund_events for event_type in sorted(REFUND_EVENTS)},
     **{event_type: on_dispute_events for event_type in sorted(DISPUTE_EVENTS)},
 }
-"""Event types applied together, after a batch's other events: the one-way objects' merges
-are monotonic and commute, and a subscription's events are folded in their stored order (see
+"""Every handled event type and its group: a batch's events of one group are applied
+together. The one-way objects' merges are monotonic and commute, and a subscription's events are folded in their stored order (see
 the module docstring), so applying them as one group ends where applying them one by one in
 any order would, with a few statements per group instead of several per event.
 Subscriptions first (a checkout is fulfilled once its subscription is live), checkout
@@ -1542,7 +1537,7 @@ batch applies every state of the refund with the payment known, where one event 
 transaction applies only the refund's state when the payment arrives, so a refund that had
 also failed by then gets a debit and its reversal (net nothing) instead of neither, one of the
 outcomes different delivery orders already give."""
-HANDLED_EVENT_TYPES = frozenset(HANDLERS) | frozenset(GROUP_HANDLERS)
+HANDLED_EVENT_TYPES = frozenset(GROUP_HANDLERS)
 
 
 def lock_key(event: Json) -> str:
@@ -1562,9 +1557,8 @@ def lock_key(event: Json) -> str:
 async def apply_events(
     ctxs: Sequence[EventContext], after_each: Callable[[], Awaitable[None]]
 ) -> None:
-    """Apply the events of one transaction: each with its own handler in order (then
-    `after_each`), and the events of each `GROUP_HANDLERS` handler together at the end (then
-    `after_each` again)."""
+    """Apply the events of one transaction: the events of each `GROUP_HANDLERS` handler
+    together, the groups in their order, each followed by `after_each`."""
     groups: dict[GroupHandler, list[EventContext]] = {
         group: []
         for group in GROUP_HANDLERS.values()  # in their order
@@ -1572,9 +1566,6 @@ async def apply_events(
     for ctx in ctxs:
         if (group := GROUP_HANDLERS.get(ctx.type)) is not None:
             groups[group].append(ctx)
-        elif (handler := HANDLERS.get(ctx.type)) is not None:
-            await handler(ctx)
-            await after_each()
     for group, members in groups.items():
         if members:
             await group(members)
@@ -1582,8 +1573,6 @@ async def apply_events(
 
 
 async def apply_event(ctx: EventContext) -> None:
-    """One event (a group of one for a `GROUP_HANDLERS` type)."""
+    """One event, as a group of one."""
     if (group := GROUP_HANDLERS.get(ctx.type)) is not None:
         await group([ctx])
-    elif (handler := HANDLERS.get(ctx.type)) is not None:
-        await handler(ctx)
