@@ -302,11 +302,19 @@ async def end_to_end(
             partial(applied_at_least, warm_unique + unique), seconds=600, interval=0.01
         )
         applied = time.monotonic()
+
+        async def fees_known() -> bool:  # looked up after the events (app/webhooks/fees.py)
+            known = await watch.fetchval("SELECT count(*) FROM payments WHERE fee IS NOT NULL")
+            return bool(known >= expected_mirror(accounts + E2E_WARM_UP)["settled fees"])
+
+        fees_finished = await harness.wait_for(fees_known, seconds=600, interval=0.01)
+        fees_at = time.monotonic()
         await watch.close()
     counts = await count_status(dsn)
     mirror = await mirror_check(dsn, accounts + E2E_WARM_UP)
     expected = expected_mirror(accounts + E2E_WARM_UP)
     e2e_rate = len(bodies) / (applied - started)
+    with_fees_rate = len(bodies) / (fees_at - started)
     where = "a processor process of its own" if separate_processor else "background workers on"
     print(
         f"\nEnd to end ({accounts} accounts' lifecycles, {len(bodies)} deliveries as one burst,"
@@ -330,6 +338,13 @@ async def end_to_end(
                     "stored and applied",
                     f"{e2e_rate:,.0f} deliveries/s ({e2e_rate / ref_rate:.2f}x ref)",
                 ],
+                [
+                    "fees looked up after the events",
+                    f"{fees_at - applied:.1f} s later: {with_fees_rate:,.0f} deliveries/s"
+                    f" ({with_fees_rate / ref_rate:.2f}x ref)"
+                    if fees_finished
+                    else "NO (timeout)",
+                ],
                 ["events by status", json.dumps(counts)],
                 ["not acknowledged 200", burst.non200 + burst.errors],
                 ["mirror as Stripe ends", "yes" if mirror == expected else f"NO: {mirror}"],
@@ -343,6 +358,7 @@ async def end_to_end(
         "drain_seconds": applied - acked,
         "e2e_rate": e2e_rate,
         "ratio": e2e_rate / ref_rate,
+        "with_fees_rate": with_fees_rate,
         "counts": counts,
         "mirror_ok": mirror == expected,
         "mirror": mirror,

@@ -110,7 +110,8 @@ class Invoice(Timestamped, Base):
 
 class Payment(Timestamped, Base):
     """A Stripe payment (payment intent) for a subscription invoice, a top-up or a debt
-    repayment, with Stripe's processing fee once its balance transaction settles."""
+    repayment, with Stripe's processing fee once its balance transaction settles (looked up
+    after the charge's events are applied: app/webhooks/fees.py)."""
 
     __tablename__ = "payments"
 
@@ -130,9 +131,19 @@ class Payment(Timestamped, Base):
     fee: Mapped[int | None] = mapped_column(
         BigInteger, comment="Stripe fee in the payment currency; null until the charge settles."
     )
+    stripe_balance_transaction_id: Mapped[str | None] = mapped_column(
+        String(255), comment="The charge's balance transaction, where its fee is read."
+    )
     amount_refunded: Mapped[int] = mapped_column(BigInteger, server_default="0")
     disputed: Mapped[bool] = mapped_column(server_default="false")
     paid_at: Mapped[datetime | None]
+
+
+Index(  # the fee look-ups still to make (app/webhooks/fees.py)
+    "ix_payments_fee_unsettled",
+    Payment.id,
+    postgresql_where=Payment.fee.is_(None) & Payment.stripe_balance_transaction_id.is_not(None),
+)
 
 
 class Refund(Timestamped, Base):

@@ -34,7 +34,6 @@ effects are applied to each in order (`on_refund_events`).
 
 from __future__ import annotations
 
-import asyncio
 import re
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Sequence
@@ -82,13 +81,11 @@ from app.refunds.repository import ADD_LEDGER_ENTRIES
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.access import LIVE_STATUSES
 from app.subscriptions.service import record_access_changes
+from app.webhooks.fees import fee_in_payment_currency
 
 log = structlog.get_logger()
 
 Json = dict[str, Any]
-PrefetchedObjects = dict[str, "asyncio.Task[Json]"]
-"""Stripe objects by id, being fetched while the batch's other events are applied; awaiting
-one that failed raises its error again (it is not asked for again in the batch)."""
 TIMESTAMPS = ("created_at", "updated_at")
 
 
@@ -99,8 +96,6 @@ class EventContext:
     stripe: StripeGateway
     event: Json
     now: datetime
-    prefetched: PrefetchedObjects = field(default_factory=dict)
-    """Fetched ahead for a batch of events (see `start_balance_transaction_fetches`)."""
 
     @property
     def type(self) -> str:
@@ -358,8 +353,6 @@ class PaymentChange:
     ctx: EventContext
     stripe_id: str
     values: dict[str, Any]
-    balance_transaction: Any = None
-    """A charge's (an id or the object): its fee becomes the payment's while that is unknown."""
     first_payment: Callable[[MirrorDict], tuple[str, datetime] | None] = _no_first_payment
     """Given the merged row: the (account, paid at) this event records as a payment of the
     account (`RECORD_FIRST_PAYMENT`, with the row's currency), if any."""
@@ -411,9 +404,6 @@ async def apply_payment_changes(changes: Sequence[PaymentChange]) -> None:
         row = rows[change.stripe_id]
         links_before = [row[link] for link in PAYMENT_LINKS]
         merge_payment(row, change.values)
-        if row["fee"] is None and change.balance_transaction is not None:
-            transaction = await _balance_transaction(change.ctx, change.balance_transaction)
-            row["fee"] = fee_in_payment_currency(transaction, row["currency"])
         if (first := change.first_payment(row)) is not None:
             add_first_payment(first_payments, *first, row["currency"])
         if change.stripe_id in created or links_before != [row[link] for link in PAYMENT_LINKS]:
@@ -430,15 +420,6 @@ async def apply_payment_changes(changes: Sequence[PaymentChange]) -> None:
 def _known(values: dict[str, Any], key: str, default: Any) -> Any:
     value = values.get(key)
     return default if value is None else value
-
-
-async def _balance_transaction(ctx: EventContext, transaction: Any) -> Json:
-    if isinstance(transaction, dict):
-        return transaction
-    fetching = ctx.prefetched.get(str(transaction))
-    if fetching is not None:
-        return await fetching
-    return dict(await ctx.stripe.retrieve_balance_transaction(str(transaction)))
 
 
 async def _link_disputes(session: AsyncSession, rows: dict[str, MirrorDict]) -> None:
@@ -1051,6 +1032,7 @@ def charge_change(ctx: EventContext, accounts: dict[str, str]) -> PaymentChange 
     account_id = metadata.get("account_id") or accounts.get(ref(obj.get("customer")) or "")
     succeeded = obj.get("status") == "succeeded" and bool(obj.get("paid"))
     paid_at = ts(obj.get("created")) or ctx.created
+    transaction = obj.get("balance_transaction")
 
     def first_payment(row: MirrorDict) -> tuple[str, datetime] | None:
         return (account_id, paid_at) if succeeded and account_id is not None else None
@@ -1068,59 +1050,16 @@ def charge_change(ctx: EventContext, accounts: dict[str, str]) -> PaymentChange 
             "amount_refunded": int(obj.get("amount_refunded") or 0),
             "disputed": bool(obj.get("disputed")),
             "paid_at": ts(obj.get("created")) if succeeded else None,
+            "stripe_balance_transaction_id": ref(transaction),
+            # expanded, it carries the fee; an id is looked up later (app/webhooks/fees.py)
+            "fee": (
+                fee_in_payment_currency(transaction, str(obj.get("currency")))
+                if isinstance(transaction, dict)
+                else None
+            ),
         },
-        balance_transaction=obj.get("balance_transaction"),
         first_payment=first_payment,
     )
-
-
-PREFETCH_CONCURRENCY = 8
-FEES_KNOWN = DriverStatement(
-    select(Payment.stripe_id).where(
-        Payment.stripe_id == any_(bindparam("payment_intents", type_=ARRAY(String))),
-        Payment.fee.is_not(None),
-    )
-)
-
-
-async def start_balance_transaction_fetches(
-    session: AsyncSession, stripe: StripeGateway, events: Sequence[Json]
-) -> PrefetchedObjects:
-    """Start fetching the balance transactions the charge events among `events` need (fees
-    not known yet), concurrently, in tasks that run while the batch's other events are
-    applied (Stripe answers in tens of milliseconds or more; the payment group awaits them).
-    A fetch that fails keeps its error: the event's handler raises it (the attempt fails and
-    is retried later) rather than asking Stripe again at once."""
-    wanted: dict[str, str] = {}  # payment intent -> balance transaction
-    for event in events:
-        obj = event["data"]["object"]
-        if event["type"] in CHARGE_EVENTS:
-            payment_intent, transaction = (
-                ref(obj.get("payment_intent")),
-                obj.get("balance_transaction"),
-            )
-            if payment_intent and isinstance(transaction, str):
-                wanted[payment_intent] = transaction
-    if not wanted:
-        return {}
-    known = await FEES_KNOWN.fetch(await session_driver(session), payment_intents=list(wanted))
-    for (payment_intent,) in known:
-        wanted.pop(payment_intent, None)
-    limit = asyncio.Semaphore(PREFETCH_CONCURRENCY)
-
-    async def fetch(transaction_id: str) -> Json:
-        async with limit:
-            return dict(await stripe.retrieve_balance_transaction(transaction_id))
-
-    return {i: asyncio.create_task(fetch(i)) for i in sorted(set(wanted.values()))}
-
-
-async def settle_fetches(fetches: PrefetchedObjects) -> None:
-    """Cancel the fetches still running (their events were not applied) and retrieve every
-    outcome, so no task is left pending or with an error nobody saw."""
-    for task in fetches.values():
-        task.cancel()
-    await asyncio.gather(*fetches.values(), return_exceptions=True)
 
 
 def accounts_named(events: Sequence[Json]) -> set[str]:
@@ -1137,15 +1076,6 @@ def accounts_named(events: Sequence[Json]) -> set[str]:
             if isinstance(account_id, str) and ACCOUNT_ID.fullmatch(account_id):
                 named.add(account_id)
     return named
-
-
-def fee_in_payment_currency(balance_transaction: Json, payment_currency: str) -> int:
-    """Stripe's fee is in the settlement currency; convert it back when that differs."""
-    fee = int(balance_transaction.get("fee") or 0)
-    rate = balance_transaction.get("exchange_rate")
-    if balance_transaction.get("currency") != payment_currency and rate:
-        return round(fee / float(rate))
-    return fee
 
 
 # --- refunds and disputes ------------------------------------------------------------------

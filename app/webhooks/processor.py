@@ -27,9 +27,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import time
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any, cast
@@ -58,15 +58,13 @@ from app.db import DriverStatement, session_driver
 from app.models import StripeEvent
 from app.stripe_gateway import StripeGateway
 from app.webhooks import metrics
+from app.webhooks.fees import MAX_WAIT_SECONDS, FeeLookups
 from app.webhooks.handlers import (
     EventContext,
-    PrefetchedObjects,
     accounts_named,
     apply_event,
     apply_events,
     lock_key,
-    settle_fetches,
-    start_balance_transaction_fetches,
 )
 
 log = structlog.get_logger()
@@ -126,16 +124,6 @@ MARK_PROCESSED = DriverStatement(
 )
 
 
-@dataclass
-class Claim:
-    """What one `process_due` works on: the ids its first transaction claimed (its retries
-    and the one-by-one fallback take the same events again) and the Stripe objects fetched
-    for them once."""
-
-    ids: list[int] = field(default_factory=list)
-    fetched: PrefetchedObjects = field(default_factory=dict)
-
-
 def is_lock_conflict(exc: BaseException) -> bool:
     """A deadlock or serialization failure reported by Postgres: raised by asyncpg itself
     (statements sent straight to the driver) or kept as `orig` by SQLAlchemy's error."""
@@ -169,23 +157,31 @@ class EventProcessor:
         self._batch_size = batch_size or settings.event_batch_size
         self._poll_seconds = poll_seconds
         self._wakeup = asyncio.Event()
+        self._fees = FeeLookups(session_factory, stripe)
 
     def notify(self) -> None:
         self._wakeup.set()
 
     async def drain(self) -> int:
-        """Apply every event that is due now; returns how many were attempted."""
+        """Apply every event that is due now, then look up the fees they left unknown
+        (app/webhooks/fees.py); returns how many events were attempted."""
         total = 0
-        while True:
-            done = await self.process_due()
+        while done := await self.process_due():
             total += done
-            if done == 0:
-                return total
+        while await self._fees.run():
+            pass
+        return total
 
     async def run_forever(self) -> None:
+        """Apply due events as they come; look up fees when none is due, or once every
+        `MAX_WAIT_SECONDS` while events keep coming."""
+        fees_looked_up_at = time.monotonic()
         while True:
             try:
                 done = await self.process_due()
+                if not done or time.monotonic() - fees_looked_up_at > MAX_WAIT_SECONDS:
+                    fees_looked_up_at = time.monotonic()
+                    done += await self._fees.run()
             except Exception as exc:  # the database may be briefly unreachable
                 log.warning("stripe_event.worker_error", error_type=type(exc).__name__)
                 done = 0
@@ -200,29 +196,26 @@ class EventProcessor:
         handler raised, or conflicts went on), apply the batch's events one by one, so a bad
         event is retried and parked alone and the others go through. Returns how many events
         were claimed."""
-        claim = Claim()
-        try:
-            await self._apply_claim(claim)
-        finally:
-            await settle_fetches(claim.fetched)
-        return len(claim.ids)
+        claimed: list[int] = []  # by the first attempt; retries and the fallback take these
+        await self._apply_claimed(claimed)
+        return len(claimed)
 
-    async def _apply_claim(self, claim: Claim) -> None:
+    async def _apply_claimed(self, claimed: list[int]) -> None:
         """The batch in one transaction, or else its events one per transaction."""
         try:
-            await self._with_conflict_retries(partial(self._apply_batch, claim))
+            await self._with_conflict_retries(partial(self._apply_batch, claimed))
             return
         except Exception as exc:
-            if not claim.ids:
+            if not claimed:
                 raise  # nothing was claimed (e.g. the database is unreachable)
             log.info(
                 "stripe_event.batch_fallback",
-                events=len(claim.ids),
+                events=len(claimed),
                 error_type=type(exc).__name__,
             )
-        for event_id in claim.ids:
+        for event_id in claimed:
             try:
-                await self._with_conflict_retries(partial(self._apply_one, event_id, claim))
+                await self._with_conflict_retries(partial(self._apply_one, event_id))
             except Exception as exc:
                 # the transaction itself failed (e.g. the database went away): nothing was
                 # marked processed, and the events are claimed again by the next batch.
@@ -271,27 +264,23 @@ class EventProcessor:
             await (await session_driver(session)).execute(ADVISORY_LOCKS, keys)
         return events
 
-    async def _apply_batch(self, claim: Claim) -> None:
+    async def _apply_batch(self, claimed: list[int]) -> None:
         """All events in one transaction, in the order they were stored, marked processed by
         one statement; any failure rolls the whole batch back (the caller then applies its
-        events one by one). The first attempt claims the events; a retry takes them again."""
+        events one by one). The first attempt claims the events (their ids are added to
+        `claimed`); a retry takes them again."""
         async with self._transaction() as session:
             driver = await session_driver(session)
-            if claim.ids:
-                rows = await RELOCK.fetch(driver, ids=claim.ids)
+            if claimed:
+                rows = await RELOCK.fetch(driver, ids=claimed)
             else:
                 rows = await CLAIM_DUE.fetch(driver, batch_size=self._batch_size)
-            if not claim.ids:
-                claim.ids = [row.id for row in rows]
+                claimed.extend(row.id for row in rows)
             rows = await self._locked(session, rows)
             if not rows:
                 return
             now = datetime.now(UTC)
             payloads = [row.payload for row in rows]
-            if not claim.fetched:
-                claim.fetched.update(
-                    await start_balance_transaction_fetches(session, self._stripe, payloads)
-                )
             await ensure_accounts(session, accounts_named(payloads))
 
             async def forget_loaded_rows() -> None:
@@ -301,7 +290,7 @@ class EventProcessor:
 
             await apply_events(
                 [
-                    EventContext(session, self._settings, self._stripe, payload, now, claim.fetched)
+                    EventContext(session, self._settings, self._stripe, payload, now)
                     for payload in payloads
                 ],
                 after_each=forget_loaded_rows,
@@ -311,7 +300,7 @@ class EventProcessor:
             )
         self._count_processed(rows, now)
 
-    async def _apply_one(self, event_id: int, claim: Claim) -> None:
+    async def _apply_one(self, event_id: int) -> None:
         """One event; a handler's failure is rolled back to a savepoint and recorded on the
         event (retried with backoff, parked after MAX_ATTEMPTS)."""
         async with self._transaction() as session:
@@ -330,9 +319,7 @@ class EventProcessor:
             try:
                 async with session.begin_nested():
                     await apply_event(
-                        EventContext(
-                            session, self._settings, self._stripe, row.payload, now, claim.fetched
-                        )
+                        EventContext(session, self._settings, self._stripe, row.payload, now)
                     )
             except Exception as exc:
                 if is_lock_conflict(exc):

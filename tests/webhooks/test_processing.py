@@ -3,6 +3,7 @@ payload pruning."""
 
 from __future__ import annotations
 
+import copy
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ import httpx
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from app.models import Payment, StripeEvent
+from app.models import StripeEvent, Subscription
 from app.stripe_gateway import API_VERSION
 from app.webhooks.handlers import HANDLED_EVENT_TYPES
 from app.webhooks.processor import MAX_ATTEMPTS, prune_payloads
@@ -43,20 +44,29 @@ async def test_a_failing_event_is_retried_parked_listed_and_replayed(
     token,  # type: ignore[no-untyped-def]
 ) -> None:
     add_catalog(stripe_fake)
-    session_id = await open_checkout(app, account_id="acc_fee", purpose="top_up", amount=3000)
+    session_id = await open_checkout(
+        app, account_id="acc_retry", purpose="subscription", channel_id="chan_retry"
+    )
+    start = len(stripe_fake.events)
     await deliver(stripe_fake.complete_checkout(session_id))
-    payment_intent = str(stripe_fake.get("checkout.session", session_id)["payment_intent"])
-    charge = str(stripe_fake.get("payment_intent", payment_intent)["latest_charge"])
-    settled = stripe_fake.settle_charge(charge, fee=117)
-    # Stripe answers 500 to every fee lookup (2 requests per attempt: one SDK retry)
-    stripe_fake.fail_next(2 * MAX_ATTEMPTS, 500, path_prefix="/v1/balance_transactions")
-    await deliver(settled, process=False)
+    created = next(
+        e for e in stripe_fake.events[start:] if e["type"] == "customer.subscription.created"
+    )
+    sub_id = created["data"]["object"]["id"]
+    # another event of the same second: only Stripe's current state can order the two, and
+    # Stripe answers 500 to every look-up of it: 4 requests per attempt (the batch, then the
+    # event alone, each with one SDK retry)
+    same_second = copy.deepcopy(created)
+    same_second["id"] += "_again"
+    same_second["data"]["object"]["cancel_at_period_end"] = True
+    stripe_fake.fail_next(4 * MAX_ATTEMPTS, 500, path_prefix=f"/v1/subscriptions/{sub_id}")
+    await deliver([same_second], process=False)
     processor = app.state.event_processor
     for attempt in range(1, MAX_ATTEMPTS + 1):
         await processor.drain()
         async with app.state.session_factory() as session:
             row = await session.scalar(
-                select(StripeEvent).where(StripeEvent.type == "charge.updated")
+                select(StripeEvent).where(StripeEvent.stripe_id == same_second["id"])
             )
         assert row is not None
         assert row.attempts == attempt
@@ -73,7 +83,7 @@ async def test_a_failing_event_is_retried_parked_listed_and_replayed(
     assert [(e["id"], e["attempts"]) for e in listed.json()["data"]] == [
         (row.stripe_id, MAX_ATTEMPTS)
     ]
-    user = bearer(token(account_id="acc_fee"))
+    user = bearer(token(account_id="acc_retry"))
     assert (await client.get("/v1/ops/stripe-events", headers=user)).status_code == 403
 
     replayed = await client.post(f"/v1/ops/stripe-events/{row.stripe_id}/replay", headers=ops)
@@ -85,12 +95,14 @@ async def test_a_failing_event_is_retried_parked_listed_and_replayed(
     assert missing.status_code == 404
     await processor.drain()
     async with app.state.session_factory() as session:
-        payment = await session.scalar(select(Payment).where(Payment.stripe_id == payment_intent))
+        subscription = await session.scalar(
+            select(Subscription).where(Subscription.stripe_id == sub_id)
+        )
         event_row = await session.scalar(
             select(StripeEvent).where(StripeEvent.stripe_id == row.stripe_id)
         )
-    assert payment is not None
-    assert payment.fee == 117
+    assert subscription is not None
+    assert subscription.cancel_at_period_end is False  # Stripe's current state
     assert event_row is not None
     assert event_row.status == "processed"
 

@@ -1,0 +1,117 @@
+"""Stripe's processing fee of each payment, looked up after the charge's events are applied.
+
+A charge event names the charge's balance transaction by id (webhooks do not expand it); its
+`fee` is the processing fee a refund quote deducts. Applying the event stores the id
+(`payments.stripe_balance_transaction_id`); `FeeLookups.run` then looks up the fees still
+unknown (index `ix_payments_fee_unsettled`), up to `ROUND_SIZE` at a time, `CONCURRENCY` at
+once, and writes them in one statement. Until then a refund quote says `fee_pending`, as it
+does before Stripe settles the charge. An event that carries the balance transaction expanded
+gives its fee at once (app/webhooks/handlers.py `charge_change`).
+
+Why not inside the transaction that applies the events: a look-up is a Stripe round trip and
+about a millisecond of our CPU in the SDK, about a third of the processor's CPU
+(bench/README.md, item 36), spent while that transaction held its locks; and a Stripe outage
+failed whole batches of events that did not need Stripe. Now an outage delays fees only: after
+a round with a failed look-up, the next waits `FAILURE_BACKOFF_SECONDS`.
+
+The event processor runs a round when no event is due, and at least every
+`MAX_WAIT_SECONDS` while events keep coming (app/webhooks/processor.py): applying events, which
+access and balances depend on, comes first. On several replicas, a round holds a
+transaction-level advisory lock, so one replica looks fees up at a time and each fee is looked
+up once; that transaction holds no row lock while Stripe answers, and the write keeps a fee
+once known (`fee IS NULL`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from time import monotonic
+from typing import Any, cast
+
+import structlog
+from sqlalchemy import Table, bindparam, select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from app.db import ArrayUpdate, DriverStatement, session_driver
+from app.models import Payment
+from app.stripe_gateway import StripeGateway
+
+log = structlog.get_logger()
+
+ROUND_SIZE = 100
+CONCURRENCY = 8
+FAILURE_BACKOFF_SECONDS = 60.0
+MAX_WAIT_SECONDS = 5.0
+
+ONE_ROUND_AT_A_TIME = "SELECT pg_try_advisory_xact_lock(hashtextextended('billing:fees', 0))"
+UNSETTLED = DriverStatement(
+    select(Payment.id, Payment.stripe_balance_transaction_id, Payment.currency)
+    .where(Payment.fee.is_(None), Payment.stripe_balance_transaction_id.is_not(None))
+    .order_by(Payment.id)
+    .limit(bindparam("limit")),
+    named=True,
+)
+WRITE_FEES = ArrayUpdate(cast(Table, Payment.__table__), ["fee"], where='"payments".fee IS NULL')
+
+
+def fee_in_payment_currency(balance_transaction: dict[str, Any], payment_currency: str) -> int:
+    """Stripe's fee is in the settlement currency; convert it back when that differs."""
+    fee = int(balance_transaction.get("fee") or 0)
+    rate = balance_transaction.get("exchange_rate")
+    if balance_transaction.get("currency") != payment_currency and rate:
+        return round(fee / float(rate))
+    return fee
+
+
+class FeeLookups:
+    def __init__(
+        self, session_factory: async_sessionmaker[AsyncSession], stripe: StripeGateway
+    ) -> None:
+        self._session_factory = session_factory
+        self._stripe = stripe
+        self._next_round_at = 0.0  # monotonic(); later after a failed look-up
+
+    async def run(self) -> int:
+        """One round; returns how many fees Stripe gave (0: none unknown, another replica's
+        round is running, or the backoff after a failure has not passed)."""
+        if monotonic() < self._next_round_at:
+            return 0
+        async with self._session_factory() as session, session.begin():
+            driver = await session_driver(session)
+            if not await driver.fetchval(ONE_ROUND_AT_A_TIME):
+                return 0
+            unsettled = await UNSETTLED.fetch(driver, limit=ROUND_SIZE)
+            fees, failures = await self._look_up(unsettled)
+            await WRITE_FEES.execute(driver, fees)
+        if failures:
+            self._next_round_at = monotonic() + FAILURE_BACKOFF_SECONDS
+            log.warning(
+                "payment_fee.lookup_failed",
+                failed=len(failures),
+                written=len(fees),
+                error_type=type(failures[0]).__name__,
+                retry_in_seconds=FAILURE_BACKOFF_SECONDS,
+            )
+        return len(fees)
+
+    async def _look_up(self, payments: list[Any]) -> tuple[list[dict[str, Any]], list[Exception]]:
+        """The fees of `payments` (`UNSETTLED` rows) Stripe gave, and the look-ups' failures."""
+        slots = asyncio.Semaphore(CONCURRENCY)
+
+        async def fee_of(payment: Any) -> dict[str, Any]:
+            async with slots:
+                transaction = await self._stripe.retrieve_balance_transaction(
+                    payment.stripe_balance_transaction_id
+                )
+            return {"id": payment.id, "fee": fee_in_payment_currency(transaction, payment.currency)}
+
+        outcomes = await asyncio.gather(*map(fee_of, payments), return_exceptions=True)
+        fees, failures = [], []
+        for outcome in outcomes:
+            if isinstance(outcome, Exception):
+                failures.append(outcome)
+            elif isinstance(outcome, BaseException):
+                raise outcome  # cancelled: the round ends with nothing written
+            else:
+                fees.append(outcome)
+        return fees, failures

@@ -1,0 +1,103 @@
+"""Stripe's fees looked up after the charge's events are applied (app/webhooks/fees.py): not
+by the transaction that applies them, not lost when Stripe fails, and once per fee however
+many replicas look."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from app.models import Payment, StripeEvent
+from app.webhooks import fees
+from app.webhooks.fees import FeeLookups
+from tests.conftest import Deliver
+from tests.stripe_fake import StripeFake
+from tests.webhooks.flows import add_catalog, open_checkout
+
+BALANCE_TRANSACTIONS = "/v1/balance_transactions"
+
+
+async def _settled_top_ups(
+    app: FastAPI, fake: StripeFake, deliver: Deliver, fees_by_account: dict[str, int]
+) -> dict[str, str]:
+    """A paid top-up per account, its charge settled with the given fee at Stripe and every
+    event stored but not applied; returns each account's payment intent."""
+    add_catalog(fake)
+    payment_intents = {}
+    for account_id, fee in fees_by_account.items():
+        session_id = await open_checkout(app, account_id=account_id, purpose="top_up", amount=3000)
+        await deliver(fake.complete_checkout(session_id), process=False)
+        payment_intent = str(fake.get("checkout.session", session_id)["payment_intent"])
+        charge = str(fake.get("payment_intent", payment_intent)["latest_charge"])
+        await deliver(fake.settle_charge(charge, fee=fee), process=False)
+        payment_intents[account_id] = payment_intent
+    return payment_intents
+
+
+async def _fees(app: FastAPI) -> dict[str, int | None]:
+    async with app.state.session_factory() as session:
+        rows = await session.execute(select(Payment.stripe_id, Payment.fee))
+        return {stripe_id: fee for stripe_id, fee in rows}
+
+
+async def _unapplied(app: FastAPI) -> int:
+    async with app.state.session_factory() as session:
+        rows = await session.scalars(select(StripeEvent).where(StripeEvent.status == "pending"))
+        return len(rows.all())
+
+
+async def test_a_fee_is_looked_up_after_its_events_are_applied(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver
+) -> None:
+    intents = await _settled_top_ups(app, stripe_fake, deliver, {"acc_fee_a": 117})
+    processor = app.state.event_processor
+    while await processor.process_due():
+        pass
+    assert await _unapplied(app) == 0
+    assert await _fees(app) == {intents["acc_fee_a"]: None}  # the events asked Stripe nothing
+    assert stripe_fake.requests_to("GET", BALANCE_TRANSACTIONS) == []
+
+    await processor.drain()
+    assert await _fees(app) == {intents["acc_fee_a"]: 117}
+    assert len(stripe_fake.requests_to("GET", BALANCE_TRANSACTIONS)) == 1
+    await processor.drain()  # nothing left to look up
+    assert len(stripe_fake.requests_to("GET", BALANCE_TRANSACTIONS)) == 1
+
+
+async def test_stripe_failing_delays_fees_and_no_event(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    intents = await _settled_top_ups(app, stripe_fake, deliver, {"acc_fee_b": 143})
+    stripe_fake.fail_next(2, 500, path_prefix=BALANCE_TRANSACTIONS)  # one SDK retry
+    processor = app.state.event_processor
+    await processor.drain()
+    assert await _unapplied(app) == 0  # every event applied all the same
+    assert await _fees(app) == {intents["acc_fee_b"]: None}
+    assert len(stripe_fake.requests_to("GET", BALANCE_TRANSACTIONS)) == 2
+
+    await processor.drain()  # Stripe answers again, but the backoff has not passed
+    assert len(stripe_fake.requests_to("GET", BALANCE_TRANSACTIONS)) == 2
+    assert await _fees(app) == {intents["acc_fee_b"]: None}
+
+    later = fees.monotonic() + fees.FAILURE_BACKOFF_SECONDS + 1
+    monkeypatch.setattr(fees, "monotonic", lambda: later)
+    await processor.drain()
+    assert await _fees(app) == {intents["acc_fee_b"]: 143}
+    assert len(stripe_fake.requests_to("GET", BALANCE_TRANSACTIONS)) == 3
+
+
+async def test_replicas_looking_up_at_once_ask_stripe_once_per_fee(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver
+) -> None:
+    accounts = {f"acc_fee_{n}": 100 + n for n in range(6)}
+    intents = await _settled_top_ups(app, stripe_fake, deliver, accounts)
+    while await app.state.event_processor.process_due():
+        pass
+    replicas = [FeeLookups(app.state.session_factory, app.state.stripe) for _ in range(3)]
+    written = await asyncio.gather(*(replica.run() for replica in replicas))
+    assert sum(written) == len(accounts)
+    assert await _fees(app) == {intents[account]: fee for account, fee in accounts.items()}
+    assert len(stripe_fake.requests_to("GET", BALANCE_TRANSACTIONS)) == len(accounts)
