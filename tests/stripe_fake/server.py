@@ -138,7 +138,10 @@ class StripeFake(StripeSimulator):
     def start(self) -> StripeFake:
         if self._server is not None:
             return self
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP named: asyncio sets TCP_NODELAY only on sockets whose `proto` says TCP
+        # (accepted ones inherit it). Without it, a response's body (written after its
+        # headers) waited ~40 ms for the client's delayed ACK on a kept-alive connection.
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
