@@ -20,6 +20,9 @@
   handler's work is rolled back (savepoint), the attempt is counted and retried with
   exponential backoff; after `MAX_ATTEMPTS` the event is parked as `failed`, listed by
   `GET /v1/ops/stripe-events?status=failed` and replayable.
+- Fees: Stripe's processing fees, which the events name but do not carry, are looked up
+  after the events are applied, by `FeeLookups` (app/webhooks/fees.py): when no event is due,
+  or once every `MAX_WAIT_SECONDS` while events keep coming.
 """
 
 from __future__ import annotations
