@@ -21,8 +21,9 @@
   exponential backoff; after `MAX_ATTEMPTS` the event is parked as `failed`, listed by
   `GET /v1/ops/stripe-events?status=failed` and replayable.
 - Fees: Stripe's processing fees, which the events name but do not carry, are looked up
-  after the events are applied, by `FeeLookups` (app/webhooks/fees.py): when no event is due,
-  or once every `MAX_WAIT_SECONDS` while events keep coming.
+  after the events are applied, by `FeeLookups` (app/webhooks/fees.py) in a task beside the
+  events' loop: started when no event is due, or once every `MAX_WAIT_SECONDS` while events
+  keep coming.
 """
 
 from __future__ import annotations
@@ -171,28 +172,45 @@ class EventProcessor:
         total = 0
         while done := await self.process_due():
             total += done
-        while await self._fees.run():
-            pass
+        await self._look_up_fees()
         return total
 
     async def run_forever(self) -> None:
-        """Apply due events as they come; look up fees when none is due, or once every
-        `MAX_WAIT_SECONDS` while events keep coming."""
-        fees_looked_up_at = time.monotonic()
-        while True:
-            try:
-                done = await self.process_due()
-                if not done or time.monotonic() - fees_looked_up_at > MAX_WAIT_SECONDS:
-                    fees_looked_up_at = time.monotonic()
-                    done += await self._fees.run()
-            except Exception as exc:  # the database may be briefly unreachable
-                log.warning("stripe_event.worker_error", error_type=type(exc).__name__)
-                done = 0
-            if done:
-                continue
-            self._wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_seconds)
+        """Apply due events as they come. Fees are looked up in a task of their own beside
+        it, started when no event is due or once every `MAX_WAIT_SECONDS` while events keep
+        coming, so a slow Stripe delays fees only, never the events."""
+        fees: asyncio.Task[None] | None = None
+        fees_started_at = time.monotonic()
+        try:
+            while True:
+                try:
+                    done = await self.process_due()
+                except Exception as exc:  # the database may be briefly unreachable
+                    log.warning("stripe_event.worker_error", error_type=type(exc).__name__)
+                    done = 0
+                if (fees is None or fees.done()) and (
+                    not done or time.monotonic() - fees_started_at > MAX_WAIT_SECONDS
+                ):
+                    fees = asyncio.create_task(self._look_up_fees())
+                    fees_started_at = time.monotonic()
+                if done:
+                    continue
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_seconds)
+        finally:
+            if fees is not None:
+                fees.cancel()
+                await asyncio.gather(fees, return_exceptions=True)
+
+    async def _look_up_fees(self) -> None:
+        """Rounds of fee look-ups until one finds nothing to do (none left, another replica's
+        round, or the wait after a failure)."""
+        try:
+            while await self._fees.run():
+                pass
+        except Exception as exc:  # the database may be briefly unreachable
+            log.warning("payment_fee.round_failed", error_type=type(exc).__name__)
 
     async def process_due(self) -> int:
         """Claim a batch of due events and apply it in one transaction; if that fails (a

@@ -1,6 +1,6 @@
 """Stripe's fees looked up after the charge's events are applied (app/webhooks/fees.py): not
-by the transaction that applies them, not lost when Stripe fails, and once per fee however
-many replicas look."""
+by the transaction that applies them, not lost when Stripe fails, never holding up the events
+while Stripe is slow, and once per fee however many replicas look."""
 
 from __future__ import annotations
 
@@ -10,10 +10,13 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 
+from app.config import Settings
 from app.models import Payment, StripeEvent
+from app.stripe_gateway import StripeGateway
 from app.webhooks import fees
 from app.webhooks.fees import FeeLookups
-from tests.conftest import Deliver
+from app.webhooks.processor import EventProcessor
+from tests.conftest import STRIPE_KEY, Deliver
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import add_catalog, open_checkout
 
@@ -101,3 +104,33 @@ async def test_replicas_looking_up_at_once_ask_stripe_once_per_fee(
     assert sum(written) == len(accounts)
     assert await _fees(app) == {intents[account]: fee for account, fee in accounts.items()}
     assert len(stripe_fake.requests_to("GET", BALANCE_TRANSACTIONS)) == len(accounts)
+
+
+async def test_a_slow_stripe_holds_up_fees_not_events(
+    app: FastAPI, settings: Settings, stripe_fake: StripeFake, deliver: Deliver
+) -> None:
+    first = await _settled_top_ups(app, stripe_fake, deliver, {"acc_fee_slow_a": 99})
+    stripe_fake.fail_next(1, kind="timeout", delay=30.0, path_prefix=BALANCE_TRANSACTIONS)
+    patient = StripeGateway(  # waits the 30 s out rather than giving up
+        api_key=STRIPE_KEY, api_base=stripe_fake.url, max_network_retries=0, timeout_seconds=60
+    )
+    processor = EventProcessor(app.state.session_factory, settings, patient, poll_seconds=0.05)
+    running = asyncio.create_task(processor.run_forever())
+    try:
+        for _ in range(200):  # the events applied, then the fee round asks Stripe and waits
+            if stripe_fake.requests_to("GET", BALANCE_TRANSACTIONS):
+                break
+            await asyncio.sleep(0.05)
+        second = await _settled_top_ups(app, stripe_fake, deliver, {"acc_fee_slow_b": 98})
+        for _ in range(200):
+            if not await _unapplied(app):
+                break
+            await asyncio.sleep(0.05)
+        assert await _unapplied(app) == 0  # applied while the look-up waits
+        [waiting] = stripe_fake.requests_to("GET", BALANCE_TRANSACTIONS)
+        assert waiting.status is None  # Stripe has not answered it yet
+        assert await _fees(app) == {first["acc_fee_slow_a"]: None, second["acc_fee_slow_b"]: None}
+    finally:
+        running.cancel()
+        await asyncio.gather(running, return_exceptions=True)
+        await patient.close()
