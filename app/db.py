@@ -17,6 +17,7 @@ import collections
 import contextlib
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
+from operator import itemgetter
 from typing import Annotated, Any
 
 import orjson
@@ -353,14 +354,14 @@ class ArrayInsert:
             key = ", ".join(f'"{name}"' for name in on_conflict_do_nothing)
             self.sql += f" ON CONFLICT ({key}) DO NOTHING"
         self._names = list(columns)
-        self._key = list(on_conflict_do_nothing)
+        self._key = itemgetter(*on_conflict_do_nothing) if on_conflict_do_nothing else None
 
     async def execute(self, conn: Any, rows: Iterable[Mapping[str, Any]]) -> None:
         """`rows`: each with a value for every column."""
-        if self._key:
-            first: dict[tuple[Any, ...], Mapping[str, Any]] = {}
+        if self._key is not None:
+            first: dict[Any, Mapping[str, Any]] = {}
             for row in rows:
-                first.setdefault(tuple(row[name] for name in self._key), row)
+                first.setdefault(self._key(row), row)
             rows = first.values()
         rows = list(rows)
         if rows:
