@@ -15,13 +15,26 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
+from operator import itemgetter
 from typing import Annotated, Any
 
 import orjson
 from fastapi import Depends, Request
-from sqlalchemy import DateTime, Executable, MetaData, Row, Table, func, literal, select
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    Enum,
+    Executable,
+    MetaData,
+    Row,
+    String,
+    Table,
+    func,
+    literal,
+    select,
+)
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
@@ -269,9 +282,6 @@ class DriverStatement:
         records = await conn.fetch(self.sql, *self.args(params))
         return list(records) if self.row is None else [self.row(record) for record in records]
 
-    async def executemany(self, conn: Any, rows: Sequence[dict[str, Any]]) -> None:
-        await conn.executemany(self.sql, [self.args(row) for row in rows])
-
 
 class ArrayUpdate:
     """Many rows of `table` updated by one statement sent straight to asyncpg:
@@ -279,22 +289,34 @@ class ArrayUpdate:
     WHERE table.key = v.key [AND where]`, `updated_at = now()` too when the table has it.
     One statement and one array per column instead of one execution per row (`executemany`
     costs the client and Postgres per row). Each row must name a different key: Postgres
-    updates a row matched twice only once, with either match."""
+    updates a row matched twice only once, with either match.
+
+    `values`: for some of `columns`, the SQL of the new value instead of `v.column` (over the
+    table's current row and `v`, e.g. `COALESCE(accounts.currency, v.currency)`); `where`
+    may name both too. A value too long for its column fails, as it would in one row's
+    `UPDATE` (`_array_type`)."""
 
     def __init__(
-        self, table: Table, columns: Sequence[str], *, key: str = "id", where: str = ""
+        self,
+        table: Table,
+        columns: Sequence[str],
+        *,
+        key: str = "id",
+        where: str = "",
+        values: Mapping[str, str] | None = None,
     ) -> None:
         names = [key, *columns]
-        types = [table.c[name].type.compile(dialect=_DRIVER_DIALECT) for name in names]
-        sets = [f'"{name}" = v."{name}"' for name in columns]
+        given = values or {}
+        if not set(given) <= set(columns):
+            raise ValueError(f"values for columns not updated: {sorted(set(given) - set(columns))}")
+        sets = [f'"{name}" = ' + given.get(name, f'v."{name}"') for name in columns]
         if "updated_at" in table.c and "updated_at" not in columns:
             sets.append("updated_at = now()")
-        arrays = ", ".join(f"${number}::{type_}[]" for number, type_ in enumerate(types, 1))
         aliases = ", ".join(f'"{name}"' for name in names)
         condition = f" AND {where}" if where else ""
         # names from our own table definitions; every value is a parameter
         update = f'UPDATE "{table.name}" SET {", ".join(sets)}'  # noqa: S608
-        source = f"FROM unnest({arrays}) AS v({aliases})"
+        source = f"FROM unnest({_arrays(table, names)}) AS v({aliases})"
         self.sql = f'{update} {source} WHERE "{table.name}"."{key}" = v."{key}"{condition}'
         self._names = names
 
@@ -302,6 +324,65 @@ class ArrayUpdate:
         """`rows`: each with a value for the key and every column."""
         if rows:
             await conn.execute(self.sql, *([row[name] for row in rows] for name in self._names))
+
+
+class ArrayInsert:
+    """Many rows inserted into `table` by one statement sent straight to asyncpg:
+    `INSERT INTO table (columns) SELECT * FROM unnest(<one array per column>)
+    [ON CONFLICT (on_conflict_do_nothing) DO NOTHING]`, in the order given (identity ids
+    follow it). The rows end as one `INSERT` per row, in order, would leave them (what
+    `executemany` did, one execution per row): with `on_conflict_do_nothing`, a row whose
+    key is stored already is skipped, and of rows sharing a key only the first is inserted
+    (the others are dropped in Python before sending, so that does not depend on the order
+    Postgres inserts in). Columns left out get their server defaults; a column whose default
+    SQLAlchemy computes in Python (a `uuid4` id) must be given (`ValueError` otherwise). A
+    value too long for its column fails, as it would in one row's `INSERT`."""
+
+    def __init__(
+        self, table: Table, columns: Sequence[str], *, on_conflict_do_nothing: Sequence[str] = ()
+    ) -> None:
+        computed = [c.name for c in table.c if c.default is not None and c.name not in columns]
+        if computed:
+            raise ValueError(f"columns SQLAlchemy would compute must be given: {computed}")
+        if not set(on_conflict_do_nothing) <= set(columns):
+            raise ValueError("the conflict key must be among the inserted columns")
+        names = ", ".join(f'"{name}"' for name in columns)
+        # names from our own table definitions; every value is a parameter
+        insert = f'INSERT INTO "{table.name}" ({names})'
+        self.sql = f"{insert} SELECT * FROM unnest({_arrays(table, columns)})"  # noqa: S608
+        if on_conflict_do_nothing:
+            key = ", ".join(f'"{name}"' for name in on_conflict_do_nothing)
+            self.sql += f" ON CONFLICT ({key}) DO NOTHING"
+        self._names = list(columns)
+        self._key = itemgetter(*on_conflict_do_nothing) if on_conflict_do_nothing else None
+
+    async def execute(self, conn: Any, rows: Iterable[Mapping[str, Any]]) -> None:
+        """`rows`: each with a value for every column."""
+        if self._key is not None:
+            first: dict[Any, Mapping[str, Any]] = {}
+            for row in rows:
+                first.setdefault(self._key(row), row)
+            rows = first.values()
+        rows = list(rows)
+        if rows:
+            await conn.execute(self.sql, *([row[name] for row in rows] for name in self._names))
+
+
+def _arrays(table: Table, names: Sequence[str]) -> str:
+    """`$1::type[], $2::type[], ...`: one array parameter per column of `names`."""
+    return ", ".join(
+        f"${number}::{_array_type(table.c[name])}[]" for number, name in enumerate(names, 1)
+    )
+
+
+def _array_type(column: ColumnElement[Any]) -> str:
+    """The type of a column's values in an array parameter: the column's, without a length
+    (a cast to `varchar(n)` would cut a longer value silently, where assigning it to the
+    column fails, as the one-row statements' `$1::VARCHAR` did)."""
+    type_ = column.type
+    if isinstance(type_, String) and not isinstance(type_, Enum) and type_.length is not None:
+        type_ = String()
+    return type_.compile(dialect=_DRIVER_DIALECT)
 
 
 async def session_driver(session: AsyncSession) -> Any:

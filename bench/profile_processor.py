@@ -3,7 +3,9 @@
 
 Stores the benchmark stream (bench/scenario.py lifecycles, 10% duplicates, shuffled) straight
 into `stripe_events`, then drains it with `EventProcessor` against the Stripe fake and prints
-events/s, then checks every account's mirror as `bench/run ingestion` does. With `cprofile`,
+events/s, then checks every account's mirror as `bench/run ingestion` does. It counts the SQL
+statements SQLAlchemy sends, and every execution Postgres runs (`count_executions`: the
+driver path's statements too, and one per row of an `executemany`). With `cprofile`,
 writes bench/results/profile-processor.txt (cumulative and own time); with `handlers`, prints
 the event loop's CPU time spent in each group handler (what a handler awaits, such
 as a prefetch task finishing meanwhile, counts to it)."""
@@ -77,6 +79,7 @@ async def main() -> None:
             for _ in range(int(os.environ.get("PROC_WORKERS", "1")))
         ]
         handler_cpu = time_handlers() if mode == "handlers" else {}
+        executions = count_executions()
         calls_before = len(fake.requests)
         gc.freeze()  # as `billing process-events` and the web app do once started
         profiler = cProfile.Profile() if profile else None
@@ -108,6 +111,13 @@ async def main() -> None:
         total = sum(statements.values())
         print(f"SQL statements: {total} ({total / len(scenario.events):.1f} per event); top:")
         for key, n in sorted(statements.items(), key=lambda kv: -kv[1])[:25]:
+            print(f"{n:7d}  {key}")
+        total = sum(executions.values())
+        print(
+            f"Postgres executions (asyncpg; an executemany runs once per row): {total} "
+            f"({total / len(scenario.events):.1f} per event); top:"
+        )
+        for key, n in sorted(executions.items(), key=lambda kv: -kv[1])[:25]:
             print(f"{n:7d}  {key}")
         for name, (calls, seconds) in sorted(handler_cpu.items(), key=lambda kv: -kv[1][1]):
             print(
@@ -146,6 +156,47 @@ def own_time_by_package(stats: pstats.Stats) -> list[tuple[str, float]]:
             package = "standard library"
         totals[package] = totals.get(package, 0.0) + row[2]
     return sorted(totals.items(), key=lambda kv: -kv[1])[:25]
+
+
+def count_executions() -> dict[str, int]:
+    """Count, by statement, every execution asyncpg asks Postgres for from now on (whether
+    SQLAlchemy or the driver path of app/db.py sends it): an `executemany` counts once per
+    row, as Postgres runs it once per row."""
+    from asyncpg.connection import Connection
+    from asyncpg.prepared_stmt import PreparedStatement
+
+    counts: dict[str, int] = {}
+
+    def add(query: str, n: int) -> None:
+        key = " ".join(query.split())[:90]
+        counts[key] = counts.get(key, 0) + n
+
+    def counted(original: Any) -> Any:
+        async def wrapper(self: Connection, query: str, *args: Any, **kwargs: Any) -> Any:
+            add(query, 1)
+            return await original(self, query, *args, **kwargs)
+
+        return wrapper
+
+    async def executemany(self: Connection, query: str, args: Any, **kwargs: Any) -> Any:
+        rows = list(args)
+        add(query, len(rows))
+        return await many(self, query, rows, **kwargs)
+
+    def counted_prepared(original: Any) -> Any:
+        async def wrapper(self: PreparedStatement, *args: Any, **kwargs: Any) -> Any:
+            add(self.get_query(), 1)
+            return await original(self, *args, **kwargs)
+
+        return wrapper
+
+    many = Connection.executemany
+    for name in ("execute", "fetch", "fetchrow", "fetchval"):
+        setattr(Connection, name, counted(getattr(Connection, name)))
+    for name in ("fetch", "fetchrow", "fetchval"):
+        setattr(PreparedStatement, name, counted_prepared(getattr(PreparedStatement, name)))
+    Connection.executemany = executemany  # type: ignore[method-assign]
+    return counts
 
 
 def time_handlers() -> dict[str, list[float]]:

@@ -40,11 +40,11 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.config import Settings
-from app.db import DriverStatement, session_driver
+from app.db import ArrayInsert, ArrayUpdate, DriverStatement, session_driver
 from app.models import Dispute, DisputeEffect, Invoice, Payment, RefundRequest, Subscription
 from app.notifications.outbox import enqueue_email
 from app.refunds import repository as repo
@@ -61,12 +61,12 @@ DisputeRow = MutableMapping[str, Any]
 # on `session_driver`): the event processor runs them for every group of dispute effects.
 EFFECT_COLUMNS = ("dispute_id", "kind", "amount", "currency", "subscription_id")
 """What a new `dispute_effects` row is given (`id` and `at` are the database's)."""
-RECORD_EFFECT = DriverStatement(
-    insert(cast(Table, DisputeEffect.__table__))
-    .inline()  # no RETURNING of the id
-    .values({name: bindparam(name) for name in EFFECT_COLUMNS})
-    .on_conflict_do_nothing(index_elements=["dispute_id", "kind"])
+RECORD_EFFECTS = ArrayInsert(
+    cast(Table, DisputeEffect.__table__),
+    EFFECT_COLUMNS,
+    on_conflict_do_nothing=["dispute_id", "kind"],
 )
+"""Effect rows, each recorded once per (dispute, kind)."""
 _PAYMENTS = cast(Table, Payment.__table__)
 PAYMENTS_OF_DISPUTES = DriverStatement(
     select(*(_PAYMENTS.c[name] for name in PAYMENT_FACTS), _PAYMENTS.c.stripe_charge_id).where(
@@ -108,11 +108,7 @@ SUBSCRIPTIONS_TO_REVOKE = DriverStatement(
 )
 """The subscriptions whose access lost disputes end, locked (as
 `repo.subscription_of_payment(..., lock=True)` locks each)."""
-REVOKE_ACCESS = DriverStatement(
-    update(_SUBSCRIPTIONS)
-    .where(_SUBSCRIPTIONS.c.id == bindparam("subscription_id"))
-    .values(access_revoked_at=bindparam("revoked_at"))
-)
+REVOKE_ACCESS = ArrayUpdate(_SUBSCRIPTIONS, ["access_revoked_at"])
 _DISPUTES = cast(Table, Dispute.__table__)
 MARK_ACCESS_ENDED = DriverStatement(
     update(_DISPUTES)
@@ -264,14 +260,12 @@ async def _apply(
             if dispute.row["access_ended"] and not ended_before:
                 access_ended.append(dispute.row["id"])
         await _close_open_requests(session, dispute, payment, requests)
-    if ledger:
-        await repo.ADD_LEDGER_ENTRIES.executemany(driver, ledger)
-    if effects:
-        await RECORD_EFFECT.executemany(driver, effects)
+    await repo.ADD_LEDGER_ENTRIES.execute(driver, ledger)
+    await RECORD_EFFECTS.execute(driver, effects)
     if access_ended:
         await MARK_ACCESS_ENDED.execute(driver, dispute_ids=access_ended)
     if ended.revoked:
-        await REVOKE_ACCESS.executemany(driver, ended.revoked)
+        await REVOKE_ACCESS.execute(driver, ended.revoked)
         await record_access_changes(session, ended.channels_at, settings)
     await session.flush()
 
@@ -358,7 +352,7 @@ def _effect(
     currency: str | None = None,
     subscription_id: uuid.UUID | None = None,
 ) -> dict[str, Any]:
-    """A `dispute_effects` row (`RECORD_EFFECT`: recorded once per dispute and kind)."""
+    """A `dispute_effects` row (`RECORD_EFFECTS`: recorded once per dispute and kind)."""
     return {
         "dispute_id": row["id"],
         "kind": kind,
@@ -443,7 +437,7 @@ def _end_access(
     if subscription["access_revoked_at"] is None:
         when = dispute.occurred_at
         subscription["access_revoked_at"] = when
-        ended.revoked.append({"subscription_id": subscription["id"], "revoked_at": when})
+        ended.revoked.append({"id": subscription["id"], "access_revoked_at": when})
         channel = subscription["channel_id"]
         ended.channels_at[channel] = max(ended.channels_at.get(channel, when), when)
     dispute.row["access_ended"] = True

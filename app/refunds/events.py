@@ -239,7 +239,7 @@ async def _adjust_ledger(
                     },
                 )
     if entries:
-        await repo.ADD_LEDGER_ENTRIES.executemany(
+        await repo.ADD_LEDGER_ENTRIES.execute(
             await session_driver(session),
             [
                 {"account_id": account, "kind": kind, "source_id": source, **entry}

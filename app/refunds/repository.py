@@ -22,7 +22,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import DriverStatement, session_driver
+from app.db import ArrayInsert, DriverStatement, session_driver
 from app.models import (
     Account,
     Activity,
@@ -61,14 +61,14 @@ LEDGER_ENTRY_COLUMNS = (
     "occurred_at",
 )
 """What a new ledger entry is given (`id` and `created_at` are the database's)."""
-ADD_LEDGER_ENTRIES = DriverStatement(
-    insert(LEDGER_ENTRIES)
-    .inline()  # no RETURNING of the id
-    .values({name: bindparam(name) for name in LEDGER_ENTRY_COLUMNS})
-    .on_conflict_do_nothing(index_elements=["account_id", "kind", "source_id"])
+ADD_LEDGER_ENTRIES = ArrayInsert(
+    LEDGER_ENTRIES,
+    LEDGER_ENTRY_COLUMNS,
+    on_conflict_do_nothing=["account_id", "kind", "source_id"],
 )
-"""`add_ledger_entry` for several entries at once, each a dict of `LEDGER_ENTRY_COLUMNS`
-(`executemany` on `session_driver`: the checkout, refund and dispute groups' entries)."""
+"""`add_ledger_entry` for several entries at once, in one statement, each a dict of
+`LEDGER_ENTRY_COLUMNS` (on `session_driver`: the checkout, refund and dispute groups'
+entries); of entries sharing (account, kind, source), the first is applied."""
 REFUND_DEBITS = DriverStatement(
     text(
         "SELECT entries.account_id, entries.source_id"

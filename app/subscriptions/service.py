@@ -14,13 +14,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import String, Table, bindparam, func, insert, select, text, true
+from sqlalchemy import String, Table, bindparam, func, select, text, true
 from sqlalchemy.dialects.postgresql import ARRAY, distinct_on
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
-from app.db import DriverStatement, Reader, session_driver
+from app.db import ArrayInsert, DriverStatement, Reader, session_driver
 from app.errors import ServiceUnavailable
 from app.models import AccessChange, Channel, Subscription
 from app.subscriptions.access import (
@@ -76,12 +76,9 @@ its subscriptions (one row with NULL columns when it has none); rows with these 
 attributes."""
 _ACCESS_CHANGES = cast(Table, AccessChange.__table__)
 ACCESS_CHANGE_COLUMNS = ("channel_id", "account_id", "has_access", "access_until", "reason")
-NEW_ACCESS_CHANGE = DriverStatement(
-    insert(_ACCESS_CHANGES)
-    .inline()  # no RETURNING of the id
-    .values({name: bindparam(name) for name in ACCESS_CHANGE_COLUMNS})
-)
-"""Appends a feed entry (executemany; `id` and `created_at` are the database's)."""
+NEW_ACCESS_CHANGES = ArrayInsert(_ACCESS_CHANGES, ACCESS_CHANGE_COLUMNS)
+"""Appends feed entries in one statement, in order (`id` and `created_at` are the
+database's)."""
 
 
 async def current_channel_access(
@@ -145,8 +142,7 @@ async def record_access_changes(
                 "reason": access.reason,
             }
         )
-    if changes:
-        await NEW_ACCESS_CHANGE.executemany(driver, changes)
+    await NEW_ACCESS_CHANGES.execute(driver, changes)
     return [str(change["channel_id"]) for change in changes]
 
 

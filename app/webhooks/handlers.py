@@ -41,17 +41,16 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, cast
 
+import orjson
 import structlog
 from sqlalchemy import (
     CompoundSelect,
-    DateTime,
     Select,
     String,
     Table,
     Uuid,
     any_,
     bindparam,
-    func,
     literal,
     select,
     text,
@@ -63,12 +62,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.accounts.service import ensure_accounts
 from app.config import Settings
-from app.db import ArrayUpdate, DriverStatement, session_driver
+from app.db import ArrayInsert, ArrayUpdate, DriverStatement, session_driver
 from app.disputes import events as disputes_events
 from app.disputes.events import DisputedPayments, MirroredDispute, on_disputes_mirrored
 from app.maintenance.service import extension_days_held
 from app.models import (
     Account,
+    Channel,
     CheckoutSession,
     Dispute,
     Invoice,
@@ -181,23 +181,20 @@ async def link_customers(session: AsyncSession, links: Iterable[tuple[str, str |
     )
 
 
-_paid_at = bindparam("paid_at", type_=DateTime(timezone=True))
-RECORD_FIRST_PAYMENT = DriverStatement(  # for many accounts at once (executemany)
-    update(ACCOUNTS)
-    .where(
-        ACCOUNTS.c.id == bindparam("account"),
-        ACCOUNTS.c.first_paid_at.is_(None)
-        | (ACCOUNTS.c.first_paid_at > _paid_at)
-        | ACCOUNTS.c.currency.is_(None),  # otherwise nothing changes: no row version written
-    )
-    .values(
-        first_paid_at=func.least(func.coalesce(ACCOUNTS.c.first_paid_at, _paid_at), _paid_at),
-        currency=func.coalesce(ACCOUNTS.c.currency, bindparam("currency")),
-    )
+RECORD_FIRST_PAYMENTS = ArrayUpdate(
+    ACCOUNTS,
+    ["first_paid_at", "currency"],
+    values={  # the earliest payment time (LEAST skips a NULL), the first currency kept
+        "first_paid_at": "LEAST(accounts.first_paid_at, v.first_paid_at)",
+        "currency": "COALESCE(accounts.currency, v.currency)",
+    },
+    where=(  # otherwise nothing changes: no row version written
+        "(accounts.first_paid_at IS NULL OR accounts.first_paid_at > v.first_paid_at"
+        " OR accounts.currency IS NULL)"
+    ),
 )
-NEW_CHANNELS = (  # sent straight to asyncpg: $1 channels, $2 their accounts (the first wins)
-    "INSERT INTO channels (id, account_id)"
-    " SELECT * FROM unnest($1::varchar[], $2::varchar[]) ON CONFLICT (id) DO NOTHING"
+NEW_CHANNELS = ArrayInsert(  # the first account named for a channel owns it
+    cast(Table, Channel.__table__), ["id", "account_id"], on_conflict_do_nothing=["id"]
 )
 SUBSCRIPTIONS = cast(Table, Subscription.__table__)
 SUBSCRIPTION_SNAPSHOT = (
@@ -228,13 +225,13 @@ LOCKED_SUBSCRIPTIONS = DriverStatement(
     .order_by(SUBSCRIPTIONS.c.stripe_id)
     .with_for_update()
 )
-NEW_SUBSCRIPTION = insert(SUBSCRIPTIONS)
+NEW_SUBSCRIPTIONS = ArrayInsert(SUBSCRIPTIONS, ["id", "stripe_id", *SUBSCRIPTION_SNAPSHOT])
 WRITE_SUBSCRIPTIONS = ArrayUpdate(SUBSCRIPTIONS, SUBSCRIPTION_SNAPSHOT)
 DISPUTES = cast(Table, Dispute.__table__)
 
 
 FirstPayments = dict[str, tuple[datetime, str]]
-"""Payments to record as their accounts' (`RECORD_FIRST_PAYMENT`): account -> (the earliest
+"""Payments to record as their accounts' (`RECORD_FIRST_PAYMENTS`): account -> (the earliest
 paid time, the currency of the first recorded), as one statement per payment would."""
 
 
@@ -246,12 +243,13 @@ def add_first_payment(
 
 
 async def record_first_payments(session: AsyncSession, first_payments: FirstPayments) -> None:
-    """The accounts' first payment time (the earliest) and currency (once set, kept)."""
+    """The accounts' first payment time (the earliest) and currency (once set, kept), in
+    one statement."""
     if first_payments:
-        await RECORD_FIRST_PAYMENT.executemany(
+        await RECORD_FIRST_PAYMENTS.execute(
             await session_driver(session),
             [
-                {"account": account_id, "paid_at": paid_at, "currency": currency}
+                {"id": account_id, "first_paid_at": paid_at, "currency": currency}
                 for account_id, (paid_at, currency) in sorted(first_payments.items())
             ],
         )
@@ -272,9 +270,11 @@ PAYMENTS = cast(Table, Payment.__table__)
 INVOICES = cast(Table, Invoice.__table__)
 
 
-def _mirror_statements(table: Table) -> tuple[DriverStatement, Any, ArrayUpdate]:
-    """(lock the rows of :stripe_ids, insert a missing row, write rows by id); the first and
-    last, run for every group, straight on the driver."""
+def _mirror_statements(
+    table: Table, starts_with: Sequence[str]
+) -> tuple[DriverStatement, ArrayInsert, ArrayUpdate]:
+    """(lock the rows of :stripe_ids, insert missing rows with `starts_with` columns, write
+    rows by id), each one statement straight on the driver."""
     columns = [column for column in table.c if column.name not in TIMESTAMPS]
     locked = (
         select(*columns)
@@ -282,28 +282,41 @@ def _mirror_statements(table: Table) -> tuple[DriverStatement, Any, ArrayUpdate]
         .order_by(table.c.stripe_id)
         .with_for_update()
     )
-    new = insert(table).on_conflict_do_nothing(index_elements=["stripe_id"])
+    new = ArrayInsert(
+        table, ["id", "stripe_id", *starts_with], on_conflict_do_nothing=["stripe_id"]
+    )
     written = [column.name for column in columns if column.name not in ("id", "stripe_id")]
     return DriverStatement(locked), new, ArrayUpdate(table, written)
 
 
-MIRROR_STATEMENTS = {table: _mirror_statements(table) for table in (PAYMENTS, INVOICES, DISPUTES)}
+MIRROR_STATEMENTS = {
+    PAYMENTS: _mirror_statements(PAYMENTS, ["amount", "currency", "status"]),
+    INVOICES: _mirror_statements(INVOICES, ["currency"]),
+    DISPUTES: _mirror_statements(DISPUTES, ["stripe_charge_id", "amount", "currency", "status"]),
+}
+"""Per mirror table: its `locked_rows` and `write_rows` statements; a new row starts with
+the columns its group's `defaults` give."""
 
 
 async def locked_rows(
     session: AsyncSession, table: Table, defaults: dict[str, dict[str, Any]]
 ) -> tuple[dict[str, MirrorDict], set[str]]:
     """The mirror rows of the Stripe ids in `defaults`, locked, and which of them were
-    missing (created here with their `defaults`; creation races are decided by the unique
-    `stripe_id`). One statement when they all exist."""
+    missing (created here with their `defaults`, the columns `MIRROR_STATEMENTS` starts a
+    new row with; creation races are decided by the unique `stripe_id`). One statement when
+    they all exist, three otherwise."""
     locked, new, _ = MIRROR_STATEMENTS[table]
     driver = await session_driver(session)
     found = await locked.fetch(driver, stripe_ids=sorted(defaults))
     rows = {row["stripe_id"]: dict(row) for row in found}
     missing = [stripe_id for stripe_id in sorted(defaults) if stripe_id not in rows]
     if missing:
-        await session.execute(
-            new, [{"stripe_id": stripe_id, **defaults[stripe_id]} for stripe_id in missing]
+        await new.execute(
+            driver,
+            [
+                {"id": uuid.uuid4(), "stripe_id": stripe_id, **defaults[stripe_id]}
+                for stripe_id in missing
+            ],
         )
         found = await locked.fetch(driver, stripe_ids=missing)
         rows.update((row["stripe_id"], dict(row)) for row in found)
@@ -334,11 +347,7 @@ DISPUTES_OF_PAYMENTS = DriverStatement(
         | (Dispute.stripe_charge_id == any_(bindparam("charges", type_=ARRAY(String))))
     )
 )
-LINK_DISPUTE = DriverStatement(
-    update(DISPUTES)
-    .where(DISPUTES.c.id == bindparam("dispute_id"), DISPUTES.c.account_id.is_(None))
-    .values(account_id=bindparam("account"))
-)
+LINK_DISPUTES = ArrayUpdate(DISPUTES, ["account_id"], where='"disputes".account_id IS NULL')
 
 
 def _no_first_payment(row: MirrorDict) -> tuple[str, datetime] | None:
@@ -355,7 +364,7 @@ class PaymentChange:
     values: dict[str, Any]
     first_payment: Callable[[MirrorDict], tuple[str, datetime] | None] = _no_first_payment
     """Given the merged row: the (account, paid at) this event records as a payment of the
-    account (`RECORD_FIRST_PAYMENT`, with the row's currency), if any."""
+    account (`RECORD_FIRST_PAYMENTS`, with the row's currency), if any."""
 
 
 def merge_payment(row: MirrorDict, values: dict[str, Any]) -> None:
@@ -430,16 +439,17 @@ async def _link_disputes(session: AsyncSession, rows: dict[str, MirrorDict]) -> 
     disputes = await DISPUTES_OF_PAYMENTS.fetch(
         driver, payment_intents=list(rows), charges=list(charges)
     )
-    unlinked = []
+    unlinked: dict[uuid.UUID, str] = {}  # dispute -> the first account found for it
     for dispute_id, account_id, payment_intent, charge_id in disputes:
         for row in (rows.get(payment_intent or ""), charges.get(charge_id)):
             if row is None:
                 continue
             row["disputed"] = True
             if account_id is None and row["account_id"] is not None:
-                unlinked.append({"dispute_id": dispute_id, "account": row["account_id"]})
-    if unlinked:
-        await LINK_DISPUTE.executemany(driver, unlinked)
+                unlinked.setdefault(dispute_id, row["account_id"])
+    await LINK_DISPUTES.execute(
+        driver, [{"id": dispute_id, "account_id": a} for dispute_id, a in unlinked.items()]
+    )
 
 
 # --- checkout sessions ---------------------------------------------------------------------
@@ -552,7 +562,7 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     await WRITE_CHECKOUTS.execute(await session_driver(session), changed)
     await link_customers(session, customers)
     if credits:
-        await ADD_LEDGER_ENTRIES.executemany(await session_driver(session), credits)
+        await ADD_LEDGER_ENTRIES.execute(await session_driver(session), credits)
     if payments:
         await apply_payment_changes(payments)
     await record_first_payments(session, first_payments)
@@ -642,10 +652,9 @@ class _Links:
         await ensure_accounts(session, (account for account, _ in self.customers))
         await link_customers(session, self.customers)
         if self.channels:
-            await (await session_driver(session)).execute(
-                NEW_CHANNELS,
-                [channel for channel, _ in self.channels],
-                [account_id for _, account_id in self.channels],
+            await NEW_CHANNELS.execute(
+                await session_driver(session),
+                [{"id": channel, "account_id": account} for channel, account in self.channels],
             )
         self.customers.clear()
         self.channels.clear()
@@ -705,10 +714,11 @@ async def on_subscription_events(ctxs: Sequence[EventContext]) -> None:
         channels.add(channel_id)
     await links.write(session)
     if created:
-        await session.execute(
-            NEW_SUBSCRIPTION,
+        await NEW_SUBSCRIPTIONS.execute(
+            await session_driver(session),
             [
                 {
+                    "id": uuid.uuid4(),
                     "stripe_id": stripe_id,
                     **{name: rows[stripe_id][name] for name in SUBSCRIPTION_SNAPSHOT},
                 }
@@ -758,15 +768,23 @@ def _subscription_values(
     }
 
 
-FULFIL_SUBSCRIPTION_CHECKOUT = DriverStatement(
-    update(CHECKOUTS)
-    .where(
-        (CHECKOUTS.c.stripe_subscription_id == bindparam("subscription"))
-        | (CHECKOUTS.c.id == bindparam("checkout", type_=Uuid)),
-        CHECKOUTS.c.fulfilled_at.is_(None),
-    )
-    .values(fulfilled_at=bindparam("now"), stripe_subscription_id=bindparam("subscription"))
+FULFIL_SUBSCRIPTION_CHECKOUTS = (  # sent straight to asyncpg
+    "WITH v AS (SELECT * FROM unnest($1::varchar[], $2::uuid[])"
+    " WITH ORDINALITY AS v(subscription, checkout, n)),"
+    " matched AS ("  # two joins, not one on an OR (a nested loop over every checkout)
+    " SELECT checkout_sessions.id, v.subscription, v.n FROM v"
+    " JOIN checkout_sessions ON checkout_sessions.stripe_subscription_id = v.subscription"
+    " UNION ALL SELECT checkout_sessions.id, v.subscription, v.n FROM v"
+    " JOIN checkout_sessions ON checkout_sessions.id = v.checkout)"
+    " UPDATE checkout_sessions"
+    " SET fulfilled_at = $3, stripe_subscription_id = first.subscription, updated_at = now()"
+    " FROM (SELECT DISTINCT ON (id) id, subscription FROM matched ORDER BY id, n) AS first"
+    " WHERE checkout_sessions.id = first.id AND checkout_sessions.fulfilled_at IS NULL"
 )
+"""Fulfils the checkouts of ($1 Stripe subscriptions, $2 our checkout ids or NULLs) pairs at
+$3, as one `UPDATE` per pair, in order, would: a pair fulfils the unfulfilled checkouts of
+its subscription or with its checkout id, and sets their subscription (a checkout matched
+by several pairs takes the first one's)."""
 
 
 async def fulfil_subscription_checkouts(
@@ -774,14 +792,14 @@ async def fulfil_subscription_checkouts(
 ) -> None:
     """A subscription checkout is fulfilled once its subscription is live or an invoice of it
     is paid, whichever event is applied first (the checkout event itself checks too).
-    `checkouts`: (Stripe subscription, our checkout session id from its metadata if any)."""
+    `checkouts`: (Stripe subscription, our checkout session id from its metadata if any), in
+    one statement (`FULFIL_SUBSCRIPTION_CHECKOUTS`)."""
     if checkouts:
-        await FULFIL_SUBSCRIPTION_CHECKOUT.executemany(
-            await session_driver(session),
-            [
-                {"subscription": subscription, "checkout": checkout, "now": now}
-                for subscription, checkout in checkouts
-            ],
+        await (await session_driver(session)).execute(
+            FULFIL_SUBSCRIPTION_CHECKOUTS,
+            [subscription for subscription, _ in checkouts],
+            [checkout for _, checkout in checkouts],
+            now,
         )
 
 
@@ -1104,13 +1122,11 @@ NEW_REFUNDS = (
     .on_conflict_do_nothing(index_elements=["stripe_id"])
     .returning(REFUNDS.c.id, REFUNDS.c.stripe_id)
 )
-"""Refunds' first rows (executemany); returns those inserted (and so locked by this
-transaction), not those another transaction created first."""
-WRITE_REFUND = (
-    update(REFUNDS)
-    .where(REFUNDS.c.id == bindparam("row_id"))
-    .values({name: bindparam(f"new_{name}") for name in REFUND_MERGED})
-)
+"""Refunds' first rows (a list of rows: one statement, SQLAlchemy's "insertmanyvalues");
+returns those inserted (and so locked by this transaction), not those another transaction
+created first."""
+WRITE_REFUNDS = ArrayUpdate(REFUNDS, REFUND_MERGED)
+"""Changed refund rows, `metadata` as JSON text (as the driver takes `jsonb`)."""
 REFUNDS_BY_ID = select(*REFUND_COLUMNS).where(
     REFUNDS.c.id == any_(bindparam("ids", type_=ARRAY(Uuid)))
 )
@@ -1214,12 +1230,9 @@ async def on_refund_events(ctxs: Sequence[EventContext]) -> None:
         if stripe_id in stored and states[-1][1] != stored[stripe_id]
     ]
     if changed:
-        await session.execute(
-            WRITE_REFUND,
-            [
-                {"row_id": row["id"], **{f"new_{name}": row[name] for name in REFUND_MERGED}}
-                for row in changed
-            ],
+        await WRITE_REFUNDS.execute(
+            await session_driver(session),
+            [{**row, "metadata": orjson.dumps(row["metadata"]).decode()} for row in changed],
         )
     await apply_refund_effects([folds[stripe_id] for stripe_id in events])  # as they came
 
