@@ -42,7 +42,9 @@ class CheckoutSession(Timestamped, Base):
     success_url: Mapped[str] = mapped_column(Text)
     cancel_url: Mapped[str] = mapped_column(Text)
     expires_at: Mapped[datetime | None]
-    stripe_subscription_id: Mapped[str | None] = mapped_column(String(255))
+    stripe_subscription_id: Mapped[str | None] = mapped_column(
+        String(255), index=True, comment="Found by it when a subscription event fulfils it."
+    )
     stripe_payment_intent_id: Mapped[str | None] = mapped_column(String(255))
     fulfilled_at: Mapped[datetime | None] = mapped_column(
         comment="When a payment event confirmed it (ledger credit or live subscription)."
