@@ -25,15 +25,12 @@ from app.errors import ServiceUnavailable
 from app.models import AccessChange, Channel, Subscription
 from app.subscriptions.access import (
     ACCESS_COLUMNS,
-    Access,
     SubscriptionState,
     channel_access,
     subscription_access,
 )
 from app.subscriptions.schemas import AccessOut, SubscriptionOut
 
-_channel = bindparam("channel_id", type_=String)
-CHANNEL_SUBSCRIPTIONS = select(Subscription).where(Subscription.channel_id == _channel)
 LOCK_CHANNEL_FEEDS = DriverStatement(
     text(
         "SELECT pg_advisory_xact_lock(hashtextextended('channel:' || channel, 0))"
@@ -79,15 +76,6 @@ ACCESS_CHANGE_COLUMNS = ("channel_id", "account_id", "has_access", "access_until
 NEW_ACCESS_CHANGES = ArrayInsert(_ACCESS_CHANGES, ACCESS_CHANGE_COLUMNS)
 """Appends feed entries in one statement, in order (`id` and `created_at` are the
 database's)."""
-
-
-async def current_channel_access(
-    session: AsyncSession, channel_id: str, settings: Settings, now: datetime
-) -> Access:
-    subscriptions = list(
-        (await session.scalars(CHANNEL_SUBSCRIPTIONS, {"channel_id": channel_id})).all()
-    )
-    return channel_access(subscriptions, now, past_due_keeps_access=settings.past_due_keeps_access)
 
 
 async def record_access_change(

@@ -21,7 +21,7 @@ from app.models import (
     Refund,
     Subscription,
 )
-from app.subscriptions.service import current_channel_access
+from app.subscriptions.access import channel_access
 from tests.conftest import plain_dsn
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import add_catalog, open_checkout
@@ -163,7 +163,11 @@ async def snapshot(app: FastAPI) -> dict[str, Any]:
                 for e in (await session.scalars(select(LedgerEntry))).all()
             ),
             "access": {
-                channel: await current_channel_access(session, channel, app.state.settings, now)
+                channel: channel_access(
+                    [s for s in subscriptions if s.channel_id == channel],
+                    now,
+                    past_due_keeps_access=app.state.settings.past_due_keeps_access,
+                )
                 for channel in {s.channel_id for s in subscriptions}
             },
         }
