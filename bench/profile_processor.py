@@ -7,8 +7,8 @@ events/s, then checks every account's mirror as `bench/run ingestion` does. It c
 statements SQLAlchemy sends, and every execution Postgres runs (`count_executions`: the
 driver path's statements too, and one per row of an `executemany`). With `cprofile`,
 writes bench/results/profile-processor.txt (cumulative and own time); with `handlers`, prints
-the event loop's CPU time spent in each group handler (what a handler awaits, such
-as a prefetch task finishing meanwhile, counts to it)."""
+the event loop's CPU time spent in each group handler (what runs meanwhile, such as a
+fee look-up task, counts to it). A drain includes the fee look-ups (app/webhooks/fees.py)."""
 
 from __future__ import annotations
 
