@@ -11,8 +11,8 @@ would send; anything else goes to FastAPI, untouched, which answers it as always
 - it is not a plain GET of one of these paths (another method, a body, an `Origin` header,
   so CORS, a path that does not match the route's own pattern, a mounted root path); no
   route registered before them may match their paths (the tests compare the answers);
-- a path parameter fails the route's own validation (FastAPI's `request_params_to_args`, the
-  function FastAPI itself validates them with);
+- a path parameter fails the route's own validation (each parameter's field, as FastAPI's
+  `request_params_to_args` validates it);
 - the guard refuses the token (the guard object of the route, the same rule FastAPI runs);
 - the route's endpoint raises (the database is down: FastAPI runs it again and answers 503).
 
@@ -34,7 +34,6 @@ from typing import Any
 import structlog
 from fastapi import APIRouter, FastAPI
 from fastapi.datastructures import DefaultPlaceholder
-from fastapi.dependencies.utils import request_params_to_args
 from fastapi.routing import APIRoute
 from pydantic import TypeAdapter
 from starlette.requests import Request
@@ -75,10 +74,24 @@ class FastRead:
         self.path_params = dependant.path_params
         self.response = TypeAdapter(route.response_model)
 
+    def valid_path_params(self, raw_params: dict[str, str]) -> dict[str, Any] | None:
+        """The path parameters, each validated by its own field (`ModelField.validate`, what
+        FastAPI's `request_params_to_args` runs for a path parameter, without its handling of
+        query, header and model parameters), or None when one fails."""
+        values: dict[str, Any] = {}
+        for field in self.path_params:
+            value, errors = field.validate(
+                raw_params[field.alias], values, loc=("path", field.alias)
+            )
+            if errors:
+                return None
+            values[field.name] = value
+        return values
+
     async def answer(self, request: Request, raw_params: dict[str, str]) -> bytes | None:
         """The response body, or None when FastAPI should answer."""
-        values, errors = request_params_to_args(self.path_params, raw_params)
-        if errors:
+        values = self.valid_path_params(raw_params)
+        if values is None:
             return None
         try:
             values[self.guard_param] = self.guard.check(request, raw_params)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -75,10 +76,19 @@ class BillingApp(BillingAPI):
                         receive = unanswered
         await super().__call__(scope, receive, send)
 
+    _telemetry_checked: tuple[float, bool] = (0.0, False)  # (until, on)
+
     def _telemetry_on(self) -> bool:
-        """FastAPI's own OpenTelemetry instrumentation: when it is on, FastAPI answers."""
-        telemetry = getattr(self, "_native_telemetry", None)
-        return telemetry is not None and bool(telemetry.enabled())
+        """FastAPI's own OpenTelemetry instrumentation: when it is on, FastAPI answers. Its
+        check reads the environment and the providers (~4% of an access check's CPU), so its
+        answer is kept for a second: instrumentation configured later takes over within it."""
+        until, on = self._telemetry_checked
+        now = time.monotonic()
+        if now >= until:
+            telemetry = getattr(self, "_native_telemetry", None)
+            on = telemetry is not None and bool(telemetry.enabled())
+            self._telemetry_checked = (now + 1.0, on)
+        return on
 
 
 def create_app(settings: Settings | None = None, gateway: StripeGateway | None = None) -> FastAPI:
