@@ -56,6 +56,8 @@ class BillingApp(BillingAPI):
     """The read routes' successful answers (app/fast_reads.py); FastAPI answers the rest."""
     fast_checkout: FastPost | None = None
     """Checkout creation once its input is valid (app/fast_writes.py); FastAPI answers the rest."""
+    _telemetry_checked: tuple[float, bool] = (0.0, False)
+    """(until when, on): `_telemetry_on`'s last answer."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -75,8 +77,6 @@ class BillingApp(BillingAPI):
                             return
                         receive = unanswered
         await super().__call__(scope, receive, send)
-
-    _telemetry_checked: tuple[float, bool] = (0.0, False)  # (until, on)
 
     def _telemetry_on(self) -> bool:
         """FastAPI's own OpenTelemetry instrumentation: when it is on, FastAPI answers. Its
