@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
 from operator import itemgetter
@@ -125,15 +126,26 @@ class Reader:
     of its parameters or columns anyway. Rows have the same attribute names either way. Should
     that fail for any reason (a dead connection, an error), the connection is discarded and the
     statement runs again through SQLAlchemy Core, which retries, translates errors and discards
-    stale connections exactly as before."""
+    stale connections exactly as before.
+
+    At most half the pool's connections read at once (`slots`), so reads never take the
+    connections writes need, nor open overflow ones under a burst of cheap reads (waiting a
+    moment for a slot is far cheaper than a connect). The direct path keeps the pooled
+    connections it used checked out for the next direct reads, at most one per slot: a
+    checkout and a checkin through SQLAlchemy's pool cost as much CPU as the statement itself
+    (bench/README.md). A kept connection goes back to the pool instead when it is wanted again
+    `KEEP_SECONDS` or more after its checkout, so the pool's recycling and its discarding of
+    connections older than a disconnect still reach it, and all of them go back at
+    `close()`."""
+
+    KEEP_SECONDS = 60.0
 
     def __init__(self, engine: AsyncEngine) -> None:
         self.engine = engine.execution_options(isolation_level="AUTOCOMMIT")
-        # At most as many reads at once as the pool keeps connections: more would open and
-        # close overflow connections (a connect each) under a burst of cheap reads, when
-        # waiting a moment for a pooled one is far cheaper. Waits as long as the pool would.
-        self._slots = asyncio.Semaphore(max(1, engine.pool.size()))  # type: ignore[attr-defined]
+        self.slots = max(1, engine.pool.size() // 2)  # type: ignore[attr-defined]
+        self._slots = asyncio.Semaphore(self.slots)  # waited for as long as the pool would wait
         self._direct: dict[Executable, DriverStatement | None] = {}
+        self._kept: list[tuple[Any, float]] = []  # (pooled connection, when it was taken)
 
     async def all(
         self, statement: Executable, params: dict[str, Any] | None = None
@@ -176,21 +188,38 @@ class Reader:
         self, direct: DriverStatement, params: dict[str, Any]
     ) -> list[Any] | None:
         """The rows, or None when SQLAlchemy Core should run the statement instead."""
-        connection = await self.engine.raw_connection()
+        connection, taken = await self._take()
         try:
             driver: Any = connection.driver_connection
             records = await driver.fetch(direct.sql, *direct.args(params))
         except Exception:
             connection.invalidate()  # dead, or in a state not worth finding out
+            connection.close()
             return None
         except BaseException:  # cancelled mid-statement: the connection's state is unknown
             connection.invalidate()
-            raise
-        finally:
             connection.close()
+            raise
+        self._kept.append((connection, taken))
         make = direct.row
         assert make is not None
         return [make(record) for record in records]
+
+    async def _take(self) -> tuple[Any, float]:
+        """A kept connection taken less than `KEEP_SECONDS` ago, else one from the pool; the
+        older kept ones go back to the pool."""
+        now = time.monotonic()
+        while self._kept:
+            connection, taken = self._kept.pop()
+            if now - taken < self.KEEP_SECONDS:
+                return connection, taken
+            connection.close()
+        return await self.engine.raw_connection(), now
+
+    def close(self) -> None:
+        """Every kept connection back to the pool (before the engine is disposed)."""
+        while self._kept:
+            self._kept.pop()[0].close()
 
 
 async def get_reader(request: Request) -> Reader:

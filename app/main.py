@@ -155,6 +155,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
                 await notifier.stop()
             if own_gateway:
                 await app.state.stripe.close()
+            app.state.reader.close()
             await engine.dispose()
 
     app = BillingApp(

@@ -5,7 +5,9 @@ caller noticing; a database that is down is a 503, not a 500."""
 
 from __future__ import annotations
 
+import asyncio
 import socket
+import time
 import types
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
@@ -344,3 +346,44 @@ async def test_a_statement_failing_on_the_direct_path_fails_as_through_sqlalchem
     with pytest.raises(DBAPIError, match="division by zero"):
         await reader.all(statement, {"x": 7, "y": 0})  # on the direct path, then through Core
     assert [row.rest for row in await reader.all(statement, {"x": 8, "y": 5})] == [3]
+
+
+async def test_reads_at_once_take_at_most_half_the_pool_and_keep_those_connections(
+    app: FastAPI,
+) -> None:
+    """Reads at once wait for one of the reader's slots (half the pool), the direct path keeps
+    the connections it used for the next reads instead of a checkout and checkin each, gives a
+    kept one back to the pool once it was taken `KEEP_SECONDS` ago, and all of them at close."""
+    reader: Reader = app.state.reader
+    pool = app.state.engine.pool
+    assert reader.slots == app.state.settings.database_pool_size // 2
+    statement = select(
+        func.pg_backend_pid(type_=Integer).label("pid"),
+        func.pg_sleep(0.05, type_=Integer).label("slept"),
+    )
+    await reader.all(statement)  # through Core: the direct path is ready for the next ones
+    assert pool.checkedout() == 0
+
+    async def backend() -> int:
+        rows = await reader.all(statement)
+        assert not isinstance(rows[0], Row)  # the direct path answered
+        pid: int = rows[0].pid
+        return pid
+
+    started = time.monotonic()
+    pids = await asyncio.gather(*(backend() for _ in range(3 * reader.slots)))
+    # at most `slots` backends at once, each answering three reads of 50 ms one after another
+    assert len(set(pids)) <= reader.slots
+    assert time.monotonic() - started >= 0.15
+    kept = pool.checkedout()
+    assert 1 <= kept <= reader.slots
+    assert await backend() in pids  # a kept connection again, no new one
+    assert pool.checkedout() == kept
+
+    reader.KEEP_SECONDS = 0.0  # every kept connection is now due back to the pool
+    await backend()
+    assert pool.checkedout() == 1  # only the one it just used is kept
+
+    reader.close()
+    assert pool.checkedout() == 0
+    await backend()  # the reader goes on working from the pool after a close
