@@ -275,6 +275,26 @@ async def already_refunded(session: AsyncSession, payment: Payment) -> int:
     return max(payment.amount_refunded - int(failed), int(mirrored)) + int(unmirrored)
 
 
+async def unconfirmed_balance_refunds(session: AsyncSession, account_id: str) -> int:
+    """What this service has asked Stripe to refund from the account's balance payments
+    (top-ups, debt repayments) that Stripe has not reported yet: the ledger is debited only
+    when Stripe's refund event arrives, so until then this is still in the balance."""
+    statement = (
+        select(func.coalesce(func.sum(RefundExecution.amount), 0))
+        .join(Payment, Payment.id == RefundExecution.payment_id)
+        .where(
+            RefundExecution.account_id == account_id,
+            Payment.purpose.in_(BALANCE_PURPOSES),
+            RefundExecution.status.in_(("pending", "submitted")),
+            or_(
+                RefundExecution.stripe_refund_id.is_(None),
+                ~exists().where(Refund.stripe_id == RefundExecution.stripe_refund_id),
+            ),
+        )
+    )
+    return int((await session.execute(statement)).scalar_one())
+
+
 async def find_payment_by_reference(
     session: AsyncSession, account_id: str, reference: str
 ) -> Payment | None:

@@ -789,6 +789,8 @@ async def _check_refund_bound(session: AsyncSession, payment: Payment, amount: i
         # Serialise with other money movements of the account (usage charges lock it too).
         await repo.lock_account(session, payment.account_id)
         unspent, _debt, _currency = await account_balance(session, payment.account_id)
+        # Refunds approved but not yet confirmed by Stripe are not debited in the ledger yet.
+        unspent -= await repo.unconfirmed_balance_refunds(session, payment.account_id)
         limit = min(limit, unspent)
     if amount > limit:
         raise RefundExceedsLimit(f"At most {max(0, limit)} {payment.currency} can be refunded")
