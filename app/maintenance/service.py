@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import uuid
 from collections import defaultdict
+from collections.abc import Sequence
 from datetime import UTC, date, datetime, timedelta
 
 import structlog
@@ -72,9 +73,11 @@ from app.maintenance.schemas import (
 )
 from app.models import (
     Account,
+    Invoice,
     MaintenanceExtension,
     MaintenanceWindow,
     OutboxEmail,
+    Payment,
     Subscription,
 )
 from app.notifications.outbox import enqueue_email
@@ -238,10 +241,16 @@ async def _out(session: AsyncSession, window: MaintenanceWindow) -> MaintenanceW
 
 
 def _live_during(
-    subscription: Subscription, start: datetime, end: datetime, settings: Settings
+    subscription: Subscription,
+    start: datetime,
+    end: datetime,
+    settings: Settings,
+    paid_before_end: bool = False,
 ) -> bool:
     """A live status (as app/subscriptions/access.py counts it) and a paid period
-    `[current_period_start, access_until)` overlapping the half-open window."""
+    `[current_period_start, access_until)` overlapping the half-open window; or, when Stripe
+    has renewed it since the window ended, a payment made before the window's end (the period
+    it paid ran until the renewal, so it covered the window)."""
     live = subscription.status in LIVE_STATUSES or (
         settings.past_due_keeps_access and subscription.status == "past_due"
     )
@@ -251,7 +260,37 @@ def _live_during(
         return False
     until = access_until(subscription)
     period_start = subscription.current_period_start or start
-    return until is not None and period_start < end and until > start
+    return until is not None and (period_start < end or paid_before_end) and until > start
+
+
+async def _paid_before(
+    session: AsyncSession, subscriptions: Sequence[Subscription], end: datetime
+) -> set[str]:
+    """Of these subscriptions renewed since `end` (current period starting at or after it),
+    the Stripe ids of those with a succeeded payment made before `end`."""
+    renewed = [
+        s.stripe_id
+        for s in subscriptions
+        if s.current_period_start is not None and s.current_period_start >= end
+    ]
+    if not renewed:
+        return set()
+    subscription_id = func.coalesce(
+        func.nullif(Payment.stripe_subscription_id, ""), Invoice.stripe_subscription_id
+    )
+    rows = await session.execute(
+        select(subscription_id)
+        .select_from(Payment)
+        .outerjoin(Invoice, Invoice.stripe_id == Payment.stripe_invoice_id)
+        .where(
+            subscription_id.in_(renewed),
+            Payment.purpose == "subscription",
+            Payment.status == "succeeded",
+            Payment.paid_at < end,
+        )
+        .distinct()
+    )
+    return {stripe_id for stripe_id in rows.scalars() if stripe_id}
 
 
 async def complete_window(
@@ -339,9 +378,17 @@ async def _record_completion(
             .with_for_update()
         )
     ).scalars()
+    subscriptions = list(candidates)
+    paid_before_end = await _paid_before(session, subscriptions, ended_at)
     extended: dict[str, list[tuple[Subscription, int]]] = defaultdict(list)
-    for subscription in candidates:
-        if not _live_during(subscription, window.starts_at, ended_at, settings):
+    for subscription in subscriptions:
+        if not _live_during(
+            subscription,
+            window.starts_at,
+            ended_at,
+            settings,
+            paid_before_end=subscription.stripe_id in paid_before_end,
+        ):
             continue
         days = await _extend(session, settings, window, subscription, window_dates, now)
         extended[subscription.account_id].append((subscription, days))
