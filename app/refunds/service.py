@@ -553,6 +553,14 @@ async def _reply(
         raise Unprocessable("next_step_due must be in the future")
     details: dict[str, Any] = {}
     if body.kind == "decision":
+        # An approval whose Stripe answer was lost (502, a crash) left its refund attempt
+        # pending: Stripe may have made the refund, so only that approval may be repeated.
+        execution = await repo.execution_for_request(session, request.id, lock=True)
+        if execution is not None and execution.status != "failed":
+            raise RefundInProgress(
+                f"A refund of {execution.amount} is already {execution.status} for this "
+                "request; repeat its approval to complete it"
+            )
         await _apply_remedy(session, request, body, principal, settings, now)
         request.decided_at = now
         request.outcome = body.outcome
