@@ -1365,6 +1365,7 @@ async def apply_dispute_effects(
             for ctx, row in disputes
         ],
         first.settings,
+        first.stripe,
         payments,
     )
 
