@@ -370,7 +370,8 @@ class PaymentChange:
 def merge_payment(row: MirrorDict, values: dict[str, Any]) -> None:
     """The monotonic merge of what an event says into a payment row: the status only moves
     forward, the amount refunded only grows, disputed stays, the earliest paid time wins, the
-    amount and currency are the event's, and everything else is kept once known."""
+    amount and currency are the event's, the charge is the succeeded one's (a declined
+    attempt's is kept only until then), and everything else is kept once known."""
     for key, value in values.items():
         if value is None:
             continue
@@ -382,6 +383,9 @@ def merge_payment(row: MirrorDict, values: dict[str, Any]) -> None:
             row[key] = row[key] or bool(value)
         elif key == "paid_at":
             row[key] = min(row[key], value) if row[key] else value
+        elif key == "stripe_charge_id" and values.get("status") == "succeeded":
+            # a payment intent may have declined charges before the one that succeeded
+            row[key] = value
         elif key in ("amount", "currency") or row[key] is None:
             row[key] = value
 
@@ -1361,6 +1365,7 @@ async def apply_dispute_effects(
             for ctx, row in disputes
         ],
         first.settings,
+        first.stripe,
         payments,
     )
 

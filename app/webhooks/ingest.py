@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import orjson
 import structlog
@@ -46,12 +46,16 @@ def incoming_event(event: Any, *, livemode: bool, raw: bytes | None = None) -> I
     event_id, event_type, created = event.get("id"), event.get("type"), event.get("created")
     data = event.get("data")
     obj = data.get("object") if isinstance(data, dict) else None
-    if not (isinstance(event_id, str) and event_id.startswith("evt_") and len(event_id) <= 255):
+    if not (_storable(event_id, 255) and event_id.startswith("evt_")):
         raise ValueError("event id missing or malformed")
-    if not isinstance(event_type, str) or not event_type or len(event_type) > 128:
+    if not (_storable(event_type, 128) and event_type):
         raise ValueError("event type missing or malformed")
     if not isinstance(created, int) or isinstance(created, bool) or created < 0:
         raise ValueError("event created missing or malformed")
+    try:
+        stripe_created = datetime.fromtimestamp(created, UTC)
+    except (ValueError, OverflowError, OSError):  # beyond what a timestamp can be
+        raise ValueError("event created missing or malformed") from None
     if not isinstance(obj, dict):
         raise ValueError("event data.object missing")
     if event.get("account"):
@@ -60,16 +64,26 @@ def incoming_event(event: Any, *, livemode: bool, raw: bytes | None = None) -> I
         raise ValueError("event livemode does not match the configured Stripe key")
     object_id = obj.get("id")
     api_version = event.get("api_version")
+    if isinstance(object_id, str) and not _storable(object_id, 255):
+        raise ValueError("event data.object.id malformed")
+    if isinstance(api_version, str) and not _storable(api_version, 64):
+        raise ValueError("event api_version malformed")
     return IncomingEvent(
         stripe_id=event_id,
         type=event_type,
         api_version=api_version if isinstance(api_version, str) else None,
         object_id=object_id if isinstance(object_id, str) else None,
-        stripe_created=datetime.fromtimestamp(created, UTC),
+        stripe_created=stripe_created,
         livemode=livemode,
         status="pending" if event_type in HANDLED_EVENT_TYPES else "ignored",
         payload_json=(raw if raw is not None else orjson.dumps(event)).decode(),
     )
+
+
+def _storable(value: object, max_length: int) -> TypeGuard[str]:
+    """A string its `stripe_events` column can hold: a value the database refuses would fail
+    the whole group-committed batch (503 for every delivery in it), not just this event."""
+    return isinstance(value, str) and len(value) <= max_length and "\x00" not in value
 
 
 # One statement for the whole batch: eight arrays, whatever the number of events (a multi-row

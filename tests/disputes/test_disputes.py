@@ -162,3 +162,38 @@ async def test_lost_dispute_keeps_access_when_the_setting_says_so(
     [shown] = await disputes(client, token)
     assert shown["access_ended"] is False
     assert shown["changes"] == []
+
+
+async def test_a_lost_dispute_that_ends_access_stops_the_billing_at_stripe(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """Access ended for good must not leave Stripe renewing (and charging) the subscription:
+    it is cancelled at Stripe at once, without proration or a final invoice, once."""
+    paid = await pay_subscription(app, stripe_fake, deliver, account_id="acc_l", channel_id="ch_l")
+    assert paid.subscription_id is not None
+    opened = stripe_fake.create_dispute(paid.charge_id)
+    dispute_id = opened[0]["data"]["object"]["id"]
+    seen = len(stripe_fake.events)
+    lost = [
+        *opened,
+        *stripe_fake.withdraw_dispute_funds(dispute_id),
+        *stripe_fake.close_dispute(dispute_id, won=False),
+    ]
+    await deliver(lost)
+    await deliver(lost)  # redelivered: nothing more happens
+
+    assert stripe_fake.get("subscription", paid.subscription_id)["status"] == "canceled"
+    cancels = stripe_fake.requests_to("DELETE", f"/v1/subscriptions/{paid.subscription_id}")
+    assert len(cancels) == 1
+    assert cancels[0].params == {"prorate": False, "invoice_now": False}
+    await deliver([e for e in stripe_fake.events[seen:] if e not in lost])
+    [shown] = (
+        await client.get(
+            "/v1/accounts/acc_l/subscriptions", headers=bearer(token(account_id="acc_l"))
+        )
+    ).json()["data"]
+    assert (shown["status"], shown["has_access"]) == ("canceled", False)

@@ -121,8 +121,29 @@ async def test_every_configured_secret_is_tried_for_rotation(
         (orjson.dumps(event(data={})), "data.object"),
         (orjson.dumps(event(livemode=True)), "livemode"),
         (orjson.dumps(event(account="acct_123")), "Connect"),
+        (orjson.dumps(event(created=10**12)), "created"),  # beyond year 9999
+        (orjson.dumps(event(created=10**17)), "created"),  # beyond the platform's time_t
+        (orjson.dumps(event(created=2**62)), "created"),
+        (orjson.dumps(event(type_="customer.\x00created")), "event type"),
+        (orjson.dumps(event(api_version="2026-05-27." + "x" * 100)), "api_version"),
+        (orjson.dumps(event(data={"object": {"id": "cus_" + "x" * 300}})), "data.object.id"),
     ],
-    ids=["text", "binary", "array", "bad-id", "bad-created", "no-object", "livemode", "connect"],
+    ids=[
+        "text",
+        "binary",
+        "array",
+        "bad-id",
+        "bad-created",
+        "no-object",
+        "livemode",
+        "connect",
+        "created-year-10000",
+        "created-beyond-time_t",
+        "created-overflow",
+        "nul-in-type",
+        "long-api-version",
+        "long-object-id",
+    ],
 )
 async def test_signed_but_invalid_payloads_are_400(
     app: FastAPI, client: httpx.AsyncClient, body: bytes, detail: str
