@@ -189,7 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
     rec = commands.add_parser(
         "reconcile-events", help="store Stripe events that were never delivered and report drift"
     )
-    rec.add_argument("--since", help="ISO time to list from (default: newest stored event)")
+    rec.add_argument(
+        "--since",
+        help="ISO time to list from (default: the earlier of 3 days ago, Stripe's delivery"
+        " retry window, and 10 minutes before the newest stored event; at most 30 days)",
+    )
     rec.add_argument("--apply", action="store_true", help="also apply them now")
     rec.set_defaults(handler=_reconcile, run_async=True)
 

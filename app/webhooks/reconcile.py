@@ -1,9 +1,18 @@
 """Recovering events Stripe never delivered, and registering the webhook endpoint.
 
-`reconcile` lists Stripe's events since shortly before the newest one stored (Stripe's Events
-API keeps 30 days), stores every one that is missing through the same path as a delivery and
-reports the drift. Run it on a schedule (e.g. every 15 minutes from cron or a Kubernetes
-CronJob: `billing reconcile-events`); the stored events are then applied by the event processor.
+`reconcile` lists Stripe's events from the oldest point a missed delivery can be (below),
+stores every one that is missing through the same path as a delivery and reports the drift.
+Run it on a schedule (e.g. every 15 minutes from cron or a Kubernetes CronJob:
+`billing reconcile-events`); the stored events are then applied by the event processor.
+
+The default window (`default_since`) starts at the earlier of 3 days ago (Stripe retries a
+failed delivery for up to 3 days, so an event it failed to deliver, our 5xx or an outage,
+can be missing while later ones arrived) and 10 minutes before the newest stored event (an
+outage longer than that: everything after it may be missing), never more than the 30 days
+the Events API keeps; with no stored event, those 30 days. Stripe's list is paginated (100 a
+page) and inserts are `ON CONFLICT DO NOTHING`, so a run costs about one request per 100
+events of the window. A missed event older than 3 days while later ones were stored is only
+found with `--since` (run the command at least daily).
 Events from the Events API are rendered in the API version current when they were created;
 the report counts those whose version differs from the pinned one.
 """
@@ -25,6 +34,8 @@ from app.webhooks.handlers import HANDLED_EVENT_TYPES
 from app.webhooks.ingest import incoming_event, insert_events
 
 OVERLAP = timedelta(minutes=10)
+DELIVERY_RETRY_WINDOW = timedelta(days=3)
+"""How long Stripe retries a failed webhook delivery."""
 EVENTS_API_WINDOW = timedelta(days=30)
 
 
@@ -47,6 +58,15 @@ class ReconcileReport:
         return lines
 
 
+def default_since(newest_stored: datetime | None, now: datetime) -> datetime:
+    """Where a run without `--since` starts listing (see the module docstring): the earlier
+    of `now` - 3 days (Stripe's delivery retries) and 10 minutes before the newest stored
+    event; with none stored, the Events API's 30 days."""
+    if newest_stored is None:
+        return now - EVENTS_API_WINDOW
+    return min(now - DELIVERY_RETRY_WINDOW, newest_stored - OVERLAP)
+
+
 async def reconcile(
     engine: AsyncEngine,
     stripe: StripeGateway,
@@ -59,7 +79,7 @@ async def reconcile(
     if since is None:
         async with engine.connect() as connection:
             newest = await connection.scalar(select(func.max(StripeEvent.stripe_created)))
-        since = (newest - OVERLAP) if newest else now - EVENTS_API_WINDOW
+        since = default_since(newest, now)
     since = max(since, now - EVENTS_API_WINDOW)
     report = ReconcileReport(since=since)
     starting_after: str | None = None

@@ -7,13 +7,14 @@ import copy
 import os
 import subprocess
 import sys
+import time
 
 import asyncpg
 import httpx
 from fastapi import FastAPI
 from sqlalchemy import select
 
-from app.models import StripeEvent, Subscription
+from app.models import LedgerEntry, StripeEvent, Subscription
 from app.stripe_gateway import API_VERSION
 from app.webhooks.handlers import HANDLED_EVENT_TYPES
 from app.webhooks.processor import MAX_ATTEMPTS, prune_payloads
@@ -150,6 +151,28 @@ async def test_reconcile_recovers_events_that_were_never_delivered(
 
     again = cli("reconcile-events", stripe_fake=stripe_fake, database_url=database_url)
     assert "recovered 0 events" in again.stdout
+
+
+async def test_a_default_reconcile_recovers_an_event_missed_before_later_deliveries(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver, database_url: str
+) -> None:
+    started = time.time()
+    stripe_fake.set_time(started - 2 * 3600)
+    add_catalog(stripe_fake)
+    missed_id = await open_checkout(app, account_id="acc_missed", purpose="top_up", amount=1000)
+    missed = stripe_fake.complete_checkout(missed_id)  # we answered 5xx (an outage)
+    stripe_fake.set_time(started - 3600)  # an hour later deliveries work again
+    later_id = await open_checkout(app, account_id="acc_later", purpose="top_up", amount=2000)
+    await deliver(stripe_fake.complete_checkout(later_id))
+    stripe_fake.set_time(None)
+
+    result = cli("reconcile-events", "--apply", stripe_fake=stripe_fake, database_url=database_url)
+    assert result.returncode == 0, result.stderr
+    async with app.state.session_factory() as session:
+        stored = set((await session.scalars(select(StripeEvent.stripe_id))).all())
+        credited = (await session.execute(select(LedgerEntry.account_id, LedgerEntry.amount))).all()
+    assert {e["id"] for e in missed} <= stored
+    assert sorted(credited) == [("acc_later", 2000), ("acc_missed", 1000)]
 
 
 async def test_register_webhook_pins_the_api_version_and_the_events_used(
