@@ -228,3 +228,49 @@ async def effective_currency(session: AsyncSession, account_id: str) -> str | No
 async def check_currency(session: AsyncSession, account_id: str, currency: str) -> None:
     """422 `currency_mismatch` when money in `currency` cannot move on this account."""
     require_currency(await effective_currency(session, account_id), currency)
+
+
+async def ledger_entries_in_account_currency(
+    session: AsyncSession, entries: list[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(kept, refused) of these new ledger entries: one account's ledger holds one currency.
+
+    Locks the accounts (`FOR NO KEY UPDATE`, in id order: serialised with usage charges and
+    other event batches of the account, not with rows that merely reference it) and reads
+    their bound currency (`effective_currency`); an account with none is bound by its first
+    entry here. An entry in another currency is refused: never written, so the balance never
+    adds two currencies. The caller decides what a refused entry means (a top-up paid in
+    another currency is recorded as a payment but not credited, see `on_checkout_events`)."""
+    if not entries:
+        return [], []
+    accounts = sorted({str(entry["account_id"]) for entry in entries})
+    ledger_currency = (
+        select(LedgerEntry.currency)
+        .where(LedgerEntry.account_id == Account.id)
+        .limit(1)
+        .scalar_subquery()
+    )
+    rows = await session.execute(
+        select(Account.id, func.coalesce(func.nullif(Account.currency, ""), ledger_currency))
+        .where(Account.id.in_(accounts))
+        .order_by(Account.id)
+        .with_for_update(key_share=True, of=Account)
+    )
+    bound = {account_id: currency.lower() for account_id, currency in rows if currency}
+    kept: list[dict[str, Any]] = []
+    refused: list[dict[str, Any]] = []
+    for entry in entries:
+        currency = str(entry["currency"]).lower()
+        if bound.setdefault(str(entry["account_id"]), currency) == currency:
+            kept.append(entry)
+        else:
+            refused.append(entry)
+            log.warning(
+                "ledger.currency_mismatch",
+                account_id=entry["account_id"],
+                kind=entry["kind"],
+                source_id=entry["source_id"],
+                currency=currency,
+                account_currency=bound[str(entry["account_id"])],
+            )
+    return kept, refused

@@ -46,6 +46,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.accounts.service import ledger_entries_in_account_currency
 from app.config import Settings
 from app.db import ArrayInsert, ArrayUpdate, DriverStatement, session_driver
 from app.models import Dispute, DisputeEffect, Invoice, Payment, RefundRequest, Subscription
@@ -266,6 +267,17 @@ async def _apply(
             if dispute.row["access_ended"] and not ended_before:
                 access_ended.append(dispute.row["id"])
         await _close_open_requests(session, dispute, payment, requests)
+    # a chargeback of a payment never credited for its currency (see `on_checkout_events`)
+    # moves no balance: the ledger keeps the account's one currency
+    ledger, refused = await ledger_entries_in_account_currency(session, ledger)
+    if refused:
+        skipped = {(entry["source_id"], BALANCE_EFFECTS[entry["kind"]]) for entry in refused}
+        stripe_ids = {dispute.row["id"]: dispute.row["stripe_id"] for dispute in disputes}
+        effects = [
+            effect
+            for effect in effects
+            if (stripe_ids.get(effect["dispute_id"]), effect["kind"]) not in skipped
+        ]
     await repo.ADD_LEDGER_ENTRIES.execute(driver, ledger)
     await RECORD_EFFECTS.execute(driver, effects)
     if access_ended:
@@ -353,6 +365,13 @@ def _adjust_balance(
             )
             effects.append(_effect(row, "balance_reinstated", amount=amount, currency=currency))
             entries.add(key)
+
+
+BALANCE_EFFECTS = {
+    "dispute_withdrawal": "balance_withdrawn",
+    "dispute_reinstatement": "balance_reinstated",
+}
+"""The effect recorded with each ledger entry of a dispute (`_adjust_balance`)."""
 
 
 def _effect(

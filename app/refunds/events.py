@@ -35,6 +35,7 @@ import structlog
 from sqlalchemy import column, text
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from app.accounts.service import ledger_entries_in_account_currency
 from app.config import Settings
 from app.db import DriverStatement, session_driver
 from app.models import RefundExecution, RefundRequest
@@ -239,13 +240,16 @@ async def _adjust_ledger(
                     },
                 )
     if entries:
-        await repo.ADD_LEDGER_ENTRIES.execute(
-            await session_driver(session),
+        # a refund of a payment never credited for its currency (see `on_checkout_events`)
+        # moves no balance: the ledger keeps the account's one currency
+        kept, _refused = await ledger_entries_in_account_currency(
+            session,
             [
                 {"account_id": account, "kind": kind, "source_id": source, **entry}
                 for (account, kind, source), entry in entries.items()
             ],
         )
+        await repo.ADD_LEDGER_ENTRIES.execute(await session_driver(session), kept)
 
 
 async def _apply_ours(

@@ -60,7 +60,7 @@ from sqlalchemy import (
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.accounts.service import ensure_accounts
+from app.accounts.service import ensure_accounts, ledger_entries_in_account_currency
 from app.config import Settings
 from app.db import ArrayInsert, ArrayUpdate, DriverStatement, session_driver
 from app.disputes import events as disputes_events
@@ -513,7 +513,11 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     status and payment status forward, Stripe ids kept once known, the account linked to its
     Stripe customer; a paid top-up or debt repayment credits the balance once (one ledger
     entry per session), mirrors its payment (`apply_payment_changes`) and is the account's
-    payment; a subscription checkout is fulfilled once its subscription is live or an
+    payment. One paid in another currency than the account's (two balance checkouts opened
+    in different currencies before the first payment: the first credited binds the account)
+    is mirrored as a succeeded payment but neither credited nor fulfilled
+    (`ledger_entries_in_account_currency`, log `ledger.currency_mismatch`); finance refunds it
+    on review. A subscription checkout is fulfilled once its subscription is live or an
     invoice of it is paid."""
     session, now = ctxs[0].session, ctxs[0].now
     found = await LOCKED_CHECKOUTS.fetch(
@@ -526,6 +530,7 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     by_stripe_id = {row["stripe_id"]: row for row in rows.values() if row["stripe_id"]}
     customers: dict[tuple[str, str], None] = {}  # (account, Stripe customer), in order
     credits: list[dict[str, Any]] = []
+    paid_at: dict[str, datetime] = {}  # credited Stripe session -> when it was paid
     payments: list[PaymentChange] = []
     first_payments: FirstPayments = {}
     for ctx in ctxs:
@@ -558,9 +563,17 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
             credit = _credit(ctx, row, obj)
             credits.append(credit)
             row["fulfilled_at"] = row["fulfilled_at"] or now
+            paid_at.setdefault(credit["source_id"], ctx.created)
             if (payment_intent := ref(obj.get("payment_intent"))) is not None:
                 payments.append(_checkout_payment(ctx, payment_intent, credit))
-            add_first_payment(first_payments, row["account_id"], ctx.created, credit["currency"])
+    credits, refused = await ledger_entries_in_account_currency(session, credits)
+    for credit in refused:  # paid in another currency than the account's: recorded, not credited
+        row = by_stripe_id[credit["source_id"]]
+        row["fulfilled_at"] = stored[row["id"]]["fulfilled_at"]
+    for credit in credits:
+        add_first_payment(
+            first_payments, credit["account_id"], paid_at[credit["source_id"]], credit["currency"]
+        )
     await _fulfil_waiting_subscription_checkouts(session, now, rows.values())
     changed = [row for row_id, row in rows.items() if row != stored[row_id]]
     await WRITE_CHECKOUTS.execute(await session_driver(session), changed)

@@ -9,7 +9,7 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.models import LedgerEntry
+from app.models import LedgerEntry, Payment
 from tests.checkout.conftest import APP_URL, PostCheckout, subscription_body, top_up_body
 from tests.conftest import Deliver, bearer
 from tests.stripe_fake import StripeFake
@@ -204,3 +204,54 @@ async def test_a_subscription_cancelled_in_the_portal_keeps_access_until_the_per
     assert feed.json()["data"][-1]["has_access"] is False
     ids = [c["id"] for c in feed.json()["data"]]
     assert ids == sorted(ids)
+
+
+async def test_two_top_ups_opened_in_different_currencies_credit_only_the_first_paid(
+    post_checkout: PostCheckout,
+    client: httpx.AsyncClient,
+    token: Any,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    db: async_sessionmaker[AsyncSession],
+    app: Any,
+) -> None:
+    app.state.settings.top_up_limits["eur"] = type(app.state.settings.top_up_limits["usd"])(
+        min=100, max=100000
+    )
+    # both open before any payment: neither creation can see the other's currency
+    usd = (await post_checkout("acc_1", top_up_body(amount=7500, currency="usd"))).json()
+    eur = (await post_checkout("acc_1", top_up_body(amount=3000, currency="eur"))).json()
+    assert "id" in usd and "id" in eur, (usd, eur)
+    await deliver(stripe_fake.complete_checkout(usd["stripe_checkout_session_id"]))
+    await deliver(stripe_fake.complete_checkout(eur["stripe_checkout_session_id"]))
+
+    headers = bearer(token(account_id="acc_1"))
+    balance = (await client.get("/v1/accounts/acc_1/balance", headers=headers)).json()
+    assert balance == {"balance": 7500, "debt": 0, "currency": "usd"}
+    async with db() as session:
+        currencies = (
+            await session.scalars(
+                select(LedgerEntry.currency).where(LedgerEntry.account_id == "acc_1").distinct()
+            )
+        ).all()
+        payments = (
+            await session.execute(
+                select(Payment.amount, Payment.currency, Payment.status).where(
+                    Payment.account_id == "acc_1"
+                )
+            )
+        ).all()
+    assert currencies == ["usd"]
+    # the EUR payment is recorded (finance refunds it on review), not credited or fulfilled
+    assert sorted(payments) == [(3000, "eur", "succeeded"), (7500, "usd", "succeeded")]
+    assert (await _status(client, token, "acc_1", usd["id"]))["fulfilled"] is True
+    assert (await _status(client, token, "acc_1", eur["id"]))["fulfilled"] is False
+
+    # a chargeback of the EUR payment moves no balance: it never reached the ledger
+    session = stripe_fake.get("checkout.session", eur["stripe_checkout_session_id"])
+    charge = stripe_fake.get("payment_intent", session["payment_intent"])["latest_charge"]
+    opened = stripe_fake.create_dispute(charge)
+    await deliver(opened)
+    await deliver(stripe_fake.withdraw_dispute_funds(opened[0]["data"]["object"]["id"]))
+    balance = (await client.get("/v1/accounts/acc_1/balance", headers=headers)).json()
+    assert balance == {"balance": 7500, "debt": 0, "currency": "usd"}
