@@ -9,7 +9,7 @@ import json
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 
 import uvloop
@@ -70,8 +70,17 @@ async def _runtime() -> AsyncIterator[tuple[Settings, AsyncEngine, StripeGateway
         await engine.dispose()
 
 
+def _iso_time(value: str) -> datetime:
+    """An ISO date or time as an operator types it; without an offset it is UTC."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an ISO date or time: {value!r}") from None
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
 async def _reconcile(args: argparse.Namespace) -> int:
-    since = datetime.fromisoformat(args.since) if args.since else None
+    since: datetime | None = args.since
     async with _runtime() as (settings, engine, gateway):
         report = await reconcile(engine, gateway, settings, since=since)
         if args.apply:
@@ -191,8 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     rec.add_argument(
         "--since",
-        help="ISO time to list from (default: the earlier of 3 days ago, Stripe's delivery"
-        " retry window, and 10 minutes before the newest stored event; at most 30 days)",
+        type=_iso_time,
+        help="ISO date or time to list from, UTC unless it has an offset (default: the earlier"
+        " of 3 days ago, Stripe's delivery retry window, and 10 minutes before the newest stored"
+        " event; at most 30 days)",
     )
     rec.add_argument("--apply", action="store_true", help="also apply them now")
     rec.set_defaults(handler=_reconcile, run_async=True)

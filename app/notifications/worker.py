@@ -249,14 +249,18 @@ async def deliver_round(
     limit: int | None = None,
 ) -> RoundResult:
     """One delivery round: park stale `sending` rows, then claim and send due rows one by one
-    (at most `limit`, default `EMAIL_BATCH_SIZE`). `now` is injectable for tests."""
-    moment = now or datetime.now(UTC)
+    (at most `limit`, default `EMAIL_BATCH_SIZE`). `now` is injectable for tests; otherwise
+    each claim is stamped with the time it is made, not the round's start (a long round must
+    not make the message it is sending look stale to another worker)."""
     result = RoundResult()
-    result.uncertain += await park_stale_sending(session_factory, settings, moment)
+    result.uncertain += await park_stale_sending(
+        session_factory, settings, now or datetime.now(UTC)
+    )
     own_mailer = mailer is None
     active: Mailer = mailer or SmtpMailer(settings)
     try:
         for _ in range(limit or settings.email_batch_size):
+            moment = now or datetime.now(UTC)
             async with session_factory() as session, session.begin():
                 row = await claim_next(session, moment)
             if row is None:

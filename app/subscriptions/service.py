@@ -39,6 +39,15 @@ LOCK_CHANNEL_FEEDS = DriverStatement(
     )
 )
 """Each channel's feed lock, taken in the order given (sorted, so two writers cannot deadlock)."""
+TOUCH_CHANNELS = DriverStatement(
+    text("UPDATE channels SET updated_at = now() WHERE id = ANY(CAST(:channels AS text[]))")
+)
+"""A new row version of each channel, under its feed lock. The event processor's transactions
+are SERIALIZABLE: their snapshot is taken when they claim their events, and the feed lock does
+not make them see what a writer committed meanwhile (a `billing expire-access` run, a refund,
+a maintenance completion). Updating a row another transaction changed after the snapshot is a
+serialization failure, so such a transaction is run again with a fresh snapshot instead of
+deciding on a stale last entry (appending the same change twice, or missing one)."""
 _FEED_SUBSCRIPTIONS = cast(Table, Subscription.__table__)
 _FEED_CHANNELS = cast(Table, Channel.__table__)
 _WANTED = (
@@ -89,17 +98,19 @@ async def record_access_changes(
     session: AsyncSession, channels_at: Mapping[str, datetime], settings: Settings
 ) -> list[str]:
     """Append to the access feed for each channel whose access, at the time given for it,
-    differs from its last entry; returns those channels. Three statements whatever the
+    differs from its last entry; returns those channels. Four statements whatever the
     number of channels, sent straight to the driver in the session's transaction (pending
     ORM changes are flushed first: `session_driver`).
 
     Serialized per channel with an advisory lock, so concurrent events for two subscriptions
-    of one channel cannot both append the same change."""
+    of one channel cannot both append the same change; a transaction whose snapshot predates
+    another writer's commit fails to serialize instead (`TOUCH_CHANNELS`)."""
     channels = sorted(channels_at)
     if not channels:
         return []
     driver = await session_driver(session)
     await LOCK_CHANNEL_FEEDS.execute(driver, channels=channels)
+    await TOUCH_CHANNELS.execute(driver, channels=channels)
     rows: dict[str, list[Any]] = {}
     for row in await CHANNELS_FEED_STATE.fetch(driver, channels=channels):
         rows.setdefault(row.channel, []).append(row)

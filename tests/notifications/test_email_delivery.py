@@ -249,3 +249,46 @@ async def test_web_process_delivers_in_the_background_when_workers_are_enabled(
                 break
             await asyncio.sleep(0.025)
     assert [m.message["Subject"] for m in smtp_server.messages] == ["Notice background"]
+
+
+class SlowFirstMessageMailer(SmtpMailer):
+    """A relay slow to take the round's first message; while the round's second message is
+    being sent, another worker process runs its own round (with the real clock)."""
+
+    def __init__(self, settings: Settings, factory: Factory, slow_seconds: float) -> None:
+        super().__init__(settings)
+        self.factory = factory
+        self.slow_seconds = slow_seconds
+        self.sent = 0
+        self.other_round: list[uuid.UUID] = []
+
+    async def send(self, message: EmailMessage) -> None:
+        if self.sent == 0:
+            await asyncio.sleep(self.slow_seconds)
+        else:
+            other = await deliver_round(self.factory, self.settings)
+            self.other_round += other.uncertain + other.sent
+        await super().send(message)
+        self.sent += 1
+
+
+async def test_a_message_claimed_late_in_a_long_round_is_not_parked_by_another_worker(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    """A round sends up to EMAIL_BATCH_SIZE messages one after the other; `claimed_at` is when
+    each one was claimed, so a message claimed after the round has run longer than
+    EMAIL_SENDING_STALE_SECONDS is not taken for a dead worker's while it is being sent."""
+    settings = smtp_settings.model_copy(update={"email_sending_stale_seconds": 1.0})
+    await queue(factory, "first")
+    await queue(factory, "second")
+    mailer = SlowFirstMessageMailer(settings, factory, slow_seconds=1.5)
+    result = await deliver_round(factory, settings, mailer=mailer)
+    await mailer.close()
+
+    assert mailer.other_round == []
+    assert len(result.sent) == 2
+    assert {key: row.status for key, row in (await rows(factory)).items()} == {
+        "first": "sent",
+        "second": "sent",
+    }
+    assert len(smtp_server.messages) == 2

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 
 import httpx
 from fastapi import FastAPI
-from sqlalchemy import select, update
+from sqlalchemy import select, text, update
 
 from app.models import AccessChange, Subscription
 from app.subscriptions.service import record_expired_access
@@ -74,3 +75,57 @@ async def test_expire_access_command_records_ended_access(
     assert result.stdout.strip() == "recorded 1 access ends in the access feed"
     feed = await client.get("/v1/access-changes", headers=bearer(token(scope="billing:read")))
     assert [c["has_access"] for c in feed.json()["data"]] == [True, False]
+
+
+async def test_an_event_applied_after_expire_access_does_not_repeat_its_feed_entry(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """The event processor's transaction is SERIALIZABLE: its snapshot is taken when it
+    claims the events, possibly long before it gets the Stripe object's lock (held by another
+    replica's batch). An access end that `expire-access` recorded meanwhile must still count
+    as the channel's last entry, not be appended a second time."""
+    add_catalog(stripe_fake)
+    session_id = await open_checkout(
+        app, account_id="acc_race", purpose="subscription", channel_id="ch_race"
+    )
+    await deliver(stripe_fake.complete_checkout(session_id))
+    factory, settings = app.state.session_factory, app.state.settings
+    async with factory() as session, session.begin():
+        subscription = await session.scalar(select(Subscription))
+        assert subscription is not None
+        sub_id = subscription.stripe_id
+        # the period ended with no renewal (at Stripe too)
+        ended = datetime.now(UTC).replace(microsecond=0) - timedelta(minutes=1)
+        subscription.current_period_end = ended
+        await session.execute(update(AccessChange).values(access_until=ended))
+    stripe_fake.get("subscription", sub_id)["items"]["data"][0]["current_period_end"] = int(
+        ended.timestamp()
+    )
+    # an update that does not change access, stored but not applied yet
+    await deliver(stripe_fake.update_subscription(sub_id, metadata={"note": "x"}), process=False)
+
+    async with factory() as holder, holder.begin():
+        # another replica holds the subscription's lock: the batch claims, then waits
+        await holder.execute(
+            text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))"), {"key": sub_id}
+        )
+        processing = asyncio.create_task(app.state.event_processor.drain())
+        for _ in range(500):
+            waiting = await holder.scalar(
+                text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted")
+            )
+            if waiting:
+                break
+            await asyncio.sleep(0.01)
+        assert waiting == 1
+        # meanwhile the time-based job records the end
+        assert await record_expired_access(factory, settings) == 1
+    await processing
+
+    feed = await client.get("/v1/access-changes", headers=bearer(token(scope="billing:read")))
+    entries = [(c["has_access"], c["access_until"], c["reason"]) for c in feed.json()["data"]]
+    assert [has_access for has_access, _, _ in entries] == [True, False], entries

@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import time
+from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
@@ -211,3 +212,31 @@ async def test_old_payloads_are_pruned_but_late_duplicates_still_recognised(
     body, headers = stripe_fake.signed_event(events[-1], WEBHOOK_SECRET)
     late = await client.post("/webhooks/stripe", content=body, headers=headers)
     assert late.json() == {"received": True, "duplicate": True}
+
+
+async def test_reconcile_since_a_date_without_offset_is_read_as_utc(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver, database_url: str
+) -> None:
+    """`--since ISO` takes what an operator types: a date or a time with no offset is UTC
+    (it was compared with aware times: a traceback); an unreadable one is a usage error."""
+    life = await run_lifecycle(app, stripe_fake)
+    since = datetime.now(UTC) - timedelta(days=1)
+    recovered = []
+    for typed in (since.strftime("%Y-%m-%d"), since.strftime("%Y-%m-%dT%H:%M:%S")):
+        result = cli(
+            "reconcile-events", "--since", typed, stripe_fake=stripe_fake, database_url=database_url
+        )
+        assert result.returncode == 0, result.stderr
+        recovered.append(result.stdout)
+    assert f"recovered {len(stripe_fake.events)} events" in recovered[0]
+    assert "recovered 0 events" in recovered[1]
+    assert life.events
+    bad = cli(
+        "reconcile-events",
+        "--since",
+        "yesterday",
+        stripe_fake=stripe_fake,
+        database_url=database_url,
+    )
+    assert bad.returncode == 2
+    assert "--since" in bad.stderr and "Traceback" not in bad.stderr
