@@ -7,10 +7,9 @@ Decided from the dispute's stored state, not the event type, so any order conver
   source the dispute id, once); once Stripe reinstates them (`funds_reinstated > 0`, a won
   dispute) it comes back (`dispute_reinstatement`, once, only after a withdrawal).
 - A subscription payment whose dispute is `lost`: when `DISPUTE_LOST_ENDS_ACCESS` (default
-  true) the subscription's access ends at once (`access_revoked_at`, `disputes.access_ended`)
-  and the subscription is cancelled at Stripe at once, without proration or a final invoice
-  (as an approved refund cancels it), so Stripe does not go on charging for periods without
-  access.
+  true) the subscription's access ends at once (`access_revoked_at`, `disputes.access_ended`),
+  and it is cancelled at Stripe right after the events are applied (app/disputes/cancels.py),
+  so Stripe does not go on charging for periods without access.
 - Open refund requests about the disputed payment are `closed`: a disputed payment is never
   also refunded (the approval refuses it too).
 Each change is recorded once in `dispute_effects` for `GET /v1/finance/disputes`.
@@ -54,7 +53,6 @@ from app.notifications.outbox import enqueue_email
 from app.refunds import repository as repo
 from app.refunds.events import PAYMENT_FACTS
 from app.refunds.service import OPEN_STATUSES, audit_step
-from app.stripe_gateway import StripeGateway, idempotency_key
 from app.subscriptions.service import record_access_changes
 
 log = structlog.get_logger()
@@ -190,7 +188,6 @@ async def on_disputes_mirrored(
     session: AsyncSession,
     disputes: Sequence[MirroredDispute],
     settings: Settings,
-    stripe: StripeGateway,
     payments: DisputedPayments | None = None,
 ) -> None:
     """The effects of each dispute, as applying them one dispute after another in this order
@@ -198,7 +195,7 @@ async def on_disputes_mirrored(
     happened at Stripe, not by when this service processed it, so any delivery order dates
     them alike. `payments`: already read, when they include every dispute's."""
     for run in _distinct_runs(disputes):
-        await _apply(session, run, settings, stripe, payments)
+        await _apply(session, run, settings, payments)
 
 
 def _distinct_runs(disputes: Sequence[MirroredDispute]) -> Iterator[list[MirroredDispute]]:
@@ -220,7 +217,6 @@ async def _apply(
     session: AsyncSession,
     disputes: list[MirroredDispute],
     settings: Settings,
-    stripe: StripeGateway,
     payments: DisputedPayments | None,
 ) -> None:
     """The effects of distinct disputes: the reads first, for all of them, then each
@@ -250,7 +246,7 @@ async def _apply(
     ledger: list[dict[str, Any]] = []
     effects: list[dict[str, Any]] = []
     access_ended: list[uuid.UUID] = []
-    ended = EndedAccess([], {}, [])
+    ended = EndedAccess([], {})
     for dispute, payment in zip(disputes, payment_of, strict=True):
         if payment is None or payment.account_id is None:
             log.warning(
@@ -285,11 +281,6 @@ async def _apply(
     if ended.revoked:
         await REVOKE_ACCESS.execute(driver, ended.revoked)
         await record_access_changes(session, ended.channels_at, settings)
-    for subscription_id, dispute_id in ended.cancel:
-        # in this transaction: if Stripe fails, the revocation is rolled back and retried
-        await stripe.cancel_subscription(
-            subscription_id, key=idempotency_key("dispute-cancel", dispute_id)
-        )
     await session.flush()
 
 
@@ -448,9 +439,6 @@ class EndedAccess:
 
     revoked: list[dict[str, Any]]
     channels_at: dict[str, datetime]
-    cancel: list[tuple[str, uuid.UUID]]
-    """(Stripe subscription, dispute) of each subscription whose access ended here: cancelled
-    at Stripe."""
 
 
 def _end_access(
@@ -471,7 +459,6 @@ def _end_access(
         when = dispute.occurred_at
         subscription["access_revoked_at"] = when
         ended.revoked.append({"id": subscription["id"], "access_revoked_at": when})
-        ended.cancel.append((subscription["stripe_id"], dispute.row["id"]))
         channel = subscription["channel_id"]
         ended.channels_at[channel] = max(ended.channels_at.get(channel, when), when)
     dispute.row["access_ended"] = True

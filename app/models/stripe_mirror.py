@@ -85,6 +85,9 @@ class Subscription(Timestamped, Base):
     access_revoked_at: Mapped[datetime | None] = mapped_column(
         comment="Set when a refund or lost chargeback ends access before the period end."
     )
+    dispute_cancel_sent_at: Mapped[datetime | None] = mapped_column(
+        comment="When Stripe accepted the cancellation a lost chargeback asked for."
+    )
     source_event_created: Mapped[datetime | None] = mapped_column(
         comment="`created` of the newest event applied; older events do not overwrite."
     )

@@ -1378,7 +1378,6 @@ async def apply_dispute_effects(
             for ctx, row in disputes
         ],
         first.settings,
-        first.stripe,
         payments,
     )
 

@@ -23,7 +23,8 @@
 - Fees: Stripe's processing fees, which the events name but do not carry, are looked up
   after the events are applied, by `FeeLookups` (app/webhooks/fees.py) in a task beside the
   events' loop: started when no event is due, or once every `MAX_WAIT_SECONDS` while events
-  keep coming.
+  keep coming. The same task then sends the Stripe cancellations lost chargebacks asked for
+  (`DisputeCancels`, app/disputes/cancels.py).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.accounts.service import ensure_accounts
 from app.config import Settings
 from app.db import DriverStatement, session_driver
+from app.disputes.cancels import DisputeCancels
 from app.models import StripeEvent
 from app.stripe_gateway import StripeGateway
 from app.webhooks import metrics
@@ -162,6 +164,7 @@ class EventProcessor:
         self._poll_seconds = poll_seconds
         self._wakeup = asyncio.Event()
         self._fees = FeeLookups(session_factory, stripe)
+        self._dispute_cancels = DisputeCancels(session_factory, stripe)
 
     def notify(self) -> None:
         self._wakeup.set()
@@ -205,12 +208,18 @@ class EventProcessor:
 
     async def _look_up_fees(self) -> None:
         """Rounds of fee look-ups until one finds nothing to do (none left, another replica's
-        round, or the wait after a failure)."""
+        round, or the wait after a failure), then the Stripe cancellations lost chargebacks
+        asked for (app/disputes/cancels.py), the same way."""
         try:
             while await self._fees.run():
                 pass
         except Exception as exc:  # the database may be briefly unreachable
             log.warning("payment_fee.round_failed", error_type=type(exc).__name__)
+        try:
+            while await self._dispute_cancels.run():
+                pass
+        except Exception as exc:
+            log.warning("dispute.cancel_round_failed", error_type=type(exc).__name__)
 
     async def process_due(self) -> int:
         """Claim a batch of due events and apply it in one transaction; if that fails (a

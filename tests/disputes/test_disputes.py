@@ -6,9 +6,11 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from app.config import Settings
+from app.disputes import cancels
 from tests.conftest import Deliver, TokenFactory, bearer
 from tests.refunds.flows import balance, ledger, outbox, pay_subscription, pay_top_up, subscription
 from tests.stripe_fake import StripeFake
@@ -197,3 +199,45 @@ async def test_a_lost_dispute_that_ends_access_stops_the_billing_at_stripe(
         )
     ).json()["data"]
     assert (shown["status"], shown["has_access"]) == ("canceled", False)
+
+
+async def test_stripe_failing_delays_the_cancellation_of_a_lost_dispute_and_no_event(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The cancellation is sent after the events are applied (app/disputes/cancels.py): Stripe
+    failing it leaves the events applied and access ended, and it is sent once Stripe answers
+    again, after the backoff."""
+    paid = await pay_subscription(app, stripe_fake, deliver, account_id="acc_m", channel_id="ch_m")
+    assert paid.subscription_id is not None
+    delete = f"/v1/subscriptions/{paid.subscription_id}"
+    opened = stripe_fake.create_dispute(paid.charge_id)
+    dispute_id = opened[0]["data"]["object"]["id"]
+    stripe_fake.fail_next(2, 500, path_prefix=delete, method="DELETE")  # one SDK retry
+    await deliver([*opened, *stripe_fake.close_dispute(dispute_id, won=False)])
+
+    events = (await client.get("/v1/ops/stripe-events", headers=bearer(token(scope="ops")))).json()[
+        "data"
+    ]
+    assert {event["status"] for event in events} <= {"processed", "ignored"}
+    access = await client.get(
+        "/v1/channels/ch_m/access", headers=bearer(token(scope="billing:read"))
+    )
+    assert (access.json()["has_access"], access.json()["reason"]) == (False, "revoked")
+    assert stripe_fake.get("subscription", paid.subscription_id)["status"] == "active"
+    failed = len(stripe_fake.requests_to("DELETE", delete))
+    assert failed == 2
+
+    await app.state.event_processor.drain()  # the backoff has not passed: nothing sent
+    assert len(stripe_fake.requests_to("DELETE", delete)) == failed
+
+    later = cancels.monotonic() + cancels.FAILURE_BACKOFF_SECONDS + 1
+    monkeypatch.setattr(cancels, "monotonic", lambda: later)
+    await app.state.event_processor.drain()
+    assert stripe_fake.get("subscription", paid.subscription_id)["status"] == "canceled"
+    await app.state.event_processor.drain()  # sent once
+    assert len(stripe_fake.requests_to("DELETE", delete)) == failed + 1
