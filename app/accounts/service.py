@@ -117,6 +117,17 @@ async def lock_account(conn: Any, account_id: str, email: str | None = None) -> 
     await _LOCK_ACCOUNT_SQL.execute(conn, account_id=account_id, email=email)
 
 
+BOUND_CURRENCY = func.coalesce(
+    func.nullif(Account.currency, ""),
+    select(LedgerEntry.currency)
+    .where(LedgerEntry.account_id == Account.id)
+    .limit(1)
+    .scalar_subquery(),
+)
+"""An `accounts` row's bound currency: its own, else its ledger's (NULL while any may be the
+first)."""
+
+
 @dataclass(frozen=True)
 class AccountFacts:
     currency: str | None
@@ -129,15 +140,9 @@ class AccountFacts:
 
 def _account_facts_statement() -> Any:
     account_id = bindparam("account_id", type_=String)
-    ledger_currency = (
-        select(LedgerEntry.currency)
-        .where(LedgerEntry.account_id == account_id)
-        .limit(1)
-        .scalar_subquery()
-    )
     count, seconds_left = recent_stripe_sessions(account_id)
     return select(
-        func.coalesce(func.nullif(Account.currency, ""), ledger_currency),
+        BOUND_CURRENCY,
         Account.stripe_customer_id,
         count,
         seconds_left,
@@ -216,13 +221,8 @@ async def create_stripe_customer(
 
 async def effective_currency(session: AsyncSession, account_id: str) -> str | None:
     """The currency the account is bound to, or None while any may be the first."""
-    currency = await session.scalar(select(Account.currency).where(Account.id == account_id))
-    if currency:
-        return currency.lower()
-    ledger_currency = await session.scalar(
-        select(LedgerEntry.currency).where(LedgerEntry.account_id == account_id).limit(1)
-    )
-    return ledger_currency.lower() if ledger_currency else None
+    currency = await session.scalar(select(BOUND_CURRENCY).where(Account.id == account_id))
+    return currency.lower() if currency else None
 
 
 async def check_currency(session: AsyncSession, account_id: str, currency: str) -> None:
@@ -237,21 +237,15 @@ async def ledger_entries_in_account_currency(
 
     Locks the accounts (`FOR NO KEY UPDATE`, in id order: serialised with usage charges and
     other event batches of the account, not with rows that merely reference it) and reads
-    their bound currency (`effective_currency`); an account with none is bound by its first
+    their bound currency (`BOUND_CURRENCY`); an account with none is bound by its first
     entry here. An entry in another currency is refused: never written, so the balance never
     adds two currencies. The caller decides what a refused entry means (a top-up paid in
     another currency is recorded as a payment but not credited, see `on_checkout_events`)."""
     if not entries:
         return [], []
     accounts = sorted({str(entry["account_id"]) for entry in entries})
-    ledger_currency = (
-        select(LedgerEntry.currency)
-        .where(LedgerEntry.account_id == Account.id)
-        .limit(1)
-        .scalar_subquery()
-    )
     rows = await session.execute(
-        select(Account.id, func.coalesce(func.nullif(Account.currency, ""), ledger_currency))
+        select(Account.id, BOUND_CURRENCY)
         .where(Account.id.in_(accounts))
         .order_by(Account.id)
         .with_for_update(key_share=True, of=Account)

@@ -30,12 +30,12 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.db import ArrayUpdate, DriverStatement, session_driver
 from app.models import DisputeEffect, Subscription
 from app.stripe_gateway import StripeGateway, idempotency_key
+from app.webhooks.handlers import TERMINAL_SUBSCRIPTION_STATUSES
 
 log = structlog.get_logger()
 
 ROUND_SIZE = 100
 FAILURE_BACKOFF_SECONDS = 60.0
-ENDED_STATUSES = ("canceled", "incomplete_expired")
 
 UNSENT = DriverStatement(
     select(Subscription.id, Subscription.stripe_id, DisputeEffect.dispute_id)
@@ -43,7 +43,7 @@ UNSENT = DriverStatement(
     .where(
         DisputeEffect.kind == "access_ended",
         Subscription.dispute_cancel_sent_at.is_(None),
-        Subscription.status.not_in([literal(status) for status in ENDED_STATUSES]),
+        Subscription.status.not_in([literal(s) for s in sorted(TERMINAL_SUBSCRIPTION_STATUSES)]),
     )
     .order_by(Subscription.id, DisputeEffect.dispute_id)
     .limit(ROUND_SIZE),

@@ -16,10 +16,10 @@ a round with a failed look-up, the next waits `FAILURE_BACKOFF_SECONDS`.
 
 The event processor starts rounds in a task beside its events' loop when no event is due, and
 at least every `MAX_WAIT_SECONDS` while events keep coming (app/webhooks/processor.py): applying
-events, which access and balances depend on, comes first and never waits for Stripe. On several replicas, a round holds a
-transaction-level advisory lock, so one replica looks fees up at a time and each fee is looked
-up once; that transaction holds no row lock while Stripe answers, and the write keeps a fee
-once known (`fee IS NULL`).
+events, which access and balances depend on, comes first and never waits for Stripe. On
+several replicas, a round holds a transaction-level advisory lock, so one replica looks fees
+up at a time and each fee is looked up once; that transaction holds no row lock while Stripe
+answers, and the write keeps a fee once known (`fee IS NULL`).
 """
 
 from __future__ import annotations

@@ -170,20 +170,21 @@ class EventProcessor:
         self._wakeup.set()
 
     async def drain(self) -> int:
-        """Apply every event that is due now, then look up the fees they left unknown
-        (app/webhooks/fees.py); returns how many events were attempted."""
+        """Apply every event that is due now, then the Stripe follow-ups (the fees they left
+        unknown, the cancellations lost chargebacks asked for); returns how many events were
+        attempted."""
         total = 0
         while done := await self.process_due():
             total += done
-        await self._look_up_fees()
+        await self._stripe_follow_ups()
         return total
 
     async def run_forever(self) -> None:
-        """Apply due events as they come. Fees are looked up in a task of their own beside
-        it, started when no event is due or once every `MAX_WAIT_SECONDS` while events keep
-        coming, so a slow Stripe delays fees only, never the events."""
-        fees: asyncio.Task[None] | None = None
-        fees_started_at = time.monotonic()
+        """Apply due events as they come. The Stripe follow-ups run in a task of their own
+        beside it, started when no event is due or once every `MAX_WAIT_SECONDS` while events
+        keep coming, so a slow Stripe delays them only, never the events."""
+        follow_ups: asyncio.Task[None] | None = None
+        follow_ups_started_at = time.monotonic()
         try:
             while True:
                 try:
@@ -191,22 +192,22 @@ class EventProcessor:
                 except Exception as exc:  # the database may be briefly unreachable
                     log.warning("stripe_event.worker_error", error_type=type(exc).__name__)
                     done = 0
-                if (fees is None or fees.done()) and (
-                    not done or time.monotonic() - fees_started_at > MAX_WAIT_SECONDS
+                if (follow_ups is None or follow_ups.done()) and (
+                    not done or time.monotonic() - follow_ups_started_at > MAX_WAIT_SECONDS
                 ):
-                    fees = asyncio.create_task(self._look_up_fees())
-                    fees_started_at = time.monotonic()
+                    follow_ups = asyncio.create_task(self._stripe_follow_ups())
+                    follow_ups_started_at = time.monotonic()
                 if done:
                     continue
                 self._wakeup.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_seconds)
         finally:
-            if fees is not None:
-                fees.cancel()
-                await asyncio.gather(fees, return_exceptions=True)
+            if follow_ups is not None:
+                follow_ups.cancel()
+                await asyncio.gather(follow_ups, return_exceptions=True)
 
-    async def _look_up_fees(self) -> None:
+    async def _stripe_follow_ups(self) -> None:
         """Rounds of fee look-ups until one finds nothing to do (none left, another replica's
         round, or the wait after a failure), then the Stripe cancellations lost chargebacks
         asked for (app/disputes/cancels.py), the same way."""
