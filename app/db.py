@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import itertools
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from datetime import datetime
@@ -112,6 +113,9 @@ SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 MAX_DIRECT_STATEMENTS = 64
 """Statements a `Reader` keeps compiled for asyncpg (the read routes pass module-level ones)."""
 
+MAX_KEYS_PER_READ = 100
+"""Keys one execution of a `Reader.by_key` statement answers at most."""
+
 
 class Reader:
     """Read-only statements for routes that change nothing: each runs on a pooled connection in
@@ -127,6 +131,10 @@ class Reader:
     that fail for any reason (a dead connection, an error), the connection is discarded and the
     statement runs again through SQLAlchemy Core, which retries, translates errors and discards
     stale connections exactly as before.
+
+    Lookups of one row set by key (`by_key`, the channel-access check) share executions when
+    they come at once: the first runs at once, and the keys asked while a statement runs go
+    together in the next one.
 
     At most half the pool's connections read at once (`slots`), so reads never take the
     connections writes need, nor open overflow ones under a burst of cheap reads (waiting a
@@ -146,6 +154,9 @@ class Reader:
         self._slots = asyncio.Semaphore(self.slots)  # waited for as long as the pool would wait
         self._direct: dict[Executable, DriverStatement | None] = {}
         self._kept: list[tuple[Any, float]] = []  # (pooled connection, when it was taken)
+        # by_key: per statement, the callers waiting for each key, and the task running them
+        self._asked: dict[Executable, dict[Any, list[asyncio.Future[list[Any]]]]] = {}
+        self._answering: dict[Executable, asyncio.Task[None]] = {}
 
     async def all(
         self, statement: Executable, params: dict[str, Any] | None = None
@@ -165,6 +176,51 @@ class Reader:
             return await self._execute(statement, params)
         finally:
             self._slots.release()
+
+    async def by_key(self, statement: Executable, key: Any) -> list[Any]:
+        """The rows of `statement` for `key`. `statement` selects the rows of every key in its
+        array parameter `keys`, each row with its key as the first column; every key must be
+        one the statement accepts (the routes validate them first), or the execution fails for
+        all the keys it carries.
+
+        Concurrent calls for one statement share its executions (each through `all`): the
+        first runs at once, and the keys asked while one runs wait and go together in the
+        next, at most `MAX_KEYS_PER_READ` per execution. A burst of N lookups costs a few
+        statements instead of N (a round trip, a slot and asyncpg's work each: ~30% of an
+        access check's CPU at 16 connections, bench/README.md item 42); a lone lookup costs
+        one, as before. An execution's error is raised to each of its callers; a caller
+        cancelled while waiting leaves the others their answers."""
+        future: asyncio.Future[list[Any]] = asyncio.get_running_loop().create_future()
+        self._asked.setdefault(statement, {}).setdefault(key, []).append(future)
+        if statement not in self._answering:
+            self._answering[statement] = asyncio.create_task(self._answer(statement))
+        return await future
+
+    async def _answer(self, statement: Executable) -> None:
+        """Run `statement` for the keys asked of it until none is left waiting."""
+        asked = self._asked[statement]
+        try:
+            while asked:
+                keys = list(itertools.islice(asked, MAX_KEYS_PER_READ))
+                callers = {key: asked.pop(key) for key in keys}
+                try:
+                    by_key: dict[Any, list[Any]] = {key: [] for key in keys}
+                    for row in await self.all(statement, {"keys": keys}):
+                        by_key[row[0]].append(row)
+                except Exception as exc:
+                    _settle(callers, exc)
+                    continue
+                except BaseException:
+                    _settle(callers, None)
+                    raise
+                for key, futures in callers.items():
+                    for future in futures:
+                        if not future.done():
+                            future.set_result(by_key[key])
+        finally:
+            del self._answering[statement]
+            _settle(asked, None)  # only left when this task was cancelled
+            asked.clear()
 
     async def _execute(
         self, statement: Executable, params: dict[str, Any] | None
@@ -220,6 +276,17 @@ class Reader:
         """Every kept connection back to the pool (before the engine is disposed)."""
         while self._kept:
             self._kept.pop()[0].close()
+
+
+def _settle(callers: dict[Any, list[asyncio.Future[list[Any]]]], error: Exception | None) -> None:
+    """Every caller still waiting gets `error`, or is cancelled (None)."""
+    for futures in callers.values():
+        for future in futures:
+            if not future.done():
+                if error is None:
+                    future.cancel()
+                else:
+                    future.set_exception(error)
 
 
 async def get_reader(request: Request) -> Reader:

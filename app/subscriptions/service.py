@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import String, Table, bindparam, func, select, text, true
+from sqlalchemy import String, Table, Text, bindparam, func, select, text, true
 from sqlalchemy.dialects.postgresql import ARRAY, distinct_on
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
@@ -183,21 +183,25 @@ async def list_subscriptions(
     return result
 
 
-_CLOCK = select(func.now().label("now")).subquery("clock")
+_ASKED = (
+    func.unnest(bindparam("keys").cast(ARRAY(Text)))
+    .table_valued("channel_id")
+    .render_derived(name="asked")
+)
 _SUBSCRIPTIONS = Subscription.__table__
 CHANNEL_ACCESS = select(
-    _CLOCK.c.now, *(_SUBSCRIPTIONS.c[name] for name in ACCESS_COLUMNS)
-).select_from(
-    _CLOCK.outerjoin(_SUBSCRIPTIONS, _SUBSCRIPTIONS.c.channel_id == bindparam("channel_id"))
-)
-"""The database time and the access columns of the channel's subscriptions, in one statement
-(one row with NULL columns when the channel has none)."""
+    _ASKED.c.channel_id, func.now().label("now"), *(_SUBSCRIPTIONS.c[n] for n in ACCESS_COLUMNS)
+).select_from(_ASKED.outerjoin(_SUBSCRIPTIONS, _SUBSCRIPTIONS.c.channel_id == _ASKED.c.channel_id))
+"""For each channel id in `keys`: the database time and the access columns of the channel's
+subscriptions, in one statement (one row with NULL columns for a channel that has none), for
+`Reader.by_key`."""
 
 
 async def get_channel_access(reader: Reader, settings: Settings, channel_id: str) -> AccessOut:
     """Access from the channel's subscriptions; an unknown channel has none (`no_subscription`).
-    One autocommit statement: no transaction, and the clock is the database's."""
-    rows = await reader.all(CHANNEL_ACCESS, {"channel_id": channel_id})
+    One autocommit statement, shared with the checks asked at the same moment: no transaction,
+    and the clock is the database's."""
+    rows = await reader.by_key(CHANNEL_ACCESS, channel_id)
     now: datetime = rows[0].now
     subscriptions: list[SubscriptionState] = [row for row in rows if row.status is not None]
     access = channel_access(

@@ -18,13 +18,14 @@ import httpx
 import jwt
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import Integer, Row, bindparam, cast, func, select
+from sqlalchemy import Integer, Row, Text, bindparam, cast, func, select
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 
 import app.auth
 from app.auth import TokenVerifier, mint_token
 from app.config import Settings
-from app.db import Reader
+from app.db import MAX_KEYS_PER_READ, Reader
 from app.errors import Unauthorized
 from app.main import create_app
 from app.models import (
@@ -318,7 +319,7 @@ async def test_the_direct_asyncpg_path_returns_the_rows_sqlalchemy_core_does(
         session.add(succeeded_payment("pi_d", "acc_a", days_ago=3, stripe_subscription_id="sub_d"))
     reader: Reader = app.state.reader
     for statement, params in (
-        (CHANNEL_ACCESS, {"channel_id": "ch_d"}),
+        (CHANNEL_ACCESS, {"keys": ["ch_d"]}),
         (ELIGIBILITY_FACTS, {"account_id": "acc_a"}),
     ):
         core = await reader.all(statement, params)
@@ -387,3 +388,99 @@ async def test_reads_at_once_take_at_most_half_the_pool_and_keep_those_connectio
     reader.close()
     assert pool.checkedout() == 0
     await backend()  # the reader goes on working from the pool after a close
+
+
+def keyed(expression: Any) -> Any:
+    """A statement for `Reader.by_key`: each key of `keys` with `expression` of it as `value`."""
+    asked = func.unnest(bindparam("keys").cast(ARRAY(Text))).table_valued("key").render_derived()
+    return select(asked.c.key, expression(asked.c.key).label("value"))
+
+
+async def test_lookups_at_once_share_executions_and_each_caller_gets_its_own_rows(
+    app: FastAPI, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reader: Reader = app.state.reader
+    statement = keyed(lambda key: func.length(key, type_=Integer))
+    executions: list[int] = []
+    run = reader.all
+
+    async def counted(statement: Any, params: dict[str, Any]) -> Any:
+        executions.append(len(params["keys"]))
+        return await run(statement, params)
+
+    monkeypatch.setattr(reader, "all", counted)
+    keys = [f"k{'x' * (n % 7)}{n}" for n in range(2 * MAX_KEYS_PER_READ + 10)]
+    asked = [*keys, *keys[:5]]  # five keys asked twice at once
+
+    answers = await asyncio.gather(*(reader.by_key(statement, key) for key in asked))
+
+    assert [[tuple(row) for row in rows] for rows in answers] == [
+        [(key, len(key))] for key in asked
+    ]
+    assert executions == [MAX_KEYS_PER_READ, MAX_KEYS_PER_READ, 10]  # each key once
+    assert await reader.by_key(statement, "alone") == [("alone", 5)]  # a lone one runs at once
+    assert executions[-1] == 1
+
+
+async def test_an_execution_error_reaches_each_of_its_callers_and_the_next_keys_are_answered(
+    app: FastAPI,
+) -> None:
+    reader: Reader = app.state.reader
+    statement = keyed(lambda key: cast(10 / cast(key, Integer), Integer))
+    failed = await asyncio.gather(
+        *(reader.by_key(statement, key) for key in ("5", "0", "2")), return_exceptions=True
+    )
+    assert all(isinstance(error, DBAPIError) for error in failed), failed
+    assert "division by zero" in str(failed[0])
+    assert await asyncio.gather(*(reader.by_key(statement, k) for k in ("5", "2"))) == [
+        [("5", 2)],
+        [("2", 5)],
+    ]
+
+
+async def test_a_caller_cancelled_while_waiting_leaves_the_others_their_answers(
+    app: FastAPI,
+) -> None:
+    reader: Reader = app.state.reader
+    statement = keyed(lambda key: func.length(key, type_=Integer))
+    first = asyncio.create_task(reader.by_key(statement, "first"))
+    await asyncio.sleep(0)  # its execution starts before the next two are asked: they wait
+    gone = asyncio.create_task(reader.by_key(statement, "gone"))
+    stays = asyncio.create_task(reader.by_key(statement, "stays"))
+    await asyncio.sleep(0)
+    gone.cancel()
+    assert await first == [("first", 5)]
+    assert await stays == [("stays", 5)]
+    assert gone.cancelled()
+
+
+async def test_channel_access_checks_at_once_answer_what_each_alone_answers(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    async with app.state.session_factory() as session, session.begin():
+        session.add(Account(id="acc_a", currency="usd"))
+        session.add_all([Channel(id=f"ch_{n}", account_id="acc_a") for n in range(4)])
+        await session.flush()
+        session.add_all(
+            [
+                subscription("sub_0", "ch_0", "active"),
+                subscription("sub_1", "ch_1", "canceled", current_period_end=NOW),
+                subscription("sub_2a", "ch_2", "past_due"),
+                subscription("sub_2b", "ch_2", "active", extension_days=2),
+                subscription("sub_3", "ch_3", "active", access_revoked_at=NOW),
+            ]
+        )
+    headers = bearer(token(scope="billing:read"))
+    paths = [f"/v1/channels/ch_{n}/access" for n in (0, 1, 2, 3, 4)]  # ch_4: none
+    alone = [(await client.get(path, headers=headers)).json() for path in paths]
+    assert [a["reason"] for a in alone] == [
+        "subscription_active",
+        "subscription_canceled",
+        "subscription_active",
+        "revoked",
+        "no_subscription",
+    ]
+
+    at_once = await asyncio.gather(*(client.get(p, headers=headers) for p in paths * 8))
+
+    assert [response.json() for response in at_once] == alone * 8
