@@ -100,6 +100,16 @@ class Claim:
     def answered_as_given(self) -> None:
         self.answered = self._given
 
+    @property
+    def request_digest(self) -> str | None:
+        """The request under its key (scope and body hash), for an operation to mark what it
+        leaves for a retry of the same request to reuse (a key released after an error is
+        claimed again by that retry); None without a key."""
+        if self._values is None:
+            return None
+        canonical = json.dumps(self._values, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()
+
 
 @dataclass(frozen=True)
 class Outcome:

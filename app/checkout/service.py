@@ -15,7 +15,11 @@ Creating one (all validation first: nothing reaches Stripe for a request we will
    idempotent response are recorded by one statement committed on its own, the request's
    durable commit (`_record_with_answer`). A Stripe failure marks the row `failed` and answers
    502; a retry of a `pending` row (a crash, or a concurrent request for the same channel)
-   reuses its key.
+   reuses its key. So does a retry of the request with the same `Idempotency-Key` and body (the
+   502 released the key): the row the earlier attempt left `failed` or `pending` (found by
+   `request_digest`, the request's key scope and body) is reused while it asks Stripe for the
+   same session, so when Stripe made the session but its answer was lost, Stripe replays that
+   session rather than making a second one (`_retried_or_new`).
 
 Both run on the asyncpg connection (`app/db.py` `driver_transaction`, `driver_connection`),
 with Core statements compiled once (`DriverStatement`): SQLAlchemy's per-statement execution
@@ -95,7 +99,7 @@ from app.errors import (
 )
 from app.idempotency import STORE_ANSWER, Claim
 from app.models import CheckoutSession, LedgerEntry, Subscription
-from app.rate_limit import enforce_stripe_rate_limit
+from app.rate_limit import RecentSessions, enforce_stripe_rate_limit
 from app.redirects import check_redirects
 from app.stripe_gateway import StripeGateway, StripeObject, StripeRequestRejected, idempotency_key
 
@@ -131,6 +135,7 @@ class CheckoutRow:
     stripe_subscription_id: str | None = None
     stripe_payment_intent_id: str | None = None
     fulfilled_at: datetime | None = None
+    request_digest: str | None = None
     created_at: datetime | None = None
     updated_at: datetime | None = None
 
@@ -155,6 +160,7 @@ async def create_checkout_session(
 
     stale: CheckoutRow | None = None
     limit = settings.stripe_sessions_per_account_per_minute
+    digest = claim.request_digest if claim is not None else None
     async with driver_transaction(engine, wait_for_flush=False) as conn:
         if claim is not None:
             await claim(conn)
@@ -182,21 +188,20 @@ async def create_checkout_session(
             else:
                 stale = existing
             if row is None:
-                enforce_stripe_rate_limit(facts.recent, limit)
-                row = _new_row(account_id, body, plan.amount, plan.currency.lower(), plan)
+                fresh = _new_row(account_id, body, plan.amount, plan.currency.lower(), plan, digest)
+                row, new = await _retried_or_new(conn, fresh, facts.recent, limit)
         elif isinstance(body, TopUpCheckoutIn):
             currency = body.currency.lower()
             require_currency(facts.currency, currency)
-            enforce_stripe_rate_limit(facts.recent, limit)
-            row = _new_row(account_id, body, body.amount, currency, None)
+            fresh = _new_row(account_id, body, body.amount, currency, None, digest)
+            row, new = await _retried_or_new(conn, fresh, facts.recent, limit)
         else:
             debt = max(0, -int(await _LEDGER_TOTAL.fetchval(conn, account_id=account_id)))
             if debt <= 0:
                 raise NoDebt("The account has no debt to repay")
-            enforce_stripe_rate_limit(facts.recent, limit)
-            row = _new_row(
-                account_id, body, debt, facts.currency or settings.default_currency, None
-            )
+            currency = facts.currency or settings.default_currency
+            fresh = _new_row(account_id, body, debt, currency, None, digest)
+            row, new = await _retried_or_new(conn, fresh, facts.recent, limit)
         if new:
             await _INSERT_PENDING.execute(conn, **_pending_values(row))
         customer = facts.stripe_customer_id
@@ -356,7 +361,12 @@ def _validate(settings: Settings, body: CheckoutIn) -> Plan | None:
 
 
 def _new_row(
-    account_id: str, body: CheckoutIn, amount: int, currency: str, plan: Plan | None
+    account_id: str,
+    body: CheckoutIn,
+    amount: int,
+    currency: str,
+    plan: Plan | None,
+    request_digest: str | None,
 ) -> CheckoutRow:
     return CheckoutRow(
         id=uuid.uuid4(),
@@ -369,11 +379,35 @@ def _new_row(
         status="pending",
         success_url=body.success_url,
         cancel_url=body.cancel_url,
+        request_digest=request_digest,
     )
 
 
+async def _retried_or_new(
+    conn: Any, fresh: CheckoutRow, recent: RecentSessions, limit: int
+) -> tuple[CheckoutRow, bool]:
+    """(row, whether it is new). A retry of a request (same Idempotency-Key and body: the key
+    was released when Stripe failed) gets the row its earlier attempt left `failed` or
+    `pending`, while it asks Stripe for the same session (a debt repayment's debt may have
+    changed since): its Stripe idempotency key replays the session Stripe may have made
+    though its answer was lost, instead of making a second one. Otherwise `fresh`, within the
+    rate limit (a reused row makes nothing new at Stripe and is not counted)."""
+    if fresh.request_digest is not None:
+        found = _detached(await _RETRYABLE.fetchrow(conn, request_digest=fresh.request_digest))
+        if found is not None and all(
+            getattr(found, column) == getattr(fresh, column) for column in _SAME_REQUEST
+        ):
+            if found.status != "pending":
+                await _REOPEN.execute(conn, row_id=found.id)
+                found.status = "pending"
+            log.info("checkout.retried", checkout_id=str(found.id))
+            return found, False
+    enforce_stripe_rate_limit(recent, limit)
+    return fresh, True
+
+
 def _detached(record: Any) -> CheckoutRow | None:
-    """A `CheckoutRow` from a row of `_LATEST_SUBSCRIPTION_CHECKOUT`."""
+    """A `CheckoutRow` from a row of `_LATEST_SUBSCRIPTION_CHECKOUT` or `_RETRYABLE`."""
     if record is None:
         return None
     return CheckoutRow(**{k: v for k, v in record.items() if k != "now"})
@@ -424,7 +458,10 @@ _PENDING_COLUMNS = (
     "status",
     "success_url",
     "cancel_url",
+    "request_digest",
 )
+_SAME_REQUEST = tuple(column for column in _PENDING_COLUMNS if column not in ("id", "status"))
+"""What a retry must ask of Stripe again for its earlier attempt's row to be reused."""
 _INSERT_PENDING = DriverStatement(
     insert(_CHECKOUTS).values({column: bindparam(column) for column in _PENDING_COLUMNS})
 )
@@ -452,6 +489,24 @@ _LATEST_SUBSCRIPTION_CHECKOUT = DriverStatement(
 )
 """The channel's newest subscription checkout that may still be paid (open, or pending and
 young enough for its Stripe idempotency key to replay), with the database's clock."""
+_RETRYABLE = DriverStatement(
+    select(*_CHECKOUTS.c)
+    .where(
+        _CHECKOUTS.c.request_digest == bindparam("request_digest", type_=String),
+        _CHECKOUTS.c.status.in_([literal("pending"), literal("failed")]),
+        _CHECKOUTS.c.fulfilled_at.is_(None),
+        _CHECKOUTS.c.created_at > func.now() - PENDING_REPLAY_WINDOW,
+    )
+    .order_by(_CHECKOUTS.c.created_at.desc())
+    .limit(1)
+)
+"""The row an earlier attempt of the same request left without a Stripe answer, young enough
+for its Stripe idempotency key to replay."""
+_REOPEN = DriverStatement(
+    update(_CHECKOUTS)
+    .where(_CHECKOUTS.c.id == bindparam("row_id"), _CHECKOUTS.c.status == literal("failed"))
+    .values(status=literal("pending"))
+)
 _LEDGER_TOTAL = DriverStatement(
     select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
         LedgerEntry.account_id == bindparam("account_id", type_=String)

@@ -49,6 +49,12 @@ class CheckoutSession(Timestamped, Base):
     fulfilled_at: Mapped[datetime | None] = mapped_column(
         comment="When a payment event confirmed it (ledger credit or live subscription)."
     )
+    request_digest: Mapped[str | None] = mapped_column(
+        String(64),
+        index=True,
+        comment="The request that made it (its Idempotency-Key scope and body); a retry of "
+        "that request after Stripe failed reuses the row, hence its Stripe idempotency key.",
+    )
 
 
 class LedgerEntry(Base):

@@ -6,7 +6,9 @@ idempotency key, then answer 502 `stripe_unavailable` within a bounded time.
 "Nothing half-made" for the pending-row pattern means:
 - the local row committed before the Stripe call may remain, as `failed` (or `pending` if even
   marking it failed was impossible), but it is never shown as a session: it has no Stripe id or
-  URL, reading it is 404, and it neither blocks nor is returned to a later request;
+  URL, reading it is 404, and it neither blocks nor is returned to a later request (a retry
+  with the same `Idempotency-Key` and body reuses it, with its Stripe key: see
+  tests/checkout/test_checkout_retries.py);
 - no idempotency record keeps the failure: a retry with the same `Idempotency-Key` runs again;
 - a retry after Stripe recovers creates exactly one usable session, and the account still has
   exactly one Stripe customer.
