@@ -101,12 +101,6 @@ async def lock_account(session: AsyncSession, account_id: str) -> None:
     await session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
 
 
-async def account_currency(session: AsyncSession, account_id: str) -> str | None:
-    return (
-        await session.execute(select(Account.currency).where(Account.id == account_id))
-    ).scalar_one_or_none()
-
-
 async def add_ledger_entry(
     session: AsyncSession,
     *,

@@ -11,6 +11,7 @@ from app.accounts.params import AccountId
 from app.auth import AccountOwner, AccountReader, FinanceStaff
 from app.db import SessionDep
 from app.errors import (
+    CurrencyMismatch,
     Forbidden,
     PaymentDisputed,
     RefundExceedsLimit,
@@ -215,6 +216,7 @@ async def finance_get_refund_request(
         PaymentDisputed,
         RefundInProgress,
         RefundExceedsLimit,
+        CurrencyMismatch,
         StripeUnavailable,
         StripeRequestRejected,
     ),

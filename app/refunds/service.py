@@ -42,12 +42,17 @@ from sqlalchemy import Row
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.accounts.service import ensure_account
+from app.accounts.service import (
+    effective_currency,
+    ensure_account,
+    ledger_entries_in_account_currency,
+)
 from app.auth import Principal
 from app.balance.service import account_balance
 from app.config import Settings
 from app.db import Reader
 from app.errors import (
+    CurrencyMismatch,
     PaymentDisputed,
     RefundExceedsLimit,
     RefundInProgress,
@@ -606,19 +611,28 @@ async def _apply_remedy(
         currency = (
             payment.currency
             if payment is not None
-            else (await repo.account_currency(session, request.account_id))
+            else (await effective_currency(session, request.account_id))
             or settings.default_currency
         )
-        await repo.add_ledger_entry(
-            session,
-            account_id=request.account_id,
-            kind="balance_credit",
-            source_id=f"refund_request:{request.id}",
-            amount=body.amount,
-            currency=currency,
-            description="Balance credit granted on a billing request",
-            occurred_at=now,
-        )
+        entry: dict[str, Any] = {
+            "account_id": request.account_id,
+            "kind": "balance_credit",
+            "source_id": f"refund_request:{request.id}",
+            "amount": body.amount,
+            "currency": currency,
+            "description": "Balance credit granted on a billing request",
+            "occurred_at": now,
+        }
+        # One account's ledger holds one currency (locks the account, binds it if unbound):
+        # a credit about a payment in another currency (a top-up refused for its currency)
+        # is refused, changing nothing; finance refunds that payment instead.
+        if not (await ledger_entries_in_account_currency(session, [entry]))[0]:
+            bound = await effective_currency(session, request.account_id)
+            raise CurrencyMismatch(
+                f"This account's balance is in {str(bound).upper()}; the payment was in "
+                f"{currency.upper()} and cannot be credited to it (refund it instead)"
+            )
+        await repo.add_ledger_entry(session, **entry)
         audit_step(session, request, "balance_credited", principal.sub, amount=body.amount)
     elif body.remedy == "access_extension":
         assert body.days is not None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Protocol
 
 LIVE_STATUSES = frozenset({"active", "trialing"})
@@ -81,20 +81,28 @@ def subscription_access(
     return Access(True, until, f"subscription_{subscription.status}")
 
 
+_NEVER = datetime.min.replace(tzinfo=UTC)
+
+
 def channel_access(
     subscriptions: Iterable[SubscriptionState], now: datetime, *, past_due_keeps_access: bool = True
 ) -> Access:
-    """The best access any of the channel's subscriptions gives."""
-    best = Access(False, None, "no_subscription")
+    """The best access any of the channel's subscriptions gives, whatever order they come in:
+    with access, the one lasting longest; without, the most recently ended (the latest
+    `access_until`: revoked or period ended), else the newest (latest period end) of those
+    that never had access to show. Ties go to the reason's name, so the answer (and the
+    access feed, which compares answers) never changes with the rows' order."""
+    best: tuple[tuple[bool, datetime, datetime, str], Access] | None = None
     for subscription in subscriptions:
         candidate = subscription_access(
             subscription, now, past_due_keeps_access=past_due_keeps_access
         )
-        if (
-            candidate.has_access
-            and (
-                not best.has_access or (candidate.access_until or now) > (best.access_until or now)
-            )
-        ) or (not best.has_access and best.reason == "no_subscription"):
-            best = candidate
-    return best
+        rank = (
+            candidate.has_access,
+            candidate.access_until or _NEVER,
+            subscription.current_period_end or _NEVER,
+            candidate.reason,
+        )
+        if best is None or rank > best[0]:
+            best = (rank, candidate)
+    return Access(False, None, "no_subscription") if best is None else best[1]

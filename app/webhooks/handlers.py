@@ -184,9 +184,13 @@ async def link_customers(session: AsyncSession, links: Iterable[tuple[str, str |
 RECORD_FIRST_PAYMENTS = ArrayUpdate(
     ACCOUNTS,
     ["first_paid_at", "currency"],
-    values={  # the earliest payment time (LEAST skips a NULL), the first currency kept
+    values={  # the earliest payment time (LEAST skips a NULL), the bound currency kept
         "first_paid_at": "LEAST(accounts.first_paid_at, v.first_paid_at)",
-        "currency": "COALESCE(accounts.currency, v.currency)",
+        # as `BOUND_CURRENCY`: an account bound by its ledger (usage charged before any
+        # payment) keeps that currency; a payment refused for its currency never rebinds it
+        "currency": "COALESCE(NULLIF(accounts.currency, ''), (SELECT entries.currency"
+        " FROM ledger_entries AS entries WHERE entries.account_id = accounts.id LIMIT 1),"
+        " v.currency)",
     },
     where=(  # otherwise nothing changes: no row version written
         "(accounts.first_paid_at IS NULL OR accounts.first_paid_at > v.first_paid_at"
@@ -243,8 +247,8 @@ def add_first_payment(
 
 
 async def record_first_payments(session: AsyncSession, first_payments: FirstPayments) -> None:
-    """The accounts' first payment time (the earliest) and currency (once set, kept), in
-    one statement."""
+    """The accounts' first payment time (the earliest) and currency (once bound, kept: its
+    own, else its ledger's, else the first payment's), in one statement."""
     if first_payments:
         await RECORD_FIRST_PAYMENTS.execute(
             await session_driver(session),

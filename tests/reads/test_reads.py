@@ -18,7 +18,7 @@ import httpx
 import jwt
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import Integer, Row, Text, bindparam, cast, func, select
+from sqlalchemy import Integer, Row, Text, bindparam, cast, func, select, update
 from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 
@@ -102,6 +102,41 @@ async def test_channel_access_is_the_best_of_the_channels_subscriptions(
         "access_until": None,
         "reason": "no_subscription",
     }
+
+
+async def test_channel_access_without_access_does_not_change_when_postgres_reorders_the_rows(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    """Two subscriptions that give no access: the answer is the most recently ended one,
+    before and after an update that moves the other one's row (a new row version)."""
+    revoked_at = NOW - timedelta(hours=1)
+    async with app.state.session_factory() as session, session.begin():
+        session.add(Account(id="acc_a", currency="usd"))
+        session.add(Channel(id="ch_o", account_id="acc_a"))
+        await session.flush()
+        session.add(
+            subscription("sub_o1", "ch_o", "canceled", current_period_end=NOW - timedelta(days=5))
+        )
+        await session.flush()
+        session.add(subscription("sub_o2", "ch_o", "active", access_revoked_at=revoked_at))
+    headers = bearer(token(scope="billing:read"))
+    expected = {
+        "channel_id": "ch_o",
+        "has_access": False,
+        "access_until": revoked_at.isoformat().replace("+00:00", "Z"),
+        "reason": "revoked",
+    }
+
+    before = (await client.get("/v1/channels/ch_o/access", headers=headers)).json()
+    async with app.state.session_factory() as session, session.begin():
+        await session.execute(
+            update(Subscription)
+            .where(Subscription.stripe_id == "sub_o1")
+            .values(cancel_at_period_end=True)
+        )
+    after = (await client.get("/v1/channels/ch_o/access", headers=headers)).json()
+
+    assert before == after == expected
 
 
 async def test_eligibility_counts_refunds_once_and_links_payments_through_their_invoice(
