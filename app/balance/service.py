@@ -17,7 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -88,6 +88,15 @@ async def record_usage_charge(
     # Serialise money movements of one account so the currency binding cannot race.
     await session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
     await check_currency(session, account_id, currency)
+    # The first usage charge binds the account's currency in its row, a row version written:
+    # an event transaction (SERIALIZABLE) whose snapshot predates this commit then fails to
+    # serialize when it locks the account, and runs again seeing this charge, instead of
+    # binding another currency from a ledger it sees empty. A lock alone would not stop it.
+    await session.execute(
+        update(Account)
+        .where(Account.id == account_id, func.nullif(Account.currency, "").is_(None))
+        .values(currency=currency)
+    )
     existing = await session.scalar(
         select(LedgerEntry).where(
             LedgerEntry.account_id == account_id,

@@ -17,7 +17,8 @@ class Account(Timestamped, Base):
 
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     currency: Mapped[str | None] = mapped_column(
-        String(3), comment="Set by the first payment; afterwards every payment must match."
+        String(3),
+        comment="Set by the first payment or usage charge; afterwards all money must match.",
     )
     email: Mapped[str | None] = mapped_column(String(320), comment="Billing contact from tokens.")
     stripe_customer_id: Mapped[str | None] = mapped_column(String(255), unique=True)

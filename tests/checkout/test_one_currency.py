@@ -6,10 +6,13 @@ from __future__ import annotations
 from typing import Any
 
 import httpx
+import pytest
 from fastapi import FastAPI
-from sqlalchemy import select
+from sqlalchemy import select, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.accounts.service import ensure_account, ledger_entries_in_account_currency
 from app.models import LedgerEntry, OutboxEmail, Payment
 from tests.checkout.conftest import APP_URL, PostCheckout, top_up_body
 from tests.conftest import Deliver, bearer
@@ -224,3 +227,25 @@ async def test_a_balance_credit_not_about_a_payment_is_in_the_currency_the_ledge
     assert response.json()["status"] == "approved"
     assert await ledger_currencies(db, "acc_2") == ["eur"]
     assert await balance(client, token, "acc_2") == {"balance": 600, "debt": 0, "currency": "eur"}
+
+
+async def test_an_event_transaction_older_than_the_first_usage_charge_cannot_bind_another_currency(
+    client: httpx.AsyncClient, token: Any, db: async_sessionmaker[AsyncSession]
+) -> None:
+    """Event transactions are SERIALIZABLE with their snapshot taken when they claim their
+    events; a usage charge is not. A usage charge that binds the account after that snapshot
+    must make the event transaction run again (and then see the charge), not let it credit
+    another currency from a ledger it sees as empty."""
+    async with db() as session, session.begin():
+        await ensure_account(session, "acc_3")
+    async with db() as events:
+        await events.execute(text("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"))
+        await events.execute(text("SELECT 1"))  # the snapshot: before the usage charge
+        await charge_usage(client, token, "acc_3", 100, "usd")  # binds the account to USD
+        credit = {"account_id": "acc_3", "currency": "eur", "kind": "top_up", "source_id": "x"}
+        with pytest.raises(DBAPIError, match="could not serialize"):
+            await ledger_entries_in_account_currency(events, [credit])
+        await events.rollback()
+        _, refused = await ledger_entries_in_account_currency(events, [credit])  # run again
+        assert refused == [credit]
+    assert await ledger_currencies(db, "acc_3") == ["usd"]
