@@ -213,6 +213,11 @@ _HTTP_CODES = {
 _UNAVAILABLE_SQLSTATES = ("08", "57P")
 
 
+# Postgres aborted the transaction to break a deadlock or a serialization failure: it was
+# rolled back whole, and the same request sent again succeeds.
+_LOCK_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+
+
 # SQLSTATEs meaning "this input cannot be stored" (a value the request carried): string too long,
 # numeric out of range, bad datetime, NUL or untranslatable characters.
 _INPUT_DATA_SQLSTATES = frozenset({"22001", "22003", "22007", "22008", "22021", "22P05"})
@@ -288,6 +293,16 @@ def install_error_handlers(app: FastAPI) -> None:
                 "Validation error",
                 "A value in the request cannot be stored (too long, out of range, or containing "
                 "characters such as NUL)",
+            )
+        if _sqlstate(exc) in _LOCK_CONFLICT_SQLSTATES:
+            log.warning("request.lock_conflict", sqlstate=_sqlstate(exc))
+            return problem_response(
+                503,
+                ServiceUnavailable.code,
+                ServiceUnavailable.title,
+                "A concurrent change to the same records conflicted with this request; nothing "
+                "was changed, retry",
+                headers={"Retry-After": "1"},
             )
         if database_unavailable(exc):
             log.warning("request.database_unavailable", error_type=type(exc).__name__)
