@@ -28,6 +28,7 @@ from app.models import (
     Activity,
     Invoice,
     LedgerEntry,
+    MaintenanceExtension,
     Payment,
     Refund,
     RefundExecution,
@@ -165,7 +166,9 @@ def _eligibility_facts() -> Any:
     payment of the account (newest first): the payment, the subscription it paid for (its own
     id, else its invoice's) with that subscription's `current_period_end`, what Stripe has
     refunded (mirrored refunds still live, and those that failed), what this service has asked Stripe to refund that
-    Stripe has not reported yet, and whether the account has any usage."""
+    Stripe has not reported yet, whether the account has any usage, and `maintenance_days`:
+    the maintenance extension days pushed to Stripe that the subscription's current period
+    holds (what Stripe's stored period holds, less what it held when that period started)."""
     payments = Payment.__table__
     invoices = Invoice.__table__
     subscriptions = Subscription.__table__
@@ -205,6 +208,19 @@ def _eligibility_facts() -> Any:
         )
         .scalar_subquery()
     )
+    extensions = MaintenanceExtension.__table__
+    held_at_period_start = (
+        select(func.coalesce(func.max(extensions.c.period_days_at_target), 0))
+        .where(
+            extensions.c.subscription_id == subscriptions.c.id,
+            extensions.c.stripe_trial_end.is_not(None),
+            extensions.c.stripe_trial_end <= subscriptions.c.current_period_start,
+        )
+        .scalar_subquery()
+    )
+    maintenance_days = func.coalesce(
+        subscriptions.c.extension_days_in_period - held_at_period_start, 0
+    )
     used = or_(
         exists().where(Activity.__table__.c.account_id == account_id),
         exists().where(
@@ -224,6 +240,7 @@ def _eligibility_facts() -> Any:
             payments.c.paid_at,
             subscription_id.label("subscription_id"),
             subscriptions.c.current_period_end,
+            maintenance_days.label("maintenance_days"),
             mirrored.label("mirrored_refunds"),
             failed.label("failed_refunds"),
             unmirrored.label("unmirrored_refunds"),

@@ -34,7 +34,7 @@ import itertools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -134,7 +134,9 @@ def _paid_period_ends(payments: Sequence[Row[Any]]) -> dict[uuid.UUID, datetime 
     """When each payment's paid period ends. Stripe's invoice `period_*` fields describe the
     previous period (zero-length on a first invoice), so they cannot decide: the newest
     payment of a subscription pays for its current period (`current_period_end`); an older
-    one's period ended when the next payment renewed it."""
+    one's period ended when the next payment renewed it. Maintenance extension days pushed to
+    Stripe move its period end but were never paid for: the paid period ends that many days
+    before it (a maintenance window never creates a refund right)."""
     ends: dict[uuid.UUID, datetime | None] = {}
     by_subscription: dict[str, list[Row[Any]]] = {}
     for payment in payments:
@@ -144,7 +146,11 @@ def _paid_period_ends(payments: Sequence[Row[Any]]) -> dict[uuid.UUID, datetime 
         paid.sort(key=lambda p: p.paid_at)
         for current, following in itertools.pairwise(paid):
             ends[current.id] = following.paid_at
-        ends[paid[-1].id] = paid[-1].current_period_end
+        newest = paid[-1]
+        period_end = newest.current_period_end
+        if period_end is not None and newest.maintenance_days > 0:
+            period_end -= timedelta(days=newest.maintenance_days)
+        ends[newest.id] = period_end
     return ends
 
 
