@@ -168,7 +168,10 @@ def _eligibility_facts() -> Any:
     refunded (mirrored refunds still live, and those that failed), what this service has asked Stripe to refund that
     Stripe has not reported yet, whether the account has any usage, and `maintenance_days`:
     the maintenance extension days pushed to Stripe that the subscription's current period
-    holds (what Stripe's stored period holds, less what it held when that period started)."""
+    holds (what Stripe's stored period holds, less what it held when that period started);
+    and `next_billed_from`: where the subscription's next billed period after the payment's
+    own invoice starts (the earliest `period_end` of a later invoice with something due: a
+    subscription invoice's `period_end` is where the period it bills starts), paid or not."""
     payments = Payment.__table__
     invoices = Invoice.__table__
     subscriptions = Subscription.__table__
@@ -218,6 +221,16 @@ def _eligibility_facts() -> Any:
         )
         .scalar_subquery()
     )
+    later = invoices.alias("later")
+    next_billed_from = (
+        select(func.min(later.c.period_end))
+        .where(
+            later.c.stripe_subscription_id == subscription_id,
+            later.c.amount_due > 0,
+            later.c.period_end > invoices.c.period_end,
+        )
+        .scalar_subquery()
+    )
     maintenance_days = func.coalesce(
         subscriptions.c.extension_days_in_period - held_at_period_start, 0
     )
@@ -241,6 +254,7 @@ def _eligibility_facts() -> Any:
             subscription_id.label("subscription_id"),
             subscriptions.c.current_period_end,
             maintenance_days.label("maintenance_days"),
+            next_billed_from.label("next_billed_from"),
             mirrored.label("mirrored_refunds"),
             failed.label("failed_refunds"),
             unmirrored.label("unmirrored_refunds"),

@@ -136,7 +136,10 @@ def _paid_period_ends(payments: Sequence[Row[Any]]) -> dict[uuid.UUID, datetime 
     payment of a subscription pays for its current period (`current_period_end`); an older
     one's period ended when the next payment renewed it. Maintenance extension days pushed to
     Stripe move its period end but were never paid for: the paid period ends that many days
-    before it (a maintenance window never creates a refund right)."""
+    before it (a maintenance window never creates a refund right). And a period ends no later
+    than the next billed period starts (`next_billed_from`), paid or not: a renewal that was
+    declined moves Stripe's period on (`past_due`) without further payment, so the period
+    paid before it is over, deemed fully rendered (policy section 1)."""
     ends: dict[uuid.UUID, datetime | None] = {}
     by_subscription: dict[str, list[Row[Any]]] = {}
     for payment in payments:
@@ -151,6 +154,10 @@ def _paid_period_ends(payments: Sequence[Row[Any]]) -> dict[uuid.UUID, datetime 
         if period_end is not None and newest.maintenance_days > 0:
             period_end -= timedelta(days=newest.maintenance_days)
         ends[newest.id] = period_end
+    for payment in payments:
+        billed = payment.next_billed_from
+        if billed is not None and payment.id in ends:
+            ends[payment.id] = min(filter(None, (ends[payment.id], billed)))
     return ends
 
 
