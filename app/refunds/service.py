@@ -726,6 +726,7 @@ async def _approve_refund(
                 amount=body.amount,
             )
         execution_id, amount = execution.id, execution.amount
+        known_refund = execution.stripe_refund_id
         payment_intent, account_id = payment.stripe_id, request.account_id
 
     # 2. Ask Stripe, with our own row id as the idempotency key.
@@ -733,6 +734,7 @@ async def _approve_refund(
         factory,
         stripe,
         execution_id,
+        known_refund=known_refund,
         payment_intent=payment_intent,
         amount=amount,
         metadata={"refund_request_id": str(request_id), "account_id": account_id},
@@ -780,13 +782,19 @@ async def _submit_refund(
     stripe: StripeGateway,
     execution_id: uuid.UUID,
     *,
+    known_refund: str | None,
     payment_intent: str,
     amount: int,
     metadata: dict[str, str],
 ) -> dict[str, Any]:
     """Create the refund at Stripe, keyed by our execution row (a retry after a crash gets the
     same refund back). If Stripe rejects it, Stripe created nothing: the pending row is
-    forgotten so a corrected request starts afresh."""
+    forgotten so a corrected request starts afresh. An execution whose refund Stripe's events
+    already named (`known_refund`: the answer was lost, the events were not) is not sent
+    again: Stripe keeps idempotency keys only 24 hours, after which the same key would make a
+    second refund."""
+    if known_refund is not None:
+        return {"id": known_refund}
     try:
         return await stripe.create_refund(
             payment_intent=payment_intent,
@@ -885,6 +893,7 @@ async def retry_refund(
             )
             latest = attempt
         execution_id, amount, number = latest.id, latest.amount, latest.attempt
+        known_refund = latest.stripe_refund_id
         payment_intent, account_id = payment.stripe_id, request.account_id
 
     # 2. Ask Stripe, with the attempt's id as the idempotency key.
@@ -892,6 +901,7 @@ async def retry_refund(
         factory,
         stripe,
         execution_id,
+        known_refund=known_refund,
         payment_intent=payment_intent,
         amount=amount,
         metadata={
