@@ -686,7 +686,11 @@ async def _approve_refund(
             raise PaymentDisputed()
         execution = await repo.execution_for_request(session, request.id, lock=True)
         if execution is not None:
-            if execution.amount != body.amount or execution.status == "failed":
+            # The same approval repeated after its answer was lost completes with the refund
+            # Stripe made, even one Stripe's events have since reported failed (the request is
+            # then `refund_failed`, so finance can retry it).
+            failed_unknown = execution.status == "failed" and execution.stripe_refund_id is None
+            if execution.amount != body.amount or failed_unknown:
                 raise RefundInProgress(
                     f"A refund of {execution.amount} is already {execution.status} for this request"
                 )
