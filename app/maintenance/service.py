@@ -46,7 +46,8 @@ Completion (`complete_window`), idempotent:
    `billing push-extensions` where they are off; repeating the completion also retries.
 
 A maintenance window never touches payments, invoices or refunds: it is never grounds for a
-refund (policy section 5) and the refund eligibility quote does not read it.
+refund (policy section 5): the refund eligibility quote ends a paid period before the
+extension days pushed to Stripe moved its end (app/refunds/service.py `_paid_period_ends`).
 """
 
 from __future__ import annotations

@@ -28,6 +28,7 @@ from app.models import (
     Activity,
     Invoice,
     LedgerEntry,
+    MaintenanceExtension,
     Payment,
     Refund,
     RefundExecution,
@@ -159,7 +160,12 @@ def _eligibility_facts() -> Any:
     payment of the account (newest first): the payment, the subscription it paid for (its own
     id, else its invoice's) with that subscription's `current_period_end`, what Stripe has
     refunded (mirrored refunds still live, and those that failed), what this service has asked Stripe to refund that
-    Stripe has not reported yet, and whether the account has any usage."""
+    Stripe has not reported yet, whether the account has any usage, and `maintenance_days`:
+    the maintenance extension days pushed to Stripe that the subscription's current period
+    holds (what Stripe's stored period holds, less what it held when that period started);
+    and `next_billed_from`: where the subscription's next billed period after the payment's
+    own invoice starts (the earliest `period_end` of a later invoice with something due: a
+    subscription invoice's `period_end` is where the period it bills starts), paid or not."""
     payments = Payment.__table__
     invoices = Invoice.__table__
     subscriptions = Subscription.__table__
@@ -199,6 +205,29 @@ def _eligibility_facts() -> Any:
         )
         .scalar_subquery()
     )
+    extensions = MaintenanceExtension.__table__
+    held_at_period_start = (
+        select(func.coalesce(func.max(extensions.c.period_days_at_target), 0))
+        .where(
+            extensions.c.subscription_id == subscriptions.c.id,
+            extensions.c.stripe_trial_end.is_not(None),
+            extensions.c.stripe_trial_end <= subscriptions.c.current_period_start,
+        )
+        .scalar_subquery()
+    )
+    later = invoices.alias("later")
+    next_billed_from = (
+        select(func.min(later.c.period_end))
+        .where(
+            later.c.stripe_subscription_id == subscription_id,
+            later.c.amount_due > 0,
+            later.c.period_end > invoices.c.period_end,
+        )
+        .scalar_subquery()
+    )
+    maintenance_days = func.coalesce(
+        subscriptions.c.extension_days_in_period - held_at_period_start, 0
+    )
     used = or_(
         exists().where(Activity.__table__.c.account_id == account_id),
         exists().where(
@@ -218,6 +247,8 @@ def _eligibility_facts() -> Any:
             payments.c.paid_at,
             subscription_id.label("subscription_id"),
             subscriptions.c.current_period_end,
+            maintenance_days.label("maintenance_days"),
+            next_billed_from.label("next_billed_from"),
             mirrored.label("mirrored_refunds"),
             failed.label("failed_refunds"),
             unmirrored.label("unmirrored_refunds"),

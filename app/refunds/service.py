@@ -34,7 +34,7 @@ import itertools
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import structlog
@@ -139,7 +139,12 @@ def _paid_period_ends(payments: Sequence[Row[Any]]) -> dict[uuid.UUID, datetime 
     """When each payment's paid period ends. Stripe's invoice `period_*` fields describe the
     previous period (zero-length on a first invoice), so they cannot decide: the newest
     payment of a subscription pays for its current period (`current_period_end`); an older
-    one's period ended when the next payment renewed it."""
+    one's period ended when the next payment renewed it. Maintenance extension days pushed to
+    Stripe move its period end but were never paid for: the paid period ends that many days
+    before it (a maintenance window never creates a refund right). And a period ends no later
+    than the next billed period starts (`next_billed_from`), paid or not: a renewal that was
+    declined moves Stripe's period on (`past_due`) without further payment, so the period
+    paid before it is over, deemed fully rendered (policy section 1)."""
     ends: dict[uuid.UUID, datetime | None] = {}
     by_subscription: dict[str, list[Row[Any]]] = {}
     for payment in payments:
@@ -149,7 +154,15 @@ def _paid_period_ends(payments: Sequence[Row[Any]]) -> dict[uuid.UUID, datetime 
         paid.sort(key=lambda p: p.paid_at)
         for current, following in itertools.pairwise(paid):
             ends[current.id] = following.paid_at
-        ends[paid[-1].id] = paid[-1].current_period_end
+        newest = paid[-1]
+        period_end = newest.current_period_end
+        if period_end is not None and newest.maintenance_days > 0:
+            period_end -= timedelta(days=newest.maintenance_days)
+        ends[newest.id] = period_end
+    for payment in payments:
+        billed = payment.next_billed_from
+        if billed is not None and payment.id in ends:
+            ends[payment.id] = min(filter(None, (ends[payment.id], billed)))
     return ends
 
 
@@ -687,7 +700,11 @@ async def _approve_refund(
             raise PaymentDisputed()
         execution = await repo.execution_for_request(session, request.id, lock=True)
         if execution is not None:
-            if execution.amount != body.amount or execution.status == "failed":
+            # The same approval repeated after its answer was lost completes with the refund
+            # Stripe made, even one Stripe's events have since reported failed (the request is
+            # then `refund_failed`, so finance can retry it).
+            failed_unknown = execution.status == "failed" and execution.stripe_refund_id is None
+            if execution.amount != body.amount or failed_unknown:
                 raise RefundInProgress(
                     f"A refund of {execution.amount} is already {execution.status} for this request"
                 )
@@ -727,6 +744,7 @@ async def _approve_refund(
                 amount=body.amount,
             )
         execution_id, amount = execution.id, execution.amount
+        known_refund = execution.stripe_refund_id
         payment_intent, account_id = payment.stripe_id, request.account_id
 
     # 2. Ask Stripe, with our own row id as the idempotency key.
@@ -734,6 +752,7 @@ async def _approve_refund(
         factory,
         stripe,
         execution_id,
+        known_refund=known_refund,
         payment_intent=payment_intent,
         amount=amount,
         metadata={"refund_request_id": str(request_id), "account_id": account_id},
@@ -781,13 +800,19 @@ async def _submit_refund(
     stripe: StripeGateway,
     execution_id: uuid.UUID,
     *,
+    known_refund: str | None,
     payment_intent: str,
     amount: int,
     metadata: dict[str, str],
 ) -> dict[str, Any]:
     """Create the refund at Stripe, keyed by our execution row (a retry after a crash gets the
     same refund back). If Stripe rejects it, Stripe created nothing: the pending row is
-    forgotten so a corrected request starts afresh."""
+    forgotten so a corrected request starts afresh. An execution whose refund Stripe's events
+    already named (`known_refund`: the answer was lost, the events were not) is not sent
+    again: Stripe keeps idempotency keys only 24 hours, after which the same key would make a
+    second refund."""
+    if known_refund is not None:
+        return {"id": known_refund}
     try:
         return await stripe.create_refund(
             payment_intent=payment_intent,
@@ -886,6 +911,7 @@ async def retry_refund(
             )
             latest = attempt
         execution_id, amount, number = latest.id, latest.amount, latest.attempt
+        known_refund = latest.stripe_refund_id
         payment_intent, account_id = payment.stripe_id, request.account_id
 
     # 2. Ask Stripe, with the attempt's id as the idempotency key.
@@ -893,6 +919,7 @@ async def retry_refund(
         factory,
         stripe,
         execution_id,
+        known_refund=known_refund,
         payment_intent=payment_intent,
         amount=amount,
         metadata={

@@ -251,6 +251,12 @@ class StripeFake(StripeSimulator):
         with self._lock:
             self._failures.clear()
 
+    def forget_idempotency_keys(self) -> None:
+        """Forget every idempotency key, as Stripe does once a key is 24 hours old: a request
+        sent again with an old key is then run again."""
+        with self._lock:
+            self._idempotency.clear()
+
     def _take_failure(self, method: str, path: str) -> FailureRule | None:
         with self._lock:
             for rule in self._failures:
