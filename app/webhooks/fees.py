@@ -54,12 +54,33 @@ UNSETTLED = DriverStatement(
 WRITE_FEES = ArrayUpdate(cast(Table, Payment.__table__), ["fee"], where='"payments".fee IS NULL')
 
 
+ZERO_DECIMAL_CURRENCIES = frozenset(
+    {"bif", "clp", "djf", "gnf", "jpy", "kmf", "krw", "mga"}
+    | {"pyg", "rwf", "ugx", "vnd", "vuv", "xaf", "xof", "xpf"}
+)
+THREE_DECIMAL_CURRENCIES = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
+"""Stripe's currencies whose minor unit is not a hundredth (docs.stripe.com/currencies)."""
+
+
+def minor_unit_digits(currency: str) -> int:
+    """How many decimals Stripe's integer amounts of `currency` carry (2 for most)."""
+    currency = currency.lower()
+    if currency in ZERO_DECIMAL_CURRENCIES:
+        return 0
+    return 3 if currency in THREE_DECIMAL_CURRENCIES else 2
+
+
 def fee_in_payment_currency(balance_transaction: dict[str, Any], payment_currency: str) -> int:
-    """Stripe's fee is in the settlement currency; convert it back when that differs."""
+    """Stripe's fee is in the settlement currency, in its minor units; convert it back when
+    that differs. Stripe's `exchange_rate` converts major units (10.00 EUR x 1.234 = 12.34 USD),
+    so between currencies of different minor units (JPY's are whole yen) the powers of ten
+    differ too."""
     fee = int(balance_transaction.get("fee") or 0)
     rate = balance_transaction.get("exchange_rate")
-    if balance_transaction.get("currency") != payment_currency and rate:
-        return round(fee / float(rate))
+    settlement = str(balance_transaction.get("currency") or payment_currency)
+    if settlement != payment_currency and rate:
+        digits = minor_unit_digits(payment_currency) - minor_unit_digits(settlement)
+        return round(fee / float(rate) * 10.0**digits)
     return fee
 
 
