@@ -259,6 +259,20 @@ class StripeGateway:
             lambda: self._v1.refunds.create_async(params, {"idempotency_key": key}),
         )
 
+    async def find_refund(self, *, payment_intent: str, execution_id: str) -> StripeObject | None:
+        """The payment's refund we created for `execution_id` (its metadata), if Stripe has
+        one: what a repeat of a lost request looks for, since Stripe's idempotency keys last
+        only 24 hours. A payment has few refunds: the newest 100 are searched."""
+        page = await self._call(
+            "refunds.list",
+            lambda: self._v1.refunds.list_async({"payment_intent": payment_intent, "limit": 100}),
+        )
+        for refund in page.get("data") or []:
+            if (refund.get("metadata") or {}).get("refund_execution_id") == execution_id:
+                found: StripeObject = refund
+                return found
+        return None
+
     async def cancel_subscription(self, subscription_id: str, *, key: str) -> StripeObject | None:
         """Cancel now, without proration or a final invoice. None when Stripe says the
         subscription is already gone (cancelled before), so repeating it is harmless."""

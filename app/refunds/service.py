@@ -699,6 +699,7 @@ async def _approve_refund(
         if payment.disputed:
             raise PaymentDisputed()
         execution = await repo.execution_for_request(session, request.id, lock=True)
+        sent_before = execution is not None
         if execution is not None:
             # The same approval repeated after its answer was lost completes with the refund
             # Stripe made, even one Stripe's events have since reported failed (the request is
@@ -753,6 +754,7 @@ async def _approve_refund(
         stripe,
         execution_id,
         known_refund=known_refund,
+        sent_before=sent_before,
         payment_intent=payment_intent,
         amount=amount,
         metadata={"refund_request_id": str(request_id), "account_id": account_id},
@@ -801,6 +803,7 @@ async def _submit_refund(
     execution_id: uuid.UUID,
     *,
     known_refund: str | None,
+    sent_before: bool,
     payment_intent: str,
     amount: int,
     metadata: dict[str, str],
@@ -810,9 +813,17 @@ async def _submit_refund(
     forgotten so a corrected request starts afresh. An execution whose refund Stripe's events
     already named (`known_refund`: the answer was lost, the events were not) is not sent
     again: Stripe keeps idempotency keys only 24 hours, after which the same key would make a
-    second refund."""
+    second refund. For the same reason an execution sent before (`sent_before`: a repeat after
+    a lost answer) whose refund no event has named yet is first looked for at Stripe, by the
+    execution id in its metadata."""
     if known_refund is not None:
         return {"id": known_refund}
+    if sent_before:
+        found = await stripe.find_refund(
+            payment_intent=payment_intent, execution_id=str(execution_id)
+        )
+        if found is not None:
+            return found
     try:
         return await stripe.create_refund(
             payment_intent=payment_intent,
@@ -883,6 +894,7 @@ async def retry_refund(
         latest = await repo.execution_for_request(session, request.id, lock=True)
         if latest is None or latest.status in ("submitted", "succeeded"):
             raise RefundInProgress("The request's refund is not failed at Stripe")
+        sent_before = latest.status != "failed"  # a pending attempt repeated
         if latest.status == "failed":
             amount = request.remedy_amount or latest.amount
             await _check_refund_bound(session, payment, amount)
@@ -920,6 +932,7 @@ async def retry_refund(
         stripe,
         execution_id,
         known_refund=known_refund,
+        sent_before=sent_before,
         payment_intent=payment_intent,
         amount=amount,
         metadata={
