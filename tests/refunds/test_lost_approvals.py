@@ -49,6 +49,17 @@ async def lost_approval(
     return created, seen
 
 
+async def request_and_refund_status(
+    client: httpx.AsyncClient, token: TokenFactory, request_id: str
+) -> tuple[str, str]:
+    state = (
+        await client.get(
+            f"/v1/finance/refund-requests/{request_id}", headers=bearer(token(**FINANCE))
+        )
+    ).json()
+    return state["status"], state["refund"]["status"]
+
+
 async def test_repeating_a_lost_approval_after_stripe_forgot_its_key_makes_no_second_refund(
     app: FastAPI,
     client: httpx.AsyncClient,
@@ -65,12 +76,10 @@ async def test_repeating_a_lost_approval_after_stripe_forgot_its_key_makes_no_se
 
     assert repeated.status_code == 201, repeated.text
     assert [r["amount"] for r in stripe_fake.all("refund")] == [1200]
-    state = (
-        await client.get(
-            f"/v1/finance/refund-requests/{created['id']}", headers=bearer(token(**FINANCE))
-        )
-    ).json()
-    assert (state["status"], state["refund"]["status"]) == ("refunded", "succeeded")
+    assert await request_and_refund_status(client, token, created["id"]) == (
+        "refunded",
+        "succeeded",
+    )
 
 
 async def test_repeating_a_lost_approval_before_any_refund_event_and_after_the_key_expired_finds_the_refund(
@@ -90,12 +99,10 @@ async def test_repeating_a_lost_approval_before_any_refund_event_and_after_the_k
     assert [r["id"] for r in stripe_fake.all("refund")] == [made["id"]]  # no second refund
     assert repeated.json()["refund"]["stripe_refund_id"] == made["id"]
     await deliver(new_events(stripe_fake, seen))
-    state = (
-        await client.get(
-            f"/v1/finance/refund-requests/{created['id']}", headers=bearer(token(**FINANCE))
-        )
-    ).json()
-    assert (state["status"], state["refund"]["status"]) == ("refunded", "succeeded")
+    assert await request_and_refund_status(client, token, created["id"]) == (
+        "refunded",
+        "succeeded",
+    )
 
 
 async def test_a_lost_approval_whose_refund_failed_can_be_recorded_and_retried(
