@@ -8,8 +8,8 @@ from datetime import date, datetime
 from typing import Any, cast
 
 from sqlalchemy import (
-    String,
     Table,
+    Text,
     and_,
     bindparam,
     exists,
@@ -19,7 +19,7 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import ArrayInsert, DriverStatement, session_driver
@@ -156,8 +156,9 @@ def _constants(values: tuple[str, ...]) -> list[Any]:
 
 
 def _eligibility_facts() -> Any:
-    """One statement with everything a refund-eligibility quote needs, one row per subscription
-    payment of the account (newest first): the payment, the subscription it paid for (its own
+    """One statement with everything a refund-eligibility quote needs, for each account id in
+    `keys` (for `Reader.by_key`: the account id first), one row per subscription payment of
+    the account (newest first): the payment, the subscription it paid for (its own
     id, else its invoice's) with that subscription's `current_period_end`, what Stripe has
     refunded (mirrored refunds still live, and those that failed), what this service has asked Stripe to refund that
     Stripe has not reported yet, whether the account has any usage, and `maintenance_days`:
@@ -171,7 +172,12 @@ def _eligibility_facts() -> Any:
     subscriptions = Subscription.__table__
     refunds = Refund.__table__
     executions = RefundExecution.__table__
-    account_id = bindparam("account_id", type_=String)
+    asked = (
+        func.unnest(bindparam("keys").cast(ARRAY(Text)))
+        .table_valued("account_id")
+        .render_derived(name="asked")
+    )
+    account_id = asked.c.account_id
     subscription_id = func.coalesce(
         func.nullif(payments.c.stripe_subscription_id, ""),
         func.nullif(invoices.c.stripe_subscription_id, ""),
@@ -237,6 +243,7 @@ def _eligibility_facts() -> Any:
     )
     return (
         select(
+            account_id,
             payments.c.id,
             payments.c.amount,
             payments.c.currency,
@@ -255,11 +262,11 @@ def _eligibility_facts() -> Any:
             used.label("usage_detected"),
         )
         .select_from(
-            payments.outerjoin(
-                invoices, invoices.c.stripe_id == payments.c.stripe_invoice_id
-            ).outerjoin(subscriptions, subscriptions.c.stripe_id == subscription_id)
+            asked.join(payments, payments.c.account_id == account_id)
+            .outerjoin(invoices, invoices.c.stripe_id == payments.c.stripe_invoice_id)
+            .outerjoin(subscriptions, subscriptions.c.stripe_id == subscription_id)
         )
-        .where(payments.c.account_id == account_id, payments.c.purpose == "subscription")
+        .where(payments.c.purpose == "subscription")
         .order_by(payments.c.paid_at.desc().nulls_last(), payments.c.created_at.desc())
     )
 

@@ -107,8 +107,9 @@ async def refund_eligibility(
     reader: Reader, account_id: str, settings: Settings, now: datetime
 ) -> RefundEligibility:
     """One quote per subscription payment; the facts come from one statement
-    (`repo.ELIGIBILITY_FACTS`), the rules from `app/refunds/eligibility.py`."""
-    rows = await reader.all(repo.ELIGIBILITY_FACTS, {"account_id": account_id})
+    (`repo.ELIGIBILITY_FACTS`, shared with the quotes asked at the same moment), the rules
+    from `app/refunds/eligibility.py`."""
+    rows = await reader.by_key(repo.ELIGIBILITY_FACTS, account_id)
     period_ends = _paid_period_ends(rows)
     quotes = []
     for row in rows:

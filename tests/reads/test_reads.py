@@ -355,7 +355,7 @@ async def test_the_direct_asyncpg_path_returns_the_rows_sqlalchemy_core_does(
     reader: Reader = app.state.reader
     for statement, params in (
         (CHANNEL_ACCESS, {"keys": ["ch_d"]}),
-        (ELIGIBILITY_FACTS, {"account_id": "acc_a"}),
+        (ELIGIBILITY_FACTS, {"keys": ["acc_a"]}),
     ):
         core = await reader.all(statement, params)
         direct = await reader.all(statement, params)
@@ -515,6 +515,32 @@ async def test_channel_access_checks_at_once_answer_what_each_alone_answers(
         "revoked",
         "no_subscription",
     ]
+
+    at_once = await asyncio.gather(*(client.get(p, headers=headers) for p in paths * 8))
+
+    assert [response.json() for response in at_once] == alone * 8
+
+
+async def test_eligibility_quotes_at_once_answer_what_each_alone_answers(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    async with app.state.session_factory() as session, session.begin():
+        session.add_all([Account(id=f"acc_{n}", currency="usd") for n in range(4)])
+        await session.flush()
+        session.add_all(
+            [
+                succeeded_payment("pi_0a", "acc_0", days_ago=3),
+                succeeded_payment("pi_0b", "acc_0", days_ago=40, amount=2900),
+                succeeded_payment("pi_1", "acc_1", days_ago=2, fee=None),
+                succeeded_payment("pi_2", "acc_2", days_ago=1, disputed=True),
+                succeeded_payment("pi_3", "acc_3", days_ago=1, purpose="top_up"),
+            ]
+        )
+    headers = bearer(token(scope="billing:read"))
+    paths = [f"/v1/accounts/acc_{n}/refund-eligibility" for n in (0, 1, 2, 3, 4)]
+    alone = [(await client.get(path, headers=headers)).json() for path in paths]
+    assert [len(a["quotes"]) for a in alone] == [2, 1, 1, 0, 0]  # top-ups are not quoted here
+    assert len({str(a) for a in alone[:3]}) == 3
 
     at_once = await asyncio.gather(*(client.get(p, headers=headers) for p in paths * 8))
 
