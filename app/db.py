@@ -33,10 +33,13 @@ from sqlalchemy import (
     Row,
     String,
     Table,
+    Text,
+    bindparam,
     func,
     literal,
     select,
 )
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.dialects.postgresql.asyncpg import dialect as asyncpg_dialect
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
@@ -276,6 +279,16 @@ class Reader:
         """Every kept connection back to the pool (before the engine is disposed)."""
         while self._kept:
             self._kept.pop()[0].close()
+
+
+def asked_keys(column: str) -> Any:
+    """The keys a `Reader.by_key` statement answers: its array parameter `keys` as a derived
+    table `asked` of one text column named `column`, to select first and join on."""
+    return (
+        func.unnest(bindparam("keys").cast(ARRAY(Text)))
+        .table_valued(column)
+        .render_derived(name="asked")
+    )
 
 
 def _settle(callers: dict[Any, list[asyncio.Future[list[Any]]]], error: Exception | None) -> None:

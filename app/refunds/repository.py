@@ -9,7 +9,6 @@ from typing import Any, cast
 
 from sqlalchemy import (
     Table,
-    Text,
     and_,
     bindparam,
     exists,
@@ -19,10 +18,10 @@ from sqlalchemy import (
     select,
     text,
 )
-from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from app.db import ArrayInsert, DriverStatement, session_driver
+from app.db import ArrayInsert, DriverStatement, asked_keys, session_driver
 from app.models import (
     Account,
     Activity,
@@ -172,11 +171,7 @@ def _eligibility_facts() -> Any:
     subscriptions = Subscription.__table__
     refunds = Refund.__table__
     executions = RefundExecution.__table__
-    asked = (
-        func.unnest(bindparam("keys").cast(ARRAY(Text)))
-        .table_valued("account_id")
-        .render_derived(name="asked")
-    )
+    asked = asked_keys("account_id")
     account_id = asked.c.account_id
     subscription_id = func.coalesce(
         func.nullif(payments.c.stripe_subscription_id, ""),

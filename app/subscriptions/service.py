@@ -14,13 +14,13 @@ from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import String, Table, Text, bindparam, func, select, text, true
+from sqlalchemy import String, Table, bindparam, func, select, text, true
 from sqlalchemy.dialects.postgresql import ARRAY, distinct_on
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
-from app.db import ArrayInsert, DriverStatement, Reader, session_driver
+from app.db import ArrayInsert, DriverStatement, Reader, asked_keys, session_driver
 from app.errors import ServiceUnavailable
 from app.models import AccessChange, Channel, Subscription
 from app.subscriptions.access import (
@@ -183,11 +183,7 @@ async def list_subscriptions(
     return result
 
 
-_ASKED = (
-    func.unnest(bindparam("keys").cast(ARRAY(Text)))
-    .table_valued("channel_id")
-    .render_derived(name="asked")
-)
+_ASKED = asked_keys("channel_id")
 _SUBSCRIPTIONS = Subscription.__table__
 CHANNEL_ACCESS = select(
     _ASKED.c.channel_id, func.now().label("now"), *(_SUBSCRIPTIONS.c[n] for n in ACCESS_COLUMNS)

@@ -18,14 +18,13 @@ import httpx
 import jwt
 import pytest
 from fastapi import FastAPI
-from sqlalchemy import Integer, Row, Text, bindparam, cast, func, select, update
-from sqlalchemy.dialects.postgresql import ARRAY
+from sqlalchemy import Integer, Row, bindparam, cast, func, select, update
 from sqlalchemy.exc import DBAPIError
 
 import app.auth
 from app.auth import TokenVerifier, mint_token
 from app.config import Settings
-from app.db import MAX_KEYS_PER_READ, Reader
+from app.db import MAX_KEYS_PER_READ, Reader, asked_keys
 from app.errors import Unauthorized
 from app.main import create_app
 from app.models import (
@@ -427,7 +426,7 @@ async def test_reads_at_once_take_at_most_half_the_pool_and_keep_those_connectio
 
 def keyed(expression: Any) -> Any:
     """A statement for `Reader.by_key`: each key of `keys` with `expression` of it as `value`."""
-    asked = func.unnest(bindparam("keys").cast(ARRAY(Text))).table_valued("key").render_derived()
+    asked = asked_keys("key")
     return select(asked.c.key, expression(asked.c.key).label("value"))
 
 
