@@ -235,7 +235,8 @@ async def record_expired_access(
     factory: async_sessionmaker[AsyncSession], settings: Settings, now: datetime | None = None
 ) -> int:
     """Access also ends by time alone (a period ends, an extension runs out) with no Stripe
-    event: append those changes to the feed. Run periodically by the background workers."""
+    event: append those changes to the feed; returns how many entries were appended. Run
+    periodically by the background workers."""
     now = now or datetime.now(UTC)
     latest = (
         select(AccessChange.channel_id, AccessChange.has_access, AccessChange.access_until)
@@ -251,5 +252,5 @@ async def record_expired_access(
                 )
             )
         ).all()
-        await record_access_changes(session, dict.fromkeys(expired, now), settings)
-    return len(expired)
+        recorded = await record_access_changes(session, dict.fromkeys(expired, now), settings)
+    return len(recorded)
