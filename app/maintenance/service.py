@@ -12,7 +12,8 @@ cannot be refused after the fact, so it is flagged.
 
 Completion (`complete_window`), idempotent:
 1. One transaction: the window gets its actual end; every subscription live during it (a live
-   status per app/subscriptions/access.py, and a period `[current_period_start, access_until)`
+   status per app/subscriptions/access.py, or ended since at the end of its paid period because
+   the client had turned off renewal, and a period `[current_period_start, access_until)`
    overlapping the window) gets one `maintenance_extensions` row (unique per window and
    subscription) for the calendar days in `BUSINESS_TIMEZONE` the service was unavailable, less
    the dates an overlapping window already credited to it; `subscriptions.extension_days` grows
@@ -83,7 +84,7 @@ from app.models import (
 )
 from app.notifications.outbox import enqueue_email
 from app.stripe_gateway import StripeGateway, StripeRequestRejected, idempotency_key
-from app.subscriptions.access import LIVE_STATUSES, access_until
+from app.subscriptions.access import LIVE_STATUSES, access_until, ended_at_period_end
 from app.subscriptions.service import record_access_change
 
 log = structlog.get_logger()
@@ -248,12 +249,15 @@ def _live_during(
     settings: Settings,
     paid_before_end: bool = False,
 ) -> bool:
-    """A live status (as app/subscriptions/access.py counts it) and a paid period
-    `[current_period_start, access_until)` overlapping the half-open window; or, when Stripe
-    has renewed it since the window ended, a payment made before the window's end (the period
-    it paid ran until the renewal, so it covered the window)."""
-    live = subscription.status in LIVE_STATUSES or (
-        settings.past_due_keeps_access and subscription.status == "past_due"
+    """A live status (as app/subscriptions/access.py counts it), or ended since at the end of
+    its paid period (the client had turned off renewal: the days it lost follow its end), and a
+    paid period `[current_period_start, access_until)` overlapping the half-open window; or,
+    when Stripe has renewed it since the window ended, a payment made before the window's end
+    (the period it paid ran until the renewal, so it covered the window)."""
+    live = (
+        subscription.status in LIVE_STATUSES
+        or (settings.past_due_keeps_access and subscription.status == "past_due")
+        or ended_at_period_end(subscription)
     )
     if not live:
         return False
@@ -489,6 +493,8 @@ async def _notify(
         for subscription, days in items:
             until = access_until(subscription)
             until_text = f", access now until {_local(calendar, until)}" if until else ""
+            if ended_at_period_end(subscription):
+                until_text = f" after the end of its paid period{until_text}"
             lines.append(f"- channel {subscription.channel_id}: +{days} day(s){until_text}")
         kind = "Scheduled maintenance" if window.kind == "scheduled" else "Emergency maintenance"
         body = (
@@ -496,7 +502,8 @@ async def _notify(
             f"Reason: {window.reason}\n\n"
             "As set out in section 5 of our payments policy, the access period of your "
             "subscriptions is extended by the calendar days on which the service was "
-            "unavailable, and your next charge moves by the same days:\n"
+            "unavailable, and the next charge of a renewing subscription moves by the same "
+            "days:\n"
             + "\n".join(lines)
             + "\n\nThis work does not constitute a breach of the User Agreement and is not "
             "grounds for a refund. Questions: finance@1msg.io\n\n1msg billing\n"

@@ -13,7 +13,9 @@ How one message travels (`deliver_round`):
    proves the message was not accepted (connection refused, any step before DATA, or an error
    reply to DATA), back to `pending` with exponential backoff
    (`EMAIL_RETRY_BASE_SECONDS × 2^(attempts-1)`, capped at `EMAIL_RETRY_MAX_SECONDS`), or
-   `failed` after `EMAIL_MAX_ATTEMPTS` attempts or a permanent (5xx) refusal.
+   `failed` after `EMAIL_MAX_ATTEMPTS` attempts or a permanent (5xx) refusal. A relay that
+   cannot be reached (or refuses the connection) is not the message's failure: such attempts
+   back off the same way but never park it, so an outage of any length loses no notice.
 
 At-most-once, deliberately. Two moments leave us not knowing whether the client got the email:
 the worker dying between step 1's commit and step 3, and the connection dropping while the
@@ -294,7 +296,9 @@ async def _send_one(
         log.warning("email.delivery_uncertain", outbox_id=str(row.id), cause="no_data_reply")
     except DeliveryRefused as exc:
         relay_down = exc.relay_down
-        if exc.permanent or row.attempts >= settings.email_max_attempts:
+        # An unreachable relay says nothing about the message: it waits for the relay (the
+        # backoff still grows, to EMAIL_RETRY_MAX_SECONDS) and is never parked for it.
+        if exc.permanent or (row.attempts >= settings.email_max_attempts and not relay_down):
             values = {"status": "failed", "last_error": str(exc)[:2000]}
             result.failed.append(row.id)
             EMAILS_FAILED.labels("failed").inc()

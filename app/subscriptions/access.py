@@ -5,6 +5,11 @@
   period ends: Stripe keeps it `active` until then.
 - `access_until` is Stripe's `current_period_end` plus the maintenance days Stripe's period does
   not already include; access ends there even if Stripe's renewal is late.
+- A subscription Stripe ended at the end of its paid period because the client had turned off
+  renewal (`canceled` with `cancel_at_period_end` or `cancel_at`, ended at or after its
+  `current_period_end`: `ended_at_period_end`) keeps access until `access_until` while it
+  still has extension days Stripe's period does not hold (a maintenance window, policy
+  section 5, or a finance extension): the days it lost follow its end.
 - A refund or a lost chargeback revokes access at once (`access_revoked_at`).
 - Everything else (`incomplete`, `incomplete_expired`, `unpaid`, `canceled`, `paused`) has none.
 """
@@ -26,6 +31,7 @@ ACCESS_COLUMNS = (
     "extension_days",
     "extension_days_in_period",
     "access_revoked_at",
+    "ended_at",
 )
 """The subscription columns access depends on (a `Subscription` row, or just these columns)."""
 
@@ -47,6 +53,8 @@ class SubscriptionState(Protocol):
     def extension_days_in_period(self) -> int: ...
     @property
     def access_revoked_at(self) -> datetime | None: ...
+    @property
+    def ended_at(self) -> datetime | None: ...
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,18 @@ def access_until(subscription: SubscriptionState) -> datetime | None:
     return subscription.current_period_end + timedelta(days=pending_days)
 
 
+def ended_at_period_end(subscription: SubscriptionState) -> bool:
+    """Stripe ended it at the end of its paid period (not earlier): the client had turned off
+    renewal."""
+    return (
+        subscription.status == "canceled"
+        and (subscription.cancel_at_period_end or subscription.cancel_at is not None)
+        and subscription.ended_at is not None
+        and subscription.current_period_end is not None
+        and subscription.ended_at >= subscription.current_period_end
+    )
+
+
 def subscription_access(
     subscription: SubscriptionState, now: datetime, *, past_due_keeps_access: bool = True
 ) -> Access:
@@ -72,6 +92,8 @@ def subscription_access(
     live = subscription.status in LIVE_STATUSES or (
         past_due_keeps_access and subscription.status == "past_due"
     )
+    if not live and ended_at_period_end(subscription):
+        live = subscription.extension_days > subscription.extension_days_in_period
     if not live:
         return Access(False, None, f"subscription_{subscription.status}")
     if until is None or now >= until:

@@ -292,3 +292,26 @@ async def test_a_message_claimed_late_in_a_long_round_is_not_parked_by_another_w
         "second": "sent",
     }
     assert len(smtp_server.messages) == 2
+
+
+async def test_a_relay_outage_longer_than_the_attempts_never_drops_a_queued_email(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    # Connection refused proves nothing about the message: it waits for the relay (backoff
+    # capped at EMAIL_RETRY_MAX_SECONDS) instead of being parked after EMAIL_MAX_ATTEMPTS.
+    settings = smtp_settings.model_copy(update={"email_max_attempts": 3})
+    await queue(factory, "notice")
+    smtp_server.stop()
+    moment = later(0)
+    for _ in range(5):
+        down = await deliver_round(factory, settings, now=moment)
+        assert len(down.retrying) == 1 and not down.failed
+        moment = (await rows(factory))["notice"].next_attempt_at
+
+    row = (await rows(factory))["notice"]
+    assert (row.status, row.attempts) == ("pending", 5)
+    assert row.last_error and "connect" in row.last_error
+    smtp_server.start()
+    up = await deliver_round(factory, settings, now=moment)
+    assert len(up.sent) == 1
+    assert [m.message["Subject"] for m in smtp_server.messages] == ["Notice notice"]

@@ -23,6 +23,7 @@ class Row:
     cancel_at: datetime | None = None
     extension_days: int = 0
     extension_days_in_period: int = 0
+    ended_at: datetime | None = None
 
 
 def in_every_order(rows: list[Row]) -> set[Access]:
