@@ -5,17 +5,22 @@ from __future__ import annotations
 import uuid
 
 from fastapi import APIRouter, Query, Request, status
+from fastapi.responses import JSONResponse
 
+from app.accounts.params import IdempotencyKeyHeader
 from app.auth import OpsStaff
 from app.db import SessionDep
 from app.errors import (
     Forbidden,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
     MaintenanceAlreadyCompleted,
     MaintenanceTooLong,
     Unauthorized,
     Unprocessable,
     error_responses,
 )
+from app.idempotency import Outcome, idempotent
 from app.maintenance import service
 from app.maintenance.schemas import (
     MaintenanceWindowComplete,
@@ -33,12 +38,26 @@ AUTH_ERRORS = (Unauthorized, Forbidden)
     status_code=status.HTTP_201_CREATED,
     summary="Record a maintenance window",
     response_model=MaintenanceWindowOut,
-    responses=error_responses(*AUTH_ERRORS, MaintenanceTooLong),
+    responses=error_responses(
+        *AUTH_ERRORS, MaintenanceTooLong, IdempotencyKeyReused, IdempotencyKeyInUse
+    ),
 )
 async def create_maintenance_window(
-    body: MaintenanceWindowCreate, request: Request, session: SessionDep, principal: OpsStaff
-) -> MaintenanceWindowOut:
-    return await service.create_window(session, request.app.state.settings, body, principal.sub)
+    body: MaintenanceWindowCreate,
+    request: Request,
+    session: SessionDep,
+    principal: OpsStaff,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
+    """A retried POST with the same `Idempotency-Key` replays the window it created instead of
+    recording a second one (whose completion would email its clients a second time)."""
+
+    async def run() -> Outcome:
+        settings = request.app.state.settings
+        return Outcome(201, await service.create_window(session, settings, body, principal.sub))
+
+    # A route of no account: the key is the ops user's (sub, method, path, key).
+    return await idempotent(request, session, principal, "", idempotency_key, body, run)
 
 
 @router.get(

@@ -6,13 +6,16 @@ import uuid
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
+from fastapi.responses import JSONResponse
 
-from app.accounts.params import AccountId
+from app.accounts.params import AccountId, IdempotencyKeyHeader
 from app.auth import AccountOwner, AccountReader, FinanceStaff
 from app.db import SessionDep
 from app.errors import (
     CurrencyMismatch,
     Forbidden,
+    IdempotencyKeyInUse,
+    IdempotencyKeyReused,
     PaymentDisputed,
     RefundExceedsLimit,
     RefundInProgress,
@@ -26,6 +29,7 @@ from app.errors import (
     Unprocessable,
     error_responses,
 )
+from app.idempotency import Outcome, idempotent
 from app.refunds import service
 from app.refunds.schemas import (
     FinanceRefundRequestCreate,
@@ -66,7 +70,9 @@ async def refund_eligibility(
     summary="File a refund, appeal, compensation or other billing request",
     status_code=201,
     response_model=RefundRequestOut,
-    responses=error_responses(Unauthorized, Forbidden, Unprocessable),
+    responses=error_responses(
+        Unauthorized, Forbidden, Unprocessable, IdempotencyKeyReused, IdempotencyKeyInUse
+    ),
 )
 async def create_refund_request(
     account_id: AccountId,
@@ -74,16 +80,21 @@ async def create_refund_request(
     request: Request,
     session: SessionDep,
     principal: AccountOwner,
-) -> RefundRequestOut:
-    return await service.create_request(
-        session,
-        account_id=account_id,
-        body=body,
-        principal=principal,
-        settings=request.app.state.settings,
-        channel="api",
-        received_at=service.utcnow(),
-    )
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
+    async def run() -> Outcome:
+        out = await service.create_request(
+            session,
+            account_id=account_id,
+            body=body,
+            principal=principal,
+            settings=request.app.state.settings,
+            channel="api",
+            received_at=service.utcnow(),
+        )
+        return Outcome(201, out)
+
+    return await idempotent(request, session, principal, account_id, idempotency_key, body, run)
 
 
 @router.get(
@@ -142,26 +153,35 @@ async def update_refund_request(
     summary="File a request that arrived by email or phone, with its true receipt time",
     status_code=201,
     response_model=RefundRequestOut,
-    responses=error_responses(Unauthorized, Forbidden, Unprocessable),
+    responses=error_responses(
+        Unauthorized, Forbidden, Unprocessable, IdempotencyKeyReused, IdempotencyKeyInUse
+    ),
 )
 async def file_refund_request(
     body: FinanceRefundRequestCreate,
     request: Request,
     session: SessionDep,
     principal: FinanceStaff,
-) -> RefundRequestOut:
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
     if body.received_at > service.utcnow():
         raise Unprocessable("received_at cannot be in the future")
     fields = body.model_dump(exclude={"account_id", "received_at", "channel"})
-    return await service.create_request(
-        session,
-        account_id=body.account_id,
-        body=RefundRequestCreate(**fields),
-        principal=principal,
-        settings=request.app.state.settings,
-        channel=body.channel,
-        received_at=body.received_at,
-    )
+
+    async def run() -> Outcome:
+        out = await service.create_request(
+            session,
+            account_id=body.account_id,
+            body=RefundRequestCreate(**fields),
+            principal=principal,
+            settings=request.app.state.settings,
+            channel=body.channel,
+            received_at=body.received_at,
+        )
+        return Outcome(201, out)
+
+    # A route of no account: the key is the finance user's (sub, method, path, key).
+    return await idempotent(request, session, principal, "", idempotency_key, body, run)
 
 
 @router.get(

@@ -1,0 +1,88 @@
+"""Creating POSTs beyond the contract's checkout honour `Idempotency-Key` too: a client's or
+finance's request filing and an ops maintenance window. A retry after a lost answer must not
+file a second request (a second clock, a second reply owed) or record a second window (whose
+completion would email its clients again)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.conftest import TokenFactory, bearer
+
+WINDOW = {
+    "starts_at": "2026-03-09T09:00:00+08:00",
+    "ends_at": "2026-03-09T18:00:00+08:00",
+    "kind": "scheduled",
+    "reason": "DB upgrade",
+}
+FINANCE_FILING = {
+    "account_id": "acc_mail",
+    "type": "appeal",
+    "description": "My channel was suspended",
+    "channel": "email",
+    "received_at": "2026-03-09T09:00:00+08:00",
+}
+CLIENT_FILING = {"type": "appeal", "description": "My access was suspended"}
+
+
+async def listed(client: httpx.AsyncClient, path: str, headers: dict[str, str]) -> list[Any]:
+    response = await client.get(path, headers=headers)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    return list(body["items"] if isinstance(body, dict) else body)
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "caller", "listing"),
+    [
+        (
+            "/v1/ops/maintenance-windows",
+            WINDOW,
+            {"scope": "ops", "sub": "ops-alice"},
+            "/v1/ops/maintenance-windows",
+        ),
+        (
+            "/v1/finance/refund-requests",
+            FINANCE_FILING,
+            {"scope": "finance", "sub": "bob@1msg.io"},
+            "/v1/finance/refund-requests?account_id=acc_mail",
+        ),
+        (
+            "/v1/accounts/acc_s/refund-requests",
+            CLIENT_FILING,
+            {"account_id": "acc_s", "email": "ops@client.example"},
+            "/v1/accounts/acc_s/refund-requests",
+        ),
+    ],
+    ids=["maintenance-window", "finance-filing", "client-filing"],
+)
+async def test_a_retried_filing_with_its_key_replays_the_first_and_creates_nothing_more(
+    client: httpx.AsyncClient,
+    token: TokenFactory,
+    path: str,
+    body: dict[str, Any],
+    caller: dict[str, str],
+    listing: str,
+) -> None:
+    headers = bearer(token(**caller))
+    keyed = {**headers, "Idempotency-Key": "retry-1"}
+
+    first = await client.post(path, json=body, headers=keyed)
+    again = await client.post(path, json=body, headers=keyed)
+    changed = {field: "other" for field in ("reason", "description") if field in body}
+    other_body = await client.post(path, json={**body, **changed}, headers=keyed)
+
+    assert first.status_code == 201, first.text
+    assert (again.status_code, again.json()) == (201, first.json())
+    assert again.headers["Idempotent-Replayed"] == "true"
+    assert other_body.status_code == 409
+    assert other_body.headers["content-type"] == "application/problem+json"
+    assert other_body.json()["code"] == "idempotency_key_reused"
+    assert [item["id"] for item in await listed(client, listing, headers)] == [first.json()["id"]]
+
+    without_key = await client.post(path, json=body, headers=headers)
+    assert without_key.status_code == 201  # no key: a second filing is a second filing
+    assert len(await listed(client, listing, headers)) == 2
