@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import email.errors
 import email.policy
 import uuid
 from dataclasses import dataclass, field
@@ -288,7 +289,11 @@ async def _send_one(
     values: dict[str, object]
     relay_down = False
     try:
-        await mailer.send(build_message(row, settings))
+        try:
+            message = build_message(row, settings)
+        except (ValueError, email.errors.MessageError) as exc:  # e.g. a line break in `to`
+            raise DeliveryRefused(f"the message cannot be built: {exc}", permanent=True) from None
+        await mailer.send(message)
     except DeliveryUncertain as exc:
         values = {"status": "failed", "last_error": f"{UNCERTAIN}: {exc}"[:2000]}
         result.uncertain.append(row.id)

@@ -10,10 +10,12 @@ import jwt
 import pytest
 from fastapi import APIRouter, FastAPI
 from pydantic import BaseModel, Field, SecretStr
+from sqlalchemy import select
 
 from app.auth import AccountReader, FinanceStaff, OpsStaff, mint_token
 from app.config import Settings
 from app.main import create_app
+from app.models import Account
 from tests.conftest import JWT_SECRET, bearer
 
 PROBLEM = "application/problem+json"
@@ -189,3 +191,44 @@ async def test_malformed_bodies_are_problem_422(http: httpx.AsyncClient, body: b
     response = await http.post("/probe/echo", content=body, headers=headers)
     assert_problem(response, 422, "validation_error")
     assert isinstance(response.json()["errors"], list)
+
+
+@pytest.mark.parametrize(
+    "email",
+    [
+        "client@example.com\r\nBcc: everyone@example.com",  # a header injection
+        "two words@example.com",
+        "no-at-sign",
+        "@example.com",
+        "a" * 320 + "@example.com",  # longer than any address a mailbox has
+        42,
+    ],
+)
+async def test_a_token_email_no_email_can_carry_never_becomes_the_billing_contact(
+    client: httpx.AsyncClient, app: FastAPI, email: object
+) -> None:
+    settings: Settings = app.state.settings
+    path = "/v1/accounts/acc_mail/refund-requests"
+    body = {"type": "appeal", "description": "My access was suspended"}
+
+    def as_user(claimed: object) -> dict[str, str]:
+        token = jwt.encode(
+            {
+                "sub": "u",
+                "account_id": "acc_mail",
+                "email": claimed,
+                "aud": settings.auth_jwt_audience,
+                "exp": int(time.time()) + 60,
+            },
+            JWT_SECRET,
+            algorithm="HS256",
+        )
+        return bearer(token)
+
+    first = await client.post(path, json=body, headers=as_user("billing@client.example"))
+    odd = await client.post(path, json=body, headers=as_user(email))
+
+    assert (first.status_code, odd.status_code) == (201, 201)  # the request itself is fine
+    async with app.state.session_factory() as session:
+        contact = await session.scalar(select(Account.email).where(Account.id == "acc_mail"))
+    assert contact == "billing@client.example"

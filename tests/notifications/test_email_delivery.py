@@ -315,3 +315,21 @@ async def test_a_relay_outage_longer_than_the_attempts_never_drops_a_queued_emai
     up = await deliver_round(factory, settings, now=moment)
     assert len(up.sent) == 1
     assert [m.message["Subject"] for m in smtp_server.messages] == ["Notice notice"]
+
+
+async def test_a_message_that_cannot_be_built_is_parked_failed_and_the_rest_are_sent(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    """An address no email can carry (a line break: a header injection attempt) fails that
+    row at once; it is not left `sending`, and the round goes on to the next message."""
+    await queue(factory, "bad", to="client@example.com\r\nBcc: all@example.com")
+    await queue(factory, "good")
+
+    result = await deliver_round(factory, smtp_settings)
+
+    found = await rows(factory)
+    assert (found["bad"].status, found["good"].status) == ("failed", "sent")
+    assert "cannot be built" in (found["bad"].last_error or "")
+    assert result.failed == [found["bad"].id]
+    assert [m.rcpt_tos for m in smtp_server.messages] == [["client@example.com"]]
+    assert "Bcc" not in str(smtp_server.messages[0].message)
