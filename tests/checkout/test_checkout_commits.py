@@ -215,8 +215,9 @@ async def test_a_value_the_database_cannot_store_is_a_422_and_creates_nothing(
     db: async_sessionmaker[AsyncSession],
 ) -> None:
     """The first transaction runs on the asyncpg connection: its database errors are answered
-    as the SQLAlchemy path's (app/errors.py), here a NUL character in the token's email."""
-    tok = token(account_id="acc_nul", email="nul\x00@example.com")
+    as the SQLAlchemy path's (app/errors.py), here a NUL character in the token's `sub` (which
+    the key claim stores; an email like that is ignored: test_auth.py)."""
+    tok = token(account_id="acc_nul", sub="nul\x00user", email="nul@example.com")
     response = await post_checkout("acc_nul", top_up_body(), key="nul", tok=tok)
     assert response.status_code == 422, response.text
     assert response.headers["content-type"] == "application/problem+json"
