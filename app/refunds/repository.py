@@ -302,16 +302,18 @@ async def already_refunded(session: AsyncSession, payment: Payment) -> int:
     return max(payment.amount_refunded - int(failed), int(mirrored)) + int(unmirrored)
 
 
-async def unconfirmed_balance_refunds(session: AsyncSession, account_id: str) -> int:
+async def unconfirmed_balance_refunds(session: AsyncSession, account_id: str, currency: str) -> int:
     """What this service has asked Stripe to refund from the account's balance payments
-    (top-ups, debt repayments) that Stripe has not reported yet: the ledger is debited only
-    when Stripe's refund event arrives, so until then this is still in the balance."""
+    (top-ups, debt repayments) in `currency` that Stripe has not reported yet: the ledger is
+    debited only when Stripe's refund event arrives, so until then this is still in the
+    balance (refunds of payments in another currency never move it)."""
     statement = (
         select(func.coalesce(func.sum(RefundExecution.amount), 0))
         .join(Payment, Payment.id == RefundExecution.payment_id)
         .where(
             RefundExecution.account_id == account_id,
             Payment.purpose.in_(BALANCE_PURPOSES),
+            Payment.currency == currency,
             RefundExecution.status.in_(("pending", "submitted")),
             or_(
                 RefundExecution.stripe_refund_id.is_(None),

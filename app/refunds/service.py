@@ -847,10 +847,15 @@ async def _check_refund_bound(session: AsyncSession, payment: Payment, amount: i
     if payment.purpose == "top_up" and payment.account_id is not None:
         # Serialise with other money movements of the account (usage charges lock it too).
         await repo.lock_account(session, payment.account_id)
-        unspent, _debt, _currency = await account_balance(session, payment.account_id)
-        # Refunds approved but not yet confirmed by Stripe are not debited in the ledger yet.
-        unspent -= await repo.unconfirmed_balance_refunds(session, payment.account_id)
-        limit = min(limit, unspent)
+        unspent, _debt, currency = await account_balance(session, payment.account_id)
+        # A top-up in another currency than the balance's was never credited (refused for its
+        # currency): none of it was spent, so only what was paid bounds its refund.
+        if currency is None or currency == payment.currency:
+            # Refunds approved but not yet confirmed by Stripe are not debited in the ledger yet.
+            unspent -= await repo.unconfirmed_balance_refunds(
+                session, payment.account_id, payment.currency
+            )
+            limit = min(limit, unspent)
     if amount > limit:
         raise RefundExceedsLimit(f"At most {max(0, limit)} {payment.currency} can be refunded")
 
