@@ -844,11 +844,13 @@ async def _check_refund_bound(session: AsyncSession, payment: Payment, amount: i
     if payment.status != "succeeded":
         raise RefundExceedsLimit("Only a succeeded payment can be refunded")
     limit = payment.amount - await repo.already_refunded(session, payment)
-    if payment.purpose == "top_up" and payment.account_id is not None:
+    # A debt repayment paid for usage already consumed (conversations, Meta fees: never
+    # refundable): like a top-up, only what is left unspent in the balance may go back.
+    if payment.purpose in repo.BALANCE_PURPOSES and payment.account_id is not None:
         # Serialise with other money movements of the account (usage charges lock it too).
         await repo.lock_account(session, payment.account_id)
         unspent, _debt, currency = await account_balance(session, payment.account_id)
-        # A top-up in another currency than the balance's was never credited (refused for its
+        # A payment in another currency than the balance's was never credited (refused for its
         # currency): none of it was spent, so only what was paid bounds its refund.
         if currency is None or currency == payment.currency:
             # Refunds approved but not yet confirmed by Stripe are not debited in the ledger yet.
