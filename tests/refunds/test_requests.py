@@ -343,3 +343,60 @@ async def test_naming_an_unknown_payment_later_does_not_stop_a_running_clock(
     assert body["status"] == "received"
     assert body["missing_information"][0] == "payment_reference"
     assert body["decision_due"] == filed.json()["decision_due"]
+
+
+async def test_finance_adds_the_missing_details_of_an_email_request_and_its_clock_starts(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    # A client who writes to finance@ (policy section 4) gives the missing payment details by
+    # email too: finance records them, the request is identified and can be decided.
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_mail", amount=4200)
+    filed = await finance_file(
+        client,
+        token,
+        type="refund",
+        description="Please refund my top-up",
+        amount=4200,
+        received_at=(datetime.now(UTC) - timedelta(minutes=5)).isoformat(),
+    )
+    assert filed.json()["status"] == "needs_information", filed.text
+    request_id = filed.json()["id"]
+
+    added = await client.patch(
+        f"/v1/accounts/acc_mail/refund-requests/{request_id}",
+        json={"payment_reference": paid.charge_id},
+        headers=bearer(token(**FINANCE)),
+    )
+    assert added.status_code == 200, added.text
+    body = added.json()
+    assert body["status"] == "received"
+    assert body["payment_id"] == paid.payment_id
+    assert body["clock_started_at"] is not None and body["first_response_due"] is not None
+    view = await client.get(
+        f"/v1/finance/refund-requests/{request_id}", headers=bearer(token(**FINANCE))
+    )
+    assert view.json()["audit"][-1]["action"] == "details_added"
+    assert view.json()["audit"][-1]["actor"] == FINANCE["sub"]
+    decided = await client.post(
+        f"/v1/finance/refund-requests/{request_id}/responses",
+        json={
+            "kind": "decision",
+            "message": "Refunded.",
+            "outcome": "approved",
+            "remedy": "refund",
+            "amount": 4200,
+        },
+        headers=bearer(token(**FINANCE)),
+    )
+    assert decided.status_code == 201, decided.text
+    # Other services still may not change a client's request.
+    service = await client.patch(
+        f"/v1/accounts/acc_mail/refund-requests/{request_id}",
+        json={"description": "x"},
+        headers=bearer(token(scope="billing:read billing:write")),
+    )
+    assert service.status_code == 403
