@@ -400,3 +400,19 @@ async def test_finance_adds_the_missing_details_of_an_email_request_and_its_cloc
         headers=bearer(token(scope="billing:read billing:write")),
     )
     assert service.status_code == 403
+
+
+async def test_finance_filing_for_an_account_id_no_account_route_accepts_is_refused(
+    client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    # An id the account routes refuse (422) would file a request its client can never see.
+    for account_id in ("acc mail", "acc/mail", "acc.mail"):
+        response = await finance_file(
+            client,
+            token,
+            account_id=account_id,
+            received_at=(datetime.now(UTC) - timedelta(hours=1)).isoformat(),
+        )
+        assert (response.status_code, response.json()["code"]) == (422, "validation_error")
+    listed = await client.get("/v1/finance/refund-requests", headers=bearer(token(**FINANCE)))
+    assert listed.json() == []
