@@ -3,6 +3,7 @@ finance replies (emailed once), overdue tracking and who may do what."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -11,6 +12,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.refunds import repository as repo
+from app.refunds.service import is_overdue
 from tests.conftest import Deliver, TokenFactory, bearer
 from tests.refunds.flows import outbox, pay_top_up
 from tests.stripe_fake import StripeFake
@@ -42,17 +45,33 @@ async def finance_file(
     ("received_at", "first_response_due", "decision_due"),
     [
         # Friday evening: the weekend does not count
-        (sgt(2025, 11, 21, 18), sgt(2025, 11, 26, 23, 59, 59), sgt(2025, 12, 11, 23, 59, 59)),
+        (
+            sgt(2025, 11, 21, 18),
+            sgt(2025, 11, 26, 23, 59, 59, 999999),
+            sgt(2025, 12, 11, 23, 59, 59, 999999),
+        ),
         # Saturday: counted from Monday
-        (sgt(2025, 11, 22, 9), sgt(2025, 11, 26, 23, 59, 59), sgt(2025, 12, 11, 23, 59, 59)),
+        (
+            sgt(2025, 11, 22, 9),
+            sgt(2025, 11, 26, 23, 59, 59, 999999),
+            sgt(2025, 12, 11, 23, 59, 59, 999999),
+        ),
         # Christmas (Thu) and New Year's Day (Thu) are Singapore public holidays; the year turns
-        (sgt(2025, 12, 23, 12), sgt(2025, 12, 29, 23, 59, 59), sgt(2026, 1, 14, 23, 59, 59)),
-        (sgt(2025, 12, 30, 12), sgt(2026, 1, 5, 23, 59, 59), sgt(2026, 1, 20, 23, 59, 59)),
+        (
+            sgt(2025, 12, 23, 12),
+            sgt(2025, 12, 29, 23, 59, 59, 999999),
+            sgt(2026, 1, 14, 23, 59, 59, 999999),
+        ),
+        (
+            sgt(2025, 12, 30, 12),
+            sgt(2026, 1, 5, 23, 59, 59, 999999),
+            sgt(2026, 1, 20, 23, 59, 59, 999999),
+        ),
         # 23:30 UTC on 31 December is already New Year's Day (a holiday) in Singapore
         (
             datetime(2025, 12, 31, 23, 30, tzinfo=UTC),
-            sgt(2026, 1, 6, 23, 59, 59),
-            sgt(2026, 1, 21, 23, 59, 59),
+            sgt(2026, 1, 6, 23, 59, 59, 999999),
+            sgt(2026, 1, 21, 23, 59, 59, 999999),
         ),
     ],
 )
@@ -416,3 +435,23 @@ async def test_finance_filing_for_an_account_id_no_account_route_accepts_is_refu
         assert (response.status_code, response.json()["code"]) == (422, "validation_error")
     listed = await client.get("/v1/finance/refund-requests", headers=bearer(token(**FINANCE)))
     assert listed.json() == []
+
+
+async def test_a_request_is_not_overdue_before_its_due_day_has_ended(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    # Due "within 3 business days": the whole third business day, to its last instant, is in
+    # time; the request is overdue only once that local day is over.
+    filed = await finance_file(client, token, received_at=sgt(2025, 11, 24, 10).isoformat())
+    request_id = uuid.UUID(filed.json()["id"])
+    last_second = sgt(2025, 11, 27, 23, 59, 59, 500000)  # Thursday, the 3rd business day
+    next_day = sgt(2025, 11, 28, 0, 0, 0)
+    async with app.state.session_factory() as session:
+        request = await repo.get_request(session, request_id)
+        assert request is not None
+        assert not is_overdue(request, last_second)
+        assert await repo.list_requests(session, overdue_at=last_second) == []
+        assert is_overdue(request, next_day)
+        assert [r.id for r in await repo.list_requests(session, overdue_at=next_day)] == [
+            request_id
+        ]
