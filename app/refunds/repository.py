@@ -356,6 +356,22 @@ async def find_payments_by_details(
     return list((await session.execute(statement)).scalars())
 
 
+async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> list[RefundRequest]:
+    """The accounts' requests still waiting for their payment to be identified
+    (`needs_information`), locked."""
+    statement = (
+        select(RefundRequest)
+        .where(
+            RefundRequest.status == "needs_information",
+            RefundRequest.account_id.in_(account_ids),
+        )
+        .order_by(RefundRequest.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    return list((await session.execute(statement)).scalars())
+
+
 async def get_payment(
     session: AsyncSession, payment_id: uuid.UUID, *, lock: bool = False
 ) -> Payment | None:
