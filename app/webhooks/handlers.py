@@ -82,7 +82,7 @@ from app.refunds.service import identify_waiting_requests
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.access import LIVE_STATUSES
 from app.subscriptions.service import record_access_changes
-from app.webhooks.fees import fee_in_payment_currency
+from app.webhooks.fees import fee_in_payment_currency, minor_unit_digits
 
 log = structlog.get_logger()
 
@@ -1472,8 +1472,12 @@ def _dispute_funds(dispute: Json) -> tuple[int, int]:
             continue
         amount = int(transaction.get("amount") or 0)
         rate = transaction.get("exchange_rate")
-        if transaction.get("currency") != dispute.get("currency") and rate:
-            amount = round(amount / float(rate))
+        settlement, currency = transaction.get("currency"), dispute.get("currency")
+        if settlement != currency and rate:
+            # `exchange_rate` converts major units: the minor units' powers of ten may differ
+            # (as for fees, `fee_in_payment_currency`).
+            digits = minor_unit_digits(str(currency)) - minor_unit_digits(str(settlement))
+            amount = round(amount / float(rate) * 10.0**digits)
         if amount < 0:
             withdrawn += -amount
         else:
