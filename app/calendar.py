@@ -1,8 +1,9 @@
 """The business calendar: weekends and the configured country's public holidays are not
 business days (the `holidays` library), counted in `BUSINESS_TIMEZONE`.
 
-Deadlines: "within N business days of receipt" is the end (23:59:59 local) of the Nth business
-day after the local day of receipt; a request received on a weekend or holiday is therefore
+Deadlines: "within N business days of receipt" is the end (the last instant, 23:59:59.999999
+local: a deadline passes only once its day is over) of the Nth business day after the local day
+of receipt; a request received on a weekend or holiday is therefore
 counted from the next business day. Maintenance windows are measured by the business days they
 touch: every local date that the half-open `[start, end)` overlaps and that is a business day.
 """
@@ -49,7 +50,7 @@ class BusinessCalendar:
         return moment.astimezone(self.zone).date()
 
     def end_of_day(self, day: date) -> datetime:
-        return datetime.combine(day, time(23, 59, 59), tzinfo=self.zone)
+        return datetime.combine(day, time.max, tzinfo=self.zone)
 
     def add_business_days(self, received_at: datetime, days: int) -> datetime:
         """The deadline `days` business days after `received_at` (end of that local day)."""

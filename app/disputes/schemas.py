@@ -28,8 +28,12 @@ class DisputeOut(BaseModel):
     currency: str
     status: str = Field(description="Stripe's dispute status (needs_response, won, lost...).")
     reason: str | None
-    funds_withdrawn: int = Field(description="Withdrawn by Stripe from our balance.")
-    funds_reinstated: int = Field(description="Reinstated by Stripe (dispute won).")
+    funds_withdrawn: int = Field(
+        description="Withdrawn by Stripe from our balance, in the dispute's currency."
+    )
+    funds_reinstated: int = Field(
+        description="Reinstated by Stripe (dispute won), in the dispute's currency."
+    )
     access_ended: bool
     changes: list[DisputeEffectOut] = Field(description="What the chargeback changed here.")
     created_at: datetime

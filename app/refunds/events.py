@@ -320,7 +320,9 @@ async def _complete_execution(
     elif status in FAILED and execution.status != "failed":
         execution.status = "failed"
         execution.failure_reason = status
-        if current and request.status in ("refund_pending", "refunded"):
+        # closed: finance closed it once the refund had succeeded; the refund has not reached
+        # the client after all, so the request is open for a retry again.
+        if current and request.status in ("refund_pending", "refunded", "closed"):
             request.status = "refund_failed"
         audit_step(
             session,

@@ -302,16 +302,18 @@ async def already_refunded(session: AsyncSession, payment: Payment) -> int:
     return max(payment.amount_refunded - int(failed), int(mirrored)) + int(unmirrored)
 
 
-async def unconfirmed_balance_refunds(session: AsyncSession, account_id: str) -> int:
+async def unconfirmed_balance_refunds(session: AsyncSession, account_id: str, currency: str) -> int:
     """What this service has asked Stripe to refund from the account's balance payments
-    (top-ups, debt repayments) that Stripe has not reported yet: the ledger is debited only
-    when Stripe's refund event arrives, so until then this is still in the balance."""
+    (top-ups, debt repayments) in `currency` that Stripe has not reported yet: the ledger is
+    debited only when Stripe's refund event arrives, so until then this is still in the
+    balance (refunds of payments in another currency never move it)."""
     statement = (
         select(func.coalesce(func.sum(RefundExecution.amount), 0))
         .join(Payment, Payment.id == RefundExecution.payment_id)
         .where(
             RefundExecution.account_id == account_id,
             Payment.purpose.in_(BALANCE_PURPOSES),
+            Payment.currency == currency,
             RefundExecution.status.in_(("pending", "submitted")),
             or_(
                 RefundExecution.stripe_refund_id.is_(None),
@@ -350,6 +352,22 @@ async def find_payments_by_details(
         Payment.amount == amount,
         Payment.currency == currency,
         local_day == day,
+    )
+    return list((await session.execute(statement)).scalars())
+
+
+async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> list[RefundRequest]:
+    """The accounts' requests still waiting for their payment to be identified
+    (`needs_information`), locked."""
+    statement = (
+        select(RefundRequest)
+        .where(
+            RefundRequest.status == "needs_information",
+            RefundRequest.account_id.in_(account_ids),
+        )
+        .order_by(RefundRequest.id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
     )
     return list((await session.execute(statement)).scalars())
 

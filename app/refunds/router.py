@@ -5,11 +5,11 @@ from __future__ import annotations
 import uuid
 from typing import Annotated
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
 from app.accounts.params import AccountId, IdempotencyKeyHeader
-from app.auth import AccountOwner, AccountReader, FinanceStaff
+from app.auth import AccountOwner, AccountReader, FinanceStaff, Principal, account_access
 from app.db import SessionDep
 from app.errors import (
     CurrencyMismatch,
@@ -46,6 +46,9 @@ from app.refunds.schemas import (
 from app.stripe_gateway import StripeRequestRejected
 
 router = APIRouter(tags=["refunds"])
+
+# The client, or finance adding the details a client gave by email or phone (policy section 4).
+AccountOwnerOrFinance = Annotated[Principal, Depends(account_access("finance"))]
 
 ACCOUNT = "/v1/accounts/{account_id}"
 
@@ -124,6 +127,8 @@ async def get_refund_request(
 @router.patch(
     f"{ACCOUNT}/refund-requests/{{request_id}}",
     summary="Add the missing details of a request",
+    description="The account's own token, or finance (scope `finance`) recording the details "
+    "a client gave by email or phone.",
     response_model=RefundRequestOut,
     responses=error_responses(
         Unauthorized, Forbidden, RefundRequestNotFound, RequestAlreadyDecided, Unprocessable
@@ -135,7 +140,7 @@ async def update_refund_request(
     body: RefundRequestUpdate,
     request: Request,
     session: SessionDep,
-    principal: AccountOwner,
+    principal: AccountOwnerOrFinance,
 ) -> RefundRequestOut:
     return await service.update_request(
         session,

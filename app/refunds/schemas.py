@@ -82,7 +82,12 @@ class RefundRequestCreate(_PaymentDetails):
 
 
 class FinanceRefundRequestCreate(RefundRequestCreate):
-    account_id: str = Field(min_length=1, max_length=64)
+    account_id: str = Field(
+        min_length=1,
+        max_length=64,
+        pattern=r"^[A-Za-z0-9_-]+$",
+        description="The client's 1msg account id (as the account routes accept it).",
+    )
     received_at: Moment = Field(description="When the email or call actually arrived.")
     channel: Literal["email", "phone"] = Field(description="How the request arrived.")
 

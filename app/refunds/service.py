@@ -5,7 +5,9 @@ detail. Such a request is matched to one of the account's payments by `payment_r
 payment id, or a Stripe payment intent, charge, invoice or checkout session id) or else by
 `payment_date` + `amount` + `currency` (exactly one payment that day, in BUSINESS_TIMEZONE).
 Until it matches it is `needs_information` with `missing_information`, and its clock has not
-started; a PATCH that makes it match starts the clock at that moment. Other requests (an access
+started; a PATCH that makes it match starts the clock at that moment, and so does the arrival
+of its payment through Stripe's events (`identify_waiting_requests`; from receipt when the
+payment was made at Stripe before the request arrived). Other requests (an access
 suspension, say) start their clock at receipt. Due dates are business days in the configured
 calendar after the clock start.
 
@@ -349,6 +351,36 @@ async def update_request(
     )
     await session.flush()
     return (await _render(session, [request]))[0]
+
+
+async def identify_waiting_requests(
+    session: AsyncSession,
+    settings: Settings,
+    *,
+    account_ids: list[str],
+    known_at: dict[uuid.UUID, datetime],
+    now: datetime,
+) -> None:
+    """Called by the webhook consumer when payments of these accounts become known (new, or
+    newly linked to their account): their requests waiting in `needs_information` are matched
+    again, and one that matches now is `received` and its clock starts (the contract: "its
+    clock starts only when it can be matched"). `known_at`: when Stripe made each payment known
+    (its event's time); a request that named a payment already made at Stripe when the request
+    arrived had what identifies it from the start, so its clock runs from receipt."""
+    for request in await repo.waiting_requests(session, account_ids):
+        match = await _match_payment(session, request, settings)
+        if match.payment is None:
+            continue
+        request.payment_id = match.payment.id
+        request.missing_information = []
+        request.status = "received"
+        _start_clock(
+            request, max(request.received_at, known_at.get(match.payment.id, now)), settings
+        )
+        await session.flush()
+        audit_step(session, request, "payment_identified", "stripe", payment_id=request.payment_id)
+        log.info("refund_request.identified", request_id=str(request.id))
+    await session.flush()
 
 
 async def get_request(
@@ -844,13 +876,20 @@ async def _check_refund_bound(session: AsyncSession, payment: Payment, amount: i
     if payment.status != "succeeded":
         raise RefundExceedsLimit("Only a succeeded payment can be refunded")
     limit = payment.amount - await repo.already_refunded(session, payment)
-    if payment.purpose == "top_up" and payment.account_id is not None:
+    # A debt repayment paid for usage already consumed (conversations, Meta fees: never
+    # refundable): like a top-up, only what is left unspent in the balance may go back.
+    if payment.purpose in repo.BALANCE_PURPOSES and payment.account_id is not None:
         # Serialise with other money movements of the account (usage charges lock it too).
         await repo.lock_account(session, payment.account_id)
-        unspent, _debt, _currency = await account_balance(session, payment.account_id)
-        # Refunds approved but not yet confirmed by Stripe are not debited in the ledger yet.
-        unspent -= await repo.unconfirmed_balance_refunds(session, payment.account_id)
-        limit = min(limit, unspent)
+        unspent, _debt, currency = await account_balance(session, payment.account_id)
+        # A payment in another currency than the balance's was never credited (refused for its
+        # currency): none of it was spent, so only what was paid bounds its refund.
+        if currency is None or currency == payment.currency:
+            # Refunds approved but not yet confirmed by Stripe are not debited in the ledger yet.
+            unspent -= await repo.unconfirmed_balance_refunds(
+                session, payment.account_id, payment.currency
+            )
+            limit = min(limit, unspent)
     if amount > limit:
         raise RefundExceedsLimit(f"At most {max(0, limit)} {payment.currency} can be refunded")
 

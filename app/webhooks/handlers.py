@@ -78,10 +78,11 @@ from app.models import (
 )
 from app.refunds.events import on_refunds_mirrored
 from app.refunds.repository import ADD_LEDGER_ENTRIES
+from app.refunds.service import identify_waiting_requests
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.access import LIVE_STATUSES
 from app.subscriptions.service import record_access_changes
-from app.webhooks.fees import fee_in_payment_currency
+from app.webhooks.fees import fee_in_payment_currency, minor_unit_digits
 
 log = structlog.get_logger()
 
@@ -429,6 +430,18 @@ async def apply_payment_changes(changes: Sequence[PaymentChange]) -> None:
     await write_rows(session, PAYMENTS, rows, stored)
     await record_first_payments(session, first_payments)
     if learned_from:
+        # Requests about these payments that arrived before them can be identified now (first:
+        # a chargeback mirrored before its payment then closes them, as any other).
+        known = {stripe_id: rows[stripe_id] for stripe_id in learned_from}
+        accounts = sorted({row["account_id"] for row in known.values() if row["account_id"]})
+        if accounts:
+            await identify_waiting_requests(
+                session,
+                changes[0].ctx.settings,
+                account_ids=accounts,
+                known_at={row["id"]: learned_from[sid].created for sid, row in known.items()},
+                now=changes[0].ctx.now,
+            )
         await reapply_money_effects(
             "id", {rows[stripe_id]["id"]: ctx for stripe_id, ctx in learned_from.items()}
         )
@@ -1459,8 +1472,12 @@ def _dispute_funds(dispute: Json) -> tuple[int, int]:
             continue
         amount = int(transaction.get("amount") or 0)
         rate = transaction.get("exchange_rate")
-        if transaction.get("currency") != dispute.get("currency") and rate:
-            amount = round(amount / float(rate))
+        settlement, currency = transaction.get("currency"), dispute.get("currency")
+        if settlement != currency and rate:
+            # `exchange_rate` converts major units: the minor units' powers of ten may differ
+            # (as for fees, `fee_in_payment_currency`).
+            digits = minor_unit_digits(str(currency)) - minor_unit_digits(str(settlement))
+            amount = round(amount / float(rate) * 10.0**digits)
         if amount < 0:
             withdrawn += -amount
         else:

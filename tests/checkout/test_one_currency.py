@@ -249,3 +249,52 @@ async def test_an_event_transaction_older_than_the_first_usage_charge_cannot_bin
         _, refused = await ledger_entries_in_account_currency(events, [credit])  # run again
         assert refused == [credit]
     assert await ledger_currencies(db, "acc_3") == ["usd"]
+
+
+async def test_a_top_up_refused_for_its_currency_can_be_refunded_whole_and_moves_no_balance(
+    post_checkout: PostCheckout,
+    client: httpx.AsyncClient,
+    token: Any,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    app: FastAPI,
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    # The EUR top-up never reached the USD balance, so none of it was spent: finance refunds
+    # it whole ("for a top-up, at most the unspent balance" is the top-up's unspent part, not
+    # the USD balance, here 0 with a debt of 100).
+    eur = await pay_eur_top_up_after_usd_usage(
+        post_checkout, client, token, stripe_fake, deliver, app
+    )
+    filed = await client.post(
+        "/v1/accounts/acc_1/refund-requests",
+        json={
+            "type": "refund",
+            "description": "My EUR top-up never reached my balance",
+            "payment_reference": eur["stripe_checkout_session_id"],
+        },
+        headers=bearer(token(account_id="acc_1")),
+    )
+    assert filed.json()["status"] == "received", filed.text
+    seen = len(stripe_fake.events)
+    response = await client.post(
+        f"/v1/finance/refund-requests/{filed.json()['id']}/responses",
+        json={
+            "kind": "decision",
+            "message": "Refunded.",
+            "outcome": "approved",
+            "remedy": "refund",
+            "amount": 3000,
+        },
+        headers=bearer(token(**FINANCE)),
+    )
+    assert response.status_code == 201, response.text
+    [refund] = stripe_fake.all("refund")
+    assert (refund["amount"], refund["currency"]) == (3000, "eur")
+    await deliver(stripe_fake.events_since(seen))
+    shown = await client.get(
+        f"/v1/finance/refund-requests/{filed.json()['id']}", headers=bearer(token(**FINANCE))
+    )
+    assert shown.json()["status"] == "refunded"
+    assert await ledger_currencies(db, "acc_1") == ["usd"]
+    assert await balance(client, token, "acc_1") == {"balance": 0, "debt": 100, "currency": "usd"}

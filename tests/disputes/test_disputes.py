@@ -14,6 +14,7 @@ from app.disputes import cancels
 from tests.conftest import Deliver, TokenFactory, bearer
 from tests.refunds.flows import balance, ledger, outbox, pay_subscription, pay_top_up, subscription
 from tests.stripe_fake import StripeFake
+from tests.webhooks.flows import open_checkout
 
 FINANCE = {"scope": "finance", "sub": "carol@1msg.io"}
 
@@ -241,3 +242,33 @@ async def test_stripe_failing_delays_the_cancellation_of_a_lost_dispute_and_no_e
     assert stripe_fake.get("subscription", paid.subscription_id)["status"] == "canceled"
     await app.state.event_processor.drain()  # sent once
     assert len(stripe_fake.requests_to("DELETE", delete)) == failed + 1
+
+
+async def test_funds_withdrawn_are_shown_in_the_dispute_currency_across_minor_units(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    # A JPY top-up (zero-decimal) settled in USD: Stripe's dispute balance transaction says
+    # -6.50 USD (-650 cents) at 0.0065 USD per yen, which is the whole 1000 yen.
+    session_id = await open_checkout(
+        app, account_id="acc_jpy", purpose="top_up", amount=1000, currency="jpy"
+    )
+    await deliver(stripe_fake.complete_checkout(session_id))
+    [charge] = stripe_fake.all("charge")
+    opened = stripe_fake.create_dispute(charge["id"])
+    await deliver(opened)
+    withdrawn = stripe_fake.withdraw_dispute_funds(opened[0]["data"]["object"]["id"])
+    for event in withdrawn:
+        for transaction in event["data"]["object"]["balance_transactions"]:
+            transaction.update(amount=-650, currency="usd", exchange_rate=0.0065, fee=1500)
+    await deliver(withdrawn)
+
+    [shown] = await disputes(client, token)
+    assert (shown["amount"], shown["currency"]) == (1000, "jpy")
+    assert shown["funds_withdrawn"] == 1000
+    assert [(c["kind"], c["amount"], c["currency"]) for c in shown["changes"]] == [
+        ("balance_withdrawn", -1000, "jpy")
+    ]

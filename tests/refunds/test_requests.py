@@ -3,6 +3,7 @@ finance replies (emailed once), overdue tracking and who may do what."""
 
 from __future__ import annotations
 
+import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -11,6 +12,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
+from app.refunds import repository as repo
+from app.refunds.service import is_overdue
 from tests.conftest import Deliver, TokenFactory, bearer
 from tests.refunds.flows import outbox, pay_top_up
 from tests.stripe_fake import StripeFake
@@ -42,17 +45,33 @@ async def finance_file(
     ("received_at", "first_response_due", "decision_due"),
     [
         # Friday evening: the weekend does not count
-        (sgt(2025, 11, 21, 18), sgt(2025, 11, 26, 23, 59, 59), sgt(2025, 12, 11, 23, 59, 59)),
+        (
+            sgt(2025, 11, 21, 18),
+            sgt(2025, 11, 26, 23, 59, 59, 999999),
+            sgt(2025, 12, 11, 23, 59, 59, 999999),
+        ),
         # Saturday: counted from Monday
-        (sgt(2025, 11, 22, 9), sgt(2025, 11, 26, 23, 59, 59), sgt(2025, 12, 11, 23, 59, 59)),
+        (
+            sgt(2025, 11, 22, 9),
+            sgt(2025, 11, 26, 23, 59, 59, 999999),
+            sgt(2025, 12, 11, 23, 59, 59, 999999),
+        ),
         # Christmas (Thu) and New Year's Day (Thu) are Singapore public holidays; the year turns
-        (sgt(2025, 12, 23, 12), sgt(2025, 12, 29, 23, 59, 59), sgt(2026, 1, 14, 23, 59, 59)),
-        (sgt(2025, 12, 30, 12), sgt(2026, 1, 5, 23, 59, 59), sgt(2026, 1, 20, 23, 59, 59)),
+        (
+            sgt(2025, 12, 23, 12),
+            sgt(2025, 12, 29, 23, 59, 59, 999999),
+            sgt(2026, 1, 14, 23, 59, 59, 999999),
+        ),
+        (
+            sgt(2025, 12, 30, 12),
+            sgt(2026, 1, 5, 23, 59, 59, 999999),
+            sgt(2026, 1, 20, 23, 59, 59, 999999),
+        ),
         # 23:30 UTC on 31 December is already New Year's Day (a holiday) in Singapore
         (
             datetime(2025, 12, 31, 23, 30, tzinfo=UTC),
-            sgt(2026, 1, 6, 23, 59, 59),
-            sgt(2026, 1, 21, 23, 59, 59),
+            sgt(2026, 1, 6, 23, 59, 59, 999999),
+            sgt(2026, 1, 21, 23, 59, 59, 999999),
         ),
     ],
 )
@@ -343,3 +362,96 @@ async def test_naming_an_unknown_payment_later_does_not_stop_a_running_clock(
     assert body["status"] == "received"
     assert body["missing_information"][0] == "payment_reference"
     assert body["decision_due"] == filed.json()["decision_due"]
+
+
+async def test_finance_adds_the_missing_details_of_an_email_request_and_its_clock_starts(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    # A client who writes to finance@ (policy section 4) gives the missing payment details by
+    # email too: finance records them, the request is identified and can be decided.
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_mail", amount=4200)
+    filed = await finance_file(
+        client,
+        token,
+        type="refund",
+        description="Please refund my top-up",
+        amount=4200,
+        received_at=(datetime.now(UTC) - timedelta(minutes=5)).isoformat(),
+    )
+    assert filed.json()["status"] == "needs_information", filed.text
+    request_id = filed.json()["id"]
+
+    added = await client.patch(
+        f"/v1/accounts/acc_mail/refund-requests/{request_id}",
+        json={"payment_reference": paid.charge_id},
+        headers=bearer(token(**FINANCE)),
+    )
+    assert added.status_code == 200, added.text
+    body = added.json()
+    assert body["status"] == "received"
+    assert body["payment_id"] == paid.payment_id
+    assert body["clock_started_at"] is not None and body["first_response_due"] is not None
+    view = await client.get(
+        f"/v1/finance/refund-requests/{request_id}", headers=bearer(token(**FINANCE))
+    )
+    assert view.json()["audit"][-1]["action"] == "details_added"
+    assert view.json()["audit"][-1]["actor"] == FINANCE["sub"]
+    decided = await client.post(
+        f"/v1/finance/refund-requests/{request_id}/responses",
+        json={
+            "kind": "decision",
+            "message": "Refunded.",
+            "outcome": "approved",
+            "remedy": "refund",
+            "amount": 4200,
+        },
+        headers=bearer(token(**FINANCE)),
+    )
+    assert decided.status_code == 201, decided.text
+    # Other services still may not change a client's request.
+    service = await client.patch(
+        f"/v1/accounts/acc_mail/refund-requests/{request_id}",
+        json={"description": "x"},
+        headers=bearer(token(scope="billing:read billing:write")),
+    )
+    assert service.status_code == 403
+
+
+async def test_finance_filing_for_an_account_id_no_account_route_accepts_is_refused(
+    client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    # An id the account routes refuse (422) would file a request its client can never see.
+    for account_id in ("acc mail", "acc/mail", "acc.mail"):
+        response = await finance_file(
+            client,
+            token,
+            account_id=account_id,
+            received_at=(datetime.now(UTC) - timedelta(hours=1)).isoformat(),
+        )
+        assert (response.status_code, response.json()["code"]) == (422, "validation_error")
+    listed = await client.get("/v1/finance/refund-requests", headers=bearer(token(**FINANCE)))
+    assert listed.json() == []
+
+
+async def test_a_request_is_not_overdue_before_its_due_day_has_ended(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    # Due "within 3 business days": the whole third business day, to its last instant, is in
+    # time; the request is overdue only once that local day is over.
+    filed = await finance_file(client, token, received_at=sgt(2025, 11, 24, 10).isoformat())
+    request_id = uuid.UUID(filed.json()["id"])
+    last_second = sgt(2025, 11, 27, 23, 59, 59, 500000)  # Thursday, the 3rd business day
+    next_day = sgt(2025, 11, 28, 0, 0, 0)
+    async with app.state.session_factory() as session:
+        request = await repo.get_request(session, request_id)
+        assert request is not None
+        assert not is_overdue(request, last_second)
+        assert await repo.list_requests(session, overdue_at=last_second) == []
+        assert is_overdue(request, next_day)
+        assert [r.id for r in await repo.list_requests(session, overdue_at=next_day)] == [
+            request_id
+        ]

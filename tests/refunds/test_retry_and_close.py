@@ -460,3 +460,39 @@ async def test_retrying_a_failed_subscription_refund_refunds_once_more_and_acces
     assert sub.access_revoked_at is not None
     # Eligibility counts only the refund that went through.
     assert (await quote(client, token, "acc_rs"))["already_refunded"] == 2000
+
+
+async def test_a_refund_that_fails_after_its_request_was_closed_reopens_it_for_a_retry(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    # Stripe may report a succeeded refund failed later (the bank sent it back): the approved
+    # refund has not reached the client, so finance must see `refund_failed` and retry it,
+    # even if the request was closed once the refund had succeeded.
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_fc", amount=5000)
+    created = await file_request(
+        client, token, "acc_fc", type="refund", payment_reference=paid.charge_id
+    )
+    seen = len(stripe_fake.events)
+    approved = await reply(client, token, created["id"], **APPROVE, amount=3000)
+    assert approved.status_code == 201, approved.text
+    await deliver(new_events(stripe_fake, seen))
+    assert (await finance_view(client, token, created["id"]))["status"] == "refunded"
+    closed = await close(client, token, created["id"], reason="resolved", message="Done.")
+    assert closed.json()["status"] == "closed"
+
+    await deliver(stripe_fake.fail_refund(stripe_fake.all("refund")[0]["id"]))
+    view = await finance_view(client, token, created["id"])
+    assert view["status"] == "refund_failed"
+    assert view["refund"]["status"] == "failed"
+    assert await balance(app, "acc_fc") == 5000
+
+    seen = len(stripe_fake.events)
+    retried = await retry(client, token, created["id"])
+    assert retried.status_code == 201, retried.text
+    await deliver(new_events(stripe_fake, seen))
+    assert (await finance_view(client, token, created["id"]))["status"] == "refunded"
+    assert await balance(app, "acc_fc") == 2000

@@ -6,8 +6,9 @@ Admission rules (service-contract.md):
 - `POST /webhooks/stripe`: Stripe, by `Stripe-Signature`; bearer tokens mean nothing there.
 - `GET /v1/plans`: any valid token.
 - `/v1/accounts/{account_id}/usage-charges` and `/activity`: scope `usage:write` only.
-- `POST`/`PATCH` `/v1/accounts/{account_id}/refund-requests...`: the account's own user token only
-  (finance files requests on `/v1/finance/refund-requests`).
+- `POST` `/v1/accounts/{account_id}/refund-requests`: the account's own user token only
+  (finance files requests on `/v1/finance/refund-requests`); `PATCH` of one: that token, or
+  scope `finance` (the details a client gave by email or phone).
 - other `/v1/accounts/{account_id}/...`: the account's own user token, or a service token with
   `billing:read` (GET) or `billing:write` (anything else).
 - `/v1/channels/...`, `/v1/access-changes`: scope `billing:read`.
@@ -27,7 +28,8 @@ OWNER, OTHER = "acc_owner", "acc_other"
 PUBLIC_PATHS = {"/healthz", "/readyz", "/metrics"}
 SIGNED_PATHS = {"/webhooks/stripe"}
 USAGE_PATHS = re.compile(r"^/v1/accounts/\{account_id\}/(usage-charges|activity)(/|$)")
-# the client files and amends its own refund requests (finance files on its own route)
+# the client files and amends its own refund requests (finance files on its own route, and
+# adds the details a client gave by email or phone)
 OWNER_ONLY_WRITES = re.compile(r"^/v1/accounts/\{account_id\}/refund-requests(/|$)")
 
 
@@ -94,7 +96,9 @@ def admitted_scopes(route: Route) -> set[str]:
     if t.startswith("/v1/accounts/{account_id}"):
         if route.method == "GET":
             return {"billing:read"}
-        return set() if OWNER_ONLY_WRITES.match(t) else {"billing:write"}
+        if OWNER_ONLY_WRITES.match(t):
+            return {"finance"} if route.method == "PATCH" else set()
+        return {"billing:write"}
     if t.startswith("/v1/channels/") or t == "/v1/access-changes":
         return {"billing:read"}
     if t.startswith("/v1/finance/"):

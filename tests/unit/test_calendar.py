@@ -20,13 +20,13 @@ def sgt(*args: int) -> datetime:
 @pytest.mark.parametrize(
     ("received", "days", "due"),
     [
-        (sgt(2026, 11, 23, 10), 3, sgt(2026, 11, 26, 23, 59, 59)),  # Mon -> Thu
-        (sgt(2026, 11, 26, 10), 3, sgt(2026, 12, 1, 23, 59, 59)),  # Thu -> Fri, Mon, Tue
-        (sgt(2026, 11, 28, 9), 3, sgt(2026, 12, 2, 23, 59, 59)),  # Sat -> Mon, Tue, Wed
+        (sgt(2026, 11, 23, 10), 3, sgt(2026, 11, 26, 23, 59, 59, 999999)),  # Mon -> Thu
+        (sgt(2026, 11, 26, 10), 3, sgt(2026, 12, 1, 23, 59, 59, 999999)),  # Thu -> Fri, Mon, Tue
+        (sgt(2026, 11, 28, 9), 3, sgt(2026, 12, 2, 23, 59, 59, 999999)),  # Sat -> Mon, Tue, Wed
         # Christmas (Fri 25 Dec 2026) and New Year's Day (Fri 1 Jan 2027) are holidays
-        (sgt(2026, 12, 23, 12), 3, sgt(2026, 12, 29, 23, 59, 59)),  # Thu 24, Mon 28, Tue 29
-        (sgt(2026, 12, 30, 12), 3, sgt(2027, 1, 5, 23, 59, 59)),  # Thu 31, Mon 4, Tue 5
-        (sgt(2026, 12, 18, 12), 14, sgt(2027, 1, 11, 23, 59, 59)),
+        (sgt(2026, 12, 23, 12), 3, sgt(2026, 12, 29, 23, 59, 59, 999999)),  # Thu 24, Mon 28, Tue 29
+        (sgt(2026, 12, 30, 12), 3, sgt(2027, 1, 5, 23, 59, 59, 999999)),  # Thu 31, Mon 4, Tue 5
+        (sgt(2026, 12, 18, 12), 14, sgt(2027, 1, 11, 23, 59, 59, 999999)),
     ],
 )
 def test_deadlines_skip_weekends_and_holidays(received: datetime, days: int, due: datetime) -> None:
@@ -36,7 +36,7 @@ def test_deadlines_skip_weekends_and_holidays(received: datetime, days: int, due
 def test_receipt_time_is_read_in_the_business_timezone() -> None:
     # 20:00 UTC on Sunday is already Monday 04:00 in Singapore
     received = datetime(2026, 11, 22, 20, tzinfo=ZoneInfo("UTC"))
-    assert calendar.add_business_days(received, 1) == sgt(2026, 11, 24, 23, 59, 59)
+    assert calendar.add_business_days(received, 1) == sgt(2026, 11, 24, 23, 59, 59, 999999)
 
 
 @pytest.mark.parametrize(
