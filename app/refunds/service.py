@@ -3,7 +3,8 @@
 Requests: a request is *about a payment* when its type is `refund` or it names any payment
 detail. Such a request is matched to one of the account's payments by `payment_reference` (our
 payment id, or a Stripe payment intent, charge, invoice or checkout session id) or else by
-`payment_date` + `amount` + `currency` (exactly one payment that day, in BUSINESS_TIMEZONE).
+`payment_date` + `amount` + `currency` (exactly one payment that day, in BUSINESS_TIMEZONE, or
+exactly one of them that succeeded).
 Until it matches it is `needs_information` with `missing_information`, and its clock has not
 started; a PATCH that makes it match starts the clock at that moment, and so does the arrival
 of its payment through Stripe's events (`identify_waiting_requests`; from receipt when the
@@ -196,8 +197,11 @@ async def _match_payment(
             day=request.payment_date,
             zone=settings.business_timezone,
         )
-        if len(candidates) == 1:
-            return _Match(candidates[0], [])
+        # The money the client paid: a declined attempt of the same amount that day does not
+        # make the request ambiguous, but two payments that both went through do.
+        succeeded = [payment for payment in candidates if payment.status == "succeeded"]
+        if len(candidates) == 1 or len(succeeded) == 1:
+            return _Match(candidates[0] if len(candidates) == 1 else succeeded[0], [])
     missing = [field for field in PAYMENT_FIELDS if getattr(request, field) is None]
     if request.payment_reference and "payment_reference" not in missing:
         # Named, but not a payment of this account: ask for it again.

@@ -1,0 +1,54 @@
+"""A request identified by its payment's date, amount and currency (policy section 4: "stating
+payment details, date, amount") names the money the client paid: a declined attempt of the
+same amount that day does not make it ambiguous."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from zoneinfo import ZoneInfo
+
+import httpx
+from fastapi import FastAPI
+from sqlalchemy import select
+
+from app.models import Payment
+from tests.conftest import Deliver, TokenFactory, bearer
+from tests.refunds.flows import pay_top_up
+from tests.stripe_fake import StripeFake
+from tests.webhooks.flows import open_checkout
+
+SGT = ZoneInfo("Asia/Singapore")
+
+
+async def test_a_declined_attempt_the_same_day_does_not_hide_the_payment_that_succeeded(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    declined = await open_checkout(app, account_id="acc_d", purpose="top_up", amount=4200)
+    await deliver(stripe_fake.decline_checkout(declined))
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_d", amount=4200)
+    async with app.state.session_factory() as session:
+        statuses = sorted(
+            await session.scalars(select(Payment.status).where(Payment.account_id == "acc_d"))
+        )
+    assert statuses == ["failed", "succeeded"]  # two payments of 4200 usd today
+
+    filed = await client.post(
+        "/v1/accounts/acc_d/refund-requests",
+        json={
+            "type": "refund",
+            "description": "Please refund my top-up",
+            "payment_date": datetime.now(SGT).date().isoformat(),
+            "amount": 4200,
+            "currency": "usd",
+        },
+        headers=bearer(token(account_id="acc_d")),
+    )
+
+    assert filed.status_code == 201, filed.text
+    request = filed.json()
+    assert (request["status"], request["payment_id"]) == ("received", paid.payment_id)
+    assert request["missing_information"] == []
