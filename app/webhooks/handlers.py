@@ -9,8 +9,10 @@ The sound rules that make any delivery order converge on Stripe's latest state:
 - Subscriptions go back and forth (cancel at period end, resume, plan changes), so each row
   remembers the `created` of the newest event applied. An older event is ignored; a newer one
   is applied from its payload; one from the same second cannot be ordered by the payload, so the
-  subscription is re-fetched from Stripe and Stripe's current state is applied. A `canceled`
-  subscription never comes back to life.
+  subscription is re-fetched from Stripe and Stripe's current state is applied. So is one
+  rendered in another API version than the pinned one (listed from the Events API by
+  `billing reconcile-events`): its payload is not in the shape read here (before basil, the
+  period was not on the items). A `canceled` subscription never comes back to life.
 - Effects happen once because the database says so: ledger entries are unique per
   (account, kind, source), the first payment is `LEAST(...)`, access changes are appended only
   when access differs from the last recorded one.
@@ -78,7 +80,7 @@ from app.models import (
 )
 from app.refunds.events import on_refunds_mirrored
 from app.refunds.repository import ADD_LEDGER_ENTRIES
-from app.stripe_gateway import StripeGateway
+from app.stripe_gateway import API_VERSION, StripeGateway
 from app.subscriptions.access import LIVE_STATUSES
 from app.subscriptions.service import record_access_changes
 from app.webhooks.fees import fee_in_payment_currency
@@ -109,6 +111,13 @@ class EventContext:
     @property
     def created(self) -> datetime:
         return datetime.fromtimestamp(self.event["created"], UTC)
+
+    @property
+    def in_pinned_version(self) -> bool:
+        """The payload is in the pinned API version's shape: webhook deliveries are; events
+        listed from the Events API (`billing reconcile-events`) are rendered in the version
+        current when they were created (the account's default), whose shape may differ."""
+        return self.event.get("api_version") in (None, API_VERSION)
 
 
 def ts(value: Any) -> datetime | None:
@@ -703,13 +712,15 @@ async def on_subscription_events(ctxs: Sequence[EventContext]) -> None:
     for ctx in ctxs:
         obj = ctx.object
         row = rows.get(obj["id"])
+        refetch = not ctx.in_pinned_version  # another version's shape (e.g. no item periods)
         if row is not None and row["source_event_created"] is not None:
             if ctx.created < row["source_event_created"]:
                 # routine when Stripe delivers out of order: debug, not info
                 log.debug("subscription.stale_event_ignored", stripe_id=obj["id"], type=ctx.type)
                 continue
-            if ctx.created == row["source_event_created"]:
-                obj = await ctx.stripe.retrieve_subscription(obj["id"])
+            refetch = refetch or ctx.created == row["source_event_created"]
+        if refetch:
+            obj = await ctx.stripe.retrieve_subscription(obj["id"])
         metadata = obj.get("metadata") or {}
         customer_id = ref(obj.get("customer"))
         account_id = metadata.get("account_id") or (row["account_id"] if row else None)
