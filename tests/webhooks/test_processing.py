@@ -240,3 +240,41 @@ async def test_reconcile_since_a_date_without_offset_is_read_as_utc(
     )
     assert bad.returncode == 2
     assert "--since" in bad.stderr and "Traceback" not in bad.stderr
+
+
+async def test_an_event_the_database_refuses_is_retried_alone_and_holds_up_no_other(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver
+) -> None:
+    """A signed event with a value its column cannot hold (a currency of nine letters) fails
+    in Postgres itself. Its failure is rolled back to its savepoint and recorded (retried
+    with backoff, parked after `MAX_ATTEMPTS`); the transaction goes on, so the events after
+    it are applied. (The savepoint was never sent: the handlers' statements go straight to
+    the driver, so the aborted transaction could record nothing and the processor claimed
+    the same event again and again, applying nothing after it.)"""
+    first = await open_checkout(app, account_id="acc_refused", purpose="top_up", amount=5000)
+    second = await open_checkout(app, account_id="acc_refused", purpose="top_up", amount=700)
+    charge = next(
+        e for e in stripe_fake.complete_checkout(first) if e["type"] == "charge.succeeded"
+    )
+    refused = copy.deepcopy(charge)
+    refused["id"] = f"{charge['id']}_refused"
+    refused["data"]["object"]["currency"] = "usdollars"
+    await deliver([refused, *stripe_fake.complete_checkout(second)], process=False)
+
+    processor = app.state.event_processor
+    for _ in range(3):  # a batch, then its events one per transaction
+        await processor.process_due()
+    async with app.state.session_factory() as session:
+        credited = (
+            await session.scalars(
+                select(LedgerEntry.amount).where(LedgerEntry.account_id == "acc_refused")
+            )
+        ).all()
+        row = await session.scalar(
+            select(StripeEvent).where(StripeEvent.stripe_id == refused["id"])
+        )
+    assert credited == [700]
+    assert row is not None
+    assert (row.status, row.attempts) == ("pending", 1)
+    assert row.next_attempt_at is not None
+    assert "StringDataRightTruncation" in (row.last_error or "")
