@@ -83,7 +83,7 @@ from app.refunds.repository import ADD_LEDGER_ENTRIES
 from app.stripe_gateway import API_VERSION, StripeGateway
 from app.subscriptions.access import LIVE_STATUSES
 from app.subscriptions.service import record_access_changes
-from app.webhooks.fees import fee_in_payment_currency
+from app.webhooks.fees import fee_in_payment_currency, in_currency
 
 log = structlog.get_logger()
 
@@ -1463,15 +1463,15 @@ async def _rows_by_id(
 
 
 def _dispute_funds(dispute: Json) -> tuple[int, int]:
-    """(withdrawn, reinstated) in the dispute's currency, from its balance transactions."""
+    """(withdrawn, reinstated) in the dispute's currency (its minor units), from its balance
+    transactions (in the settlement currency when it differs)."""
     withdrawn = reinstated = 0
     for transaction in dispute.get("balance_transactions") or []:
         if not isinstance(transaction, dict):
             continue
-        amount = int(transaction.get("amount") or 0)
-        rate = transaction.get("exchange_rate")
-        if transaction.get("currency") != dispute.get("currency") and rate:
-            amount = round(amount / float(rate))
+        amount = in_currency(
+            int(transaction.get("amount") or 0), transaction, str(dispute.get("currency") or "")
+        )
         if amount < 0:
             withdrawn += -amount
         else:

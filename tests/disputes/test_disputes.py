@@ -14,6 +14,7 @@ from app.disputes import cancels
 from tests.conftest import Deliver, TokenFactory, bearer
 from tests.refunds.flows import balance, ledger, outbox, pay_subscription, pay_top_up, subscription
 from tests.stripe_fake import StripeFake
+from tests.webhooks.flows import open_checkout
 
 FINANCE = {"scope": "finance", "sub": "carol@1msg.io"}
 
@@ -241,3 +242,32 @@ async def test_stripe_failing_delays_the_cancellation_of_a_lost_dispute_and_no_e
     assert stripe_fake.get("subscription", paid.subscription_id)["status"] == "canceled"
     await app.state.event_processor.drain()  # sent once
     assert len(stripe_fake.requests_to("DELETE", delete)) == failed + 1
+
+
+async def test_funds_withdrawn_in_another_settlement_currency_are_in_the_disputes_minor_units(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """A ¥10,000 top-up disputed on a USD-settled Stripe account: the withdrawal's balance
+    transaction is $67.00 (6700 cents) at `exchange_rate` 0.0067, which converts major units;
+    the dispute's currency (JPY) has no minor unit, so that is 10,000 yen, not 1,000,000."""
+    session_id = await open_checkout(
+        app, account_id="acc_jpy", purpose="top_up", amount=10_000, currency="jpy"
+    )
+    await deliver(stripe_fake.complete_checkout(session_id))
+    payment_intent = str(stripe_fake.get("checkout.session", session_id)["payment_intent"])
+    charge = str(stripe_fake.get("payment_intent", payment_intent)["latest_charge"])
+    opened = stripe_fake.create_dispute(charge)
+    dispute_id = opened[0]["data"]["object"]["id"]
+    withdrawn = stripe_fake.withdraw_dispute_funds(dispute_id, fee=1500)
+    for transaction in withdrawn[-1]["data"]["object"]["balance_transactions"]:
+        transaction.update(amount=-6700, currency="usd", exchange_rate=0.0067)
+    await deliver([*opened, *withdrawn])
+    assert await balance(app, "acc_jpy") == 0  # ¥10,000 credited, ¥10,000 withdrawn
+
+    [shown] = await disputes(client, token)
+    assert (shown["amount"], shown["currency"]) == (10_000, "jpy")
+    assert shown["funds_withdrawn"] == 10_000
