@@ -12,7 +12,8 @@ The sound rules that make any delivery order converge on Stripe's latest state:
   subscription is re-fetched from Stripe and Stripe's current state is applied. So is one
   rendered in another API version than the pinned one (listed from the Events API by
   `billing reconcile-events`): its payload is not in the shape read here (before basil, the
-  period was not on the items). A `canceled` subscription never comes back to life.
+  period was not on the items). A `canceled` subscription never comes back to life. (An
+  invoice event in another API version is read from the invoice re-fetched, likewise.)
 - Effects happen once because the database says so: ledger entries are unique per
   (account, kind, source), the first payment is `LEAST(...)`, access changes are appended only
   when access differs from the last recorded one.
@@ -853,35 +854,43 @@ async def on_invoice_events(ctxs: Sequence[EventContext]) -> None:
     amount due and period as the latest event says), the rows written in one statement; then
     the subscription checkouts of paid invoices fulfilled, the invoices' payments given the
     account and subscription (`LINK_INVOICE_PAYMENTS`), and the refund and dispute effects of
-    every invoice that is new or taught its payments something applied again."""
+    every invoice that is new or taught its payments something applied again. An invoice
+    event rendered in another API version (`EventContext.in_pinned_version`) is read as
+    Stripe has the invoice now, in the pinned one: before basil an invoice named its
+    subscription and our metadata elsewhere (no `parent`)."""
     session, now = ctxs[0].session, ctxs[0].now
+    objects: list[Json] = [
+        ctx.object if ctx.in_pinned_version else await ctx.stripe.retrieve_invoice(ctx.object["id"])
+        for ctx in ctxs
+    ]
     accounts = await _accounts_of_customers(
         session,
         (
-            ref(ctx.object.get("customer"))
-            for ctx in ctxs
-            if not _invoice_metadata(ctx.object).get("account_id")
+            ref(obj.get("customer"))
+            for obj in objects
+            if not _invoice_metadata(obj).get("account_id")
         ),
     )
     await ensure_accounts(
         session,
         (
             account_id
-            for ctx in ctxs
-            if isinstance(account_id := _invoice_metadata(ctx.object).get("account_id"), str)
+            for obj in objects
+            if isinstance(account_id := _invoice_metadata(obj).get("account_id"), str)
             and account_id
         ),
     )
     defaults = {
-        ctx.object["id"]: {"currency": ctx.object.get("currency") or ""} for ctx in reversed(ctxs)
+        obj["id"]: {"currency": obj.get("currency") or ""} for obj in reversed(objects)
     }  # reversed: a new row starts from its first event's currency
     rows, created = await locked_rows(session, INVOICES, defaults)
     stored = {stripe_id: dict(row) for stripe_id, row in rows.items()}
-    taught: dict[str, EventContext] = {ctx.object["id"]: ctx for ctx in reversed(ctxs)}
+    taught: dict[str, EventContext] = {
+        obj["id"]: ctx for ctx, obj in reversed(list(zip(ctxs, objects, strict=True)))
+    }
     payment_links: dict[str, list[str | None]] = {}  # invoice -> [account, subscription]
     fulfilled: dict[tuple[str, uuid.UUID | None], None] = {}
-    for ctx in ctxs:
-        obj = ctx.object
+    for obj in objects:
         metadata = _invoice_metadata(obj)
         subscription_id = ref(
             ((obj.get("parent") or {}).get("subscription_details") or {}).get("subscription")

@@ -5,7 +5,7 @@ that webhook deliveries use: their payloads cannot decide the state in the pinne
 from __future__ import annotations
 
 import time
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -14,22 +14,30 @@ from fastapi import FastAPI
 from app.config import Settings
 from app.webhooks.reconcile import reconcile
 from tests.conftest import Deliver, TokenFactory, bearer
+from tests.refunds.flows import pay_subscription
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import add_catalog, open_checkout
 
 ACCOUNT, CHANNEL = "acc_versions", "chan_versions"
 OLDER_VERSION = "2025-01-27.acacia"
-"""Before 2025-03-31.basil: a subscription's period on the subscription, not on its items."""
+"""Before 2025-03-31.basil: a subscription's period on the subscription, not on its items; an
+invoice's subscription on the invoice, not under `parent.subscription_details`."""
 
 
 def rendered_before_basil(event: dict[str, Any]) -> None:
-    """`event` (a subscription event) as the Events API renders it for an account whose
-    default API version predates basil."""
+    """`event` (a subscription or invoice event) as the Events API renders it for an account
+    whose default API version predates basil."""
+    event["api_version"] = OLDER_VERSION
+    if event["type"].startswith("invoice."):
+        invoice = event["data"]["object"]
+        details = invoice.pop("parent")["subscription_details"]
+        invoice["subscription"] = details["subscription"]
+        invoice["subscription_details"] = {"metadata": details["metadata"]}
+        return
     subscription = event["data"]["object"]
     item = subscription["items"]["data"][0]
     subscription["current_period_start"] = item.pop("current_period_start")
     subscription["current_period_end"] = item.pop("current_period_end")
-    event["api_version"] = OLDER_VERSION
 
 
 async def test_a_recovered_subscription_event_of_another_api_version_keeps_the_paid_access(
@@ -70,3 +78,42 @@ async def test_a_recovered_subscription_event_of_another_api_version_keeps_the_p
     assert access["reason"] == "cancelling"
     assert access["access_until"] is not None
     assert datetime.fromisoformat(access["access_until"]).timestamp() == period_end
+
+
+async def test_a_recovered_invoice_of_another_api_version_still_ends_the_period_it_renewed(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    settings: Settings,
+    token: TokenFactory,
+) -> None:
+    """A month paid 35 days ago, renewed (paid) 5 days ago; the renewal's `invoice.paid` was
+    never delivered and the Events API lists it without `parent`: the invoice must still be
+    the subscription's, or the first payment reads as paying for the current period (a
+    refund right for a period deemed fully rendered)."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    start = now - timedelta(days=35)
+    stripe_fake.set_time(start.timestamp())
+    first = await pay_subscription(
+        app, stripe_fake, deliver, account_id=ACCOUNT, channel_id=CHANNEL
+    )
+    assert first.subscription_id is not None
+    stripe_fake.set_time((start + timedelta(days=30)).timestamp())
+    renewal = stripe_fake.renew_subscription(first.subscription_id, paid=True)
+    stripe_fake.set_time(None)
+    [missed] = [e for e in renewal if e["type"] == "invoice.paid"]
+    await deliver([e for e in renewal if e is not missed])
+    [listed] = [e for e in stripe_fake.events if e["id"] == missed["id"]]
+    rendered_before_basil(listed)
+
+    report = await reconcile(app.state.engine, app.state.stripe, settings)
+    assert report.recovered_by_type["invoice.paid"] == 1
+    await app.state.event_processor.drain()
+
+    response = await client.get(
+        f"/v1/accounts/{ACCOUNT}/refund-eligibility", headers=bearer(token(account_id=ACCOUNT))
+    )
+    assert response.status_code == 200, response.text
+    quotes = {q["payment_id"]: q for q in response.json()["quotes"]}
+    assert "period_ended" in quotes[first.payment_id]["reasons"]
