@@ -500,10 +500,15 @@ async def session_driver(session: AsyncSession) -> Any:
     the session's own `execute` would. SQLAlchemy sends BEGIN with its first statement: if
     none has run yet, a `SELECT 1` through the session begins the transaction, so nothing
     sent here commits on its own (a session without a transaction, e.g. in autocommit, is
-    refused: `RuntimeError`). Kept for the rest of the transaction (`session.info`)."""
+    refused: `RuntimeError`). Kept for the rest of the transaction (`session.info`).
+
+    Inside `session.begin_nested()` the session is asked for its connection first: that is
+    when SQLAlchemy sends the SAVEPOINT, so what is sent here is rolled back with it (it never
+    sees these statements, and would otherwise send no SAVEPOINT to roll back to: one failing
+    statement would abort the whole transaction)."""
     if session.new or session.dirty or session.deleted:
         await session.flush()
-    transaction = session.sync_session.get_transaction()
+    transaction = _innermost_transaction(session)
     known = session.info.get(_DRIVER_OF_TRANSACTION)
     if transaction is not None and known is not None and known[0] is transaction:
         return known[1]
@@ -513,8 +518,14 @@ async def session_driver(session: AsyncSession) -> Any:
         await connection.execute(_BEGIN)
         if not driver.is_in_transaction():
             raise RuntimeError("the session's connection is not in a transaction")
-    session.info[_DRIVER_OF_TRANSACTION] = (session.sync_session.get_transaction(), driver)
+    session.info[_DRIVER_OF_TRANSACTION] = (_innermost_transaction(session), driver)
     return driver
+
+
+def _innermost_transaction(session: AsyncSession) -> Any:
+    """The session's savepoint (`begin_nested`) if one is open, else its transaction."""
+    sync_session = session.sync_session
+    return sync_session.get_nested_transaction() or sync_session.get_transaction()
 
 
 _DRIVER_OF_TRANSACTION = "driver_of_transaction"

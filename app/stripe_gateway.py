@@ -318,6 +318,12 @@ class StripeGateway:
             lambda: self._v1.events.list_async(params),
         )
 
+    async def retrieve_invoice(self, invoice_id: str) -> StripeObject:
+        return await self._call(
+            "invoices.retrieve",
+            lambda: self._v1.invoices.retrieve_async(invoice_id),
+        )
+
 
 def _retry_after_seconds(exc: stripe.StripeError) -> float:
     headers = exc.headers or {}

@@ -72,16 +72,23 @@ def minor_unit_digits(currency: str) -> int:
 
 def fee_in_payment_currency(balance_transaction: dict[str, Any], payment_currency: str) -> int:
     """Stripe's fee is in the settlement currency, in its minor units; convert it back when
-    that differs. Stripe's `exchange_rate` converts major units (10.00 EUR x 1.234 = 12.34 USD),
-    so between currencies of different minor units (JPY's are whole yen) the powers of ten
-    differ too."""
-    fee = int(balance_transaction.get("fee") or 0)
+    that differs (`in_currency`)."""
+    return in_currency(
+        int(balance_transaction.get("fee") or 0), balance_transaction, payment_currency
+    )
+
+
+def in_currency(amount: int, balance_transaction: dict[str, Any], currency: str) -> int:
+    """`amount` of `balance_transaction` (in its settlement currency's minor units) in
+    `currency`'s minor units, the currency it was converted from. Stripe's `exchange_rate`
+    converts major units (10.00 EUR x 1.234 = 12.34 USD), so between currencies of different
+    minor units (JPY's are whole yen) the powers of ten differ too."""
     rate = balance_transaction.get("exchange_rate")
-    settlement = str(balance_transaction.get("currency") or payment_currency)
-    if settlement != payment_currency and rate:
-        digits = minor_unit_digits(payment_currency) - minor_unit_digits(settlement)
-        return round(fee / float(rate) * 10.0**digits)
-    return fee
+    settlement = str(balance_transaction.get("currency") or currency)
+    if settlement != currency and rate:
+        digits = minor_unit_digits(currency) - minor_unit_digits(settlement)
+        return round(amount / float(rate) * 10.0**digits)
+    return amount
 
 
 class FeeLookups:

@@ -9,8 +9,11 @@ The sound rules that make any delivery order converge on Stripe's latest state:
 - Subscriptions go back and forth (cancel at period end, resume, plan changes), so each row
   remembers the `created` of the newest event applied. An older event is ignored; a newer one
   is applied from its payload; one from the same second cannot be ordered by the payload, so the
-  subscription is re-fetched from Stripe and Stripe's current state is applied. A `canceled`
-  subscription never comes back to life.
+  subscription is re-fetched from Stripe and Stripe's current state is applied. So is one
+  rendered in another API version than the pinned one (listed from the Events API by
+  `billing reconcile-events`): its payload is not in the shape read here (before basil, the
+  period was not on the items). A `canceled` subscription never comes back to life. (An
+  invoice event in another API version is read from the invoice re-fetched, likewise.)
 - Effects happen once because the database says so: ledger entries are unique per
   (account, kind, source), the first payment is `LEAST(...)`, access changes are appended only
   when access differs from the last recorded one.
@@ -79,10 +82,10 @@ from app.models import (
 from app.refunds.events import on_refunds_mirrored
 from app.refunds.repository import ADD_LEDGER_ENTRIES
 from app.refunds.service import identify_waiting_requests
-from app.stripe_gateway import StripeGateway
+from app.stripe_gateway import API_VERSION, StripeGateway
 from app.subscriptions.access import LIVE_STATUSES
 from app.subscriptions.service import record_access_changes
-from app.webhooks.fees import fee_in_payment_currency, minor_unit_digits
+from app.webhooks.fees import fee_in_payment_currency, in_currency
 
 log = structlog.get_logger()
 
@@ -110,6 +113,13 @@ class EventContext:
     @property
     def created(self) -> datetime:
         return datetime.fromtimestamp(self.event["created"], UTC)
+
+    @property
+    def in_pinned_version(self) -> bool:
+        """The payload is in the pinned API version's shape: webhook deliveries are; events
+        listed from the Events API (`billing reconcile-events`) are rendered in the version
+        current when they were created (the account's default), whose shape may differ."""
+        return self.event.get("api_version") in (None, API_VERSION)
 
 
 def ts(value: Any) -> datetime | None:
@@ -716,13 +726,15 @@ async def on_subscription_events(ctxs: Sequence[EventContext]) -> None:
     for ctx in ctxs:
         obj = ctx.object
         row = rows.get(obj["id"])
+        refetch = not ctx.in_pinned_version  # another version's shape (e.g. no item periods)
         if row is not None and row["source_event_created"] is not None:
             if ctx.created < row["source_event_created"]:
                 # routine when Stripe delivers out of order: debug, not info
                 log.debug("subscription.stale_event_ignored", stripe_id=obj["id"], type=ctx.type)
                 continue
-            if ctx.created == row["source_event_created"]:
-                obj = await ctx.stripe.retrieve_subscription(obj["id"])
+            refetch = refetch or ctx.created == row["source_event_created"]
+        if refetch:
+            obj = await ctx.stripe.retrieve_subscription(obj["id"])
         metadata = obj.get("metadata") or {}
         customer_id = ref(obj.get("customer"))
         account_id = metadata.get("account_id") or (row["account_id"] if row else None)
@@ -855,35 +867,43 @@ async def on_invoice_events(ctxs: Sequence[EventContext]) -> None:
     amount due and period as the latest event says), the rows written in one statement; then
     the subscription checkouts of paid invoices fulfilled, the invoices' payments given the
     account and subscription (`LINK_INVOICE_PAYMENTS`), and the refund and dispute effects of
-    every invoice that is new or taught its payments something applied again."""
+    every invoice that is new or taught its payments something applied again. An invoice
+    event rendered in another API version (`EventContext.in_pinned_version`) is read as
+    Stripe has the invoice now, in the pinned one: before basil an invoice named its
+    subscription and our metadata elsewhere (no `parent`)."""
     session, now = ctxs[0].session, ctxs[0].now
+    objects: list[Json] = [
+        ctx.object if ctx.in_pinned_version else await ctx.stripe.retrieve_invoice(ctx.object["id"])
+        for ctx in ctxs
+    ]
     accounts = await _accounts_of_customers(
         session,
         (
-            ref(ctx.object.get("customer"))
-            for ctx in ctxs
-            if not _invoice_metadata(ctx.object).get("account_id")
+            ref(obj.get("customer"))
+            for obj in objects
+            if not _invoice_metadata(obj).get("account_id")
         ),
     )
     await ensure_accounts(
         session,
         (
             account_id
-            for ctx in ctxs
-            if isinstance(account_id := _invoice_metadata(ctx.object).get("account_id"), str)
+            for obj in objects
+            if isinstance(account_id := _invoice_metadata(obj).get("account_id"), str)
             and account_id
         ),
     )
     defaults = {
-        ctx.object["id"]: {"currency": ctx.object.get("currency") or ""} for ctx in reversed(ctxs)
+        obj["id"]: {"currency": obj.get("currency") or ""} for obj in reversed(objects)
     }  # reversed: a new row starts from its first event's currency
     rows, created = await locked_rows(session, INVOICES, defaults)
     stored = {stripe_id: dict(row) for stripe_id, row in rows.items()}
-    taught: dict[str, EventContext] = {ctx.object["id"]: ctx for ctx in reversed(ctxs)}
+    taught: dict[str, EventContext] = {
+        obj["id"]: ctx for ctx, obj in reversed(list(zip(ctxs, objects, strict=True)))
+    }
     payment_links: dict[str, list[str | None]] = {}  # invoice -> [account, subscription]
     fulfilled: dict[tuple[str, uuid.UUID | None], None] = {}
-    for ctx in ctxs:
-        obj = ctx.object
+    for obj in objects:
         metadata = _invoice_metadata(obj)
         subscription_id = ref(
             ((obj.get("parent") or {}).get("subscription_details") or {}).get("subscription")
@@ -1465,19 +1485,15 @@ async def _rows_by_id(
 
 
 def _dispute_funds(dispute: Json) -> tuple[int, int]:
-    """(withdrawn, reinstated) in the dispute's currency, from its balance transactions."""
+    """(withdrawn, reinstated) in the dispute's currency (its minor units), from its balance
+    transactions (in the settlement currency when it differs)."""
     withdrawn = reinstated = 0
     for transaction in dispute.get("balance_transactions") or []:
         if not isinstance(transaction, dict):
             continue
-        amount = int(transaction.get("amount") or 0)
-        rate = transaction.get("exchange_rate")
-        settlement, currency = transaction.get("currency"), dispute.get("currency")
-        if settlement != currency and rate:
-            # `exchange_rate` converts major units: the minor units' powers of ten may differ
-            # (as for fees, `fee_in_payment_currency`).
-            digits = minor_unit_digits(str(currency)) - minor_unit_digits(str(settlement))
-            amount = round(amount / float(rate) * 10.0**digits)
+        amount = in_currency(
+            int(transaction.get("amount") or 0), transaction, str(dispute.get("currency") or "")
+        )
         if amount < 0:
             withdrawn += -amount
         else:

@@ -340,7 +340,7 @@ class EventProcessor:
                 .where(StripeEvent.id == event_id, StripeEvent.status == "pending")
                 .with_for_update(skip_locked=True)
             )
-            rows = await self._locked(session, list(found))
+            rows = [row for row in found if row.payload is not None]
             if not rows:
                 return
             row: StripeEvent = rows[0]
@@ -349,6 +349,9 @@ class EventProcessor:
             row.attempts += 1
             try:
                 async with session.begin_nested():
+                    # its object's lock too: a key Postgres cannot take (a malformed id)
+                    # fails this event, not the transaction that records the failure
+                    await self._locked(session, rows)
                     await apply_event(
                         EventContext(session, self._settings, self._stripe, row.payload, now)
                     )

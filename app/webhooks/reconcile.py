@@ -14,7 +14,10 @@ page) and inserts are `ON CONFLICT DO NOTHING`, so a run costs about one request
 events of the window. A missed event older than 3 days while later ones were stored is only
 found with `--since` (run the command at least daily).
 Events from the Events API are rendered in the API version current when they were created;
-the report counts those whose version differs from the pinned one.
+the report counts those whose version differs from the pinned one. Applying such a
+subscription or invoice event re-fetches the object from Stripe (in the pinned version)
+instead of reading its payload (app/webhooks/handlers.py `on_subscription_events`,
+`on_invoice_events`).
 """
 
 from __future__ import annotations

@@ -244,31 +244,30 @@ async def test_stripe_failing_delays_the_cancellation_of_a_lost_dispute_and_no_e
     assert len(stripe_fake.requests_to("DELETE", delete)) == failed + 1
 
 
-async def test_funds_withdrawn_are_shown_in_the_dispute_currency_across_minor_units(
+async def test_funds_withdrawn_in_another_settlement_currency_are_in_the_disputes_minor_units(
     app: FastAPI,
     client: httpx.AsyncClient,
     stripe_fake: StripeFake,
     deliver: Deliver,
     token: TokenFactory,
 ) -> None:
-    # A JPY top-up (zero-decimal) settled in USD: Stripe's dispute balance transaction says
-    # -6.50 USD (-650 cents) at 0.0065 USD per yen, which is the whole 1000 yen.
+    """A ¥10,000 top-up disputed on a USD-settled Stripe account: the withdrawal's balance
+    transaction is $67.00 (6700 cents) at `exchange_rate` 0.0067, which converts major units;
+    the dispute's currency (JPY) has no minor unit, so that is 10,000 yen, not 1,000,000."""
     session_id = await open_checkout(
-        app, account_id="acc_jpy", purpose="top_up", amount=1000, currency="jpy"
+        app, account_id="acc_jpy", purpose="top_up", amount=10_000, currency="jpy"
     )
     await deliver(stripe_fake.complete_checkout(session_id))
-    [charge] = stripe_fake.all("charge")
-    opened = stripe_fake.create_dispute(charge["id"])
-    await deliver(opened)
-    withdrawn = stripe_fake.withdraw_dispute_funds(opened[0]["data"]["object"]["id"])
-    for event in withdrawn:
-        for transaction in event["data"]["object"]["balance_transactions"]:
-            transaction.update(amount=-650, currency="usd", exchange_rate=0.0065, fee=1500)
-    await deliver(withdrawn)
+    payment_intent = str(stripe_fake.get("checkout.session", session_id)["payment_intent"])
+    charge = str(stripe_fake.get("payment_intent", payment_intent)["latest_charge"])
+    opened = stripe_fake.create_dispute(charge)
+    dispute_id = opened[0]["data"]["object"]["id"]
+    withdrawn = stripe_fake.withdraw_dispute_funds(dispute_id, fee=1500)
+    for transaction in withdrawn[-1]["data"]["object"]["balance_transactions"]:
+        transaction.update(amount=-6700, currency="usd", exchange_rate=0.0067)
+    await deliver([*opened, *withdrawn])
+    assert await balance(app, "acc_jpy") == 0  # ¥10,000 credited, ¥10,000 withdrawn
 
     [shown] = await disputes(client, token)
-    assert (shown["amount"], shown["currency"]) == (1000, "jpy")
-    assert shown["funds_withdrawn"] == 1000
-    assert [(c["kind"], c["amount"], c["currency"]) for c in shown["changes"]] == [
-        ("balance_withdrawn", -1000, "jpy")
-    ]
+    assert (shown["amount"], shown["currency"]) == (10_000, "jpy")
+    assert shown["funds_withdrawn"] == 10_000

@@ -12,6 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import asyncpg
 import httpx
+import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 
@@ -240,3 +241,49 @@ async def test_reconcile_since_a_date_without_offset_is_read_as_utc(
     )
     assert bad.returncode == 2
     assert "--since" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "error"),
+    [
+        ("currency", "usdollars", "StringDataRightTruncation"),  # its column holds 3
+        ("payment_intent", "pi_\x00", "CharacterNotInRepertoire"),  # no lock key of it
+    ],
+)
+async def test_an_event_the_database_refuses_is_retried_alone_and_holds_up_no_other(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver, field: str, value: str, error: str
+) -> None:
+    """A signed event with a value Postgres refuses (a currency longer than its column, an
+    id with a NUL character as its advisory lock's key) fails in Postgres itself. Its
+    failure is rolled back to its savepoint and recorded (retried with backoff, parked after
+    `MAX_ATTEMPTS`); the transaction goes on, so the events after it are applied. (The
+    savepoint was never sent, the handlers' statements going straight to the driver, and
+    the lock was taken before it: the aborted transaction could record nothing, and the
+    processor claimed the same event again and again, applying nothing after it.)"""
+    first = await open_checkout(app, account_id="acc_refused", purpose="top_up", amount=5000)
+    second = await open_checkout(app, account_id="acc_refused", purpose="top_up", amount=700)
+    charge = next(
+        e for e in stripe_fake.complete_checkout(first) if e["type"] == "charge.succeeded"
+    )
+    refused = copy.deepcopy(charge)
+    refused["id"] = f"{charge['id']}_refused"
+    refused["data"]["object"][field] = value
+    await deliver([refused, *stripe_fake.complete_checkout(second)], process=False)
+
+    processor = app.state.event_processor
+    for _ in range(3):  # a batch, then its events one per transaction
+        await processor.process_due()
+    async with app.state.session_factory() as session:
+        credited = (
+            await session.scalars(
+                select(LedgerEntry.amount).where(LedgerEntry.account_id == "acc_refused")
+            )
+        ).all()
+        row = await session.scalar(
+            select(StripeEvent).where(StripeEvent.stripe_id == refused["id"])
+        )
+    assert credited == [700]
+    assert row is not None
+    assert (row.status, row.attempts) == ("pending", 1)
+    assert row.next_attempt_at is not None
+    assert error in (row.last_error or "")
