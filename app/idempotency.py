@@ -105,10 +105,7 @@ class Claim:
         """The request under its key (scope and body hash), for an operation to mark what it
         leaves for a retry of the same request to reuse (a key released after an error is
         claimed again by that retry); None without a key."""
-        if self._values is None:
-            return None
-        canonical = json.dumps(self._values, sort_keys=True, separators=(",", ":"))
-        return hashlib.sha256(canonical.encode()).hexdigest()
+        return None if self._values is None else _digest(self._values)
 
 
 @dataclass(frozen=True)
@@ -120,7 +117,11 @@ class Outcome:
 
 
 def request_hash(body: BaseModel | None) -> str:
-    payload = body.model_dump(mode="json") if body is not None else None
+    return _digest(body.model_dump(mode="json") if body is not None else None)
+
+
+def _digest(payload: Any) -> str:
+    """SHA-256 of `payload` as canonical JSON (sorted keys, no spaces)."""
     canonical = json.dumps(payload, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 

@@ -211,6 +211,18 @@ async def _match_payment(
     return _Match(None, missing)
 
 
+def _identify(
+    request: RefundRequest, payment: Payment, clock_start: datetime, settings: Settings
+) -> None:
+    """The request is about `payment`; one still waiting for it is `received` and its clock
+    starts at `clock_start` (a request whose clock runs keeps it)."""
+    request.payment_id = payment.id
+    request.missing_information = []
+    if request.clock_started_at is None:
+        request.status = "received"
+        _start_clock(request, clock_start, settings)
+
+
 def _start_clock(request: RefundRequest, start: datetime, settings: Settings) -> None:
     calendar = settings.calendar
     request.clock_started_at = start
@@ -338,11 +350,7 @@ async def update_request(
             if request.clock_started_at is None:
                 request.status = "needs_information"
         else:
-            request.payment_id = match.payment.id
-            request.missing_information = []
-            if request.clock_started_at is None:
-                request.status = "received"
-                _start_clock(request, now, settings)
+            _identify(request, match.payment, now, settings)
     await session.flush()
     audit_step(
         session,
@@ -375,12 +383,8 @@ async def identify_waiting_requests(
         match = await _match_payment(session, request, settings)
         if match.payment is None:
             continue
-        request.payment_id = match.payment.id
-        request.missing_information = []
-        request.status = "received"
-        _start_clock(
-            request, max(request.received_at, known_at.get(match.payment.id, now)), settings
-        )
+        clock_start = max(request.received_at, known_at.get(match.payment.id, now))
+        _identify(request, match.payment, clock_start, settings)
         await session.flush()
         audit_step(session, request, "payment_identified", "stripe", payment_id=request.payment_id)
         log.info("refund_request.identified", request_id=str(request.id))
