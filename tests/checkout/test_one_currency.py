@@ -16,10 +16,23 @@ from app.accounts.service import ensure_account, ledger_entries_in_account_curre
 from app.models import LedgerEntry, OutboxEmail, Payment
 from tests.checkout.conftest import APP_URL, PostCheckout, top_up_body
 from tests.conftest import Deliver, bearer
+from tests.refunds.test_refund_workflow import file_request, reply
 from tests.stripe_fake import StripeFake
 
 FINANCE = {"scope": "finance", "sub": "bob@1msg.io"}
 OCCURRED = "2026-11-01T00:00:00+00:00"
+
+
+def decision(remedy: str, amount: int) -> dict[str, Any]:
+    """An approving decision with `remedy` for `amount`."""
+    message = "Refunded." if remedy == "refund" else "Credited."
+    return {
+        "kind": "decision",
+        "message": message,
+        "outcome": "approved",
+        "remedy": remedy,
+        "amount": amount,
+    }
 
 
 def allow_eur(app: FastAPI) -> None:
@@ -158,30 +171,18 @@ async def test_a_balance_credit_about_a_payment_in_another_currency_is_refused_a
     eur = (await post_checkout("acc_1", top_up_body(amount=3000, currency="eur"))).json()
     await deliver(stripe_fake.complete_checkout(usd["stripe_checkout_session_id"]))
     await deliver(stripe_fake.complete_checkout(eur["stripe_checkout_session_id"]))
-    filed = await client.post(
-        "/v1/accounts/acc_1/refund-requests",
-        json={
-            "type": "appeal",
-            "description": "My EUR top-up never reached my balance",
-            "payment_reference": eur["stripe_checkout_session_id"],
-        },
-        headers=bearer(token(account_id="acc_1")),
+    filed = await file_request(
+        client,
+        token,
+        "acc_1",
+        type="appeal",
+        description="My EUR top-up never reached my balance",
+        payment_reference=eur["stripe_checkout_session_id"],
     )
-    assert filed.status_code == 201, filed.text
-    assert filed.json()["status"] == "received"
-    request_id = filed.json()["id"]
+    assert filed["status"] == "received"
+    request_id = filed["id"]
 
-    response = await client.post(
-        f"/v1/finance/refund-requests/{request_id}/responses",
-        json={
-            "kind": "decision",
-            "message": "Credited.",
-            "outcome": "approved",
-            "remedy": "balance_credit",
-            "amount": 3000,
-        },
-        headers=bearer(token(**FINANCE)),
-    )
+    response = await reply(client, token, request_id, **decision("balance_credit", 3000))
 
     assert response.status_code == 422, response.text
     assert response.headers["content-type"].startswith("application/problem+json")
@@ -206,22 +207,8 @@ async def test_a_balance_credit_not_about_a_payment_is_in_the_currency_the_ledge
 ) -> None:
     allow_eur(app)
     await charge_usage(client, token, "acc_2", 100, "eur")  # binds the account before any payment
-    filed = await client.post(
-        "/v1/accounts/acc_2/refund-requests",
-        json={"type": "compensation", "description": "Outage"},
-        headers=bearer(token(account_id="acc_2")),
-    )
-    response = await client.post(
-        f"/v1/finance/refund-requests/{filed.json()['id']}/responses",
-        json={
-            "kind": "decision",
-            "message": "Credited.",
-            "outcome": "approved",
-            "remedy": "balance_credit",
-            "amount": 700,
-        },
-        headers=bearer(token(**FINANCE)),
-    )
+    filed = await file_request(client, token, "acc_2", type="compensation", description="Outage")
+    response = await reply(client, token, filed["id"], **decision("balance_credit", 700))
 
     assert response.status_code == 201, response.text
     assert response.json()["status"] == "approved"
@@ -266,34 +253,22 @@ async def test_a_top_up_refused_for_its_currency_can_be_refunded_whole_and_moves
     eur = await pay_eur_top_up_after_usd_usage(
         post_checkout, client, token, stripe_fake, deliver, app
     )
-    filed = await client.post(
-        "/v1/accounts/acc_1/refund-requests",
-        json={
-            "type": "refund",
-            "description": "My EUR top-up never reached my balance",
-            "payment_reference": eur["stripe_checkout_session_id"],
-        },
-        headers=bearer(token(account_id="acc_1")),
+    filed = await file_request(
+        client,
+        token,
+        "acc_1",
+        description="My EUR top-up never reached my balance",
+        payment_reference=eur["stripe_checkout_session_id"],
     )
-    assert filed.json()["status"] == "received", filed.text
+    assert filed["status"] == "received", filed
     seen = len(stripe_fake.events)
-    response = await client.post(
-        f"/v1/finance/refund-requests/{filed.json()['id']}/responses",
-        json={
-            "kind": "decision",
-            "message": "Refunded.",
-            "outcome": "approved",
-            "remedy": "refund",
-            "amount": 3000,
-        },
-        headers=bearer(token(**FINANCE)),
-    )
+    response = await reply(client, token, filed["id"], **decision("refund", 3000))
     assert response.status_code == 201, response.text
     [refund] = stripe_fake.all("refund")
     assert (refund["amount"], refund["currency"]) == (3000, "eur")
     await deliver(stripe_fake.events_since(seen))
     shown = await client.get(
-        f"/v1/finance/refund-requests/{filed.json()['id']}", headers=bearer(token(**FINANCE))
+        f"/v1/finance/refund-requests/{filed['id']}", headers=bearer(token(**FINANCE))
     )
     assert shown.json()["status"] == "refunded"
     assert await ledger_currencies(db, "acc_1") == ["usd"]

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from tests.conftest import Deliver, TokenFactory, bearer
 from tests.refunds.flows import new_events
+from tests.refunds.test_refund_workflow import file_request
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import open_checkout
 
@@ -27,34 +28,31 @@ async def test_a_request_naming_a_payment_not_yet_mirrored_starts_its_clock_when
     stripe_fake.complete_checkout(session_id)  # paid at Stripe; the webhook is late
 
     headers = bearer(token(account_id="acc_late"))
-    filed = await client.post(
-        "/v1/accounts/acc_late/refund-requests",
-        json={
-            "type": "refund",
-            "description": "Please refund my top-up",
-            "payment_reference": session_id,
-        },
-        headers=headers,
+    filed = await file_request(
+        client,
+        token,
+        "acc_late",
+        description="Please refund my top-up",
+        payment_reference=session_id,
     )
-    assert filed.status_code == 201, filed.text
-    assert filed.json()["status"] == "needs_information"
-    assert filed.json()["clock_started_at"] is None
+    assert filed["status"] == "needs_information"
+    assert filed["clock_started_at"] is None
 
     await deliver(new_events(stripe_fake, seen))
 
     shown = await client.get(
-        f"/v1/accounts/acc_late/refund-requests/{filed.json()['id']}", headers=headers
+        f"/v1/accounts/acc_late/refund-requests/{filed['id']}", headers=headers
     )
     body = shown.json()
     assert body["status"] == "received", body
     assert body["payment_id"] is not None
     assert body["missing_information"] == []
     # The request named its payment correctly when it arrived: the clock runs from receipt.
-    assert body["clock_started_at"] == body["received_at"] == filed.json()["received_at"]
+    assert body["clock_started_at"] == body["received_at"] == filed["received_at"]
     assert body["first_response_due"] is not None and body["decision_due"] is not None
     audit = (
         await client.get(
-            f"/v1/finance/refund-requests/{filed.json()['id']}", headers=bearer(token(**FINANCE))
+            f"/v1/finance/refund-requests/{filed['id']}", headers=bearer(token(**FINANCE))
         )
     ).json()["audit"]
     assert (audit[-1]["action"], audit[-1]["actor"]) == ("payment_identified", "stripe")
@@ -62,7 +60,7 @@ async def test_a_request_naming_a_payment_not_yet_mirrored_starts_its_clock_when
     # Delivered again (Stripe retries): nothing changes.
     await deliver(new_events(stripe_fake, seen))
     again = await client.get(
-        f"/v1/accounts/acc_late/refund-requests/{filed.json()['id']}", headers=headers
+        f"/v1/accounts/acc_late/refund-requests/{filed['id']}", headers=headers
     )
     assert again.json() == body
 
@@ -80,18 +78,14 @@ async def test_a_waiting_request_whose_payment_arrives_after_its_chargeback_is_c
     payment_events = new_events(stripe_fake, seen)
     [charge] = stripe_fake.all("charge")
     headers = bearer(token(account_id="acc_lcb"))
-    filed = await client.post(
-        "/v1/accounts/acc_lcb/refund-requests",
-        json={"type": "refund", "description": "Refund please", "payment_reference": session_id},
-        headers=headers,
+    filed = await file_request(
+        client, token, "acc_lcb", description="Refund please", payment_reference=session_id
     )
-    assert filed.json()["status"] == "needs_information"
+    assert filed["status"] == "needs_information"
     # The chargeback's events arrive first, then the payment's: a disputed payment is never
     # also refunded, so the request, identified, is closed like any open one.
     await deliver(stripe_fake.create_dispute(charge["id"]))
     await deliver(payment_events)
-    shown = await client.get(
-        f"/v1/accounts/acc_lcb/refund-requests/{filed.json()['id']}", headers=headers
-    )
+    shown = await client.get(f"/v1/accounts/acc_lcb/refund-requests/{filed['id']}", headers=headers)
     assert shown.json()["status"] == "closed", shown.json()
     assert shown.json()["payment_id"] is not None

@@ -12,8 +12,9 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from app.models import Payment
-from tests.conftest import Deliver, TokenFactory, bearer
+from tests.conftest import Deliver, TokenFactory
 from tests.refunds.flows import pay_top_up
+from tests.refunds.test_refund_workflow import file_request
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import open_checkout
 
@@ -36,19 +37,15 @@ async def test_a_declined_attempt_the_same_day_does_not_hide_the_payment_that_su
         )
     assert statuses == ["failed", "succeeded"]  # two payments of 4200 usd today
 
-    filed = await client.post(
-        "/v1/accounts/acc_d/refund-requests",
-        json={
-            "type": "refund",
-            "description": "Please refund my top-up",
-            "payment_date": datetime.now(SGT).date().isoformat(),
-            "amount": 4200,
-            "currency": "usd",
-        },
-        headers=bearer(token(account_id="acc_d")),
+    request = await file_request(
+        client,
+        token,
+        "acc_d",
+        description="Please refund my top-up",
+        payment_date=datetime.now(SGT).date().isoformat(),
+        amount=4200,
+        currency="usd",
     )
 
-    assert filed.status_code == 201, filed.text
-    request = filed.json()
     assert (request["status"], request["payment_id"]) == ("received", paid.payment_id)
     assert request["missing_information"] == []

@@ -16,6 +16,7 @@ from app.refunds import repository as repo
 from app.refunds.service import is_overdue
 from tests.conftest import Deliver, TokenFactory, bearer
 from tests.refunds.flows import outbox, pay_top_up
+from tests.refunds.test_refund_workflow import reply
 from tests.stripe_fake import StripeFake
 
 SGT = ZoneInfo("Asia/Singapore")
@@ -400,16 +401,15 @@ async def test_finance_adds_the_missing_details_of_an_email_request_and_its_cloc
     )
     assert view.json()["audit"][-1]["action"] == "details_added"
     assert view.json()["audit"][-1]["actor"] == FINANCE["sub"]
-    decided = await client.post(
-        f"/v1/finance/refund-requests/{request_id}/responses",
-        json={
-            "kind": "decision",
-            "message": "Refunded.",
-            "outcome": "approved",
-            "remedy": "refund",
-            "amount": 4200,
-        },
-        headers=bearer(token(**FINANCE)),
+    decided = await reply(
+        client,
+        token,
+        request_id,
+        kind="decision",
+        message="Refunded.",
+        outcome="approved",
+        remedy="refund",
+        amount=4200,
     )
     assert decided.status_code == 201, decided.text
     # Other services still may not change a client's request.
