@@ -58,7 +58,8 @@ Stripe may still bill it: `active`, `trialing`, `past_due`, `unpaid`, `paused` o
 
 Nothing here grants access or credits the balance: the Stripe payment event handlers do, and
 set `fulfilled_at`. Reading a session syncs Stripe's status, payment status and subscription id
-when no event has fulfilled it yet, so a browser returning from Checkout sees the truth.
+when no event has fulfilled it yet, so a browser returning from Checkout sees the truth; forward
+only, as the events merge them, since Stripe's answer may predate an event applied meanwhile.
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ from app.models import CheckoutSession, LedgerEntry, Subscription
 from app.rate_limit import RecentSessions, enforce_stripe_rate_limit
 from app.redirects import check_redirects
 from app.stripe_gateway import StripeGateway, StripeObject, StripeRequestRejected, idempotency_key
+from app.webhooks.handlers import CHECKOUT_PAYMENT_ORDER, CHECKOUT_STATUS_ORDER, rank_merge, ref
 
 log = structlog.get_logger()
 
@@ -252,8 +254,7 @@ async def get_checkout_session(
         except BillingError:
             log.warning("checkout.sync_failed", checkout_id=str(row.id))
         else:
-            await _apply_stripe_state(session, row.id, stripe_session)
-            row = await _reload(session, row.id)
+            row = await _apply_stripe_state(session, row.id, stripe_session)
     return to_out(row)
 
 
@@ -610,26 +611,32 @@ def _created_values(row_id: uuid.UUID, created: StripeObject) -> dict[str, Any]:
 
 async def _apply_stripe_state(
     session: AsyncSession, row_id: uuid.UUID, stripe_session: StripeObject
-) -> None:
-    """Copy Stripe's view of the session (never `fulfilled_at`: only payment events set it)."""
-    values: dict[str, Any] = {}
-    if stripe_session.get("status") in ("open", "complete", "expired"):
-        values["status"] = stripe_session["status"]
-    if stripe_session.get("payment_status"):
-        values["payment_status"] = stripe_session["payment_status"]
-    for ours, theirs in (
-        ("stripe_subscription_id", "subscription"),
-        ("stripe_payment_intent_id", "payment_intent"),
-    ):
-        value = stripe_session.get(theirs)
-        if isinstance(value, dict):
-            value = value.get("id")
-        if value:
-            values[ours] = value
-    if values:
-        await session.execute(
-            update(CheckoutSession).where(CheckoutSession.id == row_id).values(**values)
-        )
+) -> CheckoutSession:
+    """Merge Stripe's view of the session into the row by the event consumer's rules: the
+    status and payment status only move forward, ids are kept once known (never
+    `fulfilled_at`: only payment events set it). Stripe's answer may predate an event applied
+    while it was in flight; a plain copy would move the session back to `open` for good."""
+    row = await session.scalar(
+        select(CheckoutSession)
+        .where(CheckoutSession.id == row_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    assert row is not None
+    theirs = stripe_session.get("status")
+    if theirs in ("open", "complete", "expired"):
+        row.status = rank_merge(CHECKOUT_STATUS_ORDER, row.status, theirs) or row.status
+    row.payment_status = rank_merge(
+        CHECKOUT_PAYMENT_ORDER, row.payment_status, stripe_session.get("payment_status")
+    )
+    row.stripe_subscription_id = row.stripe_subscription_id or ref(
+        stripe_session.get("subscription")
+    )
+    row.stripe_payment_intent_id = row.stripe_payment_intent_id or ref(
+        stripe_session.get("payment_intent")
+    )
+    await session.flush()
+    return row
 
 
 async def _mark_failed(factory: async_sessionmaker[AsyncSession], row_id: uuid.UUID) -> None:
@@ -639,16 +646,6 @@ async def _mark_failed(factory: async_sessionmaker[AsyncSession], row_id: uuid.U
             .where(CheckoutSession.id == row_id, CheckoutSession.status == "pending")
             .values(status="failed")
         )
-
-
-async def _reload(session: AsyncSession, row_id: uuid.UUID) -> CheckoutSession:
-    row = await session.scalar(
-        select(CheckoutSession)
-        .where(CheckoutSession.id == row_id)
-        .execution_options(populate_existing=True)
-    )
-    assert row is not None
-    return row
 
 
 def _timestamp(value: object) -> datetime | None:

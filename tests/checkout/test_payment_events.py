@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import copy
 from datetime import datetime
 from typing import Any
 
@@ -255,3 +257,34 @@ async def test_two_top_ups_opened_in_different_currencies_credit_only_the_first_
     await deliver(stripe_fake.withdraw_dispute_funds(opened[0]["data"]["object"]["id"]))
     balance = (await client.get("/v1/accounts/acc_1/balance", headers=headers)).json()
     assert balance == {"balance": 7500, "debt": 0, "currency": "usd"}
+
+
+async def test_a_read_answered_by_stripe_before_the_payment_event_does_not_move_the_session_back(
+    post_checkout: PostCheckout,
+    client: httpx.AsyncClient,
+    token: Any,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    """A browser reads its session while Stripe's answer is in flight and the payment event is
+    applied meanwhile: the read's older view (`open`, `unpaid`) must not overwrite it, or the
+    session would show `open` with a payable URL for good (fulfilled rows are not synced)."""
+    created = (await post_checkout("acc_1", top_up_body())).json()
+    stripe_id = created["stripe_checkout_session_id"]
+    before = copy.deepcopy(stripe_fake.get("checkout.session", stripe_id))
+    events = stripe_fake.complete_checkout(stripe_id)
+    stripe_fake.get("checkout.session", stripe_id).update(before)  # Stripe's view before paying
+    stripe_fake.fail_next(kind="timeout", delay=1.0, method="GET", path_prefix="/v1/checkout/")
+
+    read = asyncio.create_task(_status(client, token, "acc_1", created["id"]))
+    await asyncio.sleep(0.3)  # the read is waiting for Stripe's (older) answer
+    await deliver(events)
+    await read
+
+    after = await _status(client, token, "acc_1", created["id"])
+    assert (after["status"], after["payment_status"], after["fulfilled"]) == (
+        "complete",
+        "paid",
+        True,
+    )
+    assert after["url"] is None
