@@ -14,7 +14,9 @@ Completion (`complete_window`), idempotent:
 1. One transaction: the window gets its actual end; every subscription live during it (a live
    status per app/subscriptions/access.py, or ended since at the end of its paid period because
    the client had turned off renewal, and a period `[current_period_start, access_until)`
-   overlapping the window) gets one `maintenance_extensions` row (unique per window and
+   overlapping the window; or paid before the window's end for a period Stripe renewed only
+   after it, whatever its status now unless it has ended: a renewal declined since, `past_due`
+   or `unpaid`, keeps the days for when it is paid) gets one `maintenance_extensions` row (unique per window and
    subscription) for the calendar days in `BUSINESS_TIMEZONE` the service was unavailable, less
    the dates an overlapping window already credited to it; `subscriptions.extension_days` grows
    by the same days, an `AccessChange` is appended, and one email per account is queued in the
@@ -62,6 +64,7 @@ import structlog
 from sqlalchemy import DateTime, bindparam, func, or_, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 
 from app.calendar import BusinessCalendar
 from app.config import Settings
@@ -91,6 +94,7 @@ log = structlog.get_logger()
 
 POLICY_LIMIT_BUSINESS_DAYS = 3
 STRIPE_PUSHABLE = frozenset({"active", "trialing"})
+TERMINAL_STATUSES = frozenset({"canceled", "incomplete_expired"})
 CLOCK_SKEW = timedelta(minutes=5)
 _LOCK = "billing:maintenance-windows"
 
@@ -242,6 +246,16 @@ async def _out(session: AsyncSession, window: MaintenanceWindow) -> MaintenanceW
     )
 
 
+def _live_now(subscription: Subscription, settings: Settings) -> bool:
+    """A live status (as app/subscriptions/access.py counts it), or ended at the end of its
+    paid period (the client had turned off renewal: the days it lost follow its end)."""
+    return (
+        subscription.status in LIVE_STATUSES
+        or (settings.past_due_keeps_access and subscription.status == "past_due")
+        or ended_at_period_end(subscription)
+    )
+
+
 def _live_during(
     subscription: Subscription,
     start: datetime,
@@ -253,26 +267,37 @@ def _live_during(
     its paid period (the client had turned off renewal: the days it lost follow its end), and a
     paid period `[current_period_start, access_until)` overlapping the half-open window; or,
     when Stripe has renewed it since the window ended, a payment made before the window's end
-    (the period it paid ran until the renewal, so it covered the window)."""
-    live = (
-        subscription.status in LIVE_STATUSES
-        or (settings.past_due_keeps_access and subscription.status == "past_due")
-        or ended_at_period_end(subscription)
-    )
-    if not live:
-        return False
+    (the period it paid ran until the renewal, so it covered the window), whatever its status
+    now unless it has ended: live is what it was during the window, and a renewal declined
+    after it (`past_due` without access, `unpaid`) keeps the days for when it is paid."""
     if subscription.access_revoked_at is not None and subscription.access_revoked_at <= start:
         return False
+    if not _live_now(subscription, settings):
+        # Its status now is not what it was during the window: a period paid before the
+        # window's end ran until Stripe renewed it after the window, so it was live then, and
+        # a renewal declined since (`past_due`, `unpaid`) does not take back the days it lost:
+        # they count once it is paid again. One ended since (not at its period end) never
+        # gives access again: nothing to extend.
+        return (
+            paid_before_end
+            and subscription.access_revoked_at is None
+            and subscription.status not in TERMINAL_STATUSES
+        )
     until = access_until(subscription)
     period_start = subscription.current_period_start or start
     return until is not None and (period_start < end or paid_before_end) and until > start
 
 
 async def _paid_before(
-    session: AsyncSession, subscriptions: Sequence[Subscription], end: datetime
+    session: AsyncSession, subscriptions: Sequence[Subscription], start: datetime, end: datetime
 ) -> set[str]:
     """Of these subscriptions renewed since `end` (current period starting at or after it),
-    the Stripe ids of those with a succeeded payment made before `end`."""
+    the Stripe ids of those that paid, before `end`, the period the window fell in: a
+    succeeded payment made before `end` of the latest period billed at or before `start` (a
+    subscription invoice's `period_end` is where the period it bills starts; Stripe's invoice
+    `period_*` describe the one before), or of one billed after it. An older payment does not
+    count: a renewal declined before the window left it unpaid through it, however long ago
+    it had been paid."""
     renewed = [
         s.stripe_id
         for s in subscriptions
@@ -283,6 +308,16 @@ async def _paid_before(
     subscription_id = func.coalesce(
         func.nullif(Payment.stripe_subscription_id, ""), Invoice.stripe_subscription_id
     )
+    billed = aliased(Invoice)
+    billed_at_start = (
+        select(func.max(billed.period_end))
+        .where(
+            billed.stripe_subscription_id == subscription_id,
+            billed.amount_due > 0,
+            billed.period_end <= start,
+        )
+        .scalar_subquery()
+    )
     rows = await session.execute(
         select(subscription_id)
         .select_from(Payment)
@@ -292,6 +327,10 @@ async def _paid_before(
             Payment.purpose == "subscription",
             Payment.status == "succeeded",
             Payment.paid_at < end,
+            or_(
+                billed_at_start.is_(None),
+                func.coalesce(Invoice.period_end, Payment.paid_at) >= billed_at_start,
+            ),
         )
         .distinct()
     )
@@ -384,7 +423,7 @@ async def _record_completion(
         )
     ).scalars()
     subscriptions = list(candidates)
-    paid_before_end = await _paid_before(session, subscriptions, ended_at)
+    paid_before_end = await _paid_before(session, subscriptions, window.starts_at, ended_at)
     extended: dict[str, list[tuple[Subscription, int]]] = defaultdict(list)
     for subscription in subscriptions:
         if not _live_during(
@@ -495,6 +534,8 @@ async def _notify(
             until_text = f", access now until {_local(calendar, until)}" if until else ""
             if ended_at_period_end(subscription):
                 until_text = f" after the end of its paid period{until_text}"
+            elif not _live_now(subscription, settings):
+                until_text = ", added to its access once its open invoice is paid"
             lines.append(f"- channel {subscription.channel_id}: +{days} day(s){until_text}")
         kind = "Scheduled maintenance" if window.kind == "scheduled" else "Emergency maintenance"
         body = (
