@@ -16,7 +16,9 @@ Completion (`complete_window`), idempotent:
    the client had turned off renewal, and a period `[current_period_start, access_until)`
    overlapping the window; or paid before the window's end for a period Stripe renewed only
    after it, whatever its status now unless it has ended: a renewal declined since, `past_due`
-   or `unpaid`, keeps the days for when it is paid) gets one `maintenance_extensions` row (unique per window and
+   or `unpaid`, keeps the days for when it is paid; one live now whose period the window fell
+   in was paid only after it was not live then: `incomplete`, or `past_due` without
+   `PAST_DUE_KEEPS_ACCESS`) gets one `maintenance_extensions` row (unique per window and
    subscription) for the calendar days in `BUSINESS_TIMEZONE` the service was unavailable, less
    the dates an overlapping window already credited to it; `subscriptions.extension_days` grows
    by the same days, an `AccessChange` is appended, and one email per account is queued in the
@@ -262,6 +264,7 @@ def _live_during(
     end: datetime,
     settings: Settings,
     paid_before_end: bool = False,
+    unpaid_during: str | None = None,
 ) -> bool:
     """A live status (as app/subscriptions/access.py counts it), or ended since at the end of
     its paid period (the client had turned off renewal: the days it lost follow its end), and a
@@ -269,7 +272,10 @@ def _live_during(
     when Stripe has renewed it since the window ended, a payment made before the window's end
     (the period it paid ran until the renewal, so it covered the window), whatever its status
     now unless it has ended: live is what it was during the window, and a renewal declined
-    after it (`past_due` without access, `unpaid`) keeps the days for when it is paid."""
+    after it (`past_due` without access, `unpaid`) keeps the days for when it is paid.
+    Likewise one live now whose period the window fell in was paid only after the window
+    (`unpaid_during`, see `_unpaid_during`) was not live during it: `incomplete` then (its first
+    payment in flight), or `past_due` (a declined renewal) without `PAST_DUE_KEEPS_ACCESS`."""
     if subscription.access_revoked_at is not None and subscription.access_revoked_at <= start:
         return False
     if not _live_now(subscription, settings):
@@ -283,6 +289,11 @@ def _live_during(
             and subscription.access_revoked_at is None
             and subscription.status not in TERMINAL_STATUSES
         )
+    if unpaid_during == "first" or (
+        unpaid_during == "renewal" and not settings.past_due_keeps_access
+    ):
+        # live now, but its period was paid only after the window: it had no access during it
+        return False
     until = access_until(subscription)
     period_start = subscription.current_period_start or start
     return until is not None and (period_start < end or paid_before_end) and until > start
@@ -326,7 +337,7 @@ async def _paid_before(
             subscription_id.in_(renewed),
             Payment.purpose == "subscription",
             Payment.status == "succeeded",
-            Payment.paid_at < end,
+            func.greatest(Invoice.paid_at, Payment.paid_at) < end,
             or_(
                 billed_at_start.is_(None),
                 func.coalesce(Invoice.period_end, Payment.paid_at) >= billed_at_start,
@@ -335,6 +346,69 @@ async def _paid_before(
         .distinct()
     )
     return {stripe_id for stripe_id in rows.scalars() if stripe_id}
+
+
+async def _unpaid_during(
+    session: AsyncSession,
+    subscriptions: Sequence[Subscription],
+    settings: Settings,
+    start: datetime,
+    end: datetime,
+) -> dict[str, str]:
+    """Of these subscriptions live now with a current period that began before `end`, those
+    whose period the window fell in was billed but not paid before `end` (the latest invoice
+    with something due billed at or before `start`: a subscription invoice's `period_end` is
+    where the period it bills starts), by Stripe id: `first` when it was the subscription's
+    first invoice (it was `incomplete` during the window), else `renewal` (`past_due`)."""
+    wanted = {
+        s.stripe_id: s
+        for s in subscriptions
+        if s.current_period_start is not None
+        and s.current_period_start < end
+        and _live_now(s, settings)
+    }
+    if not wanted:
+        return {}
+    invoices = (
+        await session.execute(
+            select(Invoice.stripe_subscription_id, Invoice.period_end, Invoice.amount_due).where(
+                Invoice.stripe_subscription_id.in_(list(wanted)),
+                Invoice.period_end.is_not(None),
+            )
+        )
+    ).all()
+    first: dict[str, datetime] = {}
+    billed: dict[str, datetime] = {}
+    for of, period_end, amount_due in invoices:
+        if of is None or period_end is None:
+            continue
+        first[of] = min(first.get(of, period_end), period_end)
+        if amount_due > 0 and period_end <= start:
+            billed[of] = max(billed.get(of, period_end), period_end)
+    if not billed:
+        return {}
+    paying = func.coalesce(
+        func.nullif(Payment.stripe_subscription_id, ""), Invoice.stripe_subscription_id
+    )
+    payments = (
+        await session.execute(
+            select(paying, func.coalesce(Invoice.period_end, Payment.paid_at))
+            .select_from(Payment)
+            .outerjoin(Invoice, Invoice.stripe_id == Payment.stripe_invoice_id)
+            .where(
+                paying.in_(list(billed)),
+                Payment.purpose == "subscription",
+                Payment.status == "succeeded",
+                func.greatest(Invoice.paid_at, Payment.paid_at) < end,
+            )
+        )
+    ).all()
+    paid = {sid for sid, billed_from in payments if sid and billed_from >= billed[sid]}
+    return {
+        sid: "first" if billed_at <= first[sid] else "renewal"
+        for sid, billed_at in billed.items()
+        if sid not in paid
+    }
 
 
 async def complete_window(
@@ -424,6 +498,9 @@ async def _record_completion(
     ).scalars()
     subscriptions = list(candidates)
     paid_before_end = await _paid_before(session, subscriptions, window.starts_at, ended_at)
+    unpaid_during = await _unpaid_during(
+        session, subscriptions, settings, window.starts_at, ended_at
+    )
     extended: dict[str, list[tuple[Subscription, int]]] = defaultdict(list)
     for subscription in subscriptions:
         if not _live_during(
@@ -432,6 +509,7 @@ async def _record_completion(
             ended_at,
             settings,
             paid_before_end=subscription.stripe_id in paid_before_end,
+            unpaid_during=unpaid_during.get(subscription.stripe_id),
         ):
             continue
         days = await _extend(session, settings, window, subscription, window_dates, now)

@@ -117,3 +117,47 @@ async def test_a_subscription_unpaid_all_through_the_window_is_not_extended(
     assert done.status_code == 200, done.text
     assert done.json()["subscriptions_extended"] == 0
     assert (await _subscription(factory, "ch_nx")).extension_days == 0
+
+
+async def test_a_subscription_whose_first_payment_arrived_after_the_window_is_not_extended(
+    client: httpx.AsyncClient,
+    token: TokenFactory,
+    deliver: Deliver,
+    factory: async_sessionmaker[AsyncSession],
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+) -> None:
+    ops = bearer(token(scope="ops", sub="ops-bob"))
+    # A delayed payment method (SEPA): `incomplete`, no access, while the payment is in flight.
+    sub = await live_subscription(
+        "acc_sp", "ch_sp", email="sp@client.example", start=FEBRUARY, payment_status="unpaid"
+    )
+    assert (await _subscription(factory, "ch_sp")).status == "incomplete"
+    opened = await client.post(
+        URL,
+        json={
+            "starts_at": "2026-02-04T02:00:00Z",
+            "ends_at": "2026-02-04T04:00:00Z",
+            "kind": "scheduled",
+            "reason": "Upgrade",
+        },
+        headers=ops,
+    )
+    assert opened.status_code == 201, opened.text
+    # The payment succeeds after the window: active now, its period started before it.
+    stripe_fake.set_time(datetime(2026, 2, 6, tzinfo=UTC).timestamp())
+    [checkout] = [
+        s for s in stripe_fake.all("checkout.session") if s.get("subscription") == sub["id"]
+    ]
+    await deliver(stripe_fake.async_payment_succeeded(checkout["id"]))
+    assert (await _subscription(factory, "ch_sp")).status == "active"
+
+    done = await client.post(
+        f"{URL}/{opened.json()['id']}/complete",
+        json={"ended_at": "2026-02-04T04:00:00Z"},
+        headers=ops,
+    )
+
+    assert done.status_code == 200, done.text
+    assert done.json()["subscriptions_extended"] == 0
+    assert (await _subscription(factory, "ch_sp")).extension_days == 0
