@@ -358,8 +358,10 @@ async def _unpaid_during(
     """Of these subscriptions live now with a current period that began before `end`, those
     whose period the window fell in was billed but not paid before `end` (the latest invoice
     with something due billed at or before `start`: a subscription invoice's `period_end` is
-    where the period it bills starts), by Stripe id: `first` when it was the subscription's
-    first invoice (it was `incomplete` during the window), else `renewal` (`past_due`)."""
+    where the period it bills starts; paid in time: that invoice, or a later one, paid before
+    `end` by Stripe's invoice or by a payment mirrored for it), by Stripe id: `first` when it was
+    the subscription's first invoice (it was `incomplete` during the window), else `renewal`
+    (`past_due`)."""
     wanted = {
         s.stripe_id: s
         for s in subscriptions
@@ -371,7 +373,13 @@ async def _unpaid_during(
         return {}
     invoices = (
         await session.execute(
-            select(Invoice.stripe_subscription_id, Invoice.period_end, Invoice.amount_due).where(
+            select(
+                Invoice.stripe_subscription_id,
+                Invoice.period_end,
+                Invoice.amount_due,
+                Invoice.status,
+                Invoice.paid_at,
+            ).where(
                 Invoice.stripe_subscription_id.in_(list(wanted)),
                 Invoice.period_end.is_not(None),
             )
@@ -379,12 +387,15 @@ async def _unpaid_during(
     ).all()
     first: dict[str, datetime] = {}
     billed: dict[str, datetime] = {}
-    for of, period_end, amount_due in invoices:
+    paid_invoices: list[tuple[str, datetime]] = []  # (subscription, billed from), paid in time
+    for of, period_end, amount_due, status, paid_at in invoices:
         if of is None or period_end is None:
             continue
         first[of] = min(first.get(of, period_end), period_end)
         if amount_due > 0 and period_end <= start:
             billed[of] = max(billed.get(of, period_end), period_end)
+        if status == "paid" and paid_at is not None and paid_at < end:
+            paid_invoices.append((of, period_end))
     if not billed:
         return {}
     paying = func.coalesce(
@@ -403,7 +414,11 @@ async def _unpaid_during(
             )
         )
     ).all()
-    paid = {sid for sid, billed_from in payments if sid and billed_from >= billed[sid]}
+    paid = {
+        sid
+        for sid, billed_from in [*paid_invoices, *payments]
+        if sid in billed and billed_from >= billed[sid]
+    }
     return {
         sid: "first" if billed_at <= first[sid] else "renewal"
         for sid, billed_at in billed.items()
