@@ -325,6 +325,7 @@ async def _paid_before(
         .where(
             billed.stripe_subscription_id == subscription_id,
             billed.amount_due > 0,
+            billed.status.is_distinct_from("void"),
             billed.period_end <= start,
         )
         .scalar_subquery()
@@ -392,7 +393,7 @@ async def _unpaid_during(
         if of is None or period_end is None:
             continue
         first[of] = min(first.get(of, period_end), period_end)
-        if amount_due > 0 and period_end <= start:
+        if amount_due > 0 and status != "void" and period_end <= start:  # void: nothing due
             billed[of] = max(billed.get(of, period_end), period_end)
         if status == "paid" and paid_at is not None and paid_at < end:
             paid_invoices.append((of, period_end))
