@@ -14,7 +14,11 @@ Completion (`complete_window`), idempotent:
 1. One transaction: the window gets its actual end; every subscription live during it (a live
    status per app/subscriptions/access.py, or ended since at the end of its paid period because
    the client had turned off renewal, and a period `[current_period_start, access_until)`
-   overlapping the window) gets one `maintenance_extensions` row (unique per window and
+   overlapping the window; or paid before the window's end for a period Stripe renewed only
+   after it, whatever its status now unless it has ended: a renewal declined since, `past_due`
+   or `unpaid`, keeps the days for when it is paid; one live now whose period the window fell
+   in was paid only after it was not live then: `incomplete`, or `past_due` without
+   `PAST_DUE_KEEPS_ACCESS`) gets one `maintenance_extensions` row (unique per window and
    subscription) for the calendar days in `BUSINESS_TIMEZONE` the service was unavailable, less
    the dates an overlapping window already credited to it; `subscriptions.extension_days` grows
    by the same days, an `AccessChange` is appended, and one email per account is queued in the
@@ -62,6 +66,7 @@ import structlog
 from sqlalchemy import DateTime, bindparam, func, or_, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import aliased
 
 from app.calendar import BusinessCalendar
 from app.config import Settings
@@ -91,6 +96,7 @@ log = structlog.get_logger()
 
 POLICY_LIMIT_BUSINESS_DAYS = 3
 STRIPE_PUSHABLE = frozenset({"active", "trialing"})
+TERMINAL_STATUSES = frozenset({"canceled", "incomplete_expired"})
 CLOCK_SKEW = timedelta(minutes=5)
 _LOCK = "billing:maintenance-windows"
 
@@ -242,26 +248,51 @@ async def _out(session: AsyncSession, window: MaintenanceWindow) -> MaintenanceW
     )
 
 
+def _live_now(subscription: Subscription, settings: Settings) -> bool:
+    """A live status (as app/subscriptions/access.py counts it), or ended at the end of its
+    paid period (the client had turned off renewal: the days it lost follow its end)."""
+    return (
+        subscription.status in LIVE_STATUSES
+        or (settings.past_due_keeps_access and subscription.status == "past_due")
+        or ended_at_period_end(subscription)
+    )
+
+
 def _live_during(
     subscription: Subscription,
     start: datetime,
     end: datetime,
     settings: Settings,
     paid_before_end: bool = False,
+    unpaid_during: str | None = None,
 ) -> bool:
     """A live status (as app/subscriptions/access.py counts it), or ended since at the end of
     its paid period (the client had turned off renewal: the days it lost follow its end), and a
     paid period `[current_period_start, access_until)` overlapping the half-open window; or,
     when Stripe has renewed it since the window ended, a payment made before the window's end
-    (the period it paid ran until the renewal, so it covered the window)."""
-    live = (
-        subscription.status in LIVE_STATUSES
-        or (settings.past_due_keeps_access and subscription.status == "past_due")
-        or ended_at_period_end(subscription)
-    )
-    if not live:
-        return False
+    (the period it paid ran until the renewal, so it covered the window), whatever its status
+    now unless it has ended: live is what it was during the window, and a renewal declined
+    after it (`past_due` without access, `unpaid`) keeps the days for when it is paid.
+    Likewise one live now whose period the window fell in was paid only after the window
+    (`unpaid_during`, see `_unpaid_during`) was not live during it: `incomplete` then (its first
+    payment in flight), or `past_due` (a declined renewal) without `PAST_DUE_KEEPS_ACCESS`."""
     if subscription.access_revoked_at is not None and subscription.access_revoked_at <= start:
+        return False
+    if not _live_now(subscription, settings):
+        # Its status now is not what it was during the window: a period paid before the
+        # window's end ran until Stripe renewed it after the window, so it was live then, and
+        # a renewal declined since (`past_due`, `unpaid`) does not take back the days it lost:
+        # they count once it is paid again. One ended since (not at its period end) never
+        # gives access again: nothing to extend.
+        return (
+            paid_before_end
+            and subscription.access_revoked_at is None
+            and subscription.status not in TERMINAL_STATUSES
+        )
+    if unpaid_during == "first" or (
+        unpaid_during == "renewal" and not settings.past_due_keeps_access
+    ):
+        # live now, but its period was paid only after the window: it had no access during it
         return False
     until = access_until(subscription)
     period_start = subscription.current_period_start or start
@@ -269,10 +300,15 @@ def _live_during(
 
 
 async def _paid_before(
-    session: AsyncSession, subscriptions: Sequence[Subscription], end: datetime
+    session: AsyncSession, subscriptions: Sequence[Subscription], start: datetime, end: datetime
 ) -> set[str]:
     """Of these subscriptions renewed since `end` (current period starting at or after it),
-    the Stripe ids of those with a succeeded payment made before `end`."""
+    the Stripe ids of those that paid, before `end`, the period the window fell in: a
+    succeeded payment made before `end` of the latest period billed at or before `start` (a
+    subscription invoice's `period_end` is where the period it bills starts; Stripe's invoice
+    `period_*` describe the one before), or of one billed after it. An older payment does not
+    count: a renewal declined before the window left it unpaid through it, however long ago
+    it had been paid."""
     renewed = [
         s.stripe_id
         for s in subscriptions
@@ -283,6 +319,17 @@ async def _paid_before(
     subscription_id = func.coalesce(
         func.nullif(Payment.stripe_subscription_id, ""), Invoice.stripe_subscription_id
     )
+    billed = aliased(Invoice)
+    billed_at_start = (
+        select(func.max(billed.period_end))
+        .where(
+            billed.stripe_subscription_id == subscription_id,
+            billed.amount_due > 0,
+            billed.status.is_distinct_from("void"),
+            billed.period_end <= start,
+        )
+        .scalar_subquery()
+    )
     rows = await session.execute(
         select(subscription_id)
         .select_from(Payment)
@@ -291,11 +338,93 @@ async def _paid_before(
             subscription_id.in_(renewed),
             Payment.purpose == "subscription",
             Payment.status == "succeeded",
-            Payment.paid_at < end,
+            func.greatest(Invoice.paid_at, Payment.paid_at) < end,
+            or_(
+                billed_at_start.is_(None),
+                func.coalesce(Invoice.period_end, Payment.paid_at) >= billed_at_start,
+            ),
         )
         .distinct()
     )
     return {stripe_id for stripe_id in rows.scalars() if stripe_id}
+
+
+async def _unpaid_during(
+    session: AsyncSession,
+    subscriptions: Sequence[Subscription],
+    settings: Settings,
+    start: datetime,
+    end: datetime,
+) -> dict[str, str]:
+    """Of these subscriptions live now with a current period that began before `end`, those
+    whose period the window fell in was billed but not paid before `end` (the latest invoice
+    with something due billed at or before `start`: a subscription invoice's `period_end` is
+    where the period it bills starts; paid in time: that invoice, or a later one, paid before
+    `end` by Stripe's invoice or by a payment mirrored for it), by Stripe id: `first` when it was
+    the subscription's first invoice (it was `incomplete` during the window), else `renewal`
+    (`past_due`)."""
+    wanted = {
+        s.stripe_id: s
+        for s in subscriptions
+        if s.current_period_start is not None
+        and s.current_period_start < end
+        and _live_now(s, settings)
+    }
+    if not wanted:
+        return {}
+    invoices = (
+        await session.execute(
+            select(
+                Invoice.stripe_subscription_id,
+                Invoice.period_end,
+                Invoice.amount_due,
+                Invoice.status,
+                Invoice.paid_at,
+            ).where(
+                Invoice.stripe_subscription_id.in_(list(wanted)),
+                Invoice.period_end.is_not(None),
+            )
+        )
+    ).all()
+    first: dict[str, datetime] = {}
+    billed: dict[str, datetime] = {}
+    paid_invoices: list[tuple[str, datetime]] = []  # (subscription, billed from), paid in time
+    for of, period_end, amount_due, status, paid_at in invoices:
+        if of is None or period_end is None:
+            continue
+        first[of] = min(first.get(of, period_end), period_end)
+        if amount_due > 0 and status != "void" and period_end <= start:  # void: nothing due
+            billed[of] = max(billed.get(of, period_end), period_end)
+        if status == "paid" and paid_at is not None and paid_at < end:
+            paid_invoices.append((of, period_end))
+    if not billed:
+        return {}
+    paying = func.coalesce(
+        func.nullif(Payment.stripe_subscription_id, ""), Invoice.stripe_subscription_id
+    )
+    payments = (
+        await session.execute(
+            select(paying, func.coalesce(Invoice.period_end, Payment.paid_at))
+            .select_from(Payment)
+            .outerjoin(Invoice, Invoice.stripe_id == Payment.stripe_invoice_id)
+            .where(
+                paying.in_(list(billed)),
+                Payment.purpose == "subscription",
+                Payment.status == "succeeded",
+                func.greatest(Invoice.paid_at, Payment.paid_at) < end,
+            )
+        )
+    ).all()
+    paid = {
+        sid
+        for sid, billed_from in [*paid_invoices, *payments]
+        if sid in billed and billed_from >= billed[sid]
+    }
+    return {
+        sid: "first" if billed_at <= first[sid] else "renewal"
+        for sid, billed_at in billed.items()
+        if sid not in paid
+    }
 
 
 async def complete_window(
@@ -384,7 +513,10 @@ async def _record_completion(
         )
     ).scalars()
     subscriptions = list(candidates)
-    paid_before_end = await _paid_before(session, subscriptions, ended_at)
+    paid_before_end = await _paid_before(session, subscriptions, window.starts_at, ended_at)
+    unpaid_during = await _unpaid_during(
+        session, subscriptions, settings, window.starts_at, ended_at
+    )
     extended: dict[str, list[tuple[Subscription, int]]] = defaultdict(list)
     for subscription in subscriptions:
         if not _live_during(
@@ -393,6 +525,7 @@ async def _record_completion(
             ended_at,
             settings,
             paid_before_end=subscription.stripe_id in paid_before_end,
+            unpaid_during=unpaid_during.get(subscription.stripe_id),
         ):
             continue
         days = await _extend(session, settings, window, subscription, window_dates, now)
@@ -495,6 +628,8 @@ async def _notify(
             until_text = f", access now until {_local(calendar, until)}" if until else ""
             if ended_at_period_end(subscription):
                 until_text = f" after the end of its paid period{until_text}"
+            elif not _live_now(subscription, settings):
+                until_text = ", added to its access once its open invoice is paid"
             lines.append(f"- channel {subscription.channel_id}: +{days} day(s){until_text}")
         kind = "Scheduled maintenance" if window.kind == "scheduled" else "Emergency maintenance"
         body = (

@@ -9,7 +9,9 @@ and the payment is eligible only when no reason below applies:
 - `usage_detected`: any activity was reported or any usage charge was made since the account
   started (the zero-usage condition is about the account, not one period).
 - `already_refunded`: the whole payment has been refunded.
-- `disputed`: the payment is under a chargeback (never also refunded).
+- `disputed`: the payment is under a chargeback, open or lost (never also refunded); one the
+  bank decided for us (`won`), or an inquiry closed without one, leaves it refundable, as at
+  Stripe.
 - `payment_not_succeeded`: the payment did not succeed.
 - `period_ended`: the paid period has ended, so it is deemed fully rendered (policy section 1).
 - `fee_pending`: Stripe has not settled the processing fee yet, so the deduction is unknown.

@@ -25,6 +25,7 @@ from app.db import ArrayInsert, DriverStatement, asked_keys, session_driver
 from app.models import (
     Account,
     Activity,
+    Dispute,
     Invoice,
     LedgerEntry,
     MaintenanceExtension,
@@ -41,6 +42,28 @@ USAGE_LEDGER_KINDS = ("conversation", "meta_fee")
 BALANCE_PURPOSES = ("top_up", "debt_repayment")
 # Stripe refund statuses under which the money is (or is on its way) back with the client.
 LIVE_REFUND_STATUSES = ("pending", "requires_action", "succeeded")
+# Dispute statuses after which the payment stayed with us: the bank decided the chargeback for
+# us (`won`, also a withdrawn one) or an inquiry closed without becoming one. Stripe refunds
+# such a payment again; it refuses only while a chargeback is open, and after a lost one the
+# client already has the money back.
+SETTLED_FOR_US = ("won", "warning_closed")
+
+
+def under_chargeback(payments: Any) -> Any:
+    """SQL: the payment (a row of `payments`) is under a chargeback, so it is never also
+    refunded: Stripe marked it disputed and not every one of its disputes mirrored here has
+    been settled for us (`SETTLED_FOR_US`); disputed with none mirrored yet counts as under
+    one."""
+    disputes = cast(Table, Dispute.__table__)
+    of_payment = or_(
+        disputes.c.stripe_payment_intent_id == payments.c.stripe_id,
+        disputes.c.stripe_charge_id == payments.c.stripe_charge_id,
+    )
+    settled = exists().where(of_payment) & ~exists().where(
+        of_payment, disputes.c.status.not_in(_constants(SETTLED_FOR_US))
+    )
+    return and_(payments.c.disputed, ~settled)
+
 
 # Built once: the event processor runs these for every refund and dispute effect (building a
 # SQLAlchemy statement costs more CPU than Postgres spends running them).
@@ -244,7 +267,7 @@ def _eligibility_facts() -> Any:
             payments.c.currency,
             payments.c.status,
             payments.c.fee,
-            payments.c.disputed,
+            under_chargeback(payments).label("disputed"),
             payments.c.amount_refunded,
             payments.c.paid_at,
             subscription_id.label("subscription_id"),
@@ -370,6 +393,16 @@ async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> lis
         .execution_options(populate_existing=True)
     )
     return list((await session.execute(statement)).scalars())
+
+
+async def is_under_chargeback(session: AsyncSession, payment: Payment) -> bool:
+    """`under_chargeback` for one payment (a refund of it is 409 `payment_disputed`)."""
+    if not payment.disputed:
+        return False
+    payments = cast(Table, Payment.__table__)
+    return bool(
+        await session.scalar(select(under_chargeback(payments)).where(payments.c.id == payment.id))
+    )
 
 
 async def get_payment(

@@ -737,7 +737,7 @@ async def _approve_refund(
         assert request is not None
         if request.decided_at is not None or request.status not in OPEN_STATUSES:
             raise RequestAlreadyDecided(f"The request is {request.status}")
-        if payment.disputed:
+        if await repo.is_under_chargeback(session, payment):
             raise PaymentDisputed()
         execution = await repo.execution_for_request(session, request.id, lock=True)
         sent_before = execution is not None
@@ -937,7 +937,7 @@ async def retry_refund(
         assert request is not None
         if request.status != "refund_failed":
             raise RefundNotFailed(f"The request is {request.status}")
-        if payment.disputed:
+        if await repo.is_under_chargeback(session, payment):
             raise PaymentDisputed()
         latest = await repo.execution_for_request(session, request.id, lock=True)
         if latest is None or latest.status in ("submitted", "succeeded"):

@@ -47,7 +47,8 @@ def live_subscription(
 ) -> LiveSubscription:
     """`await live_subscription("acc_1", "ch_1", email=...)`: a paid monthly subscription whose
     period starts at `start` (Stripe's clock), created through Checkout at the Stripe fake and
-    mirrored by the webhook consumer (`deliver`). `canceled=True` then ends it at Stripe.
+    mirrored by the webhook consumer (`deliver`). `canceled=True` then ends it at Stripe;
+    `payment_status="unpaid"` leaves it `incomplete`, its delayed payment in flight.
     Returns Stripe's subscription object."""
     if not any(p["id"] == PRICE_ID for p in stripe_fake.all("price")):
         stripe_fake.add_price(id=PRICE_ID, unit_amount=3900, currency="usd", interval="month")
@@ -59,6 +60,7 @@ def live_subscription(
         email: str | None = None,
         start: datetime = PERIOD_START,
         canceled: bool = False,
+        payment_status: str = "paid",
     ) -> dict[str, Any]:
         stripe_fake.set_time(start.timestamp())
         async with factory() as db, db.begin():
@@ -86,7 +88,7 @@ def live_subscription(
             },
             key=f"test-checkout-{metadata['checkout_session_id']}",
         )
-        events = stripe_fake.complete_checkout(session["id"])
+        events = stripe_fake.complete_checkout(session["id"], payment_status=payment_status)
         await deliver(events)
         sub = next(
             e["data"]["object"] for e in events if e["type"] == "customer.subscription.created"

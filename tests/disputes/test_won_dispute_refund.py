@@ -1,0 +1,96 @@
+"""A chargeback the bank decided for us leaves the payment refundable again, as Stripe itself
+allows (a refund is refused only while a chargeback is open, or after it was lost: the client
+has the money back then); a lost one keeps it out of refunds for good."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+from fastapi import FastAPI
+
+from tests.conftest import Deliver, TokenFactory, bearer
+from tests.refunds.flows import new_events, pay_subscription
+from tests.refunds.test_refund_workflow import file_request, reply
+from tests.stripe_fake import StripeFake
+
+
+async def _quote(client: httpx.AsyncClient, token: TokenFactory, account_id: str) -> dict[str, Any]:
+    response = await client.get(
+        f"/v1/accounts/{account_id}/refund-eligibility",
+        headers=bearer(token(account_id=account_id)),
+    )
+    assert response.status_code == 200, response.text
+    [quote] = response.json()["quotes"]
+    return dict(quote)
+
+
+async def test_a_payment_whose_chargeback_we_won_can_be_refunded_again(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    paid = await pay_subscription(
+        app, stripe_fake, deliver, account_id="acc_won", channel_id="ch_won"
+    )
+    opened = stripe_fake.create_dispute(paid.charge_id)
+    await deliver(opened)
+    dispute_id = opened[0]["data"]["object"]["id"]
+    assert (await _quote(client, token, "acc_won"))["reasons"] == ["disputed"]
+
+    await deliver(stripe_fake.withdraw_dispute_funds(dispute_id))
+    await deliver(stripe_fake.close_dispute(dispute_id, won=True))
+
+    # The bank kept the payment with us: the zero-usage right is the client's again.
+    quote = await _quote(client, token, "acc_won")
+    assert quote["reasons"] == []
+    assert quote["eligible"] is True
+    request = await file_request(client, token, "acc_won", payment_reference=paid.payment_intent)
+    seen = len(stripe_fake.events)
+    approved = await reply(
+        client,
+        token,
+        request["id"],
+        kind="decision",
+        message="Refunded after the chargeback was decided.",
+        outcome="approved",
+        remedy="refund",
+        amount=quote["refundable_amount"],
+    )
+    assert approved.status_code == 201, approved.text
+    await deliver(new_events(stripe_fake, seen))
+    assert len(stripe_fake.all("refund")) == 1
+
+
+async def test_a_payment_whose_chargeback_was_lost_is_never_refunded(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    paid = await pay_subscription(
+        app, stripe_fake, deliver, account_id="acc_lost", channel_id="ch_lost"
+    )
+    opened = stripe_fake.create_dispute(paid.charge_id)
+    dispute_id = opened[0]["data"]["object"]["id"]
+    await deliver([*opened, *stripe_fake.withdraw_dispute_funds(dispute_id)])
+    await deliver(stripe_fake.close_dispute(dispute_id, won=False))
+
+    assert "disputed" in (await _quote(client, token, "acc_lost"))["reasons"]
+    request = await file_request(client, token, "acc_lost", payment_reference=paid.payment_intent)
+    refused = await reply(
+        client,
+        token,
+        request["id"],
+        kind="decision",
+        message="No.",
+        outcome="approved",
+        remedy="refund",
+        amount=1000,
+    )
+    assert refused.status_code == 409
+    assert refused.json()["code"] == "payment_disputed"
+    assert stripe_fake.all("refund") == []
