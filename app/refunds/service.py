@@ -61,6 +61,7 @@ from app.errors import (
     RefundInProgress,
     RefundNotFailed,
     RefundRequestNotFound,
+    RemedyNotApplicable,
     RequestAlreadyDecided,
     RequestNotClosable,
     RequestNotReady,
@@ -693,6 +694,14 @@ async def _apply_remedy(
         payment = (
             await repo.get_payment(session, request.payment_id) if request.payment_id else None
         )
+        # A request identified as about a top-up or debt repayment has no subscription to
+        # extend, and no detail the client adds changes that: the remedy does not fit (422),
+        # unlike a request not yet matched to a payment (409 request_needs_information).
+        if payment is not None and payment.purpose in repo.BALANCE_PURPOSES:
+            raise RemedyNotApplicable(
+                f"An access extension applies to a subscription payment; this request is "
+                f"about a {payment.purpose} payment (grant a balance_credit or a refund instead)"
+            )
         subscription = (
             await repo.subscription_of_payment(session, payment, lock=True) if payment else None
         )
