@@ -152,6 +152,10 @@ class RequestNotReady(Conflict):
     )
 
 
+class RemedyNotApplicable(Unprocessable):
+    code, title = "remedy_not_applicable", "The remedy does not apply to the request's payment"
+
+
 class PaymentDisputed(Conflict):
     code, title = "payment_disputed", "The payment is under a chargeback and cannot be refunded"
 

@@ -10,6 +10,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.routing import APIRoute
+from starlette.datastructures import Headers
+from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from app.auth import TokenVerifier
@@ -19,7 +21,7 @@ from app.checkout.router import router as checkout_router
 from app.config import Settings, get_settings
 from app.db import Reader, create_engine, create_session_factory
 from app.disputes.router import router as disputes_router
-from app.errors import install_error_handlers
+from app.errors import install_error_handlers, problem_response
 from app.fast_reads import FastReads, fast_reads_for
 from app.fast_writes import FastPost
 from app.health.router import migration_head
@@ -43,6 +45,29 @@ from app.webhooks.router import WEBHOOK_PATH, WebhookFastPath
 from app.webhooks.router import router as webhooks_router
 from app.webhooks.wakeup import StoredEventsNotifier
 from app.workers import BackgroundWorkers, every
+
+
+class ProblemCORSMiddleware(CORSMiddleware):
+    """Starlette's CORS, with a refused preflight (an origin, method or header not allowed)
+    answered like every other error: 400 `application/problem+json`, code `cors_not_allowed`,
+    instead of Starlette's plain text. The CORS headers it sets stay as Starlette sets them."""
+
+    def preflight_response(self, request_headers: Headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        headers = {
+            name: value
+            for name, value in response.headers.items()
+            if name not in ("content-length", "content-type")
+        }
+        return problem_response(
+            400,
+            "cors_not_allowed",
+            "CORS request not allowed",
+            bytes(response.body).decode(),  # "Disallowed CORS origin, headers"
+            headers=headers,
+        )
 
 
 class BillingApp(BillingAPI):
@@ -175,7 +200,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     app.state.migration_head = migration_head()
     install_error_handlers(app)
     app.add_middleware(
-        CORSMiddleware,
+        ProblemCORSMiddleware,
         allow_origins=settings.cors_allowed_origins,
         allow_methods=["GET", "POST", "PATCH"],
         allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],

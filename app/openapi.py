@@ -6,7 +6,8 @@ This service answers every error as RFC 9457 `application/problem+json` (app/err
 document is rewritten to match, for every route, including routes added later:
 
 - every 4xx/5xx response is `application/problem+json` with the `Problem` schema;
-- 422 (FastAPI's request validation) is a `Problem` with code `validation_error`;
+- 422 (FastAPI's request validation) is a `Problem` with code `validation_error`, also on
+  routes that declare 422 codes of their own (`refund_exceeds_limit`, ...);
 - routes with a JSON request body also document 400 (`bad_request`, a body the JSON parser
   cannot read), and every POST/PUT/PATCH documents 413 (`payload_too_large`, over 1 MiB): the
   framework and the body-size limit answer these before the route runs;
@@ -58,6 +59,9 @@ def problem_details_in_openapi(document: dict[str, Any]) -> dict[str, Any]:
                     continue
                 if status == "422" and response.get("description") == "Validation Error":
                     response["description"] = GENERIC["422"]
+                elif status == "422" and "`validation_error`" not in response["description"]:
+                    # A route declaring its own 422 codes still validates its input.
+                    response["description"] = f"{GENERIC['422']} / {response['description']}"
                 response["content"] = {PROBLEM_JSON: {"schema": PROBLEM_REF}}
             operation["responses"] = dict(sorted(responses.items()))
     for name in FRAMEWORK_SCHEMAS:

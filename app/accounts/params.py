@@ -1,10 +1,12 @@
-"""Path parameters shared by the account-scoped routes."""
+"""Parameters shared by the routes: the account-scoped routes' path parameters, the
+`Idempotency-Key` header, and the list filters."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 from fastapi import Header, Path
+from pydantic import BeforeValidator, StringConstraints
 
 AccountId = Annotated[
     str,
@@ -27,4 +29,18 @@ IdempotencyKeyHeader = Annotated[
         description="Replays the first response for 24 hours when the same key and body are "
         "sent again (scoped to the token's `sub`, the account, the method and the path).",
     ),
+]
+
+
+def _blank_is_none(value: object) -> object:
+    return None if value == "" else value
+
+
+BlankIsNone = BeforeValidator(_blank_is_none)
+"""A list filter given empty (`?status=`, what a form sends for "any") filters nothing: it is
+neither a value to refuse nor one to match (no row has an empty status or account)."""
+
+AccountFilter = Annotated[
+    Annotated[str, StringConstraints(max_length=64)] | None,
+    BlankIsNone,
 ]

@@ -5,7 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from pydantic import StringConstraints
 
+from app.accounts.params import AccountFilter, BlankIsNone
 from app.auth import FinanceStaff
 from app.db import SessionDep
 from app.disputes import service
@@ -24,8 +26,8 @@ router = APIRouter(tags=["disputes"])
 async def list_disputes(
     session: SessionDep,
     _: FinanceStaff,
-    account_id: Annotated[str | None, Query(max_length=64)] = None,
-    status: Annotated[str | None, Query(max_length=32)] = None,
+    account_id: AccountFilter = None,
+    status: Annotated[Annotated[str, StringConstraints(max_length=32)] | None, BlankIsNone] = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> list[DisputeOut]:

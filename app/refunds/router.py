@@ -8,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Query, Request
 from fastapi.responses import JSONResponse
 
-from app.accounts.params import AccountId, IdempotencyKeyHeader
+from app.accounts.params import AccountFilter, AccountId, BlankIsNone, IdempotencyKeyHeader
 from app.auth import AccountOwner, AccountReader, FinanceStaff, Principal, account_access
 from app.db import SessionDep
 from app.errors import (
@@ -21,6 +21,7 @@ from app.errors import (
     RefundInProgress,
     RefundNotFailed,
     RefundRequestNotFound,
+    RemedyNotApplicable,
     RequestAlreadyDecided,
     RequestNotClosable,
     RequestNotReady,
@@ -198,9 +199,9 @@ async def file_refund_request(
 async def finance_list_refund_requests(
     session: SessionDep,
     _: FinanceStaff,
-    status: RequestStatus | None = None,
+    status: Annotated[RequestStatus | None, BlankIsNone] = None,
     overdue: bool = False,
-    account_id: Annotated[str | None, Query(max_length=64)] = None,
+    account_id: AccountFilter = None,
     limit: Annotated[int, Query(ge=1, le=500)] = 100,
     offset: Annotated[int, Query(ge=0, le=1_000_000)] = 0,
 ) -> list[FinanceRefundRequestOut]:
@@ -242,6 +243,7 @@ async def finance_get_refund_request(
         RefundInProgress,
         RefundExceedsLimit,
         CurrencyMismatch,
+        RemedyNotApplicable,
         StripeUnavailable,
         StripeRequestRejected,
     ),

@@ -61,6 +61,7 @@ from app.errors import (
     RefundInProgress,
     RefundNotFailed,
     RefundRequestNotFound,
+    RemedyNotApplicable,
     RequestAlreadyDecided,
     RequestNotClosable,
     RequestNotReady,
@@ -91,12 +92,14 @@ from app.refunds.schemas import (
     ResponseOut,
 )
 from app.stripe_gateway import StripeGateway, StripeRequestRejected, idempotency_key
+from app.subscriptions.access import subscription_access
 from app.subscriptions.service import record_access_change
 
 log = structlog.get_logger()
 
 OPEN_STATUSES = ("needs_information", "received", "acknowledged", "in_review")
 PAYMENT_FIELDS = ("payment_reference", "payment_date", "amount", "currency")
+ENDED = ("canceled", "incomplete_expired")  # Stripe's subscription statuses of no return
 
 
 def utcnow() -> datetime:
@@ -693,6 +696,14 @@ async def _apply_remedy(
         payment = (
             await repo.get_payment(session, request.payment_id) if request.payment_id else None
         )
+        # A request identified as about a top-up or debt repayment has no subscription to
+        # extend, and no detail the client adds changes that: the remedy does not fit (422),
+        # unlike a request not yet matched to a payment (409 request_needs_information).
+        if payment is not None and payment.purpose in repo.BALANCE_PURPOSES:
+            raise RemedyNotApplicable(
+                f"An access extension applies to a subscription payment; this request is "
+                f"about a {payment.purpose} payment (grant a balance_credit or a refund instead)"
+            )
         subscription = (
             await repo.subscription_of_payment(session, payment, lock=True) if payment else None
         )
@@ -701,6 +712,19 @@ async def _apply_remedy(
                 "An access extension needs the request matched to a subscription payment"
             )
         subscription.extension_days += body.days
+        # Extra days count from the end of its paid period: a subscription whose access has
+        # ended for good (revoked by a refund or chargeback, ended by Stripe before its period
+        # end, or so long ago that the days are already over) gets nothing from them, and an
+        # approval would tell the client days are coming that never do. One Stripe may still
+        # bring back (`past_due`, `unpaid`, `paused`, `incomplete`) keeps them for then.
+        extended = subscription_access(subscription, now, past_due_keeps_access=True)
+        ended = subscription.access_revoked_at is not None or subscription.status in ENDED
+        if ended and not extended.has_access:
+            raise RemedyNotApplicable(
+                f"The subscription's access has ended ({extended.reason}); {body.days} extra "
+                "days would not give the channel access (grant a balance_credit or a refund "
+                "instead)"
+            )
         await session.flush()
         await record_access_change(session, subscription.channel_id, settings, now)
         audit_step(

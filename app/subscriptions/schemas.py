@@ -16,9 +16,13 @@ class SubscriptionOut(BaseModel):
     cancel_at: datetime | None
     current_period_end: datetime | None
     access_until: datetime | None = Field(
-        description="End of the paid period plus maintenance extensions."
+        description="End of the paid period plus the extension days (maintenance windows, "
+        "finance `access_extension` decisions) Stripe's period does not already hold."
     )
-    extension_days: int = Field(description="Maintenance days granted in total.")
+    extension_days: int = Field(
+        description="Extra days of access granted in total: maintenance windows and finance "
+        "`access_extension` decisions."
+    )
     has_access: bool
     reason: str = Field(description="Why access is as it is (e.g. `cancelling`).")
 

@@ -64,6 +64,25 @@ async def test_top_up_dispute_won_after_funds_were_withdrawn_restores_the_balanc
     ]
 
 
+async def test_an_empty_filter_value_lists_every_dispute(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    # A finance tool's form sends `status=` for "any status": no filter, not "the disputes
+    # whose status is empty" (none, which reads as "no chargebacks").
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_df", amount=2000)
+    await deliver(stripe_fake.create_dispute(paid.charge_id))
+    [dispute] = await disputes(client, token)
+    response = await client.get(
+        "/v1/finance/disputes?status=&account_id=", headers=bearer(token(**FINANCE))
+    )
+    assert response.status_code == 200, response.text
+    assert [d["id"] for d in response.json()] == [dispute["id"]]
+
+
 async def test_dispute_events_in_reverse_order_converge_to_the_same_balance(
     app: FastAPI, stripe_fake: StripeFake, deliver: Deliver
 ) -> None:

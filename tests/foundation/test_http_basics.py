@@ -87,6 +87,29 @@ async def test_cors_allows_only_configured_origins(client: httpx.AsyncClient) ->
     assert "access-control-allow-origin" not in denied.headers
 
 
+@pytest.mark.parametrize(
+    ("origin", "extra", "refused"),
+    [
+        ("https://evil.example", {}, "origin"),
+        ("https://app.1msg.io", {"Access-Control-Request-Headers": "x-evil"}, "headers"),
+    ],
+)
+async def test_a_refused_cors_preflight_answers_problem_json_like_every_error(
+    client: httpx.AsyncClient, origin: str, extra: dict[str, str], refused: str
+) -> None:
+    denied = await client.options(
+        "/v1/plans",
+        headers={"Origin": origin, "Access-Control-Request-Method": "GET", **extra},
+    )
+    assert denied.status_code == 400
+    assert denied.headers["content-type"] == "application/problem+json"
+    body = denied.json()
+    assert body["status"] == 400 and body["code"] == "cors_not_allowed"
+    assert set(body) >= {"type", "title", "status", "detail", "code"}
+    assert refused in body["detail"]
+    assert "access-control-allow-origin" not in denied.headers or refused != "origin"
+
+
 def test_production_refuses_placeholder_secrets() -> None:
     with pytest.raises(ValidationError) as excinfo:
         Settings(app_env="production", auth_jwt_secret=SecretStr("changeme"))

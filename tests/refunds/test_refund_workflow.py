@@ -444,3 +444,91 @@ async def test_access_extension_remedy_extends_the_paid_subscription(
     after = await subscription(app, paid.subscription_id)
     assert after.extension_days == before.extension_days + 3
     assert stripe_fake.all("refund") == []
+
+
+async def test_access_extension_of_a_top_up_is_refused_as_not_applicable_not_as_missing_details(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    # The request is identified (it names the top-up), so "needs information" would send
+    # finance asking the client for details that cannot help: no payment detail turns a
+    # top-up into a subscription. The decision itself does not fit the request: 422.
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_xt", amount=5000)
+    created = await file_request(
+        client, token, "acc_xt", type="appeal", payment_reference=paid.payment_intent
+    )
+    assert created["status"] == "received" and created["payment_id"] == paid.payment_id
+    extension = {
+        "kind": "decision",
+        "message": "Three extra days.",
+        "outcome": "approved",
+        "remedy": "access_extension",
+        "days": 3,
+    }
+    refused = await reply(client, token, created["id"], **extension)
+    assert refused.status_code == 422, refused.text
+    assert refused.headers["content-type"].startswith("application/problem+json")
+    assert refused.json()["code"] == "remedy_not_applicable"
+    assert "subscription" in refused.json()["detail"]
+
+    shown = await client.get(
+        f"/v1/finance/refund-requests/{created['id']}", headers=bearer(token(**FINANCE))
+    )
+    assert shown.json()["status"] == "received"
+    assert shown.json()["responses"] == []
+    assert [step["action"] for step in shown.json()["audit"]] == ["filed"]
+    subjects = [e.subject for e in await outbox(app, "billing@acc_xt.example")]
+    assert not any("decision" in subject for subject in subjects)
+
+    # The request stays open for a remedy that fits a top-up.
+    credited = await reply(
+        client,
+        token,
+        created["id"],
+        **{**extension, "remedy": "balance_credit", "days": None, "amount": 300},
+    )
+    assert credited.status_code == 201, credited.text
+    assert credited.json()["status"] == "approved"
+
+
+async def test_access_extension_of_a_subscription_that_ended_is_refused_not_approved_for_nothing(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    # Cancelled at once (not at its period end): extra days after its period end cannot give
+    # the channel access. Approving would email the client "3 days" that never come.
+    paid = await pay_subscription(
+        app, stripe_fake, deliver, account_id="acc_xe", channel_id="ch_xe"
+    )
+    assert paid.subscription_id is not None
+    await deliver(stripe_fake.delete_subscription(paid.subscription_id))
+    before = await subscription(app, paid.subscription_id)
+    created = await file_request(
+        client, token, "acc_xe", type="appeal", payment_reference=paid.payment_id
+    )
+    refused = await reply(
+        client,
+        token,
+        created["id"],
+        kind="decision",
+        message="Three extra days.",
+        outcome="approved",
+        remedy="access_extension",
+        days=3,
+    )
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["code"] == "remedy_not_applicable"
+    after = await subscription(app, paid.subscription_id)
+    assert after.extension_days == before.extension_days
+    shown = await client.get(
+        f"/v1/finance/refund-requests/{created['id']}", headers=bearer(token(**FINANCE))
+    )
+    assert shown.json()["status"] == "received" and shown.json()["responses"] == []
+    subjects = [e.subject for e in await outbox(app, "billing@acc_xe.example")]
+    assert not any("decision" in subject for subject in subjects)

@@ -276,6 +276,31 @@ async def test_overdue_requests_are_listed_and_counted_in_metrics(
     assert [r["id"] for r in by_status.json()] == [old.json()["id"]]
 
 
+async def test_an_empty_filter_value_filters_nothing(
+    client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    # The contract's own URL, `?status=&overdue=true`, is what a finance tool's form sends
+    # for "any status": an empty value is no filter, not a status that does not exist (422)
+    # nor an account whose id is empty (an empty list).
+    old = await finance_file(client, token, received_at="2026-10-01T10:00:00+08:00")
+    recent = await finance_file(
+        client, token, account_id="acc_other", received_at=datetime.now(UTC).isoformat()
+    )
+    assert old.status_code == recent.status_code == 201
+    finance = bearer(token(**FINANCE))
+
+    overdue = await client.get("/v1/finance/refund-requests?status=&overdue=true", headers=finance)
+    assert overdue.status_code == 200, overdue.text
+    assert [r["id"] for r in overdue.json()] == [old.json()["id"]]
+    everything = await client.get(
+        "/v1/finance/refund-requests?status=&account_id=", headers=finance
+    )
+    assert everything.status_code == 200, everything.text
+    assert {r["id"] for r in everything.json()} == {old.json()["id"], recent.json()["id"]}
+    unknown = await client.get("/v1/finance/refund-requests?status=pending", headers=finance)
+    assert (unknown.status_code, unknown.json()["code"]) == (422, "validation_error")
+
+
 async def test_bad_input_and_wrong_callers_are_refused(
     client: httpx.AsyncClient, token: TokenFactory
 ) -> None:
