@@ -347,6 +347,17 @@ async def unconfirmed_balance_refunds(session: AsyncSession, account_id: str, cu
     return int((await session.execute(statement)).scalar_one())
 
 
+async def goodwill_credits(session: AsyncSession, account_id: str, currency: str) -> int:
+    """The balance credits finance granted the account in `currency` (`balance_credit`
+    entries): balance no money was received for, so never refunded to a card."""
+    statement = select(func.coalesce(func.sum(LedgerEntry.amount), 0)).where(
+        LedgerEntry.account_id == account_id,
+        LedgerEntry.kind == "balance_credit",
+        LedgerEntry.currency == currency,
+    )
+    return int((await session.execute(statement)).scalar_one())
+
+
 async def find_payment_by_reference(
     session: AsyncSession, account_id: str, reference: str
 ) -> Payment | None:

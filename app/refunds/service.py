@@ -921,6 +921,9 @@ async def _check_refund_bound(session: AsyncSession, payment: Payment, amount: i
             unspent -= await repo.unconfirmed_balance_refunds(
                 session, payment.account_id, payment.currency
             )
+            # Goodwill balance credits are spent last: what is left of them is no money the
+            # client paid, so it never goes back to a card.
+            unspent -= await repo.goodwill_credits(session, payment.account_id, payment.currency)
             limit = min(limit, unspent)
     if amount > limit:
         raise RefundExceedsLimit(f"At most {max(0, limit)} {payment.currency} can be refunded")

@@ -79,3 +79,73 @@ async def test_two_top_up_refunds_approved_before_stripe_confirms_cannot_exceed_
         headers=bearer(token(account_id="acc_rv")),
     )
     assert status.json()["status"] == "received"
+
+
+async def test_a_goodwill_balance_credit_is_never_refunded_as_cash(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """Only what the client paid and has not spent goes back to the card: a balance credit
+    finance granted (goodwill, no money received) is spent last, so it never turns into a
+    refund of the top-up."""
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_gw", amount=3000)
+    async with app.state.session_factory() as session, session.begin():
+        await add_ledger_entry(
+            session,
+            account_id="acc_gw",
+            kind="conversation",
+            source_id="conv-gw",
+            amount=-2500,
+            currency="usd",
+            description="usage",
+            occurred_at=datetime.now(UTC),
+        )
+    goodwill = await file_request(
+        client, token, "acc_gw", type="appeal", payment_reference=paid.charge_id
+    )
+    credited = await reply(
+        client,
+        token,
+        goodwill["id"],
+        kind="decision",
+        message="A goodwill credit for the trouble.",
+        outcome="approved",
+        remedy="balance_credit",
+        amount=1000,
+    )
+    assert credited.status_code == 201, credited.text
+    assert await balance(app, "acc_gw") == 1500  # 500 paid and unspent + 1000 goodwill
+
+    refund = await file_request(
+        client, token, "acc_gw", type="refund", payment_reference=paid.charge_id
+    )
+    too_much = await reply(
+        client,
+        token,
+        refund["id"],
+        kind="decision",
+        message="Unspent balance refunded.",
+        outcome="approved",
+        remedy="refund",
+        amount=1500,
+    )
+    assert too_much.status_code == 422, too_much.text
+    assert too_much.json()["code"] == "refund_exceeds_limit"
+    assert "500" in too_much.json()["detail"]
+    assert stripe_fake.all("refund") == []
+
+    unspent = await reply(
+        client,
+        token,
+        refund["id"],
+        kind="decision",
+        message="Unspent balance refunded.",
+        outcome="approved",
+        remedy="refund",
+        amount=500,
+    )
+    assert unspent.status_code == 201, unspent.text
+    assert [r["amount"] for r in stripe_fake.all("refund")] == [500]
