@@ -14,6 +14,7 @@ from sqlalchemy import select
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from app.accounts.params import BlankIsNone
 from app.auth import OpsStaff
 from app.config import Settings
 from app.db import SessionDep
@@ -247,7 +248,9 @@ INTERNAL_ERROR = problem_response(500, "internal_error", "Internal error", "Unex
 async def list_stripe_events(
     session: SessionDep,
     _: OpsStaff,
-    status: Annotated[str | None, Query(pattern="^(pending|processed|failed|ignored)$")] = None,
+    status: Annotated[
+        str | None, Query(pattern="^(pending|processed|failed|ignored)$"), BlankIsNone
+    ] = None,
     after: Annotated[str | None, Query(max_length=18, pattern="^[0-9]+$")] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> StoredEventList:
