@@ -335,6 +335,12 @@ async def update_request(
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     if not changes:
         raise Unprocessable("Nothing to update")
+    if request.payment_id is not None:
+        # Details an identified request has already change nothing: the PATCH that identified
+        # it sent again (its answer lost, a double submit) answers the request as it is.
+        changes = {field: v for field, v in changes.items() if getattr(request, field) != v}
+        if not changes:
+            return (await _render(session, [request]))[0]
     if request.status not in OPEN_STATUSES:
         raise RequestAlreadyDecided("A decided request can no longer be changed")
     if request.payment_id is not None and any(field in changes for field in PAYMENT_FIELDS):
