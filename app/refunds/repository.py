@@ -17,6 +17,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -356,9 +357,29 @@ async def find_payments_by_details(
     return list((await session.execute(statement)).scalars())
 
 
+async def announce_filing(session: AsyncSession, account_id: str) -> None:
+    """Write a new version of the account's row (and hold its lock) before a request about a
+    payment is matched: see `waiting_requests`."""
+    await session.execute(
+        update(Account).where(Account.id == account_id).values(updated_at=func.now())
+    )
+
+
 async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> list[RefundRequest]:
     """The accounts' requests still waiting for their payment to be identified
-    (`needs_information`), locked."""
+    (`needs_information`), locked.
+
+    The accounts' rows are locked first, so a request filed while the payment's events are
+    being applied is not missed by either side: a filing writes its account's row before it
+    matches (`announce_filing`). If the events' transaction locks the row first, the filing
+    waits and then sees the payment; if the filing wrote it first, the events' transaction
+    (SERIALIZABLE) fails to serialize on that lock and runs again, seeing the request."""
+    await session.execute(
+        select(Account.id)
+        .where(Account.id.in_(sorted(set(account_ids))))
+        .order_by(Account.id)
+        .with_for_update()
+    )
     statement = (
         select(RefundRequest)
         .where(

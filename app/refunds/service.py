@@ -277,6 +277,10 @@ async def create_request(
     about_payment = body.type == "refund" or any(
         getattr(body, field) is not None for field in PAYMENT_FIELDS
     )
+    if about_payment:
+        # Not missed by the events of a payment being applied at this moment (they would
+        # identify it): see `repo.waiting_requests`.
+        await repo.announce_filing(session, account_id)
     request = RefundRequest(
         id=uuid.uuid4(),
         account_id=account_id,
