@@ -99,7 +99,13 @@ async def account_email(session: AsyncSession, account_id: str) -> str | None:
 
 
 async def lock_account(session: AsyncSession, account_id: str) -> None:
-    await session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+    """The account's row lock (`FOR NO KEY UPDATE`, as `ledger_entries_in_account_currency`
+    takes it): serialised with the account's other money movements, not with rows that merely
+    reference the account (a request being filed checks its foreign key with `FOR KEY SHARE`,
+    which `FOR UPDATE` would wait for, and could deadlock with)."""
+    await session.execute(
+        select(Account.id).where(Account.id == account_id).with_for_update(key_share=True)
+    )
 
 
 async def add_ledger_entry(
@@ -378,7 +384,7 @@ async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> lis
         select(Account.id)
         .where(Account.id.in_(sorted(set(account_ids))))
         .order_by(Account.id)
-        .with_for_update()
+        .with_for_update(key_share=True)
     )
     statement = (
         select(RefundRequest)
@@ -396,9 +402,13 @@ async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> lis
 async def get_payment(
     session: AsyncSession, payment_id: uuid.UUID, *, lock: bool = False
 ) -> Payment | None:
+    """`lock`: `FOR NO KEY UPDATE`, which rows referencing the payment (a request filed about
+    it) do not wait for; see `lock_account`."""
     statement = select(Payment).where(Payment.id == payment_id)
     if lock:
-        statement = statement.with_for_update().execution_options(populate_existing=True)
+        statement = statement.with_for_update(key_share=True).execution_options(
+            populate_existing=True
+        )
     return (await session.execute(statement)).scalar_one_or_none()
 
 
