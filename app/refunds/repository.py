@@ -373,19 +373,14 @@ async def announce_filing(session: AsyncSession, account_id: str) -> None:
 
 async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> list[RefundRequest]:
     """The accounts' requests still waiting for their payment to be identified
-    (`needs_information`), locked.
+    (`needs_information`), locked; then the accounts' rows are locked too.
 
-    The accounts' rows are locked first, so a request filed while the payment's events are
-    being applied is not missed by either side: a filing writes its account's row before it
-    matches (`announce_filing`). If the events' transaction locks the row first, the filing
-    waits and then sees the payment; if the filing wrote it first, the events' transaction
-    (SERIALIZABLE) fails to serialize on that lock and runs again, seeing the request."""
-    await session.execute(
-        select(Account.id)
-        .where(Account.id.in_(sorted(set(account_ids))))
-        .order_by(Account.id)
-        .with_for_update(key_share=True)
-    )
+    So a request filed while the payment's events are being applied is not missed by either
+    side: a filing writes its account's row before it matches (`announce_filing`). If the
+    events' transaction locks the row first, the filing waits and then sees the payment; if
+    the filing wrote it first, the events' transaction (SERIALIZABLE) fails to serialize on
+    that lock and runs again, seeing the request. (Requests before the account, the order a
+    finance decision takes them in.)"""
     statement = (
         select(RefundRequest)
         .where(
@@ -396,7 +391,14 @@ async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> lis
         .with_for_update()
         .execution_options(populate_existing=True)
     )
-    return list((await session.execute(statement)).scalars())
+    requests = list((await session.execute(statement)).scalars())
+    await session.execute(
+        select(Account.id)
+        .where(Account.id.in_(sorted(set(account_ids))))
+        .order_by(Account.id)
+        .with_for_update(key_share=True)
+    )
+    return requests
 
 
 async def get_payment(
