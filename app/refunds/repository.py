@@ -363,9 +363,10 @@ async def find_payments_by_details(
     return list((await session.execute(statement)).scalars())
 
 
-async def announce_filing(session: AsyncSession, account_id: str) -> None:
+async def announce_matching(session: AsyncSession, account_id: str) -> None:
     """Write a new version of the account's row (and hold its lock) before a request about a
-    payment is matched: see `waiting_requests`."""
+    payment is matched (filed, or its details added): see `waiting_requests`; the dispute
+    handler relies on it too (app/disputes/events.py `_open_requests`)."""
     await session.execute(
         update(Account).where(Account.id == account_id).values(updated_at=func.now())
     )
@@ -376,11 +377,11 @@ async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> lis
     (`needs_information`), locked; then the accounts' rows are locked too.
 
     So a request filed while the payment's events are being applied is not missed by either
-    side: a filing writes its account's row before it matches (`announce_filing`). If the
-    events' transaction locks the row first, the filing waits and then sees the payment; if
-    the filing wrote it first, the events' transaction (SERIALIZABLE) fails to serialize on
-    that lock and runs again, seeing the request. (Requests before the account, the order a
-    finance decision takes them in.)"""
+    side: a filing writes its account's row before it matches (`announce_matching`), and so
+    does a PATCH that may identify it. If the events' transaction locks the row first, the
+    filing waits and then sees the payment; if the filing wrote it first, the events'
+    transaction (SERIALIZABLE) fails to serialize on that lock and runs again, seeing the
+    request. (Requests before the account, the order a finance decision takes them in.)"""
     statement = (
         select(RefundRequest)
         .where(

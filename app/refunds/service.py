@@ -280,7 +280,7 @@ async def create_request(
     if about_payment:
         # Not missed by the events of a payment being applied at this moment (they would
         # identify it): see `repo.waiting_requests`.
-        await repo.announce_filing(session, account_id)
+        await repo.announce_matching(session, account_id)
     request = RefundRequest(
         id=uuid.uuid4(),
         account_id=account_id,
@@ -354,6 +354,9 @@ async def update_request(
     if any(field in changes for field in PAYMENT_FIELDS):
         request.about_payment = True
     if request.about_payment and request.payment_id is None:
+        # Not missed by the events of its payment, or of its chargeback, being applied at
+        # this moment: see `repo.waiting_requests`.
+        await repo.announce_matching(session, account_id)
         match = await _match_payment(session, request, settings)
         if match.payment is None:
             request.missing_information = match.missing

@@ -312,3 +312,43 @@ async def test_a_refund_request_filed_while_its_payments_chargeback_is_applied_i
         headers=bearer(token(account_id="acc_dr")),
     )
     assert shown.json()["status"] == "closed", shown.json()
+
+
+async def test_a_refund_request_identified_while_its_payments_chargeback_is_applied_is_closed(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+    database_url: str,
+) -> None:
+    """As a filing, so the PATCH that identifies the payment of a waiting request."""
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_dp", amount=5000)
+    waiting = await file_request(client, token, "acc_dp", amount=5000)
+    assert waiting["status"] == "needs_information"
+    await deliver(stripe_fake.create_dispute(paid.charge_id), process=False)
+
+    admin = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        await admin.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", paid.payment_intent)
+        applying = asyncio.create_task(app.state.event_processor.drain())
+        await wait_for_a_lock_wait(admin)
+        patched = await client.patch(
+            f"/v1/accounts/acc_dp/refund-requests/{waiting['id']}",
+            json={"payment_reference": paid.payment_intent},
+            headers=bearer(token(account_id="acc_dp")),
+        )
+        assert patched.json()["status"] == "received", patched.text
+        await admin.execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))", paid.payment_intent
+        )
+        await applying
+    finally:
+        await admin.close()
+    await app.state.event_processor.drain()
+
+    shown = await client.get(
+        f"/v1/accounts/acc_dp/refund-requests/{waiting['id']}",
+        headers=bearer(token(account_id="acc_dp")),
+    )
+    assert shown.json()["status"] == "closed", shown.json()
