@@ -11,7 +11,8 @@ A key is scoped to (token `sub`, account, method, path) and kept at least 24 hou
   `IDEMPOTENCY_WAIT_SECONDS` and replays its response, else 409 `idempotency_key_in_use` with
   `Retry-After`;
 - a request that fails with an error releases the key, so the client may retry with it
-  (errors are not replayed; a retry re-evaluates, e.g. after Stripe recovers);
+  (errors are not replayed; a retry re-evaluates, e.g. after Stripe recovers), also one whose
+  final commit fails (`idempotent` commits the request's session itself, inside the guard);
 - a claim older than `ABANDONED_AFTER` without a response (its process died) is taken over;
   a record older than `RETENTION` is treated as absent.
 
@@ -148,10 +149,15 @@ async def idempotent(
         return replay
     try:
         outcome = await operation()
+        response = await _store(session, record_id, outcome)
+        # The request's one commit, made here and not by `get_session` after the route
+        # returned: a commit that fails (its connection lost) is a failed request, whose key
+        # is released like any other's, not held until `ABANDONED_AFTER`.
+        await session.commit()
     except BaseException:
         await _release(factory, record_id)
         raise
-    return await _store(session, record_id, outcome)
+    return response
 
 
 async def idempotent_claiming_in(
@@ -187,16 +193,16 @@ async def idempotent_claiming_in(
             if replay is not None:
                 return replay
             outcome = await operation(claim)
+        assert claim.record_id is not None, "the operation must claim the key"
+        if (answer := _answer(claim)) is not None:
+            return answer
+        # a store that fails (its commit lost) releases the key too, as the operation's errors
+        async with request.app.state.session_factory() as session, session.begin():
+            return await _store(session, claim.record_id, outcome)
     except BaseException:
         if claim.record_id is not None:  # a claim rolled back with its transaction deletes nothing
             await _release(request.app.state.session_factory, claim.record_id)
         raise
-    assert claim.record_id is not None, "the operation must claim the key"
-    if (answer := _answer(claim)) is not None:
-        return answer
-    factory = request.app.state.session_factory
-    async with factory() as session, session.begin():
-        return await _store(session, claim.record_id, outcome)
 
 
 def _answer(claim: Claim) -> Response | None:

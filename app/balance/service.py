@@ -86,7 +86,9 @@ async def record_usage_charge(
         raise Unprocessable(f"Unsupported currency {currency!r}")
     await ensure_account(session, account_id)
     # Serialise money movements of one account so the currency binding cannot race.
-    await session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+    await session.execute(
+        select(Account.id).where(Account.id == account_id).with_for_update(key_share=True)
+    )
     await check_currency(session, account_id, currency)
     # The first usage charge binds the account's currency in its row, a row version written:
     # an event transaction (SERIALIZABLE) whose snapshot predates this commit then fails to

@@ -48,7 +48,15 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from app.accounts.service import ledger_entries_in_account_currency
 from app.config import Settings
 from app.db import ArrayInsert, ArrayUpdate, DriverStatement, session_driver
-from app.models import Dispute, DisputeEffect, Invoice, Payment, RefundRequest, Subscription
+from app.models import (
+    Account,
+    Dispute,
+    DisputeEffect,
+    Invoice,
+    Payment,
+    RefundRequest,
+    Subscription,
+)
 from app.notifications.outbox import enqueue_email
 from app.refunds import repository as repo
 from app.refunds.events import PAYMENT_FACTS
@@ -132,6 +140,13 @@ OPEN_REQUESTS = DriverStatement(
     .with_for_update()
 )
 """The open refund requests about these payments, locked (a chargeback closes them)."""
+LOCK_ACCOUNTS = DriverStatement(
+    select(Account.id)
+    .where(Account.id == any_(bindparam("ids", type_=ARRAY(String))))
+    .order_by(Account.id)
+    .with_for_update(key_share=True)
+)
+"""The accounts' rows, locked (`FOR NO KEY UPDATE`, as every lock of them)."""
 REQUESTS_BY_ID = (
     select(RefundRequest)
     .where(RefundRequest.id == any_(bindparam("ids", type_=ARRAY(Uuid))))
@@ -242,7 +257,9 @@ async def _apply(
     ending = [(d, p) for d, p in paid if _ends_access(d, p, settings)]
     entries = await _dispute_ledger_entries(driver, balance)
     subscriptions = await _subscriptions_ending(driver, ending)
-    requests = await _open_requests(session, driver, [p.id for _, p in paid])
+    requests = await _open_requests(
+        session, driver, [p.id for _, p in paid], [p.account_id for _, p in paid]
+    )
     ledger: list[dict[str, Any]] = []
     effects: list[dict[str, Any]] = []
     access_ended: list[uuid.UUID] = []
@@ -466,13 +483,17 @@ def _end_access(
 
 
 async def _open_requests(
-    session: AsyncSession, driver: Any, payment_ids: list[uuid.UUID]
+    session: AsyncSession, driver: Any, payment_ids: list[uuid.UUID], account_ids: list[str]
 ) -> dict[uuid.UUID, list[RefundRequest]]:
     """The open refund requests of these payments, locked (on the driver), by payment; the
-    ORM rows of those found are loaded (rare: they are closed here)."""
+    ORM rows of those found are loaded (rare: they are closed here). Then the payments'
+    accounts are locked, as `repo.waiting_requests` does, so a request filed while these
+    events are applied is not missed (its filing wrote its account's row: this transaction
+    then fails to serialize and runs again, seeing it)."""
     if not payment_ids:
         return {}
     found = await OPEN_REQUESTS.fetch(driver, payment_ids=sorted(set(payment_ids)))
+    await LOCK_ACCOUNTS.execute(driver, ids=sorted(set(account_ids)))
     if not found:
         return {}
     loaded = await session.scalars(REQUESTS_BY_ID, {"ids": [request_id for request_id, _ in found]})

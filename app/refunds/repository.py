@@ -17,6 +17,7 @@ from sqlalchemy import (
     or_,
     select,
     text,
+    update,
 )
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -121,7 +122,13 @@ async def account_email(session: AsyncSession, account_id: str) -> str | None:
 
 
 async def lock_account(session: AsyncSession, account_id: str) -> None:
-    await session.execute(select(Account.id).where(Account.id == account_id).with_for_update())
+    """The account's row lock (`FOR NO KEY UPDATE`, as `ledger_entries_in_account_currency`
+    takes it): serialised with the account's other money movements, not with rows that merely
+    reference the account (a request being filed checks its foreign key with `FOR KEY SHARE`,
+    which `FOR UPDATE` would wait for, and could deadlock with)."""
+    await session.execute(
+        select(Account.id).where(Account.id == account_id).with_for_update(key_share=True)
+    )
 
 
 async def add_ledger_entry(
@@ -390,9 +397,25 @@ async def find_payments_by_details(
     return list((await session.execute(statement)).scalars())
 
 
+async def announce_matching(session: AsyncSession, account_id: str) -> None:
+    """Write a new version of the account's row (and hold its lock) before a request about a
+    payment is matched (filed, or its details added): see `waiting_requests`; the dispute
+    handler relies on it too (app/disputes/events.py `_open_requests`)."""
+    await session.execute(
+        update(Account).where(Account.id == account_id).values(updated_at=func.now())
+    )
+
+
 async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> list[RefundRequest]:
     """The accounts' requests still waiting for their payment to be identified
-    (`needs_information`), locked."""
+    (`needs_information`), locked; then the accounts' rows are locked too.
+
+    So a request filed while the payment's events are being applied is not missed by either
+    side: a filing writes its account's row before it matches (`announce_matching`), and so
+    does a PATCH that may identify it. If the events' transaction locks the row first, the
+    filing waits and then sees the payment; if the filing wrote it first, the events'
+    transaction (SERIALIZABLE) fails to serialize on that lock and runs again, seeing the
+    request. (Requests before the account, the order a finance decision takes them in.)"""
     statement = (
         select(RefundRequest)
         .where(
@@ -403,7 +426,14 @@ async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> lis
         .with_for_update()
         .execution_options(populate_existing=True)
     )
-    return list((await session.execute(statement)).scalars())
+    requests = list((await session.execute(statement)).scalars())
+    await session.execute(
+        select(Account.id)
+        .where(Account.id.in_(sorted(set(account_ids))))
+        .order_by(Account.id)
+        .with_for_update(key_share=True)
+    )
+    return requests
 
 
 async def is_under_chargeback(session: AsyncSession, payment: Payment) -> bool:
@@ -419,9 +449,13 @@ async def is_under_chargeback(session: AsyncSession, payment: Payment) -> bool:
 async def get_payment(
     session: AsyncSession, payment_id: uuid.UUID, *, lock: bool = False
 ) -> Payment | None:
+    """`lock`: `FOR NO KEY UPDATE`, which rows referencing the payment (a request filed about
+    it) do not wait for; see `lock_account`."""
     statement = select(Payment).where(Payment.id == payment_id)
     if lock:
-        statement = statement.with_for_update().execution_options(populate_existing=True)
+        statement = statement.with_for_update(key_share=True).execution_options(
+            populate_existing=True
+        )
     return (await session.execute(statement)).scalar_one_or_none()
 
 

@@ -280,6 +280,10 @@ async def create_request(
     about_payment = body.type == "refund" or any(
         getattr(body, field) is not None for field in PAYMENT_FIELDS
     )
+    if about_payment:
+        # Not missed by the events of a payment being applied at this moment (they would
+        # identify it): see `repo.waiting_requests`.
+        await repo.announce_matching(session, account_id)
     request = RefundRequest(
         id=uuid.uuid4(),
         account_id=account_id,
@@ -338,6 +342,12 @@ async def update_request(
     changes = body.model_dump(exclude_unset=True, exclude_none=True)
     if not changes:
         raise Unprocessable("Nothing to update")
+    if request.payment_id is not None:
+        # Details an identified request has already change nothing: the PATCH that identified
+        # it sent again (its answer lost, a double submit) answers the request as it is.
+        changes = {field: v for field, v in changes.items() if getattr(request, field) != v}
+        if not changes:
+            return (await _render(session, [request]))[0]
     if request.status not in OPEN_STATUSES:
         raise RequestAlreadyDecided("A decided request can no longer be changed")
     if request.payment_id is not None and any(field in changes for field in PAYMENT_FIELDS):
@@ -347,6 +357,9 @@ async def update_request(
     if any(field in changes for field in PAYMENT_FIELDS):
         request.about_payment = True
     if request.about_payment and request.payment_id is None:
+        # Not missed by the events of its payment, or of its chargeback, being applied at
+        # this moment: see `repo.waiting_requests`.
+        await repo.announce_matching(session, account_id)
         match = await _match_payment(session, request, settings)
         if match.payment is None:
             request.missing_information = match.missing

@@ -289,13 +289,16 @@ def _mirror_statements(
     table: Table, starts_with: Sequence[str]
 ) -> tuple[DriverStatement, ArrayInsert, ArrayUpdate]:
     """(lock the rows of :stripe_ids, insert missing rows with `starts_with` columns, write
-    rows by id), each one statement straight on the driver."""
+    rows by id), each one statement straight on the driver. The lock is `FOR NO KEY UPDATE`
+    (the rows' ids never change): a route inserting a row that references one (a refund
+    request naming its payment) does not wait for the events' transaction, which may be
+    waiting for that route's account lock."""
     columns = [column for column in table.c if column.name not in TIMESTAMPS]
     locked = (
         select(*columns)
         .where(table.c.stripe_id == any_(bindparam("stripe_ids", type_=ARRAY(String))))
         .order_by(table.c.stripe_id)
-        .with_for_update()
+        .with_for_update(key_share=True)
     )
     new = ArrayInsert(
         table, ["id", "stripe_id", *starts_with], on_conflict_do_nothing=["stripe_id"]

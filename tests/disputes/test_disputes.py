@@ -3,16 +3,20 @@ access ended after a lost dispute on a subscription payment, never also refunded
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
 
 from app.config import Settings
 from app.disputes import cancels
-from tests.conftest import Deliver, TokenFactory, bearer
+from tests.conftest import Deliver, TokenFactory, bearer, plain_dsn
 from tests.refunds.flows import balance, ledger, outbox, pay_subscription, pay_top_up, subscription
+from tests.refunds.test_refund_workflow import file_request
+from tests.robustness.test_lock_conflicts import wait_for_a_lock_wait
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import open_checkout
 
@@ -290,3 +294,80 @@ async def test_funds_withdrawn_in_another_settlement_currency_are_in_the_dispute
     [shown] = await disputes(client, token)
     assert (shown["amount"], shown["currency"]) == (10_000, "jpy")
     assert shown["funds_withdrawn"] == 10_000
+
+
+async def test_a_refund_request_filed_while_its_payments_chargeback_is_applied_is_closed(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+    database_url: str,
+) -> None:
+    """The chargeback's events are being applied (their snapshot taken, not yet committed)
+    when a refund request about the payment is filed: it is closed like any open one."""
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_dr", amount=5000)
+    await deliver(stripe_fake.create_dispute(paid.charge_id), process=False)
+
+    admin = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        # another replica holds the payment's lock (dispute events are keyed by it): the
+        # processor has claimed the events and waits for it before applying them
+        await admin.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", paid.payment_intent)
+        applying = asyncio.create_task(app.state.event_processor.drain())
+        await wait_for_a_lock_wait(admin)
+        filed = await file_request(client, token, "acc_dr", payment_reference=paid.payment_intent)
+        assert filed["status"] == "received"
+        await admin.execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))", paid.payment_intent
+        )
+        await applying
+    finally:
+        await admin.close()
+    await app.state.event_processor.drain()
+
+    shown = await client.get(
+        f"/v1/accounts/acc_dr/refund-requests/{filed['id']}",
+        headers=bearer(token(account_id="acc_dr")),
+    )
+    assert shown.json()["status"] == "closed", shown.json()
+
+
+async def test_a_refund_request_identified_while_its_payments_chargeback_is_applied_is_closed(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+    database_url: str,
+) -> None:
+    """As a filing, so the PATCH that identifies the payment of a waiting request."""
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_dp", amount=5000)
+    waiting = await file_request(client, token, "acc_dp", amount=5000)
+    assert waiting["status"] == "needs_information"
+    await deliver(stripe_fake.create_dispute(paid.charge_id), process=False)
+
+    admin = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        await admin.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", paid.payment_intent)
+        applying = asyncio.create_task(app.state.event_processor.drain())
+        await wait_for_a_lock_wait(admin)
+        patched = await client.patch(
+            f"/v1/accounts/acc_dp/refund-requests/{waiting['id']}",
+            json={"payment_reference": paid.payment_intent},
+            headers=bearer(token(account_id="acc_dp")),
+        )
+        assert patched.json()["status"] == "received", patched.text
+        await admin.execute(
+            "SELECT pg_advisory_unlock(hashtextextended($1, 0))", paid.payment_intent
+        )
+        await applying
+    finally:
+        await admin.close()
+    await app.state.event_processor.drain()
+
+    shown = await client.get(
+        f"/v1/accounts/acc_dp/refund-requests/{waiting['id']}",
+        headers=bearer(token(account_id="acc_dp")),
+    )
+    assert shown.json()["status"] == "closed", shown.json()

@@ -4,12 +4,16 @@ and its clock starts, without the client having to send its details again."""
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
 import httpx
 from fastapi import FastAPI
 
-from tests.conftest import Deliver, TokenFactory, bearer
+from tests.conftest import Deliver, TokenFactory, bearer, plain_dsn
 from tests.refunds.flows import new_events
 from tests.refunds.test_refund_workflow import file_request
+from tests.robustness.test_lock_conflicts import wait_for_a_lock_wait
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import open_checkout
 
@@ -89,3 +93,46 @@ async def test_a_waiting_request_whose_payment_arrives_after_its_chargeback_is_c
     shown = await client.get(f"/v1/accounts/acc_lcb/refund-requests/{filed['id']}", headers=headers)
     assert shown.json()["status"] == "closed", shown.json()
     assert shown.json()["payment_id"] is not None
+
+
+async def test_a_request_filed_while_its_payment_is_being_applied_is_identified(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+    database_url: str,
+) -> None:
+    """The payment's events are being applied (their transaction's snapshot taken, not yet
+    committed) when the request naming it is filed: the filing cannot see the payment, and
+    the events' transaction must not miss the request either."""
+    session_id = await open_checkout(app, account_id="acc_race", purpose="top_up", amount=4200)
+    seen = len(stripe_fake.events)
+    stripe_fake.complete_checkout(session_id)
+    await deliver(new_events(stripe_fake, seen), process=False)
+
+    admin = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        # Another replica holds the checkout session's lock: the processor has claimed the
+        # events (its snapshot) and waits for it before applying them.
+        await admin.execute("SELECT pg_advisory_lock(hashtextextended($1, 0))", session_id)
+        applying = asyncio.create_task(app.state.event_processor.drain())
+        await wait_for_a_lock_wait(admin)
+        filed = await file_request(
+            client, token, "acc_race", description="Refund please", payment_reference=session_id
+        )
+        assert filed["status"] == "needs_information"
+        await admin.execute("SELECT pg_advisory_unlock(hashtextextended($1, 0))", session_id)
+        await applying
+    finally:
+        await admin.close()
+    await app.state.event_processor.drain()
+
+    shown = await client.get(
+        f"/v1/accounts/acc_race/refund-requests/{filed['id']}",
+        headers=bearer(token(account_id="acc_race")),
+    )
+    body = shown.json()
+    assert body["status"] == "received", body
+    assert body["payment_id"] is not None
+    assert body["clock_started_at"] == body["received_at"]

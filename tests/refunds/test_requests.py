@@ -144,6 +144,41 @@ async def test_an_unidentifiable_payment_request_waits_for_details_and_its_clock
     assert again.status_code == 422
 
 
+async def test_the_patch_that_identified_the_payment_sent_again_answers_the_same_request(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """A PATCH whose answer was lost (or a double submit) is sent again: the details it adds
+    are the request's already, so it changes nothing and answers as the first did, not 422
+    "already identified" for details the request was identified by."""
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_p", amount=4200)
+    headers = bearer(token(account_id="acc_p"))
+    filed = await client.post(
+        "/v1/accounts/acc_p/refund-requests",
+        json={"type": "refund", "description": "Charged twice?", "amount": 4200},
+        headers=headers,
+    )
+    assert filed.status_code == 201, filed.text
+    url = f"/v1/accounts/acc_p/refund-requests/{filed.json()['id']}"
+    details = {"payment_reference": paid.payment_intent, "amount": 4200}
+
+    first, again = [await client.patch(url, json=details, headers=headers) for _ in range(2)]
+
+    assert first.status_code == 200, first.text
+    assert first.json()["status"] == "received"
+    assert again.status_code == 200, again.text
+    assert again.json() == first.json()
+    trail = await client.get(
+        f"/v1/finance/refund-requests/{filed.json()['id']}", headers=bearer(token(**FINANCE))
+    )
+    assert [step["action"] for step in trail.json()["audit"]] == ["filed", "details_added"]
+    other = await client.patch(url, json={"amount": 4100}, headers=headers)
+    assert other.status_code == 422  # other details than those it was identified by
+
+
 async def test_a_request_not_about_a_payment_starts_its_clock_at_once(
     client: httpx.AsyncClient, token: TokenFactory
 ) -> None:

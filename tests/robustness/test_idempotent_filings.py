@@ -7,10 +7,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 
-from tests.conftest import TokenFactory, bearer
+from tests.conftest import TokenFactory, bearer, plain_dsn
 
 WINDOW = {
     "starts_at": "2026-03-09T09:00:00+08:00",
@@ -86,3 +87,46 @@ async def test_a_retried_filing_with_its_key_replays_the_first_and_creates_nothi
     without_key = await client.post(path, json=body, headers=headers)
     assert without_key.status_code == 201  # no key: a second filing is a second filing
     assert len(await listed(client, listing, headers)) == 2
+
+
+DROP_AT_COMMIT = """
+CREATE SEQUENCE drop_connection_calls;
+CREATE FUNCTION drop_connection_once() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    IF nextval('drop_connection_calls') = 1 THEN  -- not rolled back with the transaction
+        PERFORM pg_terminate_backend(pg_backend_pid());
+    END IF;
+    RETURN NULL;
+END $$;
+CREATE CONSTRAINT TRIGGER drop_connection_at_commit AFTER INSERT ON refund_requests
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION drop_connection_once();
+"""
+"""The next commit that files a request loses its connection (the database restarted, a
+proxy dropped it): nothing of it commits. Once, so the retry commits normally."""
+
+
+async def test_a_filing_whose_commit_fails_releases_its_key_so_the_retry_files_it(
+    client: httpx.AsyncClient, token: TokenFactory, database_url: str
+) -> None:
+    headers = {**bearer(token(account_id="acc_c")), "Idempotency-Key": "commit-lost"}
+    path = "/v1/accounts/acc_c/refund-requests"
+    admin = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        await admin.execute(DROP_AT_COMMIT)
+        lost = await client.post(path, json=CLIENT_FILING, headers=headers)
+        assert lost.status_code == 503, lost.text
+        assert await admin.fetchval("SELECT count(*) FROM refund_requests") == 0
+
+        retried = await client.post(path, json=CLIENT_FILING, headers=headers)
+    finally:
+        await admin.execute(
+            "DROP FUNCTION IF EXISTS drop_connection_once() CASCADE;"
+            " DROP SEQUENCE IF EXISTS drop_connection_calls"
+        )
+        await admin.close()
+
+    # The 503 promised "retry": the key must not stay held by a request that is over (409
+    # `idempotency_key_in_use` for minutes), and the retry files exactly one request.
+    assert retried.status_code == 201, retried.text
+    assert "Idempotent-Replayed" not in retried.headers
+    assert len(await listed(client, path, bearer(token(account_id="acc_c")))) == 1

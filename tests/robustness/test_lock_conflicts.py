@@ -13,7 +13,10 @@ from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from app.models import LedgerEntry, RefundRequest
-from tests.conftest import TokenFactory, bearer, plain_dsn
+from tests.conftest import Deliver, TokenFactory, bearer, plain_dsn
+from tests.refunds.flows import pay_top_up
+from tests.refunds.test_refund_workflow import file_request, reply
+from tests.stripe_fake import StripeFake
 
 CREDIT = {
     "kind": "decision",
@@ -82,3 +85,54 @@ async def test_a_request_aborted_to_break_a_deadlock_answers_503_and_changes_not
     again = await client.post(url, json=CREDIT, headers=finance)
     assert again.status_code == 201, again.text
     assert again.json()["status"] == "approved"
+
+
+async def test_a_filing_about_a_payment_and_an_approval_refunding_it_both_go_through(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+    database_url: str,
+) -> None:
+    """The approval locks the payment, then the account (the top-up's unspent balance); a
+    filing naming the payment only references it (a foreign key): neither may make the other
+    a deadlock's victim (503) just by referencing what the other locked."""
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_fk", amount=3000)
+    first = await file_request(client, token, "acc_fk", payment_reference=paid.payment_intent)
+    refund = {"kind": "decision", "message": "Refunded.", "outcome": "approved"}
+
+    admin = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        held = admin.transaction()
+        await held.start()
+        # The approval takes the payment's lock, then waits here for its request's
+        await admin.execute("SELECT 1 FROM refund_requests WHERE id = $1 FOR UPDATE", first["id"])
+        approval = asyncio.create_task(
+            reply(client, token, first["id"], **refund, remedy="refund", amount=1000)
+        )
+        await wait_for_a_lock_wait(admin)
+        filing = asyncio.create_task(
+            client.post(
+                "/v1/accounts/acc_fk/refund-requests",
+                json={
+                    "type": "refund",
+                    "description": "Second",
+                    "amount": 3000,
+                    "payment_reference": paid.payment_intent,
+                },
+                headers=bearer(token(account_id="acc_fk")),
+            )
+        )
+        # the filing need not wait for the approval (before, it waited for the payment's lock,
+        # and the approval, once let go, for the account the filing had locked: a deadlock)
+        await asyncio.wait({filing}, timeout=5)
+        await held.rollback()
+        approved, filed = await approval, await filing
+    finally:
+        await admin.close()
+
+    assert approved.status_code == 201, approved.text
+    assert approved.json()["status"] == "refund_pending"
+    assert filed.status_code == 201, filed.text
+    assert filed.json()["payment_id"] == paid.payment_id
