@@ -8,10 +8,9 @@ from fastapi import FastAPI
 from sqlalchemy import select
 
 from app.models import Payment
-from app.refunds.repository import add_ledger_entry
 from tests.conftest import Deliver, TokenFactory, bearer
-from tests.refunds.flows import balance, ledger, new_events, set_email
-from tests.refunds.test_refund_workflow import file_request, reply, stripe_fake_now
+from tests.refunds.flows import balance, ledger, new_events, pay_top_up, set_email
+from tests.refunds.test_refund_workflow import file_request, reply
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import open_checkout
 
@@ -65,19 +64,9 @@ async def test_a_debt_repayment_is_refunded_at_most_up_to_the_unspent_balance(
     assert stripe_fake.all("refund") == []
     assert await balance(app, "acc_dr") == 0
 
-    # Once 500 is in the balance again (a credit finance granted), that much is unspent and
-    # may go back, and no more.
-    async with app.state.session_factory() as session, session.begin():
-        await add_ledger_entry(
-            session,
-            account_id="acc_dr",
-            kind="balance_credit",
-            source_id="credit-1",
-            amount=500,
-            currency="usd",
-            description="credit",
-            occurred_at=stripe_fake_now(),
-        )
+    # Once 500 the client paid is in the balance again (a top-up), that much is unspent and
+    # may go back, and no more (a goodwill credit would not count: it is spent last).
+    await pay_top_up(app, stripe_fake, deliver, account_id="acc_dr", amount=500)
     over = await reply(client, token, created["id"], **APPROVE, amount=501)
     assert (over.status_code, over.json()["code"]) == (422, "refund_exceeds_limit")
     seen = len(stripe_fake.events)
