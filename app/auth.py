@@ -20,6 +20,7 @@ from fastapi.security.utils import get_authorization_scheme_param
 
 from app.config import Settings
 from app.errors import Forbidden, Unauthorized
+from app.notifications.outbox import plausible_email
 
 STAFF_SCOPES = frozenset({"finance", "ops"})
 KNOWN_SCOPES = frozenset({"billing:read", "billing:write", "usage:write", "finance", "ops"})
@@ -106,20 +107,6 @@ class TokenVerifier:
         return principal
 
 
-MAX_EMAIL_LENGTH = 320  # accounts.email
-
-
-def _plausible_email(email: object) -> bool:
-    """A user token's `email` becomes the account's billing contact only when an email can
-    carry it: one address (`local@domain`) of at most 320 characters, without spaces or
-    control characters (a line break in a header is an injection). Any other value is
-    ignored, as a missing one is: the contact on file stays."""
-    if not isinstance(email, str) or len(email) > MAX_EMAIL_LENGTH:
-        return False
-    local, at, domain = email.rpartition("@")
-    return bool(local and at and domain) and email.isprintable() and " " not in email
-
-
 def _principal_from_claims(claims: dict[str, Any]) -> Principal:
     sub = claims.get("sub")
     if not isinstance(sub, str) or not sub:
@@ -133,7 +120,7 @@ def _principal_from_claims(claims: dict[str, Any]) -> Principal:
             raise Unauthorized("Invalid token: `account_id` must be a non-empty string")
         email = claims.get("email")
         return Principal(
-            sub=sub, account_id=account_id, email=email if _plausible_email(email) else None
+            sub=sub, account_id=account_id, email=email if plausible_email(email) else None
         )
     if not isinstance(scope, str) or not scope.split():
         raise Unauthorized("Invalid token: `scope` must be a space-separated string")

@@ -1,11 +1,28 @@
-"""Queue an email in the caller's transaction; the delivery worker sends it after commit."""
+"""Queue an email in the caller's transaction; the delivery worker sends it after commit. And
+which addresses an email can carry (`plausible_email`), the rule for a billing contact."""
 
 from __future__ import annotations
+
+from typing import TypeGuard
 
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import OutboxEmail
+
+MAX_EMAIL_LENGTH = 320  # accounts.email
+
+
+def plausible_email(email: object) -> TypeGuard[str]:
+    """Whether an email can carry this as its recipient, so it may become an account's billing
+    contact (a user token's `email`, the email entered at Stripe Checkout): one address
+    (`local@domain`) of at most 320 characters, without spaces or control characters (a line
+    break in a header is an injection). Any other value is ignored, as a missing one is: the
+    contact on file stays."""
+    if not isinstance(email, str) or len(email) > MAX_EMAIL_LENGTH:
+        return False
+    local, at, domain = email.rpartition("@")
+    return bool(local and at and domain) and email.isprintable() and " " not in email
 
 
 async def enqueue_email(

@@ -79,6 +79,7 @@ from app.models import (
     Refund,
     Subscription,
 )
+from app.notifications.outbox import plausible_email
 from app.refunds.events import on_refunds_mirrored
 from app.refunds.repository import ADD_LEDGER_ENTRIES
 from app.refunds.service import identify_waiting_requests
@@ -207,6 +208,9 @@ RECORD_FIRST_PAYMENTS = ArrayUpdate(
         "(accounts.first_paid_at IS NULL OR accounts.first_paid_at > v.first_paid_at"
         " OR accounts.currency IS NULL)"
     ),
+)
+FILL_CONTACTS = ArrayUpdate(  # the email entered at Checkout, for an account without one
+    ACCOUNTS, ["email"], where="COALESCE(\"accounts\".email, '') = ''"
 )
 NEW_CHANNELS = ArrayInsert(  # the first account named for a channel owns it
     cast(Table, Channel.__table__), ["id", "account_id"], on_conflict_do_nothing=["id"]
@@ -541,7 +545,8 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     """Checkout session events, applied together to our checkout sessions (found by Stripe
     id, else by our id in the metadata; unknown ones are logged and skipped), in order:
     status and payment status forward, Stripe ids kept once known, the account linked to its
-    Stripe customer; a paid top-up or debt repayment credits the balance once (one ledger
+    Stripe customer and, when it has no billing contact, given the email entered at Checkout
+    (`FILL_CONTACTS`); a paid top-up or debt repayment credits the balance once (one ledger
     entry per session), mirrors its payment (`apply_payment_changes`) and is the account's
     payment. One paid in another currency than the account's (two balance checkouts opened
     in different currencies before the first payment: the first credited binds the account)
@@ -559,6 +564,7 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     stored = {row_id: dict(row) for row_id, row in rows.items()}
     by_stripe_id = {row["stripe_id"]: row for row in rows.values() if row["stripe_id"]}
     customers: dict[tuple[str, str], None] = {}  # (account, Stripe customer), in order
+    contacts: dict[str, str] = {}  # account -> the email entered at Checkout (the first)
     credits: list[dict[str, Any]] = []
     paid_at: dict[str, datetime] = {}  # credited Stripe session -> when it was paid
     payments: list[PaymentChange] = []
@@ -586,6 +592,8 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
         )
         if (customer := ref(obj.get("customer"))) is not None:
             customers[(row["account_id"], customer)] = None
+        if plausible_email(email := (obj.get("customer_details") or {}).get("email")):
+            contacts.setdefault(row["account_id"], email)
         paid = (
             ctx.type == "checkout.session.completed" and obj.get("payment_status") == "paid"
         ) or ctx.type == "checkout.session.async_payment_succeeded"
@@ -608,6 +616,9 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     changed = [row for row_id, row in rows.items() if row != stored[row_id]]
     await WRITE_CHECKOUTS.execute(await session_driver(session), changed)
     await link_customers(session, customers)
+    await FILL_CONTACTS.execute(
+        await session_driver(session), [{"id": a, "email": e} for a, e in contacts.items()]
+    )
     if credits:
         await ADD_LEDGER_ENTRIES.execute(await session_driver(session), credits)
     if payments:

@@ -11,7 +11,7 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.models import LedgerEntry, Payment
+from app.models import Account, LedgerEntry, Payment
 from tests.checkout.conftest import APP_URL, PostCheckout, subscription_body, top_up_body
 from tests.conftest import Deliver, bearer
 from tests.stripe_fake import StripeFake
@@ -288,3 +288,32 @@ async def test_a_read_answered_by_stripe_before_the_payment_event_does_not_move_
         True,
     )
     assert after["url"] is None
+
+
+async def test_the_email_entered_at_checkout_becomes_the_contact_of_an_account_without_one(
+    post_checkout: PostCheckout,
+    token: Any,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    db: async_sessionmaker[AsyncSession],
+) -> None:
+    """A checkout opened by a service (no user email) leaves the account without a billing
+    contact, so refund replies and maintenance notices could not reach the client: the email
+    the client enters at Stripe Checkout becomes it. A contact already on file is kept."""
+    service = token(scope="billing:write")
+    bare = (await post_checkout("acc_bare", top_up_body(), tok=service)).json()
+    known = (await post_checkout("acc_known", top_up_body())).json()  # token email on file
+    await deliver(
+        [
+            *stripe_fake.complete_checkout(
+                bare["stripe_checkout_session_id"], email="payer@client.example"
+            ),
+            *stripe_fake.complete_checkout(
+                known["stripe_checkout_session_id"], email="other@client.example"
+            ),
+        ]
+    )
+    async with db() as session:
+        emails = dict((await session.execute(select(Account.id, Account.email))).all())
+    assert emails["acc_bare"] == "payer@client.example"
+    assert emails["acc_known"] == "acc_known@example.com"

@@ -502,6 +502,8 @@ class StripeSimulation(StripeState):
                     {"email": session.get("customer_email") or email, "name": name}
                 )["id"]
             cust = self.get("customer", customer_id)
+            if not cust.get("email"):  # Checkout sets the email entered on such a customer
+                cust["email"] = email
             paid = payment_status == "paid"
             previous = {"status": "open"}
             session.update(
