@@ -149,6 +149,15 @@ async def run(
 
         finished = await harness.wait_for(drained, seconds=600, interval=0.2)
         applied = time.monotonic()
+
+        async def fees_known() -> bool:  # looked up after the events (app/webhooks/fees.py)
+            conn = await asyncpg.connect(dsn)
+            known = await conn.fetchval("SELECT count(*) FROM payments WHERE fee IS NOT NULL")
+            await conn.close()
+            return bool(known >= expected_mirror(accounts)["settled fees"])
+
+        # the state is compared once the follow-ups after the events are done too
+        await harness.wait_for(fees_known, seconds=600, interval=0.2)
         cpu_seconds = sum(cpu_time(server.process.pid) for server in running)
         busy_after, total_after = machine_ticks()
         own_after = resource.getrusage(resource.RUSAGE_SELF)
