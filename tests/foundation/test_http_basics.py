@@ -126,6 +126,34 @@ def test_production_refuses_placeholder_secrets() -> None:
     assert ok.stripe_livemode
 
 
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("auth_jwt_previous_secret", "changeme"),
+        ("auth_jwt_previous_secret", "dev-only-jwt-secret-not-for-production"),
+        ("auth_jwt_previous_secret", ""),
+        ("auth_staff_jwt_secret", "secret"),
+        ("auth_staff_jwt_secret", ""),
+        ("auth_staff_jwt_secret", "z" * 40),  # the ordinary secret: anyone signing those is staff
+    ],
+)
+def test_production_refuses_placeholder_rotation_and_staff_secrets(
+    setting: str, value: str
+) -> None:
+    """A token signed with a placeholder previous or staff secret would be accepted (a staff
+    one even for `finance`/`ops`): outside development they are refused like the others."""
+    production = {
+        "app_env": "production",
+        "stripe_secret_key": SecretStr("sk_live_" + "x" * 24),
+        "stripe_webhook_secrets": [SecretStr("whsec_" + "y" * 24)],
+        "auth_jwt_secret": SecretStr("z" * 40),
+    }
+    with pytest.raises(ValidationError) as excinfo:
+        Settings(**production, **{setting: SecretStr(value)})
+    assert setting.upper() in str(excinfo.value)
+    Settings(**production, **{setting: SecretStr("w" * 40)})
+
+
 def test_settings_parse_comma_lists_and_plans_from_environment() -> None:
     env = {
         "STRIPE_WEBHOOK_SECRETS": "whsec_a, whsec_b",
