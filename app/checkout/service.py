@@ -234,18 +234,24 @@ async def create_checkout_session(
 
 
 async def get_checkout_session(
-    session: AsyncSession, gateway: StripeGateway, account_id: str, checkout_id: str
+    factory: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    account_id: str,
+    checkout_id: str,
 ) -> CheckoutOut:
-    """The account's session; synced from Stripe while no payment event has fulfilled it."""
+    """The account's session; synced from Stripe while no payment event has fulfilled it. No
+    transaction is open (no pooled connection held) while Stripe answers: a client polling its
+    checkout while Stripe is slow would otherwise take the pool from every other request."""
     try:
         our_id = uuid.UUID(checkout_id)
     except ValueError:
         raise CheckoutSessionNotFound("No such checkout session") from None
-    row = await session.scalar(
-        select(CheckoutSession).where(
-            CheckoutSession.id == our_id, CheckoutSession.account_id == account_id
+    async with factory() as session:
+        row = await session.scalar(
+            select(CheckoutSession).where(
+                CheckoutSession.id == our_id, CheckoutSession.account_id == account_id
+            )
         )
-    )
     if row is None or row.stripe_id is None:
         raise CheckoutSessionNotFound("No such checkout session")
     if row.fulfilled_at is None and row.status != "expired":
@@ -254,7 +260,8 @@ async def get_checkout_session(
         except BillingError:
             log.warning("checkout.sync_failed", checkout_id=str(row.id))
         else:
-            row = await _apply_stripe_state(session, row.id, stripe_session)
+            async with factory() as session, session.begin():
+                row = await _apply_stripe_state(session, row.id, stripe_session)
     return to_out(row)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from datetime import datetime
 from typing import Any
 
@@ -11,6 +12,8 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.config import Settings
+from app.main import create_app
 from app.models import LedgerEntry, Payment
 from tests.checkout.conftest import APP_URL, PostCheckout, subscription_body, top_up_body
 from tests.conftest import Deliver, bearer
@@ -288,3 +291,34 @@ async def test_a_read_answered_by_stripe_before_the_payment_event_does_not_move_
         True,
     )
     assert after["url"] is None
+
+
+async def test_reads_waiting_for_stripe_to_sync_a_checkout_hold_no_database_connection(
+    settings: Settings, token: Any, stripe_fake: StripeFake
+) -> None:
+    """Reading an unfulfilled session asks Stripe; while it waits, it holds no pooled
+    connection: a client polling its checkout while Stripe is slow (or often enough while it is
+    not) must not take the pool from every other request."""
+    small = settings.model_copy(update={"database_pool_size": 2, "stripe_timeout_seconds": 10.0})
+    app = create_app(small)  # 2 pooled connections + 2 overflow
+    headers = bearer(token(account_id="acc_1", email="acc_1@example.com"))
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http,
+    ):
+        created = await http.post(
+            "/v1/accounts/acc_1/checkout-sessions", json=top_up_body(), headers=headers
+        )
+        assert created.status_code == 201, created.text
+        path = f"/v1/accounts/acc_1/checkout-sessions/{created.json()['id']}"
+        stripe_fake.fail_next(
+            4, kind="timeout", delay=6.0, method="GET", path_prefix="/v1/checkout/"
+        )
+        polls = [asyncio.create_task(http.get(path, headers=headers)) for _ in range(4)]
+        await asyncio.sleep(0.5)  # every poll is waiting for Stripe
+
+        started = time.monotonic()
+        balance = await http.get("/v1/accounts/acc_1/balance", headers=headers)
+        assert balance.status_code == 200, balance.text
+        assert time.monotonic() - started < 2
+        assert all(r.status_code == 200 for r in await asyncio.gather(*polls))
