@@ -75,6 +75,20 @@ async def test_metrics_count_requests(client: httpx.AsyncClient) -> None:
     assert "billing_http_request_duration_seconds_bucket" in body
 
 
+async def test_request_methods_a_client_invents_add_no_metric_series(
+    client: httpx.AsyncClient,
+) -> None:
+    """Every label value is a new series kept for the life of the process: methods outside
+    HTTP's own are counted under one label, so a client sending made-up methods cannot grow
+    the process's memory and /metrics without bound."""
+    for n in range(50):
+        response = await client.request(f"X{n}INVENTED", "/healthz")
+        assert response.status_code == 405
+    body = (await client.get("/metrics")).text
+    assert "INVENTED" not in body
+    assert 'billing_http_requests_total{method="other",route="/healthz",status="405"} 50.0' in body
+
+
 async def test_cors_allows_only_configured_origins(client: httpx.AsyncClient) -> None:
     preflight = {"Access-Control-Request-Method": "POST"}
     allowed = await client.options(
