@@ -78,7 +78,11 @@ CommaList = Annotated[list[str], NoDecode]
 class Settings(BaseSettings):
     """One flat settings object; names match the environment variables."""
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+    # hide_input_in_errors: an error that stops the service must not print its input (every
+    # secret, as the environment gave it)
+    model_config = SettingsConfigDict(
+        env_file=None, extra="ignore", case_sensitive=False, hide_input_in_errors=True
+    )
 
     app_env: Literal["development", "test", "production"] = "development"
     log_level: str = "INFO"

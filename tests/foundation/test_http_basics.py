@@ -168,6 +168,22 @@ def test_production_refuses_placeholder_rotation_and_staff_secrets(
     Settings(**production, **{setting: SecretStr("w" * 40)})
 
 
+def test_a_refused_configuration_never_shows_a_secret() -> None:
+    """The error that stops the service names what is wrong, not the values it was given:
+    pydantic would show the settings' input (its start and end), which holds every secret."""
+    environment = {  # as strings, the way the environment gives them
+        "app_env": "production",
+        "stripe_secret_key": "sk_live_key-never-shown",
+        "auth_jwt_secret": "jwt-secret-never-shown-" + "z" * 20,
+        "smtp_password": "smtp-password-never-shown",
+    }
+    with pytest.raises(ValidationError) as excinfo:
+        Settings(**environment)
+    message = str(excinfo.value)
+    assert "STRIPE_WEBHOOK_SECRETS" in message
+    assert "never-shown" not in message
+
+
 def test_settings_parse_comma_lists_and_plans_from_environment() -> None:
     env = {
         "STRIPE_WEBHOOK_SECRETS": "whsec_a, whsec_b",
