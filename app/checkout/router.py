@@ -90,6 +90,7 @@ async def get_checkout_session(
     _: AccountReader,
 ) -> CheckoutOut:
     # No request session: no connection is held while Stripe is asked (the service's docstring).
+    state = request.app.state
     return await service.get_checkout_session(
-        request.app.state.session_factory, request.app.state.stripe, account_id, session_id
+        state.session_factory, state.stripe, state.stripe_reads, account_id, session_id
     )

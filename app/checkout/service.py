@@ -100,7 +100,7 @@ from app.errors import (
 )
 from app.idempotency import STORE_ANSWER, Claim
 from app.models import CheckoutSession, LedgerEntry, Subscription
-from app.rate_limit import RecentSessions, enforce_stripe_rate_limit
+from app.rate_limit import RecentSessions, StripeReadThrottle, enforce_stripe_rate_limit
 from app.redirects import check_redirects
 from app.stripe_gateway import StripeGateway, StripeObject, StripeRequestRejected, idempotency_key
 from app.webhooks.handlers import CHECKOUT_PAYMENT_ORDER, CHECKOUT_STATUS_ORDER, rank_merge, ref
@@ -236,10 +236,12 @@ async def create_checkout_session(
 async def get_checkout_session(
     factory: async_sessionmaker[AsyncSession],
     gateway: StripeGateway,
+    throttle: StripeReadThrottle,
     account_id: str,
     checkout_id: str,
 ) -> CheckoutOut:
-    """The account's session; synced from Stripe while no payment event has fulfilled it. No
+    """The account's session; synced from Stripe while no payment event has fulfilled it, at
+    most once a second per account (`throttle`; in between, the stored state). No
     transaction is open (no pooled connection held) while Stripe answers: a client polling its
     checkout while Stripe is slow would otherwise take the pool from every other request."""
     try:
@@ -254,7 +256,7 @@ async def get_checkout_session(
         )
     if row is None or row.stripe_id is None:
         raise CheckoutSessionNotFound("No such checkout session")
-    if row.fulfilled_at is None and row.status != "expired":
+    if row.fulfilled_at is None and row.status != "expired" and throttle.allow(account_id):
         try:
             stripe_session = await gateway.retrieve_checkout_session(row.stripe_id)
         except BillingError:

@@ -297,28 +297,31 @@ async def test_reads_waiting_for_stripe_to_sync_a_checkout_hold_no_database_conn
     settings: Settings, token: Any, stripe_fake: StripeFake
 ) -> None:
     """Reading an unfulfilled session asks Stripe; while it waits, it holds no pooled
-    connection: a client polling its checkout while Stripe is slow (or often enough while it is
-    not) must not take the pool from every other request."""
+    connection: clients polling their checkouts while Stripe is slow (or often enough while it
+    is not) must not take the pool from every other request."""
     small = settings.model_copy(update={"database_pool_size": 2, "stripe_timeout_seconds": 10.0})
     app = create_app(small)  # 2 pooled connections + 2 overflow
-    headers = bearer(token(account_id="acc_1", email="acc_1@example.com"))
+    accounts = [f"acc_{n}" for n in range(4)]  # one poll each (reads are throttled per account)
+    headers = {a: bearer(token(account_id=a, email=f"{a}@example.com")) for a in accounts}
     async with (
         app.router.lifespan_context(app),
         httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http,
     ):
-        created = await http.post(
-            "/v1/accounts/acc_1/checkout-sessions", json=top_up_body(), headers=headers
-        )
-        assert created.status_code == 201, created.text
-        path = f"/v1/accounts/acc_1/checkout-sessions/{created.json()['id']}"
+        paths = []
+        for a in accounts:
+            created = await http.post(
+                f"/v1/accounts/{a}/checkout-sessions", json=top_up_body(), headers=headers[a]
+            )
+            assert created.status_code == 201, created.text
+            paths.append((a, f"/v1/accounts/{a}/checkout-sessions/{created.json()['id']}"))
         stripe_fake.fail_next(
             4, kind="timeout", delay=6.0, method="GET", path_prefix="/v1/checkout/"
         )
-        polls = [asyncio.create_task(http.get(path, headers=headers)) for _ in range(4)]
+        polls = [asyncio.create_task(http.get(p, headers=headers[a])) for a, p in paths]
         await asyncio.sleep(0.5)  # every poll is waiting for Stripe
 
         started = time.monotonic()
-        balance = await http.get("/v1/accounts/acc_1/balance", headers=headers)
+        balance = await http.get("/v1/accounts/acc_0/balance", headers=headers["acc_0"])
         assert balance.status_code == 200, balance.text
         assert time.monotonic() - started < 2
         assert all(r.status_code == 200 for r in await asyncio.gather(*polls))
