@@ -78,7 +78,11 @@ CommaList = Annotated[list[str], NoDecode]
 class Settings(BaseSettings):
     """One flat settings object; names match the environment variables."""
 
-    model_config = SettingsConfigDict(env_file=None, extra="ignore", case_sensitive=False)
+    # hide_input_in_errors: an error that stops the service must not print its input (every
+    # secret, as the environment gave it)
+    model_config = SettingsConfigDict(
+        env_file=None, extra="ignore", case_sensitive=False, hide_input_in_errors=True
+    )
 
     app_env: Literal["development", "test", "production"] = "development"
     log_level: str = "INFO"
@@ -199,6 +203,13 @@ class Settings(BaseSettings):
         if self.app_env == "development":
             return self
         problems = [name for name, value in self._secrets() if _is_placeholder(value)]
+        staff = self.auth_staff_jwt_secret
+        ordinary = (self.auth_jwt_secret, self.auth_jwt_previous_secret)
+        if staff is not None and any(
+            s is not None and s.get_secret_value() == staff.get_secret_value() for s in ordinary
+        ):
+            # whoever signs ordinary tokens could sign staff ones
+            problems.append("AUTH_STAFF_JWT_SECRET (same as an ordinary JWT secret)")
         if problems:
             raise ValueError(
                 "missing or placeholder secrets outside development mode: " + ", ".join(problems)
@@ -215,6 +226,14 @@ class Settings(BaseSettings):
         secrets += [
             ("STRIPE_WEBHOOK_SECRETS", s.get_secret_value()) for s in self.stripe_webhook_secrets
         ]
+        # Optional ones count once set: a token signed with either is accepted (a staff one for
+        # `finance` and `ops`), so an empty or placeholder value is as bad as the main secret's.
+        for name, optional in (
+            ("AUTH_JWT_PREVIOUS_SECRET", self.auth_jwt_previous_secret),
+            ("AUTH_STAFF_JWT_SECRET", self.auth_staff_jwt_secret),
+        ):
+            if optional is not None:
+                secrets.append((name, optional.get_secret_value()))
         return secrets
 
     @property

@@ -33,6 +33,7 @@ from app.observability import RequestContextMiddleware, configure_logging
 from app.openapi import BillingAPI
 from app.plans.router import router as plans_router
 from app.portal.router import router as portal_router
+from app.rate_limit import StripeReadThrottle
 from app.refunds.router import refund_eligibility
 from app.refunds.router import router as refunds_router
 from app.stripe_gateway import StripeGateway
@@ -194,6 +195,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
     )
     app.state.settings = settings
     app.state.token_verifier = TokenVerifier(settings)
+    app.state.stripe_reads = StripeReadThrottle()
     app.state.webhook_secrets = [
         secret.get_secret_value().encode() for secret in settings.stripe_webhook_secrets
     ]

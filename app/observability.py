@@ -29,9 +29,16 @@ MAX_BODY_BYTES = 1024 * 1024
 _route_metrics: dict[tuple[str, str, int], tuple[Any, Any]] = {}
 
 
+HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+"""Methods counted under their own name; any other (a client may send any token) is `other`:
+each label value is a series kept for the life of the process."""
+
+
 def route_metrics(method: str, route: str, status: int) -> tuple[Any, Any]:
     """The request counter and latency histogram children of one method, route and status,
     looked up once (`labels()` takes a lock and builds its key on every call)."""
+    if method not in HTTP_METHODS:
+        method = "other"
     key = (method, route, status)
     children = _route_metrics.get(key)
     if children is None:
@@ -39,8 +46,7 @@ def route_metrics(method: str, route: str, status: int) -> tuple[Any, Any]:
             HTTP_REQUESTS.labels(method, route, str(status)),
             HTTP_LATENCY.labels(method, route),
         )
-        if len(_route_metrics) < 1024:  # methods of unmatched requests are the client's
-            _route_metrics[key] = children
+        _route_metrics[key] = children
     return children
 
 

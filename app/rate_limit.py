@@ -5,11 +5,16 @@ create at most `STRIPE_SESSIONS_PER_ACCOUNT_PER_MINUTE` checkout plus portal ses
 sliding 60 seconds. Past that: 429 `rate_limited` with `Retry-After` = seconds until the oldest
 counted row leaves the window. Replays of an Idempotency-Key and reused open checkouts create
 nothing at Stripe and are not counted. Concurrent requests may overshoot by the number racing.
+
+Reads that ask Stripe (a checkout session synced while no payment event has fulfilled it) are
+limited too, so one client polling cannot use up the Stripe rate limit every checkout shares:
+`StripeReadThrottle`, at most one per account per second in each process.
 """
 
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -66,3 +71,25 @@ async def check_stripe_rate_limit(session: AsyncSession, account_id: str, limit:
     count, seconds_left = recent_stripe_sessions(account_id)
     row = (await session.execute(select(count, seconds_left))).one()
     enforce_stripe_rate_limit(RecentSessions(int(row[0]), row[1]), limit)
+
+
+class StripeReadThrottle:
+    """At most one Stripe read per account every `interval` seconds in this process; a read
+    refused here answers what is stored (as when Stripe cannot be reached). Memory is bounded:
+    beyond `max_accounts` the account read longest ago is forgotten."""
+
+    def __init__(self, interval: float = 1.0, max_accounts: int = 10_000) -> None:
+        self.interval = interval
+        self.max_accounts = max_accounts
+        self._last: dict[str, float] = {}
+
+    def allow(self, account_id: str) -> bool:
+        now = time.monotonic()
+        last = self._last.pop(account_id, None)
+        if last is not None and now - last < self.interval:
+            self._last[account_id] = last
+            return False
+        if len(self._last) >= self.max_accounts:
+            self._last.pop(next(iter(self._last)))
+        self._last[account_id] = now
+        return True

@@ -11,7 +11,6 @@ from app.accounts.params import AccountId, IdempotencyKeyHeader
 from app.auth import AccountReader, AccountWriter
 from app.checkout import service
 from app.checkout.schemas import CheckoutIn, CheckoutOut
-from app.db import SessionDep
 from app.errors import (
     ChannelNotFound,
     CheckoutSessionNotFound,
@@ -88,9 +87,10 @@ async def get_checkout_session(
     account_id: AccountId,
     session_id: Annotated[str, Path(max_length=64, description="Our checkout session id.")],
     request: Request,
-    session: SessionDep,
     _: AccountReader,
 ) -> CheckoutOut:
+    # No request session: no connection is held while Stripe is asked (the service's docstring).
+    state = request.app.state
     return await service.get_checkout_session(
-        session, request.app.state.stripe, account_id, session_id
+        state.session_factory, state.stripe, state.stripe_reads, account_id, session_id
     )

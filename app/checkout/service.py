@@ -100,7 +100,7 @@ from app.errors import (
 )
 from app.idempotency import STORE_ANSWER, Claim
 from app.models import CheckoutSession, LedgerEntry, Subscription
-from app.rate_limit import RecentSessions, enforce_stripe_rate_limit
+from app.rate_limit import RecentSessions, StripeReadThrottle, enforce_stripe_rate_limit
 from app.redirects import check_redirects
 from app.stripe_gateway import StripeGateway, StripeObject, StripeRequestRejected, idempotency_key
 from app.webhooks.handlers import CHECKOUT_PAYMENT_ORDER, CHECKOUT_STATUS_ORDER, rank_merge, ref
@@ -234,27 +234,36 @@ async def create_checkout_session(
 
 
 async def get_checkout_session(
-    session: AsyncSession, gateway: StripeGateway, account_id: str, checkout_id: str
+    factory: async_sessionmaker[AsyncSession],
+    gateway: StripeGateway,
+    throttle: StripeReadThrottle,
+    account_id: str,
+    checkout_id: str,
 ) -> CheckoutOut:
-    """The account's session; synced from Stripe while no payment event has fulfilled it."""
+    """The account's session; synced from Stripe while no payment event has fulfilled it, at
+    most once a second per account (`throttle`; in between, the stored state). No
+    transaction is open (no pooled connection held) while Stripe answers: a client polling its
+    checkout while Stripe is slow would otherwise take the pool from every other request."""
     try:
         our_id = uuid.UUID(checkout_id)
     except ValueError:
         raise CheckoutSessionNotFound("No such checkout session") from None
-    row = await session.scalar(
-        select(CheckoutSession).where(
-            CheckoutSession.id == our_id, CheckoutSession.account_id == account_id
+    async with factory() as session:
+        row = await session.scalar(
+            select(CheckoutSession).where(
+                CheckoutSession.id == our_id, CheckoutSession.account_id == account_id
+            )
         )
-    )
     if row is None or row.stripe_id is None:
         raise CheckoutSessionNotFound("No such checkout session")
-    if row.fulfilled_at is None and row.status != "expired":
+    if row.fulfilled_at is None and row.status != "expired" and throttle.allow(account_id):
         try:
             stripe_session = await gateway.retrieve_checkout_session(row.stripe_id)
         except BillingError:
             log.warning("checkout.sync_failed", checkout_id=str(row.id))
         else:
-            row = await _apply_stripe_state(session, row.id, stripe_session)
+            async with factory() as session, session.begin():
+                row = await _apply_stripe_state(session, row.id, stripe_session)
     return to_out(row)
 
 

@@ -361,6 +361,39 @@ async def test_reading_a_session_syncs_stripe_status_but_not_fulfilment(
     assert balance.json()["balance"] == 0
 
 
+async def test_polling_a_session_asks_stripe_at_most_once_a_second_per_account(
+    post_checkout: PostCheckout, client: httpx.AsyncClient, token: Any, stripe_fake: StripeFake
+) -> None:
+    """Each read of an unfulfilled session could ask Stripe: one client polling its open
+    checkouts as fast as it can would use up the Stripe rate limit every checkout shares (the
+    contract: one client cannot exhaust it for all). Reads in between answer the stored state."""
+    first = (await post_checkout("acc_1", top_up_body())).json()
+    second = (await post_checkout("acc_1", top_up_body(amount=6000))).json()
+    headers = bearer(token(account_id="acc_1"))
+
+    def stripe_reads() -> int:
+        return sum(
+            1
+            for r in stripe_fake.requests
+            if r.method == "GET" and r.path.startswith("/v1/checkout/sessions/")
+        )
+
+    for _ in range(10):
+        for created in (first, second):
+            response = await client.get(
+                f"/v1/accounts/acc_1/checkout-sessions/{created['id']}", headers=headers
+            )
+            assert response.status_code == 200
+            assert response.json()["status"] == "open"
+    assert stripe_reads() == 1
+    other = (await post_checkout("acc_2", top_up_body())).json()
+    await client.get(
+        f"/v1/accounts/acc_2/checkout-sessions/{other['id']}",
+        headers=bearer(token(account_id="acc_2")),
+    )
+    assert stripe_reads() == 2  # another account's read is its own
+
+
 async def test_unknown_or_malformed_session_ids_are_404(
     client: httpx.AsyncClient, token: Any
 ) -> None:

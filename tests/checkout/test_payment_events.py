@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import time
 from datetime import datetime
 from typing import Any
 
@@ -11,6 +12,8 @@ import httpx
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
+from app.config import Settings
+from app.main import create_app
 from app.models import Account, LedgerEntry, Payment
 from tests.checkout.conftest import APP_URL, PostCheckout, subscription_body, top_up_body
 from tests.conftest import Deliver, bearer
@@ -317,3 +320,37 @@ async def test_the_email_entered_at_checkout_becomes_the_contact_of_an_account_w
         emails = dict((await session.execute(select(Account.id, Account.email))).all())
     assert emails["acc_bare"] == "payer@client.example"
     assert emails["acc_known"] == "acc_known@example.com"
+
+
+async def test_reads_waiting_for_stripe_to_sync_a_checkout_hold_no_database_connection(
+    settings: Settings, token: Any, stripe_fake: StripeFake
+) -> None:
+    """Reading an unfulfilled session asks Stripe; while it waits, it holds no pooled
+    connection: clients polling their checkouts while Stripe is slow (or often enough while it
+    is not) must not take the pool from every other request."""
+    small = settings.model_copy(update={"database_pool_size": 2, "stripe_timeout_seconds": 10.0})
+    app = create_app(small)  # 2 pooled connections + 2 overflow
+    accounts = [f"acc_{n}" for n in range(4)]  # one poll each (reads are throttled per account)
+    headers = {a: bearer(token(account_id=a, email=f"{a}@example.com")) for a in accounts}
+    async with (
+        app.router.lifespan_context(app),
+        httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http,
+    ):
+        paths = []
+        for a in accounts:
+            created = await http.post(
+                f"/v1/accounts/{a}/checkout-sessions", json=top_up_body(), headers=headers[a]
+            )
+            assert created.status_code == 201, created.text
+            paths.append((a, f"/v1/accounts/{a}/checkout-sessions/{created.json()['id']}"))
+        stripe_fake.fail_next(
+            4, kind="timeout", delay=6.0, method="GET", path_prefix="/v1/checkout/"
+        )
+        polls = [asyncio.create_task(http.get(p, headers=headers[a])) for a, p in paths]
+        await asyncio.sleep(0.5)  # every poll is waiting for Stripe
+
+        started = time.monotonic()
+        balance = await http.get("/v1/accounts/acc_0/balance", headers=headers["acc_0"])
+        assert balance.status_code == 200, balance.text
+        assert time.monotonic() - started < 2
+        assert all(r.status_code == 200 for r in await asyncio.gather(*polls))

@@ -122,6 +122,16 @@ async def test_bad_tokens_are_401(http: httpx.AsyncClient, bad: str) -> None:
     assert_problem(await http.get("/v1/plans", headers=bearer(bad)), 401, "unauthorized")
 
 
+async def test_a_token_issued_by_a_clock_slightly_ahead_is_accepted(
+    http: httpx.AsyncClient,
+) -> None:
+    """`iat` is informational (RFC 7519 4.1.6; the contract requires `sub`, `exp` and `aud`):
+    a token minted on a host whose clock runs a little ahead, so its whole-second `iat` is
+    later than our clock for a moment, is valid all the same."""
+    ahead = raw_token(account_id="acc_1", iat=int(time.time()) + 2)
+    assert (await http.get("/v1/plans", headers=bearer(ahead))).status_code == 200
+
+
 async def test_user_and_service_tokens_read_plans(http: httpx.AsyncClient) -> None:
     for claims in ({"account_id": "acc_1"}, {"scope": "usage:write"}):
         response = await http.get("/v1/plans", headers=bearer(raw_token(**claims)))

@@ -75,6 +75,20 @@ async def test_metrics_count_requests(client: httpx.AsyncClient) -> None:
     assert "billing_http_request_duration_seconds_bucket" in body
 
 
+async def test_request_methods_a_client_invents_add_no_metric_series(
+    client: httpx.AsyncClient,
+) -> None:
+    """Every label value is a new series kept for the life of the process: methods outside
+    HTTP's own are counted under one label, so a client sending made-up methods cannot grow
+    the process's memory and /metrics without bound."""
+    for n in range(50):
+        response = await client.request(f"X{n}INVENTED", "/healthz")
+        assert response.status_code == 405
+    body = (await client.get("/metrics")).text
+    assert "INVENTED" not in body
+    assert 'billing_http_requests_total{method="other",route="/healthz",status="405"} 50.0' in body
+
+
 async def test_cors_allows_only_configured_origins(client: httpx.AsyncClient) -> None:
     preflight = {"Access-Control-Request-Method": "POST"}
     allowed = await client.options(
@@ -124,6 +138,50 @@ def test_production_refuses_placeholder_secrets() -> None:
         auth_jwt_secret=SecretStr("z" * 40),
     )
     assert ok.stripe_livemode
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("auth_jwt_previous_secret", "changeme"),
+        ("auth_jwt_previous_secret", "dev-only-jwt-secret-not-for-production"),
+        ("auth_jwt_previous_secret", ""),
+        ("auth_staff_jwt_secret", "secret"),
+        ("auth_staff_jwt_secret", ""),
+        ("auth_staff_jwt_secret", "z" * 40),  # the ordinary secret: anyone signing those is staff
+    ],
+)
+def test_production_refuses_placeholder_rotation_and_staff_secrets(
+    setting: str, value: str
+) -> None:
+    """A token signed with a placeholder previous or staff secret would be accepted (a staff
+    one even for `finance`/`ops`): outside development they are refused like the others."""
+    production = {
+        "app_env": "production",
+        "stripe_secret_key": SecretStr("sk_live_" + "x" * 24),
+        "stripe_webhook_secrets": [SecretStr("whsec_" + "y" * 24)],
+        "auth_jwt_secret": SecretStr("z" * 40),
+    }
+    with pytest.raises(ValidationError) as excinfo:
+        Settings(**production, **{setting: SecretStr(value)})
+    assert setting.upper() in str(excinfo.value)
+    Settings(**production, **{setting: SecretStr("w" * 40)})
+
+
+def test_a_refused_configuration_never_shows_a_secret() -> None:
+    """The error that stops the service names what is wrong, not the values it was given:
+    pydantic would show the settings' input (its start and end), which holds every secret."""
+    environment = {  # as strings, the way the environment gives them
+        "app_env": "production",
+        "stripe_secret_key": "sk_live_key-never-shown",
+        "auth_jwt_secret": "jwt-secret-never-shown-" + "z" * 20,
+        "smtp_password": "smtp-password-never-shown",
+    }
+    with pytest.raises(ValidationError) as excinfo:
+        Settings(**environment)
+    message = str(excinfo.value)
+    assert "STRIPE_WEBHOOK_SECRETS" in message
+    assert "never-shown" not in message
 
 
 def test_settings_parse_comma_lists_and_plans_from_environment() -> None:
