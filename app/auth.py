@@ -83,6 +83,11 @@ def _decode(token: str, settings: Settings) -> tuple[Principal, int]:
     raise Unauthorized("Invalid token: signature verification failed")
 
 
+MAX_TOKEN_LENGTH = 8192
+"""Ours are a few hundred bytes; uvicorn passes a header on whatever its size, and a longer
+token would be decoded and HMAC-checked once per configured secret."""
+
+
 class TokenVerifier:
     """`decode_token` with a bounded cache of tokens already verified: a caller sends the same
     token with every request, and checking its HMAC and claims again costs more than the rest of
@@ -96,6 +101,8 @@ class TokenVerifier:
         self._verified: dict[str, tuple[Principal, int]] = {}
 
     def verify(self, token: str) -> Principal:
+        if len(token) > MAX_TOKEN_LENGTH:  # before hashing, decoding or HMAC-checking it
+            raise Unauthorized(f"Invalid token: too long (over {MAX_TOKEN_LENGTH} characters)")
         hit = self._verified.get(token)
         if hit is not None:
             principal, expires = hit

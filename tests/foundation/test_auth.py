@@ -132,6 +132,20 @@ async def test_a_token_issued_by_a_clock_slightly_ahead_is_accepted(
     assert (await http.get("/v1/plans", headers=bearer(ahead))).status_code == 200
 
 
+async def test_a_token_longer_than_any_we_mint_is_refused_before_it_is_decoded(
+    http: httpx.AsyncClient,
+) -> None:
+    """A bearer token is at most 8 KiB (ours are a few hundred bytes): a longer one, which
+    uvicorn would pass on whatever its size, is 401 before it is base64-decoded, parsed and
+    HMAC-checked once per configured secret, even when it is validly signed."""
+    padded = raw_token(account_id="acc_1", pad="x" * 9000)
+    response = await http.get("/v1/plans", headers=bearer(padded))
+    assert_problem(response, 401, "unauthorized")
+    assert "too long" in response.json()["detail"]
+    fitting = raw_token(account_id="acc_1", pad="x" * 4000)
+    assert (await http.get("/v1/plans", headers=bearer(fitting))).status_code == 200
+
+
 async def test_user_and_service_tokens_read_plans(http: httpx.AsyncClient) -> None:
     for claims in ({"account_id": "acc_1"}, {"scope": "usage:write"}):
         response = await http.get("/v1/plans", headers=bearer(raw_token(**claims)))
