@@ -426,6 +426,15 @@ class StripeSimulator(StripeSimulation):
                 "one-time prices.",
                 param="line_items",
             )
+        minimum = self.minimum_charge.get(currency or "")
+        if mode == "payment" and minimum is not None and amount < minimum:
+            raise StripeError(
+                400,
+                "The Checkout Session's total amount due must add up to at least "
+                f"{minimum} {currency} (minor units).",
+                param="line_items",
+                code="amount_too_small",
+            )
         if params.get("ui_mode", "hosted_page") == "hosted_page" and not params.get("success_url"):
             raise StripeError(400, "Missing required param: success_url.", param="success_url")
         now = self.now()
