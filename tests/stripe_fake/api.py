@@ -18,6 +18,18 @@ from .state import (
 
 Handler = Callable[[dict[str, str], Json, RequestContext], tuple[int, Json]]
 
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
+
+
+def _check_email(params: Json) -> None:
+    """Stripe refuses a customer email that is not an address it can send to, e.g. a domain
+    without a dot ("Invalid email address: test@test", `email_invalid`)."""
+    email = params.get("email")
+    if email and not _EMAIL.match(email):
+        raise StripeError(
+            400, f"Invalid email address: {email}", param="email", code="email_invalid"
+        )
+
 
 class StripeSimulator(StripeSimulation):
     """Stripe's API operations + simulation, without any transport.
@@ -275,6 +287,7 @@ class StripeSimulator(StripeSimulation):
     # ------------------------------------------------------------------ customers
 
     def _customer_create(self, params: Json, ctx: RequestContext) -> Json:
+        _check_email(params)
         customer_id = self.create_customer(params, ctx)["id"]
         return self.objects["customer"][customer_id]
 
@@ -290,6 +303,7 @@ class StripeSimulator(StripeSimulation):
         self, pp: dict[str, str], params: Json, ctx: RequestContext
     ) -> tuple[int, Json]:
         cust = self.get("customer", pp["customer"], "customer")
+        _check_email(params)
         previous = self._apply_simple(
             cust,
             params,
