@@ -371,9 +371,11 @@ def _validate(settings: Settings, body: CheckoutIn) -> Plan | None:
         limits = settings.top_up_limits.get(currency)
         if limits is None:
             raise Unprocessable(f"Top-ups are not available in {currency.upper()}")
-        if not limits.min <= body.amount <= limits.max:
+        # Stripe charges nothing below its minimum, whatever TOP_UP_LIMITS allows.
+        smallest = max(limits.min, STRIPE_MINIMUM_CHARGE.get(currency, 0))
+        if not smallest <= body.amount <= limits.max:
             raise Unprocessable(
-                f"A top-up in {currency.upper()} must be between {limits.min} and {limits.max} "
+                f"A top-up in {currency.upper()} must be between {smallest} and {limits.max} "
                 "minor units"
             )
     assert isinstance(body, SubscriptionCheckoutIn | TopUpCheckoutIn | DebtRepaymentCheckoutIn)

@@ -358,6 +358,22 @@ async def test_a_debt_stripe_refuses_as_below_its_minimum_once_converted_is_409_
     assert stripe_fake.all("checkout.session") == []
 
 
+async def test_a_top_up_below_stripes_minimum_charge_is_422_even_where_the_limits_allow_it(
+    post_checkout: PostCheckout, app: Any, stripe_fake: StripeFake
+) -> None:
+    """TOP_UP_LIMITS is the operator's; Stripe still refuses a payment below its minimum
+    charge (0.50 USD), so a smaller configured minimum must not turn into Stripe's 400 as a
+    502: the amount is out of bounds (422), as any other."""
+    limits = app.state.settings.top_up_limits
+    limits["usd"] = type(limits["usd"])(min=10, max=500000)
+    response = await post_checkout("acc_1", top_up_body(amount=20))
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "validation_error"
+    assert "50" in response.json()["detail"]
+    assert stripe_fake.requests_to("POST", "/v1/checkout/sessions") == []
+    assert (await post_checkout("acc_1", top_up_body(amount=50))).status_code == 201
+
+
 async def test_the_stripe_fake_refuses_a_checkout_payment_below_stripes_minimum_charge(
     stripe_fake: StripeFake,
 ) -> None:
