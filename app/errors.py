@@ -114,6 +114,13 @@ class NoDebt(Conflict):
     code, title = "no_debt", "The account has no debt to repay"
 
 
+class DebtBelowMinimumCharge(Conflict):
+    code, title = (
+        "debt_below_minimum_charge",
+        "The debt is below the smallest card payment Stripe accepts",
+    )
+
+
 class PortalUnavailable(Conflict):
     code, title = "portal_unavailable", "The Customer Portal opens after the first payment"
 

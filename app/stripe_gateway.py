@@ -161,6 +161,14 @@ class StripeGateway:
             "customers.create", lambda: self._post_json("/v1/customers", params, key)
         )
 
+    async def update_customer_email(self, customer_id: str, email: str) -> StripeObject:
+        """Set the customer's email (an update: the same request twice changes nothing, so it
+        needs no idempotency key)."""
+        return await self._call(
+            "customers.update",
+            lambda: self._v1.customers.update_async(customer_id, {"email": email}),
+        )
+
     # --- checkout --------------------------------------------------------------------------
 
     async def create_checkout_session(self, params: dict[str, Any], *, key: str) -> StripeObject:

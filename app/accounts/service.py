@@ -39,7 +39,7 @@ from app.db import DriverStatement, session_driver
 from app.errors import ChannelNotFound, CurrencyMismatch
 from app.models import Account, Channel, LedgerEntry
 from app.rate_limit import RecentSessions, recent_stripe_sessions
-from app.stripe_gateway import StripeGateway, idempotency_key
+from app.stripe_gateway import StripeGateway, StripeRequestRejected, idempotency_key
 
 log = structlog.get_logger()
 
@@ -209,11 +209,24 @@ async def create_stripe_customer(
 ) -> str:
     """Create the account's Stripe customer and record its id, in the caller's
     `driver_transaction`, which holds the account row lock and found no customer (see module
-    docstring)."""
+    docstring). What is sent under the account-derived key never depends on who asks: Stripe
+    refuses a key sent again with other parameters (400 `idempotency_error`), so after a lost
+    answer a retry by another member of the account, or a service token, would get 502 for the
+    24 hours Stripe keeps the key. The billing email is set by an update after it; an address
+    Stripe refuses (`email_invalid`: our plausibility check is looser than Stripe's) is left
+    off the customer, which is only where Stripe sends receipts, rather than failing every
+    checkout of the account."""
     customer = await gateway.create_customer(
-        account_id=account_id, email=email, key=idempotency_key("customer", account_id)
+        account_id=account_id, email=None, key=idempotency_key("customer", account_id)
     )
     customer_id = str(customer["id"])
+    if email and customer.get("email") != email:
+        try:
+            await gateway.update_customer_email(customer_id, email)
+        except StripeRequestRejected as exc:
+            if exc.param != "email" and exc.stripe_code != "email_invalid":
+                raise
+            log.warning("stripe_customer.email_refused", account_id=account_id)
     await _RECORD_CUSTOMER.execute(conn, account_id=account_id, customer_id=customer_id)
     log.info("stripe_customer.created", account_id=account_id, customer=customer_id)
     return customer_id

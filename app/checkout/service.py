@@ -94,6 +94,7 @@ from app.db import DriverStatement, driver_connection, driver_transaction, flush
 from app.errors import (
     BillingError,
     CheckoutSessionNotFound,
+    DebtBelowMinimumCharge,
     NoDebt,
     SubscriptionExists,
     Unprocessable,
@@ -112,6 +113,16 @@ REUSE_MARGIN = timedelta(minutes=10)
 PENDING_REPLAY_WINDOW = timedelta(hours=23)
 SESSION_ID_PLACEHOLDER = "{CHECKOUT_SESSION_ID}"
 PRODUCT_NAMES = {"top_up": "Balance top-up", "debt_repayment": "Debt repayment"}
+STRIPE_MINIMUM_CHARGE: dict[str, int] = {
+    "usd": 50, "aed": 200, "aud": 50, "bgn": 100, "brl": 50, "cad": 50, "chf": 50,
+    "czk": 1500, "dkk": 250, "eur": 50, "gbp": 30, "hkd": 400, "huf": 17500, "inr": 50,
+    "jpy": 50, "mxn": 1000, "myr": 200, "nok": 300, "nzd": 50, "pln": 200, "ron": 200,
+    "sek": 300, "sgd": 50, "thb": 1000,
+}  # fmt: skip
+"""The smallest amount Stripe charges per presentment currency, in minor units
+(docs.stripe.com/currencies#minimum-and-maximum-charge-amounts). Stripe also refuses a charge
+that converts to less than its settlement currency's minimum (`amount_too_small`), which no
+table can know: that refusal is answered like a debt below this table's minimum."""
 
 
 @dataclass(kw_only=True, slots=True)
@@ -202,6 +213,8 @@ async def create_checkout_session(
             if debt <= 0:
                 raise NoDebt("The account has no debt to repay")
             currency = facts.currency or settings.default_currency
+            if debt < STRIPE_MINIMUM_CHARGE.get(currency, 0):
+                raise _debt_below_minimum(settings, debt, currency)
             fresh = _new_row(account_id, body, debt, currency, None, digest)
             row, new = await _retried_or_new(conn, fresh, facts.recent, limit)
         if new:
@@ -219,8 +232,14 @@ async def create_checkout_session(
         created = await gateway.create_checkout_session(
             stripe_params(row, customer, settings), key=idempotency_key("checkout", row.id)
         )
-    except BillingError:
+    except BillingError as exc:
         await _mark_failed(factory, row.id)
+        if (
+            row.purpose == "debt_repayment"
+            and isinstance(exc, StripeRequestRejected)
+            and exc.stripe_code == "amount_too_small"
+        ):
+            raise _debt_below_minimum(settings, int(row.amount or 0), row.currency) from None
         raise
     out = await _record_with_answer(engine, row, created, claim or Claim())
     log.info(
@@ -361,13 +380,33 @@ def _validate(settings: Settings, body: CheckoutIn) -> Plan | None:
         limits = settings.top_up_limits.get(currency)
         if limits is None:
             raise Unprocessable(f"Top-ups are not available in {currency.upper()}")
-        if not limits.min <= body.amount <= limits.max:
+        # Stripe charges nothing below its minimum, whatever TOP_UP_LIMITS allows.
+        smallest = max(limits.min, STRIPE_MINIMUM_CHARGE.get(currency, 0))
+        if not smallest <= body.amount <= limits.max:
             raise Unprocessable(
-                f"A top-up in {currency.upper()} must be between {limits.min} and {limits.max} "
+                f"A top-up in {currency.upper()} must be between {smallest} and {limits.max} "
                 "minor units"
             )
     assert isinstance(body, SubscriptionCheckoutIn | TopUpCheckoutIn | DebtRepaymentCheckoutIn)
     return None
+
+
+def _debt_below_minimum(settings: Settings, debt: int, currency: str) -> DebtBelowMinimumCharge:
+    """409 for a debt Stripe will not charge by card (below its minimum charge): what a client
+    can do instead is a top-up, which repays the debt first."""
+    code = currency.upper()
+    limits = settings.top_up_limits.get(currency)
+    smallest = max(limits.min, STRIPE_MINIMUM_CHARGE.get(currency, 0)) if limits else None
+    remedy = (
+        f"settle it with a top-up (purpose top_up, at least {smallest} {code} minor units), "
+        "which repays the debt first"
+        if smallest is not None
+        else "contact finance@1msg.io to settle it"
+    )
+    return DebtBelowMinimumCharge(
+        f"The debt of {debt} {code} minor units is below the smallest card payment Stripe "
+        f"accepts; {remedy}"
+    )
 
 
 def _new_row(

@@ -16,6 +16,7 @@ from app.models import Account, CheckoutSession, Subscription
 from tests.checkout.conftest import APP_URL, PostCheckout, subscription_body, top_up_body
 from tests.conftest import bearer
 from tests.stripe_fake import StripeFake
+from tests.stripe_fake.state import StripeError
 
 
 async def test_subscription_checkout_carries_account_channel_and_purpose_to_stripe(
@@ -294,6 +295,106 @@ async def test_debt_repayment_charges_exactly_the_current_debt(
     [created] = stripe_fake.all("checkout.session")
     assert (created["mode"], created["amount_total"]) == ("payment", 1234)
     assert created["metadata"]["purpose"] == "debt_repayment"
+
+
+async def test_a_debt_below_stripes_minimum_charge_is_409_and_reaches_no_stripe(
+    post_checkout: PostCheckout, client: httpx.AsyncClient, token: Any, stripe_fake: StripeFake
+) -> None:
+    """Stripe refuses a Checkout payment below its minimum charge (0.50 USD,
+    docs.stripe.com/currencies#minimum-and-maximum-charge-amounts): a debt of 0.30 USD cannot
+    be repaid by card. The client is told so (409, how to settle it: a top-up), not given
+    Stripe's refusal as a 502 to retry forever, and no session is made."""
+    usage = {
+        "id": "conv-small",
+        "amount": 30,
+        "currency": "usd",
+        "kind": "conversation",
+        "occurred_at": "2026-11-01T10:00:00Z",
+    }
+    charged = await client.post(
+        "/v1/accounts/acc_1/usage-charges", json=usage, headers=bearer(token(scope="usage:write"))
+    )
+    assert charged.status_code == 201, charged.text
+    body = {
+        "purpose": "debt_repayment",
+        "success_url": f"{APP_URL}/ok",
+        "cancel_url": f"{APP_URL}/no",
+    }
+    response = await post_checkout("acc_1", body)
+    assert response.status_code == 409, response.text
+    assert response.json()["code"] == "debt_below_minimum_charge"
+    assert "top-up" in response.json()["detail"]
+    assert stripe_fake.requests_to("POST", "/v1/checkout/sessions") == []
+    assert stripe_fake.all("checkout.session") == []
+
+
+async def test_a_debt_stripe_refuses_as_below_its_minimum_once_converted_is_409_too(
+    post_checkout: PostCheckout, client: httpx.AsyncClient, token: Any, stripe_fake: StripeFake
+) -> None:
+    """Stripe's minimum also holds once converted to the settlement currency, which no table
+    of ours can know: its `amount_too_small` refusal is answered as the 409 above, not 502, and
+    the retry with the same key gets the same answer."""
+    stripe_fake.minimum_charge["usd"] = 100  # 0.80 USD is below 0.50 of the settlement currency
+    usage = {
+        "id": "conv-small",
+        "amount": 80,
+        "currency": "usd",
+        "kind": "conversation",
+        "occurred_at": "2026-11-01T10:00:00Z",
+    }
+    charged = await client.post(
+        "/v1/accounts/acc_1/usage-charges", json=usage, headers=bearer(token(scope="usage:write"))
+    )
+    assert charged.status_code == 201, charged.text
+    body = {
+        "purpose": "debt_repayment",
+        "success_url": f"{APP_URL}/ok",
+        "cancel_url": f"{APP_URL}/no",
+    }
+    for _ in range(2):
+        response = await post_checkout("acc_1", body, key="repay-1")
+        assert response.status_code == 409, response.text
+        assert response.json()["code"] == "debt_below_minimum_charge"
+    assert stripe_fake.all("checkout.session") == []
+
+
+async def test_a_top_up_below_stripes_minimum_charge_is_422_even_where_the_limits_allow_it(
+    post_checkout: PostCheckout, app: Any, stripe_fake: StripeFake
+) -> None:
+    """TOP_UP_LIMITS is the operator's; Stripe still refuses a payment below its minimum
+    charge (0.50 USD), so a smaller configured minimum must not turn into Stripe's 400 as a
+    502: the amount is out of bounds (422), as any other."""
+    limits = app.state.settings.top_up_limits
+    limits["usd"] = type(limits["usd"])(min=10, max=500000)
+    response = await post_checkout("acc_1", top_up_body(amount=20))
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "validation_error"
+    assert "50" in response.json()["detail"]
+    assert stripe_fake.requests_to("POST", "/v1/checkout/sessions") == []
+    assert (await post_checkout("acc_1", top_up_body(amount=50))).status_code == 201
+
+
+async def test_the_stripe_fake_refuses_a_checkout_payment_below_stripes_minimum_charge(
+    stripe_fake: StripeFake,
+) -> None:
+    """The fake keeps Stripe's rule, so a service sending such a session fails in tests too."""
+
+    def session(amount: int, currency: str) -> dict[str, Any]:
+        line = {"currency": currency, "unit_amount": amount, "product_data": {"name": "Debt"}}
+        return {
+            "mode": "payment",
+            "success_url": f"{APP_URL}/ok",
+            "line_items": [{"price_data": line, "quantity": 1}],
+        }
+
+    for amount, currency in ((49, "usd"), (29, "gbp"), (49, "jpy")):
+        with pytest.raises(StripeError) as refused:
+            stripe_fake.call("post", "/v1/checkout/sessions", {}, session(amount, currency))
+        assert refused.value.status == 400
+        assert refused.value.body()["error"]["code"] == "amount_too_small"
+    for amount, currency in ((50, "usd"), (30, "gbp"), (50, "jpy")):
+        status, _ = stripe_fake.call("post", "/v1/checkout/sessions", {}, session(amount, currency))
+        assert status == 200
 
 
 async def test_a_payment_in_another_currency_than_the_accounts_is_refused(

@@ -133,3 +133,48 @@ async def test_a_debt_repayment_retried_after_the_debt_changed_is_made_for_the_n
     assert retry.status_code == 201, retry.text
     assert retry.json()["amount"] == 1334
     assert retry.json()["stripe_checkout_session_id"] != made["id"]
+
+
+async def test_an_accounts_first_checkout_retried_by_another_member_after_a_lost_customer_answer(
+    post_checkout: PostCheckout, stripe_fake: StripeFake, token: Any
+) -> None:
+    """The Stripe customer is created with a key derived from the account id (never two
+    customers). Stripe refuses a key sent again with other parameters (400 idempotency_error,
+    docs.stripe.com/api/idempotent_requests), so what is sent under it must not depend on who
+    asks: after Stripe made the customer but its answer was lost, another member of the account
+    (another email in the token) or a service token retrying the first checkout got 502 for
+    the 24 hours Stripe keeps the key. It gets the same customer, with the current email."""
+    stripe_fake.fail_next(2, 500, kind="lost_response", path_prefix="/v1/customers", method="POST")
+    first = await post_checkout(
+        "acc_1", top_up_body(), tok=token(account_id="acc_1", email="a@x.io")
+    )
+    assert first.status_code == 502, first.text
+    [made] = stripe_fake.all("customer")
+
+    retry = await post_checkout(
+        "acc_1", top_up_body(), tok=token(account_id="acc_1", email="b@x.io")
+    )
+
+    assert retry.status_code == 201, retry.text
+    assert [c["id"] for c in stripe_fake.all("customer")] == [made["id"]]
+    assert stripe_fake.all("customer")[0]["email"] == "b@x.io"
+    [session] = stripe_fake.all("checkout.session")
+    assert session["customer"] == made["id"]
+
+
+async def test_an_email_stripe_refuses_does_not_stop_the_account_from_paying(
+    post_checkout: PostCheckout, stripe_fake: StripeFake, token: Any
+) -> None:
+    """Stripe refuses some addresses our plausibility check lets through as the billing
+    contact ("Invalid email address: test@test", 400 `email_invalid`). The customer's email is
+    only where Stripe sends receipts: the customer is made without it and the checkout goes
+    on, rather than answering 502 on every checkout of the account for ever."""
+    response = await post_checkout(
+        "acc_1", top_up_body(), tok=token(account_id="acc_1", email="test@test")
+    )
+
+    assert response.status_code == 201, response.text
+    [customer] = stripe_fake.all("customer")
+    assert customer["email"] is None
+    [session] = stripe_fake.all("checkout.session")
+    assert session["customer"] == customer["id"]

@@ -18,6 +18,18 @@ from .state import (
 
 Handler = Callable[[dict[str, str], Json, RequestContext], tuple[int, Json]]
 
+_EMAIL = re.compile(r"^[^@\s]+@[^@\s.]+(\.[^@\s.]+)+$")
+
+
+def _check_email(params: Json) -> None:
+    """Stripe refuses a customer email that is not an address it can send to, e.g. a domain
+    without a dot ("Invalid email address: test@test", `email_invalid`)."""
+    email = params.get("email")
+    if email and not _EMAIL.match(email):
+        raise StripeError(
+            400, f"Invalid email address: {email}", param="email", code="email_invalid"
+        )
+
 
 class StripeSimulator(StripeSimulation):
     """Stripe's API operations + simulation, without any transport.
@@ -275,6 +287,7 @@ class StripeSimulator(StripeSimulation):
     # ------------------------------------------------------------------ customers
 
     def _customer_create(self, params: Json, ctx: RequestContext) -> Json:
+        _check_email(params)
         customer_id = self.create_customer(params, ctx)["id"]
         return self.objects["customer"][customer_id]
 
@@ -290,6 +303,7 @@ class StripeSimulator(StripeSimulation):
         self, pp: dict[str, str], params: Json, ctx: RequestContext
     ) -> tuple[int, Json]:
         cust = self.get("customer", pp["customer"], "customer")
+        _check_email(params)
         previous = self._apply_simple(
             cust,
             params,
@@ -425,6 +439,15 @@ class StripeSimulator(StripeSimulation):
                 "price. Either switch to `subscription` mode or use only "
                 "one-time prices.",
                 param="line_items",
+            )
+        minimum = self.minimum_charge.get(currency or "")
+        if mode == "payment" and minimum is not None and amount < minimum:
+            raise StripeError(
+                400,
+                "The Checkout Session's total amount due must add up to at least "
+                f"{minimum} {currency} (minor units).",
+                param="line_items",
+                code="amount_too_small",
             )
         if params.get("ui_mode", "hosted_page") == "hosted_page" and not params.get("success_url"):
             raise StripeError(400, "Missing required param: success_url.", param="success_url")

@@ -942,11 +942,18 @@ class StripeSimulation(StripeState):
                     if sub.get("trial_start") is None:
                         put("trial_start", now)
                     if sub["status"] in {"active", "trialing"} and int(value) > now:
+                        # An active subscription starts a trial now: its period is the trial
+                        # (from now to trial_end), where the billing cycle is anchored anew.
+                        if sub["status"] == "active":
+                            put("trial_start", now)
                         put("status", "trialing")
                         items = copy.deepcopy(sub["items"])
                         for item in sub["items"]["data"]:
+                            if sub["status"] == "trialing" and previous.get("status") == "active":
+                                item["current_period_start"] = now
                             item["current_period_end"] = int(value)
                         previous.setdefault("items", items)
+                        put("billing_cycle_anchor", int(value))
             elif key == "cancellation_details":
                 put(
                     "cancellation_details",

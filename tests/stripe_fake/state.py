@@ -18,6 +18,16 @@ from .openapi import Json, fixture, load_spec
 
 API_VERSION = "2026-05-27.dahlia"
 
+MINIMUM_CHARGE: dict[str, int] = {
+    "usd": 50, "aed": 200, "aud": 50, "bgn": 100, "brl": 50, "cad": 50, "chf": 50,
+    "czk": 1500, "dkk": 250, "eur": 50, "gbp": 30, "hkd": 400, "huf": 17500, "inr": 50,
+    "jpy": 50, "mxn": 1000, "myr": 200, "nok": 300, "nzd": 50, "pln": 200, "ron": 200,
+    "sek": 300, "sgd": 50, "thb": 1000,
+}  # fmt: skip
+"""Stripe's smallest charge per presentment currency, in minor units
+(docs.stripe.com/currencies#minimum-and-maximum-charge-amounts). Tests may raise one to play
+a charge that is below the minimum once converted to the settlement currency."""
+
 PREFIXES: dict[str, str] = {
     "customer": "cus_",
     "checkout.session": "cs_test_",
@@ -121,6 +131,7 @@ class StripeState:
         self._by_id: dict[str, Json] = {}
         self._session_extra: dict[str, Json] = {}
         self._webhook_secrets: dict[str, str] = {}
+        self.minimum_charge: dict[str, int] = dict(MINIMUM_CHARGE)
         self._clock: float | None = None
 
     # ------------------------------------------------------------------ basics
@@ -140,6 +151,7 @@ class StripeState:
             self._by_id.clear()
             self._session_extra.clear()
             self._webhook_secrets.clear()
+            self.minimum_charge = dict(MINIMUM_CHARGE)
 
     def _store(self, obj: Json) -> Json:
         self.objects.setdefault(obj["object"], {})[obj["id"]] = obj

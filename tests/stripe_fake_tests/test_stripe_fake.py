@@ -360,6 +360,33 @@ async def test_subscription_update_cancel_and_renew(
     _assert_valid(fake.events[-1])
 
 
+async def test_trial_end_on_an_active_subscription_starts_a_trial_period_now(
+    fake: StripeFake, client: stripe.StripeClient
+) -> None:
+    """As Stripe: the subscription is `trialing` from now to `trial_end`, its period is that
+    trial and its billing cycle is anchored at `trial_end` (the next charge)."""
+    session = await client.v1.checkout.sessions.create_async(params=SUB_SESSION)
+    fake.complete_checkout(session.id)
+    sub_id = fake.get("checkout.session", session.id)["subscription"]
+    before = fake.get("subscription", sub_id)["items"]["data"][0]["current_period_end"]
+    fake.set_time(fake.now() + 3600)
+    target = before + 3 * 86400
+
+    sub = await client.v1.subscriptions.update_async(
+        sub_id, params={"trial_end": target, "proration_behavior": "none"}
+    )
+
+    item = sub["items"].data[0]
+    assert sub.status == "trialing"
+    assert (item.current_period_start, item.current_period_end) == (fake.now(), target)
+    assert (sub.trial_start, sub.trial_end, sub.billing_cycle_anchor) == (
+        fake.now(),
+        target,
+        target,
+    )
+    _assert_valid(fake.events[-1])
+
+
 async def test_payment_mode_refund_and_dispute(
     fake: StripeFake, client: stripe.StripeClient
 ) -> None:
