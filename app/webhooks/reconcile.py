@@ -111,15 +111,16 @@ async def reconcile(
 
 async def register_webhook_endpoint(stripe: StripeGateway, url: str) -> dict[str, Any]:
     """Create the endpoint (or update the one with this URL) with the pinned API version and
-    exactly the events the service applies. Returns Stripe's endpoint; the signing `secret`
-    is only in the answer to a create: put it in STRIPE_WEBHOOK_SECRETS."""
+    exactly the events the service applies, enabled (Stripe disables an endpoint that kept
+    failing; registering it again turns it back on). Returns Stripe's endpoint; the signing
+    `secret` is only in the answer to a create: put it in STRIPE_WEBHOOK_SECRETS."""
     events = sorted(HANDLED_EVENT_TYPES)
     existing = await stripe.list_webhook_endpoints()
     for endpoint in existing.get("data", []):
         # an endpoint's API version cannot be changed: one on another version is left alone
         if endpoint.get("url") == url and endpoint.get("api_version") == API_VERSION:
             return await stripe.update_webhook_endpoint(
-                str(endpoint["id"]), {"enabled_events": events}
+                str(endpoint["id"]), {"enabled_events": events, "disabled": False}
             )
     return await stripe.create_webhook_endpoint(
         {

@@ -194,6 +194,11 @@ async def test_register_webhook_pins_the_api_version_and_the_events_used(
     assert updated["id"] == created["id"]
     assert len(stripe_fake.all("webhook_endpoint")) == 1
 
+    # Stripe disables an endpoint that kept failing; registering it again re-enables it
+    stripe_fake.get("webhook_endpoint", created["id"])["status"] = "disabled"
+    again = await register_webhook_endpoint(app.state.stripe, url)
+    assert (again["id"], again["status"]) == (created["id"], "enabled")
+
 
 async def test_old_payloads_are_pruned_but_late_duplicates_still_recognised(
     app: FastAPI,
