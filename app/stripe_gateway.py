@@ -133,12 +133,15 @@ class StripeGateway:
                 raise StripeUnavailable(f"Stripe failed {operation}") from None
             return _plain(result)
 
-    async def _post_json(self, path: str, params: dict[str, Any], key: str) -> StripeObject:
+    async def _post_json(
+        self, path: str, params: dict[str, Any], key: str | None = None
+    ) -> StripeObject:
         """POST through the SDK's `raw_request` (same encoding, retries, errors and key) and
         return Stripe's JSON as parsed, without building `StripeObject`s only to turn them
         back into dicts: for the calls on the checkout's hot path. `params` must not use the
         SDK's option names (`api_key`, `headers`, `idempotency_key`, ...)."""
-        response = await self._client.raw_request_async("post", path, **params, idempotency_key=key)
+        options = {"idempotency_key": key} if key is not None else {}
+        response = await self._client.raw_request_async("post", path, **params, **options)
         data: StripeObject = response.data
         return data
 
@@ -166,7 +169,7 @@ class StripeGateway:
         needs no idempotency key)."""
         return await self._call(
             "customers.update",
-            lambda: self._v1.customers.update_async(customer_id, {"email": email}),
+            lambda: self._post_json(f"/v1/customers/{customer_id}", {"email": email}),
         )
 
     # --- checkout --------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """A Stripe stand-in that answers at once, for measuring the time a checkout adds on its own
 (bench/checkout.py): `POST /v1/customers` and `POST /v1/checkout/sessions` return Stripe's
-example object (the fixtures the Stripe fake uses, so the SDK parses as much as it would from
+example object, `POST /v1/customers/{id}` (an update: the service sets the billing email after
+creating the customer) the example customer with that id (the fixtures the Stripe fake uses, so the SDK parses as much as it would from
 Stripe) with a fresh id, honouring `Idempotency-Key` (the same key returns the same object),
 with no validation and no state beyond that. Served by uvicorn in its own process
 (`uvicorn bench.instant_stripe:app`)."""
@@ -51,7 +52,9 @@ async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
         more = message.get("more_body", False)
     path = scope["path"]
     maker = MAKERS.get(path)
-    if scope["method"] != "POST" or maker is None:
+    if scope["method"] == "POST" and path.startswith("/v1/customers/"):
+        status, body = 200, json.dumps({**CUSTOMER, "id": path.rsplit("/", 1)[1]}).encode()
+    elif scope["method"] != "POST" or maker is None:
         status, body = 404, json.dumps({"error": {"type": "invalid_request_error"}}).encode()
     else:
         headers = dict(scope["headers"])
