@@ -8,25 +8,16 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import httpx
-from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
-from app.models import Subscription
 from app.subscriptions.access import access_until
 from tests.conftest import Deliver, TokenFactory, bearer
 from tests.maintenance.conftest import LiveSubscription
+from tests.maintenance.test_completion import complete, open_window, subscription
 from tests.stripe_fake import StripeFake
 
-URL = "/v1/ops/maintenance-windows"
 FEBRUARY = datetime(2026, 2, 1, tzinfo=UTC)
 RENEWED = datetime(2026, 3, 3, tzinfo=UTC)  # the fake's 30-day period from 1 February
-
-
-async def _subscription(factory: async_sessionmaker[AsyncSession], channel: str) -> Subscription:
-    async with factory() as session:
-        return (
-            await session.execute(select(Subscription).where(Subscription.channel_id == channel))
-        ).scalar_one()
 
 
 async def test_a_subscription_paid_through_the_window_is_extended_though_unpaid_at_completion(
@@ -40,38 +31,24 @@ async def test_a_subscription_paid_through_the_window_is_extended_though_unpaid_
     ops = bearer(token(scope="ops", sub="ops-bob"))
     sub = await live_subscription("acc_up", "ch_up", email="up@client.example", start=FEBRUARY)
     # 10:00 → 12:00 UTC on Wednesday 25 February, inside the paid February period.
-    opened = await client.post(
-        URL,
-        json={
-            "starts_at": "2026-02-25T02:00:00Z",
-            "ends_at": "2026-02-25T04:00:00Z",
-            "kind": "scheduled",
-            "reason": "Upgrade",
-        },
-        headers=ops,
-    )
-    assert opened.status_code == 201, opened.text
+    window = await open_window(client, ops, "2026-02-25T02:00:00Z", "2026-02-25T04:00:00Z")
     # After the window the renewal is declined, and Stripe's retries end with it `unpaid`.
     stripe_fake.set_time(RENEWED.timestamp())
     await deliver(stripe_fake.renew_subscription(sub["id"], paid=False))
     await deliver(stripe_fake.update_subscription(sub["id"], status="unpaid"))
-    assert (await _subscription(factory, "ch_up")).status == "unpaid"
+    assert (await subscription(factory, "ch_up")).status == "unpaid"
 
-    done = await client.post(
-        f"{URL}/{opened.json()['id']}/complete",
-        json={"ended_at": "2026-02-25T04:00:00Z"},
-        headers=ops,
-    )
+    done = await complete(client, ops, window, "2026-02-25T04:00:00Z")
 
     assert done.status_code == 200, done.text
     assert done.json()["subscriptions_extended"] == 1
     assert done.json()["accounts_notified"] == 1
-    unpaid = await _subscription(factory, "ch_up")
+    unpaid = await subscription(factory, "ch_up")
     assert unpaid.extension_days == 1
     # The client pays the open invoice: the day lost in February follows the paid period.
     invoice = stripe_fake.get("subscription", sub["id"])["latest_invoice"]
     await deliver(stripe_fake.pay_invoice(str(invoice)))
-    paid = await _subscription(factory, "ch_up")
+    paid = await subscription(factory, "ch_up")
     assert paid.status == "active"
     assert paid.current_period_end is not None
     assert access_until(paid) == paid.current_period_end + timedelta(days=1)
@@ -91,32 +68,18 @@ async def test_a_subscription_unpaid_all_through_the_window_is_not_extended(
     stripe_fake.set_time(RENEWED.timestamp())
     await deliver(stripe_fake.renew_subscription(sub["id"], paid=False))
     await deliver(stripe_fake.update_subscription(sub["id"], status="unpaid"))
-    opened = await client.post(
-        URL,
-        json={
-            "starts_at": "2026-03-11T02:00:00Z",
-            "ends_at": "2026-03-11T04:00:00Z",
-            "kind": "scheduled",
-            "reason": "Upgrade",
-        },
-        headers=ops,
-    )
-    assert opened.status_code == 201, opened.text
+    window = await open_window(client, ops, "2026-03-11T02:00:00Z", "2026-03-11T04:00:00Z")
     # Stripe goes on billing it after the window (another declined invoice): only the
     # February payment was ever made, and its period had ended before the window.
     stripe_fake.set_time((RENEWED + timedelta(days=30)).timestamp())
     await deliver(stripe_fake.renew_subscription(sub["id"], paid=False))
     await deliver(stripe_fake.update_subscription(sub["id"], status="unpaid"))
 
-    done = await client.post(
-        f"{URL}/{opened.json()['id']}/complete",
-        json={"ended_at": "2026-03-11T04:00:00Z"},
-        headers=ops,
-    )
+    done = await complete(client, ops, window, "2026-03-11T04:00:00Z")
 
     assert done.status_code == 200, done.text
     assert done.json()["subscriptions_extended"] == 0
-    assert (await _subscription(factory, "ch_nx")).extension_days == 0
+    assert (await subscription(factory, "ch_nx")).extension_days == 0
 
 
 async def test_a_subscription_whose_first_payment_arrived_after_the_window_is_not_extended(
@@ -132,32 +95,18 @@ async def test_a_subscription_whose_first_payment_arrived_after_the_window_is_no
     sub = await live_subscription(
         "acc_sp", "ch_sp", email="sp@client.example", start=FEBRUARY, payment_status="unpaid"
     )
-    assert (await _subscription(factory, "ch_sp")).status == "incomplete"
-    opened = await client.post(
-        URL,
-        json={
-            "starts_at": "2026-02-04T02:00:00Z",
-            "ends_at": "2026-02-04T04:00:00Z",
-            "kind": "scheduled",
-            "reason": "Upgrade",
-        },
-        headers=ops,
-    )
-    assert opened.status_code == 201, opened.text
+    assert (await subscription(factory, "ch_sp")).status == "incomplete"
+    window = await open_window(client, ops, "2026-02-04T02:00:00Z", "2026-02-04T04:00:00Z")
     # The payment succeeds after the window: active now, its period started before it.
     stripe_fake.set_time(datetime(2026, 2, 6, tzinfo=UTC).timestamp())
     [checkout] = [
         s for s in stripe_fake.all("checkout.session") if s.get("subscription") == sub["id"]
     ]
     await deliver(stripe_fake.async_payment_succeeded(checkout["id"]))
-    assert (await _subscription(factory, "ch_sp")).status == "active"
+    assert (await subscription(factory, "ch_sp")).status == "active"
 
-    done = await client.post(
-        f"{URL}/{opened.json()['id']}/complete",
-        json={"ended_at": "2026-02-04T04:00:00Z"},
-        headers=ops,
-    )
+    done = await complete(client, ops, window, "2026-02-04T04:00:00Z")
 
     assert done.status_code == 200, done.text
     assert done.json()["subscriptions_extended"] == 0
-    assert (await _subscription(factory, "ch_sp")).extension_days == 0
+    assert (await subscription(factory, "ch_sp")).extension_days == 0

@@ -12,7 +12,8 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.config import Settings
 from tests.conftest import Deliver, TokenFactory, bearer, make_settings
 from tests.maintenance.conftest import LiveSubscription
-from tests.maintenance.test_live_at_the_window import FEBRUARY, RENEWED, URL, _subscription
+from tests.maintenance.test_completion import complete, open_window, subscription
+from tests.maintenance.test_live_at_the_window import FEBRUARY, RENEWED
 from tests.stripe_fake import StripeFake
 
 
@@ -20,26 +21,6 @@ from tests.stripe_fake import StripeFake
 def settings(database_url: str, stripe_fake: StripeFake, clean_database: None) -> Settings:
     stripe_fake.reset()
     return make_settings(database_url, stripe_fake.url, past_due_keeps_access=False)
-
-
-async def _complete(
-    client: httpx.AsyncClient, ops: dict[str, str], window_id: str, ended_at: str
-) -> dict[str, int]:
-    done = await client.post(
-        f"{URL}/{window_id}/complete", json={"ended_at": ended_at}, headers=ops
-    )
-    assert done.status_code == 200, done.text
-    return dict(done.json())
-
-
-async def _open(client: httpx.AsyncClient, ops: dict[str, str], start: str, end: str) -> str:
-    opened = await client.post(
-        URL,
-        json={"starts_at": start, "ends_at": end, "kind": "scheduled", "reason": "Upgrade"},
-        headers=ops,
-    )
-    assert opened.status_code == 201, opened.text
-    return str(opened.json()["id"])
 
 
 async def test_paid_through_the_window_and_past_due_since_is_extended(
@@ -52,15 +33,16 @@ async def test_paid_through_the_window_and_past_due_since_is_extended(
 ) -> None:
     ops = bearer(token(scope="ops", sub="ops-bob"))
     sub = await live_subscription("acc_pd1", "ch_pd1", email="pd1@client.example", start=FEBRUARY)
-    window = await _open(client, ops, "2026-02-25T02:00:00Z", "2026-02-25T04:00:00Z")
+    window = await open_window(client, ops, "2026-02-25T02:00:00Z", "2026-02-25T04:00:00Z")
     stripe_fake.set_time(RENEWED.timestamp())
     await deliver(stripe_fake.renew_subscription(sub["id"], paid=False))
-    assert (await _subscription(factory, "ch_pd1")).status == "past_due"
+    assert (await subscription(factory, "ch_pd1")).status == "past_due"
 
-    done = await _complete(client, ops, window, "2026-02-25T04:00:00Z")
+    done = await complete(client, ops, window, "2026-02-25T04:00:00Z")
 
-    assert done["subscriptions_extended"] == 1
-    assert (await _subscription(factory, "ch_pd1")).extension_days == 1
+    assert done.status_code == 200, done.text
+    assert done.json()["subscriptions_extended"] == 1
+    assert (await subscription(factory, "ch_pd1")).extension_days == 1
 
 
 async def test_past_due_through_the_window_and_paid_since_is_not_extended(
@@ -75,14 +57,15 @@ async def test_past_due_through_the_window_and_paid_since_is_not_extended(
     sub = await live_subscription("acc_pd2", "ch_pd2", email="pd2@client.example", start=FEBRUARY)
     stripe_fake.set_time(RENEWED.timestamp())
     await deliver(stripe_fake.renew_subscription(sub["id"], paid=False))
-    window = await _open(client, ops, "2026-03-11T02:00:00Z", "2026-03-11T04:00:00Z")
+    window = await open_window(client, ops, "2026-03-11T02:00:00Z", "2026-03-11T04:00:00Z")
     # The client pays the declined renewal after the window: active now, no access during it.
     stripe_fake.set_time((RENEWED + timedelta(days=10)).timestamp())
     invoice = stripe_fake.get("subscription", sub["id"])["latest_invoice"]
     await deliver(stripe_fake.pay_invoice(str(invoice)))
-    assert (await _subscription(factory, "ch_pd2")).status == "active"
+    assert (await subscription(factory, "ch_pd2")).status == "active"
 
-    done = await _complete(client, ops, window, "2026-03-11T04:00:00Z")
+    done = await complete(client, ops, window, "2026-03-11T04:00:00Z")
 
-    assert done["subscriptions_extended"] == 0
-    assert (await _subscription(factory, "ch_pd2")).extension_days == 0
+    assert done.status_code == 200, done.text
+    assert done.json()["subscriptions_extended"] == 0
+    assert (await subscription(factory, "ch_pd2")).extension_days == 0
