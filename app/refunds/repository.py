@@ -44,9 +44,10 @@ BALANCE_PURPOSES = ("top_up", "debt_repayment")
 # Stripe refund statuses under which the money is (or is on its way) back with the client.
 LIVE_REFUND_STATUSES = ("pending", "requires_action", "succeeded")
 # Dispute statuses after which the payment stayed with us: the bank decided the chargeback for
-# us (`won`, also a withdrawn one) or an inquiry closed without becoming one. Stripe refunds
-# such a payment again; it refuses only while a chargeback is open, and after a lost one the
-# client already has the money back.
+# us (`won`, also a withdrawn one) or an inquiry closed without becoming one. Such a payment is
+# refundable again here and Stripe has the last word (should it refuse, the approval is 502
+# `stripe_request_rejected` and the request stays undecided); while a chargeback is open Stripe
+# refuses, and after a lost one the client already has the money back.
 SETTLED_FOR_US = ("won", "warning_closed")
 
 
