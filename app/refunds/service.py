@@ -74,7 +74,7 @@ from app.models import (
     RefundRequestAudit,
     RefundRequestResponse,
 )
-from app.notifications.outbox import enqueue_email
+from app.notifications.outbox import enqueue_email, format_amount
 from app.refunds import repository as repo
 from app.refunds.eligibility import PaymentFacts, quote
 from app.refunds.schemas import (
@@ -558,7 +558,7 @@ async def _email_reply(
             extent = (
                 f"{response.days} days"
                 if response.remedy == "access_extension"
-                else f"{response.amount} {currency}".strip()
+                else format_amount(response.amount or 0, currency)
             )
             lines.append(f"Remedy: {response.remedy} ({extent})")
     lines.append(f"Request reference: {request.id}")
@@ -1074,8 +1074,8 @@ async def _email_retry(
         dedupe_key=f"refund-retried:{execution.id}",
         to=to,
         subject=f"Your refund has been submitted again [{request.id}]",
-        body=f"The payment provider could not complete your refund of {execution.amount} "
-        f"{execution.currency}, so we have submitted it again. Your bank decides when it "
+        body="The payment provider could not complete your refund of "
+        f"{format_amount(execution.amount, execution.currency)}, so we have submitted it again. Your bank decides when it "
         f"appears.\nRequest reference: {request.id}",
     )
 

@@ -186,7 +186,9 @@ async def test_approved_subscription_refund_runs_once_and_cancels_the_subscripti
         f"Your refund has completed [{created['id']}]",
     ]
     assert "Approved: zero usage." in emails[1].body
-    assert "Remedy: refund (2257 usd)" in emails[1].body
+    # amounts are written as a person reads them, from the payment's minor units
+    assert "Remedy: refund (22.57 USD)" in emails[1].body
+    assert "Your refund of 22.57 USD has been sent" in emails[2].body
 
     audit = (
         await client.get(
