@@ -539,15 +539,25 @@ SUBJECTS = {
 
 
 async def _email_reply(
-    session: AsyncSession, request: RefundRequest, response: RefundRequestResponse
+    session: AsyncSession,
+    request: RefundRequest,
+    response: RefundRequestResponse,
+    settings: Settings | None = None,
 ) -> None:
+    """Queue the reply's email. Dates are written in `BUSINESS_TIMEZONE` (`settings`, given
+    with every interim reply), amounts from minor units (`format_amount`)."""
     to = await repo.account_email(session, request.account_id)
     if to is None:
         log.warning("refund_request.no_billing_contact", request_id=str(request.id))
         return
     lines = [response.message, ""]
     if response.kind == "interim" and response.next_step_due is not None:
-        lines.append(f"Next step by: {response.next_step_due.isoformat()}")
+        due = response.next_step_due
+        if settings is not None:
+            local = due.astimezone(settings.calendar.zone).strftime("%Y-%m-%d %H:%M")
+            lines.append(f"Next step by: {local} ({settings.business_timezone})")
+        else:
+            lines.append(f"Next step by: {due.isoformat()}")
     if response.kind == "decision":
         payment = (
             await repo.get_payment(session, request.payment_id) if request.payment_id else None
@@ -659,7 +669,7 @@ async def _reply(
     audit_step(
         session, request, f"reply_{body.kind}", principal.sub, response_id=response.id, **details
     )
-    await _email_reply(session, request, response)
+    await _email_reply(session, request, response, settings)
     await session.flush()
 
 

@@ -240,7 +240,9 @@ async def test_replies_move_the_status_are_emailed_once_and_shown_to_the_client(
         f"A decision on your billing request [{request_id}]",
     ]
     assert emails[1].body.startswith("Checking with the bank.")
-    assert f"Next step by: {next_step.isoformat()}" in emails[1].body
+    # the promised date in the business time zone, as every date a client reads
+    local = next_step.astimezone(SGT)
+    assert f"Next step by: {local:%Y-%m-%d %H:%M} (Asia/Singapore)" in emails[1].body
     assert "Decision: rejected" in emails[2].body
 
     client_view = await client.get(
