@@ -94,6 +94,10 @@ def message_id(outbox_id: uuid.UUID, sender: str) -> str:
 
 
 def build_message(row: OutboxEmail, settings: Settings) -> EmailMessage:
+    """The message of a row; ValueError when no email can carry it. The address must be ASCII:
+    the envelope is sent without SMTPUTF8, so a non-ASCII one could never be handed over."""
+    if not row.to_address.isascii():
+        raise ValueError("the address is not ASCII (SMTPUTF8 is not used)")
     message = EmailMessage(policy=email.policy.SMTP)
     message["From"] = settings.email_from
     message["To"] = row.to_address

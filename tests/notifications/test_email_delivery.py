@@ -333,3 +333,22 @@ async def test_a_message_that_cannot_be_built_is_parked_failed_and_the_rest_are_
     assert result.failed == [found["bad"].id]
     assert [m.rcpt_tos for m in smtp_server.messages] == [["client@example.com"]]
     assert "Bcc" not in str(smtp_server.messages[0].message)
+
+
+async def test_an_address_the_relay_cannot_be_given_fails_that_row_and_the_round_goes_on(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    """A billing contact with a non-ASCII address (accepted by `plausible_email`, e.g. typed
+    at Stripe Checkout) cannot be put in a plain SMTP envelope: that row fails at once as one
+    that cannot be built, it is not left `sending` (to be parked later as uncertain, as if it
+    might have been sent), and the round still sends the rest."""
+    await queue(factory, "a-idn", to="josé@example.com")
+    await queue(factory, "b-good")
+
+    result = await deliver_round(factory, smtp_settings)
+
+    found = await rows(factory)
+    assert (found["a-idn"].status, found["b-good"].status) == ("failed", "sent")
+    assert (found["a-idn"].last_error or "").startswith("the message cannot be built")
+    assert result.failed == [found["a-idn"].id]
+    assert [m.rcpt_tos for m in smtp_server.messages] == [["client@example.com"]]
