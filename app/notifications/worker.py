@@ -13,9 +13,10 @@ How one message travels (`deliver_round`):
    proves the message was not accepted (connection refused, any step before DATA, or an error
    reply to DATA), back to `pending` with exponential backoff
    (`EMAIL_RETRY_BASE_SECONDS × 2^(attempts-1)`, capped at `EMAIL_RETRY_MAX_SECONDS`), or
-   `failed` after `EMAIL_MAX_ATTEMPTS` attempts or a permanent (5xx) refusal. A relay that
-   cannot be reached (or refuses the connection) is not the message's failure: such attempts
-   back off the same way but never park it, so an outage of any length loses no notice.
+   `failed` after `EMAIL_MAX_ATTEMPTS` refusals (`refusals`) or a permanent (5xx) refusal. A
+   relay that cannot be reached (or refuses the connection) is not the message's failure: such
+   attempts back off the same way (`attempts` counts them) but are not refusals and never park
+   it, so an outage of any length loses no notice, nor shortens its retries afterwards.
 
 At-most-once, deliberately. Two moments leave us not knowing whether the client got the email:
 the worker dying between step 1's commit and step 3, and the connection dropping while the
@@ -307,14 +308,16 @@ async def _send_one(
         relay_down = exc.relay_down
         # An unreachable relay says nothing about the message: it waits for the relay (the
         # backoff still grows, to EMAIL_RETRY_MAX_SECONDS) and is never parked for it.
-        if exc.permanent or (row.attempts >= settings.email_max_attempts and not relay_down):
-            values = {"status": "failed", "last_error": str(exc)[:2000]}
+        refusals = row.refusals + (0 if relay_down else 1)
+        if exc.permanent or refusals >= settings.email_max_attempts:
+            values = {"status": "failed", "last_error": str(exc)[:2000], "refusals": refusals}
             result.failed.append(row.id)
             EMAILS_FAILED.labels("failed").inc()
             log.error("email.failed", outbox_id=str(row.id), attempts=row.attempts)
         else:
             values = {
                 "status": "pending",
+                "refusals": refusals,
                 "last_error": str(exc)[:2000],
                 "next_attempt_at": now + retry_delay(settings, row.attempts),
             }

@@ -352,3 +352,28 @@ async def test_an_address_the_relay_cannot_be_given_fails_that_row_and_the_round
     assert (found["a-idn"].last_error or "").startswith("the message cannot be built")
     assert result.failed == [found["a-idn"].id]
     assert [m.rcpt_tos for m in smtp_server.messages] == [["client@example.com"]]
+
+
+async def test_attempts_while_the_relay_was_down_do_not_count_towards_parking(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    """EMAIL_MAX_ATTEMPTS counts refusals of the message only: an email that waited out a long
+    outage is not parked at the relay's first transient refusal once it is back."""
+    settings = smtp_settings.model_copy(update={"email_max_attempts": 3})
+    await queue(factory, "waited")
+    smtp_server.stop()
+    moment = later(0)
+    for _ in range(3):
+        await deliver_round(factory, settings, now=moment)
+        moment = (await rows(factory))["waited"].next_attempt_at
+    smtp_server.start()
+    smtp_server.reply_to_data = "451 4.3.0 try again later"
+
+    refused = await deliver_round(factory, settings, now=moment)
+
+    row = (await rows(factory))["waited"]
+    assert (row.status, len(refused.retrying), refused.failed) == ("pending", 1, [])
+    smtp_server.reply_to_data = None
+    sent = await deliver_round(factory, settings, now=row.next_attempt_at)
+    assert len(sent.sent) == 1
+    assert [m.message["Subject"] for m in smtp_server.messages] == ["Notice waited"]
