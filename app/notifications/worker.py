@@ -255,9 +255,11 @@ async def deliver_round(
     mailer: Mailer | None = None,
     now: datetime | None = None,
     limit: int | None = None,
+    stop: asyncio.Event | None = None,
 ) -> RoundResult:
     """One delivery round: park stale `sending` rows, then claim and send due rows one by one
-    (at most `limit`, default `EMAIL_BATCH_SIZE`). `now` is injectable for tests; otherwise
+    (at most `limit`, default `EMAIL_BATCH_SIZE`), claiming none once `stop` is set (a
+    shutdown finishes the message in flight only). `now` is injectable for tests; otherwise
     each claim is stamped with the time it is made, not the round's start (a long round must
     not make the message it is sending look stale to another worker)."""
     result = RoundResult()
@@ -268,6 +270,8 @@ async def deliver_round(
     active: Mailer = mailer or SmtpMailer(settings)
     try:
         for _ in range(limit or settings.email_batch_size):
+            if stop is not None and stop.is_set():
+                break
             moment = now or datetime.now(UTC)
             async with session_factory() as session, session.begin():
                 row = await claim_next(session, moment)
@@ -353,7 +357,7 @@ class EmailWorker:
         while not self._stop.is_set():
             busy = False
             try:
-                result = await deliver_round(self.session_factory, self.settings)
+                result = await deliver_round(self.session_factory, self.settings, stop=self._stop)
                 busy = result.handled >= self.settings.email_batch_size
             except Exception as exc:  # keep the loop alive; the database may be briefly away
                 log.error("email.round_failed", error_type=type(exc).__name__)

@@ -377,3 +377,31 @@ async def test_attempts_while_the_relay_was_down_do_not_count_towards_parking(
     sent = await deliver_round(factory, settings, now=row.next_attempt_at)
     assert len(sent.sent) == 1
     assert [m.message["Subject"] for m in smtp_server.messages] == ["Notice waited"]
+
+
+async def test_stopping_the_worker_finishes_the_message_in_flight_and_claims_no_more(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    """A shutdown (a rollout) during a round with a slow relay: the message being sent is
+    finished, the rest of the batch stays `pending` for the next worker. Going on through the
+    batch until `stop` gives up and cancels would cut a message off mid-conversation, leaving it
+    `sending`, to be parked as delivery_uncertain instead of sent."""
+    from app.notifications.worker import EmailWorker
+
+    settings = smtp_settings.model_copy(update={"smtp_timeout_seconds": 0.5})
+    for key in ("m1", "m2", "m3", "m4"):
+        await queue(factory, key)
+    smtp_server.data_delay = 0.3
+    worker = EmailWorker(factory, settings)
+    worker.start()
+    for _ in range(400):  # until the first message is being sent
+        if any(row.status == "sending" for row in (await rows(factory)).values()):
+            break
+        await asyncio.sleep(0.01)
+
+    await worker.stop()
+
+    statuses = sorted(row.status for row in (await rows(factory)).values())
+    assert "sending" not in statuses
+    assert statuses.count("sent") == len(smtp_server.messages) >= 1
+    assert set(statuses) <= {"sent", "pending"}
