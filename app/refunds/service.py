@@ -562,15 +562,21 @@ async def _email_reply(
         payment = (
             await repo.get_payment(session, request.payment_id) if request.payment_id else None
         )
-        currency = payment.currency if payment else (request.currency or "")
+        # a request about no payment has no currency of its own: a credit is in the ledger's
+        currency = (
+            payment.currency
+            if payment
+            else (await effective_currency(session, request.account_id) or "")
+        )
         lines.append(f"Decision: {response.outcome}")
+        amount = format_amount(response.amount or 0, currency)
+        remedy = {
+            "refund": f"a refund of {amount} to your original payment method",
+            "balance_credit": f"a credit of {amount} to your prepaid balance",
+            "access_extension": f"your channel's access is extended by {response.days} days",
+        }
         if response.remedy:
-            extent = (
-                f"{response.days} days"
-                if response.remedy == "access_extension"
-                else format_amount(response.amount or 0, currency)
-            )
-            lines.append(f"Remedy: {response.remedy} ({extent})")
+            lines.append(f"Remedy: {remedy.get(response.remedy, response.remedy)}")
     lines.append(f"Request reference: {request.id}")
     await enqueue_email(
         session,

@@ -261,7 +261,7 @@ async def test_balance_credit_remedy_credits_the_ledger_once(
     filed = await client.post(
         "/v1/accounts/acc_c/refund-requests",
         json={"type": "compensation", "description": "Outage"},
-        headers=bearer(token(account_id="acc_c")),
+        headers=bearer(token(account_id="acc_c", email="pay@acc-c.example")),
     )
     response = await client.post(
         f"/v1/finance/refund-requests/{filed.json()['id']}/responses",
@@ -276,6 +276,10 @@ async def test_balance_credit_remedy_credits_the_ledger_once(
     )
     assert response.json()["status"] == "approved"
     assert await balance(app, "acc_c") == 700
+    # the email says in words what was granted, in the currency the ledger credited (a
+    # request about no payment has none of its own)
+    [decision] = await outbox(app, "pay@acc-c.example")
+    assert "Remedy: a credit of 7.00 USD to your prepaid balance" in decision.body
 
 
 async def test_overdue_requests_are_listed_and_counted_in_metrics(
