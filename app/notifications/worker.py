@@ -365,6 +365,10 @@ class EmailWorker:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.settings.email_poll_seconds)
 
+    def request_stop(self) -> None:
+        """`run` returns once the message in flight is done (a signal handler's call)."""
+        self._stop.set()
+
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="email-worker")
 

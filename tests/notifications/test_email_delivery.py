@@ -405,3 +405,46 @@ async def test_stopping_the_worker_finishes_the_message_in_flight_and_claims_no_
     assert "sending" not in statuses
     assert statuses.count("sent") == len(smtp_server.messages) >= 1
     assert set(statuses) <= {"sent", "pending"}
+
+
+async def test_billing_deliver_emails_stops_on_sigterm_after_the_message_in_flight(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    """`billing deliver-emails` runs as its own process (README "Background work"): a SIGTERM
+    (a rollout, a scaled-down pod) finishes the message being sent and exits 0, instead of
+    killing the process mid-conversation and leaving the row `sending` (parked later as
+    delivery_uncertain, never resent)."""
+    import os
+    import signal
+    import sys
+
+    from tests.conftest import ROOT
+
+    await queue(factory, "in-flight")
+    smtp_server.data_delay = 1.0
+    env = {
+        **os.environ,
+        "APP_ENV": "development",
+        "DATABASE_URL": smtp_settings.database_url,
+        "SMTP_HOST": smtp_server.host,
+        "SMTP_PORT": str(smtp_server.port),
+        "EMAIL_POLL_SECONDS": "0.1",
+        "LOG_LEVEL": "WARNING",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.cli", "deliver-emails", cwd=ROOT, env=env
+    )
+    try:
+        for _ in range(600):  # until the message is being sent (the process starts first)
+            if (await rows(factory))["in-flight"].status != "pending":
+                break
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == 0
+    assert (await rows(factory))["in-flight"].status == "sent"
+    assert [m.message["Subject"] for m in smtp_server.messages] == ["Notice in-flight"]
