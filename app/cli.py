@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import gc
 import json
+import signal
 import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -133,7 +134,13 @@ async def _deliver_emails(args: argparse.Namespace) -> int:
                 f"failed {len(result.failed)}, uncertain {len(result.uncertain)}"
             )
         else:
-            await EmailWorker(factory, settings).run()
+            # SIGTERM/SIGINT finish the message in flight, then exit (a kill mid-conversation
+            # would leave it `sending`, parked as delivery_uncertain and never resent)
+            worker = EmailWorker(factory, settings)
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, worker.request_stop)
+            await worker.run()
     return 0
 
 

@@ -24,7 +24,7 @@ from app.disputes.router import router as disputes_router
 from app.errors import install_error_handlers, problem_response
 from app.fast_reads import FastReads, fast_reads_for
 from app.fast_writes import FastPost
-from app.health.router import migration_head
+from app.health.router import migration_head, older_migrations
 from app.health.router import router as health_router
 from app.maintenance.router import router as maintenance_router
 from app.maintenance.service import retry_pending_extensions
@@ -200,6 +200,7 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         secret.get_secret_value().encode() for secret in settings.stripe_webhook_secrets
     ]
     app.state.migration_head = migration_head()
+    app.state.older_migrations = older_migrations()
     install_error_handlers(app)
     app.add_middleware(
         ProblemCORSMiddleware,

@@ -24,10 +24,20 @@ class Health(BaseModel):
     status: str
 
 
-def migration_head() -> str | None:
+def _scripts() -> ScriptDirectory:
     config = Config(str(PROJECT_ROOT / "alembic.ini"))
     config.set_main_option("script_location", str(PROJECT_ROOT / "migrations"))
-    return ScriptDirectory.from_config(config).get_current_head()
+    return ScriptDirectory.from_config(config)
+
+
+def migration_head() -> str | None:
+    return _scripts().get_current_head()
+
+
+def older_migrations() -> frozenset[str]:
+    """The revisions before this code's head: a database at one of them is not ready."""
+    head = migration_head()
+    return frozenset(s.revision for s in _scripts().walk_revisions() if s.revision != head)
 
 
 @router.get("/healthz", summary="The process is alive", response_model=Health)
@@ -42,8 +52,12 @@ async def healthz() -> Health:
     responses=error_responses(ServiceUnavailable),
 )
 async def readyz(request: Request) -> Health:
+    # Ready at the code's head, or at a revision this code does not know: the next release's
+    # migrations, run before its rollout (README "Migrations") while this one still serves;
+    # not ready behind the head (or never migrated).
     engine: AsyncEngine = request.app.state.engine
     expected: str | None = request.app.state.migration_head
+    older: frozenset[str] = request.app.state.older_migrations
     try:
         async with engine.connect() as connection:
             current = (
@@ -53,7 +67,7 @@ async def readyz(request: Request) -> Health:
         raise ServiceUnavailable(
             f"database unreachable or not migrated ({type(exc).__name__})"
         ) from None
-    if current != expected:
+    if current != expected and (current is None or current in older):
         raise ServiceUnavailable(f"database at migration {current}, expected {expected}")
     return Health(status="ready")
 

@@ -28,6 +28,12 @@ class OutboxEmail(Base):
         String(16), server_default="pending", comment="pending|sending|sent|failed"
     )
     attempts: Mapped[int] = mapped_column(Integer, server_default="0")
+    refusals: Mapped[int] = mapped_column(
+        Integer,
+        server_default="0",
+        comment="Attempts the relay refused (an unreachable relay is not one); "
+        "parked as failed at EMAIL_MAX_ATTEMPTS.",
+    )
     last_error: Mapped[str | None] = mapped_column(Text)
     next_attempt_at: Mapped[datetime] = mapped_column(server_default=func.now())
     claimed_at: Mapped[datetime | None] = mapped_column(

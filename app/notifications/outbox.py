@@ -9,6 +9,7 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.models import OutboxEmail
+from app.webhooks.fees import minor_unit_digits
 
 MAX_EMAIL_LENGTH = 320  # accounts.email
 
@@ -23,6 +24,15 @@ def plausible_email(email: object) -> TypeGuard[str]:
         return False
     local, at, domain = email.rpartition("@")
     return bool(local and at and domain) and email.isprintable() and " " not in email
+
+
+def format_amount(amount: int, currency: str) -> str:
+    """An amount in minor units as a client reads it: with its currency's exponent (2257 usd is
+    `22.57 USD`, 1500 jpy `1,500 JPY`, 1500 kwd `1.500 KWD`), never the raw integer."""
+    digits = minor_unit_digits(currency)
+    major, minor = divmod(abs(amount), 10**digits)
+    text = f"{major:,}" + (f".{minor:0{digits}d}" if digits else "")
+    return f"{'-' if amount < 0 else ''}{text} {currency.upper()}".strip()
 
 
 async def enqueue_email(

@@ -13,9 +13,10 @@ How one message travels (`deliver_round`):
    proves the message was not accepted (connection refused, any step before DATA, or an error
    reply to DATA), back to `pending` with exponential backoff
    (`EMAIL_RETRY_BASE_SECONDS × 2^(attempts-1)`, capped at `EMAIL_RETRY_MAX_SECONDS`), or
-   `failed` after `EMAIL_MAX_ATTEMPTS` attempts or a permanent (5xx) refusal. A relay that
-   cannot be reached (or refuses the connection) is not the message's failure: such attempts
-   back off the same way but never park it, so an outage of any length loses no notice.
+   `failed` after `EMAIL_MAX_ATTEMPTS` refusals (`refusals`) or a permanent (5xx) refusal. A
+   relay that cannot be reached (or refuses the connection) is not the message's failure: such
+   attempts back off the same way (`attempts` counts them) but are not refusals and never park
+   it, so an outage of any length loses no notice, nor shortens its retries afterwards.
 
 At-most-once, deliberately. Two moments leave us not knowing whether the client got the email:
 the worker dying between step 1's commit and step 3, and the connection dropping while the
@@ -94,6 +95,10 @@ def message_id(outbox_id: uuid.UUID, sender: str) -> str:
 
 
 def build_message(row: OutboxEmail, settings: Settings) -> EmailMessage:
+    """The message of a row; ValueError when no email can carry it. The address must be ASCII:
+    the envelope is sent without SMTPUTF8, so a non-ASCII one could never be handed over."""
+    if not row.to_address.isascii():
+        raise ValueError("the address is not ASCII (SMTPUTF8 is not used)")
     message = EmailMessage(policy=email.policy.SMTP)
     message["From"] = settings.email_from
     message["To"] = row.to_address
@@ -250,9 +255,11 @@ async def deliver_round(
     mailer: Mailer | None = None,
     now: datetime | None = None,
     limit: int | None = None,
+    stop: asyncio.Event | None = None,
 ) -> RoundResult:
     """One delivery round: park stale `sending` rows, then claim and send due rows one by one
-    (at most `limit`, default `EMAIL_BATCH_SIZE`). `now` is injectable for tests; otherwise
+    (at most `limit`, default `EMAIL_BATCH_SIZE`), claiming none once `stop` is set (a
+    shutdown finishes the message in flight only). `now` is injectable for tests; otherwise
     each claim is stamped with the time it is made, not the round's start (a long round must
     not make the message it is sending look stale to another worker)."""
     result = RoundResult()
@@ -263,6 +270,8 @@ async def deliver_round(
     active: Mailer = mailer or SmtpMailer(settings)
     try:
         for _ in range(limit or settings.email_batch_size):
+            if stop is not None and stop.is_set():
+                break
             moment = now or datetime.now(UTC)
             async with session_factory() as session, session.begin():
                 row = await claim_next(session, moment)
@@ -303,14 +312,16 @@ async def _send_one(
         relay_down = exc.relay_down
         # An unreachable relay says nothing about the message: it waits for the relay (the
         # backoff still grows, to EMAIL_RETRY_MAX_SECONDS) and is never parked for it.
-        if exc.permanent or (row.attempts >= settings.email_max_attempts and not relay_down):
-            values = {"status": "failed", "last_error": str(exc)[:2000]}
+        refusals = row.refusals + (0 if relay_down else 1)
+        if exc.permanent or refusals >= settings.email_max_attempts:
+            values = {"status": "failed", "last_error": str(exc)[:2000], "refusals": refusals}
             result.failed.append(row.id)
             EMAILS_FAILED.labels("failed").inc()
             log.error("email.failed", outbox_id=str(row.id), attempts=row.attempts)
         else:
             values = {
                 "status": "pending",
+                "refusals": refusals,
                 "last_error": str(exc)[:2000],
                 "next_attempt_at": now + retry_delay(settings, row.attempts),
             }
@@ -346,13 +357,17 @@ class EmailWorker:
         while not self._stop.is_set():
             busy = False
             try:
-                result = await deliver_round(self.session_factory, self.settings)
+                result = await deliver_round(self.session_factory, self.settings, stop=self._stop)
                 busy = result.handled >= self.settings.email_batch_size
             except Exception as exc:  # keep the loop alive; the database may be briefly away
                 log.error("email.round_failed", error_type=type(exc).__name__)
             if not busy:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), self.settings.email_poll_seconds)
+
+    def request_stop(self) -> None:
+        """`run` returns once the message in flight is done (a signal handler's call)."""
+        self._stop.set()
 
     def start(self) -> None:
         self._task = asyncio.create_task(self.run(), name="email-worker")

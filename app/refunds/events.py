@@ -39,7 +39,7 @@ from app.accounts.service import ledger_entries_in_account_currency
 from app.config import Settings
 from app.db import DriverStatement, session_driver
 from app.models import RefundExecution, RefundRequest
-from app.notifications.outbox import enqueue_email
+from app.notifications.outbox import enqueue_email, format_amount
 from app.refunds import repository as repo
 from app.refunds.service import audit_step
 from app.stripe_gateway import StripeGateway, idempotency_key
@@ -343,11 +343,12 @@ async def _email(
     if to is None:
         return
     outcome = "completed" if succeeded else "failed"
+    amount = format_amount(execution.amount, execution.currency)
     body = (
-        f"Your refund of {execution.amount} {execution.currency} has been sent to your original "
+        f"Your refund of {amount} has been sent to your original "
         "payment method; your bank decides when it appears."
         if succeeded
-        else f"Your refund of {execution.amount} {execution.currency} could not be completed by "
+        else f"Your refund of {amount} could not be completed by "
         "the payment provider. Our finance team will contact you."
     )
     await enqueue_email(

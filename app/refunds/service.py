@@ -74,7 +74,7 @@ from app.models import (
     RefundRequestAudit,
     RefundRequestResponse,
 )
-from app.notifications.outbox import enqueue_email
+from app.notifications.outbox import enqueue_email, format_amount
 from app.refunds import repository as repo
 from app.refunds.eligibility import PaymentFacts, quote
 from app.refunds.schemas import (
@@ -539,28 +539,44 @@ SUBJECTS = {
 
 
 async def _email_reply(
-    session: AsyncSession, request: RefundRequest, response: RefundRequestResponse
+    session: AsyncSession,
+    request: RefundRequest,
+    response: RefundRequestResponse,
+    settings: Settings | None = None,
 ) -> None:
+    """Queue the reply's email. Dates are written in `BUSINESS_TIMEZONE` (`settings`, given
+    with every interim reply), amounts from minor units (`format_amount`)."""
     to = await repo.account_email(session, request.account_id)
     if to is None:
         log.warning("refund_request.no_billing_contact", request_id=str(request.id))
         return
     lines = [response.message, ""]
     if response.kind == "interim" and response.next_step_due is not None:
-        lines.append(f"Next step by: {response.next_step_due.isoformat()}")
+        due = response.next_step_due
+        if settings is not None:
+            local = due.astimezone(settings.calendar.zone).strftime("%Y-%m-%d %H:%M")
+            lines.append(f"Next step by: {local} ({settings.business_timezone})")
+        else:
+            lines.append(f"Next step by: {due.isoformat()}")
     if response.kind == "decision":
         payment = (
             await repo.get_payment(session, request.payment_id) if request.payment_id else None
         )
-        currency = payment.currency if payment else (request.currency or "")
+        # a request about no payment has no currency of its own: a credit is in the ledger's
+        currency = (
+            payment.currency
+            if payment
+            else (await effective_currency(session, request.account_id) or "")
+        )
         lines.append(f"Decision: {response.outcome}")
+        amount = format_amount(response.amount or 0, currency)
+        remedy = {
+            "refund": f"a refund of {amount} to your original payment method",
+            "balance_credit": f"a credit of {amount} to your prepaid balance",
+            "access_extension": f"your channel's access is extended by {response.days} days",
+        }
         if response.remedy:
-            extent = (
-                f"{response.days} days"
-                if response.remedy == "access_extension"
-                else f"{response.amount} {currency}".strip()
-            )
-            lines.append(f"Remedy: {response.remedy} ({extent})")
+            lines.append(f"Remedy: {remedy.get(response.remedy, response.remedy)}")
     lines.append(f"Request reference: {request.id}")
     await enqueue_email(
         session,
@@ -659,7 +675,7 @@ async def _reply(
     audit_step(
         session, request, f"reply_{body.kind}", principal.sub, response_id=response.id, **details
     )
-    await _email_reply(session, request, response)
+    await _email_reply(session, request, response, settings)
     await session.flush()
 
 
@@ -1074,8 +1090,8 @@ async def _email_retry(
         dedupe_key=f"refund-retried:{execution.id}",
         to=to,
         subject=f"Your refund has been submitted again [{request.id}]",
-        body=f"The payment provider could not complete your refund of {execution.amount} "
-        f"{execution.currency}, so we have submitted it again. Your bank decides when it "
+        body="The payment provider could not complete your refund of "
+        f"{format_amount(execution.amount, execution.currency)}, so we have submitted it again. Your bank decides when it "
         f"appears.\nRequest reference: {request.id}",
     )
 

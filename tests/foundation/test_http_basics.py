@@ -68,6 +68,37 @@ async def test_readyz_503_when_database_not_migrated(settings: Settings) -> None
         await drop_database(name)
 
 
+async def test_readyz_stays_ready_when_the_next_release_migrated_ahead_of_its_rollout(
+    settings: Settings,
+) -> None:
+    """The runbook migrates before each rollout, while the old replicas still serve: a
+    database at a revision this code does not know (newer) keeps them ready, or the load
+    balancer would drop every replica at once; one behind the code's head is not ready."""
+    import asyncpg
+
+    from tests.conftest import plain_dsn
+
+    name = f"billing_test_ahead_{os.getpid()}"
+    url = await create_database(name)
+    try:
+        conn = await asyncpg.connect(plain_dsn(url))
+        await conn.execute("CREATE TABLE alembic_version (version_num varchar(32) PRIMARY KEY)")
+        app = create_app(make_settings(url, settings.stripe_api_base or ""))
+        async with (
+            app.router.lifespan_context(app),
+            httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as http,
+        ):
+            await conn.execute("INSERT INTO alembic_version VALUES ('9999_next_release')")
+            ahead = await http.get("/readyz")
+            await conn.execute("UPDATE alembic_version SET version_num = '0001'")
+            behind = await http.get("/readyz")
+        await conn.close()
+        assert ahead.status_code == 200, ahead.text
+        assert_problem(behind, 503, "service_unavailable")
+    finally:
+        await drop_database(name)
+
+
 async def test_metrics_count_requests(client: httpx.AsyncClient) -> None:
     await client.get("/healthz")
     body = (await client.get("/metrics")).text

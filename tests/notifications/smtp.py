@@ -10,6 +10,7 @@ message it accepted. Shareable: `from tests.notifications.smtp import SmtpServer
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import socket
@@ -40,6 +41,8 @@ class _Recorder:
     async def handle_DATA(self, _server: Any, _session: Any, envelope: Any) -> str:
         if self.server.reply_to_data is not None:
             return self.server.reply_to_data
+        if self.server.data_delay:
+            await asyncio.sleep(self.server.data_delay)
         parsed = email.message_from_bytes(envelope.content, policy=email.policy.default)
         assert isinstance(parsed, EmailMessage)
         with self.server.lock:
@@ -63,6 +66,7 @@ class SmtpServer:
         self.messages: list[ReceivedEmail] = []
         self.lock = threading.Lock()
         self.reply_to_data: str | None = None  # e.g. "451 try later" to refuse DATA
+        self.data_delay = 0.0  # seconds a slow relay takes to answer DATA
         self._controller: Controller | None = None
 
     def start(self) -> SmtpServer:
@@ -88,3 +92,4 @@ class SmtpServer:
         with self.lock:
             self.messages.clear()
         self.reply_to_data = None
+        self.data_delay = 0.0

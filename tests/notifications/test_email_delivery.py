@@ -333,3 +333,118 @@ async def test_a_message_that_cannot_be_built_is_parked_failed_and_the_rest_are_
     assert result.failed == [found["bad"].id]
     assert [m.rcpt_tos for m in smtp_server.messages] == [["client@example.com"]]
     assert "Bcc" not in str(smtp_server.messages[0].message)
+
+
+async def test_an_address_the_relay_cannot_be_given_fails_that_row_and_the_round_goes_on(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    """A billing contact with a non-ASCII address (accepted by `plausible_email`, e.g. typed
+    at Stripe Checkout) cannot be put in a plain SMTP envelope: that row fails at once as one
+    that cannot be built, it is not left `sending` (to be parked later as uncertain, as if it
+    might have been sent), and the round still sends the rest."""
+    await queue(factory, "a-idn", to="josé@example.com")
+    await queue(factory, "b-good")
+
+    result = await deliver_round(factory, smtp_settings)
+
+    found = await rows(factory)
+    assert (found["a-idn"].status, found["b-good"].status) == ("failed", "sent")
+    assert (found["a-idn"].last_error or "").startswith("the message cannot be built")
+    assert result.failed == [found["a-idn"].id]
+    assert [m.rcpt_tos for m in smtp_server.messages] == [["client@example.com"]]
+
+
+async def test_attempts_while_the_relay_was_down_do_not_count_towards_parking(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    """EMAIL_MAX_ATTEMPTS counts refusals of the message only: an email that waited out a long
+    outage is not parked at the relay's first transient refusal once it is back."""
+    settings = smtp_settings.model_copy(update={"email_max_attempts": 3})
+    await queue(factory, "waited")
+    smtp_server.stop()
+    moment = later(0)
+    for _ in range(3):
+        await deliver_round(factory, settings, now=moment)
+        moment = (await rows(factory))["waited"].next_attempt_at
+    smtp_server.start()
+    smtp_server.reply_to_data = "451 4.3.0 try again later"
+
+    refused = await deliver_round(factory, settings, now=moment)
+
+    row = (await rows(factory))["waited"]
+    assert (row.status, len(refused.retrying), refused.failed) == ("pending", 1, [])
+    smtp_server.reply_to_data = None
+    sent = await deliver_round(factory, settings, now=row.next_attempt_at)
+    assert len(sent.sent) == 1
+    assert [m.message["Subject"] for m in smtp_server.messages] == ["Notice waited"]
+
+
+async def test_stopping_the_worker_finishes_the_message_in_flight_and_claims_no_more(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    """A shutdown (a rollout) during a round with a slow relay: the message being sent is
+    finished, the rest of the batch stays `pending` for the next worker. Going on through the
+    batch until `stop` gives up and cancels would cut a message off mid-conversation, leaving it
+    `sending`, to be parked as delivery_uncertain instead of sent."""
+    from app.notifications.worker import EmailWorker
+
+    settings = smtp_settings.model_copy(update={"smtp_timeout_seconds": 0.5})
+    for key in ("m1", "m2", "m3", "m4"):
+        await queue(factory, key)
+    smtp_server.data_delay = 0.3
+    worker = EmailWorker(factory, settings)
+    worker.start()
+    for _ in range(400):  # until the first message is being sent
+        if any(row.status == "sending" for row in (await rows(factory)).values()):
+            break
+        await asyncio.sleep(0.01)
+
+    await worker.stop()
+
+    statuses = sorted(row.status for row in (await rows(factory)).values())
+    assert "sending" not in statuses
+    assert statuses.count("sent") == len(smtp_server.messages) >= 1
+    assert set(statuses) <= {"sent", "pending"}
+
+
+async def test_billing_deliver_emails_stops_on_sigterm_after_the_message_in_flight(
+    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+) -> None:
+    """`billing deliver-emails` runs as its own process (README "Background work"): a SIGTERM
+    (a rollout, a scaled-down pod) finishes the message being sent and exits 0, instead of
+    killing the process mid-conversation and leaving the row `sending` (parked later as
+    delivery_uncertain, never resent)."""
+    import os
+    import signal
+    import sys
+
+    from tests.conftest import ROOT
+
+    await queue(factory, "in-flight")
+    smtp_server.data_delay = 1.0
+    env = {
+        **os.environ,
+        "APP_ENV": "development",
+        "DATABASE_URL": smtp_settings.database_url,
+        "SMTP_HOST": smtp_server.host,
+        "SMTP_PORT": str(smtp_server.port),
+        "EMAIL_POLL_SECONDS": "0.1",
+        "LOG_LEVEL": "WARNING",
+    }
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "app.cli", "deliver-emails", cwd=ROOT, env=env
+    )
+    try:
+        for _ in range(600):  # until the message is being sent (the process starts first)
+            if (await rows(factory))["in-flight"].status != "pending":
+                break
+            await asyncio.sleep(0.05)
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.wait_for(process.wait(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert code == 0
+    assert (await rows(factory))["in-flight"].status == "sent"
+    assert [m.message["Subject"] for m in smtp_server.messages] == ["Notice in-flight"]

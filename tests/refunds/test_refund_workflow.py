@@ -186,7 +186,9 @@ async def test_approved_subscription_refund_runs_once_and_cancels_the_subscripti
         f"Your refund has completed [{created['id']}]",
     ]
     assert "Approved: zero usage." in emails[1].body
-    assert "Remedy: refund (2257 usd)" in emails[1].body
+    # amounts are written as a person reads them, from the payment's minor units
+    assert "Remedy: a refund of 22.57 USD to your original payment method" in emails[1].body
+    assert "Your refund of 22.57 USD has been sent" in emails[2].body
 
     audit = (
         await client.get(
@@ -444,6 +446,8 @@ async def test_access_extension_remedy_extends_the_paid_subscription(
     after = await subscription(app, paid.subscription_id)
     assert after.extension_days == before.extension_days + 3
     assert stripe_fake.all("refund") == []
+    decision = (await outbox(app, "billing@acc_x.example"))[-1]
+    assert "Remedy: your channel's access is extended by 3 days" in decision.body
 
 
 async def test_access_extension_of_a_top_up_is_refused_as_not_applicable_not_as_missing_details(

@@ -240,7 +240,9 @@ async def test_replies_move_the_status_are_emailed_once_and_shown_to_the_client(
         f"A decision on your billing request [{request_id}]",
     ]
     assert emails[1].body.startswith("Checking with the bank.")
-    assert f"Next step by: {next_step.isoformat()}" in emails[1].body
+    # the promised date in the business time zone, as every date a client reads
+    local = next_step.astimezone(SGT)
+    assert f"Next step by: {local:%Y-%m-%d %H:%M} (Asia/Singapore)" in emails[1].body
     assert "Decision: rejected" in emails[2].body
 
     client_view = await client.get(
@@ -259,7 +261,7 @@ async def test_balance_credit_remedy_credits_the_ledger_once(
     filed = await client.post(
         "/v1/accounts/acc_c/refund-requests",
         json={"type": "compensation", "description": "Outage"},
-        headers=bearer(token(account_id="acc_c")),
+        headers=bearer(token(account_id="acc_c", email="pay@acc-c.example")),
     )
     response = await client.post(
         f"/v1/finance/refund-requests/{filed.json()['id']}/responses",
@@ -274,6 +276,10 @@ async def test_balance_credit_remedy_credits_the_ledger_once(
     )
     assert response.json()["status"] == "approved"
     assert await balance(app, "acc_c") == 700
+    # the email says in words what was granted, in the currency the ledger credited (a
+    # request about no payment has none of its own)
+    [decision] = await outbox(app, "pay@acc-c.example")
+    assert "Remedy: a credit of 7.00 USD to your prepaid balance" in decision.body
 
 
 async def test_overdue_requests_are_listed_and_counted_in_metrics(
