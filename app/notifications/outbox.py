@@ -17,13 +17,18 @@ MAX_EMAIL_LENGTH = 320  # accounts.email
 def plausible_email(email: object) -> TypeGuard[str]:
     """Whether an email can carry this as its recipient, so it may become an account's billing
     contact (a user token's `email`, the email entered at Stripe Checkout): one address
-    (`local@domain`) of at most 320 characters, without spaces or control characters (a line
-    break in a header is an injection). Any other value is ignored, as a missing one is: the
+    (`local@domain`) of at most 320 ASCII characters (what a relay takes without SMTPUTF8),
+    without spaces or control characters (a line break in a header is an injection). Any other value is ignored, as a missing one is: the
     contact on file stays."""
     if not isinstance(email, str) or len(email) > MAX_EMAIL_LENGTH:
         return False
     local, at, domain = email.rpartition("@")
-    return bool(local and at and domain) and email.isprintable() and " " not in email
+    return (
+        bool(local and at and domain)
+        and email.isascii()  # the relay cannot be given another address without SMTPUTF8
+        and email.isprintable()
+        and " " not in email
+    )
 
 
 def format_amount(amount: int, currency: str) -> str:

@@ -4,7 +4,7 @@
 backoff); EMAIL_MAX_ATTEMPTS is compared with the refusals of the message only, so an email
 that waited out a long relay outage is not parked at its first refusal afterwards.
 
-Revision ID: 0021
+Revision ID: 0015
 Revises: 0014
 Create Date: 2026-11-27 06:20:00
 """
@@ -14,7 +14,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0021"
+revision: str = "0015"
 down_revision: str | Sequence[str] | None = "0014"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
