@@ -54,7 +54,10 @@ again instead of a second one; one for the same channel and another plan is expi
 first (if Stripe reports it already completed, the answer is 409 `subscription_exists`), so a
 channel never has two payable subscription checkouts. A channel has a live subscription while
 Stripe may still bill it: `active`, `trialing`, `past_due`, `unpaid`, `paused` or `incomplete`
-(a delayed payment in flight).
+(a delayed payment in flight), and from the moment we know Stripe completed one of its
+subscription checkouts (its event, or a read of the session) until that subscription's own
+events arrive: a late or reordered `customer.subscription.created` must not let the client pay
+for the channel twice.
 
 Nothing here grants access or credits the balance: the Stripe payment event handlers do, and
 set `fulfilled_at`. Reading a session syncs Stripe's status, payment status and subscription id
@@ -187,6 +190,11 @@ async def create_checkout_session(
             require_currency(facts.currency, plan.currency)
             if await _LIVE_SUBSCRIPTION.fetchval(conn, channel_id=body.channel_id) is not None:
                 raise SubscriptionExists(f"Channel {body.channel_id!r} already has a subscription")
+            if await _PAID_CHECKOUT.fetchval(conn, channel_id=body.channel_id) is not None:
+                raise SubscriptionExists(
+                    f"Channel {body.channel_id!r} has a completed checkout whose subscription"
+                    " Stripe's events have not brought yet"
+                )
             found = await _LATEST_SUBSCRIPTION_CHECKOUT.fetchrow(conn, channel_id=body.channel_id)
             existing = _detached(found)
             now = found["now"] if found is not None else None
@@ -524,6 +532,23 @@ _LIVE_SUBSCRIPTION = DriverStatement(
     )
     .limit(1)
 )
+_PAID_CHECKOUT = DriverStatement(
+    select(_CHECKOUTS.c.id)
+    .where(
+        _CHECKOUTS.c.channel_id == _CHANNEL,
+        _CHECKOUTS.c.purpose == "subscription",
+        _CHECKOUTS.c.status == literal("complete"),
+        _CHECKOUTS.c.stripe_subscription_id.is_not(None),
+        ~select(Subscription.id)
+        .where(Subscription.stripe_id == _CHECKOUTS.c.stripe_subscription_id)
+        .exists(),
+    )
+    .limit(1)
+)
+"""A subscription checkout of the channel that Stripe completed (learnt from its event or a
+read of the session) whose subscription is not mirrored yet: Stripe has made that
+subscription, so the channel has one (its events are late or out of order); once they
+arrive, `_LIVE_SUBSCRIPTION` decides."""
 _LATEST_SUBSCRIPTION_CHECKOUT = DriverStatement(
     select(*_CHECKOUTS.c, func.now().label("now"))
     .where(
