@@ -218,6 +218,7 @@ async def create_checkout_session(
             row, new = await _retried_or_new(conn, fresh, facts.recent, limit)
         else:
             debt = max(0, -int(await _LEDGER_TOTAL.fetchval(conn, account_id=account_id)))
+            debt -= int(await _PAID_REPAYMENTS.fetchval(conn, account_id=account_id))
             if debt <= 0:
                 raise NoDebt("The account has no debt to repay")
             currency = facts.currency or settings.default_currency
@@ -586,6 +587,17 @@ _LEDGER_TOTAL = DriverStatement(
         LedgerEntry.account_id == bindparam("account_id", type_=String)
     )
 )
+
+_PAID_REPAYMENTS = DriverStatement(
+    select(func.coalesce(func.sum(_CHECKOUTS.c.amount), 0)).where(
+        _CHECKOUTS.c.account_id == bindparam("account_id", type_=String),
+        _CHECKOUTS.c.purpose == "debt_repayment",
+        _CHECKOUTS.c.payment_status == literal("paid"),
+        _CHECKOUTS.c.fulfilled_at.is_(None),
+    )
+)
+"""The account's debt repayments Stripe reports paid (a read of the session) that no event
+has credited yet: that debt is repaid, and a new repayment asks only for the rest."""
 
 
 def _pending_values(row: CheckoutRow) -> dict[str, Any]:
