@@ -54,7 +54,10 @@ again instead of a second one; one for the same channel and another plan is expi
 first (if Stripe reports it already completed, the answer is 409 `subscription_exists`), so a
 channel never has two payable subscription checkouts. A channel has a live subscription while
 Stripe may still bill it: `active`, `trialing`, `past_due`, `unpaid`, `paused` or `incomplete`
-(a delayed payment in flight).
+(a delayed payment in flight), and from the moment we know Stripe completed one of its
+subscription checkouts (its event, or a read of the session) until that subscription's own
+events arrive: a late or reordered `customer.subscription.created` must not let the client pay
+for the channel twice.
 
 Nothing here grants access or credits the balance: the Stripe payment event handlers do, and
 set `fulfilled_at`. Reading a session syncs Stripe's status, payment status and subscription id
@@ -187,6 +190,11 @@ async def create_checkout_session(
             require_currency(facts.currency, plan.currency)
             if await _LIVE_SUBSCRIPTION.fetchval(conn, channel_id=body.channel_id) is not None:
                 raise SubscriptionExists(f"Channel {body.channel_id!r} already has a subscription")
+            if await _PAID_CHECKOUT.fetchval(conn, channel_id=body.channel_id) is not None:
+                raise SubscriptionExists(
+                    f"Channel {body.channel_id!r} has a completed checkout whose subscription"
+                    " Stripe's events have not brought yet"
+                )
             found = await _LATEST_SUBSCRIPTION_CHECKOUT.fetchrow(conn, channel_id=body.channel_id)
             existing = _detached(found)
             now = found["now"] if found is not None else None
@@ -210,6 +218,7 @@ async def create_checkout_session(
             row, new = await _retried_or_new(conn, fresh, facts.recent, limit)
         else:
             debt = max(0, -int(await _LEDGER_TOTAL.fetchval(conn, account_id=account_id)))
+            debt -= int(await _PAID_REPAYMENTS.fetchval(conn, account_id=account_id))
             if debt <= 0:
                 raise NoDebt("The account has no debt to repay")
             currency = facts.currency or settings.default_currency
@@ -524,6 +533,23 @@ _LIVE_SUBSCRIPTION = DriverStatement(
     )
     .limit(1)
 )
+_PAID_CHECKOUT = DriverStatement(
+    select(_CHECKOUTS.c.id)
+    .where(
+        _CHECKOUTS.c.channel_id == _CHANNEL,
+        _CHECKOUTS.c.purpose == "subscription",
+        _CHECKOUTS.c.status == literal("complete"),
+        _CHECKOUTS.c.stripe_subscription_id.is_not(None),
+        ~select(Subscription.id)
+        .where(Subscription.stripe_id == _CHECKOUTS.c.stripe_subscription_id)
+        .exists(),
+    )
+    .limit(1)
+)
+"""A subscription checkout of the channel that Stripe completed (learnt from its event or a
+read of the session) whose subscription is not mirrored yet: Stripe has made that
+subscription, so the channel has one (its events are late or out of order); once they
+arrive, `_LIVE_SUBSCRIPTION` decides."""
 _LATEST_SUBSCRIPTION_CHECKOUT = DriverStatement(
     select(*_CHECKOUTS.c, func.now().label("now"))
     .where(
@@ -561,6 +587,17 @@ _LEDGER_TOTAL = DriverStatement(
         LedgerEntry.account_id == bindparam("account_id", type_=String)
     )
 )
+
+_PAID_REPAYMENTS = DriverStatement(
+    select(func.coalesce(func.sum(_CHECKOUTS.c.amount), 0)).where(
+        _CHECKOUTS.c.account_id == bindparam("account_id", type_=String),
+        _CHECKOUTS.c.purpose == "debt_repayment",
+        _CHECKOUTS.c.payment_status == literal("paid"),
+        _CHECKOUTS.c.fulfilled_at.is_(None),
+    )
+)
+"""The account's debt repayments Stripe reports paid (a read of the session) that no event
+has credited yet: that debt is repaid, and a new repayment asks only for the rest."""
 
 
 def _pending_values(row: CheckoutRow) -> dict[str, Any]:

@@ -56,7 +56,7 @@ _WANTED = (
     .render_derived(name="wanted")
 )
 _LAST_CHANGE = (
-    select(AccessChange.has_access, AccessChange.access_until)
+    select(AccessChange.has_access, AccessChange.access_until, AccessChange.reason)
     .where(AccessChange.channel_id == _WANTED.c.channel_id)
     .order_by(AccessChange.id.desc())
     .limit(1)
@@ -68,6 +68,7 @@ CHANNELS_FEED_STATE = DriverStatement(
         _FEED_CHANNELS.c.account_id.label("owner"),
         _LAST_CHANGE.c.has_access.label("last_has_access"),
         _LAST_CHANGE.c.access_until.label("last_access_until"),
+        _LAST_CHANGE.c.reason.label("last_reason"),
         *(_FEED_SUBSCRIPTIONS.c[name] for name in ACCESS_COLUMNS),
     ).select_from(
         _WANTED.outerjoin(_FEED_CHANNELS, _FEED_CHANNELS.c.id == _WANTED.c.channel_id)
@@ -98,7 +99,9 @@ async def record_access_changes(
     session: AsyncSession, channels_at: Mapping[str, datetime], settings: Settings
 ) -> list[str]:
     """Append to the access feed for each channel whose access, at the time given for it,
-    differs from its last entry; returns those channels. Four statements whatever the
+    differs from its last entry (`has_access`, `access_until` or `reason`: a follower of the
+    feed ends on what the access check answers, e.g. `past_due` then paid, or cancelling then
+    resumed); returns those channels. Four statements whatever the
     number of channels, sent straight to the driver in the session's transaction (pending
     ORM changes are flushed first: `session_driver`).
 
@@ -127,9 +130,10 @@ async def record_access_changes(
         if last.last_has_access is None:
             if not access.has_access and access.access_until is None:
                 continue  # nothing to say about a channel that never had access
-        elif (last.last_has_access, last.last_access_until) == (
+        elif (last.last_has_access, last.last_access_until, last.last_reason) == (
             access.has_access,
             access.access_until,
+            access.reason,
         ):
             continue
         changes.append(

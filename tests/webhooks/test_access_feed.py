@@ -129,3 +129,44 @@ async def test_an_event_applied_after_expire_access_does_not_repeat_its_feed_ent
     feed = await client.get("/v1/access-changes", headers=bearer(token(scope="billing:read")))
     entries = [(c["has_access"], c["access_until"], c["reason"]) for c in feed.json()["data"]]
     assert [has_access for has_access, _, _ in entries] == [True, False], entries
+
+
+async def test_a_follower_of_the_feed_learns_what_the_access_check_answers(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """A service following the feed instead of polling every channel ends on the access check's
+    answer, reason included: a renewal declined (`past_due`) then paid, a cancellation at the
+    period end then resumed, change the reason though not the access end."""
+    add_catalog(stripe_fake)
+    session_id = await open_checkout(
+        app, account_id="acc_f", purpose="subscription", channel_id="ch_f"
+    )
+    await deliver(stripe_fake.complete_checkout(session_id))
+    sub_id = str(stripe_fake.get("checkout.session", session_id)["subscription"])
+    reader = bearer(token(scope="billing:read"))
+
+    async def latest_entry_and_check() -> tuple[tuple[object, ...], tuple[object, ...]]:
+        feed = (await client.get("/v1/access-changes", headers=reader)).json()["data"]
+        check = (await client.get("/v1/channels/ch_f/access", headers=reader)).json()
+        last = feed[-1]
+        return (
+            (last["has_access"], last["access_until"], last["reason"]),
+            (check["has_access"], check["access_until"], check["reason"]),
+        )
+
+    await deliver(stripe_fake.renew_subscription(sub_id, paid=False))
+    entry, check = await latest_entry_and_check()
+    assert entry == check and check[2] == "subscription_past_due"
+    invoice = str(stripe_fake.get("subscription", sub_id)["latest_invoice"])
+    for step in (
+        lambda: stripe_fake.pay_invoice(invoice),
+        lambda: stripe_fake.update_subscription(sub_id, cancel_at_period_end=True),
+        lambda: stripe_fake.update_subscription(sub_id, cancel_at_period_end=False),
+    ):
+        await deliver(step())
+        entry, check = await latest_entry_and_check()
+        assert entry == check
