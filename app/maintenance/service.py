@@ -21,8 +21,8 @@ Completion (`complete_window`), idempotent:
    `PAST_DUE_KEEPS_ACCESS`) gets one `maintenance_extensions` row (unique per window and
    subscription) for the calendar days in `BUSINESS_TIMEZONE` the service was unavailable, less
    the dates an overlapping window already credited to it; `subscriptions.extension_days` grows
-   by the same days, an `AccessChange` is appended, and one email per account is queued in the
-   outbox (`maintenance:<window>:<account>`). Repeating the completion finds the rows and adds
+   by the same days, an `AccessChange` is appended, and one email per account whose
+   subscriptions got days is queued in the outbox (`maintenance:<window>:<account>`). Repeating the completion finds the rows and adds
    nothing.
 2. Stripe, per extension: `trial_end` = the new `access_until` with `proration_behavior=none`
    (Stripe makes the subscription `trialing`, a live state, and the next invoice moves by the
@@ -529,7 +529,8 @@ async def _record_completion(
         ):
             continue
         days = await _extend(session, settings, window, subscription, window_dates, now)
-        extended[subscription.account_id].append((subscription, days))
+        if days:  # dates an overlapping window already credited give no days, and no notice
+            extended[subscription.account_id].append((subscription, days))
     await _notify(session, settings, window, extended)
     log.info(
         "maintenance.window_completed",

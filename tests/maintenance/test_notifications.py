@@ -27,6 +27,7 @@ from tests.maintenance.test_completion import (
     subscription,
 )
 from tests.notifications.smtp import SmtpServer
+from tests.refunds.flows import outbox
 from tests.stripe_fake import StripeFake
 
 Factory = async_sessionmaker[AsyncSession]
@@ -217,3 +218,25 @@ async def test_overlapping_windows_never_credit_the_same_day_twice(
     async with factory() as session:
         subs = (await session.execute(select(Subscription))).scalars().all()
     assert len(subs) == 1
+
+
+async def test_a_window_whose_days_another_window_already_credited_emails_no_one(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    factory: Factory,
+    live_subscription: LiveSubscription,
+) -> None:
+    """A second window inside the local dates a first one already credited gives the
+    subscription no more days, so its client gets no "+0 day(s)" notice."""
+    await live_subscription("acc_z", "ch_z", email="z@client.example")
+    first = await open_window(client, ops, *ACROSS_MIDNIGHT)
+    # 11 March 00:10 → 00:40 in Singapore: a date the first window already covers.
+    second = await open_window(client, ops, "2026-03-10T16:10:00Z", "2026-03-10T16:40:00Z")
+    await complete(client, ops, first, ACROSS_MIDNIGHT[1])
+    done = await complete(client, ops, second, "2026-03-10T16:40:00Z")
+
+    assert done.status_code == 200, done.text
+    assert (await subscription(factory, "ch_z")).extension_days == 2
+    [notice] = await outbox(app, "z@client.example")
+    assert "+2 day(s)" in notice.body
