@@ -31,7 +31,10 @@ def _mint_token(args: argparse.Namespace) -> int:
     if (args.account_id is None) == (args.scope is None):
         print("give exactly one of --account-id or --scope", file=sys.stderr)
         return 2
-    if args.scope:
+    if args.scope is not None:
+        if not args.scope.split():  # the service refuses such a token (401)
+            print("--scope names no scope", file=sys.stderr)
+            return 2
         unknown = set(args.scope.split()) - KNOWN_SCOPES
         if unknown:
             print(f"unknown scopes: {', '.join(sorted(unknown))}", file=sys.stderr)

@@ -278,6 +278,15 @@ def test_mint_token_command_signs_verifiable_tokens() -> None:
     )
     assert refused.returncode == 2
     assert "unknown scopes: root" in refused.stderr
+    empty = subprocess.run(  # a token the service would refuse (401): not minted
+        [sys.executable, "-m", "app.cli", "mint-token", "--sub", "x", "--scope", " "],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert (empty.returncode, empty.stdout) == (2, "")
+    assert "--scope names no scope" in empty.stderr
 
 
 async def test_request_id_is_echoed(client: httpx.AsyncClient) -> None:
