@@ -1,28 +1,17 @@
-"""A chargeback the bank decided for us leaves the payment refundable again, as Stripe itself
-allows (a refund is refused only while a chargeback is open, or after it was lost: the client
-has the money back then); a lost one keeps it out of refunds for good."""
+"""A chargeback the bank decided for us leaves the payment refundable again (Stripe has the last
+word on the refund itself); while a chargeback is open, or after it was lost (the client has the
+money back then), the payment stays out of refunds."""
 
 from __future__ import annotations
-
-from typing import Any
 
 import httpx
 from fastapi import FastAPI
 
-from tests.conftest import Deliver, TokenFactory, bearer
+from tests.conftest import Deliver, TokenFactory
 from tests.refunds.flows import new_events, pay_subscription
 from tests.refunds.test_refund_workflow import file_request, reply
+from tests.refunds.test_retry_and_close import quote
 from tests.stripe_fake import StripeFake
-
-
-async def _quote(client: httpx.AsyncClient, token: TokenFactory, account_id: str) -> dict[str, Any]:
-    response = await client.get(
-        f"/v1/accounts/{account_id}/refund-eligibility",
-        headers=bearer(token(account_id=account_id)),
-    )
-    assert response.status_code == 200, response.text
-    [quote] = response.json()["quotes"]
-    return dict(quote)
 
 
 async def test_a_payment_whose_chargeback_we_won_can_be_refunded_again(
@@ -38,15 +27,15 @@ async def test_a_payment_whose_chargeback_we_won_can_be_refunded_again(
     opened = stripe_fake.create_dispute(paid.charge_id)
     await deliver(opened)
     dispute_id = opened[0]["data"]["object"]["id"]
-    assert (await _quote(client, token, "acc_won"))["reasons"] == ["disputed"]
+    assert (await quote(client, token, "acc_won"))["reasons"] == ["disputed"]
 
     await deliver(stripe_fake.withdraw_dispute_funds(dispute_id))
     await deliver(stripe_fake.close_dispute(dispute_id, won=True))
 
     # The bank kept the payment with us: the zero-usage right is the client's again.
-    quote = await _quote(client, token, "acc_won")
-    assert quote["reasons"] == []
-    assert quote["eligible"] is True
+    quoted = await quote(client, token, "acc_won")
+    assert quoted["reasons"] == []
+    assert quoted["eligible"] is True
     request = await file_request(client, token, "acc_won", payment_reference=paid.payment_intent)
     seen = len(stripe_fake.events)
     approved = await reply(
@@ -57,7 +46,7 @@ async def test_a_payment_whose_chargeback_we_won_can_be_refunded_again(
         message="Refunded after the chargeback was decided.",
         outcome="approved",
         remedy="refund",
-        amount=quote["refundable_amount"],
+        amount=quoted["refundable_amount"],
     )
     assert approved.status_code == 201, approved.text
     await deliver(new_events(stripe_fake, seen))
@@ -79,7 +68,7 @@ async def test_a_payment_whose_chargeback_was_lost_is_never_refunded(
     await deliver([*opened, *stripe_fake.withdraw_dispute_funds(dispute_id)])
     await deliver(stripe_fake.close_dispute(dispute_id, won=False))
 
-    assert "disputed" in (await _quote(client, token, "acc_lost"))["reasons"]
+    assert "disputed" in (await quote(client, token, "acc_lost"))["reasons"]
     request = await file_request(client, token, "acc_lost", payment_reference=paid.payment_intent)
     refused = await reply(
         client,
