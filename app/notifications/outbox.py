@@ -18,8 +18,8 @@ def plausible_email(email: object) -> TypeGuard[str]:
     """Whether an email can carry this as its recipient, so it may become an account's billing
     contact (a user token's `email`, the email entered at Stripe Checkout): one address
     (`local@domain`) of at most 320 ASCII characters (what a relay takes without SMTPUTF8),
-    without spaces or control characters (a line break in a header is an injection). Any other value is ignored, as a missing one is: the
-    contact on file stays."""
+    without spaces or control characters (a line break in a header is an injection). Any
+    other value is ignored, as a missing one is: the contact on file stays."""
     if not isinstance(email, str) or len(email) > MAX_EMAIL_LENGTH:
         return False
     local, at, domain = email.rpartition("@")
