@@ -246,20 +246,34 @@ async def finance_get_refund_request(
         RemedyNotApplicable,
         StripeUnavailable,
         StripeRequestRejected,
+        IdempotencyKeyReused,
+        IdempotencyKeyInUse,
     ),
 )
 async def respond_to_refund_request(
-    request_id: uuid.UUID, body: ResponseCreate, request: Request, principal: FinanceStaff
-) -> FinanceRefundRequestOut:
-    # No request session: a refund approval commits in steps around the Stripe call.
-    return await service.respond(
-        request.app.state.session_factory,
-        request.app.state.stripe,
-        request.app.state.settings,
-        request_id=request_id,
-        body=body,
-        principal=principal,
-    )
+    request_id: uuid.UUID,
+    body: ResponseCreate,
+    request: Request,
+    session: SessionDep,
+    principal: FinanceStaff,
+    idempotency_key: IdempotencyKeyHeader = None,
+) -> JSONResponse:
+    async def run() -> Outcome:
+        # The reply runs in sessions of its own (a refund approval commits in steps around
+        # the Stripe call); the request's session only stores the answer under the key.
+        out = await service.respond(
+            request.app.state.session_factory,
+            request.app.state.stripe,
+            request.app.state.settings,
+            request_id=request_id,
+            body=body,
+            principal=principal,
+        )
+        return Outcome(201, out)
+
+    # A reply sent again with its key (a lost answer, a double click) replays the first:
+    # one reply, one email. The key is the finance user's (sub, method, path, key).
+    return await idempotent(request, session, principal, "", idempotency_key, body, run)
 
 
 @router.post(

@@ -40,12 +40,18 @@ async def file_request(
 
 
 async def reply(
-    client: httpx.AsyncClient, token: TokenFactory, request_id: str, **body: Any
+    client: httpx.AsyncClient,
+    token: TokenFactory,
+    request_id: str,
+    *,
+    idempotency_key: str | None = None,
+    **body: Any,
 ) -> httpx.Response:
+    headers = bearer(token(**FINANCE))
+    if idempotency_key is not None:
+        headers["Idempotency-Key"] = idempotency_key
     return await client.post(
-        f"/v1/finance/refund-requests/{request_id}/responses",
-        json=body,
-        headers=bearer(token(**FINANCE)),
+        f"/v1/finance/refund-requests/{request_id}/responses", json=body, headers=headers
     )
 
 

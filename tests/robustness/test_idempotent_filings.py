@@ -12,6 +12,8 @@ import httpx
 import pytest
 
 from tests.conftest import TokenFactory, bearer, plain_dsn
+from tests.refunds.flows import outbox, set_email
+from tests.refunds.test_refund_workflow import file_request, reply
 
 WINDOW = {
     "starts_at": "2026-03-09T09:00:00+08:00",
@@ -130,3 +132,30 @@ async def test_a_filing_whose_commit_fails_releases_its_key_so_the_retry_files_i
     assert retried.status_code == 201, retried.text
     assert "Idempotent-Replayed" not in retried.headers
     assert len(await listed(client, path, bearer(token(account_id="acc_c")))) == 1
+
+
+async def test_a_reply_sent_again_with_its_key_is_recorded_and_emailed_once(
+    app: Any, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    """A finance tool's reply whose answer was lost (or a double click) sent again with its
+    Idempotency-Key replays the first answer: one reply shown to the client, one email. The
+    same key with another reply is 409 `idempotency_key_reused`."""
+    filed = await file_request(client, token, "acc_rp", type="appeal", description="Suspended")
+    await set_email(app, "acc_rp", "client@acc_rp.example")
+    initial = {"kind": "initial", "message": "We have your request and are looking into it."}
+
+    first = await reply(client, token, filed["id"], idempotency_key="reply-1", **initial)
+    again = await reply(client, token, filed["id"], idempotency_key="reply-1", **initial)
+    other = await reply(
+        client, token, filed["id"], idempotency_key="reply-1", kind="initial", message="Hi"
+    )
+
+    assert (first.status_code, again.status_code) == (201, 201), again.text
+    assert again.json() == first.json()
+    assert (other.status_code, other.json()["code"]) == (409, "idempotency_key_reused")
+    shown = await client.get(
+        f"/v1/accounts/acc_rp/refund-requests/{filed['id']}",
+        headers=bearer(token(account_id="acc_rp")),
+    )
+    assert [r["kind"] for r in shown.json()["responses"]] == ["initial"]
+    assert len(await outbox(app, "client@acc_rp.example")) == 1
