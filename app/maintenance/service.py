@@ -60,13 +60,13 @@ from __future__ import annotations
 import uuid
 from collections import defaultdict
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 import structlog
 from sqlalchemy import DateTime, bindparam, func, or_, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
-from sqlalchemy.orm import aliased
 
 from app.calendar import BusinessCalendar
 from app.config import Settings
@@ -299,131 +299,121 @@ def _live_during(
     return until is not None and (period_start < end or paid_before_end) and until > start
 
 
-async def _paid_before(
-    session: AsyncSession, subscriptions: Sequence[Subscription], start: datetime, end: datetime
-) -> set[str]:
-    """Of these subscriptions renewed since `end` (current period starting at or after it),
-    the Stripe ids of those that paid, before `end`, the period the window fell in: a
-    succeeded payment made before `end` of the latest period billed at or before `start` (a
-    subscription invoice's `period_end` is where the period it bills starts; Stripe's invoice
-    `period_*` describe the one before), or of one billed after it. An older payment does not
-    count: a renewal declined before the window left it unpaid through it, however long ago
-    it had been paid."""
-    renewed = [
-        s.stripe_id
-        for s in subscriptions
-        if s.current_period_start is not None and s.current_period_start >= end
-    ]
-    if not renewed:
-        return set()
-    subscription_id = func.coalesce(
+@dataclass
+class _WindowBilling:
+    """What the subscriptions' invoices and payments say about the window, by Stripe id: where
+    the period it fell in was billed from (`billed`: the latest invoice with something due,
+    voided ones billing nothing, whose `period_end` is at or before the window's start; a
+    subscription invoice's `period_end` is where the period it bills starts, Stripe's invoice
+    `period_*` describing the one before), where its first invoice billed from (`first`), and
+    where each period paid before the window's end billed from: by a succeeded payment
+    (`paid_by_payments`) or by Stripe's paid invoice (`paid_by_invoices`; its payment rows
+    may not be mirrored yet)."""
+
+    billed: dict[str, datetime] = field(default_factory=dict)
+    first: dict[str, datetime] = field(default_factory=dict)
+    paid_by_payments: dict[str, list[datetime | None]] = field(default_factory=dict)
+    paid_by_invoices: dict[str, list[datetime]] = field(default_factory=dict)
+
+    def paid_in_time(self, stripe_id: str, *, invoices: bool) -> bool:
+        """A period from the one the window fell in on (any, when none was billed before it)
+        was paid before the window's end; by Stripe's paid invoices too with `invoices`."""
+        paid = list(self.paid_by_payments.get(stripe_id, []))
+        if invoices:
+            paid += self.paid_by_invoices.get(stripe_id, [])
+        billed = self.billed.get(stripe_id)
+        if billed is None:
+            return bool(paid)
+        return any(start is not None and start >= billed for start in paid)
+
+
+async def _window_billing(
+    session: AsyncSession, stripe_ids: Sequence[str], start: datetime, end: datetime
+) -> _WindowBilling:
+    """`_WindowBilling` of these subscriptions for the window `[start, end)`: one query for
+    their invoices, one for their subscription payments made before `end`."""
+    facts = _WindowBilling()
+    if not stripe_ids:
+        return facts
+    invoices = await session.execute(
+        select(
+            Invoice.stripe_subscription_id,
+            Invoice.period_end,
+            Invoice.amount_due,
+            Invoice.status,
+            Invoice.paid_at,
+        ).where(
+            Invoice.stripe_subscription_id.in_(list(stripe_ids)),
+            Invoice.period_end.is_not(None),
+        )
+    )
+    for of, period_end, amount_due, status, paid_at in invoices.all():
+        if of is None or period_end is None:
+            continue
+        facts.first[of] = min(facts.first.get(of, period_end), period_end)
+        if amount_due > 0 and status != "void" and period_end <= start:  # void: nothing due
+            facts.billed[of] = max(facts.billed.get(of, period_end), period_end)
+        if status == "paid" and paid_at is not None and paid_at < end:
+            facts.paid_by_invoices.setdefault(of, []).append(period_end)
+    paying = func.coalesce(
         func.nullif(Payment.stripe_subscription_id, ""), Invoice.stripe_subscription_id
     )
-    billed = aliased(Invoice)
-    billed_at_start = (
-        select(func.max(billed.period_end))
-        .where(
-            billed.stripe_subscription_id == subscription_id,
-            billed.amount_due > 0,
-            billed.status.is_distinct_from("void"),
-            billed.period_end <= start,
-        )
-        .scalar_subquery()
-    )
-    rows = await session.execute(
-        select(subscription_id)
+    payments = await session.execute(
+        select(paying, func.coalesce(Invoice.period_end, Payment.paid_at))
         .select_from(Payment)
         .outerjoin(Invoice, Invoice.stripe_id == Payment.stripe_invoice_id)
         .where(
-            subscription_id.in_(renewed),
+            paying.in_(list(stripe_ids)),
             Payment.purpose == "subscription",
             Payment.status == "succeeded",
             func.greatest(Invoice.paid_at, Payment.paid_at) < end,
-            or_(
-                billed_at_start.is_(None),
-                func.coalesce(Invoice.period_end, Payment.paid_at) >= billed_at_start,
-            ),
         )
-        .distinct()
     )
-    return {stripe_id for stripe_id in rows.scalars() if stripe_id}
+    for of, billed_from in payments.all():
+        if of:
+            facts.paid_by_payments.setdefault(of, []).append(billed_from)
+    return facts
 
 
-async def _unpaid_during(
-    session: AsyncSession,
+def _paid_before(
+    subscriptions: Sequence[Subscription], billing: _WindowBilling, end: datetime
+) -> set[str]:
+    """Of these subscriptions renewed since `end` (current period starting at or after it),
+    the Stripe ids of those that paid, before `end`, the period the window fell in: a
+    succeeded payment made before `end` of the latest period billed at or before the window's
+    start, or of one billed after it (`_WindowBilling`). An older payment does not count: a
+    renewal declined before the window left it unpaid through it, however long ago it had
+    been paid."""
+    return {
+        s.stripe_id
+        for s in subscriptions
+        if s.current_period_start is not None
+        and s.current_period_start >= end
+        and billing.paid_in_time(s.stripe_id, invoices=False)
+    }
+
+
+def _unpaid_during(
     subscriptions: Sequence[Subscription],
+    billing: _WindowBilling,
     settings: Settings,
-    start: datetime,
     end: datetime,
 ) -> dict[str, str]:
     """Of these subscriptions live now with a current period that began before `end`, those
-    whose period the window fell in was billed but not paid before `end` (the latest invoice
-    with something due billed at or before `start`: a subscription invoice's `period_end` is
-    where the period it bills starts; paid in time: that invoice, or a later one, paid before
-    `end` by Stripe's invoice or by a payment mirrored for it), by Stripe id: `first` when it was
-    the subscription's first invoice (it was `incomplete` during the window), else `renewal`
-    (`past_due`)."""
-    wanted = {
-        s.stripe_id: s
+    whose period the window fell in was billed but not paid before `end` (paid in time: that
+    period, or a later one, by Stripe's invoice or by a payment mirrored for it;
+    `_WindowBilling`), by Stripe id: `first` when it was the subscription's first invoice (it
+    was `incomplete` during the window), else `renewal` (`past_due`)."""
+    return {
+        s.stripe_id: "first"
+        if billing.billed[s.stripe_id] <= billing.first[s.stripe_id]
+        else "renewal"
         for s in subscriptions
         if s.current_period_start is not None
         and s.current_period_start < end
         and _live_now(s, settings)
-    }
-    if not wanted:
-        return {}
-    invoices = (
-        await session.execute(
-            select(
-                Invoice.stripe_subscription_id,
-                Invoice.period_end,
-                Invoice.amount_due,
-                Invoice.status,
-                Invoice.paid_at,
-            ).where(
-                Invoice.stripe_subscription_id.in_(list(wanted)),
-                Invoice.period_end.is_not(None),
-            )
-        )
-    ).all()
-    first: dict[str, datetime] = {}
-    billed: dict[str, datetime] = {}
-    paid_invoices: list[tuple[str, datetime]] = []  # (subscription, billed from), paid in time
-    for of, period_end, amount_due, status, paid_at in invoices:
-        if of is None or period_end is None:
-            continue
-        first[of] = min(first.get(of, period_end), period_end)
-        if amount_due > 0 and status != "void" and period_end <= start:  # void: nothing due
-            billed[of] = max(billed.get(of, period_end), period_end)
-        if status == "paid" and paid_at is not None and paid_at < end:
-            paid_invoices.append((of, period_end))
-    if not billed:
-        return {}
-    paying = func.coalesce(
-        func.nullif(Payment.stripe_subscription_id, ""), Invoice.stripe_subscription_id
-    )
-    payments = (
-        await session.execute(
-            select(paying, func.coalesce(Invoice.period_end, Payment.paid_at))
-            .select_from(Payment)
-            .outerjoin(Invoice, Invoice.stripe_id == Payment.stripe_invoice_id)
-            .where(
-                paying.in_(list(billed)),
-                Payment.purpose == "subscription",
-                Payment.status == "succeeded",
-                func.greatest(Invoice.paid_at, Payment.paid_at) < end,
-            )
-        )
-    ).all()
-    paid = {
-        sid
-        for sid, billed_from in [*paid_invoices, *payments]
-        if sid in billed and billed_from >= billed[sid]
-    }
-    return {
-        sid: "first" if billed_at <= first[sid] else "renewal"
-        for sid, billed_at in billed.items()
-        if sid not in paid
+        and s.stripe_id in billing.billed
+        and not billing.paid_in_time(s.stripe_id, invoices=True)
     }
 
 
@@ -513,10 +503,11 @@ async def _record_completion(
         )
     ).scalars()
     subscriptions = list(candidates)
-    paid_before_end = await _paid_before(session, subscriptions, window.starts_at, ended_at)
-    unpaid_during = await _unpaid_during(
-        session, subscriptions, settings, window.starts_at, ended_at
+    billing = await _window_billing(
+        session, [s.stripe_id for s in subscriptions], window.starts_at, ended_at
     )
+    paid_before_end = _paid_before(subscriptions, billing, ended_at)
+    unpaid_during = _unpaid_during(subscriptions, billing, settings, ended_at)
     extended: dict[str, list[tuple[Subscription, int]]] = defaultdict(list)
     for subscription in subscriptions:
         if not _live_during(
