@@ -28,11 +28,17 @@ class Plan(BaseModel):
     interval: Literal["day", "week", "month", "year"] = "month"
 
 
+STRIPE_MAXIMUM_AMOUNT = 99_999_999
+"""Stripe charges amounts of up to eight digits in minor units (its currencies guide): a larger
+top-up would be refused by Stripe at checkout (502) rather than by us."""
+
+
 class TopUpLimit(BaseModel):
-    """Bounds of one top-up payment in a currency, in minor units."""
+    """Bounds of one top-up payment in a currency, in minor units; `max` at most
+    `STRIPE_MAXIMUM_AMOUNT`, refused at start-up otherwise."""
 
     min: int = Field(gt=0)
-    max: int = Field(gt=0)
+    max: int = Field(gt=0, le=STRIPE_MAXIMUM_AMOUNT)
 
     @model_validator(mode="after")
     def _ordered(self) -> TopUpLimit:

@@ -199,6 +199,18 @@ def test_production_refuses_placeholder_rotation_and_staff_secrets(
     Settings(**production, **{setting: SecretStr("w" * 40)})
 
 
+def test_top_up_limits_above_what_stripe_charges_are_refused_at_start() -> None:
+    """Stripe charges at most eight digits of minor units: a TOP_UP_LIMITS max above that would
+    let clients start top-ups Stripe refuses (a 502 at checkout) instead of our 422."""
+    with pytest.raises(ValidationError) as excinfo:
+        Settings(top_up_limits={"usd": {"min": 500, "max": 100_000_000}})
+    assert "top_up_limits.usd.max" in str(excinfo.value)
+    assert (
+        Settings(top_up_limits={"usd": {"min": 500, "max": 99_999_999}}).top_up_limits["usd"].max
+        == 99_999_999
+    )
+
+
 def test_a_refused_configuration_never_shows_a_secret() -> None:
     """The error that stops the service names what is wrong, not the values it was given:
     pydantic would show the settings' input (its start and end), which holds every secret."""
