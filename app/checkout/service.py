@@ -188,9 +188,10 @@ async def create_checkout_session(
             assert plan is not None
             await claim_channel(conn, account_id, body.channel_id)
             require_currency(facts.currency, plan.currency)
-            if await _LIVE_SUBSCRIPTION.fetchval(conn, channel_id=body.channel_id) is not None:
+            live, paid = await _CHANNEL_SUBSCRIBED.fetchrow(conn, channel_id=body.channel_id)
+            if live:
                 raise SubscriptionExists(f"Channel {body.channel_id!r} already has a subscription")
-            if await _PAID_CHECKOUT.fetchval(conn, channel_id=body.channel_id) is not None:
+            if paid:
                 raise SubscriptionExists(
                     f"Channel {body.channel_id!r} has a completed checkout whose subscription"
                     " Stripe's events have not brought yet"
@@ -524,16 +525,16 @@ _INSERT_PENDING = DriverStatement(
     insert(_CHECKOUTS).values({column: bindparam(column) for column in _PENDING_COLUMNS})
 )
 _CHANNEL = bindparam("channel_id", type_=String)
-_LIVE_SUBSCRIPTION = DriverStatement(
+_LIVE_SUBSCRIPTION = (
     select(Subscription.id)
     .where(
         Subscription.channel_id == _CHANNEL,
         Subscription.status.in_([literal(status) for status in LIVE_SUBSCRIPTION_STATUSES]),
         Subscription.access_revoked_at.is_(None),
     )
-    .limit(1)
+    .exists()
 )
-_PAID_CHECKOUT = DriverStatement(
+_PAID_CHECKOUT = (
     select(_CHECKOUTS.c.id)
     .where(
         _CHECKOUTS.c.channel_id == _CHANNEL,
@@ -544,12 +545,15 @@ _PAID_CHECKOUT = DriverStatement(
         .where(Subscription.stripe_id == _CHECKOUTS.c.stripe_subscription_id)
         .exists(),
     )
-    .limit(1)
+    .exists()
 )
 """A subscription checkout of the channel that Stripe completed (learnt from its event or a
 read of the session) whose subscription is not mirrored yet: Stripe has made that
 subscription, so the channel has one (its events are late or out of order); once they
 arrive, `_LIVE_SUBSCRIPTION` decides."""
+_CHANNEL_SUBSCRIBED = DriverStatement(select(_LIVE_SUBSCRIPTION, _PAID_CHECKOUT))
+"""(live, paid): whether the channel has a live subscription, or a paid checkout whose
+subscription is not mirrored yet, in one round trip."""
 _LATEST_SUBSCRIPTION_CHECKOUT = DriverStatement(
     select(*_CHECKOUTS.c, func.now().label("now"))
     .where(
