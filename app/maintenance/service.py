@@ -98,7 +98,6 @@ log = structlog.get_logger()
 POLICY_LIMIT_BUSINESS_DAYS = 3
 STRIPE_PUSHABLE = frozenset({"active", "trialing"})
 TERMINAL_STATUSES = frozenset({"canceled", "incomplete_expired"})
-CLOCK_SKEW = timedelta(minutes=5)
 _LOCK = "billing:maintenance-windows"
 
 
@@ -478,7 +477,9 @@ async def _record_completion(
         return  # idempotent repeat: the extensions exist; Stripe pushes are retried by caller
     if ended_at <= window.starts_at:
         raise Unprocessable("ended_at must be after the window's starts_at")
-    if ended_at > now + CLOCK_SKEW:
+    if ended_at > now:
+        # Not back yet: the days credited are the dates the outage touched, so an end even a
+        # few minutes ahead could credit a date on which nothing was unavailable.
         raise Unprocessable("ended_at is in the future; complete the window once it has ended")
     calendar = settings.calendar
     window.ended_at = ended_at
