@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 from functools import lru_cache
 from typing import Annotated, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+import holidays
 from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
@@ -187,6 +189,30 @@ class Settings(BaseSettings):
         for currency, fee in value.items():
             if len(currency) != 3 or fee < 0:
                 raise ValueError("WABA_SETUP_FEES maps 3-letter currencies to fees >= 0")
+        return value
+
+    @field_validator("business_timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        """Refused at start: every refund request's deadlines and every maintenance window's
+        length are computed per request in this zone (else each of them was a 500)."""
+        try:
+            ZoneInfo(value)
+        except (ValueError, ZoneInfoNotFoundError):
+            raise ValueError(f"BUSINESS_TIMEZONE {value!r} is no IANA time zone") from None
+        return value
+
+    @field_validator("business_holidays_country")
+    @classmethod
+    def _known_holidays_country(cls, value: str) -> str:
+        """Refused at start, like the time zone: the public holidays that are not business
+        days come from the `holidays` library, which knows upper-case ISO codes."""
+        try:
+            holidays.country_holidays(value)
+        except NotImplementedError:
+            raise ValueError(
+                f"BUSINESS_HOLIDAYS_COUNTRY {value!r} is no country the holidays library knows"
+            ) from None
         return value
 
     @field_validator("default_currency")

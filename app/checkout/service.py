@@ -74,7 +74,7 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
-from sqlalchemy import String, Table, bindparam, case, func, insert, literal, select, update
+from sqlalchemy import String, Table, bindparam, case, func, insert, literal, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.accounts.service import (
@@ -561,13 +561,17 @@ _LATEST_SUBSCRIPTION_CHECKOUT = DriverStatement(
         _CHECKOUTS.c.purpose == "subscription",
         _CHECKOUTS.c.status.in_([literal("pending"), literal("open")]),
         _CHECKOUTS.c.fulfilled_at.is_(None),
-        _CHECKOUTS.c.created_at > func.now() - PENDING_REPLAY_WINDOW,
+        or_(
+            _CHECKOUTS.c.created_at > func.now() - PENDING_REPLAY_WINDOW,
+            _CHECKOUTS.c.expires_at > func.now(),
+        ),
     )
     .order_by(_CHECKOUTS.c.created_at.desc())
     .limit(1)
 )
-"""The channel's newest subscription checkout that may still be paid (open, or pending and
-young enough for its Stripe idempotency key to replay), with the database's clock."""
+"""The channel's newest subscription checkout that may still be paid (open until its
+`expires_at`, up to Stripe's 24 hours, or pending and young enough for its Stripe
+idempotency key to replay), with the database's clock."""
 _RETRYABLE = DriverStatement(
     select(*_CHECKOUTS.c)
     .where(

@@ -15,8 +15,9 @@ Completion (`complete_window`), idempotent:
    status per app/subscriptions/access.py, or ended since at the end of its paid period because
    the client had turned off renewal, and a period `[current_period_start, access_until)`
    overlapping the window; or paid before the window's end for a period Stripe renewed only
-   after it, whatever its status now unless it has ended: a renewal declined since, `past_due`
-   or `unpaid`, keeps the days for when it is paid; one live now whose period the window fell
+   after the window's start (inside the window or after it), whatever its status now unless it
+   has ended: a renewal declined since, `past_due` or `unpaid`, keeps the days for when it is
+   paid; one live now whose period the window fell
    in was paid only after it was not live then: `incomplete`, or `past_due` without
    `PAST_DUE_KEEPS_ACCESS`) gets one `maintenance_extensions` row (unique per window and
    subscription) for the calendar days in `BUSINESS_TIMEZONE` the service was unavailable, less
@@ -97,7 +98,6 @@ log = structlog.get_logger()
 POLICY_LIMIT_BUSINESS_DAYS = 3
 STRIPE_PUSHABLE = frozenset({"active", "trialing"})
 TERMINAL_STATUSES = frozenset({"canceled", "incomplete_expired"})
-CLOCK_SKEW = timedelta(minutes=5)
 _LOCK = "billing:maintenance-windows"
 
 
@@ -269,10 +269,11 @@ def _live_during(
     """A live status (as app/subscriptions/access.py counts it), or ended since at the end of
     its paid period (the client had turned off renewal: the days it lost follow its end), and a
     paid period `[current_period_start, access_until)` overlapping the half-open window; or,
-    when Stripe has renewed it since the window ended, a payment made before the window's end
-    (the period it paid ran until the renewal, so it covered the window), whatever its status
-    now unless it has ended: live is what it was during the window, and a renewal declined
-    after it (`past_due` without access, `unpaid`) keeps the days for when it is paid.
+    when Stripe has renewed it since the window started (inside it or after it), a payment
+    made before the window's end (the period it paid ran until the renewal, so it covered the
+    window, or its start up to the renewal), whatever its status now unless it has ended: live
+    is what it was during the window, and a renewal declined since (`past_due` without access,
+    `unpaid`) keeps the days for when it is paid.
     Likewise one live now whose period the window fell in was paid only after the window
     (`unpaid_during`, see `_unpaid_during`) was not live during it: `incomplete` then (its first
     payment in flight), or `past_due` (a declined renewal) without `PAST_DUE_KEEPS_ACCESS`."""
@@ -280,10 +281,10 @@ def _live_during(
         return False
     if not _live_now(subscription, settings):
         # Its status now is not what it was during the window: a period paid before the
-        # window's end ran until Stripe renewed it after the window, so it was live then, and
-        # a renewal declined since (`past_due`, `unpaid`) does not take back the days it lost:
-        # they count once it is paid again. One ended since (not at its period end) never
-        # gives access again: nothing to extend.
+        # window's end ran until Stripe renewed it, inside or after the window, so it was live
+        # then, and a renewal declined since (`past_due`, `unpaid`) does not take back the days
+        # it lost: they count once it is paid again. One ended since (not at its period end)
+        # never gives access again: nothing to extend.
         return (
             paid_before_end
             and subscription.access_revoked_at is None
@@ -376,19 +377,21 @@ async def _window_billing(
 
 
 def _paid_before(
-    subscriptions: Sequence[Subscription], billing: _WindowBilling, end: datetime
+    subscriptions: Sequence[Subscription], billing: _WindowBilling, start: datetime
 ) -> set[str]:
-    """Of these subscriptions renewed since `end` (current period starting at or after it),
-    the Stripe ids of those that paid, before `end`, the period the window fell in: a
-    succeeded payment made before `end` of the latest period billed at or before the window's
-    start, or of one billed after it (`_WindowBilling`). An older payment does not count: a
-    renewal declined before the window left it unpaid through it, however long ago it had
-    been paid."""
+    """Of these subscriptions renewed since the window started (current period starting
+    after `start`: during the window, or after it), the Stripe ids of those that paid,
+    before the window's end, the period the window fell in: a succeeded payment made before
+    the end of the latest period billed at or before the window's start, or of one billed
+    after it (`_WindowBilling`). That period ran until the renewal, so the subscription was
+    live during the window, also when the renewal inside it was declined. An older payment
+    does not count: a renewal declined before the window left it unpaid through it, however
+    long ago it had been paid."""
     return {
         s.stripe_id
         for s in subscriptions
         if s.current_period_start is not None
-        and s.current_period_start >= end
+        and s.current_period_start > start
         and billing.paid_in_time(s.stripe_id, invoices=False)
     }
 
@@ -474,7 +477,9 @@ async def _record_completion(
         return  # idempotent repeat: the extensions exist; Stripe pushes are retried by caller
     if ended_at <= window.starts_at:
         raise Unprocessable("ended_at must be after the window's starts_at")
-    if ended_at > now + CLOCK_SKEW:
+    if ended_at > now:
+        # Not back yet: the days credited are the dates the outage touched, so an end even a
+        # few minutes ahead could credit a date on which nothing was unavailable.
         raise Unprocessable("ended_at is in the future; complete the window once it has ended")
     calendar = settings.calendar
     window.ended_at = ended_at
@@ -506,7 +511,7 @@ async def _record_completion(
     billing = await _window_billing(
         session, [s.stripe_id for s in subscriptions], window.starts_at, ended_at
     )
-    paid_before_end = _paid_before(subscriptions, billing, ended_at)
+    paid_before_end = _paid_before(subscriptions, billing, window.starts_at)
     unpaid_during = _unpaid_during(subscriptions, billing, settings, ended_at)
     extended: dict[str, list[tuple[Subscription, int]]] = defaultdict(list)
     for subscription in subscriptions:

@@ -279,6 +279,8 @@ def _eligibility_facts() -> Any:
             payments.c.amount_refunded,
             payments.c.paid_at,
             subscription_id.label("subscription_id"),
+            invoices.c.period_end.label("billed_from"),
+            subscriptions.c.current_period_start,
             subscriptions.c.current_period_end,
             maintenance_days.label("maintenance_days"),
             next_billed_from.label("next_billed_from"),

@@ -151,7 +151,11 @@ def _paid_period_ends(payments: Sequence[Row[Any]]) -> dict[uuid.UUID, datetime 
     before it (a maintenance window never creates a refund right). And a period ends no later
     than the next billed period starts (`next_billed_from`), paid or not: a renewal that was
     declined moves Stripe's period on (`past_due`) without further payment, so the period
-    paid before it is over, deemed fully rendered (policy section 1)."""
+    paid before it is over, deemed fully rendered (policy section 1). Likewise when Stripe
+    has moved the subscription into a period the newest payment did not bill (its current
+    period starts after that payment and after the period its invoice billed from, and holds
+    no extension days) before the renewal's invoice is finalized and charged, about an hour
+    later: that payment's period ended where the current one starts."""
     ends: dict[uuid.UUID, datetime | None] = {}
     by_subscription: dict[str, list[Row[Any]]] = {}
     for payment in payments:
@@ -165,6 +169,14 @@ def _paid_period_ends(payments: Sequence[Row[Any]]) -> dict[uuid.UUID, datetime 
         period_end = newest.current_period_end
         if period_end is not None and newest.maintenance_days > 0:
             period_end -= timedelta(days=newest.maintenance_days)
+        elif (
+            newest.current_period_start is not None
+            and newest.billed_from is not None
+            # after the payment too: a second between an invoice's period and Stripe's
+            # subscription never ends a period that was just paid
+            and newest.current_period_start > max(newest.billed_from, newest.paid_at)
+        ):
+            period_end = newest.current_period_start
         ends[newest.id] = period_end
     for payment in payments:
         billed = payment.next_billed_from

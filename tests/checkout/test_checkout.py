@@ -236,6 +236,37 @@ async def test_a_checkout_for_another_plan_expires_the_channels_open_one(
     assert sessions[second.json()["id"]]["status"] == "open"
 
 
+@pytest.mark.parametrize("plan", ["channel_monthly", "channel_yearly"])
+async def test_a_checkout_made_a_day_ago_still_open_is_reused_or_expired_not_left_payable(
+    post_checkout: PostCheckout,
+    db: async_sessionmaker[AsyncSession],
+    stripe_fake: StripeFake,
+    plan: str,
+) -> None:
+    """Stripe keeps a Checkout session open 24 hours. The channel's open checkout made 23.5
+    hours ago (30 minutes still to go) was ignored, being older than the 23 hours a pending
+    row's idempotency key replays: a second session was made beside it, neither reused nor
+    expired, so the client could pay both and be billed twice for one channel."""
+    day_ago = datetime.now(UTC) - timedelta(hours=23, minutes=30)
+    stripe_fake.set_time(day_ago.timestamp())
+    first = (await post_checkout("acc_1", subscription_body("ch_1"))).json()
+    stripe_fake.set_time(None)
+    async with db() as session, session.begin():
+        row = await session.get(CheckoutSession, uuid.UUID(first["id"]))
+        assert row is not None
+        row.created_at = day_ago
+
+    second = await post_checkout("acc_1", subscription_body("ch_1", plan=plan))
+
+    assert second.status_code == 201, second.text
+    open_at_stripe = [s for s in stripe_fake.all("checkout.session") if s["status"] == "open"]
+    assert len(open_at_stripe) == 1
+    if plan == "channel_monthly":  # the same plan, more than 10 minutes from expiry
+        assert second.json()["id"] == first["id"]
+    else:
+        assert open_at_stripe[0]["metadata"]["checkout_session_id"] == second.json()["id"]
+
+
 async def test_a_channel_with_a_live_subscription_cannot_be_bought_again(
     post_checkout: PostCheckout, db: async_sessionmaker[AsyncSession], stripe_fake: StripeFake
 ) -> None:

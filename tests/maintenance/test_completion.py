@@ -235,3 +235,23 @@ async def test_a_maintenance_window_never_changes_the_refund_eligibility_quote(
     assert [e["type"] for e in pushed] == ["customer.subscription.updated"]
     await deliver(pushed)
     assert await quote() == before
+
+
+async def test_an_end_still_in_the_future_is_refused_and_changes_nothing(
+    client: httpx.AsyncClient, ops: dict[str, str]
+) -> None:
+    """`ended_at` in the future is 422 (README, the schema): the service is not back yet, and
+    an end a few minutes ahead crossing local midnight would credit every client a calendar
+    day on which nothing was unavailable. Ends up to 5 minutes ahead used to be accepted."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    window_id = await open_window(
+        client, ops, (now - timedelta(hours=1)).isoformat(), (now + timedelta(hours=1)).isoformat()
+    )
+
+    ahead = await complete(client, ops, window_id, (now + timedelta(minutes=2)).isoformat())
+
+    assert ahead.status_code == 422, ahead.text
+    shown = (await client.get(f"{URL}/{window_id}", headers=ops)).json()
+    assert (shown["status"], shown["ended_at"], shown["unavailable_days"]) == ("open", None, None)
+    done = await complete(client, ops, window_id, now.isoformat())
+    assert done.status_code == 200, done.text

@@ -69,3 +69,30 @@ async def test_past_due_through_the_window_and_paid_since_is_not_extended(
     assert done.status_code == 200, done.text
     assert done.json()["subscriptions_extended"] == 0
     assert (await subscription(factory, "ch_pd2")).extension_days == 0
+
+
+async def test_paid_until_a_renewal_declined_during_the_window_is_extended(
+    client: httpx.AsyncClient,
+    token: TokenFactory,
+    deliver: Deliver,
+    factory: async_sessionmaker[AsyncSession],
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+) -> None:
+    """The window straddles the period boundary: the subscription was paid and live from the
+    window's start until Stripe renewed it inside the window, and the renewal was declined.
+    It was live during the window as surely as one whose renewal was declined just after it
+    (above), so it keeps the window's days for when it is paid again."""
+    ops = bearer(token(scope="ops", sub="ops-bob"))
+    sub = await live_subscription("acc_pd3", "ch_pd3", email="pd3@client.example", start=FEBRUARY)
+    # 22:00 on 2 March → 02:00 on 3 March UTC (one date in Singapore); Stripe renews at 00:00.
+    window = await open_window(client, ops, "2026-03-02T22:00:00Z", "2026-03-03T02:00:00Z")
+    stripe_fake.set_time(RENEWED.timestamp())
+    await deliver(stripe_fake.renew_subscription(sub["id"], paid=False))
+    assert (await subscription(factory, "ch_pd3")).status == "past_due"
+
+    done = await complete(client, ops, window, "2026-03-03T02:00:00Z")
+
+    assert done.status_code == 200, done.text
+    assert done.json()["subscriptions_extended"] == 1
+    assert (await subscription(factory, "ch_pd3")).extension_days == 1

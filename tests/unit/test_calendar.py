@@ -6,8 +6,10 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import pytest
+from pydantic import ValidationError
 
 from app.calendar import BusinessCalendar
+from app.config import Settings
 
 SGT = ZoneInfo("Asia/Singapore")
 calendar = BusinessCalendar("Asia/Singapore", "SG")
@@ -52,3 +54,24 @@ def test_receipt_time_is_read_in_the_business_timezone() -> None:
 )
 def test_business_days_touched(start: datetime, end: datetime, touched: int) -> None:
     assert calendar.business_days_touched(start, end) == touched
+
+
+@pytest.mark.parametrize(
+    ("setting", "value"),
+    [
+        ("business_timezone", "Asia/Singapur"),
+        ("business_timezone", ""),
+        ("business_holidays_country", "sg"),  # the library knows only upper-case codes
+        ("business_holidays_country", "XX"),
+    ],
+)
+def test_a_business_calendar_the_service_cannot_compute_with_is_refused_at_start(
+    setting: str, value: str
+) -> None:
+    """A time zone or holiday country the calendar cannot load used to start a ready service
+    (/readyz 200) whose every refund request filing and maintenance window answered 500: the
+    deadline or the length is computed per request. The setting is refused at start, named."""
+    with pytest.raises(ValidationError) as excinfo:
+        Settings(**{setting: value})
+    assert setting.upper() in str(excinfo.value)
+    Settings(business_timezone="America/New_York", business_holidays_country="US")
