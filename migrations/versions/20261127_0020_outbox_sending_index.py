@@ -1,0 +1,46 @@
+"""outbox_emails: index the rows in flight
+
+Every email delivery round parks the rows a worker claimed and never confirmed
+(app/notifications/worker.py `park_stale_sending`: `status = 'sending'` claimed before the
+cutoff). Without an index that read every email ever sent, each round of every worker.
+`ix_outbox_emails_sending` holds only the rows in flight (a handful).
+
+Built CONCURRENTLY: the outbox takes inserts in the transactions of replies, refunds and
+events, which a plain CREATE INDEX would block while it reads the whole table.
+
+Revision ID: 0020
+Revises: 0015
+Create Date: 2026-11-27 07:50:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0020"
+down_revision: str | Sequence[str] | None = "0015"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+SENDING = sa.text("status = 'sending'")
+
+
+def upgrade() -> None:
+    with op.get_context().autocommit_block():
+        op.create_index(
+            "ix_outbox_emails_sending",
+            "outbox_emails",
+            ["claimed_at"],
+            postgresql_where=SENDING,
+            postgresql_concurrently=True,
+        )
+
+
+def downgrade() -> None:
+    with op.get_context().autocommit_block():
+        op.drop_index(
+            "ix_outbox_emails_sending",
+            table_name="outbox_emails",
+            postgresql_concurrently=True,
+        )

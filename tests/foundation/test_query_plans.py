@@ -1,0 +1,109 @@
+"""Queries the background workers run every round must not read the history: on a database
+seeded with a few hundred thousand rows of what a year of billing leaves (sent emails,
+applied events, access changes, ...), each job's own statements are planned with an index, no
+sequential scan and no sort of the history. The plans are the ones Postgres really chose for
+the code's statements (auto_explain, sent to the client as log messages), not hand-written
+copies. The module seeds a database of its own."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import asyncpg
+import pytest
+from sqlalchemy import event
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+
+from app.config import Settings
+from app.notifications.worker import park_stale_sending
+from tests.conftest import alembic, create_database, drop_database, make_settings, plain_dsn
+
+HISTORY = 200_000
+
+SEED = [
+    "INSERT INTO accounts(id) SELECT 'acc_' || g FROM generate_series(1, 2000) g",
+    "INSERT INTO channels(id, account_id) SELECT 'ch_' || g, 'acc_' || g"
+    " FROM generate_series(1, 2000) g",
+    # a year of sent notices
+    "INSERT INTO outbox_emails(id, dedupe_key, to_address, subject, body, status, attempts,"
+    " claimed_at, sent_at, created_at, next_attempt_at)"
+    " SELECT gen_random_uuid(), 'notice:' || g, 'client@example.com', 'Your refund', 'text',"
+    " 'sent', 1, now() - make_interval(mins => g), now() - make_interval(mins => g),"
+    " now() - make_interval(mins => g), now() - make_interval(mins => g)"
+    f" FROM generate_series(1, {HISTORY}) g",
+    "ANALYZE",
+]
+
+
+@dataclass
+class Planned:
+    """A session factory whose statements' plans are collected in `plans`."""
+
+    engine: AsyncEngine
+    factory: async_sessionmaker[Any]
+    settings: Settings
+    plans: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+async def seeded_url() -> AsyncIterator[str]:
+    name = f"billing_test_plans_{os.getpid()}_{secrets.token_hex(3)}"
+    url = await create_database(name)
+    try:
+        upgraded = alembic(url, "upgrade", "head")
+        assert upgraded.returncode == 0, upgraded.stderr
+        conn = await asyncpg.connect(plain_dsn(url))
+        try:
+            for statement in SEED:
+                await conn.execute(statement)
+        finally:
+            await conn.close()
+        yield url
+    finally:
+        await drop_database(name)
+
+
+@pytest.fixture
+async def planned(seeded_url: str) -> AsyncIterator[Planned]:
+    engine = create_async_engine(
+        seeded_url,
+        connect_args={
+            "server_settings": {
+                "session_preload_libraries": "auto_explain",
+                "auto_explain.log_min_duration": "0",
+                "client_min_messages": "log",
+            }
+        },
+    )
+    found = Planned(
+        engine,
+        async_sessionmaker(engine, expire_on_commit=False),
+        make_settings(seeded_url, "http://127.0.0.1:9"),
+    )
+
+    @event.listens_for(engine.sync_engine, "connect")
+    def _collect(dbapi_connection: Any, _: Any) -> None:
+        dbapi_connection.driver_connection.add_log_listener(
+            lambda _conn, message: found.plans.append(str(message.message))
+        )
+
+    yield found
+    await engine.dispose()
+
+
+def assert_indexed(plan: str) -> None:
+    """No sequential scan and no sort: what the plan reads does not grow with the history."""
+    assert "Seq Scan" not in plan, plan
+    assert "Sort" not in plan, plan
+
+
+async def test_parking_stale_sending_emails_reads_no_sent_history(planned: Planned) -> None:
+    parked = await park_stale_sending(planned.factory, planned.settings, datetime.now(UTC))
+    assert parked == []
+    [plan] = [p for p in planned.plans if "UPDATE outbox_emails" in p]
+    assert_indexed(plan)
