@@ -1,11 +1,17 @@
-"""outbox_emails: index the rows in flight
+"""indexes for the background workers' reads, so they do not grow with the history
 
 Every email delivery round parks the rows a worker claimed and never confirmed
 (app/notifications/worker.py `park_stale_sending`: `status = 'sending'` claimed before the
 cutoff). Without an index that read every email ever sent, each round of every worker.
 `ix_outbox_emails_sending` holds only the rows in flight (a handful).
 
-Built CONCURRENTLY: the outbox takes inserts in the transactions of replies, refunds and
+The access-expiry sweep (every minute) and the feed's writers (every event that changes
+access) read each channel's last access_changes entry (`ORDER BY id DESC LIMIT 1`); the sweep
+sorted the whole feed (DISTINCT ON) and each writer read all of a channel's entries.
+`ix_access_changes_channel_id_id` (channel_id, id) gives the last entry in one probe; it
+replaces `ix_access_changes_channel_id`, whose look-ups it also serves.
+
+Built (and dropped) CONCURRENTLY: these tables take inserts in the transactions of replies, refunds and
 events, which a plain CREATE INDEX would block while it reads the whole table.
 
 Revision ID: 0020
@@ -35,10 +41,32 @@ def upgrade() -> None:
             postgresql_where=SENDING,
             postgresql_concurrently=True,
         )
+        op.create_index(
+            "ix_access_changes_channel_id_id",
+            "access_changes",
+            ["channel_id", "id"],
+            postgresql_concurrently=True,
+        )
+        op.drop_index(
+            "ix_access_changes_channel_id",
+            table_name="access_changes",
+            postgresql_concurrently=True,
+        )
 
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
+        op.create_index(
+            "ix_access_changes_channel_id",
+            "access_changes",
+            ["channel_id"],
+            postgresql_concurrently=True,
+        )
+        op.drop_index(
+            "ix_access_changes_channel_id_id",
+            table_name="access_changes",
+            postgresql_concurrently=True,
+        )
         op.drop_index(
             "ix_outbox_emails_sending",
             table_name="outbox_emails",

@@ -21,6 +21,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 
 from app.config import Settings
 from app.notifications.worker import park_stale_sending
+from app.subscriptions.service import record_expired_access
 from tests.conftest import alembic, create_database, drop_database, make_settings, plain_dsn
 
 HISTORY = 200_000
@@ -35,6 +36,11 @@ SEED = [
     " SELECT gen_random_uuid(), 'notice:' || g, 'client@example.com', 'Your refund', 'text',"
     " 'sent', 1, now() - make_interval(mins => g), now() - make_interval(mins => g),"
     " now() - make_interval(mins => g), now() - make_interval(mins => g)"
+    f" FROM generate_series(1, {HISTORY}) g",
+    # each channel's access changed every few days; the last change of each runs on
+    "INSERT INTO access_changes(channel_id, account_id, has_access, access_until, reason)"
+    " SELECT 'ch_' || (g % 2000 + 1), 'acc_' || (g % 2000 + 1), true,"
+    f" now() + make_interval(hours => g - {HISTORY - 2000}), 'active'"
     f" FROM generate_series(1, {HISTORY}) g",
     "ANALYZE",
 ]
@@ -107,3 +113,11 @@ async def test_parking_stale_sending_emails_reads_no_sent_history(planned: Plann
     assert parked == []
     [plan] = [p for p in planned.plans if "UPDATE outbox_emails" in p]
     assert_indexed(plan)
+
+
+async def test_the_access_expiry_sweep_reads_no_access_history(planned: Planned) -> None:
+    """Every minute: the channels whose last feed entry gave access that has run out."""
+    assert await record_expired_access(planned.factory, planned.settings) == 0
+    [plan] = [p for p in planned.plans if "access_changes" in p]
+    assert "Seq Scan on access_changes" not in plan, plan
+    assert "Sort" not in plan, plan
