@@ -11,6 +11,10 @@ sorted the whole feed (DISTINCT ON) and each writer read all of a channel's entr
 `ix_access_changes_channel_id_id` (channel_id, id) gives the last entry in one probe; it
 replaces `ix_access_changes_channel_id`, whose look-ups it also serves.
 
+The retry of maintenance extensions still pending at Stripe (every minute) looked for them
+among every extension ever granted (each window extends every subscription it touches):
+`ix_maintenance_extensions_pending` holds the pending ones only.
+
 Built (and dropped) CONCURRENTLY: these tables take inserts in the transactions of replies, refunds and
 events, which a plain CREATE INDEX would block while it reads the whole table.
 
@@ -30,6 +34,7 @@ branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
 SENDING = sa.text("status = 'sending'")
+PENDING = sa.text("stripe_status = 'pending'")
 
 
 def upgrade() -> None:
@@ -47,6 +52,13 @@ def upgrade() -> None:
             ["channel_id", "id"],
             postgresql_concurrently=True,
         )
+        op.create_index(
+            "ix_maintenance_extensions_pending",
+            "maintenance_extensions",
+            ["subscription_id", "id"],
+            postgresql_where=PENDING,
+            postgresql_concurrently=True,
+        )
         op.drop_index(
             "ix_access_changes_channel_id",
             table_name="access_changes",
@@ -56,6 +68,11 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
+        op.drop_index(
+            "ix_maintenance_extensions_pending",
+            table_name="maintenance_extensions",
+            postgresql_concurrently=True,
+        )
         op.create_index(
             "ix_access_changes_channel_id",
             "access_changes",

@@ -20,7 +20,9 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from app.config import Settings
+from app.maintenance.service import retry_pending_extensions
 from app.notifications.worker import park_stale_sending
+from app.stripe_gateway import StripeGateway
 from app.subscriptions.service import record_expired_access
 from tests.conftest import alembic, create_database, drop_database, make_settings, plain_dsn
 
@@ -42,6 +44,16 @@ SEED = [
     " SELECT 'ch_' || (g % 2000 + 1), 'acc_' || (g % 2000 + 1), true,"
     f" now() + make_interval(hours => g - {HISTORY - 2000}), 'active'"
     f" FROM generate_series(1, {HISTORY}) g",
+    # a hundred maintenance windows, each extending every subscription, all at Stripe
+    "INSERT INTO subscriptions(id, stripe_id, account_id, channel_id, status)"
+    " SELECT gen_random_uuid(), 'sub_' || g, 'acc_' || g, 'ch_' || g, 'active'"
+    " FROM generate_series(1, 2000) g",
+    "INSERT INTO maintenance_windows(id, kind, reason, starts_at, ends_at, business_days,"
+    " created_by) SELECT gen_random_uuid(), 'scheduled', 'upgrade', now(), now(), 1, 'ops'"
+    " FROM generate_series(1, 100)",
+    "INSERT INTO maintenance_extensions(window_id, subscription_id, account_id, channel_id,"
+    " days, credited_dates, stripe_status) SELECT w.id, s.id, s.account_id, s.channel_id, 1,"
+    " '{}', 'applied' FROM maintenance_windows w CROSS JOIN subscriptions s",
     "ANALYZE",
 ]
 
@@ -121,3 +133,16 @@ async def test_the_access_expiry_sweep_reads_no_access_history(planned: Planned)
     [plan] = [p for p in planned.plans if "access_changes" in p]
     assert "Seq Scan on access_changes" not in plan, plan
     assert "Sort" not in plan, plan
+
+
+async def test_the_maintenance_push_retry_reads_no_applied_extensions(planned: Planned) -> None:
+    """Every minute: the subscriptions with extensions still pending at Stripe (none here)."""
+    gateway = StripeGateway(api_key="sk_test_unused", api_base="http://127.0.0.1:9")
+    try:
+        assert await retry_pending_extensions(planned.factory, gateway) == 0
+    finally:
+        await gateway.close()
+    plans = [p for p in planned.plans if "maintenance_extensions" in p]
+    assert len(plans) == 3, plans  # the subscriptions, the pending count before and after
+    for plan in plans:
+        assert "Seq Scan" not in plan, plan
