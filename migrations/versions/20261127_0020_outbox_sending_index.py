@@ -15,6 +15,10 @@ The retry of maintenance extensions still pending at Stripe (every minute) looke
 among every extension ever granted (each window extends every subscription it touches):
 `ix_maintenance_extensions_pending` holds the pending ones only.
 
+Each /metrics scrape counts the overdue refund and appeal requests, which only open requests
+can be: `ix_refund_requests_open` holds those (not decided, not closed), so the count no
+longer reads every request ever filed.
+
 Built (and dropped) CONCURRENTLY: these tables take inserts in the transactions of replies, refunds and
 events, which a plain CREATE INDEX would block while it reads the whole table.
 
@@ -35,6 +39,7 @@ depends_on: str | Sequence[str] | None = None
 
 SENDING = sa.text("status = 'sending'")
 PENDING = sa.text("stripe_status = 'pending'")
+OPEN = sa.text("decided_at IS NULL AND status <> 'closed'")
 
 
 def upgrade() -> None:
@@ -59,6 +64,13 @@ def upgrade() -> None:
             postgresql_where=PENDING,
             postgresql_concurrently=True,
         )
+        op.create_index(
+            "ix_refund_requests_open",
+            "refund_requests",
+            ["received_at"],
+            postgresql_where=OPEN,
+            postgresql_concurrently=True,
+        )
         op.drop_index(
             "ix_access_changes_channel_id",
             table_name="access_changes",
@@ -68,6 +80,11 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
+        op.drop_index(
+            "ix_refund_requests_open",
+            table_name="refund_requests",
+            postgresql_concurrently=True,
+        )
         op.drop_index(
             "ix_maintenance_extensions_pending",
             table_name="maintenance_extensions",

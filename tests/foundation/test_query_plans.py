@@ -22,6 +22,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async
 from app.config import Settings
 from app.maintenance.service import retry_pending_extensions
 from app.notifications.worker import park_stale_sending
+from app.refunds.metrics import REFUND_REQUESTS_OVERDUE, refresh_refund_metrics
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.service import record_expired_access
 from tests.conftest import alembic, create_database, drop_database, make_settings, plain_dsn
@@ -54,6 +55,15 @@ SEED = [
     "INSERT INTO maintenance_extensions(window_id, subscription_id, account_id, channel_id,"
     " days, credited_dates, stripe_status) SELECT w.id, s.id, s.account_id, s.channel_id, 1,"
     " '{}', 'applied' FROM maintenance_windows w CROSS JOIN subscriptions s",
+    # years of refund and appeal requests, answered and closed
+    "INSERT INTO refund_requests(id, account_id, type, status, description, about_payment,"
+    " channel, filed_by, received_at, clock_started_at, first_response_due, decision_due,"
+    " first_responded_at, decided_at, outcome)"
+    " SELECT gen_random_uuid(), 'acc_' || (g % 2000 + 1), 'refund', 'closed', 'Please.',"
+    " false, 'api', 'client', now() - make_interval(hours => g), now() - make_interval(hours"
+    " => g), now() - make_interval(hours => g - 72), now() - make_interval(hours => g - 300),"
+    " now() - make_interval(hours => g - 24), now() - make_interval(hours => g - 48),"
+    f" 'rejected' FROM generate_series(1, {HISTORY}) g",
     "ANALYZE",
 ]
 
@@ -146,3 +156,12 @@ async def test_the_maintenance_push_retry_reads_no_applied_extensions(planned: P
     assert len(plans) == 3, plans  # the subscriptions, the pending count before and after
     for plan in plans:
         assert "Seq Scan" not in plan, plan
+
+
+async def test_the_overdue_gauge_reads_only_open_requests(planned: Planned) -> None:
+    """Each /metrics scrape counts the overdue requests: among the open ones, not every request
+    ever filed."""
+    await refresh_refund_metrics(planned.factory)
+    assert REFUND_REQUESTS_OVERDUE._value.get() == 0
+    [plan] = [p for p in planned.plans if "refund_requests" in p]
+    assert "Seq Scan" not in plan, plan
