@@ -65,6 +65,9 @@ class RefundRequest(Timestamped, Base):
     remedy_days: Mapped[int | None] = mapped_column(Integer)
 
 
+Index(  # finance's list, newest first (app/refunds/repository.py `list_requests`)
+    "ix_refund_requests_received_at_id", RefundRequest.received_at.desc(), RefundRequest.id
+)
 Index(  # the open requests, where overdue ones are counted (app/refunds/repository.py)
     "ix_refund_requests_open",
     RefundRequest.received_at,

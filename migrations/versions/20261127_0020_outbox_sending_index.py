@@ -17,7 +17,8 @@ among every extension ever granted (each window extends every subscription it to
 
 Each /metrics scrape counts the overdue refund and appeal requests, which only open requests
 can be: `ix_refund_requests_open` holds those (not decided, not closed), so the count no
-longer reads every request ever filed.
+longer reads every request ever filed. Finance's list (GET /v1/finance/refund-requests,
+newest first) sorted them all for each page: `ix_refund_requests_received_at_id` is its order.
 
 Built (and dropped) CONCURRENTLY: these tables take inserts in the transactions of replies, refunds and
 events, which a plain CREATE INDEX would block while it reads the whole table.
@@ -71,6 +72,12 @@ def upgrade() -> None:
             postgresql_where=OPEN,
             postgresql_concurrently=True,
         )
+        op.create_index(
+            "ix_refund_requests_received_at_id",
+            "refund_requests",
+            [sa.text("received_at DESC"), "id"],
+            postgresql_concurrently=True,
+        )
         op.drop_index(
             "ix_access_changes_channel_id",
             table_name="access_changes",
@@ -80,6 +87,11 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.get_context().autocommit_block():
+        op.drop_index(
+            "ix_refund_requests_received_at_id",
+            table_name="refund_requests",
+            postgresql_concurrently=True,
+        )
         op.drop_index(
             "ix_refund_requests_open",
             table_name="refund_requests",

@@ -23,6 +23,7 @@ from app.config import Settings
 from app.maintenance.service import retry_pending_extensions
 from app.notifications.worker import park_stale_sending
 from app.refunds.metrics import REFUND_REQUESTS_OVERDUE, refresh_refund_metrics
+from app.refunds.repository import list_requests
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.service import record_expired_access
 from tests.conftest import alembic, create_database, drop_database, make_settings, plain_dsn
@@ -165,3 +166,15 @@ async def test_the_overdue_gauge_reads_only_open_requests(planned: Planned) -> N
     assert REFUND_REQUESTS_OVERDUE._value.get() == 0
     [plan] = [p for p in planned.plans if "refund_requests" in p]
     assert "Seq Scan" not in plan, plan
+
+
+async def test_finance_s_newest_requests_are_read_without_sorting_them_all(
+    planned: Planned,
+) -> None:
+    """GET /v1/finance/refund-requests (no filter): the newest page, not a sort of every
+    request ever filed."""
+    async with planned.factory() as session:
+        page = await list_requests(session, limit=100)
+    assert len(page) == 100
+    [plan] = [p for p in planned.plans if "refund_requests" in p]
+    assert_indexed(plan)
