@@ -48,6 +48,7 @@ from sqlalchemy import (
     bindparam,
     func,
     literal_column,
+    null,
     or_,
     select,
     text,
@@ -397,7 +398,9 @@ class EventProcessor:
 
 
 async def prune_payloads(session_factory: async_sessionmaker[AsyncSession], days: int) -> int:
-    """Drop raw payloads of applied events older than `days`; the ids stay for dedup."""
+    """Drop raw payloads of applied events older than `days`; the ids stay for dedup. The
+    payload becomes SQL NULL (`null()`: a bare None would store the JSON value `null`, which
+    `IS NOT NULL` still matches, so every run would rewrite every event pruned before)."""
     async with session_factory() as session, session.begin():
         result = await session.execute(
             update(StripeEvent)
@@ -406,6 +409,6 @@ async def prune_payloads(session_factory: async_sessionmaker[AsyncSession], days
                 StripeEvent.payload.is_not(None),
                 StripeEvent.received_at < func.now() - timedelta(days=days),
             )
-            .values(payload=None)
+            .values(payload=null())
         )
         return int(result.rowcount or 0)  # type: ignore[attr-defined]
