@@ -397,6 +397,12 @@ class EventProcessor:
         )
 
 
+APPLIED: list[ColumnClause[str]] = [literal_column("'processed'"), literal_column("'ignored'")]
+"""In the SQL itself, not parameters, so every plan of the pruning can use the partial index
+`ix_stripe_events_payload_kept` (the applied events still holding a payload, a few days' worth)
+rather than read every event ever received."""
+
+
 async def prune_payloads(session_factory: async_sessionmaker[AsyncSession], days: int) -> int:
     """Drop raw payloads of applied events older than `days`; the ids stay for dedup. The
     payload becomes SQL NULL (`null()`: a bare None would store the JSON value `null`, which
@@ -405,7 +411,7 @@ async def prune_payloads(session_factory: async_sessionmaker[AsyncSession], days
         result = await session.execute(
             update(StripeEvent)
             .where(
-                StripeEvent.status.in_(("processed", "ignored")),
+                StripeEvent.status.in_(APPLIED),
                 StripeEvent.payload.is_not(None),
                 StripeEvent.received_at < func.now() - timedelta(days=days),
             )

@@ -20,6 +20,11 @@ can be: `ix_refund_requests_open` holds those (not decided, not closed), so the 
 longer reads every request ever filed. Finance's list (GET /v1/finance/refund-requests,
 newest first) sorted them all for each page: `ix_refund_requests_received_at_id` is its order.
 
+The hourly payload pruning looked for applied events older than EVENT_RETENTION_DAYS that
+still hold a payload by reading every event ever received (a sequential scan; the
+(status, received_at) index covers every applied event older than the cutoff):
+`ix_stripe_events_payload_kept` holds only the applied events whose payload is still kept.
+
 Built (and dropped) CONCURRENTLY: these tables take writes in the transactions of replies,
 refunds and events, which a plain CREATE INDEX would block while it reads the whole table.
 Outside a transaction, so a run cut short leaves the indexes built so far (or an INVALID one
@@ -61,6 +66,12 @@ INDEXES: list[tuple[str, str, list[str | sa.TextClause], sa.TextClause | None]] 
         "refund_requests",
         [sa.text("received_at DESC"), "id"],
         None,
+    ),
+    (
+        "ix_stripe_events_payload_kept",
+        "stripe_events",
+        ["received_at"],
+        sa.text("payload IS NOT NULL AND status IN ('processed', 'ignored')"),
     ),
 ]
 REPLACED = ("ix_access_changes_channel_id", "access_changes", ["channel_id"], None)

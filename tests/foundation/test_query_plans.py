@@ -26,6 +26,7 @@ from app.refunds.metrics import REFUND_REQUESTS_OVERDUE, refresh_refund_metrics
 from app.refunds.repository import list_requests
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.service import record_expired_access
+from app.webhooks.processor import prune_payloads
 from tests.conftest import alembic, create_database, drop_database, make_settings, plain_dsn
 
 HISTORY = 200_000
@@ -65,6 +66,12 @@ SEED = [
     " => g), now() - make_interval(hours => g - 72), now() - make_interval(hours => g - 300),"
     " now() - make_interval(hours => g - 24), now() - make_interval(hours => g - 48),"
     f" 'rejected' FROM generate_series(1, {HISTORY}) g",
+    # a year of applied events, their payloads pruned but for the last days'
+    "INSERT INTO stripe_events(stripe_id, type, stripe_created, livemode, status, received_at,"
+    " processed_at, payload) SELECT 'evt_' || g, 'invoice.paid', now(), false, 'processed',"
+    " now() - make_interval(mins => g), now() - make_interval(mins => g),"
+    " CASE WHEN g < 5000 THEN '{}'::json END"
+    f" FROM generate_series(1, {HISTORY}) g",
     "ANALYZE",
 ]
 
@@ -178,3 +185,13 @@ async def test_finance_s_newest_requests_are_read_without_sorting_them_all(
     assert len(page) == 100
     [plan] = [p for p in planned.plans if "refund_requests" in p]
     assert_indexed(plan)
+
+
+async def test_hourly_payload_pruning_reads_only_the_payloads_still_kept(
+    planned: Planned,
+) -> None:
+    """Hourly: the applied events whose payload is older than EVENT_RETENTION_DAYS, among
+    those still holding one, not among every event ever received."""
+    assert await prune_payloads(planned.factory, 3) == 680  # minutes 4320-4999
+    [plan] = [p for p in planned.plans if "UPDATE stripe_events" in p]
+    assert "Seq Scan" not in plan, plan
