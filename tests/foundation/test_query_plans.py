@@ -20,6 +20,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from app.config import Settings
+from app.idempotency import prune_expired_keys
 from app.maintenance.service import retry_pending_extensions
 from app.notifications.worker import park_stale_sending
 from app.refunds.metrics import REFUND_REQUESTS_OVERDUE, refresh_refund_metrics
@@ -71,6 +72,13 @@ SEED = [
     " processed_at, payload) SELECT 'evt_' || g, 'invoice.paid', now(), false, 'processed',"
     " now() - make_interval(mins => g), now() - make_interval(mins => g),"
     " CASE WHEN g < 5000 THEN '{}'::json END"
+    f" FROM generate_series(1, {HISTORY}) g",
+    # a day of usage charges, each reported under its Idempotency-Key
+    "INSERT INTO idempotency_records(principal_sub, account_id, method, path, key,"
+    " request_hash, response_status, response_body, created_at)"
+    " SELECT 'conversation-service', 'acc_' || (g % 2000 + 1), 'POST',"
+    " '/v1/accounts/acc_' || (g % 2000 + 1) || '/usage-charges', 'conv-' || g, 'h', 201,"
+    " '{}', now() - make_interval(secs => g * 0.4)"
     f" FROM generate_series(1, {HISTORY}) g",
     "ANALYZE",
 ]
@@ -194,4 +202,11 @@ async def test_hourly_payload_pruning_reads_only_the_payloads_still_kept(
     those still holding one, not among every event ever received."""
     assert await prune_payloads(planned.factory, 3) == 680  # minutes 4320-4999
     [plan] = [p for p in planned.plans if "UPDATE stripe_events" in p]
+    assert "Seq Scan" not in plan, plan
+
+
+async def test_hourly_key_pruning_reads_only_the_expired_keys(planned: Planned) -> None:
+    """Hourly: the Idempotency-Key records past their 24 hours (none yet), by their age."""
+    assert await prune_expired_keys(planned.factory) == 0
+    [plan] = [p for p in planned.plans if "DELETE FROM idempotency_records" in p]
     assert "Seq Scan" not in plan, plan
