@@ -2,7 +2,8 @@
 seeded with a few hundred thousand rows of what a year of billing leaves (sent emails,
 applied events, access changes, ...), each job's own statements are planned with an index, no
 sequential scan and no sort of the history. The plans are the ones Postgres really chose for
-the code's statements (auto_explain, sent to the client as log messages), not hand-written
+the code's statements (auto_explain, loaded per connection, which takes the superuser the
+suite's admin URL is; its plans are sent to the client as log messages), not hand-written
 copies. The module seeds a database of its own."""
 
 from __future__ import annotations
