@@ -19,6 +19,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from app.auth import KNOWN_SCOPES, mint_token
 from app.config import Settings, get_settings
 from app.db import create_engine, create_session_factory
+from app.idempotency import prune_expired_keys
 from app.observability import configure_logging
 from app.stripe_gateway import StripeGateway
 from app.subscriptions.service import record_expired_access
@@ -107,8 +108,11 @@ async def _register_webhook(args: argparse.Namespace) -> int:
 
 async def _prune_events(_: argparse.Namespace) -> int:
     async with _runtime() as (settings, engine, _gateway):
-        pruned = await prune_payloads(create_session_factory(engine), settings.event_retention_days)
+        factory = create_session_factory(engine)
+        pruned = await prune_payloads(factory, settings.event_retention_days)
+        keys = await prune_expired_keys(factory)
     print(f"pruned the payloads of {pruned} events")
+    print(f"deleted {keys} idempotency keys past their 24 hours")
     return 0
 
 
@@ -222,7 +226,10 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--url", required=True, help="public URL of POST /webhooks/stripe")
     reg.set_defaults(handler=_register_webhook, run_async=True)
 
-    prune = commands.add_parser("prune-events", help="drop old raw event payloads (ids stay)")
+    prune = commands.add_parser(
+        "prune-events",
+        help="drop old raw event payloads (ids stay) and idempotency keys past their 24 hours",
+    )
     prune.set_defaults(handler=_prune_events, run_async=True)
 
     expire = commands.add_parser(

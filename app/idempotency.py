@@ -14,7 +14,8 @@ A key is scoped to (token `sub`, account, method, path) and kept at least 24 hou
   (errors are not replayed; a retry re-evaluates, e.g. after Stripe recovers), also one whose
   final commit fails (`idempotent` commits the request's session itself, inside the guard);
 - a claim older than `ABANDONED_AFTER` without a response (its process died) is taken over;
-  a record older than `RETENTION` is treated as absent.
+  a record older than `RETENTION` is treated as absent, and `prune_expired_keys` (hourly in
+  the background workers, and `billing prune-events`) deletes it.
 
 Keys sent to Stripe never come from here: they derive from our own row ids.
 
@@ -54,6 +55,7 @@ from app.errors import IdempotencyKeyInUse, IdempotencyKeyReused, Unprocessable
 from app.models import IdempotencyRecord
 
 RETENTION = timedelta(hours=24)
+PRUNE_BATCH = 10_000
 ABANDONED_AFTER = timedelta(seconds=120)
 POLL_SECONDS = 0.05
 MAX_KEY_LENGTH = 255
@@ -315,6 +317,33 @@ async def _claim(
                 headers={"Retry-After": "1"},
             )
         await asyncio.sleep(POLL_SECONDS)
+
+
+async def prune_expired_keys(factory: async_sessionmaker[AsyncSession]) -> int:
+    """Delete the records older than `RETENTION` (treated as absent anyway: every keyed POST,
+    each usage charge say, would otherwise stay for good), `PRUNE_BATCH` per transaction in
+    `created_at` order (its index); returns how many. A request taking over such a key at the
+    same moment keeps it (the delete re-checks its age) or claims it anew after the delete."""
+    pruned = 0
+    while True:
+        expired = (
+            select(IdempotencyRecord.id)
+            .where(IdempotencyRecord.created_at < func.now() - RETENTION)
+            .order_by(IdempotencyRecord.created_at)
+            .limit(PRUNE_BATCH)
+            .scalar_subquery()
+        )
+        async with factory() as session, session.begin():
+            result = await session.execute(
+                delete(IdempotencyRecord).where(
+                    IdempotencyRecord.id.in_(expired),
+                    IdempotencyRecord.created_at < func.now() - RETENTION,
+                )
+            )
+        deleted = int(result.rowcount or 0)  # type: ignore[attr-defined]
+        pruned += deleted
+        if deleted < PRUNE_BATCH:
+            return pruned
 
 
 def _replay(status: int, body: dict[str, Any] | None) -> JSONResponse:

@@ -26,6 +26,7 @@ from app.fast_reads import FastReads, fast_reads_for
 from app.fast_writes import FastPost
 from app.health.router import migration_head, older_migrations
 from app.health.router import router as health_router
+from app.idempotency import prune_expired_keys
 from app.maintenance.router import router as maintenance_router
 from app.maintenance.service import retry_pending_extensions
 from app.notifications.worker import EmailWorker
@@ -162,6 +163,10 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
                         app.state.session_factory, settings.event_retention_days
                     ),
                 ),
+            )
+            workers.start(
+                "prune-idempotency-keys",
+                every(3600, lambda: prune_expired_keys(app.state.session_factory)),
             )
         email_worker = EmailWorker(app.state.session_factory, settings)
         if settings.run_background_workers:

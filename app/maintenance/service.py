@@ -65,7 +65,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 import structlog
-from sqlalchemy import DateTime, bindparam, func, or_, select, text
+from sqlalchemy import DateTime, bindparam, func, literal_column, or_, select, text
 from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -727,6 +727,11 @@ async def push_pending_extensions(
             await _record_stripe_answer(session, extension, answer)
 
 
+STILL_PENDING = MaintenanceExtension.stripe_status == literal_column("'pending'")
+"""In the SQL itself, not a parameter, so even a generic plan can use the partial index
+`ix_maintenance_extensions_pending` (the pending rows, not every extension ever granted)."""
+
+
 async def retry_pending_extensions(
     session_factory: async_sessionmaker[AsyncSession],
     gateway: StripeGateway,
@@ -741,7 +746,7 @@ async def retry_pending_extensions(
             (
                 await session.execute(
                     select(MaintenanceExtension.subscription_id)
-                    .where(MaintenanceExtension.stripe_status == "pending")
+                    .where(STILL_PENDING)
                     .group_by(MaintenanceExtension.subscription_id)
                     .order_by(func.min(MaintenanceExtension.id))
                     .limit(limit)
@@ -766,9 +771,7 @@ async def _pending_count(session: AsyncSession) -> int:
     return int(
         (
             await session.execute(
-                select(func.count())
-                .select_from(MaintenanceExtension)
-                .where(MaintenanceExtension.stripe_status == "pending")
+                select(func.count()).select_from(MaintenanceExtension).where(STILL_PENDING)
             )
         ).scalar_one()
     )

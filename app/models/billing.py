@@ -125,9 +125,14 @@ class AccessChange(Base):
     __tablename__ = "access_changes"
 
     id: Mapped[int] = mapped_column(BigInteger, Identity(), primary_key=True)
-    channel_id: Mapped[str] = mapped_column(String(64), index=True)
+    channel_id: Mapped[str] = mapped_column(String(64))
     account_id: Mapped[str] = mapped_column(String(64))
     has_access: Mapped[bool]
     access_until: Mapped[datetime | None]
     reason: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+Index(  # a channel's last entry: the feed's writers and the access-expiry sweep
+    "ix_access_changes_channel_id_id", AccessChange.channel_id, AccessChange.id
+)

@@ -10,6 +10,7 @@ from sqlalchemy import (
     Date,
     ForeignKey,
     Identity,
+    Index,
     Integer,
     String,
     Text,
@@ -85,3 +86,11 @@ class MaintenanceExtension(Base):
     included_in_period: Mapped[bool] = mapped_column(server_default="false")
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
+Index(  # retry_pending_extensions, every minute: the pushes still pending at Stripe
+    "ix_maintenance_extensions_pending",
+    MaintenanceExtension.subscription_id,
+    MaintenanceExtension.id,
+    postgresql_where=MaintenanceExtension.stripe_status == "pending",
+)

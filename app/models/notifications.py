@@ -48,3 +48,8 @@ Index(
     OutboxEmail.next_attempt_at,
     postgresql_where=OutboxEmail.status == "pending",
 )
+Index(  # park_stale_sending: the rows in flight, however many sent ones the table holds
+    "ix_outbox_emails_sending",
+    OutboxEmail.claimed_at,
+    postgresql_where=OutboxEmail.status == "sending",
+)

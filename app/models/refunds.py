@@ -17,6 +17,7 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    and_,
     func,
 )
 from sqlalchemy.dialects.postgresql import JSONB
@@ -62,6 +63,16 @@ class RefundRequest(Timestamped, Base):
     )
     remedy_amount: Mapped[int | None] = mapped_column(BigInteger)
     remedy_days: Mapped[int | None] = mapped_column(Integer)
+
+
+Index(  # finance's list, newest first (app/refunds/repository.py `list_requests`)
+    "ix_refund_requests_received_at_id", RefundRequest.received_at.desc(), RefundRequest.id
+)
+Index(  # the open requests, where overdue ones are counted (app/refunds/repository.py)
+    "ix_refund_requests_open",
+    RefundRequest.received_at,
+    postgresql_where=and_(RefundRequest.decided_at.is_(None), RefundRequest.status != "closed"),
+)
 
 
 class RefundRequestResponse(Base):

@@ -11,7 +11,7 @@ import uuid
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import BigInteger, ForeignKey, Identity, Index, Integer, String, Text, func
+from sqlalchemy import BigInteger, ForeignKey, Identity, Index, Integer, String, Text, and_, func
 from sqlalchemy.dialects.postgresql import JSON, JSONB
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -52,6 +52,13 @@ Index(  # the processor's claim: pending events oldest first (app/webhooks/proce
     postgresql_where=StripeEvent.status == "pending",
 )
 Index("ix_stripe_events_status_received_at", StripeEvent.status, StripeEvent.received_at)
+Index(  # the payloads still to prune, hourly (app/webhooks/processor.py `prune_payloads`)
+    "ix_stripe_events_payload_kept",
+    StripeEvent.received_at,
+    postgresql_where=and_(
+        StripeEvent.payload.is_not(None), StripeEvent.status.in_(("processed", "ignored"))
+    ),
+)
 
 
 class Subscription(Timestamped, Base):

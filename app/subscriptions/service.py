@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from sqlalchemy import String, Table, bindparam, func, select, text, true
-from sqlalchemy.dialects.postgresql import ARRAY, distinct_on
+from sqlalchemy.dialects.postgresql import ARRAY
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
@@ -240,20 +240,23 @@ async def record_expired_access(
 ) -> int:
     """Access also ends by time alone (a period ends, an extension runs out) with no Stripe
     event: append those changes to the feed; returns how many entries were appended. Run
-    periodically by the background workers."""
+    periodically by the background workers. Each channel's last entry is one probe of
+    `ix_access_changes_channel_id_id`: the sweep reads as many entries as there are channels
+    (every entry's channel has a row), never the feed's history."""
     now = now or datetime.now(UTC)
     latest = (
-        select(AccessChange.channel_id, AccessChange.has_access, AccessChange.access_until)
-        .ext(distinct_on(AccessChange.channel_id))
-        .order_by(AccessChange.channel_id, AccessChange.id.desc())
-        .subquery()
+        select(AccessChange.has_access, AccessChange.access_until)
+        .where(AccessChange.channel_id == Channel.id)
+        .order_by(AccessChange.id.desc())
+        .limit(1)
+        .lateral("last_change")
     )
     async with factory() as session, session.begin():
         expired = (
             await session.scalars(
-                select(latest.c.channel_id).where(
-                    latest.c.has_access.is_(True), latest.c.access_until <= now
-                )
+                select(Channel.id)
+                .join(latest, true())
+                .where(latest.c.has_access.is_(True), latest.c.access_until <= now)
             )
         ).all()
         recorded = await record_access_changes(session, dict.fromkeys(expired, now), settings)

@@ -48,6 +48,7 @@ from sqlalchemy import (
     bindparam,
     func,
     literal_column,
+    null,
     or_,
     select,
     text,
@@ -396,16 +397,24 @@ class EventProcessor:
         )
 
 
+APPLIED: list[ColumnClause[str]] = [literal_column("'processed'"), literal_column("'ignored'")]
+"""In the SQL itself, not parameters, so every plan of the pruning can use the partial index
+`ix_stripe_events_payload_kept` (the applied events still holding a payload, a few days' worth)
+rather than read every event ever received."""
+
+
 async def prune_payloads(session_factory: async_sessionmaker[AsyncSession], days: int) -> int:
-    """Drop raw payloads of applied events older than `days`; the ids stay for dedup."""
+    """Drop raw payloads of applied events older than `days`; the ids stay for dedup. The
+    payload becomes SQL NULL (`null()`: a bare None would store the JSON value `null`, which
+    `IS NOT NULL` still matches, so every run would rewrite every event pruned before)."""
     async with session_factory() as session, session.begin():
         result = await session.execute(
             update(StripeEvent)
             .where(
-                StripeEvent.status.in_(("processed", "ignored")),
+                StripeEvent.status.in_(APPLIED),
                 StripeEvent.payload.is_not(None),
                 StripeEvent.received_at < func.now() - timedelta(days=days),
             )
-            .values(payload=None)
+            .values(payload=null())
         )
         return int(result.rowcount or 0)  # type: ignore[attr-defined]

@@ -57,6 +57,17 @@ def downgrade() -> None:
                existing_nullable=False)
     op.drop_constraint(op.f('uq_refund_executions_request_id_attempt'), 'refund_executions', type_='unique')
     op.drop_index('uq_refund_executions_one_live_attempt', table_name='refund_executions', postgresql_where=sa.text("status != 'failed'"))
+    # The schema before held one attempt per request: keep each request's latest (what its
+    # `refund` shows); the earlier ones all failed, and the audit trail still lists them.
+    op.execute(
+        """
+        DELETE FROM refund_executions AS e
+        WHERE EXISTS (
+            SELECT 1 FROM refund_executions AS later
+            WHERE later.request_id = e.request_id AND later.attempt > e.attempt
+        )
+        """
+    )
     op.create_unique_constraint(op.f('uq_refund_executions_request_id'), 'refund_executions', ['request_id'], postgresql_nulls_not_distinct=False)
     op.drop_column('refund_executions', 'attempt')
     op.drop_column('maintenance_extensions', 'period_days_at_target')

@@ -36,3 +36,29 @@ async def test_upgrade_check_downgrade_upgrade_round_trip() -> None:
         assert again.returncode == 0, again.stderr
     finally:
         await drop_database(name)
+
+
+async def test_the_concurrent_index_migration_completes_when_run_again_after_a_cut_short_run() -> (
+    None
+):
+    """0020 builds its indexes CONCURRENTLY, outside a transaction: a run cut short (a killed
+    job, a failed build) leaves some behind without recording the revision. Running it again
+    must complete it, not stop at the first index that already exists."""
+    name = f"billing_test_migrations_{os.getpid()}_{secrets.token_hex(3)}"
+    url = await create_database(name)
+    try:
+        assert alembic(url, "upgrade", "0015").returncode == 0
+        conn = await asyncpg.connect(plain_dsn(url))
+        try:  # what the cut-short run had built
+            await conn.execute(
+                "CREATE INDEX ix_outbox_emails_sending ON outbox_emails (claimed_at)"
+                " WHERE status = 'sending'"
+            )
+        finally:
+            await conn.close()
+        upgraded = alembic(url, "upgrade", "head")
+        assert upgraded.returncode == 0, upgraded.stderr
+        check = alembic(url, "check")
+        assert check.returncode == 0, check.stdout + check.stderr
+    finally:
+        await drop_database(name)

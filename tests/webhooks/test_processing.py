@@ -220,6 +220,15 @@ async def test_old_payloads_are_pruned_but_late_duplicates_still_recognised(
     async with app.state.session_factory() as session:
         payloads = (await session.scalars(select(StripeEvent.payload))).all()
     assert payloads == [None] * len(events)
+    # SQL NULL, not the JSON value `null` (which reads as None too): the next hourly run
+    # finds nothing left to prune instead of rewriting every pruned event again
+    conn = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        kept = await conn.fetchval("SELECT count(*) FROM stripe_events WHERE payload IS NOT NULL")
+    finally:
+        await conn.close()
+    assert kept == 0
+    assert await prune_payloads(app.state.session_factory, 30) == 0
     body, headers = stripe_fake.signed_event(events[-1], WEBHOOK_SECRET)
     late = await client.post("/webhooks/stripe", content=body, headers=headers)
     assert late.json() == {"received": True, "duplicate": True}
