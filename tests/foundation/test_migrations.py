@@ -41,7 +41,7 @@ async def test_upgrade_check_downgrade_upgrade_round_trip() -> None:
 async def test_the_concurrent_index_migration_completes_when_run_again_after_a_cut_short_run() -> (
     None
 ):
-    """0020 builds its indexes CONCURRENTLY, outside a transaction: a run cut short (a killed
+    """0016 builds its indexes CONCURRENTLY, outside a transaction: a run cut short (a killed
     job, a failed build) leaves some behind without recording the revision. Running it again
     must complete it, not stop at the first index that already exists."""
     name = f"billing_test_migrations_{os.getpid()}_{secrets.token_hex(3)}"

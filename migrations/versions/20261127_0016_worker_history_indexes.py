@@ -31,7 +31,7 @@ Outside a transaction, so a run cut short leaves the indexes built so far (or an
 from a failed build) behind: each index is dropped if present before it is built, so running
 the migration again completes it.
 
-Revision ID: 0020
+Revision ID: 0016
 Revises: 0015
 Create Date: 2026-11-27 07:50:00
 """
@@ -41,7 +41,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0020"
+revision: str = "0016"
 down_revision: str | Sequence[str] | None = "0015"
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
