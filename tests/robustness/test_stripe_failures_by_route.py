@@ -36,7 +36,7 @@ from app.models import (
 )
 from app.stripe_gateway import StripeGateway
 from tests.checkout.conftest import APP_URL, top_up_body
-from tests.conftest import STRIPE_KEY, Deliver, TokenFactory, bearer
+from tests.conftest import STRIPE_KEY, Deliver, TokenFactory, bearer, make_settings
 from tests.refunds.flows import outbox, pay_subscription
 from tests.refunds.test_refund_workflow import file_request, reply
 from tests.refunds.test_retry_and_close import (
@@ -54,6 +54,13 @@ from tests.robustness.test_stripe_failures import (
     local_rows,
 )
 from tests.stripe_fake import StripeFake
+
+
+@pytest.fixture
+def settings(database_url: str, stripe_fake: StripeFake, clean_database: None) -> Settings:
+    """A shorter Stripe timeout than the suite's (2 s), to keep the timeout cases quick."""
+    stripe_fake.reset()
+    return make_settings(database_url, stripe_fake.url, stripe_timeout_seconds=1.0)
 
 
 @dataclass
