@@ -12,7 +12,8 @@ outage). The event processor runs `RefundCancels.run` beside its loop with the o
 follow-ups. A round sends the cancellations not yet accepted (`subscription_cancelled_at` is
 null), each with the idempotency key `billing:refund-cancel:<execution id>`; Stripe accepting
 one (or answering that the subscription is already gone) records it and its audit entry, so
-each is sent once. After a failed call the next round waits `FAILURE_BACKOFF_SECONDS`.
+each is sent once. One Stripe refuses (`StripeRequestRejected`) does not hold up the others;
+after any failed call the next round waits `FAILURE_BACKOFF_SECONDS`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from app.models import RefundExecution
 from app.refunds import repository as repo
 from app.refunds.service import audit_step
-from app.stripe_gateway import StripeGateway, idempotency_key
+from app.stripe_gateway import StripeGateway, StripeRequestRejected, idempotency_key
 
 log = structlog.get_logger()
 
@@ -64,6 +65,7 @@ class RefundCancels:
         async with self._session_factory() as session:
             unsent = (await session.execute(UNSENT)).all()
         sent = 0
+        failed = False
         for execution_id, subscription_id in unsent:
             assert subscription_id is not None  # UNSENT selects these only
             try:
@@ -71,16 +73,20 @@ class RefundCancels:
                     subscription_id, key=idempotency_key("refund-cancel", execution_id)
                 )
             except Exception as exc:
-                self._next_round_at = monotonic() + FAILURE_BACKOFF_SECONDS
+                failed = True
                 log.warning(
                     "refund.cancel_failed",
                     subscription_id=subscription_id,
                     error_type=type(exc).__name__,
                     retry_in_seconds=FAILURE_BACKOFF_SECONDS,
                 )
-                break
+                if isinstance(exc, StripeRequestRejected):
+                    continue  # this one refused: the others are still sent
+                break  # Stripe failing: for the others too
             if await self._record(execution_id, subscription_id):
                 sent += 1
+        if failed:
+            self._next_round_at = monotonic() + FAILURE_BACKOFF_SECONDS
         if sent:
             log.info("refund.subscriptions_cancelled", count=sent)
         return sent

@@ -86,3 +86,36 @@ async def test_stripe_down_delays_only_the_cancellation_of_a_refunded_subscripti
         )
     ).json()["audit"]
     assert [a["action"] for a in audit].count("subscription_cancelled") == 1
+
+
+async def test_a_cancellation_stripe_refuses_does_not_hold_up_the_others(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    seen = len(stripe_fake.events)
+    paid = []
+    for name in ("acc_c1", "acc_c2"):
+        payment = await pay_subscription(
+            app, stripe_fake, deliver, account_id=name, channel_id=name
+        )
+        created = await file_request(client, token, name, payment_reference=payment.charge_id)
+        approved = await reply(
+            client,
+            token,
+            created["id"],
+            kind="decision",
+            message="Approved.",
+            outcome="approved",
+            remedy="refund",
+            amount=1000,
+        )
+        assert approved.status_code == 201, approved.text
+        paid.append(payment)
+    refused, other = (f"/v1/subscriptions/{p.subscription_id}" for p in paid)
+    stripe_fake.fail_next(1, 400, path_prefix=refused, method="DELETE", message="Refused.")
+    await deliver(new_events(stripe_fake, seen))
+    assert [r.status for r in stripe_fake.requests_to("DELETE", refused)] == [400]
+    assert [r.status for r in stripe_fake.requests_to("DELETE", other)] == [200]
