@@ -12,6 +12,7 @@ past our retries) or `StripeRequestRejected` (Stripe refused the request as inva
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 from urllib.parse import quote
@@ -305,8 +306,13 @@ class StripeGateway:
         return await self._call("balance_transactions.retrieve", lambda: self._get_json(path))
 
     async def create_webhook_endpoint(self, params: dict[str, Any]) -> StripeObject:
+        """One key for every attempt of this create (no row of ours names an endpoint, so a
+        fresh id per registration): the SDK would draw a new one each time `_call` retries a
+        429, and a create whose first answer was lost would then make a second endpoint."""
+        options = {"idempotency_key": idempotency_key("webhook_endpoint", uuid.uuid4())}
         return await self._call(
-            "webhook_endpoints.create", lambda: self._v1.webhook_endpoints.create_async(params)
+            "webhook_endpoints.create",
+            lambda: self._v1.webhook_endpoints.create_async(params, options),
         )
 
     async def update_webhook_endpoint(

@@ -12,8 +12,9 @@ delays the cancellation only, never the events (the revocation is already applie
 processor runs `DisputeCancels.run` beside its loop after the fee look-ups. A round sends the
 cancellations not yet accepted (`subscriptions.dispute_cancel_sent_at` is null) of
 subscriptions still live in the mirror; Stripe accepting one (or answering that the
-subscription is already gone) records it, so each is sent once. After a failed call the next
-round waits `FAILURE_BACKOFF_SECONDS`. Two replicas sending the same one at once send the same
+subscription is already gone) records it, so each is sent once. One Stripe refuses
+(`StripeRequestRejected`) does not hold up the others; after any failed call the next round
+waits `FAILURE_BACKOFF_SECONDS`. Two replicas sending the same one at once send the same
 key, which Stripe answers once.
 """
 
@@ -29,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.db import ArrayUpdate, DriverStatement, session_driver
 from app.models import DisputeEffect, Subscription
-from app.stripe_gateway import StripeGateway, idempotency_key
+from app.stripe_gateway import StripeGateway, StripeRequestRejected, idempotency_key
 from app.webhooks.handlers import TERMINAL_SUBSCRIPTION_STATUSES
 
 log = structlog.get_logger()
@@ -75,21 +76,26 @@ class DisputeCancels:
             unsent = await UNSENT.fetch(await session_driver(session))
         first_of = {row.id: row for row in reversed(unsent)}  # one per subscription
         sent = []
+        failed = False
         for row in sorted(first_of.values(), key=lambda row: row.id):
             try:
                 await self._stripe.cancel_subscription(
                     row.stripe_id, key=idempotency_key("dispute-cancel", row.dispute_id)
                 )
             except Exception as exc:
-                self._next_round_at = monotonic() + FAILURE_BACKOFF_SECONDS
+                failed = True
                 log.warning(
                     "dispute.cancel_failed",
                     subscription_id=row.stripe_id,
                     error_type=type(exc).__name__,
                     retry_in_seconds=FAILURE_BACKOFF_SECONDS,
                 )
-                break
+                if isinstance(exc, StripeRequestRejected):
+                    continue  # this one refused: the others are still sent
+                break  # Stripe failing: for the others too
             sent.append({"id": row.id, "dispute_cancel_sent_at": datetime.now(UTC)})
+        if failed:
+            self._next_round_at = monotonic() + FAILURE_BACKOFF_SECONDS
         if sent:
             async with self._session_factory() as session, session.begin():
                 await MARK_SENT.execute(await session_driver(session), sent)

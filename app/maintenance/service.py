@@ -448,7 +448,10 @@ async def complete_window(
             ).scalars()
         )
     for subscription_id in pending:
-        await push_pending_extensions(session_factory, gateway, subscription_id)
+        # Stripe failing: the rest stay pending for the retry job, so the answer waits for
+        # one push's timeouts and retries, not one per subscription of the window.
+        if not await push_pending_extensions(session_factory, gateway, subscription_id):
+            break
     async with session_factory() as session:
         window = await session.get(MaintenanceWindow, window_id)
         assert window is not None
@@ -653,9 +656,10 @@ async def push_pending_extensions(
     session_factory: async_sessionmaker[AsyncSession],
     gateway: StripeGateway,
     subscription_id: uuid.UUID,
-) -> None:
+) -> bool:
     """Push the subscription's pending extensions to Stripe, oldest first (each target builds on
-    the previous); stops at the first Stripe outage, leaving the rest pending.
+    the previous); stops at the first Stripe outage, leaving the rest pending, and then returns
+    False (callers stop pushing other subscriptions too: Stripe is down for them as well).
 
     One pusher per subscription at a time (a transaction-level advisory lock, held across the
     Stripe call): a concurrent completion or retry job finds the lock taken and leaves the push
@@ -671,7 +675,7 @@ async def push_pending_extensions(
                 )
             ).scalar_one()
             if not locked:
-                return
+                return True
             row = (
                 await session.execute(
                     select(MaintenanceExtension, Subscription)
@@ -685,7 +689,7 @@ async def push_pending_extensions(
                 )
             ).first()
             if row is None:
-                return
+                return True
             extension, subscription = row
             target = extension.stripe_trial_end
             assert target is not None
@@ -723,7 +727,7 @@ async def push_pending_extensions(
                     extension_id=extension.id,
                     error_type=type(exc).__name__,
                 )
-                return
+                return False
             await _record_stripe_answer(session, extension, answer)
 
 
@@ -755,7 +759,8 @@ async def retry_pending_extensions(
         )
         before = await _pending_count(session)
     for subscription_id in subscription_ids:
-        await push_pending_extensions(session_factory, gateway, subscription_id)
+        if not await push_pending_extensions(session_factory, gateway, subscription_id):
+            break  # Stripe failing: the next round tries again
     async with session_factory() as session:
         settled = before - await _pending_count(session)
     if subscription_ids:

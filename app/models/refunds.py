@@ -146,6 +146,11 @@ class RefundExecution(Timestamped, Base):
     subscription_cancelled_at: Mapped[datetime | None] = mapped_column(
         comment="When the refunded subscription payment's subscription was cancelled at Stripe."
     )
+    cancel_subscription_id: Mapped[str | None] = mapped_column(
+        String(255),
+        comment="The Stripe subscription this refund ended, to be cancelled at Stripe "
+        "(sent when subscription_cancelled_at is set).",
+    )
 
 
 # One live (not failed) refund per request, decided by the database.
@@ -154,6 +159,13 @@ Index(
     RefundExecution.request_id,
     unique=True,
     postgresql_where=RefundExecution.status != "failed",
+)
+# The cancellations at Stripe not yet accepted (app/refunds/cancels.py).
+Index(
+    "ix_refund_executions_cancel_unsent",
+    RefundExecution.id,
+    postgresql_where=RefundExecution.cancel_subscription_id.is_not(None)
+    & RefundExecution.subscription_cancelled_at.is_(None),
 )
 
 

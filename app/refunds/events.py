@@ -8,9 +8,11 @@
 - A refund of a top-up or debt repayment debits the ledger once (kind `refund`, source the
   Stripe refund id), whoever made it (our approval or the Dashboard); if Stripe later reports it
   failed or canceled, a `refund_reversal` credit restores the balance once.
-- Our approved refund of a subscription payment cancels that subscription at Stripe at once,
-  without proration or a final invoice, and ends its access (`access_revoked_at`). Refunds
-  made in the Dashboard do not cancel anything here.
+- Our approved refund of a subscription payment ends that subscription's access at once
+  (`access_revoked_at`) and records it for cancelling at Stripe (`cancel_subscription_id`),
+  without proration or a final invoice: the cancellation is sent after the events are applied,
+  beside the event loop (app/refunds/cancels.py), so a Stripe outage delays only it, never the
+  refund's events. Refunds made in the Dashboard do not cancel anything here.
 Every step is idempotent: the hook runs again for every event about the same refund.
 
 Refunds are applied together (`on_refunds_mirrored`), each as the states its row passed
@@ -42,7 +44,6 @@ from app.models import RefundExecution, RefundRequest
 from app.notifications.outbox import enqueue_email, format_amount
 from app.refunds import repository as repo
 from app.refunds.service import audit_step
-from app.stripe_gateway import StripeGateway, idempotency_key
 from app.subscriptions.service import record_access_change
 
 log = structlog.get_logger()
@@ -125,7 +126,6 @@ async def on_refunds_mirrored(
     session: AsyncSession,
     refunds: Sequence[Sequence[RefundState]],
     settings: Settings,
-    stripe: StripeGateway,
 ) -> None:
     """The effects of these refunds (each given as the distinct states its row passed
     through, in order), as applying every state in its own transaction, one after another,
@@ -136,7 +136,7 @@ async def on_refunds_mirrored(
     await _adjust_ledger(session, refunds, facts)
     for states in refunds:
         if any(facts[_facts_key(row)].execution_id is not None for row, _ in states):
-            await _apply_ours(session, states, facts, settings, stripe)
+            await _apply_ours(session, states, facts, settings)
     await session.flush()
 
 
@@ -257,10 +257,10 @@ async def _apply_ours(
     states: Sequence[RefundState],
     facts: dict[FactsKey, Any],
     settings: Settings,
-    stripe: StripeGateway,
 ) -> None:
     """Each state of one of our refunds, in order: the execution (and its request) told,
-    then, for a live refund of a subscription payment, the subscription cancelled (once)."""
+    then, for a live refund of a subscription payment, the subscription's access ended and
+    its cancellation at Stripe recorded (once)."""
     locked: dict[uuid.UUID, tuple[RefundRequest, RefundExecution | None]] = {}
     for refund, occurred_at in states:
         known = facts[_facts_key(refund)]
@@ -282,11 +282,10 @@ async def _apply_ours(
             known.payment_id is not None
             and known.payment_purpose == "subscription"
             and refund["status"] in repo.LIVE_REFUND_STATUSES
+            and execution.cancel_subscription_id is None
             and execution.subscription_cancelled_at is None
         ):
-            await _cancel_subscription(
-                session, execution, request, known, stripe, settings, occurred_at
-            )
+            await _end_subscription(session, execution, known, settings, occurred_at)
 
 
 async def _complete_execution(
@@ -360,16 +359,16 @@ async def _email(
     )
 
 
-async def _cancel_subscription(
+async def _end_subscription(
     session: AsyncSession,
     execution: RefundExecution,
-    request: RefundRequest,
     payment: Any,
-    stripe: StripeGateway,
     settings: Settings,
     now: datetime,
 ) -> None:
-    """`request`: the execution's (locked); `payment`: the refund's `REFUND_FACTS`."""
+    """End the refunded subscription's access now and record it for the cancellation at
+    Stripe (app/refunds/cancels.py sends it, keyed by the execution). `execution`: locked;
+    `payment`: the refund's `REFUND_FACTS`."""
     subscription = await repo.subscription_of(
         session,
         payment.payment_stripe_subscription_id,
@@ -379,19 +378,8 @@ async def _cancel_subscription(
     if subscription is None:
         log.warning("refund.subscription_unknown", payment_id=str(payment.payment_id))
         return
-    await stripe.cancel_subscription(
-        subscription.stripe_id, key=idempotency_key("refund-cancel", execution.id)
-    )
-    execution.subscription_cancelled_at = now
+    execution.cancel_subscription_id = subscription.stripe_id
     if subscription.access_revoked_at is None:
         subscription.access_revoked_at = now
         await session.flush()
         await record_access_change(session, subscription.channel_id, settings, now)
-    audit_step(
-        session,
-        request,
-        "subscription_cancelled",
-        ACTOR,
-        subscription_id=subscription.stripe_id,
-        prorate=False,
-    )

@@ -1403,7 +1403,6 @@ async def apply_refund_effects(refunds: Sequence[RefundStates]) -> None:
             for states in refunds
         ],
         first.settings,
-        first.stripe,
     )
 
 

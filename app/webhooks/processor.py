@@ -23,8 +23,9 @@
 - Fees: Stripe's processing fees, which the events name but do not carry, are looked up
   after the events are applied, by `FeeLookups` (app/webhooks/fees.py) in a task beside the
   events' loop: started when no event is due, or once every `MAX_WAIT_SECONDS` while events
-  keep coming. The same task then sends the Stripe cancellations lost chargebacks asked for
-  (`DisputeCancels`, app/disputes/cancels.py).
+  keep coming. The same task then sends the Stripe cancellations lost chargebacks and approved
+  refunds of subscription payments asked for (`DisputeCancels`, app/disputes/cancels.py;
+  `RefundCancels`, app/refunds/cancels.py).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ from app.config import Settings
 from app.db import DriverStatement, session_driver
 from app.disputes.cancels import DisputeCancels
 from app.models import StripeEvent
+from app.refunds.cancels import RefundCancels
 from app.stripe_gateway import StripeGateway
 from app.webhooks import metrics
 from app.webhooks.fees import MAX_WAIT_SECONDS, FeeLookups
@@ -166,14 +168,15 @@ class EventProcessor:
         self._wakeup = asyncio.Event()
         self._fees = FeeLookups(session_factory, stripe)
         self._dispute_cancels = DisputeCancels(session_factory, stripe)
+        self._refund_cancels = RefundCancels(session_factory, stripe)
 
     def notify(self) -> None:
         self._wakeup.set()
 
     async def drain(self) -> int:
         """Apply every event that is due now, then the Stripe follow-ups (the fees they left
-        unknown, the cancellations lost chargebacks asked for); returns how many events were
-        attempted."""
+        unknown, the cancellations lost chargebacks and approved refunds asked for); returns
+        how many events were attempted."""
         total = 0
         while done := await self.process_due():
             total += done
@@ -211,7 +214,8 @@ class EventProcessor:
     async def _stripe_follow_ups(self) -> None:
         """Rounds of fee look-ups until one finds nothing to do (none left, another replica's
         round, or the wait after a failure), then the Stripe cancellations lost chargebacks
-        asked for (app/disputes/cancels.py), the same way."""
+        (app/disputes/cancels.py) and approved refunds (app/refunds/cancels.py) asked for, the
+        same way."""
         try:
             while await self._fees.run():
                 pass
@@ -222,6 +226,11 @@ class EventProcessor:
                 pass
         except Exception as exc:
             log.warning("dispute.cancel_round_failed", error_type=type(exc).__name__)
+        try:
+            while await self._refund_cancels.run():
+                pass
+        except Exception as exc:
+            log.warning("refund.cancel_round_failed", error_type=type(exc).__name__)
 
     async def process_due(self) -> int:
         """Claim a batch of due events and apply it in one transaction; if that fails (a

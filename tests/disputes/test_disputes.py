@@ -371,3 +371,26 @@ async def test_a_refund_request_identified_while_its_payments_chargeback_is_appl
         headers=bearer(token(account_id="acc_dp")),
     )
     assert shown.json()["status"] == "closed", shown.json()
+
+
+async def test_a_lost_disputes_cancellation_stripe_refuses_does_not_hold_up_the_others(
+    app: FastAPI,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    """Stripe refusing one cancellation (`StripeRequestRejected`) leaves the others sent in the
+    same round; only an outage stops the round."""
+    paid = [
+        await pay_subscription(app, stripe_fake, deliver, account_id=name, channel_id=name)
+        for name in ("acc_d1", "acc_d2")
+    ]
+    refused, other = (f"/v1/subscriptions/{p.subscription_id}" for p in paid)
+    stripe_fake.fail_next(1, 400, path_prefix=refused, method="DELETE")
+    lost = []
+    for payment in paid:
+        opened = stripe_fake.create_dispute(payment.charge_id)
+        dispute_id = opened[0]["data"]["object"]["id"]
+        lost += [*opened, *stripe_fake.close_dispute(dispute_id, won=False)]
+    await deliver(lost)
+    assert [r.status for r in stripe_fake.requests_to("DELETE", refused)] == [400]
+    assert [r.status for r in stripe_fake.requests_to("DELETE", other)] == [200]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -288,3 +289,50 @@ async def test_push_extensions_command_retries_pending_pushes_with_the_same_key(
     assert access_until(row) == EXTENDED
     assert row.current_period_end.tzinfo is not None
     assert row.current_period_end > datetime(2026, 1, 1, tzinfo=UTC)
+
+
+async def test_completion_while_stripe_times_out_waits_for_one_push_not_one_per_subscription(
+    app: FastAPI,
+    settings: Settings,
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    factory: Factory,
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+) -> None:
+    """Stripe timing out: the completion pushes until the first outage, then answers, the other
+    pushes left `pending` for the retry job (each would wait out every timeout and retry, so a
+    window over many subscriptions would hold the request for as many times that)."""
+    subs = [
+        await live_subscription(f"acc_to{i}", f"ch_to{i}", email=f"to{i}@client.example")
+        for i in range(3)
+    ]
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+    delay = settings.stripe_timeout_seconds + 0.5
+    attempts = settings.stripe_max_network_retries + 1
+    stripe_fake.fail_next(
+        attempts * len(subs), kind="timeout", delay=delay, path_prefix="/v1/subscriptions/"
+    )
+    started = time.monotonic()
+    response = await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+    elapsed = time.monotonic() - started
+    assert response.status_code == 200, response.text
+    assert response.json()["stripe_updates"]["pending"] == len(subs)
+    one_push = attempts * (settings.stripe_timeout_seconds + 2.0)
+    assert elapsed < one_push, elapsed
+    asked = [s["id"] for s in subs if pushes(stripe_fake, s["id"])]
+    assert len(asked) == 1, asked
+
+    # Stripe recovers (the timed-out update lands first): the retry job pushes every one,
+    # each under its own row's key, once.
+    await asyncio.sleep(delay - settings.stripe_timeout_seconds + 0.3)
+    stripe_fake.clear_failures()
+    await retry_pending_extensions(factory, app.state.stripe)
+    async with factory() as session:
+        rows = (await session.execute(select(MaintenanceExtension))).scalars().all()
+    assert sorted(r.stripe_status for r in rows) == ["applied"] * len(subs)
+    for sub in subs:
+        keys = {r.idempotency_key for r in pushes(stripe_fake, sub["id"])}
+        assert len(keys) == 1, keys
+        at_stripe = stripe_fake.get("subscription", sub["id"])
+        assert at_stripe["items"]["data"][0]["current_period_end"] == int(EXTENDED.timestamp())

@@ -5,6 +5,7 @@ documented for its operation in the OpenAPI document."""
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -13,6 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from app.config import Settings
+from tests.checkout.conftest import top_up_body
 from tests.conftest import JWT_SECRET, TokenFactory, bearer
 from tests.robustness.routes import (
     OTHER,
@@ -158,3 +160,46 @@ async def test_the_webhook_ignores_bearer_tokens_and_demands_a_stripe_signature(
         )
         assert response.status_code == 400, response.text
         assert response.json()["code"] == "invalid_webhook"
+
+
+async def test_another_account_naming_the_owners_objects_under_its_own_path_gets_404(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    """Object-level checks, on every account route that names an object: an account that puts
+    the owner's real checkout session or refund request under its own path learns nothing
+    (404, as for an id that does not exist) and changes nothing."""
+    own = bearer(token(account_id=OWNER, email="owner@example.com"))
+    checkout = await client.post(
+        f"/v1/accounts/{OWNER}/checkout-sessions", json=top_up_body(), headers=own
+    )
+    assert checkout.status_code == 201, checkout.text
+    request = await client.post(
+        f"/v1/accounts/{OWNER}/refund-requests",
+        json={"type": "other", "description": "the owner's request"},
+        headers=own,
+    )
+    assert request.status_code == 201, request.text
+    objects = {"session_id": checkout.json()["id"], "request_id": request.json()["id"]}
+
+    def fill(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name == "account_id":
+            return OTHER
+        assert name in objects, f"no owner's object for {{{name}}}: add one here"
+        return str(objects[name])
+
+    intruder = bearer(token(account_id=OTHER, sub="intruder"))
+    named = [r for r in routes(app) if r.account_scoped and r.template.count("{") > 1]
+    assert named
+    for route in named:
+        path = re.sub(r"\{([^}]+)\}", fill, route.template)
+        kwargs: dict[str, object] = {"headers": intruder}
+        if route.has_body:
+            kwargs["json"] = {"description": "hijacked"}
+        response = await client.request(route.method, path, **kwargs)  # type: ignore[arg-type]
+        assert response.status_code == 404, f"{route}: {response.status_code} {response.text}"
+        check_documented(route, response)
+    mine = await client.get(
+        f"/v1/accounts/{OWNER}/refund-requests/{objects['request_id']}", headers=own
+    )
+    assert mine.json()["description"] == "the owner's request"

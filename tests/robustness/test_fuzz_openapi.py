@@ -40,6 +40,7 @@ CHECKS = [
     openapi_checks.content_type_conformance,
     openapi_checks.response_schema_conformance,
     openapi_checks.response_headers_conformance,
+    openapi_checks.negative_data_rejection,
 ]
 load_all_checks()
 

@@ -3,6 +3,7 @@ payload pruning."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import os
 import subprocess
@@ -16,6 +17,7 @@ import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 
+from app.config import Settings
 from app.models import LedgerEntry, StripeEvent, Subscription
 from app.stripe_gateway import API_VERSION
 from app.webhooks.handlers import HANDLED_EVENT_TYPES
@@ -306,3 +308,23 @@ async def test_an_event_the_database_refuses_is_retried_alone_and_holds_up_no_ot
     assert (row.status, row.attempts) == ("pending", 1)
     assert row.next_attempt_at is not None
     assert error in (row.last_error or "")
+
+
+async def test_register_webhook_retried_after_a_lost_answer_and_a_429_makes_one_endpoint(
+    app: FastAPI, stripe_fake: StripeFake, settings: Settings
+) -> None:
+    """The create's answer is lost (Stripe made the endpoint, the SDK's retry is rate
+    limited, and the service retries after `Retry-After`): every attempt carries one
+    idempotency key, so Stripe replays the first endpoint instead of making a second one
+    (whose events would arrive twice, signed with a secret nobody was told)."""
+    url = "https://billing.1msg.io/webhooks/stripe"
+    delay = settings.stripe_timeout_seconds + 0.5
+    path = "/v1/webhook_endpoints"
+    stripe_fake.fail_next(1, kind="timeout", delay=delay, path_prefix=path, method="POST")
+    stripe_fake.fail_next(1, 429, retry_after=1, path_prefix=path, method="POST")
+    created = await register_webhook_endpoint(app.state.stripe, url)
+    await asyncio.sleep(delay - settings.stripe_timeout_seconds + 0.3)  # the lost one lands
+    posts = stripe_fake.requests_to("POST", path)
+    assert len(posts) == 3, [p.status for p in posts]
+    assert len({p.idempotency_key for p in posts}) == 1, [p.idempotency_key for p in posts]
+    assert [e["id"] for e in stripe_fake.all("webhook_endpoint")] == [created["id"]]
