@@ -569,6 +569,7 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     paid_at: dict[str, datetime] = {}  # credited Stripe session -> when it was paid
     payments: list[PaymentChange] = []
     first_payments: FirstPayments = {}
+    learned_at: dict[uuid.UUID, datetime] = {}  # checkout -> its earliest event applied here
     for ctx in ctxs:
         obj = ctx.object
         our_id = _our_checkout(obj)
@@ -576,6 +577,7 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
         if row is None:
             log.info("checkout_session.unknown", stripe_id=obj.get("id"))
             continue
+        learned_at[row["id"]] = min(learned_at.get(row["id"], ctx.created), ctx.created)
         row["stripe_id"] = row["stripe_id"] or obj["id"]
         by_stripe_id.setdefault(row["stripe_id"], row)
         row["status"] = (
@@ -615,6 +617,19 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     await _fulfil_waiting_subscription_checkouts(session, now, rows.values())
     changed = [row for row_id, row in rows.items() if row != stored[row_id]]
     await WRITE_CHECKOUTS.execute(await session_driver(session), changed)
+    # A request naming a subscription's Checkout session names the payment it took once the
+    # session is linked to its subscription (`find_payment_by_reference`), which may come
+    # after that payment's own events: requests still waiting are identified now, their clock
+    # from receipt if Stripe had completed the session by then.
+    linked: dict[str, datetime] = {}
+    for row in changed:
+        if row["purpose"] == "subscription" and row["stripe_subscription_id"]:
+            at = learned_at[row["id"]]
+            linked[row["account_id"]] = min(linked.get(row["account_id"], at), at)
+    for account_id, at in sorted(linked.items()):
+        await identify_waiting_requests(
+            session, ctxs[0].settings, account_ids=[account_id], known_at={}, now=at
+        )
     await link_customers(session, customers)
     await FILL_CONTACTS.execute(
         await session_driver(session), [{"id": a, "email": e} for a, e in contacts.items()]
