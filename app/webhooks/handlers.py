@@ -435,30 +435,38 @@ async def apply_payment_changes(changes: Sequence[PaymentChange]) -> None:
     stored = {stripe_id: dict(row) for stripe_id, row in rows.items()}
     first_payments: FirstPayments = {}
     learned_from: dict[str, EventContext] = {}  # payment -> the first event that taught
+    # payment -> the first event that made it known by a reference a request may name: new,
+    # linked, or named by its Checkout session (whose event follows the charge's)
+    named_from: dict[str, EventContext] = {}
     for change in changes:
         row = rows[change.stripe_id]
         links_before = [row[link] for link in PAYMENT_LINKS]
+        session_before = row["stripe_checkout_session_id"]
         merge_payment(row, change.values)
         if (first := change.first_payment(row)) is not None:
             add_first_payment(first_payments, *first, row["currency"])
         if change.stripe_id in created or links_before != [row[link] for link in PAYMENT_LINKS]:
             learned_from.setdefault(change.stripe_id, change.ctx)
+            named_from.setdefault(change.stripe_id, change.ctx)
+        elif row["stripe_checkout_session_id"] != session_before:
+            named_from.setdefault(change.stripe_id, change.ctx)
     await _link_disputes(session, rows)
     await write_rows(session, PAYMENTS, rows, stored)
     await record_first_payments(session, first_payments)
-    if learned_from:
+    if named_from:
         # Requests about these payments that arrived before them can be identified now (first:
         # a chargeback mirrored before its payment then closes them, as any other).
-        known = {stripe_id: rows[stripe_id] for stripe_id in learned_from}
+        known = {stripe_id: rows[stripe_id] for stripe_id in named_from}
         accounts = sorted({row["account_id"] for row in known.values() if row["account_id"]})
         if accounts:
             await identify_waiting_requests(
                 session,
                 changes[0].ctx.settings,
                 account_ids=accounts,
-                known_at={row["id"]: learned_from[sid].created for sid, row in known.items()},
+                known_at={row["id"]: named_from[sid].created for sid, row in known.items()},
                 now=changes[0].ctx.now,
             )
+    if learned_from:
         await reapply_money_effects(
             "id", {rows[stripe_id]["id"]: ctx for stripe_id, ctx in learned_from.items()}
         )

@@ -168,3 +168,34 @@ async def test_a_request_naming_a_subscription_checkout_is_identified_whatever_e
     assert body["payment_id"] is not None
     # Paid at Stripe before the request arrived: the clock runs from receipt.
     assert body["clock_started_at"] == body["received_at"]
+
+
+async def test_a_request_naming_a_top_up_checkout_is_identified_when_its_events_come_one_by_one(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """Stripe delivers each event on its own: `charge.succeeded` brings the payment, and only
+    `checkout.session.completed` after it tells which Checkout session it paid."""
+    session_id = await open_checkout(app, account_id="acc_late_1", purpose="top_up", amount=4200)
+    events = stripe_fake.complete_checkout(session_id)  # paid at Stripe; the webhook is late
+    assert [event["type"] for event in events] == [
+        "charge.succeeded",
+        "checkout.session.completed",
+    ]
+    filed = await file_request(client, token, "acc_late_1", payment_reference=session_id)
+    assert filed["status"] == "needs_information"
+
+    for event in events:
+        await deliver([event])
+
+    shown = await client.get(
+        f"/v1/accounts/acc_late_1/refund-requests/{filed['id']}",
+        headers=bearer(token(account_id="acc_late_1")),
+    )
+    body = shown.json()
+    assert body["status"] == "received", body
+    assert body["payment_id"] is not None
+    assert body["clock_started_at"] == body["received_at"]
