@@ -11,7 +11,9 @@ Decided from the dispute's stored state, not the event type, so any order conver
   and it is cancelled at Stripe right after the events are applied (app/disputes/cancels.py),
   so Stripe does not go on charging for periods without access.
 - Open refund requests about the disputed payment are `closed`: a disputed payment is never
-  also refunded (the approval refuses it too).
+  also refunded (the approval refuses it too); a request received after the event of a
+  dispute settled for us (`won`, or an inquiry `warning_closed`) stays open, however late
+  Stripe delivers that event.
 Each change is recorded once in `dispute_effects` for `GET /v1/finance/disputes`.
 
 Disputes are applied together (`on_disputes_mirrored`): what their effects are decided on is
@@ -27,7 +29,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterable, Iterator, MutableMapping, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import structlog
@@ -510,8 +512,22 @@ async def _close_open_requests(
     payment: Any,
     requests: dict[uuid.UUID, list[RefundRequest]],
 ) -> None:
-    """The payment's open requests are closed by the first of its disputes applied."""
-    for request in requests.pop(payment.id, []):
+    """The payment's open requests are closed by the first of its disputes applied. A dispute
+    settled for us (`won`, or an inquiry closed without a chargeback) leaves open a request
+    received after the time its effects are dated by (`occurred_at`: a won dispute's closing
+    at Stripe, an inquiry's opening): the payment was with us again when the client asked
+    (quoted and refunded as any other), however late Stripe delivers that dispute's events.
+    The dates are Stripe's, so any delivery order closes the same requests; they are whole
+    seconds, so a request received within the second of that time counts as before it."""
+    waiting = requests.pop(payment.id, [])
+    settled = dispute.row["status"] in repo.SETTLED_FOR_US
+    after = dispute.occurred_at + timedelta(seconds=1)
+    later = [r for r in waiting if settled and r.received_at >= after]
+    if later:
+        requests[payment.id] = later
+    for request in waiting:
+        if request in later:
+            continue
         request.status = "closed"
         audit_step(
             session, request, "closed_by_chargeback", "stripe", dispute_id=dispute.row["stripe_id"]

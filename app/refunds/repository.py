@@ -26,6 +26,7 @@ from app.db import ArrayInsert, DriverStatement, asked_keys, session_driver
 from app.models import (
     Account,
     Activity,
+    CheckoutSession,
     Dispute,
     Invoice,
     LedgerEntry,
@@ -371,6 +372,10 @@ async def goodwill_credits(session: AsyncSession, account_id: str, currency: str
 async def find_payment_by_reference(
     session: AsyncSession, account_id: str, reference: str
 ) -> Payment | None:
+    """The account's payment `reference` names: our payment id, or a Stripe payment intent,
+    charge, invoice or Checkout session id. A subscription's Checkout session (the
+    `session_id` its client came back with) names the payment it took: the subscription's
+    first."""
     conditions = [
         Payment.stripe_id == reference,
         Payment.stripe_charge_id == reference,
@@ -384,7 +389,32 @@ async def find_payment_by_reference(
         .where(Payment.account_id == account_id, or_(*conditions))
         .order_by(Payment.created_at)
     )
-    return (await session.execute(statement)).scalars().first()
+    payment = (await session.execute(statement)).scalars().first()
+    if payment is not None:
+        return payment
+    subscription = await session.scalar(
+        select(CheckoutSession.stripe_subscription_id).where(
+            CheckoutSession.account_id == account_id,
+            CheckoutSession.stripe_id == reference,
+            CheckoutSession.purpose == "subscription",
+        )
+    )
+    if not subscription:
+        return None
+    invoices = select(Invoice.stripe_id).where(Invoice.stripe_subscription_id == subscription)
+    first = (
+        select(Payment)
+        .where(
+            Payment.account_id == account_id,
+            or_(
+                Payment.stripe_subscription_id == subscription,
+                Payment.stripe_invoice_id.in_(invoices),
+            ),
+        )
+        .order_by(Payment.created_at)
+        .limit(1)
+    )
+    return (await session.execute(first)).scalars().first()
 
 
 async def find_payments_by_details(

@@ -435,30 +435,38 @@ async def apply_payment_changes(changes: Sequence[PaymentChange]) -> None:
     stored = {stripe_id: dict(row) for stripe_id, row in rows.items()}
     first_payments: FirstPayments = {}
     learned_from: dict[str, EventContext] = {}  # payment -> the first event that taught
+    # payment -> the first event that made it known by a reference a request may name: new,
+    # linked, or named by its Checkout session (whose event follows the charge's)
+    named_from: dict[str, EventContext] = {}
     for change in changes:
         row = rows[change.stripe_id]
         links_before = [row[link] for link in PAYMENT_LINKS]
+        session_before = row["stripe_checkout_session_id"]
         merge_payment(row, change.values)
         if (first := change.first_payment(row)) is not None:
             add_first_payment(first_payments, *first, row["currency"])
         if change.stripe_id in created or links_before != [row[link] for link in PAYMENT_LINKS]:
             learned_from.setdefault(change.stripe_id, change.ctx)
+            named_from.setdefault(change.stripe_id, change.ctx)
+        elif row["stripe_checkout_session_id"] != session_before:
+            named_from.setdefault(change.stripe_id, change.ctx)
     await _link_disputes(session, rows)
     await write_rows(session, PAYMENTS, rows, stored)
     await record_first_payments(session, first_payments)
-    if learned_from:
+    if named_from:
         # Requests about these payments that arrived before them can be identified now (first:
         # a chargeback mirrored before its payment then closes them, as any other).
-        known = {stripe_id: rows[stripe_id] for stripe_id in learned_from}
+        known = {stripe_id: rows[stripe_id] for stripe_id in named_from}
         accounts = sorted({row["account_id"] for row in known.values() if row["account_id"]})
         if accounts:
             await identify_waiting_requests(
                 session,
                 changes[0].ctx.settings,
                 account_ids=accounts,
-                known_at={row["id"]: learned_from[sid].created for sid, row in known.items()},
+                known_at={row["id"]: named_from[sid].created for sid, row in known.items()},
                 now=changes[0].ctx.now,
             )
+    if learned_from:
         await reapply_money_effects(
             "id", {rows[stripe_id]["id"]: ctx for stripe_id, ctx in learned_from.items()}
         )
@@ -569,6 +577,7 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     paid_at: dict[str, datetime] = {}  # credited Stripe session -> when it was paid
     payments: list[PaymentChange] = []
     first_payments: FirstPayments = {}
+    learned_at: dict[uuid.UUID, datetime] = {}  # checkout -> its earliest event applied here
     for ctx in ctxs:
         obj = ctx.object
         our_id = _our_checkout(obj)
@@ -576,6 +585,7 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
         if row is None:
             log.info("checkout_session.unknown", stripe_id=obj.get("id"))
             continue
+        learned_at[row["id"]] = min(learned_at.get(row["id"], ctx.created), ctx.created)
         row["stripe_id"] = row["stripe_id"] or obj["id"]
         by_stripe_id.setdefault(row["stripe_id"], row)
         row["status"] = (
@@ -615,6 +625,19 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
     await _fulfil_waiting_subscription_checkouts(session, now, rows.values())
     changed = [row for row_id, row in rows.items() if row != stored[row_id]]
     await WRITE_CHECKOUTS.execute(await session_driver(session), changed)
+    # A request naming a subscription's Checkout session names the payment it took once the
+    # session is linked to its subscription (`find_payment_by_reference`), which may come
+    # after that payment's own events: requests still waiting are identified now, their clock
+    # from receipt if Stripe had completed the session by then.
+    linked: dict[str, datetime] = {}
+    for row in changed:
+        if row["purpose"] == "subscription" and row["stripe_subscription_id"]:
+            at = learned_at[row["id"]]
+            linked[row["account_id"]] = min(linked.get(row["account_id"], at), at)
+    for account_id, at in sorted(linked.items()):
+        await identify_waiting_requests(
+            session, ctxs[0].settings, account_ids=[account_id], known_at={}, now=at
+        )
     await link_customers(session, customers)
     await FILL_CONTACTS.execute(
         await session_driver(session), [{"id": a, "email": e} for a, e in contacts.items()]

@@ -4,10 +4,12 @@ money back then), the payment stays out of refunds."""
 
 from __future__ import annotations
 
+from datetime import UTC, datetime, timedelta
+
 import httpx
 from fastapi import FastAPI
 
-from tests.conftest import Deliver, TokenFactory
+from tests.conftest import Deliver, TokenFactory, bearer
 from tests.refunds.flows import new_events, pay_subscription
 from tests.refunds.test_refund_workflow import file_request, reply
 from tests.refunds.test_retry_and_close import quote
@@ -83,3 +85,69 @@ async def test_a_payment_whose_chargeback_was_lost_is_never_refunded(
     assert refused.status_code == 409
     assert refused.json()["code"] == "payment_disputed"
     assert stripe_fake.all("refund") == []
+
+
+async def test_a_late_event_of_a_won_chargeback_does_not_close_a_refund_request_filed_after_it(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    now = datetime.now(UTC).replace(microsecond=0)
+    stripe_fake.set_time((now - timedelta(days=10)).timestamp())
+    paid = await pay_subscription(
+        app, stripe_fake, deliver, account_id="acc_late", channel_id="ch_late"
+    )
+    # Asked for a refund by email a day later, then disputed the payment with the bank.
+    before = await client.post(
+        "/v1/finance/refund-requests",
+        json={
+            "account_id": "acc_late",
+            "type": "refund",
+            "description": "Please refund",
+            "channel": "email",
+            "payment_reference": paid.payment_intent,
+            "received_at": (now - timedelta(days=9)).isoformat(),
+        },
+        headers=bearer(token(scope="finance", sub="alice@1msg.io")),
+    )
+    assert before.status_code == 201, before.text
+    stripe_fake.set_time((now - timedelta(days=8)).timestamp())
+    opened = stripe_fake.create_dispute(paid.charge_id)
+    dispute_id = opened[0]["data"]["object"]["id"]
+    withdrawn = stripe_fake.withdraw_dispute_funds(dispute_id)
+    stripe_fake.set_time((now - timedelta(days=1)).timestamp())
+    closed, reinstated = stripe_fake.close_dispute(dispute_id, won=True)
+    assert reinstated["type"] == "charge.dispute.funds_reinstated"
+    stripe_fake.set_time(None)
+    # Stripe's funds_reinstated delivery fails and is retried later; the others arrive in
+    # reverse order (the request the chargeback replaced is closed whatever the order).
+    for event in [closed, *withdrawn[::-1], *opened]:
+        await deliver([event])
+
+    # The bank decided for us: the payment is with us again and the client asks for a refund.
+    quoted = await quote(client, token, "acc_late")
+    assert quoted["eligible"] is True
+    request = await file_request(client, token, "acc_late", payment_reference=paid.payment_intent)
+    await deliver([reinstated])
+
+    # Stripe's retried event of the same won dispute is no chargeback of the payment: the
+    # request stays open and is refunded as any other.
+    shown = await client.get(
+        "/v1/accounts/acc_late/refund-requests", headers=bearer(token(account_id="acc_late"))
+    )
+    statuses = {r["id"]: r["status"] for r in shown.json()}
+    assert statuses == {before.json()["id"]: "closed", request["id"]: "received"}
+    approved = await reply(
+        client,
+        token,
+        request["id"],
+        kind="decision",
+        message="Refunded after the chargeback was decided.",
+        outcome="approved",
+        remedy="refund",
+        amount=quoted["refundable_amount"],
+    )
+    assert approved.status_code == 201, approved.text
+    assert len(stripe_fake.all("refund")) == 1

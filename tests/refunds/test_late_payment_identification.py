@@ -15,7 +15,7 @@ from tests.refunds.flows import new_events
 from tests.refunds.test_refund_workflow import file_request
 from tests.robustness.test_lock_conflicts import wait_for_a_lock_wait
 from tests.stripe_fake import StripeFake
-from tests.webhooks.flows import open_checkout
+from tests.webhooks.flows import add_catalog, open_checkout
 
 FINANCE = {"scope": "finance", "sub": "alice@1msg.io"}
 
@@ -131,6 +131,69 @@ async def test_a_request_filed_while_its_payment_is_being_applied_is_identified(
     shown = await client.get(
         f"/v1/accounts/acc_race/refund-requests/{filed['id']}",
         headers=bearer(token(account_id="acc_race")),
+    )
+    body = shown.json()
+    assert body["status"] == "received", body
+    assert body["payment_id"] is not None
+    assert body["clock_started_at"] == body["received_at"]
+
+
+async def test_a_request_naming_a_subscription_checkout_is_identified_whatever_event_links_it(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """The subscription's Checkout session names its first payment only once an event has
+    linked the session to its subscription; in Stripe's order, applied one event at a time,
+    that comes after the payment's own events (`checkout.session.completed` is last)."""
+    add_catalog(stripe_fake)
+    session_id = await open_checkout(
+        app, account_id="acc_late_sub", purpose="subscription", channel_id="ch_late_sub"
+    )
+    events = stripe_fake.complete_checkout(session_id)  # paid at Stripe; the webhook is late
+    filed = await file_request(client, token, "acc_late_sub", payment_reference=session_id)
+    assert filed["status"] == "needs_information"
+
+    for event in events:
+        await deliver([event])
+
+    shown = await client.get(
+        f"/v1/accounts/acc_late_sub/refund-requests/{filed['id']}",
+        headers=bearer(token(account_id="acc_late_sub")),
+    )
+    body = shown.json()
+    assert body["status"] == "received", body
+    assert body["payment_id"] is not None
+    # Paid at Stripe before the request arrived: the clock runs from receipt.
+    assert body["clock_started_at"] == body["received_at"]
+
+
+async def test_a_request_naming_a_top_up_checkout_is_identified_when_its_events_come_one_by_one(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """Stripe delivers each event on its own: `charge.succeeded` brings the payment, and only
+    `checkout.session.completed` after it tells which Checkout session it paid."""
+    session_id = await open_checkout(app, account_id="acc_late_1", purpose="top_up", amount=4200)
+    events = stripe_fake.complete_checkout(session_id)  # paid at Stripe; the webhook is late
+    assert [event["type"] for event in events] == [
+        "charge.succeeded",
+        "checkout.session.completed",
+    ]
+    filed = await file_request(client, token, "acc_late_1", payment_reference=session_id)
+    assert filed["status"] == "needs_information"
+
+    for event in events:
+        await deliver([event])
+
+    shown = await client.get(
+        f"/v1/accounts/acc_late_1/refund-requests/{filed['id']}",
+        headers=bearer(token(account_id="acc_late_1")),
     )
     body = shown.json()
     assert body["status"] == "received", body

@@ -4,7 +4,7 @@ same amount that day does not make it ambiguous."""
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -13,7 +13,7 @@ from sqlalchemy import select
 
 from app.models import Payment
 from tests.conftest import Deliver, TokenFactory
-from tests.refunds.flows import pay_top_up
+from tests.refunds.flows import pay_subscription, pay_top_up
 from tests.refunds.test_refund_workflow import file_request
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import open_checkout
@@ -49,3 +49,31 @@ async def test_a_declined_attempt_the_same_day_does_not_hide_the_payment_that_su
 
     assert (request["status"], request["payment_id"]) == ("received", paid.payment_id)
     assert request["missing_information"] == []
+
+
+async def test_the_checkout_session_a_client_returned_from_names_its_subscription_payment(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    # A month paid through Checkout 35 days ago, renewed 5 days ago: two payments.
+    now = datetime.now(UTC).replace(microsecond=0)
+    stripe_fake.set_time((now - timedelta(days=35)).timestamp())
+    paid = await pay_subscription(
+        app, stripe_fake, deliver, account_id="acc_cs", channel_id="ch_cs"
+    )
+    assert paid.subscription_id is not None
+    stripe_fake.set_time((now - timedelta(days=5)).timestamp())
+    await deliver(stripe_fake.renew_subscription(paid.subscription_id))
+    [checkout] = stripe_fake.all("checkout.session")
+
+    # The `session_id` the success URL brought the client back with is what the client has
+    # (README: matched by "a Stripe ... checkout session id"): it names the payment Checkout
+    # took, the subscription's first, and the request's clock starts at once.
+    request = await file_request(client, token, "acc_cs", payment_reference=checkout["id"])
+
+    assert request["status"] == "received", request
+    assert request["payment_id"] == paid.payment_id
+    assert request["first_response_due"] is not None

@@ -113,6 +113,43 @@ def stripe_fake_now() -> Any:
     return datetime.now(UTC)
 
 
+async def test_a_usage_charge_or_an_activity_report_ends_the_zero_usage_right(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """Policy section 3: no messages sent, no templates created, no numbers connected and no
+    other activity. Either report, made the way other services make it, ends the right."""
+    usage = bearer(token(scope="usage:write"))
+    reports = {
+        "acc_meta": (
+            "usage-charges",
+            {"amount": 7, "currency": "usd", "kind": "meta_fee"},
+        ),
+        "acc_number": ("activity", {"kind": "number_connected"}),
+    }
+    for account_id, (route, body) in reports.items():
+        await pay_subscription(
+            app, stripe_fake, deliver, account_id=account_id, channel_id=f"ch_{account_id}"
+        )
+        url = f"/v1/accounts/{account_id}/refund-eligibility"
+        headers = bearer(token(account_id=account_id))
+        [before] = (await client.get(url, headers=headers)).json()["quotes"]
+        assert before["eligible"] is True
+
+        reported = await client.post(
+            f"/v1/accounts/{account_id}/{route}",
+            json={"id": "u-1", "occurred_at": stripe_fake_now().isoformat(), **body},
+            headers=usage,
+        )
+        assert reported.status_code == 201, reported.text
+
+        [after] = (await client.get(url, headers=headers)).json()["quotes"]
+        assert (after["eligible"], after["reasons"]) == (False, ["usage_detected"])
+
+
 async def test_approved_subscription_refund_runs_once_and_cancels_the_subscription(
     app: FastAPI,
     client: httpx.AsyncClient,
