@@ -340,7 +340,10 @@ def _adjust_balance(
     """The ledger entries (into `ledger`) and effects (into `effects`) of a dispute of a
     balance payment, given the dispute ledger `entries` that exist (each insert is `ON
     CONFLICT DO NOTHING`: it adds exactly those not in `entries`; under SERIALIZABLE an entry
-    a concurrent transaction adds makes one of the two fail)."""
+    a concurrent transaction adds makes one of the two fail). The withdrawal is dated when
+    the dispute opened at Stripe (when Stripe takes the funds), not by the dispute's closing
+    (`occurred_at`), which the ruling's events, delivered before the withdrawal's, would
+    otherwise give it; the reinstatement by the closing."""
     row, account_id = dispute.row, payment.account_id
     stripe_id, amount, currency = row["stripe_id"], row["amount"], row["currency"]
     withdrawn = (account_id, "dispute_withdrawal", stripe_id) in entries
@@ -353,7 +356,7 @@ def _adjust_balance(
                 "amount": -amount,
                 "currency": currency,
                 "description": f"Chargeback {stripe_id}: funds withdrawn by the bank",
-                "occurred_at": dispute.occurred_at,
+                "occurred_at": row["stripe_created"] or dispute.occurred_at,
             }
         )
         effects.append(_effect(row, "balance_withdrawn", amount=-amount, currency=currency))

@@ -4,6 +4,7 @@ access ended after a lost dispute on a subscription payment, never also refunded
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 import asyncpg
@@ -100,6 +101,36 @@ async def test_dispute_events_in_reverse_order_converge_to_the_same_balance(
     assert await balance(app, "acc_o") == 3000
     kinds = [e[0] for e in await ledger(app, "acc_o") if e[0].startswith("dispute")]
     assert sorted(kinds) == ["dispute_reinstatement", "dispute_withdrawal"]
+
+
+async def test_a_withdrawal_is_dated_when_the_dispute_opened_whatever_the_delivery_order(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    # Stripe takes the funds when the dispute opens; the bank rules an hour later. Delivered
+    # in order, the withdrawal is dated at the opening: the ruling's events arriving first
+    # must not date it at the ruling.
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_dt", amount=3000)
+    stripe_fake.set_time(stripe_fake.now())
+    opened = stripe_fake.create_dispute(paid.charge_id)
+    dispute_id = opened[0]["data"]["object"]["id"]
+    withdrawn = stripe_fake.withdraw_dispute_funds(dispute_id)
+    stripe_fake.set_time(stripe_fake.now() + 3600)
+    won = stripe_fake.close_dispute(dispute_id, won=True)
+    await deliver(won)
+    await deliver([*opened, *withdrawn])
+    response = await client.get(
+        "/v1/accounts/acc_dt/ledger", headers=bearer(token(account_id="acc_dt"))
+    )
+    assert response.status_code == 200, response.text
+    dated = {e["kind"]: e["occurred_at"] for e in response.json()["data"]}
+    opened_at = datetime.fromtimestamp(opened[0]["data"]["object"]["created"], UTC)
+    ruled_at = datetime.fromtimestamp(won[0]["created"], UTC)
+    assert datetime.fromisoformat(dated["dispute_withdrawal"]) == opened_at
+    assert datetime.fromisoformat(dated["dispute_reinstatement"]) == ruled_at
 
 
 async def test_lost_top_up_dispute_keeps_the_amount_withdrawn(
