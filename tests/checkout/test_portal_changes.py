@@ -3,6 +3,7 @@ events report it: the subscription read model after each change."""
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -13,12 +14,32 @@ from tests.stripe_fake import StripeFake
 
 
 async def _subscribe(
-    post_checkout: PostCheckout, stripe_fake: StripeFake, deliver: Deliver, account: str = "acc_1"
+    post_checkout: PostCheckout,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    account: str = "acc_1",
+    plan: str = "channel_monthly",
 ) -> dict[str, Any]:
-    created = (await post_checkout(account, subscription_body("ch_1"))).json()
+    created = (await post_checkout(account, subscription_body("ch_1", plan=plan))).json()
     await deliver(stripe_fake.complete_checkout(created["stripe_checkout_session_id"]))
     [sub] = stripe_fake.all("subscription")
     return sub
+
+
+async def _settle_fees(stripe_fake: StripeFake, deliver: Deliver) -> None:
+    for payment in stripe_fake.all("invoice_payment"):
+        intent = stripe_fake.get("payment_intent", payment["payment"]["payment_intent"])
+        charge = stripe_fake.get("charge", intent["latest_charge"])
+        if not isinstance(charge["balance_transaction"], str):
+            await deliver(stripe_fake.settle_charge(charge["id"], fee=100))
+
+
+async def _quotes(client: httpx.AsyncClient, token: Any) -> list[tuple[int, bool, list[str]]]:
+    response = await client.get(
+        "/v1/accounts/acc_1/refund-eligibility", headers=bearer(token(account_id="acc_1"))
+    )
+    assert response.status_code == 200, response.text
+    return [(q["amount_paid"], q["eligible"], q["reasons"]) for q in response.json()["quotes"]]
 
 
 async def _listed(client: httpx.AsyncClient, token: Any, account: str = "acc_1") -> Any:
@@ -58,3 +79,38 @@ async def test_a_change_to_a_price_outside_the_catalog_does_not_show_the_old_pla
     listed = await _listed(client, token)
     assert listed["plan"] is None  # not channel_monthly, the plan its checkout named
     assert (listed["status"], listed["has_access"]) == ("active", True)
+
+
+async def test_a_downgrade_paid_from_the_yearly_payments_credit_keeps_its_refund_right(
+    post_checkout: PostCheckout,
+    client: httpx.AsyncClient,
+    token: Any,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    """Yearly to monthly in the portal, three days in, nothing used: Stripe resets the cycle and
+    turns the unused year into the customer's credit at Stripe, which pays the new month (the
+    proration invoice is paid with nothing due). The year's payment still pays the current
+    period: its paid period has not ended, so the zero-usage refund right stays; and the
+    credit never reaches the prepaid balance."""
+    real = time.time()
+    stripe_fake.set_time(real - 3 * 86400)
+    sub = await _subscribe(post_checkout, stripe_fake, deliver, plan="channel_yearly")
+    await _settle_fees(stripe_fake, deliver)
+    assert await _quotes(client, token) == [(39000, True, [])]
+    stripe_fake.set_time(real)
+
+    await deliver(stripe_fake.switch_interval(sub["id"], "price_channel_monthly_usd"))
+
+    listed = await _listed(client, token)
+    assert (listed["plan"], listed["status"], listed["has_access"]) == (
+        "channel_monthly",
+        "active",
+        True,
+    )
+    assert listed["current_period_end"] == listed["access_until"]
+    balance = await client.get(
+        "/v1/accounts/acc_1/balance", headers=bearer(token(account_id="acc_1"))
+    )
+    assert (balance.json()["balance"], balance.json()["debt"]) == (0, 0)
+    assert await _quotes(client, token) == [(39000, True, [])]
