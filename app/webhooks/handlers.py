@@ -828,16 +828,23 @@ def _subscription_values(
     settings: Settings, obj: Json, account_id: str, channel_id: str, created: datetime
 ) -> dict[str, Any]:
     """The subscription row as this snapshot says (`SUBSCRIPTION_SNAPSHOT` but the
-    maintenance days), `created` being its event's."""
+    maintenance days), `created` being its event's. The plan is the catalog's plan of the
+    item's price; a price outside the catalog keeps the plan its checkout named (metadata
+    `plan_code`, e.g. a plan taken off sale) unless that plan is on sale at another price:
+    then the price was changed away from it (e.g. in Stripe's dashboard) and it is no plan
+    of ours (None)."""
     metadata = obj.get("metadata") or {}
     item = _first_item(obj)
     price_id = ref(item.get("price")) if item else None
     plan = next((p for p in settings.plans if p.stripe_price_id == price_id), None)
+    named = metadata.get("plan_code")
+    if plan is None and price_id is not None and settings.plan(str(named)) is not None:
+        named = None  # its checkout's plan is sold at another price: not this one
     return {
         "account_id": account_id,
         "channel_id": channel_id,
         "stripe_customer_id": ref(obj.get("customer")),
-        "plan_code": plan.code if plan else metadata.get("plan_code"),
+        "plan_code": plan.code if plan else named,
         "stripe_price_id": price_id,
         "status": str(obj.get("status")),
         "cancel_at_period_end": bool(obj.get("cancel_at_period_end")),

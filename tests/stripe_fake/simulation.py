@@ -1007,6 +1007,63 @@ class StripeSimulation(StripeState):
             self._change_subscription(self.get("subscription", sub_id), changes)
             return self.events_since(start)
 
+    def switch_interval(self, sub_id: str, price_id: str) -> list[Json]:
+        """The customer switches to a price of another interval (Customer Portal, prorated):
+        Stripe resets the billing cycle to now and invoices at once (`subscription_update`):
+        the new price's period less the unused time of the old one. A positive total is
+        charged; a negative one is paid by nothing (`amount_due` 0) and goes to the customer's
+        credit balance (`ending_balance`), which pays the next invoices.
+
+        Emits ``customer.subscription.updated``, ``invoice.created`` and either the payment's
+        events (``charge.succeeded``, ``invoice_payment.paid``, ``invoice.paid``) or just
+        ``invoice.paid``.
+        """
+        with self._lock:
+            start = len(self.events)
+            sub = self.get("subscription", sub_id)
+            now = self.now()
+            price = self._price(price_id)
+            item = sub["items"]["data"][0]
+            old = item["price"]
+            old_length = item["current_period_end"] - item["current_period_start"]
+            unused = int(old["unit_amount"] or 0) * max(0, item["current_period_end"] - now)
+            credit = unused // old_length if old_length else 0
+            rec = price["recurring"] or {"interval": "month", "interval_count": 1}
+            length = _INTERVAL_SECONDS[rec["interval"]] * int(rec.get("interval_count") or 1)
+            previous: Json = {"items": copy.deepcopy(sub["items"])}
+            item["price"] = copy.deepcopy(price)
+            item["current_period_start"] = now
+            item["current_period_end"] = now + length
+            previous["latest_invoice"] = sub["latest_invoice"]
+            total = int(price["unit_amount"] or 0) - credit
+            inv = self._build_invoice(
+                sub["customer"],
+                [{"price": price_id, "amount": total, "period": (now, now + length)}],
+                subscription=sub,
+                billing_reason="subscription_update",
+                period=(now, now),
+            )
+            self._emit("customer.subscription.updated", sub, previous)
+            if total <= 0:
+                inv.update({"amount_due": 0, "amount_remaining": 0, "ending_balance": total})
+            self._emit("invoice.created", inv)
+            if total > 0:
+                pi = self._build_payment_intent(
+                    amount=total,
+                    currency=inv["currency"],
+                    customer=sub["customer"],
+                    status="processing",
+                    description="Subscription update",
+                )
+                ch = self._build_charge(pi, status="pending")
+                ip = self._build_invoice_payment(inv, pi)
+                self._pay_invoice(inv, pi, ip, ch)
+            else:
+                inv.update({"status": "paid", "attempted": True})
+                inv["status_transitions"]["paid_at"] = now
+                self._emit("invoice.paid", inv)
+            return self.events_since(start)
+
     def delete_subscription(
         self,
         sub_id: str,
