@@ -197,10 +197,7 @@ def _eligibility_facts() -> Any:
     holds (what Stripe's stored period holds, less what it held when that period started);
     and `next_billed_from`: where the subscription's next billed period after the payment's
     own invoice starts (the earliest `period_end` of a later invoice with something due: a
-    subscription invoice's `period_end` is where the period it bills starts), paid or not;
-    and `credit_billed_from`: where the latest later invoice of the subscription paid with
-    nothing due starts billing (a plan change that reset the cycle, or a renewal, paid from
-    the credit Stripe keeps for the unused time of a prepaid period)."""
+    subscription invoice's `period_end` is where the period it bills starts), paid or not."""
     payments = Payment.__table__
     invoices = Invoice.__table__
     subscriptions = Subscription.__table__
@@ -261,17 +258,6 @@ def _eligibility_facts() -> Any:
         )
         .scalar_subquery()
     )
-    credit = invoices.alias("credit")
-    credit_billed_from = (
-        select(func.max(credit.c.period_end))
-        .where(
-            credit.c.stripe_subscription_id == subscription_id,
-            credit.c.status == literal_column("'paid'"),
-            credit.c.amount_due == 0,
-            credit.c.period_end > invoices.c.period_end,
-        )
-        .scalar_subquery()
-    )
     maintenance_days = func.coalesce(
         subscriptions.c.extension_days_in_period - held_at_period_start, 0
     )
@@ -299,7 +285,6 @@ def _eligibility_facts() -> Any:
             subscriptions.c.current_period_end,
             maintenance_days.label("maintenance_days"),
             next_billed_from.label("next_billed_from"),
-            credit_billed_from.label("credit_billed_from"),
             mirrored.label("mirrored_refunds"),
             failed.label("failed_refunds"),
             unmirrored.label("unmirrored_refunds"),

@@ -155,10 +155,7 @@ def _paid_period_ends(payments: Sequence[Row[Any]]) -> dict[uuid.UUID, datetime 
     has moved the subscription into a period the newest payment did not bill (its current
     period starts after that payment and after the period its invoice billed from, and holds
     no extension days) before the renewal's invoice is finalized and charged, about an hour
-    later: that payment's period ended where the current one starts. Not when an invoice
-    billing the current period was paid with nothing due (`credit_billed_from`): a downgrade
-    in the portal that reset the cycle turned the unused time into Stripe credit, which pays
-    the current period, so the newest payment still pays for it."""
+    later: that payment's period ended where the current one starts."""
     ends: dict[uuid.UUID, datetime | None] = {}
     by_subscription: dict[str, list[Row[Any]]] = {}
     for payment in payments:
@@ -177,8 +174,7 @@ def _paid_period_ends(payments: Sequence[Row[Any]]) -> dict[uuid.UUID, datetime 
             and newest.billed_from is not None
             # after the payment too: a second between an invoice's period and Stripe's
             # subscription never ends a period that was just paid
-            and newest.current_period_start
-            > max(filter(None, (newest.billed_from, newest.paid_at, newest.credit_billed_from)))
+            and newest.current_period_start > max(newest.billed_from, newest.paid_at)
         ):
             period_end = newest.current_period_start
         ends[newest.id] = period_end

@@ -81,7 +81,7 @@ async def test_a_change_to_a_price_outside_the_catalog_does_not_show_the_old_pla
     assert (listed["status"], listed["has_access"]) == ("active", True)
 
 
-async def test_a_downgrade_paid_from_the_yearly_payments_credit_keeps_its_refund_right(
+async def test_a_downgrade_paid_from_the_yearly_payments_credit_ends_its_refund_right(
     post_checkout: PostCheckout,
     client: httpx.AsyncClient,
     token: Any,
@@ -90,9 +90,11 @@ async def test_a_downgrade_paid_from_the_yearly_payments_credit_keeps_its_refund
 ) -> None:
     """Yearly to monthly in the portal, three days in, nothing used: Stripe resets the cycle and
     turns the unused year into the customer's credit at Stripe, which pays the new month (the
-    proration invoice is paid with nothing due). The year's payment still pays the current
-    period: its paid period has not ended, so the zero-usage refund right stays; and the
-    credit never reaches the prepaid balance."""
+    proration invoice is paid with nothing due). The year's payment is then quoted
+    `period_ended`: its value now sits in Stripe's credit, which this service does not track
+    and a refund (cancelling without proration) would not clear, so refunding it as well would
+    pay the client twice; finance can still decide such a case by hand. The credit never
+    reaches the prepaid balance."""
     real = time.time()
     stripe_fake.set_time(real - 3 * 86400)
     sub = await _subscribe(post_checkout, stripe_fake, deliver, plan="channel_yearly")
@@ -113,7 +115,7 @@ async def test_a_downgrade_paid_from_the_yearly_payments_credit_keeps_its_refund
         "/v1/accounts/acc_1/balance", headers=bearer(token(account_id="acc_1"))
     )
     assert (balance.json()["balance"], balance.json()["debt"]) == (0, 0)
-    assert await _quotes(client, token) == [(39000, True, [])]
+    assert await _quotes(client, token) == [(39000, False, ["period_ended"])]
 
 
 async def test_an_upgrade_is_paid_by_its_proration_payment_and_the_month_before_has_ended(
