@@ -13,7 +13,7 @@ import pytest
 from fastapi import FastAPI
 
 from app.config import Settings
-from app.disputes import cancels
+from app.subscriptions import cancels
 from tests.conftest import Deliver, TokenFactory, bearer, plain_dsn
 from tests.refunds.flows import balance, ledger, outbox, pay_subscription, pay_top_up, subscription
 from tests.refunds.test_refund_workflow import file_request
