@@ -400,18 +400,21 @@ async def identify_waiting_requests(
     account_ids: list[str],
     known_at: dict[uuid.UUID, datetime],
     now: datetime,
+    since: dict[str, datetime] | None = None,
 ) -> None:
     """Called by the webhook consumer when payments of these accounts become known (new, or
     newly linked to their account): their requests waiting in `needs_information` are matched
     again, and one that matches now is `received` and its clock starts (the contract: "its
     clock starts only when it can be matched"). `known_at`: when Stripe made each payment known
     (its event's time); a request that named a payment already made at Stripe when the request
-    arrived had what identifies it from the start, so its clock runs from receipt."""
+    arrived had what identifies it from the start, so its clock runs from receipt. A payment
+    not in `known_at` became known at `since[account]`, else `now`."""
     for request in await repo.waiting_requests(session, account_ids):
         match = await _match_payment(session, request, settings)
         if match.payment is None:
             continue
-        clock_start = max(request.received_at, known_at.get(match.payment.id, now))
+        became_known = (since or {}).get(request.account_id, now)
+        clock_start = max(request.received_at, known_at.get(match.payment.id, became_known))
         _identify(request, match.payment, clock_start, settings)
         await session.flush()
         audit_step(session, request, "payment_identified", "stripe", payment_id=request.payment_id)

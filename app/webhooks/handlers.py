@@ -634,9 +634,14 @@ async def on_checkout_events(ctxs: Sequence[EventContext]) -> None:
         if row["purpose"] == "subscription" and row["stripe_subscription_id"]:
             at = learned_at[row["id"]]
             linked[row["account_id"]] = min(linked.get(row["account_id"], at), at)
-    for account_id, at in sorted(linked.items()):
+    if linked:
         await identify_waiting_requests(
-            session, ctxs[0].settings, account_ids=[account_id], known_at={}, now=at
+            session,
+            ctxs[0].settings,
+            account_ids=sorted(linked),
+            known_at={},
+            now=ctxs[0].now,
+            since=linked,
         )
     await link_customers(session, customers)
     await FILL_CONTACTS.execute(
