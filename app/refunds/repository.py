@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from datetime import date, datetime
+from datetime import date, datetime, time, timedelta, tzinfo
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -418,14 +418,20 @@ async def find_payment_by_reference(
 
 
 async def find_payments_by_details(
-    session: AsyncSession, account_id: str, *, amount: int, currency: str, day: date, zone: str
+    session: AsyncSession, account_id: str, *, amount: int, currency: str, day: date, zone: tzinfo
 ) -> list[Payment]:
-    local_day = func.date(func.timezone(zone, func.coalesce(Payment.paid_at, Payment.created_at)))
+    """The account's payments of this amount and currency made on this local day in `zone`:
+    the day's bounds are computed here, not with PostgreSQL's zone names (a BUSINESS_TIMEZONE
+    Python knows may be missing from the database server's tz data)."""
+    start = datetime.combine(day, time(), tzinfo=zone)
+    end = datetime.combine(day + timedelta(days=1), time(), tzinfo=zone)
+    made = func.coalesce(Payment.paid_at, Payment.created_at)
     statement = select(Payment).where(
         Payment.account_id == account_id,
         Payment.amount == amount,
         Payment.currency == currency,
-        local_day == day,
+        made >= start,
+        made < end,
     )
     return list((await session.execute(statement)).scalars())
 

@@ -210,7 +210,7 @@ async def _match_payment(
             amount=request.amount,
             currency=request.currency,
             day=request.payment_date,
-            zone=settings.business_timezone,
+            zone=settings.calendar.zone,
         )
         # The money the client paid: a declined attempt of the same amount that day does not
         # make the request ambiguous, but two payments that both went through do.
