@@ -485,6 +485,27 @@ async def is_under_chargeback(session: AsyncSession, payment: Payment) -> bool:
     )
 
 
+async def chargeback_of(session: AsyncSession, payment: Payment) -> str | None:
+    """The Stripe id of a dispute of the payment not settled for us (open, or lost), if one is
+    mirrored (a payment Stripe marked disputed may have none yet)."""
+    disputes = cast(Table, Dispute.__table__)
+    return cast(
+        "str | None",
+        await session.scalar(
+            select(disputes.c.stripe_id)
+            .where(
+                or_(
+                    disputes.c.stripe_payment_intent_id == payment.stripe_id,
+                    disputes.c.stripe_charge_id == payment.stripe_charge_id,
+                ),
+                disputes.c.status.not_in(_constants(SETTLED_FOR_US)),
+            )
+            .order_by(disputes.c.stripe_id)
+            .limit(1)
+        ),
+    )
+
+
 async def get_payment(
     session: AsyncSession, payment_id: uuid.UUID, *, lock: bool = False
 ) -> Payment | None:
