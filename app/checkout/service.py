@@ -59,6 +59,11 @@ subscription checkouts (its event, or a read of the session) until that subscrip
 events arrive: a late or reordered `customer.subscription.created` must not let the client pay
 for the channel twice.
 
+Debt repayments likewise: an open, unexpired repayment of the same debt (amount and currency)
+is returned again; one of another amount (the debt changed) is expired at Stripe first (if
+Stripe reports it already completed, the answer is 409 `no_debt`: asked again, the debt less
+that repayment is asked for), so an account never has two payable repayments of one debt.
+
 Nothing here grants access or credits the balance: the Stripe payment event handlers do, and
 set `fulfilled_at`. Reading a session syncs Stripe's status, payment status and subscription id
 when no event has fulfilled it yet, so a browser returning from Checkout sees the truth; forward
@@ -225,6 +230,15 @@ async def create_checkout_session(
             currency = facts.currency or settings.default_currency
             if debt < STRIPE_MINIMUM_CHARGE.get(currency, 0):
                 raise _debt_below_minimum(settings, debt, currency)
+            found = await _OPEN_REPAYMENT.fetchrow(conn, account_id=account_id)
+            existing = _detached(found)
+            if existing is not None:
+                if (existing.amount, existing.currency) == (debt, currency) and _open_for(
+                    existing, found["now"]
+                ):
+                    log.info("checkout.reused", checkout_id=str(existing.id))
+                    return to_out(existing)
+                stale = existing
             fresh = _new_row(account_id, body, debt, currency, None, digest)
             row, new = await _retried_or_new(conn, fresh, facts.recent, limit)
         if new:
@@ -466,7 +480,8 @@ async def _retried_or_new(
 
 
 def _detached(record: Any) -> CheckoutRow | None:
-    """A `CheckoutRow` from a row of `_LATEST_SUBSCRIPTION_CHECKOUT` or `_RETRYABLE`."""
+    """A `CheckoutRow` from a row of `_LATEST_SUBSCRIPTION_CHECKOUT`, `_OPEN_REPAYMENT` or
+    `_RETRYABLE`."""
     if record is None:
         return None
     return CheckoutRow(**{k: v for k, v in record.items() if k != "now"})
@@ -483,9 +498,9 @@ async def _retire(
     stale: CheckoutRow,
     customer: str,
 ) -> None:
-    """Expire the channel's previous checkout (another plan) so only one can be paid. What
-    Stripe says of it is recorded at once, in a transaction of its own (it is true whatever
-    happens to the new checkout)."""
+    """Expire the channel's previous checkout (another plan), or the account's open debt
+    repayment of another amount, so only one can be paid. What Stripe says of it is recorded
+    at once, in a transaction of its own (it is true whatever happens to the new checkout)."""
     stripe_id = stale.stripe_id
     if stripe_id is None:  # never recorded: replay its creation to learn its id
         created = await gateway.create_checkout_session(
@@ -501,6 +516,10 @@ async def _retire(
     async with factory() as session, session.begin():
         await _apply_stripe_state(session, stale.id, expired)
     if expired.get("status") == "complete":
+        if stale.purpose == "debt_repayment":
+            # It repaid (part of) the debt the new one asks for: asked again, the debt less
+            # that repayment is asked for (`_PAID_REPAYMENTS`).
+            raise NoDebt("The account's open debt repayment was just paid; ask again for any rest")
         raise SubscriptionExists("The channel's previous checkout was just completed")
     log.info("checkout.superseded", checkout_id=str(stale.id))
 
@@ -596,6 +615,22 @@ _LEDGER_TOTAL = DriverStatement(
     )
 )
 
+_OPEN_REPAYMENT = DriverStatement(
+    select(*_CHECKOUTS.c, func.now().label("now"))
+    .where(
+        _CHECKOUTS.c.account_id == bindparam("account_id", type_=String),
+        _CHECKOUTS.c.purpose == "debt_repayment",
+        _CHECKOUTS.c.status == literal("open"),
+        _CHECKOUTS.c.payment_status.is_distinct_from(literal("paid")),
+        _CHECKOUTS.c.fulfilled_at.is_(None),
+        _CHECKOUTS.c.expires_at > func.now(),
+    )
+    .order_by(_CHECKOUTS.c.created_at.desc())
+    .limit(1)
+)
+"""The account's newest debt repayment that may still be paid (open until its `expires_at`),
+with the database's clock: a new repayment of the same debt returns it, one of another
+amount expires it first, so the account never has two payable repayments."""
 _PAID_REPAYMENTS = DriverStatement(
     select(func.coalesce(func.sum(_CHECKOUTS.c.amount), 0)).where(
         _CHECKOUTS.c.account_id == bindparam("account_id", type_=String),

@@ -59,10 +59,9 @@ from app.models import (
     RefundRequest,
     Subscription,
 )
-from app.notifications.outbox import enqueue_email
 from app.refunds import repository as repo
 from app.refunds.events import PAYMENT_FACTS
-from app.refunds.service import OPEN_STATUSES, audit_step
+from app.refunds.service import OPEN_STATUSES, close_by_chargeback
 from app.subscriptions.service import record_access_changes
 
 log = structlog.get_logger()
@@ -531,18 +530,4 @@ async def _close_open_requests(
     for request in waiting:
         if request in later:
             continue
-        request.status = "closed"
-        audit_step(
-            session, request, "closed_by_chargeback", "stripe", dispute_id=dispute.row["stripe_id"]
-        )
-        to = await repo.account_email(session, request.account_id)
-        if to is not None:
-            await enqueue_email(
-                session,
-                dedupe_key=f"refund-request-closed:{request.id}",
-                to=to,
-                subject=f"Your refund request is closed [{request.id}]",
-                body="The payment is now disputed with your bank (a chargeback). A disputed "
-                "payment cannot also be refunded, so the bank's decision replaces this "
-                f"refund request.\nRequest reference: {request.id}",
-            )
+        await close_by_chargeback(session, request, dispute.row["stripe_id"])

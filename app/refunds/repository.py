@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import uuid
-from datetime import date, datetime
+from datetime import date, datetime, time, timedelta, tzinfo
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -418,14 +418,20 @@ async def find_payment_by_reference(
 
 
 async def find_payments_by_details(
-    session: AsyncSession, account_id: str, *, amount: int, currency: str, day: date, zone: str
+    session: AsyncSession, account_id: str, *, amount: int, currency: str, day: date, zone: tzinfo
 ) -> list[Payment]:
-    local_day = func.date(func.timezone(zone, func.coalesce(Payment.paid_at, Payment.created_at)))
+    """The account's payments of this amount and currency made on this local day in `zone`:
+    the day's bounds are computed here, not with PostgreSQL's zone names (a BUSINESS_TIMEZONE
+    Python knows may be missing from the database server's tz data)."""
+    start = datetime.combine(day, time(), tzinfo=zone)
+    end = datetime.combine(day + timedelta(days=1), time(), tzinfo=zone)
+    made = func.coalesce(Payment.paid_at, Payment.created_at)
     statement = select(Payment).where(
         Payment.account_id == account_id,
         Payment.amount == amount,
         Payment.currency == currency,
-        local_day == day,
+        made >= start,
+        made < end,
     )
     return list((await session.execute(statement)).scalars())
 
@@ -476,6 +482,27 @@ async def is_under_chargeback(session: AsyncSession, payment: Payment) -> bool:
     payments = cast(Table, Payment.__table__)
     return bool(
         await session.scalar(select(under_chargeback(payments)).where(payments.c.id == payment.id))
+    )
+
+
+async def chargeback_of(session: AsyncSession, payment: Payment) -> str | None:
+    """The Stripe id of a dispute of the payment not settled for us (open, or lost), if one is
+    mirrored (a payment Stripe marked disputed may have none yet)."""
+    disputes = cast(Table, Dispute.__table__)
+    return cast(
+        "str | None",
+        await session.scalar(
+            select(disputes.c.stripe_id)
+            .where(
+                or_(
+                    disputes.c.stripe_payment_intent_id == payment.stripe_id,
+                    disputes.c.stripe_charge_id == payment.stripe_charge_id,
+                ),
+                disputes.c.status.not_in(_constants(SETTLED_FOR_US)),
+            )
+            .order_by(disputes.c.stripe_id)
+            .limit(1)
+        ),
     )
 
 

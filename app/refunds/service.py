@@ -18,7 +18,8 @@ refund_failed finance may retry the refund (-> refund_pending, a new attempt; se
 `retry_refund`). `closed` ends a request with nothing left to do: finance closes it
 (`close_request`: withdrawn by the client, resolved after the final reply or by other means, a
 duplicate, or details that never came), or a chargeback on its payment closes it while it is
-still open (a disputed payment is never also refunded). A closed request is never overdue.
+still open (a disputed payment is never also refunded), also one filed or identified after the
+chargeback's events (`_close_if_under_chargeback`). A closed request is never overdue.
 
 Refunds run through Stripe exactly once per attempt: the approval first commits a `pending`
 RefundExecution (attempt 1) in its own transaction, then calls Stripe with
@@ -210,7 +211,7 @@ async def _match_payment(
             amount=request.amount,
             currency=request.currency,
             day=request.payment_date,
-            zone=settings.business_timezone,
+            zone=settings.calendar.zone,
         )
         # The money the client paid: a declined attempt of the same amount that day does not
         # make the request ambiguous, but two payments that both went through do.
@@ -236,6 +237,41 @@ def _identify(
     if request.clock_started_at is None:
         request.status = "received"
         _start_clock(request, clock_start, settings)
+
+
+async def close_by_chargeback(
+    session: AsyncSession, request: RefundRequest, dispute_id: str | None
+) -> None:
+    """A refund request about a payment under a chargeback is `closed`, the client emailed: a
+    disputed payment is never also refunded, so the bank's decision replaces the request."""
+    request.status = "closed"
+    audit_step(session, request, "closed_by_chargeback", "stripe", dispute_id=dispute_id)
+    to = await repo.account_email(session, request.account_id)
+    if to is not None:
+        await enqueue_email(
+            session,
+            dedupe_key=f"refund-request-closed:{request.id}",
+            to=to,
+            subject=f"Your refund request is closed [{request.id}]",
+            body="The payment is now disputed with your bank (a chargeback). A disputed "
+            "payment cannot also be refunded, so the bank's decision replaces this "
+            f"refund request.\nRequest reference: {request.id}",
+        )
+
+
+async def _close_if_under_chargeback(
+    session: AsyncSession, request: RefundRequest, payment: Payment
+) -> None:
+    """A refund request identified as about a payment already under a chargeback (open, or
+    lost: its events applied before the request was filed or matched) is closed at once, as
+    those events close one filed before them (app/disputes/events.py), and as that dispute's
+    next event would close it; one settled for us (`won`, `warning_closed`) is not."""
+    if request.type != "refund" or request.status not in OPEN_STATUSES:
+        return
+    if not await repo.is_under_chargeback(session, payment):
+        return
+    await session.flush()
+    await close_by_chargeback(session, request, await repo.chargeback_of(session, payment))
 
 
 def _start_clock(request: RefundRequest, start: datetime, settings: Settings) -> None:
@@ -333,6 +369,8 @@ async def create_request(
         payment_id=request.payment_id,
         missing_information=request.missing_information,
     )
+    if about_payment and match.payment is not None:
+        await _close_if_under_chargeback(session, request, match.payment)
     await session.flush()
     log.info("refund_request.filed", request_id=str(request.id), status=request.status)
     return (await _render(session, [request]))[0]
@@ -368,6 +406,7 @@ async def update_request(
         setattr(request, field, value)
     if any(field in changes for field in PAYMENT_FIELDS):
         request.about_payment = True
+    identified: Payment | None = None
     if request.about_payment and request.payment_id is None:
         # Not missed by the events of its payment, or of its chargeback, being applied at
         # this moment: see `repo.waiting_requests`.
@@ -379,6 +418,7 @@ async def update_request(
                 request.status = "needs_information"
         else:
             _identify(request, match.payment, now, settings)
+            identified = match.payment
     await session.flush()
     audit_step(
         session,
@@ -389,6 +429,8 @@ async def update_request(
         payment_id=request.payment_id,
         missing_information=request.missing_information,
     )
+    if identified is not None:
+        await _close_if_under_chargeback(session, request, identified)
     await session.flush()
     return (await _render(session, [request]))[0]
 
@@ -418,6 +460,7 @@ async def identify_waiting_requests(
         _identify(request, match.payment, clock_start, settings)
         await session.flush()
         audit_step(session, request, "payment_identified", "stripe", payment_id=request.payment_id)
+        await _close_if_under_chargeback(session, request, match.payment)
         log.info("refund_request.identified", request_id=str(request.id))
     await session.flush()
 

@@ -2,7 +2,9 @@
 
 - `active`, `trialing` and (by default, `PAST_DUE_KEEPS_ACCESS`) `past_due` are live.
 - A cancelling subscription (`cancel_at_period_end` or `cancel_at`) stays live until the paid
-  period ends: Stripe keeps it `active` until then.
+  period ends: Stripe keeps it `active` until then. A `cancel_at` before the period's end (set
+  in Stripe's Dashboard) ends it there: Stripe cancels the subscription at that moment
+  (prorating the rest), so access lasts until `cancel_at` (`cancel_access_until`).
 - `access_until` is Stripe's `current_period_end` plus the maintenance days Stripe's period does
   not already include; access ends there even if Stripe's renewal is late.
 - A subscription Stripe ended at the end of its paid period because the client had turned off
@@ -71,6 +73,22 @@ def access_until(subscription: SubscriptionState) -> datetime | None:
     return subscription.current_period_end + timedelta(days=pending_days)
 
 
+def cancel_access_until(subscription: SubscriptionState) -> datetime | None:
+    """What a client is shown as `access_until`: `access_until`, unless Stripe is set to end the
+    subscription earlier, at a `cancel_at` inside the current period (Stripe cancels it then,
+    and one ended before its period end keeps no extension days: see `ended_at_period_end`)."""
+    until = access_until(subscription)
+    cancel_at = subscription.cancel_at
+    if (
+        until is not None
+        and cancel_at is not None
+        and subscription.current_period_end is not None
+        and cancel_at < subscription.current_period_end
+    ):
+        return min(until, cancel_at)
+    return until
+
+
 def ended_at_period_end(subscription: SubscriptionState) -> bool:
     """Stripe ended it at the end of its paid period (not earlier): the client had turned off
     renewal."""
@@ -86,7 +104,7 @@ def ended_at_period_end(subscription: SubscriptionState) -> bool:
 def subscription_access(
     subscription: SubscriptionState, now: datetime, *, past_due_keeps_access: bool = True
 ) -> Access:
-    until = access_until(subscription)
+    until = cancel_access_until(subscription)
     if subscription.access_revoked_at is not None:
         return Access(False, subscription.access_revoked_at, "revoked")
     live = subscription.status in LIVE_STATUSES or (

@@ -354,3 +354,42 @@ async def test_reads_waiting_for_stripe_to_sync_a_checkout_hold_no_database_conn
         assert balance.status_code == 200, balance.text
         assert time.monotonic() - started < 2
         assert all(r.status_code == 200 for r in await asyncio.gather(*polls))
+
+
+async def test_a_cancel_at_before_the_period_end_ends_access_there(
+    post_checkout: PostCheckout,
+    client: httpx.AsyncClient,
+    token: Any,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    """A `cancel_at` set in Stripe's Dashboard before the period's end: Stripe ends the
+    subscription at `cancel_at` (prorating the rest), so access lasts until then, not to the
+    period end; the subscriptions list, the access check and the access feed all say so."""
+    created = (await post_checkout("acc_1", subscription_body("ch_1"))).json()
+    await deliver(stripe_fake.complete_checkout(created["stripe_checkout_session_id"]))
+    [sub] = stripe_fake.all("subscription")
+    period_end = sub["items"]["data"][0]["current_period_end"]
+    cancel_at = period_end - 10 * 86400
+
+    await deliver(stripe_fake.update_subscription(sub["id"], cancel_at=cancel_at))
+
+    [listed] = (
+        await client.get(
+            "/v1/accounts/acc_1/subscriptions", headers=bearer(token(account_id="acc_1"))
+        )
+    ).json()["data"]
+    assert datetime.fromisoformat(listed["current_period_end"]).timestamp() == period_end
+    assert (listed["has_access"], listed["reason"]) == (True, "cancelling")
+    assert datetime.fromisoformat(listed["access_until"]).timestamp() == cancel_at
+    access = await _access(client, token, "ch_1")
+    assert access["has_access"] is True
+    assert datetime.fromisoformat(access["access_until"]).timestamp() == cancel_at
+    feed = await client.get("/v1/access-changes", headers=bearer(token(scope="billing:read")))
+    last = feed.json()["data"][-1]
+    assert datetime.fromisoformat(last["access_until"]).timestamp() == cancel_at
+
+    # cleared again (renewal turned back on): the period end again
+    await deliver(stripe_fake.update_subscription(sub["id"], cancel_at=""))
+    access = await _access(client, token, "ch_1")
+    assert datetime.fromisoformat(access["access_until"]).timestamp() == period_end

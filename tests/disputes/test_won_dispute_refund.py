@@ -10,7 +10,7 @@ import httpx
 from fastapi import FastAPI
 
 from tests.conftest import Deliver, TokenFactory, bearer
-from tests.refunds.flows import new_events, pay_subscription
+from tests.refunds.flows import new_events, outbox, pay_subscription, set_email
 from tests.refunds.test_refund_workflow import file_request, reply
 from tests.refunds.test_retry_and_close import quote
 from tests.stripe_fake import StripeFake
@@ -72,6 +72,7 @@ async def test_a_payment_whose_chargeback_was_lost_is_never_refunded(
 
     assert "disputed" in (await quote(client, token, "acc_lost"))["reasons"]
     request = await file_request(client, token, "acc_lost", payment_reference=paid.payment_intent)
+    assert request["status"] == "closed"  # as the dispute's events close one filed before it
     refused = await reply(
         client,
         token,
@@ -83,7 +84,7 @@ async def test_a_payment_whose_chargeback_was_lost_is_never_refunded(
         amount=1000,
     )
     assert refused.status_code == 409
-    assert refused.json()["code"] == "payment_disputed"
+    assert refused.json()["code"] == "request_already_decided"
     assert stripe_fake.all("refund") == []
 
 
@@ -151,3 +152,49 @@ async def test_a_late_event_of_a_won_chargeback_does_not_close_a_refund_request_
     )
     assert approved.status_code == 201, approved.text
     assert len(stripe_fake.all("refund")) == 1
+
+
+async def test_a_refund_request_filed_during_an_open_chargeback_is_closed_as_one_filed_before(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """The dispute's events close the payment's open refund requests; a request filed after
+    they were applied (by reference, or identified later by a PATCH) is closed at once the same
+    way, rather than waiting, `received` with running deadlines, for the dispute's next event
+    (none comes after a lost chargeback's last)."""
+    paid = await pay_subscription(
+        app, stripe_fake, deliver, account_id="acc_cb", channel_id="ch_cb"
+    )
+    await set_email(app, "acc_cb", "client@acc-cb.example")
+    opened = stripe_fake.create_dispute(paid.charge_id)
+    await deliver(opened)
+    dispute_id = opened[0]["data"]["object"]["id"]
+
+    named = await file_request(client, token, "acc_cb", payment_reference=paid.payment_intent)
+    waiting = await file_request(client, token, "acc_cb")
+    assert waiting["status"] == "needs_information"
+    patched = await client.patch(
+        f"/v1/accounts/acc_cb/refund-requests/{waiting['id']}",
+        json={"payment_reference": paid.payment_intent},
+        headers=bearer(token(account_id="acc_cb")),
+    )
+    assert patched.status_code == 200, patched.text
+
+    assert named["status"] == "closed"
+    assert patched.json()["status"] == "closed"
+    await deliver(stripe_fake.withdraw_dispute_funds(dispute_id))
+    finance = bearer(token(scope="finance", sub="alice@1msg.io"))
+    for request_id in (named["id"], waiting["id"]):
+        shown = await client.get(f"/v1/finance/refund-requests/{request_id}", headers=finance)
+        assert shown.status_code == 200, shown.text
+        body = shown.json()
+        assert (body["status"], body["overdue"]) == ("closed", False)
+        actions = [step["action"] for step in body["audit"]]
+        assert actions.count("closed_by_chargeback") == 1, actions
+    assert sorted(e.subject for e in await outbox(app, "client@acc-cb.example")) == sorted(
+        f"Your refund request is closed [{request_id}]"
+        for request_id in (named["id"], waiting["id"])
+    )

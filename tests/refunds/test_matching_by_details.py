@@ -4,15 +4,20 @@ same amount that day does not make it ambiguous."""
 
 from __future__ import annotations
 
+import shutil
+import zoneinfo
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import httpx
+import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 
 from app.models import Payment
-from tests.conftest import Deliver, TokenFactory
+from tests.conftest import Deliver, TokenFactory, make_settings
 from tests.refunds.flows import pay_subscription, pay_top_up
 from tests.refunds.test_refund_workflow import file_request
 from tests.stripe_fake import StripeFake
@@ -77,3 +82,54 @@ async def test_the_checkout_session_a_client_returned_from_names_its_subscriptio
     assert request["status"] == "received", request
     assert request["payment_id"] == paid.payment_id
     assert request["first_response_due"] is not None
+
+
+@pytest.fixture
+def zone_only_python_knows(tmp_path: Path) -> Iterator[str]:
+    """A time zone in Python's tz database and not in PostgreSQL's: the service's image and the
+    database server carry tz data of different releases (a zone new in one, such as
+    America/Ciudad_Juarez in 2022g, is unknown to the other)."""
+    found = next(
+        Path(root) / "Asia" / "Singapore"
+        for root in zoneinfo.TZPATH
+        if (Path(root) / "Asia" / "Singapore").is_file()
+    )
+    (tmp_path / "Asia").mkdir()
+    shutil.copy(found, tmp_path / "Asia" / "Billingtown")
+    zoneinfo.reset_tzpath(to=[str(tmp_path), *zoneinfo.TZPATH])
+    try:
+        yield "Asia/Billingtown"
+    finally:
+        zoneinfo.reset_tzpath()
+
+
+async def test_a_payment_date_is_matched_in_a_business_time_zone_postgres_does_not_know(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+    zone_only_python_knows: str,
+) -> None:
+    """BUSINESS_TIMEZONE is refused at start only when Python does not know it; one PostgreSQL's
+    tz database lacks must not make matching by `payment_date` a 500: the payment's local day
+    is computed by the service, not by the database's zone names."""
+    accepted = make_settings(
+        app.state.settings.database_url,
+        app.state.settings.stripe_api_base,
+        business_timezone=zone_only_python_knows,
+    )
+    app.state.settings.business_timezone = accepted.business_timezone
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_z", amount=4300)
+
+    request = await file_request(
+        client,
+        token,
+        "acc_z",
+        description="Please refund my top-up",
+        payment_date=datetime.now(SGT).date().isoformat(),
+        amount=4300,
+        currency="usd",
+    )
+
+    assert (request["status"], request["payment_id"]) == ("received", paid.payment_id)
