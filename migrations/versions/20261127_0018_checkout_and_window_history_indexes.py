@@ -1,0 +1,60 @@
+"""indexes for per-account and per-window reads, so they do not grow with the history
+
+Every checkout counts the account's Stripe sessions of the last minute (app/rate_limit.py
+`recent_stripe_sessions`, in `account_facts`): with only `ix_checkout_sessions_account_id` it
+read every checkout the account ever made and filtered them by age.
+`ix_checkout_sessions_account_id_created_at` (account_id, created_at) reads the last minute's
+only; it replaces `ix_checkout_sessions_account_id`, whose look-ups it also serves.
+
+Built (and dropped) CONCURRENTLY, as 0016: these tables take writes in every checkout, which a
+plain CREATE INDEX would block while it reads the whole table. Outside a transaction, so a run
+cut short leaves the indexes built so far (or an INVALID one from a failed build) behind: each
+index is dropped if present before it is built, so running the migration again completes it.
+
+Revision ID: 0018
+Revises: 0017
+Create Date: 2026-11-27 08:20:00
+"""
+
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from alembic import op
+
+revision: str = "0018"
+down_revision: str | Sequence[str] | None = "0017"
+branch_labels: str | Sequence[str] | None = None
+depends_on: str | Sequence[str] | None = None
+
+INDEXES: list[tuple[str, str, list[str | sa.TextClause], sa.TextClause | None]] = [
+    (
+        "ix_checkout_sessions_account_id_created_at",
+        "checkout_sessions",
+        ["account_id", "created_at"],
+        None,
+    ),
+]
+REPLACED = [("ix_checkout_sessions_account_id", "checkout_sessions", ["account_id"], None)]
+
+
+def _build(
+    name: str, table: str, columns: list[str | sa.TextClause], where: sa.TextClause | None
+) -> None:
+    op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
+    op.create_index(name, table, columns, postgresql_where=where, postgresql_concurrently=True)
+
+
+def upgrade() -> None:
+    with op.get_context().autocommit_block():
+        for index in INDEXES:
+            _build(*index)
+        for name, table, _columns, _where in REPLACED:
+            op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
+
+
+def downgrade() -> None:
+    with op.get_context().autocommit_block():
+        for index in REPLACED:
+            _build(*index)
+        for name, table, _columns, _where in reversed(INDEXES):
+            op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
