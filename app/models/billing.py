@@ -62,6 +62,13 @@ Index(  # the account's sessions of the last minute, on every checkout (app/rate
     CheckoutSession.account_id,
     CheckoutSession.created_at,
 )
+Index(  # a debt repayment's paid-but-not-credited repayments (app/checkout/service.py)
+    "ix_checkout_sessions_repayments_paid",
+    CheckoutSession.account_id,
+    postgresql_where=(CheckoutSession.purpose == "debt_repayment")
+    & (CheckoutSession.payment_status == "paid")
+    & CheckoutSession.fulfilled_at.is_(None),
+)
 
 
 class LedgerEntry(Base):

@@ -6,6 +6,10 @@ read every checkout the account ever made and filtered them by age.
 `ix_checkout_sessions_account_id_created_at` (account_id, created_at) reads the last minute's
 only; it replaces `ix_checkout_sessions_account_id`, whose look-ups it also serves.
 
+A debt repayment subtracts the account's repayments Stripe reports paid that no event has
+credited yet (app/checkout/service.py `_PAID_REPAYMENTS`), which it also looked for among every
+checkout of the account: `ix_checkout_sessions_repayments_paid` holds only those (a handful).
+
 Built (and dropped) CONCURRENTLY, as 0016: these tables take writes in every checkout, which a
 plain CREATE INDEX would block while it reads the whole table. Outside a transaction, so a run
 cut short leaves the indexes built so far (or an INVALID one from a failed build) behind: each
@@ -32,6 +36,12 @@ INDEXES: list[tuple[str, str, list[str | sa.TextClause], sa.TextClause | None]] 
         "checkout_sessions",
         ["account_id", "created_at"],
         None,
+    ),
+    (
+        "ix_checkout_sessions_repayments_paid",
+        "checkout_sessions",
+        ["account_id"],
+        sa.text("purpose = 'debt_repayment' AND payment_status = 'paid' AND fulfilled_at IS NULL"),
     ),
 ]
 REPLACED = [("ix_checkout_sessions_account_id", "checkout_sessions", ["account_id"], None)]

@@ -23,6 +23,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
 
 from app.accounts.service import account_facts
+from app.checkout.service import _PAID_REPAYMENTS
 from app.config import Settings
 from app.db import driver_transaction
 from app.idempotency import prune_expired_keys
@@ -271,3 +272,15 @@ async def test_a_checkout_reads_only_the_account_s_last_minute_of_sessions(
     [plan] = [p for p in planned.plans if "checkout_sessions" in p]
     assert "Seq Scan on checkout_sessions" not in plan, plan
     assert "Filter: (created_at >" not in plan, plan  # not the account's every checkout
+
+
+async def test_a_debt_repayment_reads_only_the_repayments_not_yet_credited(
+    planned: Planned,
+) -> None:
+    """A debt repayment subtracts the account's repayments Stripe reports paid that no event
+    has credited yet: among those, not among every checkout the account made."""
+    async with driver_transaction(planned.engine) as conn:
+        assert await _PAID_REPAYMENTS.fetchval(conn, account_id="acc_busy") == 0
+    [plan] = [p for p in planned.plans if "checkout_sessions" in p]
+    assert "Seq Scan" not in plan, plan
+    assert "Filter:" not in plan, plan  # not the account's every checkout
