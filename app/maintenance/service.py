@@ -65,8 +65,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 import structlog
-from sqlalchemy import DateTime, bindparam, func, literal_column, or_, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    String,
+    any_,
+    bindparam,
+    func,
+    literal_column,
+    or_,
+    select,
+    text,
+    union_all,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.calendar import BusinessCalendar
@@ -336,6 +348,9 @@ async def _window_billing(
     facts = _WindowBilling()
     if not stripe_ids:
         return facts
+    # one array parameter, however many subscriptions (an `IN` list takes one per id, and
+    # Postgres takes at most 32767)
+    ids = bindparam("stripe_ids", list(stripe_ids), type_=ARRAY(String))
     invoices = await session.execute(
         select(
             Invoice.stripe_subscription_id,
@@ -344,7 +359,7 @@ async def _window_billing(
             Invoice.status,
             Invoice.paid_at,
         ).where(
-            Invoice.stripe_subscription_id.in_(list(stripe_ids)),
+            Invoice.stripe_subscription_id == any_(ids),
             Invoice.period_end.is_not(None),
         )
     )
@@ -356,18 +371,28 @@ async def _window_billing(
             facts.billed[of] = max(facts.billed.get(of, period_end), period_end)
         if status == "paid" and paid_at is not None and paid_at < end:
             facts.paid_by_invoices.setdefault(of, []).append(period_end)
-    paying = func.coalesce(
-        func.nullif(Payment.stripe_subscription_id, ""), Invoice.stripe_subscription_id
+    # A payment's subscription is its own, else (none mirrored on it) its invoice's: the two
+    # cases read apart, each through an index (`coalesce` of the two could use none).
+    paid_in_time = (
+        Payment.purpose == "subscription",
+        Payment.status == "succeeded",
+        func.greatest(Invoice.paid_at, Payment.paid_at) < end,
     )
+    period_from = func.coalesce(Invoice.period_end, Payment.paid_at)
     payments = await session.execute(
-        select(paying, func.coalesce(Invoice.period_end, Payment.paid_at))
-        .select_from(Payment)
-        .outerjoin(Invoice, Invoice.stripe_id == Payment.stripe_invoice_id)
-        .where(
-            paying.in_(list(stripe_ids)),
-            Payment.purpose == "subscription",
-            Payment.status == "succeeded",
-            func.greatest(Invoice.paid_at, Payment.paid_at) < end,
+        union_all(
+            select(Payment.stripe_subscription_id, period_from)
+            .select_from(Payment)
+            .outerjoin(Invoice, Invoice.stripe_id == Payment.stripe_invoice_id)
+            .where(Payment.stripe_subscription_id == any_(ids), *paid_in_time),
+            select(Invoice.stripe_subscription_id, period_from)
+            .select_from(Payment)
+            .join(Invoice, Invoice.stripe_id == Payment.stripe_invoice_id)
+            .where(
+                func.coalesce(Payment.stripe_subscription_id, "") == "",
+                Invoice.stripe_subscription_id == any_(ids),
+                *paid_in_time,
+            ),
         )
     )
     for of, billed_from in payments.all():
@@ -418,6 +443,26 @@ def _unpaid_during(
         and s.stripe_id in billing.billed
         and not billing.paid_in_time(s.stripe_id, invoices=True)
     }
+
+
+def _access_reaches_past(start: datetime) -> ColumnElement[bool]:
+    """`access_until` (Stripe's period end plus the extension days its period does not hold)
+    after `start`: only such a subscription can have been live during a window starting then
+    (`_live_during` asks it of every one live now or ended at its period end; one paid before
+    the window's end for a period renewed since the window started has a period end after
+    that renewal, hence after `start`). Every subscription that ever ran is not read, only
+    those whose period ends after `start` (`ix_subscriptions_current_period_end`) and those
+    still holding days outside Stripe's period (`ix_subscriptions_days_outside_period`). Days
+    are 24 hours, as in `access_until`."""
+    outside = Subscription.extension_days - Subscription.extension_days_in_period
+    return or_(
+        Subscription.current_period_end > start,
+        (Subscription.extension_days > Subscription.extension_days_in_period)
+        & (
+            Subscription.current_period_end + outside * literal_column("interval '24 hours'")
+            > start
+        ),
+    )
 
 
 async def complete_window(
@@ -500,7 +545,7 @@ async def _record_completion(
         await session.execute(
             select(Subscription)
             .where(
-                Subscription.current_period_end.is_not(None),
+                _access_reaches_past(window.starts_at),
                 or_(
                     Subscription.access_revoked_at.is_(None),
                     Subscription.access_revoked_at > window.starts_at,

@@ -100,6 +100,16 @@ class Subscription(Timestamped, Base):
     )
 
 
+Index(  # maintenance completion: the subscriptions whose period ends after the window starts
+    "ix_subscriptions_current_period_end", Subscription.current_period_end
+)
+Index(  # ... and those holding days outside Stripe's period (app/maintenance/service.py)
+    "ix_subscriptions_days_outside_period",
+    Subscription.current_period_end,
+    postgresql_where=Subscription.extension_days > Subscription.extension_days_in_period,
+)
+
+
 class Invoice(Timestamped, Base):
     """A subscription invoice (never a balance operation)."""
 

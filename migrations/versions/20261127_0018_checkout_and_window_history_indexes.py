@@ -10,6 +10,12 @@ A debt repayment subtracts the account's repayments Stripe reports paid that no 
 credited yet (app/checkout/service.py `_PAID_REPAYMENTS`), which it also looked for among every
 checkout of the account: `ix_checkout_sessions_repayments_paid` holds only those (a handful).
 
+Completing a maintenance window locked every subscription ever made (and asked for their
+invoices and payments with one parameter each, past Postgres's 32767 once there were that
+many). It now reads the subscriptions whose `access_until` reaches past the window's start:
+those whose period ends after it (`ix_subscriptions_current_period_end`) and those still
+holding extension days outside Stripe's period (`ix_subscriptions_days_outside_period`).
+
 Built (and dropped) CONCURRENTLY, as 0016: these tables take writes in every checkout, which a
 plain CREATE INDEX would block while it reads the whole table. Outside a transaction, so a run
 cut short leaves the indexes built so far (or an INVALID one from a failed build) behind: each
@@ -42,6 +48,13 @@ INDEXES: list[tuple[str, str, list[str | sa.TextClause], sa.TextClause | None]] 
         "checkout_sessions",
         ["account_id"],
         sa.text("purpose = 'debt_repayment' AND payment_status = 'paid' AND fulfilled_at IS NULL"),
+    ),
+    ("ix_subscriptions_current_period_end", "subscriptions", ["current_period_end"], None),
+    (
+        "ix_subscriptions_days_outside_period",
+        "subscriptions",
+        ["current_period_end"],
+        sa.text("extension_days > extension_days_in_period"),
     ),
 ]
 REPLACED = [("ix_checkout_sessions_account_id", "checkout_sessions", ["account_id"], None)]

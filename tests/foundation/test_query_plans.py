@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import os
 import secrets
+import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import asyncpg
@@ -27,7 +28,8 @@ from app.checkout.service import _PAID_REPAYMENTS
 from app.config import Settings
 from app.db import driver_transaction
 from app.idempotency import prune_expired_keys
-from app.maintenance.service import retry_pending_extensions
+from app.maintenance.schemas import MaintenanceWindowComplete
+from app.maintenance.service import complete_window, retry_pending_extensions
 from app.notifications.worker import park_stale_sending
 from app.refunds.metrics import REFUND_REQUESTS_OVERDUE, refresh_refund_metrics
 from app.refunds.repository import list_requests
@@ -284,3 +286,36 @@ async def test_a_debt_repayment_reads_only_the_repayments_not_yet_credited(
     [plan] = [p for p in planned.plans if "checkout_sessions" in p]
     assert "Seq Scan" not in plan, plan
     assert "Filter:" not in plan, plan  # not the account's every checkout
+
+
+async def test_completing_a_window_reads_only_the_subscriptions_it_can_concern(
+    planned: Planned,
+) -> None:
+    """Completion locks the subscriptions whose access could reach into the window (not every
+    subscription ever made) and reads their invoices and payments by index."""
+    gateway = StripeGateway(api_key="sk_test_unused", api_base="http://127.0.0.1:9")
+    ended_at = datetime.now(UTC) - timedelta(hours=2, minutes=30)
+    started = time.perf_counter()
+    try:
+        done = await complete_window(
+            planned.factory,
+            gateway,
+            planned.settings,
+            OUTAGE,
+            MaintenanceWindowComplete(ended_at=ended_at),
+            "ops",
+        )
+    finally:
+        await gateway.close()
+    print(f"completion took {time.perf_counter() - started:.3f}s")
+    assert done.subscriptions_extended == 20  # the live past_due ones (skipped at Stripe)
+    plans = [
+        p
+        for p in planned.plans
+        if ("FROM subscriptions" in p and "FOR UPDATE" in p)
+        or "FROM payments" in p
+        or "FROM invoices" in p
+    ]
+    assert len(plans) == 3, plans
+    for plan in plans:
+        assert "Seq Scan" not in plan, plan
