@@ -98,7 +98,12 @@ class LedgerEntry(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
-Index("ix_ledger_entries_account_id_id", LedgerEntry.account_id, LedgerEntry.id.desc())
+Index(  # the ledger newest first, and the balance's sum (index-only: the amounts are in it)
+    "ix_ledger_entries_account_id_id_amount",
+    LedgerEntry.account_id,
+    LedgerEntry.id.desc(),
+    postgresql_include=["amount"],
+)
 
 
 class Activity(Base):

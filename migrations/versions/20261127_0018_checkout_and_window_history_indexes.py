@@ -16,6 +16,13 @@ many). It now reads the subscriptions whose `access_until` reaches past the wind
 those whose period ends after it (`ix_subscriptions_current_period_end`) and those still
 holding extension days outside Stripe's period (`ix_subscriptions_days_outside_period`).
 
+The balance (GET .../balance, and a debt repayment's debt) sums the account's ledger on every
+read, by design: `ix_ledger_entries_account_id_id` found the entries but the sum read each
+entry's row from the table (a page per entry: an account's entries are spread over the whole
+table). `ix_ledger_entries_account_id_id_amount` holds the amounts too (INCLUDE), so the sum is
+an index-only scan; it replaces `ix_ledger_entries_account_id_id`, whose reads (the ledger
+newest first, the bound currency) it also serves.
+
 Built (and dropped) CONCURRENTLY, as 0016: these tables take writes in every checkout, which a
 plain CREATE INDEX would block while it reads the whole table. Outside a transaction, so a run
 cut short leaves the indexes built so far (or an INVALID one from a failed build) behind: each
@@ -56,15 +63,28 @@ INDEXES: list[tuple[str, str, list[str | sa.TextClause], sa.TextClause | None]] 
         ["current_period_end"],
         sa.text("extension_days > extension_days_in_period"),
     ),
+    (
+        "ix_ledger_entries_account_id_id_amount",
+        "ledger_entries",
+        ["account_id", sa.text("id DESC")],
+        None,
+    ),
 ]
-REPLACED = [("ix_checkout_sessions_account_id", "checkout_sessions", ["account_id"], None)]
+REPLACED: list[tuple[str, str, list[str | sa.TextClause], sa.TextClause | None]] = [
+    ("ix_checkout_sessions_account_id", "checkout_sessions", ["account_id"], None),
+    ("ix_ledger_entries_account_id_id", "ledger_entries", ["account_id", sa.text("id DESC")], None),
+]
+INCLUDE = {"ix_ledger_entries_account_id_id_amount": ["amount"]}
 
 
 def _build(
     name: str, table: str, columns: list[str | sa.TextClause], where: sa.TextClause | None
 ) -> None:
     op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
-    op.create_index(name, table, columns, postgresql_where=where, postgresql_concurrently=True)
+    include = {"postgresql_include": INCLUDE[name]} if name in INCLUDE else {}
+    op.create_index(
+        name, table, columns, postgresql_where=where, postgresql_concurrently=True, **include
+    )
 
 
 def upgrade() -> None:
