@@ -17,7 +17,9 @@ Completion (`complete_window`), idempotent:
    overlapping the window; or paid before the window's end for a period Stripe renewed only
    after the window's start (inside the window or after it), whatever its status now unless it
    has ended: a renewal declined since, `past_due` or `unpaid`, keeps the days for when it is
-   paid; one live now whose period the window fell
+   paid; with `PAST_DUE_KEEPS_ACCESS`, one `unpaid` only since the window started
+   (`status_since`) was `past_due` with access until then and counts as one `past_due` now;
+   one live now whose period the window fell
    in was paid only after it was not live then: `incomplete`, or `past_due` without
    `PAST_DUE_KEEPS_ACCESS`) gets one `maintenance_extensions` row (unique per window and
    subscription) for the calendar days in `BUSINESS_TIMEZONE` the service was unavailable, less
@@ -286,12 +288,23 @@ def _live_during(
     window, or its start up to the renewal), whatever its status now unless it has ended: live
     is what it was during the window, and a renewal declined since (`past_due` without access,
     `unpaid`) keeps the days for when it is paid.
+    With `PAST_DUE_KEEPS_ACCESS`, one `unpaid` only since the window started (`status_since`)
+    was `past_due` or paid until then, with access: judged as one `past_due` now.
     Likewise one live now whose period the window fell in was paid only after the window
     (`unpaid_during`, see `_unpaid_during`) was not live during it: `incomplete` then (its first
     payment in flight), or `past_due` (a declined renewal) without `PAST_DUE_KEEPS_ACCESS`."""
     if subscription.access_revoked_at is not None and subscription.access_revoked_at <= start:
         return False
-    if not _live_now(subscription, settings):
+    # `unpaid` only since the window started (with `PAST_DUE_KEEPS_ACCESS`): it was `past_due`
+    # (or paid) until then, which kept access, so it was live during the window as one still
+    # `past_due` is; its days count once it is paid.
+    past_due_then = (
+        settings.past_due_keeps_access
+        and subscription.status == "unpaid"
+        and subscription.status_since is not None
+        and subscription.status_since > start
+    )
+    if not past_due_then and not _live_now(subscription, settings):
         # Its status now is not what it was during the window: a period paid before the
         # window's end ran until Stripe renewed it, inside or after the window, so it was live
         # then, and a renewal declined since (`past_due`, `unpaid`) does not take back the days

@@ -95,6 +95,10 @@ class Subscription(Timestamped, Base):
     dispute_cancel_sent_at: Mapped[datetime | None] = mapped_column(
         comment="When Stripe accepted the cancellation a lost chargeback asked for."
     )
+    status_since: Mapped[datetime | None] = mapped_column(
+        comment="`created` of the first applied event that showed the current status (null: "
+        "unknown, set before this was recorded)."
+    )
     source_event_created: Mapped[datetime | None] = mapped_column(
         comment="`created` of the newest event applied; older events do not overwrite."
     )

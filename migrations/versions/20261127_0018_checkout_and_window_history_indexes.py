@@ -23,6 +23,12 @@ table). `ix_ledger_entries_account_id_id_amount` holds the amounts too (INCLUDE)
 an index-only scan; it replaces `ix_ledger_entries_account_id_id`, whose reads (the ledger
 newest first, the bound currency) it also serves.
 
+`subscriptions.status_since`: `created` of the first applied event that showed the current
+status (the webhook consumer sets it when the status changes). With PAST_DUE_KEEPS_ACCESS a
+subscription `unpaid` now was `past_due`, with access, before it became so: a maintenance
+window that started before that was live for it. Null for rows whose status was set before
+this column (unknown: judged as before).
+
 Built (and dropped) CONCURRENTLY, as 0016: these tables take writes in every checkout, which a
 plain CREATE INDEX would block while it reads the whole table. Outside a transaction, so a run
 cut short leaves the indexes built so far (or an INVALID one from a failed build) behind: each
@@ -88,6 +94,13 @@ def _build(
 
 
 def upgrade() -> None:
+    # IF NOT EXISTS: committed before the indexes are built, it may be there from a run cut
+    # short
+    op.execute("ALTER TABLE subscriptions ADD COLUMN IF NOT EXISTS status_since TIMESTAMPTZ")
+    op.execute(
+        "COMMENT ON COLUMN subscriptions.status_since IS '`created` of the first applied event"
+        " that showed the current status (null: unknown, set before this was recorded).'"
+    )
     with op.get_context().autocommit_block():
         for index in INDEXES:
             _build(*index)
@@ -101,3 +114,4 @@ def downgrade() -> None:
             _build(*index)
         for name, table, _columns, _where in reversed(INDEXES):
             op.drop_index(name, table_name=table, postgresql_concurrently=True, if_exists=True)
+    op.drop_column("subscriptions", "status_since")
