@@ -79,7 +79,19 @@ from typing import Any, cast
 from urllib.parse import urlsplit
 
 import structlog
-from sqlalchemy import String, Table, bindparam, case, func, insert, literal, or_, select, update
+from sqlalchemy import (
+    String,
+    Table,
+    bindparam,
+    case,
+    func,
+    insert,
+    literal,
+    literal_column,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from app.accounts.service import (
@@ -634,13 +646,16 @@ amount expires it first, so the account never has two payable repayments."""
 _PAID_REPAYMENTS = DriverStatement(
     select(func.coalesce(func.sum(_CHECKOUTS.c.amount), 0)).where(
         _CHECKOUTS.c.account_id == bindparam("account_id", type_=String),
-        _CHECKOUTS.c.purpose == "debt_repayment",
-        _CHECKOUTS.c.payment_status == literal("paid"),
+        _CHECKOUTS.c.purpose == literal_column("'debt_repayment'"),
+        _CHECKOUTS.c.payment_status == literal_column("'paid'"),
         _CHECKOUTS.c.fulfilled_at.is_(None),
     )
 )
 """The account's debt repayments Stripe reports paid (a read of the session) that no event
-has credited yet: that debt is repaid, and a new repayment asks only for the rest."""
+has credited yet: that debt is repaid, and a new repayment asks only for the rest. Read through
+`ix_checkout_sessions_repayments_paid`, which holds only those (the constants are written in
+the statement, not sent as parameters, so every plan of it can use that partial index), not
+among every checkout the account made."""
 
 
 def _pending_values(row: CheckoutRow) -> dict[str, Any]:

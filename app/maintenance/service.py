@@ -17,7 +17,9 @@ Completion (`complete_window`), idempotent:
    overlapping the window; or paid before the window's end for a period Stripe renewed only
    after the window's start (inside the window or after it), whatever its status now unless it
    has ended: a renewal declined since, `past_due` or `unpaid`, keeps the days for when it is
-   paid; one live now whose period the window fell
+   paid; with `PAST_DUE_KEEPS_ACCESS`, one `unpaid` only since the window started
+   (`status_since`) was `past_due` with access until then and counts as one `past_due` now;
+   one live now whose period the window fell
    in was paid only after it was not live then: `incomplete`, or `past_due` without
    `PAST_DUE_KEEPS_ACCESS`) gets one `maintenance_extensions` row (unique per window and
    subscription) for the calendar days in `BUSINESS_TIMEZONE` the service was unavailable, less
@@ -65,8 +67,20 @@ from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 
 import structlog
-from sqlalchemy import DateTime, bindparam, func, literal_column, or_, select, text
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy import (
+    ColumnElement,
+    DateTime,
+    String,
+    any_,
+    bindparam,
+    func,
+    literal_column,
+    or_,
+    select,
+    text,
+    union_all,
+)
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.calendar import BusinessCalendar
@@ -274,12 +288,23 @@ def _live_during(
     window, or its start up to the renewal), whatever its status now unless it has ended: live
     is what it was during the window, and a renewal declined since (`past_due` without access,
     `unpaid`) keeps the days for when it is paid.
+    With `PAST_DUE_KEEPS_ACCESS`, one `unpaid` only since the window started (`status_since`)
+    was `past_due` or paid until then, with access: judged as one `past_due` now.
     Likewise one live now whose period the window fell in was paid only after the window
     (`unpaid_during`, see `_unpaid_during`) was not live during it: `incomplete` then (its first
     payment in flight), or `past_due` (a declined renewal) without `PAST_DUE_KEEPS_ACCESS`."""
     if subscription.access_revoked_at is not None and subscription.access_revoked_at <= start:
         return False
-    if not _live_now(subscription, settings):
+    # `unpaid` only since the window started (with `PAST_DUE_KEEPS_ACCESS`): it was `past_due`
+    # (or paid) until then, which kept access, so it was live during the window as one still
+    # `past_due` is; its days count once it is paid.
+    past_due_then = (
+        settings.past_due_keeps_access
+        and subscription.status == "unpaid"
+        and subscription.status_since is not None
+        and subscription.status_since > start
+    )
+    if not past_due_then and not _live_now(subscription, settings):
         # Its status now is not what it was during the window: a period paid before the
         # window's end ran until Stripe renewed it, inside or after the window, so it was live
         # then, and a renewal declined since (`past_due`, `unpaid`) does not take back the days
@@ -336,6 +361,9 @@ async def _window_billing(
     facts = _WindowBilling()
     if not stripe_ids:
         return facts
+    # one array parameter, however many subscriptions (an `IN` list takes one per id, and
+    # Postgres takes at most 32767)
+    ids = bindparam("stripe_ids", list(stripe_ids), type_=ARRAY(String))
     invoices = await session.execute(
         select(
             Invoice.stripe_subscription_id,
@@ -344,7 +372,7 @@ async def _window_billing(
             Invoice.status,
             Invoice.paid_at,
         ).where(
-            Invoice.stripe_subscription_id.in_(list(stripe_ids)),
+            Invoice.stripe_subscription_id == any_(ids),
             Invoice.period_end.is_not(None),
         )
     )
@@ -356,18 +384,28 @@ async def _window_billing(
             facts.billed[of] = max(facts.billed.get(of, period_end), period_end)
         if status == "paid" and paid_at is not None and paid_at < end:
             facts.paid_by_invoices.setdefault(of, []).append(period_end)
-    paying = func.coalesce(
-        func.nullif(Payment.stripe_subscription_id, ""), Invoice.stripe_subscription_id
+    # A payment's subscription is its own, else (none mirrored on it) its invoice's: the two
+    # cases read apart, each through an index (`coalesce` of the two could use none).
+    paid_in_time = (
+        Payment.purpose == "subscription",
+        Payment.status == "succeeded",
+        func.greatest(Invoice.paid_at, Payment.paid_at) < end,
     )
+    period_from = func.coalesce(Invoice.period_end, Payment.paid_at)
     payments = await session.execute(
-        select(paying, func.coalesce(Invoice.period_end, Payment.paid_at))
-        .select_from(Payment)
-        .outerjoin(Invoice, Invoice.stripe_id == Payment.stripe_invoice_id)
-        .where(
-            paying.in_(list(stripe_ids)),
-            Payment.purpose == "subscription",
-            Payment.status == "succeeded",
-            func.greatest(Invoice.paid_at, Payment.paid_at) < end,
+        union_all(
+            select(Payment.stripe_subscription_id, period_from)
+            .select_from(Payment)
+            .outerjoin(Invoice, Invoice.stripe_id == Payment.stripe_invoice_id)
+            .where(Payment.stripe_subscription_id == any_(ids), *paid_in_time),
+            select(Invoice.stripe_subscription_id, period_from)
+            .select_from(Payment)
+            .join(Invoice, Invoice.stripe_id == Payment.stripe_invoice_id)
+            .where(
+                func.coalesce(Payment.stripe_subscription_id, "") == "",
+                Invoice.stripe_subscription_id == any_(ids),
+                *paid_in_time,
+            ),
         )
     )
     for of, billed_from in payments.all():
@@ -418,6 +456,26 @@ def _unpaid_during(
         and s.stripe_id in billing.billed
         and not billing.paid_in_time(s.stripe_id, invoices=True)
     }
+
+
+def _access_reaches_past(start: datetime) -> ColumnElement[bool]:
+    """`access_until` (Stripe's period end plus the extension days its period does not hold)
+    after `start`: only such a subscription can have been live during a window starting then
+    (`_live_during` asks it of every one live now or ended at its period end; one paid before
+    the window's end for a period renewed since the window started has a period end after
+    that renewal, hence after `start`). Every subscription that ever ran is not read, only
+    those whose period ends after `start` (`ix_subscriptions_current_period_end`) and those
+    still holding days outside Stripe's period (`ix_subscriptions_days_outside_period`). Days
+    are 24 hours, as in `access_until`."""
+    outside = Subscription.extension_days - Subscription.extension_days_in_period
+    return or_(
+        Subscription.current_period_end > start,
+        (Subscription.extension_days > Subscription.extension_days_in_period)
+        & (
+            Subscription.current_period_end + outside * literal_column("interval '24 hours'")
+            > start
+        ),
+    )
 
 
 async def complete_window(
@@ -500,7 +558,7 @@ async def _record_completion(
         await session.execute(
             select(Subscription)
             .where(
-                Subscription.current_period_end.is_not(None),
+                _access_reaches_past(window.starts_at),
                 or_(
                     Subscription.access_revoked_at.is_(None),
                     Subscription.access_revoked_at > window.starts_at,

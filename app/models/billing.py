@@ -29,7 +29,7 @@ class CheckoutSession(Timestamped, Base):
     __tablename__ = "checkout_sessions"
 
     id: Mapped[uuid.UUID] = mapped_column(primary_key=True, default=uuid.uuid4)
-    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"), index=True)
+    account_id: Mapped[str] = mapped_column(ForeignKey("accounts.id"))
     purpose: Mapped[str] = mapped_column(String(32), comment="subscription|top_up|debt_repayment")
     channel_id: Mapped[str | None] = mapped_column(ForeignKey("channels.id"), index=True)
     plan_code: Mapped[str | None] = mapped_column(String(64))
@@ -55,6 +55,20 @@ class CheckoutSession(Timestamped, Base):
         comment="The request that made it (its Idempotency-Key scope and body); a retry of "
         "that request after Stripe failed reuses the row, hence its Stripe idempotency key.",
     )
+
+
+Index(  # the account's sessions of the last minute, on every checkout (app/rate_limit.py)
+    "ix_checkout_sessions_account_id_created_at",
+    CheckoutSession.account_id,
+    CheckoutSession.created_at,
+)
+Index(  # a debt repayment's paid-but-not-credited repayments (app/checkout/service.py)
+    "ix_checkout_sessions_repayments_paid",
+    CheckoutSession.account_id,
+    postgresql_where=(CheckoutSession.purpose == "debt_repayment")
+    & (CheckoutSession.payment_status == "paid")
+    & CheckoutSession.fulfilled_at.is_(None),
+)
 
 
 class LedgerEntry(Base):
@@ -84,7 +98,12 @@ class LedgerEntry(Base):
     created_at: Mapped[datetime] = mapped_column(server_default=func.now())
 
 
-Index("ix_ledger_entries_account_id_id", LedgerEntry.account_id, LedgerEntry.id.desc())
+Index(  # the ledger newest first, and the balance's sum (index-only: the amounts are in it)
+    "ix_ledger_entries_account_id_id_amount",
+    LedgerEntry.account_id,
+    LedgerEntry.id.desc(),
+    postgresql_include=["amount"],
+)
 
 
 class Activity(Base):

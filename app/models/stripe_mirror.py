@@ -95,9 +95,23 @@ class Subscription(Timestamped, Base):
     dispute_cancel_sent_at: Mapped[datetime | None] = mapped_column(
         comment="When Stripe accepted the cancellation a lost chargeback asked for."
     )
+    status_since: Mapped[datetime | None] = mapped_column(
+        comment="`created` of the first applied event that showed the current status (null: "
+        "unknown, set before this was recorded)."
+    )
     source_event_created: Mapped[datetime | None] = mapped_column(
         comment="`created` of the newest event applied; older events do not overwrite."
     )
+
+
+Index(  # maintenance completion: the subscriptions whose period ends after the window starts
+    "ix_subscriptions_current_period_end", Subscription.current_period_end
+)
+Index(  # ... and those holding days outside Stripe's period (app/maintenance/service.py)
+    "ix_subscriptions_days_outside_period",
+    Subscription.current_period_end,
+    postgresql_where=Subscription.extension_days > Subscription.extension_days_in_period,
+)
 
 
 class Invoice(Timestamped, Base):

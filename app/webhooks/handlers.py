@@ -231,6 +231,7 @@ SUBSCRIPTION_SNAPSHOT = (
     "canceled_at",
     "ended_at",
     "source_event_created",
+    "status_since",
     "extension_days_in_period",
 )
 """The columns a subscription event writes (`on_subscription_events`)."""
@@ -792,6 +793,12 @@ async def on_subscription_events(ctxs: Sequence[EventContext]) -> None:
         values = _subscription_values(settings, obj, account_id, channel_id, ctx.created)
         if row is not None and row["status"] in TERMINAL_SUBSCRIPTION_STATUSES:
             values["status"] = row["status"]  # a canceled subscription never comes back
+        # the event that first showed this status (events are applied oldest first)
+        values["status_since"] = (
+            row["status_since"]
+            if row is not None and row["status"] == values["status"]
+            else ctx.created
+        )
         if row is None:
             rows[obj["id"]] = {"id": None, "extension_days_in_period": 0, **values}
             created[obj["id"]] = ctx

@@ -110,3 +110,34 @@ async def test_a_subscription_whose_first_payment_arrived_after_the_window_is_no
     assert done.status_code == 200, done.text
     assert done.json()["subscriptions_extended"] == 0
     assert (await subscription(factory, "ch_sp")).extension_days == 0
+
+
+async def test_past_due_with_access_through_the_window_and_unpaid_since_is_extended(
+    client: httpx.AsyncClient,
+    token: TokenFactory,
+    deliver: Deliver,
+    factory: async_sessionmaker[AsyncSession],
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+) -> None:
+    """`PAST_DUE_KEEPS_ACCESS` (the default): a subscription `past_due` all through the window
+    had access during it, so it was live then; Stripe's retries ending with it `unpaid` after
+    the window do not take the days back: they count once it is paid, as for one whose renewal
+    was declined after the window."""
+    ops = bearer(token(scope="ops", sub="ops-bob"))
+    sub = await live_subscription("acc_pk", "ch_pk", email="pk@client.example", start=FEBRUARY)
+    stripe_fake.set_time(RENEWED.timestamp())
+    await deliver(stripe_fake.renew_subscription(sub["id"], paid=False))
+    assert (await subscription(factory, "ch_pk")).status == "past_due"
+    window = await open_window(client, ops, "2026-03-11T02:00:00Z", "2026-03-11T04:00:00Z")
+    # Stripe's last retry fails after the window.
+    stripe_fake.set_time((RENEWED + timedelta(days=14)).timestamp())
+    await deliver(stripe_fake.update_subscription(sub["id"], status="unpaid"))
+    assert (await subscription(factory, "ch_pk")).status == "unpaid"
+
+    done = await complete(client, ops, window, "2026-03-11T04:00:00Z")
+
+    assert done.status_code == 200, done.text
+    assert done.json()["subscriptions_extended"] == 1
+    assert done.json()["accounts_notified"] == 1
+    assert (await subscription(factory, "ch_pk")).extension_days == 1
