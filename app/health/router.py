@@ -36,8 +36,9 @@ def migration_head() -> str | None:
 
 def older_migrations() -> frozenset[str]:
     """The revisions before this code's head: a database at one of them is not ready."""
-    head = migration_head()
-    return frozenset(s.revision for s in _scripts().walk_revisions() if s.revision != head)
+    scripts = _scripts()
+    head = scripts.get_current_head()
+    return frozenset(s.revision for s in scripts.walk_revisions() if s.revision != head)
 
 
 @router.get("/healthz", summary="The process is alive", response_model=Health)
