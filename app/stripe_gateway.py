@@ -155,12 +155,10 @@ class StripeGateway:
 
     # --- customers -------------------------------------------------------------------------
 
-    async def create_customer(
-        self, *, account_id: str, email: str | None, key: str
-    ) -> StripeObject:
+    async def create_customer(self, *, account_id: str, key: str) -> StripeObject:
+        """The account's customer, with parameters that never vary (the billing email is set
+        by `update_customer_email`): Stripe refuses a key sent again with other parameters."""
         params: dict[str, Any] = {"metadata": {"account_id": account_id}}
-        if email:
-            params["email"] = email
         return await self._call(
             "customers.create", lambda: self._post_json("/v1/customers", params, key)
         )

@@ -41,9 +41,7 @@ async def main(stripe_url: str, count: int) -> dict[str, list[float]]:
                 cancel_url=f"{APP_URL}/balance",
             )
             started = time.perf_counter()
-            customer = await gateway.create_customer(
-                account_id=account, email=None, key=f"customer-{row.id}"
-            )
+            customer = await gateway.create_customer(account_id=account, key=f"customer-{row.id}")
             await gateway.update_customer_email(str(customer["id"]), f"{account}@example.com")
             middle = time.perf_counter()
             await gateway.create_checkout_session(

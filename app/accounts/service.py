@@ -217,7 +217,7 @@ async def create_stripe_customer(
     off the customer, which is only where Stripe sends receipts, rather than failing every
     checkout of the account."""
     customer = await gateway.create_customer(
-        account_id=account_id, email=None, key=idempotency_key("customer", account_id)
+        account_id=account_id, key=idempotency_key("customer", account_id)
     )
     customer_id = str(customer["id"])
     if email and customer.get("email") != email:

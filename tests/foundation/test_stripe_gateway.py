@@ -78,9 +78,7 @@ async def test_a_500_is_retried_with_the_same_key(
     gateway: StripeGateway, stripe_fake: StripeFake
 ) -> None:
     stripe_fake.fail_next(1, 500, path_prefix="/v1/customers")
-    customer = await gateway.create_customer(
-        account_id="acc_1", email=None, key="billing:customer:1"
-    )
+    customer = await gateway.create_customer(account_id="acc_1", key="billing:customer:1")
     assert customer["metadata"] == {"account_id": "acc_1"}
     attempts = [r for r in stripe_fake.requests if r.path == "/v1/customers"]
     assert len(attempts) == 2
@@ -93,7 +91,7 @@ async def test_429_is_retried_after_retry_after(
 ) -> None:
     stripe_fake.fail_next(1, 429, path_prefix="/v1/customers", retry_after=1)
     started = time.monotonic()
-    await gateway.create_customer(account_id="acc_2", email="a@b.example", key="billing:customer:2")
+    await gateway.create_customer(account_id="acc_2", key="billing:customer:2")
     assert time.monotonic() - started >= 0.9
     assert len(stripe_fake.all("customer")) == 1
 
@@ -103,7 +101,7 @@ async def test_persistent_failures_become_stripe_unavailable(
 ) -> None:
     stripe_fake.fail_next(10, 503, path_prefix="/v1/customers")
     with pytest.raises(StripeUnavailable) as excinfo:
-        await gateway.create_customer(account_id="acc_3", email=None, key="billing:customer:3")
+        await gateway.create_customer(account_id="acc_3", key="billing:customer:3")
     assert excinfo.value.code == "stripe_unavailable"
     assert excinfo.value.status == 502
     assert stripe_fake.all("customer") == []
@@ -119,9 +117,7 @@ async def test_timeouts_become_stripe_unavailable_within_bounded_time(
     started = time.monotonic()
     try:
         with pytest.raises(StripeUnavailable):
-            await impatient.create_customer(
-                account_id="acc_4", email=None, key="billing:customer:4"
-            )
+            await impatient.create_customer(account_id="acc_4", key="billing:customer:4")
     finally:
         await impatient.close()
     assert time.monotonic() - started < 3.0

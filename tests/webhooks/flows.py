@@ -42,7 +42,7 @@ async def open_checkout(
         assert account is not None
         if account.stripe_customer_id is None:
             customer = await gateway.create_customer(
-                account_id=account_id, email=None, key=idempotency_key("customer", account_id)
+                account_id=account_id, key=idempotency_key("customer", account_id)
             )
             account.stripe_customer_id = customer["id"]
         row = CheckoutSession(
