@@ -109,7 +109,7 @@ from app.checkout.schemas import (
     SubscriptionCheckoutIn,
     TopUpCheckoutIn,
 )
-from app.config import Plan, Settings
+from app.config import Plan, Settings, TopUpLimit
 from app.db import DriverStatement, driver_connection, driver_transaction, flush_on_commit
 from app.errors import (
     BillingError,
@@ -416,8 +416,7 @@ def _validate(settings: Settings, body: CheckoutIn) -> Plan | None:
         limits = settings.top_up_limits.get(currency)
         if limits is None:
             raise Unprocessable(f"Top-ups are not available in {currency.upper()}")
-        # Stripe charges nothing below its minimum, whatever TOP_UP_LIMITS allows.
-        smallest = max(limits.min, STRIPE_MINIMUM_CHARGE.get(currency, 0))
+        smallest = _smallest_top_up(limits, currency)
         if not smallest <= body.amount <= limits.max:
             raise Unprocessable(
                 f"A top-up in {currency.upper()} must be between {smallest} and {limits.max} "
@@ -427,12 +426,18 @@ def _validate(settings: Settings, body: CheckoutIn) -> Plan | None:
     return None
 
 
+def _smallest_top_up(limits: TopUpLimit, currency: str) -> int:
+    """The smallest top-up taken in `currency`: Stripe charges nothing below its minimum,
+    whatever TOP_UP_LIMITS allows."""
+    return max(limits.min, STRIPE_MINIMUM_CHARGE.get(currency, 0))
+
+
 def _debt_below_minimum(settings: Settings, debt: int, currency: str) -> DebtBelowMinimumCharge:
     """409 for a debt Stripe will not charge by card (below its minimum charge): what a client
     can do instead is a top-up, which repays the debt first."""
     code = currency.upper()
     limits = settings.top_up_limits.get(currency)
-    smallest = max(limits.min, STRIPE_MINIMUM_CHARGE.get(currency, 0)) if limits else None
+    smallest = _smallest_top_up(limits, currency) if limits else None
     remedy = (
         f"settle it with a top-up (purpose top_up, at least {smallest} {code} minor units), "
         "which repays the debt first"
