@@ -51,7 +51,6 @@ from app.accounts.service import ledger_entries_in_account_currency
 from app.config import Settings
 from app.db import ArrayInsert, ArrayUpdate, DriverStatement, session_driver
 from app.models import (
-    Account,
     Dispute,
     DisputeEffect,
     Invoice,
@@ -141,13 +140,6 @@ OPEN_REQUESTS = DriverStatement(
     .with_for_update()
 )
 """The open refund requests about these payments, locked (a chargeback closes them)."""
-LOCK_ACCOUNTS = DriverStatement(
-    select(Account.id)
-    .where(Account.id == any_(bindparam("ids", type_=ARRAY(String))))
-    .order_by(Account.id)
-    .with_for_update(key_share=True)
-)
-"""The accounts' rows, locked (`FOR NO KEY UPDATE`, as every lock of them)."""
 REQUESTS_BY_ID = (
     select(RefundRequest)
     .where(RefundRequest.id == any_(bindparam("ids", type_=ARRAY(Uuid))))
@@ -497,7 +489,7 @@ async def _open_requests(
     if not payment_ids:
         return {}
     found = await OPEN_REQUESTS.fetch(driver, payment_ids=sorted(set(payment_ids)))
-    await LOCK_ACCOUNTS.execute(driver, ids=sorted(set(account_ids)))
+    await repo.LOCK_ACCOUNTS.execute(driver, ids=sorted(set(account_ids)))
     if not found:
         return {}
     loaded = await session.scalars(REQUESTS_BY_ID, {"ids": [request_id for request_id, _ in found]})

@@ -8,8 +8,10 @@ from datetime import date, datetime, time, timedelta, tzinfo
 from typing import Any, cast
 
 from sqlalchemy import (
+    String,
     Table,
     and_,
+    any_,
     bindparam,
     exists,
     func,
@@ -19,7 +21,7 @@ from sqlalchemy import (
     text,
     update,
 )
-from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import ArrayInsert, DriverStatement, asked_keys, session_driver
@@ -466,13 +468,19 @@ async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> lis
         .execution_options(populate_existing=True)
     )
     requests = list((await session.execute(statement)).scalars())
-    await session.execute(
-        select(Account.id)
-        .where(Account.id.in_(sorted(set(account_ids))))
-        .order_by(Account.id)
-        .with_for_update(key_share=True)
-    )
+    await LOCK_ACCOUNTS.execute(await session_driver(session), ids=sorted(set(account_ids)))
     return requests
+
+
+LOCK_ACCOUNTS = DriverStatement(
+    select(Account.id)
+    .where(Account.id == any_(bindparam("ids", type_=ARRAY(String))))
+    .order_by(Account.id)
+    .with_for_update(key_share=True)
+)
+"""The accounts' rows (`ids`: sorted), locked in id order (`FOR NO KEY UPDATE`, as every lock
+of them): after a request's filing wrote one (`announce_matching`), the transaction applying
+events about its payment fails to serialize and runs again, seeing the request."""
 
 
 async def is_under_chargeback(session: AsyncSession, payment: Payment) -> bool:
