@@ -54,16 +54,23 @@ LIVE_REFUND_STATUSES = ("pending", "requires_action", "succeeded")
 SETTLED_FOR_US = ("won", "warning_closed")
 
 
+def _disputes_of(payments: Any) -> Any:
+    """SQL: a row of `disputes` is about the payment (a row of `payments`): its payment intent
+    or its charge."""
+    disputes = cast(Table, Dispute.__table__)
+    return or_(
+        disputes.c.stripe_payment_intent_id == payments.c.stripe_id,
+        disputes.c.stripe_charge_id == payments.c.stripe_charge_id,
+    )
+
+
 def under_chargeback(payments: Any) -> Any:
     """SQL: the payment (a row of `payments`) is under a chargeback, so it is never also
     refunded: Stripe marked it disputed and not every one of its disputes mirrored here has
     been settled for us (`SETTLED_FOR_US`); disputed with none mirrored yet counts as under
     one."""
     disputes = cast(Table, Dispute.__table__)
-    of_payment = or_(
-        disputes.c.stripe_payment_intent_id == payments.c.stripe_id,
-        disputes.c.stripe_charge_id == payments.c.stripe_charge_id,
-    )
+    of_payment = _disputes_of(payments)
     settled = exists().where(of_payment) & ~exists().where(
         of_payment, disputes.c.status.not_in(_constants(SETTLED_FOR_US))
     )
@@ -497,15 +504,14 @@ async def chargeback_of(session: AsyncSession, payment: Payment) -> str | None:
     """The Stripe id of a dispute of the payment not settled for us (open, or lost), if one is
     mirrored (a payment Stripe marked disputed may have none yet)."""
     disputes = cast(Table, Dispute.__table__)
+    payments = cast(Table, Payment.__table__)
     return cast(
         "str | None",
         await session.scalar(
             select(disputes.c.stripe_id)
             .where(
-                or_(
-                    disputes.c.stripe_payment_intent_id == payment.stripe_id,
-                    disputes.c.stripe_charge_id == payment.stripe_charge_id,
-                ),
+                payments.c.id == payment.id,
+                _disputes_of(payments),
                 disputes.c.status.not_in(_constants(SETTLED_FOR_US)),
             )
             .order_by(disputes.c.stripe_id)
