@@ -216,21 +216,17 @@ class EventProcessor:
         round, or the wait after a failure), then the Stripe cancellations lost chargebacks
         (app/disputes/cancels.py) and approved refunds (app/refunds/cancels.py) asked for, the
         same way."""
-        try:
-            while await self._fees.run():
-                pass
-        except Exception as exc:  # the database may be briefly unreachable
-            log.warning("payment_fee.round_failed", error_type=type(exc).__name__)
-        try:
-            while await self._dispute_cancels.run():
-                pass
-        except Exception as exc:
-            log.warning("dispute.cancel_round_failed", error_type=type(exc).__name__)
-        try:
-            while await self._refund_cancels.run():
-                pass
-        except Exception as exc:
-            log.warning("refund.cancel_round_failed", error_type=type(exc).__name__)
+        follow_ups = (
+            ("payment_fee.round_failed", self._fees.run),
+            ("dispute.cancel_round_failed", self._dispute_cancels.run),
+            ("refund.cancel_round_failed", self._refund_cancels.run),
+        )
+        for failure, run_round in follow_ups:
+            try:
+                while await run_round():
+                    pass
+            except Exception as exc:  # the database may be briefly unreachable
+                log.warning(failure, error_type=type(exc).__name__)
 
     async def process_due(self) -> int:
         """Claim a batch of due events and apply it in one transaction; if that fails (a
