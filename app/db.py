@@ -429,10 +429,15 @@ class ArrayUpdate:
         self.sql = f'{update} {source} WHERE "{table.name}"."{key}" = v."{key}"{condition}'
         self._names = names
 
-    async def execute(self, conn: Any, rows: Sequence[Mapping[str, Any]]) -> None:
-        """`rows`: each with a value for the key and every column."""
-        if rows:
-            await conn.execute(self.sql, *([row[name] for row in rows] for name in self._names))
+    async def execute(self, conn: Any, rows: Sequence[Mapping[str, Any]]) -> int:
+        """`rows`: each with a value for the key and every column. Returns how many rows
+        were updated."""
+        if not rows:
+            return 0
+        status = await conn.execute(
+            self.sql, *([row[name] for row in rows] for name in self._names)
+        )
+        return int(status.rsplit(" ", 1)[1])  # "UPDATE <count>"
 
 
 class ArrayInsert:

@@ -14,12 +14,11 @@ subscriptions still live in the mirror.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any, cast
 
-from sqlalchemy import Table, literal, select
+from sqlalchemy import Table, bindparam, func, literal, select, update
 
-from app.db import ArrayUpdate, DriverStatement, session_driver
+from app.db import DriverStatement, session_driver
 from app.models import DisputeEffect, Subscription
 from app.stripe_gateway import idempotency_key
 from app.subscriptions.cancels import ROUND_SIZE, CancelRounds
@@ -39,10 +38,10 @@ UNSENT = DriverStatement(
 )
 """Cancellations to send: each subscription with the lost chargebacks that ended its access
 (the first of them names the key)."""
-MARK_SENT = ArrayUpdate(
-    cast(Table, Subscription.__table__),
-    ["dispute_cancel_sent_at"],
-    where='"subscriptions".dispute_cancel_sent_at IS NULL',
+MARK_SENT = DriverStatement(
+    update(cast(Table, Subscription.__table__))
+    .where(Subscription.id == bindparam("id"), Subscription.dispute_cancel_sent_at.is_(None))
+    .values(dispute_cancel_sent_at=func.now(), updated_at=func.now())
 )
 
 
@@ -59,10 +58,12 @@ class DisputeCancels(CancelRounds):
         ]
 
     async def record(self, accepted: list[Any]) -> int:
-        now = datetime.now(UTC)
-        async with self._session_factory() as session, session.begin():
-            await MARK_SENT.execute(
-                await session_driver(session),
-                [{"id": row_id, "dispute_cancel_sent_at": now} for row_id in accepted],
-            )
+        """Each in a transaction of its own: the event processor's batch updates subscriptions
+        in its own order, and a round holding one row while waiting for another could close a
+        cycle with it (a deadlock Postgres breaks after `deadlock_timeout`, stalling the
+        events meanwhile); one row at a time waits for the batch, never the other way round."""
+        async with self._session_factory() as session:
+            for row_id in accepted:
+                async with session.begin():
+                    await MARK_SENT.execute(await session_driver(session), id=row_id)
         return len(accepted)

@@ -19,7 +19,9 @@ at least every `MAX_WAIT_SECONDS` while events keep coming (app/webhooks/process
 events, which access and balances depend on, comes first and never waits for Stripe. On
 several replicas, a round holds a transaction-level advisory lock, so one replica looks fees
 up at a time and each fee is looked up once; that transaction holds no row lock while Stripe
-answers, and the write keeps a fee once known (`fee IS NULL`).
+answers, and the write keeps a fee once known (`fee IS NULL`). The write never waits for a row
+(`WRITE_FEES` skips the payments an event batch holds, whose fees a later round looks up
+again): a round holding some payments while waiting for another could deadlock with a batch.
 """
 
 from __future__ import annotations
@@ -51,7 +53,14 @@ UNSETTLED = DriverStatement(
     .limit(bindparam("limit")),
     named=True,
 )
-WRITE_FEES = ArrayUpdate(cast(Table, Payment.__table__), ["fee"], where='"payments".fee IS NULL')
+WRITE_FEES = ArrayUpdate(
+    cast(Table, Payment.__table__),
+    ["fee"],
+    where='"payments".fee IS NULL AND "payments".id IN'
+    " (SELECT held.id FROM payments AS held WHERE held.id = v.id FOR UPDATE SKIP LOCKED)",
+)
+"""Skips the payments another transaction holds (an event batch applying): waiting for one
+while holding others could deadlock with that batch; their fees are written by a later round."""
 
 
 ZERO_DECIMAL_CURRENCIES = frozenset(
@@ -100,8 +109,10 @@ class FeeLookups:
         self._next_round_at = 0.0  # monotonic(); later after a failed look-up
 
     async def run(self) -> int:
-        """One round; returns how many fees Stripe gave (0: none unknown, another replica's
-        round is running, or the backoff after a failure has not passed)."""
+        """One round; returns how many fees it wrote (0: none unknown, another replica's round
+        is running, the backoff after a failure has not passed, or every payment looked up is
+        held by an event batch: the caller's next round waits, rather than asking Stripe
+        again at once)."""
         if monotonic() < self._next_round_at:
             return 0
         async with self._session_factory() as session, session.begin():
@@ -110,17 +121,17 @@ class FeeLookups:
                 return 0
             unsettled = await UNSETTLED.fetch(driver, limit=ROUND_SIZE)
             fees, failures = await self._look_up(unsettled)
-            await WRITE_FEES.execute(driver, fees)
+            written = await WRITE_FEES.execute(driver, fees)
         if failures:
             self._next_round_at = monotonic() + FAILURE_BACKOFF_SECONDS
             log.warning(
                 "payment_fee.lookup_failed",
                 failed=len(failures),
-                written=len(fees),
+                written=written,
                 error_type=type(failures[0]).__name__,
                 retry_in_seconds=FAILURE_BACKOFF_SECONDS,
             )
-        return len(fees)
+        return written
 
     async def _look_up(self, payments: list[Any]) -> tuple[list[dict[str, Any]], list[Exception]]:
         """The fees of `payments` (`UNSETTLED` rows) Stripe gave, and the look-ups' failures."""

@@ -425,3 +425,42 @@ async def test_a_lost_disputes_cancellation_stripe_refuses_does_not_hold_up_the_
     await deliver(lost)
     assert [r.status for r in stripe_fake.requests_to("DELETE", refused)] == [400]
     assert [r.status for r in stripe_fake.requests_to("DELETE", other)] == [200]
+
+
+@pytest.mark.parametrize("batch_holds", ["first", "last"])
+async def test_recording_lost_disputes_cancellations_never_deadlocks_with_an_applying_batch(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver, database_url: str, batch_holds: str
+) -> None:
+    """The round that records accepted cancellations runs beside the event processor, whose
+    batch updates subscriptions in its own order: holding one recorded subscription's row
+    while waiting for another's would close a cycle with a batch that holds the second and
+    then writes the first (Postgres breaks it after `deadlock_timeout`, ~1 s of stalled
+    events, and fails one side). Each is recorded on its own, so the batch goes on, whichever
+    of the two rows it holds first."""
+    from app.disputes.cancels import DisputeCancels
+
+    paid = [
+        await pay_subscription(app, stripe_fake, deliver, account_id=name, channel_id=name)
+        for name in ("acc_k1", "acc_k2")
+    ]
+    first, last = [(await subscription(app, str(p.subscription_id))).id for p in paid]
+    held, other = (first, last) if batch_holds == "first" else (last, first)
+    batch = await asyncpg.connect(plain_dsn(database_url))
+    admin = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        await batch.execute("BEGIN")
+        await batch.execute("UPDATE subscriptions SET updated_at = now() WHERE id = $1", held)
+        recording = asyncio.create_task(
+            DisputeCancels(app.state.session_factory, app.state.stripe).record([first, last])
+        )
+        await wait_for_a_lock_wait(admin)  # the round waits for `held`
+        await batch.execute("UPDATE subscriptions SET updated_at = now() WHERE id = $1", other)
+        await batch.execute("COMMIT")
+        assert await recording == 2
+        sent = await admin.fetch(
+            "SELECT dispute_cancel_sent_at FROM subscriptions WHERE id = ANY($1)", [first, last]
+        )
+        assert len(sent) == 2 and all(row["dispute_cancel_sent_at"] for row in sent)
+    finally:
+        await batch.close()
+        await admin.close()

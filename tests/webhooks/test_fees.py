@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 
+import asyncpg
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
@@ -16,7 +17,7 @@ from app.stripe_gateway import StripeGateway
 from app.webhooks import fees
 from app.webhooks.fees import FeeLookups
 from app.webhooks.processor import EventProcessor
-from tests.conftest import STRIPE_KEY, Deliver
+from tests.conftest import STRIPE_KEY, Deliver, plain_dsn
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import add_catalog, open_checkout
 
@@ -134,3 +135,49 @@ async def test_a_slow_stripe_holds_up_fees_not_events(
         running.cancel()
         await asyncio.gather(running, return_exceptions=True)
         await patient.close()
+
+
+@pytest.mark.parametrize("batch_holds", ["first", "second"])
+async def test_writing_fees_never_deadlocks_with_an_applying_batch(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver, database_url: str, batch_holds: str
+) -> None:
+    """A round runs beside the event processor, whose batch updates payments in its own
+    order: a fee write holding one payment's row while waiting for another's could close a
+    cycle with a batch that holds the second and then writes the first (Postgres breaks it
+    after `deadlock_timeout`, ~1 s of stalled events, failing one side). The write skips the
+    rows a batch holds; their fees are written by a later round."""
+    intents = await _settled_top_ups(
+        app, stripe_fake, deliver, {"acc_fee_k1": 111, "acc_fee_k2": 122}
+    )
+    while await app.state.event_processor.process_due():
+        pass
+    first, second = intents["acc_fee_k1"], intents["acc_fee_k2"]
+    fee_of = {first: 111, second: 122}
+    held, other = (first, second) if batch_holds == "first" else (second, first)
+    touch = "UPDATE payments SET updated_at = now() WHERE stripe_id = $1"
+    batch = await asyncpg.connect(plain_dsn(database_url))
+    admin = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        await batch.execute("BEGIN")
+        await batch.execute(touch, held)
+        processor = app.state.event_processor
+        rounds = asyncio.create_task(processor.drain())  # until a round writes nothing
+        for _ in range(500):  # until the rounds end or one waits for the held row
+            if rounds.done() or await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            ):
+                break
+            await asyncio.sleep(0.02)
+        await batch.execute(touch, other)
+        await batch.execute("COMMIT")
+        await rounds
+    finally:
+        await batch.close()
+        await admin.close()
+    assert await _fees(app) == {other: fee_of[other], held: None}
+    # the held one asked again by the next round, which wrote nothing: the rounds stopped
+    assert len(stripe_fake.requests_to("GET", BALANCE_TRANSACTIONS)) == 3
+    await processor.drain()
+    assert await _fees(app) == fee_of
+    assert len(stripe_fake.requests_to("GET", BALANCE_TRANSACTIONS)) == 4
