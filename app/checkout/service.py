@@ -244,15 +244,19 @@ async def create_checkout_session(
                 raise _debt_below_minimum(settings, debt, currency)
             found = await _OPEN_REPAYMENT.fetchrow(conn, account_id=account_id)
             existing = _detached(found)
-            if existing is not None:
-                if (existing.amount, existing.currency) == (debt, currency) and _open_for(
-                    existing, found["now"]
-                ):
+            if existing is not None and (existing.amount, existing.currency) == (debt, currency):
+                if existing.status == "open" and _open_for(existing, found["now"]):
                     log.info("checkout.reused", checkout_id=str(existing.id))
                     return to_out(existing)
+                if existing.status == "pending":
+                    row, new = existing, False
+                else:
+                    stale = existing
+            elif existing is not None:
                 stale = existing
-            fresh = _new_row(account_id, body, debt, currency, None, digest)
-            row, new = await _retried_or_new(conn, fresh, facts.recent, limit)
+            if row is None:
+                fresh = _new_row(account_id, body, debt, currency, None, digest)
+                row, new = await _retried_or_new(conn, fresh, facts.recent, limit)
         if new:
             await _INSERT_PENDING.execute(conn, **_pending_values(row))
         customer = facts.stripe_customer_id
@@ -637,17 +641,22 @@ _OPEN_REPAYMENT = DriverStatement(
     .where(
         _CHECKOUTS.c.account_id == bindparam("account_id", type_=String),
         _CHECKOUTS.c.purpose == "debt_repayment",
-        _CHECKOUTS.c.status == literal("open"),
+        _CHECKOUTS.c.status.in_([literal("pending"), literal("open")]),
         _CHECKOUTS.c.payment_status.is_distinct_from(literal("paid")),
         _CHECKOUTS.c.fulfilled_at.is_(None),
-        _CHECKOUTS.c.expires_at > func.now(),
+        or_(
+            _CHECKOUTS.c.created_at > func.now() - PENDING_REPLAY_WINDOW,
+            _CHECKOUTS.c.expires_at > func.now(),
+        ),
     )
     .order_by(_CHECKOUTS.c.created_at.desc())
     .limit(1)
 )
-"""The account's newest debt repayment that may still be paid (open until its `expires_at`),
-with the database's clock: a new repayment of the same debt returns it, one of another
-amount expires it first, so the account never has two payable repayments."""
+"""The account's newest debt repayment that may still be paid (open until its `expires_at`,
+or pending: its session being created at Stripe, young enough for its idempotency key to
+replay), with the database's clock: a new repayment of the same debt returns it (a pending
+one by replaying its creation with its key, so Stripe answers the same session), one of
+another amount expires it first, so the account never has two payable repayments."""
 _PAID_REPAYMENTS = DriverStatement(
     select(func.coalesce(func.sum(_CHECKOUTS.c.amount), 0)).where(
         _CHECKOUTS.c.account_id == bindparam("account_id", type_=String),

@@ -559,3 +559,36 @@ async def test_the_stripe_customer_is_reused_for_later_checkouts(
             select(Account.stripe_customer_id).where(Account.id == "acc_1")
         )
     assert [c["id"] for c in stripe_fake.all("customer")] == [customer_id]
+
+
+async def test_two_tabs_repaying_one_debt_at_once_get_one_payable_session(
+    post_checkout: PostCheckout, client: httpx.AsyncClient, token: Any, stripe_fake: StripeFake
+) -> None:
+    """A second repayment of the same debt asked while the first one's session is still being
+    created at Stripe (its row pending) answers that session, as an open one would: the
+    account never has two payable repayments of one debt (which the client could both pay)."""
+    usage = {
+        "id": "conv-tabs",
+        "amount": 2500,
+        "currency": "usd",
+        "kind": "conversation",
+        "occurred_at": "2026-11-01T10:00:00Z",
+    }
+    charged = await client.post(
+        "/v1/accounts/acc_1/usage-charges", json=usage, headers=bearer(token(scope="usage:write"))
+    )
+    assert charged.status_code == 201, charged.text
+    body = {
+        "purpose": "debt_repayment",
+        "success_url": f"{APP_URL}/ok",
+        "cancel_url": f"{APP_URL}/no",
+    }
+    # Stripe slow on the first creation: the second request comes while it is pending
+    stripe_fake.fail_next(1, kind="timeout", delay=0.5, path_prefix="/v1/checkout/sessions")
+    first = asyncio.create_task(post_checkout("acc_1", body))
+    await asyncio.sleep(0.2)
+    second = await post_checkout("acc_1", body)
+    first_answer = await first
+    assert (first_answer.status_code, second.status_code) == (201, 201), second.text
+    assert first_answer.json()["id"] == second.json()["id"]
+    assert len(stripe_fake.all("checkout.session")) == 1
