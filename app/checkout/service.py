@@ -63,6 +63,8 @@ Debt repayments likewise: an open, unexpired repayment of the same debt (amount 
 is returned again; one of another amount (the debt changed) is expired at Stripe first (if
 Stripe reports it already completed, the answer is 409 `no_debt`: asked again, the debt less
 that repayment is asked for), so an account never has two payable repayments of one debt.
+A debt above Stripe's largest charge (`STRIPE_MAXIMUM_AMOUNT`, eight digits of minor units) is
+asked for in parts of at most that: the next repayment, once one is paid, asks for the rest.
 
 Nothing here grants access or credits the balance: the Stripe payment event handlers do, and
 set `fulfilled_at`. Reading a session syncs Stripe's status, payment status and subscription id
@@ -109,7 +111,7 @@ from app.checkout.schemas import (
     SubscriptionCheckoutIn,
     TopUpCheckoutIn,
 )
-from app.config import Plan, Settings, TopUpLimit
+from app.config import STRIPE_MAXIMUM_AMOUNT, Plan, Settings, TopUpLimit
 from app.db import DriverStatement, driver_connection, driver_transaction, flush_on_commit
 from app.errors import (
     BillingError,
@@ -242,6 +244,9 @@ async def create_checkout_session(
             currency = facts.currency or settings.default_currency
             if debt < STRIPE_MINIMUM_CHARGE.get(currency, 0):
                 raise _debt_below_minimum(settings, debt, currency)
+            # Stripe charges at most eight digits: a larger debt is repaid in parts, the rest
+            # asked for once this part is paid (asked whole, Stripe refuses it every time).
+            debt = min(debt, STRIPE_MAXIMUM_AMOUNT)
             found = await _OPEN_REPAYMENT.fetchrow(conn, account_id=account_id)
             existing = _detached(found)
             if existing is not None:

@@ -28,6 +28,11 @@ MINIMUM_CHARGE: dict[str, int] = {
 (docs.stripe.com/currencies#minimum-and-maximum-charge-amounts). Tests may raise one to play
 a charge that is below the minimum once converted to the settlement currency."""
 
+MAXIMUM_CHARGE = 99_999_999
+"""Stripe's largest charge: eight digits in minor units, e.g. 999,999.99 USD
+(docs.stripe.com/currencies#minimum-and-maximum-charge-amounts); a Checkout session for more
+is refused with `amount_too_large`."""
+
 PREFIXES: dict[str, str] = {
     "customer": "cus_",
     "checkout.session": "cs_test_",
