@@ -14,6 +14,7 @@ from .state import (
     RequestContext,
     StripeError,
     _metadata_update,
+    check_amount_step,
     new_id,
 )
 
@@ -457,6 +458,8 @@ class StripeSimulator(StripeSimulation):
                 param="line_items",
                 code="amount_too_large",
             )
+        if mode == "payment":
+            check_amount_step(amount, currency or "", "line_items")
         if params.get("ui_mode", "hosted_page") == "hosted_page" and not params.get("success_url"):
             raise StripeError(400, "Missing required param: success_url.", param="success_url")
         now = self.now()
