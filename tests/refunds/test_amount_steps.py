@@ -17,17 +17,9 @@ from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import PRICE_ID, open_checkout
 
 
-async def test_a_quote_in_a_three_decimal_currency_is_an_amount_stripe_refunds(
-    app: FastAPI,
-    client: httpx.AsyncClient,
-    stripe_fake: StripeFake,
-    deliver: Deliver,
-    token: TokenFactory,
-) -> None:
-    """15.000 KWD paid, settled in USD at 3.26; Stripe's fee of 1.72 USD is 0.528 KWD back in
-    the payment's currency: paid less the 5.000 KWD setup fee and that fee is 9.472 KWD, which
-    Stripe refuses to refund (finance approving the quote got a 502). The quote is 9.470 KWD,
-    rounded down (never more than the policy's amount), and that refund goes through."""
+async def pay_in_kwd(app: FastAPI, stripe_fake: StripeFake, deliver: Deliver) -> Payment:
+    """A 15.000 KWD subscription payment of account `acc_kwd`, settled in USD at 3.26 with a
+    Stripe fee of 1.72 USD (0.528 KWD back in the payment's currency)."""
     app.state.settings.waba_setup_fees["kwd"] = 5000
     stripe_fake.add_price(id=PRICE_ID, unit_amount=15000, currency="kwd", interval="month")
     session_id = await open_checkout(
@@ -42,6 +34,21 @@ async def test_a_quote_in_a_three_decimal_currency_is_an_amount_stripe_refunds(
             payment.stripe_charge_id, fee=172, exchange_rate=3.26, currency="usd"
         )
     )
+    return payment
+
+
+async def test_a_quote_in_a_three_decimal_currency_is_an_amount_stripe_refunds(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """15.000 KWD paid, settled in USD at 3.26; Stripe's fee of 1.72 USD is 0.528 KWD back in
+    the payment's currency: paid less the 5.000 KWD setup fee and that fee is 9.472 KWD, which
+    Stripe refuses to refund (finance approving the quote got a 502). The quote is 9.470 KWD,
+    rounded down (never more than the policy's amount), and that refund goes through."""
+    payment = await pay_in_kwd(app, stripe_fake, deliver)
     quotes = await client.get(
         "/v1/accounts/acc_kwd/refund-eligibility", headers=bearer(token(account_id="acc_kwd"))
     )
@@ -67,3 +74,29 @@ async def test_a_quote_in_a_three_decimal_currency_is_an_amount_stripe_refunds(
     await deliver(new_events(stripe_fake, seen))
     [refund] = stripe_fake.all("refund")
     assert (refund["amount"], refund["currency"], refund["status"]) == (9470, "kwd", "succeeded")
+
+
+async def test_a_refund_stripe_cannot_make_is_422_before_stripe_is_asked(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """Finance approving a refund of 9.472 KWD got Stripe's refusal as a 502 (to retry, as if
+    Stripe were failing): the amount is refused as one that cannot be refunded (422, nothing
+    recorded, Stripe not asked), and 9.470 KWD is then approved."""
+    payment = await pay_in_kwd(app, stripe_fake, deliver)
+    created = await file_request(client, token, "acc_kwd", payment_reference=payment.stripe_id)
+    approval = {
+        "kind": "decision",
+        "message": "Approved: zero usage.",
+        "outcome": "approved",
+        "remedy": "refund",
+    }
+    refused = await reply(client, token, created["id"], **approval, amount=9472)
+    assert refused.status_code == 422, refused.text
+    assert refused.json()["code"] == "validation_error"
+    assert stripe_fake.requests_to("post", "/v1/refunds") == []
+    approved = await reply(client, token, created["id"], **approval, amount=9470)
+    assert approved.status_code == 201, approved.text
