@@ -63,6 +63,11 @@ Debt repayments likewise: an open, unexpired repayment of the same debt (amount 
 is returned again; one of another amount (the debt changed) is expired at Stripe first (if
 Stripe reports it already completed, the answer is 409 `no_debt`: asked again, the debt less
 that repayment is asked for), so an account never has two payable repayments of one debt.
+A debt above Stripe's largest charge (`STRIPE_MAXIMUM_AMOUNT`, eight digits of minor units) is
+asked for in parts of at most that: the next repayment, once one is paid, asks for the rest.
+One Stripe cannot charge in its currency (a last digit other than 0 in the three-decimal
+currencies, fractional krónur in ISK) is asked for rounded up to one it can
+(`_repayment_amount`); a top-up of such an amount is 422.
 
 Nothing here grants access or credits the balance: the Stripe payment event handlers do, and
 set `fulfilled_at`. Reading a session syncs Stripe's status, payment status and subscription id
@@ -109,7 +114,7 @@ from app.checkout.schemas import (
     SubscriptionCheckoutIn,
     TopUpCheckoutIn,
 )
-from app.config import Plan, Settings, TopUpLimit
+from app.config import STRIPE_MAXIMUM_AMOUNT, Plan, Settings, TopUpLimit
 from app.db import DriverStatement, driver_connection, driver_transaction, flush_on_commit
 from app.errors import (
     BillingError,
@@ -124,6 +129,7 @@ from app.models import CheckoutSession, LedgerEntry, Subscription
 from app.rate_limit import RecentSessions, StripeReadThrottle, enforce_stripe_rate_limit
 from app.redirects import check_redirects
 from app.stripe_gateway import StripeGateway, StripeObject, StripeRequestRejected, idempotency_key
+from app.webhooks.fees import amount_step
 from app.webhooks.handlers import CHECKOUT_PAYMENT_ORDER, CHECKOUT_STATUS_ORDER, rank_merge, ref
 
 log = structlog.get_logger()
@@ -242,6 +248,7 @@ async def create_checkout_session(
             currency = facts.currency or settings.default_currency
             if debt < STRIPE_MINIMUM_CHARGE.get(currency, 0):
                 raise _debt_below_minimum(settings, debt, currency)
+            debt = _repayment_amount(debt, currency)
             found = await _OPEN_REPAYMENT.fetchrow(conn, account_id=account_id)
             existing = _detached(found)
             if existing is not None and (existing.amount, existing.currency) == (debt, currency):
@@ -426,8 +433,24 @@ def _validate(settings: Settings, body: CheckoutIn) -> Plan | None:
                 f"A top-up in {currency.upper()} must be between {smallest} and {limits.max} "
                 "minor units"
             )
+        if body.amount % (step := amount_step(currency)):
+            raise Unprocessable(
+                f"A top-up in {currency.upper()} must be a multiple of {step} minor units "
+                "(Stripe charges no other amounts in it)"
+            )
     assert isinstance(body, SubscriptionCheckoutIn | TopUpCheckoutIn | DebtRepaymentCheckoutIn)
     return None
+
+
+def _repayment_amount(debt: int, currency: str) -> int:
+    """What a repayment of `debt` asks for: an amount Stripe charges. At most its largest
+    charge (eight digits): a larger debt is repaid in parts, the rest asked for once this part
+    is paid (asked whole, Stripe refuses it every time). And a multiple of `amount_step` (the
+    last digit 0 in the three-decimal currencies, whole krónur in ISK; usage is charged to
+    the minor unit): rounded up, the few minor units over stay in the prepaid balance (down
+    only for a part below the largest charge)."""
+    step = amount_step(currency)
+    return min(-(-debt // step) * step, STRIPE_MAXIMUM_AMOUNT // step * step)
 
 
 def _smallest_top_up(limits: TopUpLimit, currency: str) -> int:

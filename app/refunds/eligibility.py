@@ -17,6 +17,11 @@ and the payment is eligible only when no reason below applies:
 - `fee_pending`: Stripe has not settled the processing fee yet, so the deduction is unknown.
 - `nothing_left_after_deductions`: the deductions consume the whole payment.
 
+The amount is rounded down to one Stripe refunds (`amount_step`: the last digit 0 in the
+three-decimal currencies, whole krónur in ISK; a Stripe fee converted back from another
+settlement currency is any number of minor units), so finance can approve the quote as it is
+and it is never more than the policy's amount.
+
 The setup fee is `WABA_SETUP_FEES[currency]`. A currency with no configured fee is quoted with
 the whole payment as its setup fee (nothing is refundable) rather than guessing: configure
 every currency you sell in. `already_refunded` counts Stripe's refunds and refunds this service
@@ -31,6 +36,8 @@ import uuid
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Literal
+
+from app.webhooks.fees import amount_step
 
 Reason = Literal[
     "usage_detected",
@@ -80,6 +87,7 @@ def quote(
     refundable = max(
         0, facts.amount_paid - facts.already_refunded - setup_fee - (processing_fee or 0)
     )
+    refundable -= refundable % amount_step(facts.currency)  # an amount Stripe refunds
     reasons: list[Reason] = []
     if usage_detected:
         reasons.append("usage_detected")

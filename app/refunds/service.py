@@ -95,6 +95,7 @@ from app.refunds.schemas import (
 from app.stripe_gateway import StripeGateway, StripeRequestRejected, idempotency_key
 from app.subscriptions.access import subscription_access
 from app.subscriptions.service import record_access_change
+from app.webhooks.fees import amount_step
 
 log = structlog.get_logger()
 
@@ -992,8 +993,16 @@ async def _submit_refund(
 
 
 async def _check_refund_bound(session: AsyncSession, payment: Payment, amount: int) -> None:
+    """422 for a refund of `payment` that may not, or cannot, be made: above the limits below,
+    or an amount Stripe refuses in the payment's currency (`amount_step`: the last digit 0 in
+    the three-decimal currencies, whole krónur in ISK), refused here rather than by Stripe
+    as a 502 that reads as Stripe failing."""
     if payment.status != "succeeded":
         raise RefundExceedsLimit("Only a succeeded payment can be refunded")
+    if amount % (step := amount_step(payment.currency)):
+        raise Unprocessable(
+            f"Stripe refunds {payment.currency.upper()} only in multiples of {step} minor units"
+        )
     limit = payment.amount - await repo.already_refunded(session, payment)
     # A debt repayment paid for usage already consumed (conversations, Meta fees: never
     # refundable): like a top-up, only what is left unspent in the balance may go back.

@@ -79,6 +79,17 @@ def minor_unit_digits(currency: str) -> int:
     return 3 if currency in THREE_DECIMAL_CURRENCIES else 2
 
 
+def amount_step(currency: str) -> int:
+    """What every amount Stripe charges or refunds in `currency` is a multiple of, in its minor
+    units: 10 in the three-decimal currencies (the last digit must be 0, for Stripe's payment
+    partners) and 100 in ISK (whole krónur, though its API amounts carry two decimals); 1
+    elsewhere (docs.stripe.com/currencies, three-decimal currencies and special cases)."""
+    currency = currency.lower()
+    if currency in THREE_DECIMAL_CURRENCIES:
+        return 10
+    return 100 if currency == "isk" else 1
+
+
 def fee_in_payment_currency(balance_transaction: dict[str, Any], payment_currency: str) -> int:
     """Stripe's fee is in the settlement currency, in its minor units; convert it back when
     that differs (`in_currency`)."""

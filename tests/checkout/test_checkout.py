@@ -389,6 +389,41 @@ async def test_a_debt_stripe_refuses_as_below_its_minimum_once_converted_is_409_
     assert stripe_fake.all("checkout.session") == []
 
 
+async def test_a_debt_above_stripes_largest_charge_is_repaid_in_parts(
+    post_checkout: PostCheckout, client: httpx.AsyncClient, token: Any, stripe_fake: StripeFake
+) -> None:
+    """Stripe charges at most eight digits of minor units (999,999.99 USD,
+    docs.stripe.com/currencies#minimum-and-maximum-charge-amounts) and refuses a Checkout
+    session for more (`amount_too_large`). A debt above that (usage charges go up to 10^12)
+    was asked for whole: a 502 on every attempt, a debt the client could never repay. The
+    repayment asks for the largest charge Stripe takes (the rest is asked once it is paid),
+    and asked again returns that same open repayment."""
+    usage = {
+        "id": "conv-huge",
+        "amount": 150_000_000,
+        "currency": "usd",
+        "kind": "conversation",
+        "occurred_at": "2026-11-01T10:00:00Z",
+    }
+    charged = await client.post(
+        "/v1/accounts/acc_1/usage-charges", json=usage, headers=bearer(token(scope="usage:write"))
+    )
+    assert charged.status_code == 201, charged.text
+    body = {
+        "purpose": "debt_repayment",
+        "success_url": f"{APP_URL}/ok",
+        "cancel_url": f"{APP_URL}/no",
+    }
+    response = await post_checkout("acc_1", body)
+    assert response.status_code == 201, response.text
+    assert response.json()["amount"] == 99_999_999
+    again = await post_checkout("acc_1", body)
+    assert again.status_code == 201, again.text
+    assert again.json()["id"] == response.json()["id"]
+    [created] = stripe_fake.all("checkout.session")
+    assert created["amount_total"] == 99_999_999
+
+
 async def test_a_top_up_below_stripes_minimum_charge_is_422_even_where_the_limits_allow_it(
     post_checkout: PostCheckout, app: Any, stripe_fake: StripeFake
 ) -> None:

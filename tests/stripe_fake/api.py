@@ -10,9 +10,11 @@ from typing import Any
 from .openapi import Json
 from .simulation import StripeSimulation, normalize
 from .state import (
+    MAXIMUM_CHARGE,
     RequestContext,
     StripeError,
     _metadata_update,
+    check_amount_step,
     new_id,
 )
 
@@ -449,6 +451,15 @@ class StripeSimulator(StripeSimulation):
                 param="line_items",
                 code="amount_too_small",
             )
+        if mode == "payment" and amount > MAXIMUM_CHARGE:
+            raise StripeError(
+                400,
+                f"Amount must be no more than {MAXIMUM_CHARGE} {currency} (minor units).",
+                param="line_items",
+                code="amount_too_large",
+            )
+        if mode == "payment":
+            check_amount_step(amount, currency or "", "line_items")
         if params.get("ui_mode", "hosted_page") == "hosted_page" and not params.get("success_url"):
             raise StripeError(400, "Missing required param: success_url.", param="success_url")
         now = self.now()

@@ -15,6 +15,7 @@ from .state import (
     RequestContext,
     StripeError,
     StripeState,
+    check_amount_step,
     new_id,
 )
 
@@ -1189,6 +1190,7 @@ class StripeSimulation(StripeState):
                     f"Charge {ch['id']} has already been refunded.",
                     code="charge_already_refunded",
                 )
+            check_amount_step(amount, ch["currency"], "amount")
             if amount > remaining:
                 raise StripeError(
                     400,

@@ -28,6 +28,35 @@ MINIMUM_CHARGE: dict[str, int] = {
 (docs.stripe.com/currencies#minimum-and-maximum-charge-amounts). Tests may raise one to play
 a charge that is below the minimum once converted to the settlement currency."""
 
+THREE_DECIMAL_CURRENCIES = frozenset({"bhd", "jod", "kwd", "omr", "tnd"})
+
+
+def amount_step(currency: str) -> int:
+    """What Stripe's charges and refunds in `currency` must be a multiple of (minor units): the
+    last digit of a three-decimal currency's amount must be 0, and ISK is charged in whole
+    krónur (docs.stripe.com/currencies, three-decimal currencies and special cases)."""
+    if currency in THREE_DECIMAL_CURRENCIES:
+        return 10
+    return 100 if currency == "isk" else 1
+
+
+def check_amount_step(amount: int, currency: str, param: str) -> None:
+    """Stripe's 400 for an amount that is not a multiple of `amount_step`."""
+    step = amount_step(currency)
+    if amount % step:
+        raise StripeError(
+            400,
+            f"Invalid amount: amounts in {currency.upper()} must be evenly divisible by {step}.",
+            param=param,
+            code="invalid_charge_amount_no_decimal_compatible" if currency == "isk" else None,
+        )
+
+
+MAXIMUM_CHARGE = 99_999_999
+"""Stripe's largest charge: eight digits in minor units, e.g. 999,999.99 USD
+(docs.stripe.com/currencies#minimum-and-maximum-charge-amounts); a Checkout session for more
+is refused with `amount_too_large`."""
+
 PREFIXES: dict[str, str] = {
     "customer": "cus_",
     "checkout.session": "cs_test_",
