@@ -483,7 +483,7 @@ async def _open_requests(
 ) -> dict[uuid.UUID, list[RefundRequest]]:
     """The open refund requests of these payments, locked (on the driver), by payment; the
     ORM rows of those found are loaded (rare: they are closed here). Then the payments'
-    accounts are locked, as `repo.waiting_requests` does, so a request filed while these
+    accounts are locked, as `repo.waiting_requests` locks them, so a request filed while these
     events are applied is not missed (its filing wrote its account's row: this transaction
     then fails to serialize and runs again, seeing it)."""
     if not payment_ids:

@@ -386,10 +386,13 @@ async def update_request(
     settings: Settings,
     now: datetime,
 ) -> RefundRequestOut:
+    changes = body.model_dump(exclude_unset=True, exclude_none=True)
+    announced = await _announce_if_waiting(
+        session, request_id, account_id, details=any(field in changes for field in PAYMENT_FIELDS)
+    )
     request = await repo.get_request(session, request_id, account_id=account_id, lock=True)
     if request is None:
         raise RefundRequestNotFound()
-    changes = body.model_dump(exclude_unset=True, exclude_none=True)
     if not changes:
         raise Unprocessable("Nothing to update")
     if request.payment_id is not None:
@@ -410,7 +413,8 @@ async def update_request(
     if request.about_payment and request.payment_id is None:
         # Not missed by the events of its payment, or of its chargeback, being applied at
         # this moment: see `repo.waiting_requests`.
-        await repo.announce_matching(session, account_id)
+        if not announced:
+            await repo.announce_matching(session, account_id)
         match = await _match_payment(session, request, settings)
         if match.payment is None:
             request.missing_information = match.missing
@@ -433,6 +437,34 @@ async def update_request(
         await _close_if_under_chargeback(session, request, identified)
     await session.flush()
     return (await _render(session, [request]))[0]
+
+
+async def _announce_if_waiting(
+    session: AsyncSession, request_id: uuid.UUID, account_id: str, *, details: bool
+) -> bool:
+    """Before a request still waiting for its payment is locked, its account's row is
+    written (`repo.announce_matching`) and so held, when the request may be matched now
+    (it is about a payment, or `details` about one come): the events' transaction takes the
+    account, then its waiting requests (`repo.waiting_requests`), and locking the request
+    first could deadlock with it (the PATCH failing with 503). True when announced."""
+    unlocked = await repo.get_request(session, request_id, account_id=account_id)
+    if unlocked is None or unlocked.payment_id is not None:
+        return False
+    if not (unlocked.about_payment or details):
+        return False
+    await repo.announce_matching(session, account_id)
+    return True
+
+
+async def _lock_account_if_waiting(session: AsyncSession, request_id: uuid.UUID) -> None:
+    """A balance credit locks the request's account (the ledger); for a request still waiting
+    for its payment (`needs_information`) the account is locked before the request, as the
+    events' transaction takes them (`repo.waiting_requests`): the other order could deadlock
+    with it (the reply failing with 503). Any other request is locked first, as the events'
+    transaction takes those (a chargeback closing one, `app/disputes/events.py`)."""
+    unlocked = await repo.get_request(session, request_id)
+    if unlocked is not None and unlocked.status == "needs_information":
+        await repo.lock_account(session, unlocked.account_id)
 
 
 async def identify_waiting_requests(
@@ -680,6 +712,8 @@ async def respond(
         )
     else:
         async with factory() as session, session.begin():
+            if body.kind == "decision" and body.remedy == "balance_credit":
+                await _lock_account_if_waiting(session, request_id)
             request = await repo.get_request(session, request_id, lock=True)
             if request is None:
                 raise RefundRequestNotFound()

@@ -6,13 +6,16 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 
 import asyncpg
 import httpx
+import pytest
 from fastapi import FastAPI
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from app.models import LedgerEntry, RefundRequest
+from app.refunds import repository as repo
 from tests.conftest import Deliver, TokenFactory, bearer, plain_dsn
 from tests.refunds.flows import pay_top_up
 from tests.refunds.test_refund_workflow import file_request, reply
@@ -136,3 +139,50 @@ async def test_a_filing_about_a_payment_and_an_approval_refunding_it_both_go_thr
     assert approved.json()["status"] == "refund_pending"
     assert filed.status_code == 201, filed.text
     assert filed.json()["payment_id"] == paid.payment_id
+
+
+@pytest.mark.parametrize("route", ["details", "credit"])
+async def test_a_waiting_request_s_routes_never_deadlock_with_an_applying_batch(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory, route: str
+) -> None:
+    """A batch applying an account's top-up credits it (locking the account, as every ledger
+    write does) and then identifies the account's requests waiting for their payment
+    (`identify_waiting_requests`: it locks them). A client adding details to one of them at
+    that moment (PATCH: the request locked, then its account written so the batch cannot miss
+    it), or finance granting it a balance credit (the request locked, then the account for
+    the ledger), closed a cycle with it: the route was the deadlock's victim (503 after
+    `deadlock_timeout`). Both take the account first, as the batch does."""
+    waiting = await file_request(client, token, "acc_dl_patch")
+    assert waiting["status"] == "needs_information", waiting
+    factory = app.state.session_factory
+    async with factory() as batch, batch.begin():
+        # the batch never looks for the deadlock first: the PATCH's backend would
+        await batch.execute(text("SET LOCAL deadlock_timeout = '30s'"))
+        await batch.execute(  # a top-up's credit (`ledger_entries_in_account_currency`)
+            text("SELECT 1 FROM accounts WHERE id = 'acc_dl_patch' FOR NO KEY UPDATE")
+        )
+        patch = asyncio.create_task(
+            client.patch(
+                f"/v1/accounts/acc_dl_patch/refund-requests/{waiting['id']}",
+                json={"payment_reference": "pi_not_yet_known"},
+                headers=bearer(token(account_id="acc_dl_patch")),
+            )
+            if route == "details"
+            else reply(client, token, waiting["id"], **CREDIT)
+        )
+        admin = await asyncpg.connect(plain_dsn(app.state.settings.database_url))
+        try:
+            await wait_for_a_lock_wait(admin)  # the PATCH waits for the account
+        finally:
+            await admin.close()
+        # then its payment's requests waiting to be identified
+        assert [r.id for r in await repo.waiting_requests(batch, ["acc_dl_patch"])] == [
+            uuid.UUID(waiting["id"])
+        ]
+    response = await patch
+    if route == "details":
+        assert response.status_code == 200, response.text
+        assert response.json()["payment_reference"] == "pi_not_yet_known"
+    else:
+        assert response.status_code == 201, response.text
+        assert response.json()["status"] == "approved"
