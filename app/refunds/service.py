@@ -467,6 +467,19 @@ async def _lock_account_if_waiting(session: AsyncSession, request_id: uuid.UUID)
         await repo.lock_account(session, unlocked.account_id)
 
 
+async def _lock_subscription_first(session: AsyncSession, request_id: uuid.UUID) -> None:
+    """An access extension locks the subscription of the request's payment; it is locked
+    before the request, as the events' transaction takes them (a subscription's events, or a
+    lost chargeback ending its access, then the open requests the chargeback closes): the
+    other order could deadlock with it (the decision failing with 503)."""
+    unlocked = await repo.get_request(session, request_id)
+    if unlocked is None or unlocked.payment_id is None:
+        return
+    payment = await repo.get_payment(session, unlocked.payment_id)
+    if payment is not None:
+        await repo.subscription_of_payment(session, payment, lock=True)
+
+
 async def identify_waiting_requests(
     session: AsyncSession,
     settings: Settings,
@@ -714,6 +727,8 @@ async def respond(
         async with factory() as session, session.begin():
             if body.kind == "decision" and body.remedy == "balance_credit":
                 await _lock_account_if_waiting(session, request_id)
+            if body.kind == "decision" and body.remedy == "access_extension":
+                await _lock_subscription_first(session, request_id)
             request = await repo.get_request(session, request_id, lock=True)
             if request is None:
                 raise RefundRequestNotFound()

@@ -17,7 +17,7 @@ from sqlalchemy import func, select, text
 from app.models import LedgerEntry, RefundRequest
 from app.refunds import repository as repo
 from tests.conftest import Deliver, TokenFactory, bearer, plain_dsn
-from tests.refunds.flows import pay_top_up
+from tests.refunds.flows import pay_subscription, pay_top_up
 from tests.refunds.test_refund_workflow import file_request, reply
 from tests.stripe_fake import StripeFake
 
@@ -186,3 +186,54 @@ async def test_a_waiting_request_s_routes_never_deadlock_with_an_applying_batch(
     else:
         assert response.status_code == 201, response.text
         assert response.json()["status"] == "approved"
+
+
+async def test_an_access_extension_never_deadlocks_with_an_applying_batch(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+    database_url: str,
+) -> None:
+    """A batch locks a subscription (its events, or a lost chargeback ending its access) and
+    then the open refund requests about its payment (the chargeback closes them). Finance
+    granting one of them an access extension locked the request, then the subscription: a
+    cycle with the batch, whose victim was the decision (503 after `deadlock_timeout`). The
+    decision takes the subscription first, as the batch does."""
+    paid = await pay_subscription(
+        app, stripe_fake, deliver, account_id="acc_dl_ext", channel_id="ch_dl_ext"
+    )
+    filed = await file_request(client, token, "acc_dl_ext", payment_reference=paid.payment_id)
+    assert filed["status"] == "received", filed
+    batch = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        held = batch.transaction()
+        await held.start()
+        # the batch never looks for the deadlock first: the decision's backend would
+        await batch.execute("SET LOCAL deadlock_timeout = '30s'")
+        await batch.execute(  # `SUBSCRIPTIONS_TO_REVOKE` (or the subscription group's lock)
+            "SELECT 1 FROM subscriptions WHERE stripe_id = $1 FOR UPDATE", paid.subscription_id
+        )
+        decision = asyncio.create_task(
+            reply(
+                client,
+                token,
+                filed["id"],
+                kind="decision",
+                message="Three extra days.",
+                outcome="approved",
+                remedy="access_extension",
+                days=3,
+            )
+        )
+        await wait_for_a_lock_wait(batch)
+        await batch.execute(  # the chargeback's `OPEN_REQUESTS`
+            "SELECT 1 FROM refund_requests WHERE id = $1 FOR UPDATE", uuid.UUID(filed["id"])
+        )
+        await held.commit()
+    finally:
+        await batch.close()
+    response = await decision
+    assert response.status_code == 201, response.text
+    assert response.json()["status"] == "approved"
