@@ -1096,6 +1096,11 @@ async def retry_refund(
         # Lock order everywhere: payment, then request, then refund execution.
         payment = await repo.get_payment(session, unlocked.payment_id, lock=True)
         assert payment is not None
+        if payment.purpose in repo.BALANCE_PURPOSES and payment.account_id is not None:
+            # The account its unspent balance is read from (`_check_refund_bound`) before the
+            # request: the events of the failed refund lock the account (its ledger reversal)
+            # and then our request and attempt, so the other order could deadlock with them.
+            await repo.lock_account(session, payment.account_id)
         request = await repo.get_request(session, request_id, lock=True)
         assert request is not None
         if request.status != "refund_failed":
