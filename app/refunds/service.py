@@ -456,14 +456,14 @@ async def _announce_if_waiting(
     return True
 
 
-async def _lock_account_if_waiting(session: AsyncSession, request_id: uuid.UUID) -> None:
-    """A balance credit locks the request's account (the ledger); for a request still waiting
-    for its payment (`needs_information`) the account is locked before the request, as the
-    events' transaction takes them (`repo.waiting_requests`): the other order could deadlock
-    with it (the reply failing with 503). Any other request is locked first, as the events'
-    transaction takes those (a chargeback closing one, `app/disputes/events.py`)."""
+async def _lock_account_first(session: AsyncSession, request_id: uuid.UUID) -> None:
+    """A balance credit locks the request's account (the ledger); it is locked before the
+    request, as the events' transaction takes them (an account locked by a top-up's credit or
+    a first payment, then the requests waiting for a payment it identifies, or the open ones
+    about a payment a chargeback closes): the other order could deadlock with it (the reply
+    failing with 503)."""
     unlocked = await repo.get_request(session, request_id)
-    if unlocked is not None and unlocked.status == "needs_information":
+    if unlocked is not None:
         await repo.lock_account(session, unlocked.account_id)
 
 
@@ -726,7 +726,7 @@ async def respond(
     else:
         async with factory() as session, session.begin():
             if body.kind == "decision" and body.remedy == "balance_credit":
-                await _lock_account_if_waiting(session, request_id)
+                await _lock_account_first(session, request_id)
             if body.kind == "decision" and body.remedy == "access_extension":
                 await _lock_subscription_first(session, request_id)
             request = await repo.get_request(session, request_id, lock=True)
@@ -893,6 +893,9 @@ async def _approve_refund(
         # hook holds the payment while it closes requests).
         payment = await repo.get_payment(session, unlocked.payment_id, lock=True)
         assert payment is not None
+        if payment.purpose in repo.BALANCE_PURPOSES and payment.account_id is not None:
+            # its account (`_check_refund_bound`) before the request, as the events take them
+            await repo.lock_account(session, payment.account_id)
         request = await repo.get_request(session, request_id, lock=True)
         assert request is not None
         if request.decided_at is not None or request.status not in OPEN_STATUSES:

@@ -64,11 +64,11 @@ async def test_a_request_aborted_to_break_a_deadlock_answers_503_and_changes_not
         # this side never looks for the deadlock first: the request's backend (waiting
         # longer, with the default 1 s) finds it and is the one aborted
         await admin.execute("SET LOCAL deadlock_timeout = '30s'")
-        await admin.execute("SELECT 1 FROM accounts WHERE id = 'acc_d' FOR UPDATE")
+        await admin.execute("SELECT 1 FROM refund_requests WHERE id = $1 FOR UPDATE", request_id)
         decision = asyncio.create_task(client.post(url, json=CREDIT, headers=finance))
-        await wait_for_a_lock_wait(admin)  # it holds the request's row, waits for the account
-        await admin.execute(  # and now this side waits for the request's row: a deadlock
-            "SELECT 1 FROM refund_requests WHERE id = $1 FOR UPDATE", request_id
+        await wait_for_a_lock_wait(admin)  # it holds the account, waits for the request's row
+        await admin.execute(  # and now this side waits for the account: a deadlock
+            "SELECT 1 FROM accounts WHERE id = 'acc_d' FOR UPDATE"
         )
         response = await decision
         await other.rollback()
@@ -237,3 +237,49 @@ async def test_an_access_extension_never_deadlocks_with_an_applying_batch(
     response = await decision
     assert response.status_code == 201, response.text
     assert response.json()["status"] == "approved"
+
+
+@pytest.mark.parametrize("remedy", ["balance_credit", "refund"])
+async def test_a_decision_never_deadlocks_with_a_batch_closing_requests_by_chargeback(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+    database_url: str,
+    remedy: str,
+) -> None:
+    """A batch that has locked an account (a top-up's credit, a first payment) goes on to a
+    chargeback of one of its payments, which locks the open refund requests about it (it
+    closes them). Finance granting one of them a balance credit (the ledger) or a refund of
+    the top-up (its unspent balance) locked the request and then the account: a cycle with
+    the batch, whose victim was the decision (503 after `deadlock_timeout`). The decision
+    takes the account first, as the batch does (the chargeback's own effects too: the
+    accounts, then the requests)."""
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_dl_cb", amount=3000)
+    filed = await file_request(client, token, "acc_dl_cb", payment_reference=paid.payment_intent)
+    assert filed["status"] == "received", filed
+    batch = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        held = batch.transaction()
+        await held.start()
+        # the batch never looks for the deadlock first: the decision's backend would
+        await batch.execute("SET LOCAL deadlock_timeout = '30s'")
+        await batch.execute(  # an earlier group's ledger write
+            "SELECT 1 FROM accounts WHERE id = 'acc_dl_cb' FOR NO KEY UPDATE"
+        )
+        decision = asyncio.create_task(
+            reply(client, token, filed["id"], **{**CREDIT, "remedy": remedy})
+        )
+        await wait_for_a_lock_wait(batch)
+        await batch.execute(  # the chargeback's `OPEN_REQUESTS`
+            "SELECT 1 FROM refund_requests WHERE id = $1 FOR UPDATE", uuid.UUID(filed["id"])
+        )
+        await held.commit()
+    finally:
+        await batch.close()
+    response = await decision
+    assert response.status_code == 201, response.text
+    assert response.json()["status"] == (
+        "approved" if remedy == "balance_credit" else "refund_pending"
+    )
