@@ -189,9 +189,13 @@ _CHANNEL_OWNER = DriverStatement(
 
 async def claim_channel(conn: Any, account_id: str, channel_id: str) -> None:
     """Make `account_id` the channel's owner if nobody is; 404 when another account owns it
-    (on a `driver_transaction`)."""
-    await _CLAIM_CHANNEL.execute(conn, channel_id=channel_id, account_id=account_id)
+    (on a `driver_transaction`). A channel that exists is only read: the insert would wait
+    for a transaction that wrote its row (an event batch recording its access, which may then
+    want the account this checkout has locked: a deadlock)."""
     owner = await _CHANNEL_OWNER.fetchval(conn, channel_id=channel_id)
+    if owner is None:
+        await _CLAIM_CHANNEL.execute(conn, channel_id=channel_id, account_id=account_id)
+        owner = await _CHANNEL_OWNER.fetchval(conn, channel_id=channel_id)
     if owner != account_id:
         log.info("channel.foreign_claim_refused", account_id=account_id)
         raise ChannelNotFound(f"No channel {channel_id!r} on this account")

@@ -482,14 +482,16 @@ async def _open_requests(
     session: AsyncSession, driver: Any, payment_ids: list[uuid.UUID], account_ids: list[str]
 ) -> dict[uuid.UUID, list[RefundRequest]]:
     """The open refund requests of these payments, locked (on the driver), by payment; the
-    ORM rows of those found are loaded (rare: they are closed here). Then the payments'
-    accounts are locked, as `repo.waiting_requests` does, so a request filed while these
+    ORM rows of those found are loaded (rare: they are closed here). The payments' accounts
+    are locked first, as `repo.waiting_requests` locks them, so a request filed while these
     events are applied is not missed (its filing wrote its account's row: this transaction
-    then fails to serialize and runs again, seeing it)."""
+    then fails to serialize and runs again, seeing it). Accounts before requests, the order
+    of every transaction that takes both (a finance balance credit too): the other order
+    could deadlock."""
     if not payment_ids:
         return {}
-    found = await OPEN_REQUESTS.fetch(driver, payment_ids=sorted(set(payment_ids)))
     await repo.LOCK_ACCOUNTS.execute(driver, ids=sorted(set(account_ids)))
+    found = await OPEN_REQUESTS.fetch(driver, payment_ids=sorted(set(payment_ids)))
     if not found:
         return {}
     loaded = await session.scalars(REQUESTS_BY_ID, {"ids": [request_id for request_id, _ in found]})

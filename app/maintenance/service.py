@@ -564,7 +564,9 @@ async def _record_completion(
                     Subscription.access_revoked_at > window.starts_at,
                 ),
             )
-            .order_by(Subscription.id)
+            # the order an event batch locks subscriptions in (by Stripe id): in any other,
+            # holding one while waiting for another the batch holds could deadlock with it
+            .order_by(Subscription.stripe_id)
             .with_for_update()
         )
     ).scalars()

@@ -456,14 +456,18 @@ async def announce_matching(session: AsyncSession, account_id: str) -> None:
 
 async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> list[RefundRequest]:
     """The accounts' requests still waiting for their payment to be identified
-    (`needs_information`), locked; then the accounts' rows are locked too.
+    (`needs_information`), locked, after the accounts' rows.
 
     So a request filed while the payment's events are being applied is not missed by either
     side: a filing writes its account's row before it matches (`announce_matching`), and so
     does a PATCH that may identify it. If the events' transaction locks the row first, the
     filing waits and then sees the payment; if the filing wrote it first, the events'
     transaction (SERIALIZABLE) fails to serialize on that lock and runs again, seeing the
-    request. (Requests before the account, the order a finance decision takes them in.)"""
+    request. The account before its waiting requests: the events' transaction has often
+    locked it already (a top-up's credit, a first payment), and a PATCH or a finance reply
+    about such a request takes them in that order too; the other order, in either, could
+    deadlock with it."""
+    await LOCK_ACCOUNTS.execute(await session_driver(session), ids=sorted(set(account_ids)))
     statement = (
         select(RefundRequest)
         .where(
@@ -474,9 +478,7 @@ async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> lis
         .with_for_update()
         .execution_options(populate_existing=True)
     )
-    requests = list((await session.execute(statement)).scalars())
-    await LOCK_ACCOUNTS.execute(await session_driver(session), ids=sorted(set(account_ids)))
-    return requests
+    return list((await session.execute(statement)).scalars())
 
 
 LOCK_ACCOUNTS = DriverStatement(

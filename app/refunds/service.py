@@ -387,10 +387,13 @@ async def update_request(
     settings: Settings,
     now: datetime,
 ) -> RefundRequestOut:
+    changes = body.model_dump(exclude_unset=True, exclude_none=True)
+    announced = await _announce_if_waiting(
+        session, request_id, account_id, details=any(field in changes for field in PAYMENT_FIELDS)
+    )
     request = await repo.get_request(session, request_id, account_id=account_id, lock=True)
     if request is None:
         raise RefundRequestNotFound()
-    changes = body.model_dump(exclude_unset=True, exclude_none=True)
     if not changes:
         raise Unprocessable("Nothing to update")
     if request.payment_id is not None:
@@ -411,7 +414,8 @@ async def update_request(
     if request.about_payment and request.payment_id is None:
         # Not missed by the events of its payment, or of its chargeback, being applied at
         # this moment: see `repo.waiting_requests`.
-        await repo.announce_matching(session, account_id)
+        if not announced:
+            await repo.announce_matching(session, account_id)
         match = await _match_payment(session, request, settings)
         if match.payment is None:
             request.missing_information = match.missing
@@ -434,6 +438,47 @@ async def update_request(
         await _close_if_under_chargeback(session, request, identified)
     await session.flush()
     return (await _render(session, [request]))[0]
+
+
+async def _announce_if_waiting(
+    session: AsyncSession, request_id: uuid.UUID, account_id: str, *, details: bool
+) -> bool:
+    """Before a request still waiting for its payment is locked, its account's row is
+    written (`repo.announce_matching`) and so held, when the request may be matched now
+    (it is about a payment, or `details` about one come): the events' transaction takes the
+    account, then its waiting requests (`repo.waiting_requests`), and locking the request
+    first could deadlock with it (the PATCH failing with 503). True when announced."""
+    unlocked = await repo.get_request(session, request_id, account_id=account_id)
+    if unlocked is None or unlocked.payment_id is not None:
+        return False
+    if not (unlocked.about_payment or details):
+        return False
+    await repo.announce_matching(session, account_id)
+    return True
+
+
+async def _lock_account_first(session: AsyncSession, request_id: uuid.UUID) -> None:
+    """A balance credit locks the request's account (the ledger); it is locked before the
+    request, as the events' transaction takes them (an account locked by a top-up's credit or
+    a first payment, then the requests waiting for a payment it identifies, or the open ones
+    about a payment a chargeback closes): the other order could deadlock with it (the reply
+    failing with 503)."""
+    unlocked = await repo.get_request(session, request_id)
+    if unlocked is not None:
+        await repo.lock_account(session, unlocked.account_id)
+
+
+async def _lock_subscription_first(session: AsyncSession, request_id: uuid.UUID) -> None:
+    """An access extension locks the subscription of the request's payment; it is locked
+    before the request, as the events' transaction takes them (a subscription's events, or a
+    lost chargeback ending its access, then the open requests the chargeback closes): the
+    other order could deadlock with it (the decision failing with 503)."""
+    unlocked = await repo.get_request(session, request_id)
+    if unlocked is None or unlocked.payment_id is None:
+        return
+    payment = await repo.get_payment(session, unlocked.payment_id)
+    if payment is not None:
+        await repo.subscription_of_payment(session, payment, lock=True)
 
 
 async def identify_waiting_requests(
@@ -681,6 +726,10 @@ async def respond(
         )
     else:
         async with factory() as session, session.begin():
+            if body.kind == "decision" and body.remedy == "balance_credit":
+                await _lock_account_first(session, request_id)
+            if body.kind == "decision" and body.remedy == "access_extension":
+                await _lock_subscription_first(session, request_id)
             request = await repo.get_request(session, request_id, lock=True)
             if request is None:
                 raise RefundRequestNotFound()
@@ -845,6 +894,9 @@ async def _approve_refund(
         # hook holds the payment while it closes requests).
         payment = await repo.get_payment(session, unlocked.payment_id, lock=True)
         assert payment is not None
+        if payment.purpose in repo.BALANCE_PURPOSES and payment.account_id is not None:
+            # its account (`_check_refund_bound`) before the request, as the events take them
+            await repo.lock_account(session, payment.account_id)
         request = await repo.get_request(session, request_id, lock=True)
         assert request is not None
         if request.decided_at is not None or request.status not in OPEN_STATUSES:
@@ -1056,6 +1108,11 @@ async def retry_refund(
         # Lock order everywhere: payment, then request, then refund execution.
         payment = await repo.get_payment(session, unlocked.payment_id, lock=True)
         assert payment is not None
+        if payment.purpose in repo.BALANCE_PURPOSES and payment.account_id is not None:
+            # The account its unspent balance is read from (`_check_refund_bound`) before the
+            # request: the events of the failed refund lock the account (its ledger reversal)
+            # and then our request and attempt, so the other order could deadlock with them.
+            await repo.lock_account(session, payment.account_id)
         request = await repo.get_request(session, request_id, lock=True)
         assert request is not None
         if request.status != "refund_failed":

@@ -39,6 +39,14 @@ LOCK_CHANNEL_FEEDS = DriverStatement(
     )
 )
 """Each channel's feed lock, taken in the order given (sorted, so two writers cannot deadlock)."""
+TRY_LOCK_CHANNEL_FEEDS = DriverStatement(
+    text(
+        "SELECT channel FROM unnest(CAST(:channels AS text[])) AS c(channel)"
+        " WHERE pg_try_advisory_xact_lock(hashtextextended('channel:' || channel, 0))"
+    )
+)
+"""The channels whose feed lock is free, locked now; never waits for one another transaction
+holds (`record_expired_access`)."""
 TOUCH_CHANNELS = DriverStatement(
     text("UPDATE channels SET updated_at = now() WHERE id = ANY(CAST(:channels AS text[]))")
 )
@@ -96,7 +104,11 @@ async def record_access_change(
 
 
 async def record_access_changes(
-    session: AsyncSession, channels_at: Mapping[str, datetime], settings: Settings
+    session: AsyncSession,
+    channels_at: Mapping[str, datetime],
+    settings: Settings,
+    *,
+    skip_held: bool = False,
 ) -> list[str]:
     """Append to the access feed for each channel whose access, at the time given for it,
     differs from its last entry (`has_access`, `access_until` or `reason`: a follower of the
@@ -107,12 +119,19 @@ async def record_access_changes(
 
     Serialized per channel with an advisory lock, so concurrent events for two subscriptions
     of one channel cannot both append the same change; a transaction whose snapshot predates
-    another writer's commit fails to serialize instead (`TOUCH_CHANNELS`)."""
+    another writer's commit fails to serialize instead (`TOUCH_CHANNELS`). `skip_held`: the
+    channels whose lock another transaction holds are left out (not waited for)."""
     channels = sorted(channels_at)
     if not channels:
         return []
     driver = await session_driver(session)
-    await LOCK_CHANNEL_FEEDS.execute(driver, channels=channels)
+    if skip_held:
+        free = {row[0] for row in await TRY_LOCK_CHANNEL_FEEDS.fetch(driver, channels=channels)}
+        channels = [channel for channel in channels if channel in free]
+        if not channels:
+            return []
+    else:
+        await LOCK_CHANNEL_FEEDS.execute(driver, channels=channels)
     await TOUCH_CHANNELS.execute(driver, channels=channels)
     rows: dict[str, list[Any]] = {}
     for row in await CHANNELS_FEED_STATE.fetch(driver, channels=channels):
@@ -242,7 +261,14 @@ async def record_expired_access(
     event: append those changes to the feed; returns how many entries were appended. Run
     periodically by the background workers. Each channel's last entry is one probe of
     `ix_access_changes_channel_id_id`: the sweep reads as many entries as there are channels
-    (every entry's channel has a row), never the feed's history."""
+    (every entry's channel has a row), never the feed's history.
+
+    The channels whose feed lock another transaction holds are left to the next run (that
+    writer appends what access is then, often this very end): an event batch takes feed
+    locks once per group that changes access, so it may hold a later channel's and then
+    want an earlier one's, and a sweep holding the earlier one while waiting for the later
+    would deadlock with it (Postgres breaks that after `deadlock_timeout`, stalling the
+    events ~1 s and failing one side)."""
     now = now or datetime.now(UTC)
     latest = (
         select(AccessChange.has_access, AccessChange.access_until)
@@ -259,5 +285,7 @@ async def record_expired_access(
                 .where(latest.c.has_access.is_(True), latest.c.access_until <= now)
             )
         ).all()
-        recorded = await record_access_changes(session, dict.fromkeys(expired, now), settings)
+        recorded = await record_access_changes(
+            session, dict.fromkeys(expired, now), settings, skip_held=True
+        )
     return len(recorded)

@@ -7,6 +7,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from sqlalchemy import select
@@ -14,7 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.models import Account, CheckoutSession, Subscription
 from tests.checkout.conftest import APP_URL, PostCheckout, subscription_body, top_up_body
-from tests.conftest import bearer
+from tests.conftest import bearer, plain_dsn
 from tests.stripe_fake import StripeFake
 from tests.stripe_fake.state import StripeError
 
@@ -627,3 +628,41 @@ async def test_two_tabs_repaying_one_debt_at_once_get_one_payable_session(
     assert (first_answer.status_code, second.status_code) == (201, 201), second.text
     assert first_answer.json()["id"] == second.json()["id"]
     assert len(stripe_fake.all("checkout.session")) == 1
+
+
+async def test_a_subscription_checkout_never_deadlocks_with_a_batch_writing_its_channel(
+    post_checkout: PostCheckout, database_url: str
+) -> None:
+    """A batch records its channels' access (`record_access_changes` writes a new version
+    of each channel's row) and goes on to lock their accounts (a first payment, a credit). A
+    subscription checkout locked its account and then claimed the channel with an insert,
+    which waits for the batch's uncommitted channel row: a cycle whose victim was the
+    checkout (503 after `deadlock_timeout`). A channel that exists is read, never waited for."""
+    first = await post_checkout("acc_1", subscription_body("ch_1"))
+    assert first.status_code == 201, first.text
+    batch = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        held = batch.transaction()
+        await held.start()
+        # the batch never looks for the deadlock first: the checkout's backend would
+        await batch.execute("SET LOCAL deadlock_timeout = '30s'")
+        await batch.execute(  # `TOUCH_CHANNELS`
+            "UPDATE channels SET updated_at = now() WHERE id = 'ch_1'"
+        )
+        again = asyncio.create_task(post_checkout("acc_1", subscription_body("ch_1")))
+        for _ in range(100):  # until the checkout ends or waits
+            if again.done() or await batch.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            ):
+                break
+            await asyncio.sleep(0.02)
+        await batch.execute(  # `RECORD_FIRST_PAYMENTS`
+            "UPDATE accounts SET first_paid_at = now() WHERE id = 'acc_1'"
+        )
+        await held.commit()
+    finally:
+        await batch.close()
+    response = await again
+    assert response.status_code == 201, response.text
+    assert response.json()["id"] == first.json()["id"]  # the open one, returned again

@@ -2,20 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
-from sqlalchemy import select
+from fastapi import FastAPI
+from sqlalchemy import select, text
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.main import create_app
 from app.models import AccessChange, OutboxEmail, Subscription
 from app.subscriptions.access import access_until
-from tests.conftest import Deliver, TokenFactory, bearer
+from tests.conftest import Deliver, TokenFactory, bearer, plain_dsn
 from tests.maintenance.conftest import LiveSubscription
+from tests.robustness.test_lock_conflicts import wait_for_a_lock_wait
 from tests.stripe_fake import StripeFake
 
 URL = "/v1/ops/maintenance-windows"
@@ -255,3 +259,52 @@ async def test_an_end_still_in_the_future_is_refused_and_changes_nothing(
     assert (shown["status"], shown["ended_at"], shown["unavailable_days"]) == ("open", None, None)
     done = await complete(client, ops, window_id, now.isoformat())
     assert done.status_code == 200, done.text
+
+
+async def test_completion_never_deadlocks_with_a_batch_locking_subscriptions(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    factory: Factory,
+    live_subscription: LiveSubscription,
+    database_url: str,
+) -> None:
+    """The completion locks every subscription live during the window in one statement; an
+    event batch locks its subscriptions in one statement too (`LOCKED_SUBSCRIPTIONS`, and a
+    lost chargeback's `SUBSCRIPTIONS_TO_REVOKE`), in the order of their Stripe ids. The
+    completion took them in the order of our ids: holding one while waiting for another the
+    batch held, which then wanted the first, it was the deadlock's victim (503 after
+    `deadlock_timeout`, its work lost). It takes them in the batch's order."""
+    subs = [
+        await live_subscription(f"acc_dl_m{n}", f"ch_dl_m{n}", email=f"m{n}@client.example")
+        for n in (1, 2)
+    ]
+    first, last = sorted(sub["id"] for sub in subs)
+    async with factory() as session, session.begin():
+        # our ids in the other order than Stripe's (random otherwise)
+        for stripe_id, our_id in (
+            (first, "00000000-0000-4000-8000-000000000002"),
+            (last, "00000000-0000-4000-8000-000000000001"),
+        ):
+            await session.execute(
+                text("UPDATE subscriptions SET id = CAST(:id AS uuid) WHERE stripe_id = :sid"),
+                {"id": our_id, "sid": stripe_id},
+            )
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+    batch = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        held = batch.transaction()
+        await held.start()
+        # the batch never looks for the deadlock first: the completion's backend would
+        await batch.execute("SET LOCAL deadlock_timeout = '30s'")
+        lock = "SELECT 1 FROM subscriptions WHERE stripe_id = $1 FOR UPDATE"
+        await batch.execute(lock, first)  # its statement's first row
+        completion = asyncio.create_task(complete(client, ops, window_id, ACROSS_MIDNIGHT[1]))
+        await wait_for_a_lock_wait(batch)
+        await batch.execute(lock, last)  # and its next
+        await held.commit()
+    finally:
+        await batch.close()
+    response = await completion
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "completed"

@@ -8,6 +8,7 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import asyncpg
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -16,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 
 from app.models import RefundExecution
 from app.refunds.repository import add_ledger_entry
-from tests.conftest import Deliver, TokenFactory, bearer
+from tests.conftest import Deliver, TokenFactory, bearer, plain_dsn
 from tests.refunds.flows import (
     balance,
     ledger,
@@ -27,6 +28,7 @@ from tests.refunds.flows import (
     subscription,
 )
 from tests.refunds.test_refund_workflow import FINANCE, file_request, reply
+from tests.robustness.test_lock_conflicts import wait_for_a_lock_wait
 from tests.stripe_fake import StripeFake
 
 APPROVE = {"kind": "decision", "message": "Approved.", "outcome": "approved", "remedy": "refund"}
@@ -496,3 +498,39 @@ async def test_a_refund_that_fails_after_its_request_was_closed_reopens_it_for_a
     await deliver(new_events(stripe_fake, seen))
     assert (await finance_view(client, token, created["id"]))["status"] == "refunded"
     assert await balance(app, "acc_fc") == 2000
+
+
+async def test_a_retry_never_deadlocks_with_a_batch_applying_the_failed_refund_s_events(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+    database_url: str,
+) -> None:
+    """A batch applying a top-up refund's events (another event of the failed refund, say)
+    locks the account for its ledger entries (the reversal) and then the request and attempt
+    of ours the refund names. A retry of that request locked the payment, the request and
+    its attempt, and then the account (its unspent balance bounds the retry): a cycle with
+    the batch, whose victim was the retry (503 after `deadlock_timeout`). The retry takes the
+    account before the request, as the batch does."""
+    request_id, _ = await failed_top_up_refund(app, client, stripe_fake, deliver, token, "acc_dlr")
+    batch = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        held = batch.transaction()
+        await held.start()
+        # the batch never looks for the deadlock first: the retry's backend would
+        await batch.execute("SET LOCAL deadlock_timeout = '30s'")
+        await batch.execute(  # `_adjust_ledger`'s `ledger_entries_in_account_currency`
+            "SELECT 1 FROM accounts WHERE id = 'acc_dlr' FOR NO KEY UPDATE"
+        )
+        retried = asyncio.create_task(retry(client, token, request_id))
+        await wait_for_a_lock_wait(batch)
+        await batch.execute(  # `_apply_ours`: the request the refund's attempt is of
+            "SELECT 1 FROM refund_requests WHERE id = $1 FOR UPDATE", uuid.UUID(request_id)
+        )
+        await held.commit()
+    finally:
+        await batch.close()
+    response = await retried
+    assert response.status_code == 201, response.text

@@ -5,13 +5,15 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC, datetime, timedelta
 
+import asyncpg
 import httpx
+import pytest
 from fastapi import FastAPI
 from sqlalchemy import select, text, update
 
 from app.models import AccessChange, Subscription
 from app.subscriptions.service import record_expired_access
-from tests.conftest import Deliver, TokenFactory, bearer
+from tests.conftest import Deliver, TokenFactory, bearer, plain_dsn
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import add_catalog, open_checkout
 from tests.webhooks.test_processing import cli
@@ -170,3 +172,58 @@ async def test_a_follower_of_the_feed_learns_what_the_access_check_answers(
         await deliver(step())
         entry, check = await latest_entry_and_check()
         assert entry == check
+
+
+@pytest.mark.parametrize("batch_holds", ["first", "last"])
+async def test_the_expiry_sweep_never_deadlocks_with_an_applying_batch(
+    app: FastAPI, stripe_fake: StripeFake, deliver: Deliver, database_url: str, batch_holds: str
+) -> None:
+    """The sweep (`record_expired_access`, every minute beside the event processor) takes the
+    feed locks of every expired channel. An event batch takes channels' feed locks once per
+    group that changes access (subscriptions, then each refund, then lost disputes), so it
+    may hold a later channel's and then want an earlier one's: a sweep holding the earlier
+    one while waiting for the later would close a cycle (Postgres breaks it after
+    `deadlock_timeout`: ~1 s of stalled events and a failed side). The sweep leaves the
+    channels another transaction holds to its next run, whichever of the two the batch holds
+    first."""
+    add_catalog(stripe_fake)
+    channels = ["ch_sweep_a", "ch_sweep_b"]
+    for channel in channels:
+        session_id = await open_checkout(
+            app, account_id=f"acc_{channel}", purpose="subscription", channel_id=channel
+        )
+        await deliver(stripe_fake.complete_checkout(session_id))
+    ended = datetime.now(UTC) - timedelta(minutes=1)
+    factory, settings = app.state.session_factory, app.state.settings
+    async with factory() as session, session.begin():
+        await session.execute(update(Subscription).values(current_period_end=ended))
+        await session.execute(update(AccessChange).values(access_until=ended))
+    held, other = channels if batch_holds == "first" else channels[::-1]
+    lock = "SELECT pg_advisory_xact_lock(hashtextextended('channel:' || $1::text, 0))"
+    batch = await asyncpg.connect(plain_dsn(database_url))
+    admin = await asyncpg.connect(plain_dsn(database_url))
+    try:
+        await batch.execute("BEGIN")
+        await batch.execute(lock, held)
+        sweep = asyncio.create_task(record_expired_access(factory, settings))
+        for _ in range(500):  # until the sweep ends or waits for the held channel
+            if sweep.done() or await admin.fetchval(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database()"
+                " AND wait_event_type = 'Lock'"
+            ):
+                break
+            await asyncio.sleep(0.02)
+        await batch.execute(lock, other)  # the batch's next group
+        await batch.execute("COMMIT")
+        assert await sweep == 1  # the one the batch did not hold
+    finally:
+        await batch.close()
+        await admin.close()
+    assert await record_expired_access(factory, settings) == 1  # the other, at the next run
+    async with factory() as session:
+        ends = (
+            await session.scalars(
+                select(AccessChange.channel_id).where(AccessChange.has_access.is_(False))
+            )
+        ).all()
+    assert sorted(ends) == channels
