@@ -13,12 +13,15 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
 import uvloop
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.auth import KNOWN_SCOPES, mint_token
 from app.config import Settings, get_settings
 from app.db import create_engine, create_session_factory
+from app.errors import BillingError, database_unavailable, sqlstate_of
 from app.idempotency import prune_expired_keys
 from app.observability import configure_logging
 from app.stripe_gateway import StripeGateway
@@ -253,13 +256,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. What an operator (or cron) can act on ends it with one line on stderr
+    and exit status 1, not a traceback: the database unreachable or refusing, Stripe down or
+    refusing, a file that cannot be written. Bad arguments are argparse's usage error (2)."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "run_async", False):
-        # uvloop, as uvicorn runs the web processes (uvicorn[standard])
-        code: int = uvloop.run(args.handler(args))
-    else:
-        code = args.handler(args)
+    try:
+        if getattr(args, "run_async", False):
+            # uvloop, as uvicorn runs the web processes (uvicorn[standard])
+            code: int = uvloop.run(args.handler(args))
+        else:
+            code = args.handler(args)
+    except Exception as exc:
+        problem = _operator_problem(exc, uses_database=getattr(args, "run_async", False))
+        if problem is None:
+            raise
+        print(f"billing {args.command}: {problem}", file=sys.stderr)
+        return 1
     return code
+
+
+def _operator_problem(exc: Exception, *, uses_database: bool) -> str | None:
+    """What to tell the operator about `exc`, or None for a bug (its traceback is shown). The
+    database's own messages are not printed: they can carry statements and their values."""
+    if isinstance(exc, BillingError):  # Stripe unavailable or refusing the request
+        return exc.detail
+    if uses_database and database_unavailable(exc):
+        return (
+            f"the database is unreachable ({type(exc).__name__}); check DATABASE_URL and that"
+            " Postgres is up, then run the command again"
+        )
+    if isinstance(exc, SQLAlchemyError | asyncpg.PostgresError):
+        sqlstate = sqlstate_of(exc)
+        return (
+            f"the database refused the command ({type(exc).__name__}, SQLSTATE {sqlstate});"
+            " is it migrated to this release (alembic upgrade head)?"
+        )
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename or ''}".rstrip(": ")
+    return None
 
 
 if __name__ == "__main__":

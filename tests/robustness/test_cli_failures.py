@@ -1,0 +1,108 @@
+"""The `billing` commands an operator or cron runs, when what they need is not there: they
+exit non-zero with one clear line on stderr, never a Python traceback (cron mails it, and the
+cause is buried under frames of asyncpg or the Stripe SDK)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from app import cli
+from app.config import Settings
+from tests.conftest import JWT_SECRET, ROOT, STRIPE_KEY, WEBHOOK_SECRET
+from tests.stripe_fake import StripeFake
+
+
+def closed_port() -> int:
+    """A local port nothing listens on (connections to it are refused at once)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def billing(*args: str, database_url: str, stripe_url: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "APP_ENV": "test",
+        "DATABASE_URL": database_url,
+        "STRIPE_API_BASE": stripe_url,
+        "STRIPE_SECRET_KEY": STRIPE_KEY,
+        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+        "STRIPE_MAX_NETWORK_RETRIES": "0",
+        "AUTH_JWT_SECRET": JWT_SECRET,
+        "REDIRECT_ALLOWED_ORIGINS": "https://app.1msg.io",
+        "LOG_LEVEL": "WARNING",
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["prune-events"],
+        ["expire-access"],
+        ["push-extensions"],
+        ["reconcile-events"],
+        ["deliver-emails", "--once"],
+    ],
+)
+def test_a_command_run_while_the_database_is_unreachable_says_so_and_exits_non_zero(
+    command: list[str], stripe_fake: StripeFake
+) -> None:
+    unreachable = f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port()}/billing"
+    result = billing(*command, database_url=unreachable, stripe_url=stripe_fake.url)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "database" in result.stderr.lower(), result.stderr
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["reconcile-events", "--since", "2026-01-01"],
+        ["portal-config"],
+        ["register-webhook", "--url", "https://billing.1msg.io/webhooks/stripe"],
+    ],
+)
+def test_a_command_run_while_stripe_fails_says_so_and_exits_non_zero(
+    command: list[str], settings: Settings, stripe_fake: StripeFake
+) -> None:
+    stripe_fake.fail_next(10, 500)
+    result = billing(*command, database_url=settings.database_url, stripe_url=stripe_fake.url)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Stripe" in result.stderr, result.stderr
+
+
+def test_a_command_run_while_stripe_is_unreachable_says_so_and_exits_non_zero(
+    settings: Settings,
+) -> None:
+    result = billing(
+        "reconcile-events",
+        database_url=settings.database_url,
+        stripe_url=f"http://127.0.0.1:{closed_port()}",
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "Stripe" in result.stderr, result.stderr
+
+
+def test_openapi_to_a_folder_that_does_not_exist_says_so_and_exits_non_zero(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert cli.main(["openapi", "--output", str(tmp_path / "missing" / "openapi.json")]) == 1
+    error = capsys.readouterr().err
+    assert "billing openapi:" in error and "missing" in error
