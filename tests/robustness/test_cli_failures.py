@@ -4,11 +4,14 @@ cause is buried under frames of asyncpg or the Stripe SDK)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import socket
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,7 +28,10 @@ def closed_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def billing(*args: str, database_url: str, stripe_url: str) -> subprocess.CompletedProcess[str]:
+def billing(
+    *args: str, database_url: str, stripe_url: str, log_level: str = "WARNING"
+) -> subprocess.CompletedProcess[str]:
+    """`billing <args>` as cron runs it: its own process, the settings from the environment."""
     env = {
         **os.environ,
         "APP_ENV": "test",
@@ -36,7 +42,7 @@ def billing(*args: str, database_url: str, stripe_url: str) -> subprocess.Comple
         "STRIPE_MAX_NETWORK_RETRIES": "0",
         "AUTH_JWT_SECRET": JWT_SECRET,
         "REDIRECT_ALLOWED_ORIGINS": "https://app.1msg.io",
-        "LOG_LEVEL": "WARNING",
+        "LOG_LEVEL": log_level,
     }
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *args],
@@ -47,6 +53,17 @@ def billing(*args: str, database_url: str, stripe_url: str) -> subprocess.Comple
         timeout=120,
         check=False,
     )
+
+
+def log_entries(output: str) -> list[dict[str, Any]]:
+    """The structured log lines (JSON objects) among a command's output."""
+    entries = []
+    for line in output.splitlines():
+        with contextlib.suppress(ValueError):
+            entry = json.loads(line)
+            if isinstance(entry, dict) and "event" in entry:
+                entries.append(entry)
+    return entries
 
 
 @pytest.mark.parametrize(
