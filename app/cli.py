@@ -165,7 +165,9 @@ async def _push_extensions(_: argparse.Namespace) -> int:
     from app.maintenance.service import retry_pending_extensions
 
     async with _runtime() as (_settings, engine, gateway):
-        settled = await retry_pending_extensions(create_session_factory(engine), gateway)
+        settled = await retry_pending_extensions(
+            create_session_factory(engine), gateway, raise_if_stripe_failed=True
+        )
     print(f"settled {settled} pending maintenance extension pushes")
     return 0
 
