@@ -15,6 +15,7 @@ from pathlib import Path
 
 import asyncpg  # type: ignore[import-untyped]
 import uvloop
+from prometheus_client import start_http_server
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -132,9 +133,18 @@ async def _portal_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_metrics(port: int | None) -> None:
+    """This process's Prometheus metrics on `:port/metrics` (a thread of prometheus_client):
+    a worker process's counters (events applied, their lag, emails sent) are in no web
+    process's `/metrics`."""
+    if port is not None:
+        start_http_server(port)
+
+
 async def _deliver_emails(args: argparse.Namespace) -> int:
     from app.notifications.worker import EmailWorker, deliver_round
 
+    _serve_metrics(args.metrics_port)
     async with _runtime() as (settings, engine, _gateway):
         factory = create_session_factory(engine)
         if args.once:
@@ -172,7 +182,8 @@ async def _push_extensions(_: argparse.Namespace) -> int:
     return 0
 
 
-async def _process_events(_: argparse.Namespace) -> int:
+async def _process_events(args: argparse.Namespace) -> int:
+    _serve_metrics(args.metrics_port)
     async with _runtime() as (settings, engine, gateway):
         processor = EventProcessor(create_session_factory(engine), settings, gateway)
         listener = asyncio.create_task(listen_for_stored_events(engine, processor.notify))
@@ -186,6 +197,9 @@ async def _process_events(_: argparse.Namespace) -> int:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
     return 0
+
+
+METRICS_PORT_HELP = "serve this process's Prometheus metrics on http://0.0.0.0:PORT/metrics"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -249,10 +263,12 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(handler=_push_extensions, run_async=True)
 
     work = commands.add_parser("process-events", help="run the event processor in the foreground")
+    work.add_argument("--metrics-port", type=int, help=METRICS_PORT_HELP)
     work.set_defaults(handler=_process_events, run_async=True)
 
     deliver = commands.add_parser("deliver-emails", help="run the email delivery worker")
     deliver.add_argument("--once", action="store_true", help="one round, then exit")
+    deliver.add_argument("--metrics-port", type=int, help=METRICS_PORT_HELP)
     deliver.set_defaults(handler=_deliver_emails, run_async=True)
     return parser
 
