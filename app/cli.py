@@ -33,8 +33,19 @@ from app.webhooks.wakeup import listen_for_stored_events
 
 
 def _mint_token(args: argparse.Namespace) -> int:
+    """Refuses (2) to mint a token the service would refuse (401): see `_principal_from_claims`
+    in app/auth.py."""
     if (args.account_id is None) == (args.scope is None):
         print("give exactly one of --account-id or --scope", file=sys.stderr)
+        return 2
+    if not args.sub:
+        print("--sub is empty", file=sys.stderr)
+        return 2
+    if args.account_id == "":
+        print("--account-id is empty", file=sys.stderr)
+        return 2
+    if args.ttl <= 0:
+        print("--ttl must be a positive number of seconds", file=sys.stderr)
         return 2
     if args.scope is not None:
         if not args.scope.split():  # the service refuses such a token (401)
