@@ -105,7 +105,8 @@ class StripeGateway:
         *,
         answers: Collection[str | None] | Literal["any"] = (),
     ) -> StripeObject:
-        """`call`, its failures as our errors. A refusal is logged at error (a request we
+        """`call`, its failures as our errors, each logged with the id Stripe gave the request
+        (`stripe_request_id`: what finds it in Stripe's logs). A refusal is logged at error (a request we
         built wrong, or state we did not expect: someone should look), except one whose Stripe
         code is in `answers` (`"any"`: every refusal), which the caller takes as an answer
         (a subscription already gone, a session no longer open): logged at info."""
@@ -116,7 +117,12 @@ class StripeGateway:
             except stripe.RateLimitError as exc:
                 retry_after = _retry_after_seconds(exc)
                 if attempt >= self._rate_limit_retries or retry_after > self._max_retry_after:
-                    log.warning("stripe.rate_limited", operation=operation, attempts=attempt + 1)
+                    log.warning(
+                        "stripe.rate_limited",
+                        operation=operation,
+                        attempts=attempt + 1,
+                        stripe_request_id=exc.request_id,
+                    )
                     raise StripeUnavailable(
                         "Stripe is rate limiting requests; retry later"
                     ) from None
@@ -133,6 +139,7 @@ class StripeGateway:
                     param=exc.param,
                     code=exc.code,
                     expected=expected,
+                    stripe_request_id=exc.request_id,
                 )
                 raise StripeRequestRejected(
                     f"Stripe rejected {operation}: {exc.user_message or exc}",
@@ -141,11 +148,19 @@ class StripeGateway:
                 ) from None
             except (stripe.APIConnectionError, stripe.APIError) as exc:
                 log.warning(
-                    "stripe.unavailable", operation=operation, error_type=type(exc).__name__
+                    "stripe.unavailable",
+                    operation=operation,
+                    error_type=type(exc).__name__,
+                    stripe_request_id=exc.request_id,  # None when Stripe never answered
                 )
                 raise StripeUnavailable(f"Stripe did not answer {operation}; retry later") from None
             except stripe.StripeError as exc:
-                log.error("stripe.error", operation=operation, error_type=type(exc).__name__)
+                log.error(
+                    "stripe.error",
+                    operation=operation,
+                    error_type=type(exc).__name__,
+                    stripe_request_id=exc.request_id,
+                )
                 raise StripeUnavailable(f"Stripe failed {operation}") from None
             return _plain(result)
 

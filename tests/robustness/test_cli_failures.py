@@ -123,3 +123,27 @@ def test_openapi_to_a_folder_that_does_not_exist_says_so_and_exits_non_zero(
     assert cli.main(["openapi", "--output", str(tmp_path / "missing" / "openapi.json")]) == 1
     error = capsys.readouterr().err
     assert "billing openapi:" in error and "missing" in error
+
+
+@pytest.mark.parametrize(
+    ("command", "failure", "event"),
+    [
+        (["portal-config", "--id", "bpc_nonexistent"], None, "stripe.request_rejected"),
+        (["reconcile-events", "--since", "2026-01-01"], 500, "stripe.unavailable"),
+    ],
+)
+def test_a_stripe_failure_is_logged_with_stripes_request_id(
+    command: list[str],
+    failure: int | None,
+    event: str,
+    settings: Settings,
+    stripe_fake: StripeFake,
+) -> None:
+    """The id Stripe gave the failed request (`Request-Id`, `req_...`) is what finds it in
+    Stripe's request logs and what Stripe's support asks for: it is on the log line."""
+    if failure is not None:
+        stripe_fake.fail_next(10, failure)
+    result = billing(*command, database_url=settings.database_url, stripe_url=stripe_fake.url)
+    assert result.returncode == 1, result.stderr
+    [logged] = [e for e in log_entries(result.stdout + result.stderr) if e["event"] == event]
+    assert str(logged.get("stripe_request_id", "")).startswith("req_"), logged
