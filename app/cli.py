@@ -16,6 +16,7 @@ from pathlib import Path
 import asyncpg  # type: ignore[import-untyped]
 import uvloop
 from prometheus_client import start_http_server
+from pydantic import ValidationError
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -304,11 +305,23 @@ def main(argv: list[str] | None = None) -> int:
     return code
 
 
+_NOT_MIGRATED_SQLSTATES = frozenset({"42P01", "42703", "42883"})
+"""Undefined table, column or function: a database behind the code's migrations."""
+_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+"""Serialization failure, deadlock: the transaction was rolled back whole."""
+
+
 def _operator_problem(exc: Exception, *, uses_database: bool) -> str | None:
     """What to tell the operator about `exc`, or None for a bug (its traceback is shown). The
     database's own messages are not printed: they can carry statements and their values."""
     if isinstance(exc, BillingError):  # Stripe unavailable or refusing the request
         return exc.detail
+    if isinstance(exc, ValidationError):  # the settings (without the values: secrets)
+        reasons = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        return f"the configuration is refused: {reasons}"
     if uses_database and database_unavailable(exc):
         return (
             f"the database is unreachable ({type(exc).__name__}); check DATABASE_URL and that"
@@ -316,10 +329,14 @@ def _operator_problem(exc: Exception, *, uses_database: bool) -> str | None:
         )
     if isinstance(exc, SQLAlchemyError | asyncpg.PostgresError):
         sqlstate = sqlstate_of(exc)
-        return (
-            f"the database refused the command ({type(exc).__name__}, SQLSTATE {sqlstate});"
-            " is it migrated to this release (alembic upgrade head)?"
-        )
+        problem = f"the database refused the command ({type(exc).__name__}, SQLSTATE {sqlstate})"
+        if sqlstate in _NOT_MIGRATED_SQLSTATES:
+            problem += "; is it migrated to this release (alembic upgrade head)?"
+        elif sqlstate in _CONFLICT_SQLSTATES:
+            problem += (
+                "; a concurrent change conflicted with it and it was rolled back: run it again"
+            )
+        return problem
     if isinstance(exc, OSError):
         return f"{exc.strerror or type(exc).__name__}: {exc.filename or ''}".rstrip(": ")
     return None

@@ -147,3 +147,26 @@ def test_a_stripe_failure_is_logged_with_stripes_request_id(
     assert result.returncode == 1, result.stderr
     [logged] = [e for e in log_entries(result.stdout + result.stderr) if e["event"] == event]
     assert str(logged.get("stripe_request_id", "")).startswith("req_"), logged
+
+
+def test_a_command_run_with_a_refused_configuration_names_what_is_wrong_without_a_traceback(
+    stripe_fake: StripeFake,
+) -> None:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("STRIPE_", "AUTH_", "DATABASE_"))
+    }
+    result = subprocess.run(
+        [sys.executable, "-m", "app.cli", "prune-events"],
+        cwd=ROOT,
+        env={**env, "APP_ENV": "production", "SMTP_PASSWORD": "smtp-secret-value"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    assert "AUTH_JWT_SECRET" in result.stderr and "STRIPE_SECRET_KEY" in result.stderr
+    assert "smtp-secret-value" not in result.stdout + result.stderr
