@@ -159,17 +159,21 @@ async def _deliver_emails(args: argparse.Namespace) -> int:
     _serve_metrics(args.metrics_port)
     async with _runtime() as (settings, engine, _gateway):
         factory = create_session_factory(engine)
+        # SIGTERM/SIGINT finish the message in flight, then exit (a kill mid-conversation
+        # would leave it `sending`, parked as delivery_uncertain and never resent): in the
+        # loop and in a single round alike
+        loop = asyncio.get_running_loop()
         if args.once:
-            result = await deliver_round(factory, settings)
+            stop = asyncio.Event()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stop.set)
+            result = await deliver_round(factory, settings, stop=stop)
             print(
                 f"sent {len(result.sent)}, retrying {len(result.retrying)}, "
                 f"failed {len(result.failed)}, uncertain {len(result.uncertain)}"
             )
         else:
-            # SIGTERM/SIGINT finish the message in flight, then exit (a kill mid-conversation
-            # would leave it `sending`, parked as delivery_uncertain and never resent)
             worker = EmailWorker(factory, settings)
-            loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, worker.request_stop)
             await worker.run()
