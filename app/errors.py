@@ -277,6 +277,15 @@ def _jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BillingError)
     async def _billing_error(_: Request, exc: BillingError) -> JSONResponse:
+        if isinstance(exc, ServiceUnavailable):
+            # our own words (not ready and why, the access feed busy): a probe shows no body.
+            # 502s are logged by the Stripe gateway (their detail can quote Stripe's message).
+            log.warning(
+                "request.service_unavailable",
+                status=exc.status,
+                code=exc.code,
+                detail=exc.detail,
+            )
         return problem_response(exc.status, exc.code, exc.title, exc.detail, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
