@@ -13,12 +13,17 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 
+import asyncpg  # type: ignore[import-untyped]
 import uvloop
+from prometheus_client import start_http_server
+from pydantic import ValidationError
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from app.auth import KNOWN_SCOPES, mint_token
 from app.config import Settings, get_settings
 from app.db import create_engine, create_session_factory
+from app.errors import BillingError, database_unavailable, sqlstate_of
 from app.idempotency import prune_expired_keys
 from app.observability import configure_logging
 from app.stripe_gateway import StripeGateway
@@ -29,8 +34,19 @@ from app.webhooks.wakeup import listen_for_stored_events
 
 
 def _mint_token(args: argparse.Namespace) -> int:
+    """Refuses (2) to mint a token the service would refuse (401): see `_principal_from_claims`
+    in app/auth.py."""
     if (args.account_id is None) == (args.scope is None):
         print("give exactly one of --account-id or --scope", file=sys.stderr)
+        return 2
+    if not args.sub:
+        print("--sub is empty", file=sys.stderr)
+        return 2
+    if args.account_id == "":
+        print("--account-id is empty", file=sys.stderr)
+        return 2
+    if args.ttl <= 0:
+        print("--ttl must be a positive number of seconds", file=sys.stderr)
         return 2
     if args.scope is not None:
         if not args.scope.split():  # the service refuses such a token (401)
@@ -129,22 +145,35 @@ async def _portal_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve_metrics(port: int | None) -> None:
+    """This process's Prometheus metrics on `:port/metrics` (a thread of prometheus_client):
+    a worker process's counters (events applied, their lag, emails sent) are in no web
+    process's `/metrics`."""
+    if port is not None:
+        start_http_server(port)
+
+
 async def _deliver_emails(args: argparse.Namespace) -> int:
     from app.notifications.worker import EmailWorker, deliver_round
 
+    _serve_metrics(args.metrics_port)
     async with _runtime() as (settings, engine, _gateway):
         factory = create_session_factory(engine)
+        # SIGTERM/SIGINT finish the message in flight, then exit (a kill mid-conversation
+        # would leave it `sending`, parked as delivery_uncertain and never resent): in the
+        # loop and in a single round alike
+        loop = asyncio.get_running_loop()
         if args.once:
-            result = await deliver_round(factory, settings)
+            stop = asyncio.Event()
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(signum, stop.set)
+            result = await deliver_round(factory, settings, stop=stop)
             print(
                 f"sent {len(result.sent)}, retrying {len(result.retrying)}, "
                 f"failed {len(result.failed)}, uncertain {len(result.uncertain)}"
             )
         else:
-            # SIGTERM/SIGINT finish the message in flight, then exit (a kill mid-conversation
-            # would leave it `sending`, parked as delivery_uncertain and never resent)
             worker = EmailWorker(factory, settings)
-            loop = asyncio.get_running_loop()
             for signum in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(signum, worker.request_stop)
             await worker.run()
@@ -162,12 +191,15 @@ async def _push_extensions(_: argparse.Namespace) -> int:
     from app.maintenance.service import retry_pending_extensions
 
     async with _runtime() as (_settings, engine, gateway):
-        settled = await retry_pending_extensions(create_session_factory(engine), gateway)
+        settled = await retry_pending_extensions(
+            create_session_factory(engine), gateway, raise_if_stripe_failed=True
+        )
     print(f"settled {settled} pending maintenance extension pushes")
     return 0
 
 
-async def _process_events(_: argparse.Namespace) -> int:
+async def _process_events(args: argparse.Namespace) -> int:
+    _serve_metrics(args.metrics_port)
     async with _runtime() as (settings, engine, gateway):
         processor = EventProcessor(create_session_factory(engine), settings, gateway)
         listener = asyncio.create_task(listen_for_stored_events(engine, processor.notify))
@@ -181,6 +213,9 @@ async def _process_events(_: argparse.Namespace) -> int:
             listener.cancel()
             await asyncio.gather(listener, return_exceptions=True)
     return 0
+
+
+METRICS_PORT_HELP = "serve this process's Prometheus metrics on http://0.0.0.0:PORT/metrics"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,22 +279,71 @@ def build_parser() -> argparse.ArgumentParser:
     push.set_defaults(handler=_push_extensions, run_async=True)
 
     work = commands.add_parser("process-events", help="run the event processor in the foreground")
+    work.add_argument("--metrics-port", type=int, help=METRICS_PORT_HELP)
     work.set_defaults(handler=_process_events, run_async=True)
 
     deliver = commands.add_parser("deliver-emails", help="run the email delivery worker")
     deliver.add_argument("--once", action="store_true", help="one round, then exit")
+    deliver.add_argument("--metrics-port", type=int, help=METRICS_PORT_HELP)
     deliver.set_defaults(handler=_deliver_emails, run_async=True)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. What an operator (or cron) can act on ends it with one line on stderr
+    and exit status 1, not a traceback: the database unreachable or refusing, Stripe down or
+    refusing, a file that cannot be written. Bad arguments are argparse's usage error (2)."""
     args = build_parser().parse_args(argv)
-    if getattr(args, "run_async", False):
-        # uvloop, as uvicorn runs the web processes (uvicorn[standard])
-        code: int = uvloop.run(args.handler(args))
-    else:
-        code = args.handler(args)
+    try:
+        if getattr(args, "run_async", False):
+            # uvloop, as uvicorn runs the web processes (uvicorn[standard])
+            code: int = uvloop.run(args.handler(args))
+        else:
+            code = args.handler(args)
+    except Exception as exc:
+        problem = _operator_problem(exc, uses_database=getattr(args, "run_async", False))
+        if problem is None:
+            raise
+        print(f"billing {args.command}: {problem}", file=sys.stderr)
+        return 1
     return code
+
+
+_NOT_MIGRATED_SQLSTATES = frozenset({"42P01", "42703", "42883"})
+"""Undefined table, column or function: a database behind the code's migrations."""
+_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
+"""Serialization failure, deadlock: the transaction was rolled back whole."""
+
+
+def _operator_problem(exc: Exception, *, uses_database: bool) -> str | None:
+    """What to tell the operator about `exc`, or None for a bug (its traceback is shown). The
+    database's own messages are not printed: they can carry statements and their values."""
+    if isinstance(exc, BillingError):  # Stripe unavailable or refusing the request
+        return exc.detail
+    if isinstance(exc, ValidationError):  # the settings (without the values: secrets)
+        reasons = "; ".join(
+            f"{'.'.join(str(part) for part in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        return f"the configuration is refused: {reasons}"
+    if uses_database and database_unavailable(exc):
+        return (
+            f"the database is unreachable ({type(exc).__name__}); check DATABASE_URL and that"
+            " Postgres is up, then run the command again"
+        )
+    if isinstance(exc, SQLAlchemyError | asyncpg.PostgresError):
+        sqlstate = sqlstate_of(exc)
+        problem = f"the database refused the command ({type(exc).__name__}, SQLSTATE {sqlstate})"
+        if sqlstate in _NOT_MIGRATED_SQLSTATES:
+            problem += "; is it migrated to this release (alembic upgrade head)?"
+        elif sqlstate in _CONFLICT_SQLSTATES:
+            problem += (
+                "; a concurrent change conflicted with it and it was rolled back: run it again"
+            )
+        return problem
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or type(exc).__name__}: {exc.filename or ''}".rstrip(": ")
+    return None
 
 
 if __name__ == "__main__":

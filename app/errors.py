@@ -234,7 +234,7 @@ _LOCK_CONFLICT_SQLSTATES = frozenset({"40001", "40P01"})
 _INPUT_DATA_SQLSTATES = frozenset({"22001", "22003", "22007", "22008", "22021", "22P05"})
 
 
-def _sqlstate(exc: BaseException) -> str | None:
+def sqlstate_of(exc: BaseException) -> str | None:
     """The SQLSTATE of a database error: SQLAlchemy's (its driver's error, or the asyncpg
     error behind that) or asyncpg's own (statements run on the driver, app/db.py)."""
     orig = exc.orig if isinstance(exc, sa_exc.DBAPIError) else exc
@@ -247,7 +247,7 @@ def _sqlstate(exc: BaseException) -> str | None:
 
 def unstorable_input(exc: BaseException) -> bool:
     """True when the database refused a value the request carried (see _INPUT_DATA_SQLSTATES)."""
-    return _sqlstate(exc) in _INPUT_DATA_SQLSTATES
+    return sqlstate_of(exc) in _INPUT_DATA_SQLSTATES
 
 
 def database_unavailable(exc: BaseException) -> bool:
@@ -256,11 +256,11 @@ def database_unavailable(exc: BaseException) -> bool:
     if isinstance(exc, OSError | TimeoutError | sa_exc.TimeoutError | asyncpg.InterfaceError):
         return True
     if isinstance(exc, asyncpg.PostgresError):
-        return (_sqlstate(exc) or "").startswith(_UNAVAILABLE_SQLSTATES)
+        return (sqlstate_of(exc) or "").startswith(_UNAVAILABLE_SQLSTATES)
     if isinstance(exc, sa_exc.DBAPIError):
         if exc.connection_invalidated or isinstance(exc.orig, OSError | TimeoutError):
             return True
-        sqlstate = _sqlstate(exc)
+        sqlstate = sqlstate_of(exc)
         if sqlstate is not None and sqlstate.startswith(_UNAVAILABLE_SQLSTATES):
             return True
         return isinstance(exc, sa_exc.InterfaceError)
@@ -277,6 +277,15 @@ def _jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BillingError)
     async def _billing_error(_: Request, exc: BillingError) -> JSONResponse:
+        if isinstance(exc, ServiceUnavailable):
+            # our own words (not ready and why, the access feed busy): a probe shows no body.
+            # 502s are logged by the Stripe gateway (their detail can quote Stripe's message).
+            log.warning(
+                "request.service_unavailable",
+                status=exc.status,
+                code=exc.code,
+                detail=exc.detail,
+            )
         return problem_response(exc.status, exc.code, exc.title, exc.detail, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
@@ -305,8 +314,8 @@ def install_error_handlers(app: FastAPI) -> None:
                 "A value in the request cannot be stored (too long, out of range, or containing "
                 "characters such as NUL)",
             )
-        if _sqlstate(exc) in _LOCK_CONFLICT_SQLSTATES:
-            log.warning("request.lock_conflict", sqlstate=_sqlstate(exc))
+        if sqlstate_of(exc) in _LOCK_CONFLICT_SQLSTATES:
+            log.warning("request.lock_conflict", sqlstate=sqlstate_of(exc))
             return problem_response(
                 503,
                 ServiceUnavailable.code,

@@ -46,7 +46,7 @@ from app.webhooks.processor import EventProcessor, prune_payloads
 from app.webhooks.router import WEBHOOK_PATH, WebhookFastPath
 from app.webhooks.router import router as webhooks_router
 from app.webhooks.wakeup import StoredEventsNotifier
-from app.workers import BackgroundWorkers, every
+from app.workers import BackgroundWorkers
 
 
 class ProblemCORSMiddleware(CORSMiddleware):
@@ -144,29 +144,25 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         workers = BackgroundWorkers()
         if settings.run_background_workers:
             workers.start("stripe-events", processor.run_forever())
-            workers.start(
+            workers.every(
                 "expire-access",
-                every(60, lambda: record_expired_access(app.state.session_factory, settings)),
+                60,
+                lambda: record_expired_access(app.state.session_factory, settings),
             )
-            workers.start(
+            workers.every(
                 "maintenance-pushes",
-                every(
-                    60,
-                    lambda: retry_pending_extensions(app.state.session_factory, app.state.stripe),
-                ),
+                60,
+                lambda: retry_pending_extensions(app.state.session_factory, app.state.stripe),
             )
-            workers.start(
+            workers.every(
                 "prune-events",
-                every(
-                    3600,
-                    lambda: prune_payloads(
-                        app.state.session_factory, settings.event_retention_days
-                    ),
-                ),
+                3600,
+                lambda: prune_payloads(app.state.session_factory, settings.event_retention_days),
             )
-            workers.start(
+            workers.every(
                 "prune-idempotency-keys",
-                every(3600, lambda: prune_expired_keys(app.state.session_factory)),
+                3600,
+                lambda: prune_expired_keys(app.state.session_factory),
             )
         email_worker = EmailWorker(app.state.session_factory, settings)
         if settings.run_background_workers:

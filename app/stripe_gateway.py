@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, Literal
 from urllib.parse import quote
 
 import aiohttp
@@ -98,7 +98,18 @@ class StripeGateway:
     def client(self) -> stripe.StripeClient:
         return self._client
 
-    async def _call(self, operation: str, call: Callable[[], Awaitable[Any]]) -> StripeObject:
+    async def _call(
+        self,
+        operation: str,
+        call: Callable[[], Awaitable[Any]],
+        *,
+        answers: Collection[str | None] | Literal["any"] = (),
+    ) -> StripeObject:
+        """`call`, its failures as our errors, each logged with the id Stripe gave the request
+        (`stripe_request_id`: what finds it in Stripe's logs). A refusal is logged at error (a request we
+        built wrong, or state we did not expect: someone should look), except one whose Stripe
+        code is in `answers` (`"any"`: every refusal), which the caller takes as an answer
+        (a subscription already gone, a session no longer open): logged at info."""
         attempt = 0
         while True:
             try:
@@ -106,7 +117,12 @@ class StripeGateway:
             except stripe.RateLimitError as exc:
                 retry_after = _retry_after_seconds(exc)
                 if attempt >= self._rate_limit_retries or retry_after > self._max_retry_after:
-                    log.warning("stripe.rate_limited", operation=operation, attempts=attempt + 1)
+                    log.warning(
+                        "stripe.rate_limited",
+                        operation=operation,
+                        attempts=attempt + 1,
+                        stripe_request_id=exc.request_id,
+                    )
                     raise StripeUnavailable(
                         "Stripe is rate limiting requests; retry later"
                     ) from None
@@ -116,8 +132,14 @@ class StripeGateway:
             except stripe.CardError as exc:
                 raise StripeCardError(exc.user_message or "The card was declined") from None
             except stripe.InvalidRequestError as exc:
-                log.error(
-                    "stripe.request_rejected", operation=operation, param=exc.param, code=exc.code
+                expected = answers == "any" or exc.code in answers
+                (log.info if expected else log.error)(
+                    "stripe.request_rejected",
+                    operation=operation,
+                    param=exc.param,
+                    code=exc.code,
+                    expected=expected,
+                    stripe_request_id=exc.request_id,
                 )
                 raise StripeRequestRejected(
                     f"Stripe rejected {operation}: {exc.user_message or exc}",
@@ -126,11 +148,19 @@ class StripeGateway:
                 ) from None
             except (stripe.APIConnectionError, stripe.APIError) as exc:
                 log.warning(
-                    "stripe.unavailable", operation=operation, error_type=type(exc).__name__
+                    "stripe.unavailable",
+                    operation=operation,
+                    error_type=type(exc).__name__,
+                    stripe_request_id=exc.request_id,  # None when Stripe never answered
                 )
                 raise StripeUnavailable(f"Stripe did not answer {operation}; retry later") from None
             except stripe.StripeError as exc:
-                log.error("stripe.error", operation=operation, error_type=type(exc).__name__)
+                log.error(
+                    "stripe.error",
+                    operation=operation,
+                    error_type=type(exc).__name__,
+                    stripe_request_id=exc.request_id,
+                )
                 raise StripeUnavailable(f"Stripe failed {operation}") from None
             return _plain(result)
 
@@ -169,6 +199,7 @@ class StripeGateway:
         return await self._call(
             "customers.update",
             lambda: self._post_json(f"/v1/customers/{customer_id}", {"email": email}),
+            answers={"email_invalid"},  # left off the customer (app/accounts/service.py)
         )
 
     # --- checkout --------------------------------------------------------------------------
@@ -186,9 +217,12 @@ class StripeGateway:
         )
 
     async def expire_checkout_session(self, session_id: str) -> StripeObject:
+        """Refused when the session is no longer open (completed or expired meanwhile): the
+        caller then reads what it became."""
         return await self._call(
             "checkout.sessions.expire",
             lambda: self._v1.checkout.sessions.expire_async(session_id),
+            answers="any",
         )
 
     # --- billing portal --------------------------------------------------------------------
@@ -241,11 +275,14 @@ class StripeGateway:
     async def update_subscription(
         self, subscription_id: str, params: dict[str, Any], *, key: str
     ) -> StripeObject:
+        """Refused for a subscription that has ended (or a `cancel_at` in the way): the
+        maintenance push records it `rejected` (README), an answer, not a fault."""
         return await self._call(
             "subscriptions.update",
             lambda: self._v1.subscriptions.update_async(
                 subscription_id, params, {"idempotency_key": key}
             ),
+            answers="any",
         )
 
     # --- refunds ---------------------------------------------------------------------------
@@ -293,6 +330,7 @@ class StripeGateway:
                 lambda: self._v1.subscriptions.cancel_async(
                     subscription_id, params, {"idempotency_key": key}
                 ),
+                answers={"resource_missing"},
             )
         except StripeRequestRejected as exc:
             if exc.stripe_code == "resource_missing":

@@ -13,13 +13,14 @@ import structlog
 log = structlog.get_logger()
 
 
-async def every(seconds: float, job: Callable[[], Awaitable[object]]) -> None:
-    """Run `job` now and then every `seconds`, logging (not raising) its failures."""
+async def every(name: str, seconds: float, job: Callable[[], Awaitable[object]]) -> None:
+    """Run `job` now and then every `seconds`, logging (not raising) its failures under its
+    `name` (the jobs fail alike when the database is down: the line says which one it is)."""
     while True:
         try:
             await job()
         except Exception as exc:
-            log.warning("worker.job_failed", error_type=type(exc).__name__)
+            log.warning("worker.job_failed", job=name, error_type=type(exc).__name__)
         await asyncio.sleep(seconds)
 
 
@@ -29,6 +30,10 @@ class BackgroundWorkers:
 
     def start(self, name: str, loop: Coroutine[Any, Any, Any]) -> None:
         self._tasks[name] = asyncio.create_task(loop, name=name)
+
+    def every(self, name: str, seconds: float, job: Callable[[], Awaitable[object]]) -> None:
+        """Start `job` as the loop `name`, run every `seconds` (`every`)."""
+        self.start(name, every(name, seconds, job))
 
     async def stop(self) -> None:
         for task in self._tasks.values():

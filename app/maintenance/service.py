@@ -85,7 +85,13 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.calendar import BusinessCalendar
 from app.config import Settings
-from app.errors import MaintenanceAlreadyCompleted, MaintenanceTooLong, NotFound, Unprocessable
+from app.errors import (
+    MaintenanceAlreadyCompleted,
+    MaintenanceTooLong,
+    NotFound,
+    StripeUnavailable,
+    Unprocessable,
+)
 from app.maintenance.schemas import (
     MaintenanceWindowComplete,
     MaintenanceWindowCreate,
@@ -801,10 +807,13 @@ async def retry_pending_extensions(
     gateway: StripeGateway,
     *,
     limit: int = 200,
+    raise_if_stripe_failed: bool = False,
 ) -> int:
     """Push every subscription's pending extensions again (same idempotency keys); the job of
     the background workers and of `billing push-extensions`. Returns how many rows left
-    `pending`."""
+    `pending`. Stripe failing stops the round (the next one tries again); with
+    `raise_if_stripe_failed` (the command, so cron sees it) it then raises StripeUnavailable
+    saying how many stay pending."""
     async with session_factory() as session:
         subscription_ids = list(
             (
@@ -818,16 +827,24 @@ async def retry_pending_extensions(
             ).scalars()
         )
         before = await _pending_count(session)
+    stripe_failed = False
     for subscription_id in subscription_ids:
         if not await push_pending_extensions(session_factory, gateway, subscription_id):
+            stripe_failed = True
             break  # Stripe failing: the next round tries again
     async with session_factory() as session:
-        settled = before - await _pending_count(session)
+        still_pending = await _pending_count(session)
+    settled = before - still_pending
     if subscription_ids:
         log.info(
             "maintenance.pending_pushes_retried",
             subscriptions=len(subscription_ids),
             settled=settled,
+        )
+    if stripe_failed and raise_if_stripe_failed:
+        raise StripeUnavailable(
+            f"Stripe failed a maintenance extension push; settled {settled}, {still_pending}"
+            " still pending (run again once Stripe answers: the same keys are sent)"
         )
     return settled
 

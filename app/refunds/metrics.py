@@ -15,6 +15,7 @@ log = structlog.get_logger()
 REFUND_REQUESTS_OVERDUE = Gauge(
     "billing_refund_requests_overdue",
     "Refund and appeal requests whose due date passed without the reply it asks for",
+    multiprocess_mode="mostrecent",  # the last count any worker made, not their sum
 )
 
 

@@ -11,6 +11,7 @@ and answers 503, so Stripe retries.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, TypeGuard
@@ -138,9 +139,12 @@ class EventIngestor:
         self.on_stored: list[Any] = []
 
     def start(self) -> None:
+        """Start the flushers (on the first delivery). Each in a context of its own: one
+        copied from that delivery would log its request id on every later batch's lines."""
         if not self._tasks:
             self._tasks = [
-                asyncio.create_task(self._flush_forever()) for _ in range(self._flushers)
+                asyncio.create_task(self._flush_forever(), context=contextvars.Context())
+                for _ in range(self._flushers)
             ]
 
     async def stop(self) -> None:

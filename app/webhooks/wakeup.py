@@ -16,6 +16,7 @@ later); the poll stays as the backstop (a lost notification, a listener reconnec
 from __future__ import annotations
 
 import asyncio
+import contextvars
 from collections.abc import Callable
 from typing import Any
 
@@ -42,7 +43,8 @@ class StoredEventsNotifier:
     def poke(self) -> None:
         self._wanted = True
         if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._notify())
+            # not in the poking flusher's or request's context: it notifies for many events
+            self._task = asyncio.create_task(self._notify(), context=contextvars.Context())
 
     async def _notify(self) -> None:
         while self._wanted:

@@ -12,6 +12,7 @@ import jwt
 import pytest
 from pydantic import SecretStr, ValidationError
 
+from app import cli
 from app.config import Settings
 from app.main import create_app
 from tests.conftest import JWT_SECRET, ROOT, bearer, create_database, drop_database, make_settings
@@ -307,3 +308,27 @@ async def test_request_id_is_echoed(client: httpx.AsyncClient) -> None:
 
 
 __all__ = ["bearer"]
+
+
+@pytest.mark.parametrize(
+    ("args", "complaint"),
+    [
+        (["--sub", "", "--scope", "ops"], "--sub"),
+        (["--sub", "x", "--account-id", ""], "--account-id"),
+        (["--sub", "x", "--scope", "ops", "--ttl", "0"], "--ttl"),
+        (["--sub", "x", "--account-id", "acc_1", "--ttl", "-60"], "--ttl"),
+    ],
+)
+def test_mint_token_refuses_to_mint_a_token_the_service_would_refuse(
+    args: list[str], complaint: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An empty `sub` or `account_id` (401 at the service) or a lifetime that has already
+    ended (expired on arrival) is a usage error, not a token printed with exit 0."""
+    try:
+        code: object = cli.main(["mint-token", *args])
+    except SystemExit as exited:  # argparse's usage error
+        code = exited.code
+    assert code == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert complaint in captured.err

@@ -35,6 +35,7 @@ from tests.maintenance.test_completion import (
     open_window,
     subscription,
 )
+from tests.robustness.test_cli_failures import billing
 from tests.stripe_fake import StripeFake
 
 EXTENDED = PERIOD_END + timedelta(days=2)  # ACROSS_MIDNIGHT touches two Singapore dates
@@ -289,6 +290,45 @@ async def test_push_extensions_command_retries_pending_pushes_with_the_same_key(
     assert access_until(row) == EXTENDED
     assert row.current_period_end.tzinfo is not None
     assert row.current_period_end > datetime(2026, 1, 1, tzinfo=UTC)
+
+
+async def test_push_extensions_command_exits_non_zero_while_stripe_fails_and_settles_when_run_again(
+    settings: Settings,
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    factory: Factory,
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+) -> None:
+    """Run by cron while Stripe is down, `billing push-extensions` says the pushes stay
+    pending because Stripe failed and exits 1 (it printed "settled 0" and exited 0, so a
+    days-long outage looked like nothing to do); run again once Stripe is back, it settles
+    them under the same key."""
+    sub = await live_subscription("acc_x6", "ch_x6", email="x6@client.example")
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+    path = f"/v1/subscriptions/{sub['id']}"
+    stripe_fake.fail_next(2, 500, path_prefix=path)
+    await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+    stripe_fake.fail_next(5, 503, path_prefix=path)  # still down when cron runs
+
+    down = billing(
+        "push-extensions", database_url=settings.database_url, stripe_url=stripe_fake.url
+    )
+
+    assert down.returncode == 1, down.stdout + down.stderr
+    assert "Traceback" not in down.stderr, down.stderr
+    assert "Stripe" in down.stderr and "pending" in down.stderr, down.stderr
+    assert (await extension_row(factory)).stripe_status == "pending"
+
+    stripe_fake.clear_failures()
+    back = billing(
+        "push-extensions", database_url=settings.database_url, stripe_url=stripe_fake.url
+    )
+
+    assert back.returncode == 0, back.stderr
+    assert "settled 1 pending maintenance extension pushes" in back.stdout
+    assert (await extension_row(factory)).stripe_status == "applied"
+    assert len({r.idempotency_key for r in pushes(stripe_fake, sub["id"])}) == 1
 
 
 async def test_completion_while_stripe_times_out_waits_for_one_push_not_one_per_subscription(

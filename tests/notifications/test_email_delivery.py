@@ -407,13 +407,15 @@ async def test_stopping_the_worker_finishes_the_message_in_flight_and_claims_no_
     assert set(statuses) <= {"sent", "pending"}
 
 
+@pytest.mark.parametrize("once", [[], ["--once"]], ids=["loop", "once"])
 async def test_billing_deliver_emails_stops_on_sigterm_after_the_message_in_flight(
-    factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
+    once: list[str], factory: Factory, smtp_settings: Settings, smtp_server: SmtpServer
 ) -> None:
     """`billing deliver-emails` runs as its own process (README "Background work"): a SIGTERM
     (a rollout, a scaled-down pod) finishes the message being sent and exits 0, instead of
     killing the process mid-conversation and leaving the row `sending` (parked later as
-    delivery_uncertain, never resent)."""
+    delivery_uncertain, never resent). So does a single round (`--once`, say from cron): it
+    was killed mid-conversation."""
     import os
     import signal
     import sys
@@ -432,7 +434,7 @@ async def test_billing_deliver_emails_stops_on_sigterm_after_the_message_in_flig
         "LOG_LEVEL": "WARNING",
     }
     process = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "app.cli", "deliver-emails", cwd=ROOT, env=env
+        sys.executable, "-m", "app.cli", "deliver-emails", *once, cwd=ROOT, env=env
     )
     try:
         for _ in range(600):  # until the message is being sent (the process starts first)
