@@ -36,8 +36,10 @@ Completion (`complete_window`), idempotent:
    Stripe's `trial_end` reaches the target. Sending the same absolute `trial_end` again, with
    the same key, changes nothing, so every retry is safe. Only `active` and `trialing`
    subscriptions are pushed (`past_due` ones would have their unpaid invoice side-stepped;
-   others have no next charge): the rest are `skipped`. A refusal from Stripe (e.g. the
-   subscription ended there, or a `cancel_at` before the new date) marks the row `rejected`, and
+   others have no next charge), and not those Stripe is set to end before the target
+   (`set_to_end_before`: the client turned off renewal, and Stripe would still end them at
+   `cancel_at`, the days lost): the rest are `skipped`. A refusal from Stripe (e.g. the
+   subscription ended there) marks the row `rejected`, and
    so does a target Stripe's period has already passed without it (pushing it would shorten a
    paid period); either way the client keeps the extension through `access_until`.
 3. Which days Stripe's period already includes is never a counter we must remember to bump: it
@@ -621,7 +623,12 @@ async def _extend(
     if until_after is not None:
         # Stripe speaks whole seconds; the target is compared with Stripe's trial_end.
         until_after = (until_after + timedelta(days=days)).replace(microsecond=0)
-    pushable = days > 0 and until_after is not None and subscription.status in STRIPE_PUSHABLE
+    pushable = (
+        days > 0
+        and until_after is not None
+        and subscription.status in STRIPE_PUSHABLE
+        and not set_to_end_before(subscription, until_after)
+    )
     inserted = (
         await session.execute(
             insert(MaintenanceExtension)
@@ -651,6 +658,19 @@ async def _extend(
     await session.flush()
     await record_access_change(session, subscription.channel_id, settings, now)
     return days
+
+
+def set_to_end_before(subscription: Subscription, target: datetime) -> bool:
+    """Stripe is set to end the subscription before `target`: its client turned off renewal
+    (`cancel_at_period_end`, whose `cancel_at` is the period end) or a `cancel_at` comes
+    first. Moving `trial_end` to the target would not move that end: Stripe would still cancel
+    it at `cancel_at`, before its moved period end, and an end before the period end gives no
+    days after it (`ended_at_period_end`), so the days would be lost. Such an extension is not
+    pushed (`skipped`): it stays in `access_until`, and once Stripe ends the subscription at
+    its period end the days follow that end."""
+    return subscription.cancel_at_period_end or (
+        subscription.cancel_at is not None and subscription.cancel_at < target
+    )
 
 
 def _local(calendar: BusinessCalendar, moment: datetime) -> str:
@@ -766,6 +786,15 @@ async def push_pending_extensions(
                     "the days stay in access_until"
                 )
                 log.warning("maintenance.stripe_push_target_passed", extension_id=extension.id)
+                continue
+            if set_to_end_before(subscription, target):
+                # renewal turned off since the row was made: Stripe would end it at cancel_at
+                extension.stripe_status = "skipped"
+                extension.last_error = (
+                    "cancelling: Stripe ends the subscription before the target; "
+                    "the days stay in access_until"
+                )
+                log.info("maintenance.stripe_push_skipped_cancelling", extension_id=extension.id)
                 continue
             params = {"trial_end": int(target.timestamp()), "proration_behavior": "none"}
             try:
