@@ -333,13 +333,15 @@ class _WindowBilling:
     the period it fell in was billed from (`billed`: the latest invoice with something due,
     voided ones billing nothing, whose `period_end` is at or before the window's start; a
     subscription invoice's `period_end` is where the period it bills starts, Stripe's invoice
-    `period_*` describing the one before), where its first invoice billed from (`first`), and
+    `period_*` describing the one before), where its first invoice billed from (`first`), where
+    its first invoice with something due billed from (`first_due`), and
     where each period paid before the window's end billed from: by a succeeded payment
     (`paid_by_payments`) or by Stripe's paid invoice (`paid_by_invoices`; its payment rows
     may not be mirrored yet)."""
 
     billed: dict[str, datetime] = field(default_factory=dict)
     first: dict[str, datetime] = field(default_factory=dict)
+    first_due: dict[str, datetime] = field(default_factory=dict)
     paid_by_payments: dict[str, list[datetime | None]] = field(default_factory=dict)
     paid_by_invoices: dict[str, list[datetime]] = field(default_factory=dict)
 
@@ -382,8 +384,10 @@ async def _window_billing(
         if of is None or period_end is None:
             continue
         facts.first[of] = min(facts.first.get(of, period_end), period_end)
-        if amount_due > 0 and status != "void" and period_end <= start:  # void: nothing due
-            facts.billed[of] = max(facts.billed.get(of, period_end), period_end)
+        if amount_due > 0 and status != "void":  # void: nothing due
+            facts.first_due[of] = min(facts.first_due.get(of, period_end), period_end)
+            if period_end <= start:
+                facts.billed[of] = max(facts.billed.get(of, period_end), period_end)
         if status == "paid" and paid_at is not None and paid_at < end:
             facts.paid_by_invoices.setdefault(of, []).append(period_end)
     # A payment's subscription is its own, else (none mirrored on it) its invoice's: the two
@@ -446,18 +450,31 @@ def _unpaid_during(
     whose period the window fell in was billed but not paid before `end` (paid in time: that
     period, or a later one, by Stripe's invoice or by a payment mirrored for it;
     `_WindowBilling`), by Stripe id: `first` when it was the subscription's first invoice (it
-    was `incomplete` during the window), else `renewal` (`past_due`)."""
-    return {
-        s.stripe_id: "first"
-        if billing.billed[s.stripe_id] <= billing.first[s.stripe_id]
-        else "renewal"
-        for s in subscriptions
-        if s.current_period_start is not None
-        and s.current_period_start < end
-        and _live_now(s, settings)
-        and s.stripe_id in billing.billed
-        and not billing.paid_in_time(s.stripe_id, invoices=True)
-    }
+    was `incomplete` during the window), else `renewal` (`past_due`). A subscription begun
+    during the window (none of its invoices billed before it started) whose first invoice, with
+    something due, was not paid before `end` is `first` too: `incomplete` from its checkout
+    through the window (a delayed payment method)."""
+    unpaid: dict[str, str] = {}
+    for s in subscriptions:
+        if (
+            s.current_period_start is None
+            or s.current_period_start >= end
+            or not _live_now(s, settings)
+            or billing.paid_in_time(s.stripe_id, invoices=True)
+        ):
+            continue
+        billed = billing.billed.get(s.stripe_id)
+        first = billing.first.get(s.stripe_id)
+        if billed is not None and first is not None:
+            unpaid[s.stripe_id] = "first" if billed <= first else "renewal"
+        elif (
+            billed is None
+            and first is not None
+            and first < end
+            and billing.first_due.get(s.stripe_id) == first  # not after a free trial
+        ):
+            unpaid[s.stripe_id] = "first"
+    return unpaid
 
 
 def _access_reaches_past(start: datetime) -> ColumnElement[bool]:
