@@ -41,7 +41,8 @@ Completion (`complete_window`), idempotent:
    `cancel_at`, the days lost): the rest are `skipped`. A refusal from Stripe (e.g. the
    subscription ended there) marks the row `rejected`, and
    so does a target Stripe's period has already passed without it (pushing it would shorten a
-   paid period); either way the client keeps the extension through `access_until`.
+   paid period into a trial, charged again at its end: judged on Stripe's subscription, read
+   before each push, since our mirror may not have its renewal yet); either way the client keeps the extension through `access_until`.
 3. Which days Stripe's period already includes is never a counter we must remember to bump: it
    is derived from the Stripe snapshot we hold (`count_extension_days_in_period`): the largest
    `period_days_at_target` of the subscription's pushed rows whose target Stripe's stored
@@ -797,12 +798,7 @@ async def push_pending_extensions(
                 subscription.current_period_end is not None
                 and subscription.current_period_end >= target
             ):
-                extension.stripe_status = "rejected"
-                extension.last_error = (
-                    "target_passed: Stripe's period already ends at or after the target; "
-                    "the days stay in access_until"
-                )
-                log.warning("maintenance.stripe_push_target_passed", extension_id=extension.id)
+                _reject_target_passed(extension)
                 continue
             if set_to_end_before(subscription, target):
                 # renewal turned off since the row was made: Stripe would end it at cancel_at
@@ -812,6 +808,32 @@ async def push_pending_extensions(
                     "the days stay in access_until"
                 )
                 log.info("maintenance.stripe_push_skipped_cancelling", extension_id=extension.id)
+                continue
+            # Our mirror may lag Stripe (a renewal whose events have not arrived): pushing a
+            # target the renewed period already passes would cut that paid period short into
+            # a trial, and Stripe would charge again at its end. Stripe's own state decides.
+            try:
+                at_stripe = await gateway.retrieve_subscription(subscription.stripe_id)
+            except StripeRequestRejected as exc:
+                extension.stripe_status = "rejected"
+                extension.last_error = str(exc)[:2000]
+                log.warning("maintenance.stripe_push_rejected", extension_id=extension.id)
+                continue
+            except Exception as exc:  # Stripe unavailable: stays pending for a retry
+                log.warning(
+                    "maintenance.stripe_push_failed",
+                    extension_id=extension.id,
+                    error_type=type(exc).__name__,
+                )
+                return False
+            stripe_trial_end = _timestamp(at_stripe.get("trial_end"))
+            if stripe_trial_end is not None and stripe_trial_end >= target:
+                # applied by an attempt whose answer was lost (its event not here yet)
+                await _record_stripe_answer(session, extension, at_stripe)
+                continue
+            stripe_period_end = _period_end(at_stripe)
+            if stripe_period_end is not None and stripe_period_end >= target:
+                _reject_target_passed(extension)
                 continue
             params = {"trial_end": int(target.timestamp()), "proration_behavior": "none"}
             try:
@@ -923,6 +945,26 @@ def _timestamp(value: object) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if isinstance(value, int) else None
 
 
+def _reject_target_passed(extension: MaintenanceExtension) -> None:
+    extension.stripe_status = "rejected"
+    extension.last_error = (
+        "target_passed: Stripe's period already ends at or after the target; "
+        "the days stay in access_until"
+    )
+    log.warning("maintenance.stripe_push_target_passed", extension_id=extension.id)
+
+
+def _period_end(snapshot: dict[str, object]) -> datetime | None:
+    """The period end of a Stripe subscription snapshot (on its items, in the pinned version)."""
+    items = snapshot.get("items")
+    ends = [
+        item.get("current_period_end")
+        for item in (items.get("data", []) if isinstance(items, dict) else [])
+        if isinstance(item, dict)
+    ]
+    return _timestamp(max((end for end in ends if isinstance(end, int)), default=None))
+
+
 async def _mark_applied(
     session: AsyncSession, extension: MaintenanceExtension, period_end: datetime | None
 ) -> None:
@@ -939,13 +981,7 @@ async def _record_stripe_answer(
     """Stripe's answer is a snapshot of the subscription: stored unless the one we hold is
     newer (an answer replayed for a retry can be hours old: its period end is then behind the
     stored one), then the days in the period are derived from it."""
-    items = answer.get("items")
-    ends = [
-        item.get("current_period_end")
-        for item in (items.get("data", []) if isinstance(items, dict) else [])
-        if isinstance(item, dict)
-    ]
-    period_end = _timestamp(max((end for end in ends if isinstance(end, int)), default=None))
+    period_end = _period_end(answer)
     subscription = await session.get(
         Subscription, extension.subscription_id, with_for_update=True, populate_existing=True
     )

@@ -79,7 +79,7 @@ async def test_renewal_turned_off_before_a_retried_push_keeps_the_days(
     ops = bearer(token(scope="ops", sub="ops-fay"))
     sub = await live_subscription("acc_off2", "ch_off2", email="off2@client.example")
     window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
-    stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}")
+    stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}", method="POST")
     await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
     assert (await extension_row(factory)).stripe_status == "pending"
     await deliver(stripe_fake.update_subscription(sub["id"], cancel_at_period_end=True))
