@@ -686,9 +686,11 @@ def set_to_end_before(subscription: Subscription, target: datetime) -> bool:
     days after it (`ended_at_period_end`), so the days would be lost. Such an extension is not
     pushed (`skipped`): it stays in `access_until`, and once Stripe ends the subscription at
     its period end the days follow that end."""
-    return subscription.cancel_at_period_end or (
-        subscription.cancel_at is not None and subscription.cancel_at < target
-    )
+    return _ends_before(subscription.cancel_at_period_end, subscription.cancel_at, target)
+
+
+def _ends_before(cancel_at_period_end: bool, cancel_at: datetime | None, target: datetime) -> bool:
+    return cancel_at_period_end or (cancel_at is not None and cancel_at < target)
 
 
 def _local(calendar: BusinessCalendar, moment: datetime) -> str:
@@ -802,12 +804,7 @@ async def push_pending_extensions(
                 continue
             if set_to_end_before(subscription, target):
                 # renewal turned off since the row was made: Stripe would end it at cancel_at
-                extension.stripe_status = "skipped"
-                extension.last_error = (
-                    "cancelling: Stripe ends the subscription before the target; "
-                    "the days stay in access_until"
-                )
-                log.info("maintenance.stripe_push_skipped_cancelling", extension_id=extension.id)
+                _skip_cancelling(extension)
                 continue
             # Our mirror may lag Stripe (a renewal whose events have not arrived): pushing a
             # target the renewed period already passes would cut that paid period short into
@@ -834,6 +831,13 @@ async def push_pending_extensions(
             stripe_period_end = _period_end(at_stripe)
             if stripe_period_end is not None and stripe_period_end >= target:
                 _reject_target_passed(extension)
+                continue
+            if _ends_before(
+                bool(at_stripe.get("cancel_at_period_end")),
+                _timestamp(at_stripe.get("cancel_at")),
+                target,
+            ):  # renewal turned off at Stripe, its event not here yet
+                _skip_cancelling(extension)
                 continue
             params = {"trial_end": int(target.timestamp()), "proration_behavior": "none"}
             try:
@@ -943,6 +947,14 @@ async def count_extension_days_in_period(session: AsyncSession, subscription: Su
 
 def _timestamp(value: object) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if isinstance(value, int) else None
+
+
+def _skip_cancelling(extension: MaintenanceExtension) -> None:
+    extension.stripe_status = "skipped"
+    extension.last_error = (
+        "cancelling: Stripe ends the subscription before the target; the days stay in access_until"
+    )
+    log.info("maintenance.stripe_push_skipped_cancelling", extension_id=extension.id)
 
 
 def _reject_target_passed(extension: MaintenanceExtension) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import httpx
+import pytest
 from fastapi import FastAPI
 
 from app.maintenance.service import retry_pending_extensions
@@ -67,7 +68,9 @@ async def test_a_subscription_set_to_end_at_its_period_end_keeps_the_days_after_
     assert stripe_updates(stripe_fake, sub["id"]) == []  # nothing Stripe would honour
 
 
+@pytest.mark.parametrize("mirrored", [True, False], ids=["event-delivered", "event-not-yet"])
 async def test_renewal_turned_off_before_a_retried_push_keeps_the_days(
+    mirrored: bool,
     app: FastAPI,
     client: httpx.AsyncClient,
     token: TokenFactory,
@@ -82,11 +85,15 @@ async def test_renewal_turned_off_before_a_retried_push_keeps_the_days(
     stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}", method="POST")
     await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
     assert (await extension_row(factory)).stripe_status == "pending"
-    await deliver(stripe_fake.update_subscription(sub["id"], cancel_at_period_end=True))
+    turned_off = stripe_fake.update_subscription(sub["id"], cancel_at_period_end=True)
+    if mirrored:
+        await deliver(turned_off)
 
     await retry_pending_extensions(factory, app.state.stripe)
 
     assert (await extension_row(factory)).stripe_status == "skipped"
     assert [r.status for r in pushes(stripe_fake, sub["id"])] == [500, 500]
+    if not mirrored:
+        await deliver(turned_off)
     row = await subscription(factory, "ch_off2")
     assert cancel_access_until(row) == PERIOD_END + timedelta(days=2)
