@@ -49,8 +49,9 @@ class StripeUpdates(BaseModel):
     )
     rejected: int = Field(description="Extensions Stripe refused; access is extended locally.")
     skipped: int = Field(
-        description="Extensions not pushed (0 days, or a subscription that is not active or "
-        "trialing); access is extended locally."
+        description="Extensions not pushed (0 days, a subscription that is not active or "
+        "trialing, or one Stripe is set to end first: its client turned off renewal); access "
+        "is extended locally."
     )
 
 

@@ -36,10 +36,13 @@ Completion (`complete_window`), idempotent:
    Stripe's `trial_end` reaches the target. Sending the same absolute `trial_end` again, with
    the same key, changes nothing, so every retry is safe. Only `active` and `trialing`
    subscriptions are pushed (`past_due` ones would have their unpaid invoice side-stepped;
-   others have no next charge): the rest are `skipped`. A refusal from Stripe (e.g. the
-   subscription ended there, or a `cancel_at` before the new date) marks the row `rejected`, and
+   others have no next charge), and not those Stripe is set to end before the target
+   (`set_to_end_before`: the client turned off renewal, and Stripe would still end them at
+   `cancel_at`, the days lost): the rest are `skipped`. A refusal from Stripe (e.g. the
+   subscription ended there) marks the row `rejected`, and
    so does a target Stripe's period has already passed without it (pushing it would shorten a
-   paid period); either way the client keeps the extension through `access_until`.
+   paid period into a trial, charged again at its end: judged on Stripe's subscription, read
+   before each push, since our mirror may not have its renewal yet); either way the client keeps the extension through `access_until`.
 3. Which days Stripe's period already includes is never a counter we must remember to bump: it
    is derived from the Stripe snapshot we hold (`count_extension_days_in_period`): the largest
    `period_days_at_target` of the subscription's pushed rows whose target Stripe's stored
@@ -337,13 +340,15 @@ class _WindowBilling:
     the period it fell in was billed from (`billed`: the latest invoice with something due,
     voided ones billing nothing, whose `period_end` is at or before the window's start; a
     subscription invoice's `period_end` is where the period it bills starts, Stripe's invoice
-    `period_*` describing the one before), where its first invoice billed from (`first`), and
+    `period_*` describing the one before), where its first invoice billed from (`first`), where
+    its first invoice with something due billed from (`first_due`), and
     where each period paid before the window's end billed from: by a succeeded payment
     (`paid_by_payments`) or by Stripe's paid invoice (`paid_by_invoices`; its payment rows
     may not be mirrored yet)."""
 
     billed: dict[str, datetime] = field(default_factory=dict)
     first: dict[str, datetime] = field(default_factory=dict)
+    first_due: dict[str, datetime] = field(default_factory=dict)
     paid_by_payments: dict[str, list[datetime | None]] = field(default_factory=dict)
     paid_by_invoices: dict[str, list[datetime]] = field(default_factory=dict)
 
@@ -386,8 +391,10 @@ async def _window_billing(
         if of is None or period_end is None:
             continue
         facts.first[of] = min(facts.first.get(of, period_end), period_end)
-        if amount_due > 0 and status != "void" and period_end <= start:  # void: nothing due
-            facts.billed[of] = max(facts.billed.get(of, period_end), period_end)
+        if amount_due > 0 and status != "void":  # void: nothing due
+            facts.first_due[of] = min(facts.first_due.get(of, period_end), period_end)
+            if period_end <= start:
+                facts.billed[of] = max(facts.billed.get(of, period_end), period_end)
         if status == "paid" and paid_at is not None and paid_at < end:
             facts.paid_by_invoices.setdefault(of, []).append(period_end)
     # A payment's subscription is its own, else (none mirrored on it) its invoice's: the two
@@ -450,18 +457,31 @@ def _unpaid_during(
     whose period the window fell in was billed but not paid before `end` (paid in time: that
     period, or a later one, by Stripe's invoice or by a payment mirrored for it;
     `_WindowBilling`), by Stripe id: `first` when it was the subscription's first invoice (it
-    was `incomplete` during the window), else `renewal` (`past_due`)."""
-    return {
-        s.stripe_id: "first"
-        if billing.billed[s.stripe_id] <= billing.first[s.stripe_id]
-        else "renewal"
-        for s in subscriptions
-        if s.current_period_start is not None
-        and s.current_period_start < end
-        and _live_now(s, settings)
-        and s.stripe_id in billing.billed
-        and not billing.paid_in_time(s.stripe_id, invoices=True)
-    }
+    was `incomplete` during the window), else `renewal` (`past_due`). A subscription begun
+    during the window (none of its invoices billed before it started) whose first invoice, with
+    something due, was not paid before `end` is `first` too: `incomplete` from its checkout
+    through the window (a delayed payment method)."""
+    unpaid: dict[str, str] = {}
+    for s in subscriptions:
+        if (
+            s.current_period_start is None
+            or s.current_period_start >= end
+            or not _live_now(s, settings)
+            or billing.paid_in_time(s.stripe_id, invoices=True)
+        ):
+            continue
+        billed = billing.billed.get(s.stripe_id)
+        first = billing.first.get(s.stripe_id)
+        if billed is not None and first is not None:
+            unpaid[s.stripe_id] = "first" if billed <= first else "renewal"
+        elif (
+            billed is None
+            and first is not None
+            and first < end
+            and billing.first_due.get(s.stripe_id) == first  # not after a free trial
+        ):
+            unpaid[s.stripe_id] = "first"
+    return unpaid
 
 
 def _access_reaches_past(start: datetime) -> ColumnElement[bool]:
@@ -629,7 +649,12 @@ async def _extend(
     if until_after is not None:
         # Stripe speaks whole seconds; the target is compared with Stripe's trial_end.
         until_after = (until_after + timedelta(days=days)).replace(microsecond=0)
-    pushable = days > 0 and until_after is not None and subscription.status in STRIPE_PUSHABLE
+    pushable = (
+        days > 0
+        and until_after is not None
+        and subscription.status in STRIPE_PUSHABLE
+        and not set_to_end_before(subscription, until_after)
+    )
     inserted = (
         await session.execute(
             insert(MaintenanceExtension)
@@ -659,6 +684,21 @@ async def _extend(
     await session.flush()
     await record_access_change(session, subscription.channel_id, settings, now)
     return days
+
+
+def set_to_end_before(subscription: Subscription, target: datetime) -> bool:
+    """Stripe is set to end the subscription before `target`: its client turned off renewal
+    (`cancel_at_period_end`, whose `cancel_at` is the period end) or a `cancel_at` comes
+    first. Moving `trial_end` to the target would not move that end: Stripe would still cancel
+    it at `cancel_at`, before its moved period end, and an end before the period end gives no
+    days after it (`ended_at_period_end`), so the days would be lost. Such an extension is not
+    pushed (`skipped`): it stays in `access_until`, and once Stripe ends the subscription at
+    its period end the days follow that end."""
+    return _ends_before(subscription.cancel_at_period_end, subscription.cancel_at, target)
+
+
+def _ends_before(cancel_at_period_end: bool, cancel_at: datetime | None, target: datetime) -> bool:
+    return cancel_at_period_end or (cancel_at is not None and cancel_at < target)
 
 
 def _local(calendar: BusinessCalendar, moment: datetime) -> str:
@@ -768,12 +808,44 @@ async def push_pending_extensions(
                 subscription.current_period_end is not None
                 and subscription.current_period_end >= target
             ):
+                _reject_target_passed(extension)
+                continue
+            if set_to_end_before(subscription, target):
+                # renewal turned off since the row was made: Stripe would end it at cancel_at
+                _skip_cancelling(extension)
+                continue
+            # Our mirror may lag Stripe (a renewal whose events have not arrived): pushing a
+            # target the renewed period already passes would cut that paid period short into
+            # a trial, and Stripe would charge again at its end. Stripe's own state decides.
+            try:
+                at_stripe = await gateway.retrieve_subscription(subscription.stripe_id)
+            except StripeRequestRejected as exc:
                 extension.stripe_status = "rejected"
-                extension.last_error = (
-                    "target_passed: Stripe's period already ends at or after the target; "
-                    "the days stay in access_until"
+                extension.last_error = str(exc)[:2000]
+                log.warning("maintenance.stripe_push_rejected", extension_id=extension.id)
+                continue
+            except Exception as exc:  # Stripe unavailable: stays pending for a retry
+                log.warning(
+                    "maintenance.stripe_push_failed",
+                    extension_id=extension.id,
+                    error_type=type(exc).__name__,
                 )
-                log.warning("maintenance.stripe_push_target_passed", extension_id=extension.id)
+                return False
+            stripe_trial_end = _timestamp(at_stripe.get("trial_end"))
+            if stripe_trial_end is not None and stripe_trial_end >= target:
+                # applied by an attempt whose answer was lost (its event not here yet)
+                await _record_stripe_answer(session, extension, at_stripe)
+                continue
+            stripe_period_end = _period_end(at_stripe)
+            if stripe_period_end is not None and stripe_period_end >= target:
+                _reject_target_passed(extension)
+                continue
+            if _ends_before(
+                bool(at_stripe.get("cancel_at_period_end")),
+                _timestamp(at_stripe.get("cancel_at")),
+                target,
+            ):  # renewal turned off at Stripe, its event not here yet
+                _skip_cancelling(extension)
                 continue
             params = {"trial_end": int(target.timestamp()), "proration_behavior": "none"}
             try:
@@ -896,6 +968,34 @@ def _timestamp(value: object) -> datetime | None:
     return datetime.fromtimestamp(value, UTC) if isinstance(value, int) else None
 
 
+def _skip_cancelling(extension: MaintenanceExtension) -> None:
+    extension.stripe_status = "skipped"
+    extension.last_error = (
+        "cancelling: Stripe ends the subscription before the target; the days stay in access_until"
+    )
+    log.info("maintenance.stripe_push_skipped_cancelling", extension_id=extension.id)
+
+
+def _reject_target_passed(extension: MaintenanceExtension) -> None:
+    extension.stripe_status = "rejected"
+    extension.last_error = (
+        "target_passed: Stripe's period already ends at or after the target; "
+        "the days stay in access_until"
+    )
+    log.warning("maintenance.stripe_push_target_passed", extension_id=extension.id)
+
+
+def _period_end(snapshot: dict[str, object]) -> datetime | None:
+    """The period end of a Stripe subscription snapshot (on its items, in the pinned version)."""
+    items = snapshot.get("items")
+    ends = [
+        item.get("current_period_end")
+        for item in (items.get("data", []) if isinstance(items, dict) else [])
+        if isinstance(item, dict)
+    ]
+    return _timestamp(max((end for end in ends if isinstance(end, int)), default=None))
+
+
 async def _mark_applied(
     session: AsyncSession, extension: MaintenanceExtension, period_end: datetime | None
 ) -> None:
@@ -912,13 +1012,7 @@ async def _record_stripe_answer(
     """Stripe's answer is a snapshot of the subscription: stored unless the one we hold is
     newer (an answer replayed for a retry can be hours old: its period end is then behind the
     stored one), then the days in the period are derived from it."""
-    items = answer.get("items")
-    ends = [
-        item.get("current_period_end")
-        for item in (items.get("data", []) if isinstance(items, dict) else [])
-        if isinstance(item, dict)
-    ]
-    period_end = _timestamp(max((end for end in ends if isinstance(end, int)), default=None))
+    period_end = _period_end(answer)
     subscription = await session.get(
         Subscription, extension.subscription_id, with_for_update=True, populate_existing=True
     )

@@ -82,7 +82,7 @@ async def crash_after_stripe_answered(
     """Complete a window while every attempt's answer is lost after Stripe applied it."""
     window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
     stripe_fake.fail_next(
-        2, 500, kind="lost_response", path_prefix=f"/v1/subscriptions/{sub['id']}"
+        2, 500, kind="lost_response", path_prefix=f"/v1/subscriptions/{sub['id']}", method="POST"
     )
     response = await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
     assert response.status_code == 200, response.text
@@ -139,7 +139,7 @@ async def test_stripe_event_after_a_crash_that_lost_stripes_answer_never_counts_
     assert await retry_pending_extensions(factory, app.state.stripe) == 0
 
 
-async def test_retry_job_replays_stripes_answer_with_the_same_key_and_the_late_event_adds_nothing(
+async def test_retry_job_confirms_an_update_stripe_applied_and_the_late_event_adds_nothing(
     app: FastAPI,
     client: httpx.AsyncClient,
     ops: dict[str, str],
@@ -156,9 +156,10 @@ async def test_retry_job_replays_stripes_answer_with_the_same_key_and_the_late_e
     settled = await retry_pending_extensions(factory, app.state.stripe)
 
     assert settled == 1
+    # Stripe's subscription already holds the target: confirmed from it, not sent again.
     attempts = pushes(stripe_fake, sub["id"])
     assert len({r.idempotency_key for r in attempts}) == 1
-    assert [(r.replayed, r.status) for r in attempts] == [(False, 500), (True, 500), (True, 200)]
+    assert [(r.replayed, r.status) for r in attempts] == [(False, 500), (True, 500)]
     row = await subscription(factory, "ch_x2")
     assert (row.current_period_end, row.extension_days_in_period, row.status) == (
         EXTENDED,
@@ -223,7 +224,7 @@ async def test_a_target_stripes_period_already_passed_is_not_pushed(
     in access_until."""
     sub = await live_subscription("acc_x4", "ch_x4", email="x4@client.example")
     window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
-    stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}")
+    stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}", method="POST")
     await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
     stripe_fake.set_time(PERIOD_END.timestamp())
     await deliver(stripe_fake.renew_subscription(sub["id"]))
@@ -252,7 +253,7 @@ async def test_push_extensions_command_retries_pending_pushes_with_the_same_key(
     """`billing push-extensions`, for deployments without background workers."""
     sub = await live_subscription("acc_x5", "ch_x5", email="x5@client.example")
     window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
-    stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}")
+    stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}", method="POST")
     await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
     assert (await extension_row(factory)).stripe_status == "pending"
 
@@ -360,7 +361,9 @@ async def test_completion_while_stripe_times_out_waits_for_one_push_not_one_per_
     assert response.json()["stripe_updates"]["pending"] == len(subs)
     one_push = attempts * (settings.stripe_timeout_seconds + 2.0)
     assert elapsed < one_push, elapsed
-    asked = [s["id"] for s in subs if pushes(stripe_fake, s["id"])]
+    asked = [
+        s["id"] for s in subs if stripe_fake.requests_to("GET", f"/v1/subscriptions/{s['id']}")
+    ]
     assert len(asked) == 1, asked
 
     # Stripe recovers (the timed-out update lands first): the retry job pushes every one,
@@ -376,3 +379,36 @@ async def test_completion_while_stripe_times_out_waits_for_one_push_not_one_per_
         assert len(keys) == 1, keys
         at_stripe = stripe_fake.get("subscription", sub["id"])
         assert at_stripe["items"]["data"][0]["current_period_end"] == int(EXTENDED.timestamp())
+
+
+async def test_a_renewal_not_yet_mirrored_is_not_cut_short_by_the_push(
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    factory: Factory,
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    """Stripe renewed (and charged) the subscription shortly before the completion, and its
+    events have not reached us yet: our mirror still shows the old period. Pushing the target
+    it gives (the old period end plus the days) would make the newly paid period a trial
+    ending two days later, after which Stripe charges again: the client would pay twice. The
+    days stay in access_until instead."""
+    sub = await live_subscription("acc_x9", "ch_x9", email="x9@client.example")
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+    stripe_fake.set_time(PERIOD_END.timestamp())
+    renewal = stripe_fake.renew_subscription(sub["id"])  # delivered only after the completion
+    paid_until = stripe_fake.get("subscription", sub["id"])["items"]["data"][0][
+        "current_period_end"
+    ]
+
+    done = await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+
+    assert done.status_code == 200, done.text
+    at_stripe = stripe_fake.get("subscription", sub["id"])
+    assert at_stripe["status"] == "active"
+    assert at_stripe["items"]["data"][0]["current_period_end"] == paid_until
+    assert done.json()["stripe_updates"]["rejected"] == 1
+    await deliver(renewal)
+    row = await subscription(factory, "ch_x9")
+    assert access_until(row) == datetime.fromtimestamp(paid_until, UTC) + timedelta(days=2)

@@ -141,3 +141,37 @@ async def test_past_due_with_access_through_the_window_and_unpaid_since_is_exten
     assert done.json()["subscriptions_extended"] == 1
     assert done.json()["accounts_notified"] == 1
     assert (await subscription(factory, "ch_pk")).extension_days == 1
+
+
+async def test_a_subscription_begun_during_the_window_and_paid_after_it_is_not_extended(
+    client: httpx.AsyncClient,
+    token: TokenFactory,
+    deliver: Deliver,
+    factory: async_sessionmaker[AsyncSession],
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+) -> None:
+    """Checkout completed during the outage with a delayed payment method: `incomplete`, no
+    access, all through the window; its first payment succeeded only after it."""
+    ops = bearer(token(scope="ops", sub="ops-bob"))
+    window = await open_window(client, ops, "2026-02-04T02:00:00Z", "2026-02-04T04:00:00Z")
+    sub = await live_subscription(
+        "acc_sd",
+        "ch_sd",
+        email="sd@client.example",
+        start=datetime(2026, 2, 4, 3, tzinfo=UTC),
+        payment_status="unpaid",
+    )
+    assert (await subscription(factory, "ch_sd")).status == "incomplete"
+    stripe_fake.set_time(datetime(2026, 2, 6, tzinfo=UTC).timestamp())
+    [checkout] = [
+        s for s in stripe_fake.all("checkout.session") if s.get("subscription") == sub["id"]
+    ]
+    await deliver(stripe_fake.async_payment_succeeded(checkout["id"]))
+    assert (await subscription(factory, "ch_sd")).status == "active"
+
+    done = await complete(client, ops, window, "2026-02-04T04:00:00Z")
+
+    assert done.status_code == 200, done.text
+    assert done.json()["subscriptions_extended"] == 0
+    assert (await subscription(factory, "ch_sd")).extension_days == 0

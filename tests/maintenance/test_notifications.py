@@ -128,7 +128,7 @@ async def test_stripe_down_leaves_the_extension_pending_and_a_repeat_pushes_it_o
     sub = await live_subscription("acc_e", "ch_e", email="e@client.example")
     window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
     # Every attempt of the first completion fails (the SDK retries once).
-    stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}")
+    stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}", method="POST")
 
     first = await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
 

@@ -48,7 +48,7 @@ async def test_a_retried_push_never_extends_a_subscription_cancelled_since(
 ) -> None:
     sub = await live_subscription("acc_c1", "ch_c1", email="c1@client.example")
     window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
-    stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}")
+    stripe_fake.fail_next(2, 500, path_prefix=f"/v1/subscriptions/{sub['id']}", method="POST")
     await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
     assert (await extension_row(factory)).stripe_status == "pending"
 
