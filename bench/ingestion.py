@@ -36,6 +36,9 @@ ACCOUNTS = int(os.environ.get("BENCH_ACCOUNTS", "600"))
 # after a warm-up with the next E2E_WARM_UP ones
 E2E_ACCOUNTS = int(os.environ.get("BENCH_E2E_ACCOUNTS", "100"))
 E2E_WARM_UP = 10
+# end-to-end runs per layout (in the web process, a processor of its own), alternating; the
+# median is the figure (one ~1 s burst moves ±30% between runs of the same hour)
+E2E_RUNS = int(os.environ.get("BENCH_E2E_RUNS", "3"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 CONNECTIONS = int(os.environ.get("BENCH_CONNECTIONS", "64"))
 DUPLICATES = 0.10
@@ -233,19 +236,41 @@ async def main() -> None:
                 [harness.event_body(e) for e in deliveries(events, DUPLICATES, random.Random(8))]
                 for events in (warm_up, subset)
             ]
-            for separate in (False, True):
-                summary["e2e_separate_processor" if separate else "e2e"] = await end_to_end(
-                    fake,
-                    seed_db,
-                    e2e_db,
-                    streams,
-                    len(warm_up),
-                    len(subset),
-                    n,
-                    ref_rate,
-                    log,
-                    separate,
+            runs: dict[bool, list[dict[str, Any]]] = {False: [], True: []}
+            for run_no in range(E2E_RUNS):
+                for separate in (False, True) if run_no % 2 == 0 else (True, False):
+                    runs[separate].append(
+                        await end_to_end(
+                            fake,
+                            seed_db,
+                            e2e_db,
+                            streams,
+                            len(warm_up),
+                            len(subset),
+                            n,
+                            ref_rate,
+                            log,
+                            separate,
+                        )
+                    )
+            print(f"\nEnd to end, median of {E2E_RUNS} runs each (ratio to the reference's ack):")
+            rows = []
+            for separate, label in ((False, "in the web process"), (True, "processor of its own")):
+                rates = [run["e2e_rate"] for run in runs[separate]]
+                summary["e2e_separate_processor" if separate else "e2e"] = {
+                    "runs": runs[separate],
+                    "median_rate": median(rates),
+                    "ratio": median(rates) / ref_rate,
+                }
+                rows.append(
+                    [
+                        label,
+                        f"{median(rates):,.0f}",
+                        f"{median(rates) / ref_rate:.2f}x",
+                        " ".join(f"{rate / ref_rate:.2f}" for rate in rates),
+                    ]
                 )
+            print(table(["processor", "deliveries/s", "ratio", "per run"], rows))
         out = RESULTS / "ingestion.json"
         out.write_text(json.dumps(summary, indent=2, default=str))
         print(f"\nresults: {out}; total {time.monotonic() - started:.0f} s")
@@ -294,6 +319,7 @@ async def end_to_end(
         run_wrk(service.url, file, connections=CONNECTIONS)
         assert await harness.wait_for(partial(applied_at_least, warm_unique), seconds=600)
         harness.write_deliveries(file, bodies)
+        await watch.execute("CHECKPOINT")  # as before each acknowledgement round
         started = time.monotonic()
         burst = run_wrk(service.url, file, connections=CONNECTIONS)
         acked = time.monotonic()
