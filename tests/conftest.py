@@ -9,6 +9,7 @@ racing), which an outer transaction would hide.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import secrets
 import subprocess
@@ -37,6 +38,44 @@ ADMIN_URL = os.environ.get(
 JWT_SECRET = "test-jwt-secret-" + "a" * 32
 WEBHOOK_SECRET = "whsec_test_" + "b" * 32
 STRIPE_KEY = "sk_test_" + "c" * 32
+
+
+def process_env(database_url: str, stripe_url: str, **overrides: str) -> dict[str, str]:
+    """The environment of a web or `billing` process a test starts, its settings read from it
+    as in production: this database, this Stripe fake, the tests' secrets, logs at WARNING;
+    `overrides` by variable name."""
+    return {
+        **os.environ,
+        "APP_ENV": "test",
+        "DATABASE_URL": database_url,
+        "STRIPE_API_BASE": stripe_url,
+        "STRIPE_SECRET_KEY": STRIPE_KEY,
+        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
+        "AUTH_JWT_SECRET": JWT_SECRET,
+        "LOG_LEVEL": "WARNING",
+        **overrides,
+    }
+
+
+async def start_web(
+    env: dict[str, str], port: int, *, log: int = asyncio.subprocess.PIPE
+) -> asyncio.subprocess.Process:
+    """`uvicorn app.main:app` as the image runs it (`--no-access-log`) on `port` (0: any),
+    in its own process with `env` (`process_env`); its output, log lines included, on its
+    stdout (`log`: PIPE to read them, DEVNULL to drop them)."""
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "app.main:app",
+        "--port",
+        str(port),
+        "--no-access-log",
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=asyncio.subprocess.STDOUT,
+    )
 
 
 def plain_dsn(url: str) -> str:

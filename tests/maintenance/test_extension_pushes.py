@@ -9,7 +9,6 @@ period end is on its way."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 import time
 from datetime import UTC, datetime, timedelta
@@ -25,7 +24,12 @@ from app.config import Settings
 from app.maintenance.service import retry_pending_extensions
 from app.models import MaintenanceExtension
 from app.subscriptions.access import access_until
-from tests.conftest import JWT_SECRET, STRIPE_KEY, WEBHOOK_SECRET, Deliver, TokenFactory, bearer
+from tests.conftest import (
+    Deliver,
+    TokenFactory,
+    bearer,
+    process_env,
+)
 from tests.maintenance.conftest import PERIOD_START, LiveSubscription
 from tests.maintenance.test_completion import (
     ACROSS_MIDNIGHT,
@@ -257,16 +261,7 @@ async def test_push_extensions_command_retries_pending_pushes_with_the_same_key(
     await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
     assert (await extension_row(factory)).stripe_status == "pending"
 
-    env = {
-        **os.environ,
-        "APP_ENV": "test",
-        "DATABASE_URL": settings.database_url,
-        "STRIPE_SECRET_KEY": STRIPE_KEY,
-        "STRIPE_API_BASE": stripe_fake.url,
-        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
-        "AUTH_JWT_SECRET": JWT_SECRET,
-        "LOG_LEVEL": "WARNING",
-    }
+    env = process_env(settings.database_url, stripe_fake.url)
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",

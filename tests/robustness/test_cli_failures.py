@@ -17,7 +17,7 @@ import pytest
 
 from app import cli
 from app.config import Settings
-from tests.conftest import JWT_SECRET, ROOT, STRIPE_KEY, WEBHOOK_SECRET
+from tests.conftest import ROOT, process_env
 from tests.stripe_fake import StripeFake
 
 
@@ -32,18 +32,13 @@ def billing(
     *args: str, database_url: str, stripe_url: str, log_level: str = "WARNING"
 ) -> subprocess.CompletedProcess[str]:
     """`billing <args>` as cron runs it: its own process, the settings from the environment."""
-    env = {
-        **os.environ,
-        "APP_ENV": "test",
-        "DATABASE_URL": database_url,
-        "STRIPE_API_BASE": stripe_url,
-        "STRIPE_SECRET_KEY": STRIPE_KEY,
-        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
-        "STRIPE_MAX_NETWORK_RETRIES": "0",
-        "AUTH_JWT_SECRET": JWT_SECRET,
-        "REDIRECT_ALLOWED_ORIGINS": "https://app.1msg.io",
-        "LOG_LEVEL": log_level,
-    }
+    env = process_env(
+        database_url,
+        stripe_url,
+        LOG_LEVEL=log_level,
+        STRIPE_MAX_NETWORK_RETRIES="0",
+        REDIRECT_ALLOWED_ORIGINS="https://app.1msg.io",
+    )
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *args],
         cwd=ROOT,

@@ -7,15 +7,13 @@ sum of all the workers."""
 from __future__ import annotations
 
 import asyncio
-import os
 import re
-import sys
 from pathlib import Path
 
 import httpx
 
 from app.config import Settings
-from tests.conftest import JWT_SECRET, ROOT, STRIPE_KEY, WEBHOOK_SECRET
+from tests.conftest import process_env, start_web
 from tests.robustness.test_cli_failures import closed_port
 from tests.stripe_fake import StripeFake
 
@@ -28,32 +26,14 @@ async def test_every_scrape_of_a_multi_worker_container_counts_every_worker_s_re
     settings: Settings, stripe_fake: StripeFake, tmp_path: Path
 ) -> None:
     port = closed_port()
-    env = {
-        **os.environ,
-        "APP_ENV": "test",
-        "DATABASE_URL": settings.database_url,
-        "STRIPE_API_BASE": stripe_fake.url,
-        "STRIPE_SECRET_KEY": STRIPE_KEY,
-        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
-        "AUTH_JWT_SECRET": JWT_SECRET,
-        "RUN_BACKGROUND_WORKERS": "false",
-        "LOG_LEVEL": "WARNING",
-        "WEB_CONCURRENCY": "2",
-        "PROMETHEUS_MULTIPROC_DIR": str(tmp_path),
-    }
-    web = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:app",
-        "--port",
-        str(port),
-        "--no-access-log",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.DEVNULL,
-        stderr=asyncio.subprocess.DEVNULL,
+    env = process_env(
+        settings.database_url,
+        stripe_fake.url,
+        RUN_BACKGROUND_WORKERS="false",
+        WEB_CONCURRENCY="2",
+        PROMETHEUS_MULTIPROC_DIR=str(tmp_path),
     )
+    web = await start_web(env, port, log=asyncio.subprocess.DEVNULL)
     try:
         # a fresh connection per request: the kernel spreads them over the two workers
         for _ in range(300):

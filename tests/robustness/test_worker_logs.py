@@ -4,12 +4,10 @@ unreachable): each failing background job is named, each 503 answer logged with 
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 
 import httpx
 
-from tests.conftest import JWT_SECRET, ROOT, STRIPE_KEY, WEBHOOK_SECRET
+from tests.conftest import process_env, start_web
 from tests.robustness.test_cli_failures import closed_port, log_entries
 from tests.stripe_fake import StripeFake
 
@@ -17,30 +15,12 @@ from tests.stripe_fake import StripeFake
 async def test_each_failing_background_job_is_named_in_its_log_line(
     stripe_fake: StripeFake,
 ) -> None:
-    env = {
-        **os.environ,
-        "APP_ENV": "test",
-        "DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port()}/billing",
-        "STRIPE_API_BASE": stripe_fake.url,
-        "STRIPE_SECRET_KEY": STRIPE_KEY,
-        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
-        "AUTH_JWT_SECRET": JWT_SECRET,
-        "RUN_BACKGROUND_WORKERS": "true",
-        "LOG_LEVEL": "WARNING",
-    }
-    web = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:app",
-        "--port",
-        "0",
-        "--no-access-log",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+    env = process_env(
+        f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port()}/billing",
+        stripe_fake.url,
+        RUN_BACKGROUND_WORKERS="true",
     )
+    web = await start_web(env, 0)
     assert web.stdout is not None
     output: list[str] = []
     try:
@@ -69,30 +49,13 @@ async def test_a_503_answer_is_logged_with_its_reason(stripe_fake: StripeFake) -
     balancer's or Kubernetes' probe does not show: the replica stayed out of rotation with
     nothing in the logs saying why."""
     port = closed_port()
-    env = {
-        **os.environ,
-        "APP_ENV": "test",
-        "DATABASE_URL": f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port()}/billing",
-        "STRIPE_API_BASE": stripe_fake.url,
-        "STRIPE_SECRET_KEY": STRIPE_KEY,
-        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
-        "AUTH_JWT_SECRET": JWT_SECRET,
-        "RUN_BACKGROUND_WORKERS": "false",
-        "LOG_LEVEL": "INFO",
-    }
-    web = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:app",
-        "--port",
-        str(port),
-        "--no-access-log",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+    env = process_env(
+        f"postgresql+asyncpg://postgres@127.0.0.1:{closed_port()}/billing",
+        stripe_fake.url,
+        LOG_LEVEL="INFO",
+        RUN_BACKGROUND_WORKERS="false",
     )
+    web = await start_web(env, port)
     try:
         async with httpx.AsyncClient() as http:
             for _ in range(100):

@@ -7,15 +7,13 @@ failure pointed at that first, unrelated, request."""
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 
 import asyncpg
 import httpx
 import orjson
 
 from app.config import Settings
-from tests.conftest import JWT_SECRET, ROOT, STRIPE_KEY, WEBHOOK_SECRET, plain_dsn
+from tests.conftest import plain_dsn, process_env, start_web
 from tests.robustness.test_cli_failures import closed_port, log_entries
 from tests.stripe_fake import StripeFake
 from tests.webhooks.test_ingestion import event, signed
@@ -25,31 +23,13 @@ async def test_a_failed_store_is_not_logged_under_the_first_delivery_s_request_i
     settings: Settings, stripe_fake: StripeFake
 ) -> None:
     port = closed_port()
-    env = {
-        **os.environ,
-        "APP_ENV": "test",
-        "DATABASE_URL": settings.database_url,
-        "STRIPE_API_BASE": stripe_fake.url,
-        "STRIPE_SECRET_KEY": STRIPE_KEY,
-        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
-        "AUTH_JWT_SECRET": JWT_SECRET,
-        "RUN_BACKGROUND_WORKERS": "false",
-        "LOG_LEVEL": "WARNING",
-        "DATABASE_POOL_SIZE": "2",  # one flusher: the one that stored the first delivery
-    }
-    web = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "uvicorn",
-        "app.main:app",
-        "--port",
-        str(port),
-        "--no-access-log",
-        cwd=ROOT,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+    env = process_env(
+        settings.database_url,
+        stripe_fake.url,
+        RUN_BACKGROUND_WORKERS="false",
+        DATABASE_POOL_SIZE="2",  # one flusher: the one that stored the first delivery
     )
+    web = await start_web(env, port)
     base = f"http://127.0.0.1:{port}"
     try:
         async with httpx.AsyncClient(base_url=base) as http:

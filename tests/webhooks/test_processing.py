@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import os
 import subprocess
 import sys
 import time
@@ -23,7 +22,14 @@ from app.stripe_gateway import API_VERSION
 from app.webhooks.handlers import HANDLED_EVENT_TYPES
 from app.webhooks.processor import MAX_ATTEMPTS, prune_payloads
 from app.webhooks.reconcile import register_webhook_endpoint
-from tests.conftest import JWT_SECRET, ROOT, STRIPE_KEY, WEBHOOK_SECRET, Deliver, bearer, plain_dsn
+from tests.conftest import (
+    ROOT,
+    WEBHOOK_SECRET,
+    Deliver,
+    bearer,
+    plain_dsn,
+    process_env,
+)
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import add_catalog, open_checkout
 from tests.webhooks.lifecycle import run_lifecycle, snapshot
@@ -118,16 +124,7 @@ async def test_a_failing_event_is_retried_parked_listed_and_replayed(
 
 
 def cli(*args: str, stripe_fake: StripeFake, database_url: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "APP_ENV": "test",
-        "DATABASE_URL": database_url,
-        "STRIPE_API_BASE": stripe_fake.url,
-        "STRIPE_SECRET_KEY": STRIPE_KEY,
-        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
-        "AUTH_JWT_SECRET": JWT_SECRET,
-        "LOG_LEVEL": "WARNING",
-    }
+    env = process_env(database_url, stripe_fake.url)
     return subprocess.run(
         [sys.executable, "-m", "app.cli", *args],
         cwd=ROOT,

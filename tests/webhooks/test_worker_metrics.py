@@ -7,7 +7,6 @@ watch exist in that deployment too."""
 from __future__ import annotations
 
 import asyncio
-import os
 import sys
 
 import httpx
@@ -15,7 +14,7 @@ import pytest
 from fastapi import FastAPI
 
 from app.config import Settings
-from tests.conftest import JWT_SECRET, ROOT, STRIPE_KEY, WEBHOOK_SECRET, Deliver
+from tests.conftest import ROOT, Deliver, process_env
 from tests.robustness.test_cli_failures import closed_port
 from tests.stripe_fake import StripeFake
 from tests.webhooks.flows import add_catalog, open_checkout
@@ -56,16 +55,7 @@ async def test_a_worker_process_serves_its_own_metrics(
     deliver: Deliver,
 ) -> None:
     port = closed_port()
-    env = {
-        **os.environ,
-        "APP_ENV": "test",
-        "DATABASE_URL": settings.database_url,
-        "STRIPE_API_BASE": stripe_fake.url,
-        "STRIPE_SECRET_KEY": STRIPE_KEY,
-        "STRIPE_WEBHOOK_SECRETS": WEBHOOK_SECRET,
-        "AUTH_JWT_SECRET": JWT_SECRET,
-        "LOG_LEVEL": "WARNING",
-    }
+    env = process_env(settings.database_url, stripe_fake.url)
     worker = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
