@@ -68,6 +68,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from typing import Literal
 
 import structlog
 from sqlalchemy import (
@@ -819,6 +820,13 @@ async def push_pending_extensions(
             # a trial, and Stripe would charge again at its end. Stripe's own state decides.
             try:
                 at_stripe = await gateway.retrieve_subscription(subscription.stripe_id)
+                settled = _settled_at_stripe(at_stripe, target)
+                if settled is None:
+                    at_stripe = await gateway.update_subscription(
+                        subscription.stripe_id,
+                        {"trial_end": int(target.timestamp()), "proration_behavior": "none"},
+                        key=idempotency_key("maintenance-extension", extension.id),
+                    )
             except StripeRequestRejected as exc:
                 extension.stripe_status = "rejected"
                 extension.last_error = str(exc)[:2000]
@@ -831,42 +839,31 @@ async def push_pending_extensions(
                     error_type=type(exc).__name__,
                 )
                 return False
-            stripe_trial_end = _timestamp(at_stripe.get("trial_end"))
-            if stripe_trial_end is not None and stripe_trial_end >= target:
-                # applied by an attempt whose answer was lost (its event not here yet)
-                await _record_stripe_answer(session, extension, at_stripe)
-                continue
-            stripe_period_end = _period_end(at_stripe)
-            if stripe_period_end is not None and stripe_period_end >= target:
+            if settled == "target_passed":
                 _reject_target_passed(extension)
-                continue
-            if _ends_before(
-                bool(at_stripe.get("cancel_at_period_end")),
-                _timestamp(at_stripe.get("cancel_at")),
-                target,
-            ):  # renewal turned off at Stripe, its event not here yet
+            elif settled == "cancelling":
                 _skip_cancelling(extension)
-                continue
-            params = {"trial_end": int(target.timestamp()), "proration_behavior": "none"}
-            try:
-                answer = await gateway.update_subscription(
-                    subscription.stripe_id,
-                    params,
-                    key=idempotency_key("maintenance-extension", extension.id),
-                )
-            except StripeRequestRejected as exc:
-                extension.stripe_status = "rejected"
-                extension.last_error = str(exc)[:2000]
-                log.warning("maintenance.stripe_push_rejected", extension_id=extension.id)
-                continue
-            except Exception as exc:  # Stripe unavailable: stays pending for a retry
-                log.warning(
-                    "maintenance.stripe_push_failed",
-                    extension_id=extension.id,
-                    error_type=type(exc).__name__,
-                )
-                return False
-            await _record_stripe_answer(session, extension, answer)
+            else:  # pushed now, or by an attempt whose answer was lost (its event not here yet)
+                await _record_stripe_answer(session, extension, at_stripe)
+
+
+def _settled_at_stripe(
+    at_stripe: dict[str, object], target: datetime
+) -> Literal["applied", "target_passed", "cancelling"] | None:
+    """What Stripe's own subscription already decides about pushing `target`: `applied` (its
+    `trial_end` holds it: an earlier push's answer was lost), `target_passed` (its period
+    already reaches it), `cancelling` (renewal turned off, its event not here yet); None: push."""
+    trial_end = _timestamp(at_stripe.get("trial_end"))
+    if trial_end is not None and trial_end >= target:
+        return "applied"
+    period_end = _period_end(at_stripe)
+    if period_end is not None and period_end >= target:
+        return "target_passed"
+    if _ends_before(
+        bool(at_stripe.get("cancel_at_period_end")), _timestamp(at_stripe.get("cancel_at")), target
+    ):
+        return "cancelling"
+    return None
 
 
 STILL_PENDING = MaintenanceExtension.stripe_status == literal_column("'pending'")
