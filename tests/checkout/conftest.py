@@ -69,3 +69,28 @@ def post_checkout(client: httpx.AsyncClient, token: Any) -> PostCheckout:
         )
 
     return post
+
+
+async def charge_usage(
+    client: httpx.AsyncClient,
+    token: Any,
+    account: str,
+    amount: int,
+    currency: str,
+    *,
+    usage_id: str | None = None,
+) -> None:
+    """A conversation charged to `account`'s balance (a debt once it is spent), as the usage
+    service posts it; `usage_id` (default: by currency and amount) keeps two charges apart."""
+    response = await client.post(
+        f"/v1/accounts/{account}/usage-charges",
+        json={
+            "id": usage_id or f"usage-{currency}-{amount}",
+            "amount": amount,
+            "currency": currency,
+            "kind": "conversation",
+            "occurred_at": "2026-11-01T10:00:00Z",
+        },
+        headers=bearer(token(scope="usage:write")),
+    )
+    assert response.status_code == 201, response.text

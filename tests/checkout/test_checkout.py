@@ -14,7 +14,13 @@ from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.models import Account, CheckoutSession, Subscription
-from tests.checkout.conftest import APP_URL, PostCheckout, subscription_body, top_up_body
+from tests.checkout.conftest import (
+    APP_URL,
+    PostCheckout,
+    charge_usage,
+    subscription_body,
+    top_up_body,
+)
 from tests.conftest import bearer, plain_dsn
 from tests.stripe_fake import StripeFake
 from tests.stripe_fake.state import StripeError
@@ -305,17 +311,7 @@ async def test_debt_repayment_without_debt_is_409_no_debt(
 async def test_debt_repayment_charges_exactly_the_current_debt(
     post_checkout: PostCheckout, client: httpx.AsyncClient, token: Any, stripe_fake: StripeFake
 ) -> None:
-    usage = {
-        "id": "conv-1",
-        "amount": 1234,
-        "currency": "usd",
-        "kind": "conversation",
-        "occurred_at": "2026-11-01T10:00:00Z",
-    }
-    charged = await client.post(
-        "/v1/accounts/acc_1/usage-charges", json=usage, headers=bearer(token(scope="usage:write"))
-    )
-    assert charged.status_code == 201, charged.text
+    await charge_usage(client, token, "acc_1", 1234, "usd")
     body = {
         "purpose": "debt_repayment",
         "success_url": f"{APP_URL}/ok",
@@ -336,17 +332,7 @@ async def test_a_debt_below_stripes_minimum_charge_is_409_and_reaches_no_stripe(
     docs.stripe.com/currencies#minimum-and-maximum-charge-amounts): a debt of 0.30 USD cannot
     be repaid by card. The client is told so (409, how to settle it: a top-up), not given
     Stripe's refusal as a 502 to retry forever, and no session is made."""
-    usage = {
-        "id": "conv-small",
-        "amount": 30,
-        "currency": "usd",
-        "kind": "conversation",
-        "occurred_at": "2026-11-01T10:00:00Z",
-    }
-    charged = await client.post(
-        "/v1/accounts/acc_1/usage-charges", json=usage, headers=bearer(token(scope="usage:write"))
-    )
-    assert charged.status_code == 201, charged.text
+    await charge_usage(client, token, "acc_1", 30, "usd")
     body = {
         "purpose": "debt_repayment",
         "success_url": f"{APP_URL}/ok",
@@ -367,17 +353,7 @@ async def test_a_debt_stripe_refuses_as_below_its_minimum_once_converted_is_409_
     of ours can know: its `amount_too_small` refusal is answered as the 409 above, not 502, and
     the retry with the same key gets the same answer."""
     stripe_fake.minimum_charge["usd"] = 100  # 0.80 USD is below 0.50 of the settlement currency
-    usage = {
-        "id": "conv-small",
-        "amount": 80,
-        "currency": "usd",
-        "kind": "conversation",
-        "occurred_at": "2026-11-01T10:00:00Z",
-    }
-    charged = await client.post(
-        "/v1/accounts/acc_1/usage-charges", json=usage, headers=bearer(token(scope="usage:write"))
-    )
-    assert charged.status_code == 201, charged.text
+    await charge_usage(client, token, "acc_1", 80, "usd")
     body = {
         "purpose": "debt_repayment",
         "success_url": f"{APP_URL}/ok",
@@ -399,17 +375,7 @@ async def test_a_debt_above_stripes_largest_charge_is_repaid_in_parts(
     was asked for whole: a 502 on every attempt, a debt the client could never repay. The
     repayment asks for the largest charge Stripe takes (the rest is asked once it is paid),
     and asked again returns that same open repayment."""
-    usage = {
-        "id": "conv-huge",
-        "amount": 150_000_000,
-        "currency": "usd",
-        "kind": "conversation",
-        "occurred_at": "2026-11-01T10:00:00Z",
-    }
-    charged = await client.post(
-        "/v1/accounts/acc_1/usage-charges", json=usage, headers=bearer(token(scope="usage:write"))
-    )
-    assert charged.status_code == 201, charged.text
+    await charge_usage(client, token, "acc_1", 150_000_000, "usd")
     body = {
         "purpose": "debt_repayment",
         "success_url": f"{APP_URL}/ok",
@@ -603,17 +569,7 @@ async def test_two_tabs_repaying_one_debt_at_once_get_one_payable_session(
     """A second repayment of the same debt asked while the first one's session is still being
     created at Stripe (its row pending) answers that session, as an open one would: the
     account never has two payable repayments of one debt (which the client could both pay)."""
-    usage = {
-        "id": "conv-tabs",
-        "amount": 2500,
-        "currency": "usd",
-        "kind": "conversation",
-        "occurred_at": "2026-11-01T10:00:00Z",
-    }
-    charged = await client.post(
-        "/v1/accounts/acc_1/usage-charges", json=usage, headers=bearer(token(scope="usage:write"))
-    )
-    assert charged.status_code == 201, charged.text
+    await charge_usage(client, token, "acc_1", 2500, "usd")
     body = {
         "purpose": "debt_repayment",
         "success_url": f"{APP_URL}/ok",

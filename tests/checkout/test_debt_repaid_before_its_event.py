@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 
-from tests.checkout.conftest import APP_URL, PostCheckout
+from tests.checkout.conftest import APP_URL, PostCheckout, charge_usage
 from tests.conftest import Deliver, bearer
 from tests.stripe_fake import StripeFake
 
@@ -18,17 +18,7 @@ REPAY = {"purpose": "debt_repayment", "success_url": f"{APP_URL}/ok", "cancel_ur
 
 
 async def spend(client: httpx.AsyncClient, token: Any, charge_id: str, amount: int) -> None:
-    usage = {
-        "id": charge_id,
-        "amount": amount,
-        "currency": "usd",
-        "kind": "conversation",
-        "occurred_at": "2026-11-01T10:00:00Z",
-    }
-    response = await client.post(
-        "/v1/accounts/acc_1/usage-charges", json=usage, headers=bearer(token(scope="usage:write"))
-    )
-    assert response.status_code == 201, response.text
+    await charge_usage(client, token, "acc_1", amount, "usd", usage_id=charge_id)
 
 
 async def test_a_debt_paid_at_stripe_is_not_charged_again_before_its_event(

@@ -14,7 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.accounts.service import ensure_account, ledger_entries_in_account_currency
 from app.models import LedgerEntry, OutboxEmail, Payment
-from tests.checkout.conftest import APP_URL, PostCheckout, top_up_body
+from tests.checkout.conftest import APP_URL, PostCheckout, charge_usage, top_up_body
 from tests.conftest import Deliver, bearer
 from tests.refunds.test_refund_workflow import file_request, reply
 from tests.stripe_fake import StripeFake
@@ -38,23 +38,6 @@ def decision(remedy: str, amount: int) -> dict[str, Any]:
 def allow_eur(app: FastAPI) -> None:
     limits = app.state.settings.top_up_limits
     limits["eur"] = type(limits["usd"])(min=100, max=100000)
-
-
-async def charge_usage(
-    client: httpx.AsyncClient, token: Any, account: str, amount: int, currency: str
-) -> None:
-    response = await client.post(
-        f"/v1/accounts/{account}/usage-charges",
-        json={
-            "id": f"usage-{currency}-{amount}",
-            "amount": amount,
-            "currency": currency,
-            "kind": "conversation",
-            "occurred_at": OCCURRED,
-        },
-        headers=bearer(token(scope="usage:write")),
-    )
-    assert response.status_code == 201, response.text
 
 
 async def ledger_currencies(db: async_sessionmaker[AsyncSession], account: str) -> list[str]:
