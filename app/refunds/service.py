@@ -127,10 +127,12 @@ async def refund_eligibility(
             currency=row.currency,
             status=row.status,
             processing_fee=row.fee,
-            already_refunded=max(
-                row.amount_refunded - int(row.failed_refunds), int(row.mirrored_refunds)
-            )
-            + int(row.unmirrored_refunds),
+            already_refunded=repo.refunded_total(
+                row.amount_refunded,
+                int(row.failed_refunds),
+                int(row.mirrored_refunds),
+                int(row.unmirrored_refunds),
+            ),
             disputed=row.disputed,
             period_end=period_ends.get(row.id),
         )
