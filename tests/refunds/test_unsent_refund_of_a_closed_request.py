@@ -80,3 +80,40 @@ async def test_a_refund_stripe_made_for_a_request_a_chargeback_closed_is_kept(
     second = await file_request(client, token, "acc_uk", payment_reference=paid.charge_id)
     too_much = await reply(client, token, second["id"], **DECISION, amount=5000)
     assert too_much.status_code == 422, too_much.text  # 2000 of it went back
+
+
+async def test_an_unsent_retry_of_a_payment_whose_chargeback_was_lost_is_released(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    disputed = await pay_top_up(app, stripe_fake, deliver, account_id="acc_ur", amount=5000)
+    other = await pay_top_up(app, stripe_fake, deliver, account_id="acc_ur", amount=3000)
+    first = await file_request(client, token, "acc_ur", payment_reference=disputed.charge_id)
+    seen = len(stripe_fake.events)
+    assert (await reply(client, token, first["id"], **DECISION, amount=2000)).status_code == 201
+    [failed] = stripe_fake.all("refund")
+    stripe_fake.fail_refund(failed["id"])
+    await deliver(new_events(stripe_fake, seen))  # refund_failed: balance 8000 again
+    url = f"/v1/finance/refund-requests/{first['id']}/refund-attempts"
+    finance = bearer(token(**FINANCE))
+    stripe_fake.fail_next(path_prefix="/v1/refunds", status=500, count=2)
+    assert (await client.post(url, json={}, headers=finance)).status_code == 502
+    assert len(stripe_fake.all("refund")) == 1  # the retry made nothing at Stripe
+    opened = stripe_fake.create_dispute(disputed.charge_id)
+    await deliver(opened)
+    dispute_id = opened[0]["data"]["object"]["id"]
+    await deliver(stripe_fake.withdraw_dispute_funds(dispute_id))
+    await deliver(stripe_fake.close_dispute(dispute_id, won=False))  # balance 3000
+
+    repeated = await client.post(url, json={}, headers=finance)
+    assert repeated.status_code == 409, repeated.text
+    assert repeated.json()["code"] == "payment_disputed"
+    assert len(stripe_fake.all("refund")) == 1
+
+    # The retry never sent holds back none of the unspent 3000 of the other top-up.
+    second = await file_request(client, token, "acc_ur", payment_reference=other.charge_id)
+    approved = await reply(client, token, second["id"], **DECISION, amount=3000)
+    assert approved.status_code == 201, approved.text
