@@ -313,11 +313,23 @@ ELIGIBILITY_FACTS = _eligibility_facts()
 """See `_eligibility_facts`; parameter `account_id`."""
 
 
+def refunded_total(amount_refunded: int, failed: int, mirrored: int, unmirrored: int) -> int:
+    """What of a payment has gone back or is on its way back, from: the charge's
+    `amount_refunded` (mirrored as the highest value seen, since events arrive in any order,
+    so refunds that later failed, `failed`, are taken out of it again), Stripe's refunds
+    mirrored and still live (`mirrored`), and refunds this service has asked for that no
+    refund event has reported yet (`unmirrored`). The charge's `charge.refunded` event may
+    arrive before a refund's own `refund.*` event, and its `amount_refunded` then already
+    holds that refund: an unreported refund of ours is counted once, in whichever of the two
+    is larger, never added to the charge's total (which counted a partial refund twice and
+    refused the rest of the payment). Stripe itself never refunds more than the charge."""
+    return max(amount_refunded - failed, mirrored + unmirrored)
+
+
 async def already_refunded(session: AsyncSession, payment: Payment) -> int:
-    """What has gone back or is on its way back: Stripe's refunds (mirrored) plus refunds this
-    service has asked for that Stripe has not yet reported. The charge's `amount_refunded` is
-    mirrored as the highest value seen (events arrive in any order), so refunds that later
-    failed are taken out of it again."""
+    """What has gone back or is on its way back (`refunded_total`): Stripe's refunds
+    (mirrored, and the charge's `amount_refunded`) and refunds this service has asked for that
+    Stripe has not yet reported."""
     mirrored, failed = (
         await session.execute(
             select(
@@ -342,7 +354,7 @@ async def already_refunded(session: AsyncSession, payment: Payment) -> int:
             )
         )
     ).scalar_one()
-    return max(payment.amount_refunded - int(failed), int(mirrored)) + int(unmirrored)
+    return refunded_total(payment.amount_refunded, int(failed), int(mirrored), int(unmirrored))
 
 
 async def unconfirmed_balance_refunds(session: AsyncSession, account_id: str, currency: str) -> int:

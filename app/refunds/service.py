@@ -25,7 +25,9 @@ Refunds run through Stripe exactly once per attempt: the approval first commits 
 RefundExecution (attempt 1) in its own transaction, then calls Stripe with
 `billing:refund:<execution id>` as idempotency key and the execution id in the refund's
 metadata, then records the decision. A retry, a double click or a crash between the steps
-reuses the same row and key, so Stripe creates one refund. `refund_pending` lasts until
+reuses the same row and key, so Stripe creates one refund. A chargeback that closes the
+request while its attempt is still `pending` ends that path: repeating the approval then
+releases the attempt if Stripe has no refund for it (`_release_unsent_refund`). `refund_pending` lasts until
 Stripe's refund event arrives (app/refunds/events.py). When Stripe reports the refund failed,
 finance may retry it: a new attempt row (new id, so a new key) for the decided amount, bounded
 again by what was paid less what is already refunded; the database allows one attempt that is
@@ -39,7 +41,7 @@ import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 from sqlalchemy import Row
@@ -127,10 +129,12 @@ async def refund_eligibility(
             currency=row.currency,
             status=row.status,
             processing_fee=row.fee,
-            already_refunded=max(
-                row.amount_refunded - int(row.failed_refunds), int(row.mirrored_refunds)
-            )
-            + int(row.unmirrored_refunds),
+            already_refunded=repo.refunded_total(
+                row.amount_refunded,
+                int(row.failed_refunds),
+                int(row.mirrored_refunds),
+                int(row.unmirrored_refunds),
+            ),
             disputed=row.disputed,
             period_end=period_ends.get(row.id),
         )
@@ -883,6 +887,83 @@ async def _approve_refund(
     principal: Principal,
 ) -> None:
     assert body.amount is not None
+    try:
+        await _approve_refund_steps(
+            factory, stripe, request_id=request_id, body=body, principal=principal
+        )
+    except _UnsentRefund as unsent:
+        await _release_unsent_refund(factory, stripe, unsent)
+        raise unsent.error from None
+
+
+@dataclass
+class _UnsentRefund(Exception):
+    """A refund attempt still `pending` (`execution_id`; of the payment `payment_intent`)
+    that can no longer be completed: its request was closed by a chargeback, or its payment
+    is under one. `error`: what the repeat that found it answers."""
+
+    execution_id: uuid.UUID
+    payment_intent: str
+    actor: str
+    error: Exception
+
+
+async def _refuse_unsent(
+    session: AsyncSession,
+    request: RefundRequest,
+    payment: Payment,
+    actor: str,
+    error: Exception,
+) -> NoReturn:
+    """Raise `error`, as `_UnsentRefund` when the request's latest attempt is still
+    `pending` without a refund Stripe named (to be released if Stripe has none)."""
+    latest = await repo.execution_for_request(session, request.id)
+    if latest is not None and latest.status == "pending" and latest.stripe_refund_id is None:
+        raise _UnsentRefund(latest.id, payment.stripe_id, actor, error)
+    raise error
+
+
+async def _release_unsent_refund(
+    factory: async_sessionmaker[AsyncSession], stripe: StripeGateway, unsent: _UnsentRefund
+) -> None:
+    """A chargeback closed the request, or disputes its payment, while a refund attempt was
+    `pending` (its Stripe call failed or went unanswered), so it can no longer be repeated to
+    complete it. If Stripe has no refund for the attempt (looked for by the attempt id in its
+    metadata), none was made and none will be: the attempt is deleted, so an unsent refund does
+    not hold back what may still be refunded of the payment (or the account's unspent balance)
+    for ever. One Stripe did make is left for its events to complete."""
+    found = await stripe.find_refund(
+        payment_intent=unsent.payment_intent, execution_id=str(unsent.execution_id)
+    )
+    if found is not None:
+        return
+    async with factory() as session, session.begin():
+        execution = await repo.lock_execution(session, unsent.execution_id)
+        if execution is None or execution.status != "pending" or execution.stripe_refund_id:
+            return
+        request = await repo.get_request(session, execution.request_id)
+        await session.delete(execution)
+        if request is not None:
+            audit_step(
+                session,
+                request,
+                "refund_execution_released",
+                unsent.actor,
+                refund_id=unsent.execution_id,
+                amount=execution.amount,
+            )
+    log.info("refund.unsent_released", refund_id=str(unsent.execution_id))
+
+
+async def _approve_refund_steps(
+    factory: async_sessionmaker[AsyncSession],
+    stripe: StripeGateway,
+    *,
+    request_id: uuid.UUID,
+    body: ResponseCreate,
+    principal: Principal,
+) -> None:
+    assert body.amount is not None
     # 1. Commit the pending execution (its id is the idempotency key) before calling Stripe.
     async with factory() as session, session.begin():
         unlocked = await repo.get_request(session, request_id)
@@ -900,9 +981,12 @@ async def _approve_refund(
         request = await repo.get_request(session, request_id, lock=True)
         assert request is not None
         if request.decided_at is not None or request.status not in OPEN_STATUSES:
-            raise RequestAlreadyDecided(f"The request is {request.status}")
+            decided = RequestAlreadyDecided(f"The request is {request.status}")
+            if request.decided_at is None:  # closed by a chargeback
+                await _refuse_unsent(session, request, payment, principal.sub, decided)
+            raise decided
         if await repo.is_under_chargeback(session, payment):
-            raise PaymentDisputed()
+            await _refuse_unsent(session, request, payment, principal.sub, PaymentDisputed())
         execution = await repo.execution_for_request(session, request.id, lock=True)
         sent_before = execution is not None
         if execution is not None:
@@ -1090,6 +1174,26 @@ async def retry_refund(
     body: RefundRetryCreate,
     principal: Principal,
 ) -> FinanceRefundRequestOut:
+    """`_retry_refund_steps`; a retry attempt left `pending` whose payment has since come
+    under a chargeback is released if Stripe has no refund for it (`_release_unsent_refund`),
+    and the repeat answers 409 `payment_disputed` as before."""
+    try:
+        return await _retry_refund_steps(
+            factory, stripe, request_id=request_id, body=body, principal=principal
+        )
+    except _UnsentRefund as unsent:
+        await _release_unsent_refund(factory, stripe, unsent)
+        raise unsent.error from None
+
+
+async def _retry_refund_steps(
+    factory: async_sessionmaker[AsyncSession],
+    stripe: StripeGateway,
+    *,
+    request_id: uuid.UUID,
+    body: RefundRetryCreate,
+    principal: Principal,
+) -> FinanceRefundRequestOut:
     """Execute an approved refund again after Stripe reported it failed (`refund_failed`).
 
     The same three steps as the approval: commit a `pending` attempt (attempt n+1, a new id, so
@@ -1118,7 +1222,7 @@ async def retry_refund(
         if request.status != "refund_failed":
             raise RefundNotFailed(f"The request is {request.status}")
         if await repo.is_under_chargeback(session, payment):
-            raise PaymentDisputed()
+            await _refuse_unsent(session, request, payment, principal.sub, PaymentDisputed())
         latest = await repo.execution_for_request(session, request.id, lock=True)
         if latest is None or latest.status in ("submitted", "succeeded"):
             raise RefundInProgress("The request's refund is not failed at Stripe")
