@@ -923,6 +923,13 @@ async def _refuse_unsent(
     raise error
 
 
+IN_FLIGHT_BOUND = timedelta(minutes=5)
+"""Longer than a Stripe call of ours can last (`STRIPE_TIMEOUT_SECONDS`, 10 s, for each of its
+attempts, with the SDK's backoff between them): an attempt sent (or repeated) more recently may
+still be in flight, so `_release_unsent_refund` keeps it (repeating the action later releases
+it). Each send writes the attempt's `updated_at`."""
+
+
 async def _release_unsent_refund(
     factory: async_sessionmaker[AsyncSession], stripe: StripeGateway, unsent: _UnsentRefund
 ) -> None:
@@ -941,6 +948,8 @@ async def _release_unsent_refund(
         execution = await repo.lock_execution(session, unsent.execution_id)
         if execution is None or execution.status != "pending" or execution.stripe_refund_id:
             return
+        if execution.updated_at > datetime.now(UTC) - IN_FLIGHT_BOUND:
+            return  # its latest send may still be waiting for Stripe, which may yet make it
         request = await repo.get_request(session, execution.request_id)
         await session.delete(execution)
         if request is not None:
@@ -998,6 +1007,7 @@ async def _approve_refund_steps(
                 raise RefundInProgress(
                     f"A refund of {execution.amount} is already {execution.status} for this request"
                 )
+            execution.updated_at = datetime.now(UTC)  # sent again now (`IN_FLIGHT_BOUND`)
         else:
             await _check_refund_bound(session, payment, body.amount)
             execution = RefundExecution(
@@ -1227,6 +1237,8 @@ async def _retry_refund_steps(
         if latest is None or latest.status in ("submitted", "succeeded"):
             raise RefundInProgress("The request's refund is not failed at Stripe")
         sent_before = latest.status != "failed"  # a pending attempt repeated
+        if sent_before:
+            latest.updated_at = datetime.now(UTC)  # sent again now (`IN_FLIGHT_BOUND`)
         if latest.status == "failed":
             amount = request.remedy_amount or latest.amount
             await _check_refund_bound(session, payment, amount)

@@ -9,13 +9,25 @@ from __future__ import annotations
 
 import httpx
 from fastapi import FastAPI
+from sqlalchemy import func, update
 
+from app.models import RefundExecution
+from app.refunds.service import IN_FLIGHT_BOUND
 from tests.conftest import Deliver, TokenFactory, bearer
 from tests.refunds.flows import new_events, pay_top_up
 from tests.refunds.test_refund_workflow import FINANCE, file_request, reply
 from tests.stripe_fake import StripeFake
 
 DECISION = {"kind": "decision", "message": "Refunded.", "outcome": "approved", "remedy": "refund"}
+
+
+async def sent_long_ago(app: FastAPI) -> None:
+    """Every refund attempt last sent longer ago than a Stripe call can last
+    (`IN_FLIGHT_BOUND`): none can still be waiting for Stripe."""
+    async with app.state.session_factory() as session, session.begin():
+        await session.execute(
+            update(RefundExecution).values(updated_at=func.now() - IN_FLIGHT_BOUND * 2)
+        )
 
 
 async def test_an_unsent_refund_of_a_request_a_chargeback_closed_is_released(
@@ -34,13 +46,19 @@ async def test_an_unsent_refund_of_a_request_a_chargeback_closed_is_released(
     await deliver(opened)  # the request is closed by the chargeback
     await deliver(stripe_fake.close_dispute(opened[0]["data"]["object"]["id"], won=True))
 
+    second = await file_request(client, token, "acc_us", payment_reference=paid.charge_id)
+    at_once = await reply(client, token, first["id"], **DECISION, amount=2000)
+    assert at_once.status_code == 409, at_once.text
+    # sent moments ago, it may still be in flight: kept, so 2000 is still held back
+    assert (await reply(client, token, second["id"], **DECISION, amount=5000)).status_code == 422
+
+    await sent_long_ago(app)
     repeated = await reply(client, token, first["id"], **DECISION, amount=2000)
     assert repeated.status_code == 409, repeated.text
     assert repeated.json()["code"] == "request_already_decided"
     assert stripe_fake.all("refund") == []  # still nothing sent for the closed request
 
-    # The payment is with us again: all of it may be refunded on a new request.
-    second = await file_request(client, token, "acc_us", payment_reference=paid.charge_id)
+    # The payment is with us again: all of it may be refunded on the new request.
     approved = await reply(client, token, second["id"], **DECISION, amount=5000)
     assert approved.status_code == 201, approved.text
     assert [r["amount"] for r in stripe_fake.all("refund")] == [5000]
@@ -108,6 +126,7 @@ async def test_an_unsent_retry_of_a_payment_whose_chargeback_was_lost_is_release
     await deliver(stripe_fake.withdraw_dispute_funds(dispute_id))
     await deliver(stripe_fake.close_dispute(dispute_id, won=False))  # balance 3000
 
+    await sent_long_ago(app)
     repeated = await client.post(url, json={}, headers=finance)
     assert repeated.status_code == 409, repeated.text
     assert repeated.json()["code"] == "payment_disputed"
