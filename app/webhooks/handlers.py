@@ -841,12 +841,12 @@ def _subscription_values(
 ) -> dict[str, Any]:
     """The subscription row as this snapshot says (`SUBSCRIPTION_SNAPSHOT` but the
     maintenance days), `created` being its event's. The plan is the catalog's plan of the
-    item's price; a price outside the catalog keeps the plan its checkout named (metadata
-    `plan_code`, e.g. a plan taken off sale) unless that plan is on sale at another price:
-    then the price was changed away from it (e.g. in Stripe's dashboard) and it is no plan
-    of ours (None)."""
+    item's price (`_plan_item`: of several items, the one of a catalog price); a price
+    outside the catalog keeps the plan its checkout named (metadata `plan_code`, e.g. a plan
+    taken off sale) unless that plan is on sale at another price: then the price was changed
+    away from it (e.g. in Stripe's dashboard) and it is no plan of ours (None)."""
     metadata = obj.get("metadata") or {}
-    item = _first_item(obj)
+    item = _plan_item(settings, obj)
     price_id = ref(item.get("price")) if item else None
     plan = next((p for p in settings.plans if p.stripe_price_id == price_id), None)
     named = metadata.get("plan_code")
@@ -905,13 +905,19 @@ async def fulfil_subscription_checkouts(
         )
 
 
-def _first_item(subscription: Json) -> Json | None:
+def _plan_item(settings: Settings, subscription: Json) -> Json | None:
+    """The subscription's item of a catalog price, else its first item. A subscription may
+    have several items (an add-on price added in Stripe's Dashboard, listed in any place):
+    the plan is the one of the catalog's price it bills, not of whichever item comes first."""
     items = subscription.get("items")
     data = items.get("data") if isinstance(items, dict) else None
-    if isinstance(data, list) and data and isinstance(data[0], dict):
-        first: Json = data[0]
-        return first
-    return None
+    if not isinstance(data, list):
+        return None
+    found = [item for item in data if isinstance(item, dict)]
+    catalog = {plan.stripe_price_id for plan in settings.plans}
+    return next((item for item in found if ref(item.get("price")) in catalog), None) or (
+        found[0] if found else None
+    )
 
 
 # --- invoices and payments -----------------------------------------------------------------

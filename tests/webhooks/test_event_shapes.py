@@ -4,6 +4,8 @@ from the Stripe fake, into real Postgres."""
 
 from __future__ import annotations
 
+import copy
+
 import httpx
 import pytest
 from fastapi import FastAPI
@@ -66,3 +68,39 @@ async def test_a_paid_invoice_without_a_subscription_is_no_subscription_payment(
     assert response.status_code == 200, response.text
     quoted = [quote["payment_id"] for quote in response.json()["quotes"]]
     assert quoted == [paid.payment_id]
+
+
+async def test_a_subscription_with_an_added_item_keeps_its_plan(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    token: TokenFactory,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    """A subscription with several items: an add-on price (not in the catalog, quantity 2)
+    added to it in Stripe's Dashboard, listed before the plan's item. The plan was read from
+    the first item only, so the subscription answered `plan: null` (the README's "the price
+    was changed to one outside the catalog") while the catalog's price was still billed."""
+    paid = await pay_subscription(
+        app, stripe_fake, deliver, account_id="acc_items", channel_id="ch_items"
+    )
+    assert paid.subscription_id is not None
+    addon = stripe_fake.add_price(unit_amount=500, currency="usd", product_name="Extra seat")
+    stored = stripe_fake.get("subscription", paid.subscription_id)
+    item = copy.deepcopy(stored["items"]["data"][0])
+    item.update({"id": "si_addon", "price": copy.deepcopy(addon), "quantity": 1})
+    stored["items"]["data"].insert(0, item)
+    stored["items"]["total_count"] = 2
+    await deliver(
+        stripe_fake.update_subscription(
+            paid.subscription_id, items=[{"id": "si_addon", "quantity": 2}]
+        )
+    )
+
+    response = await client.get(
+        "/v1/accounts/acc_items/subscriptions", headers=bearer(token(account_id="acc_items"))
+    )
+
+    assert response.status_code == 200, response.text
+    [subscription] = response.json()["data"]
+    assert subscription["plan"] == "channel_monthly"
