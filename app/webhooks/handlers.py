@@ -841,12 +841,12 @@ def _subscription_values(
 ) -> dict[str, Any]:
     """The subscription row as this snapshot says (`SUBSCRIPTION_SNAPSHOT` but the
     maintenance days), `created` being its event's. The plan is the catalog's plan of the
-    item's price; a price outside the catalog keeps the plan its checkout named (metadata
-    `plan_code`, e.g. a plan taken off sale) unless that plan is on sale at another price:
-    then the price was changed away from it (e.g. in Stripe's dashboard) and it is no plan
-    of ours (None)."""
+    item's price (`_plan_item`: of several items, the one of a catalog price); a price
+    outside the catalog keeps the plan its checkout named (metadata `plan_code`, e.g. a plan
+    taken off sale) unless that plan is on sale at another price: then the price was changed
+    away from it (e.g. in Stripe's dashboard) and it is no plan of ours (None)."""
     metadata = obj.get("metadata") or {}
-    item = _first_item(obj)
+    item = _plan_item(settings, obj)
     price_id = ref(item.get("price")) if item else None
     plan = next((p for p in settings.plans if p.stripe_price_id == price_id), None)
     named = metadata.get("plan_code")
@@ -905,13 +905,19 @@ async def fulfil_subscription_checkouts(
         )
 
 
-def _first_item(subscription: Json) -> Json | None:
+def _plan_item(settings: Settings, subscription: Json) -> Json | None:
+    """The subscription's item of a catalog price, else its first item. A subscription may
+    have several items (an add-on price added in Stripe's Dashboard, listed in any place):
+    the plan is the one of the catalog's price it bills, not of whichever item comes first."""
     items = subscription.get("items")
     data = items.get("data") if isinstance(items, dict) else None
-    if isinstance(data, list) and data and isinstance(data[0], dict):
-        first: Json = data[0]
-        return first
-    return None
+    if not isinstance(data, list):
+        return None
+    found = [item for item in data if isinstance(item, dict)]
+    catalog = {plan.stripe_price_id for plan in settings.plans}
+    return next((item for item in found if ref(item.get("price")) in catalog), None) or (
+        found[0] if found else None
+    )
 
 
 # --- invoices and payments -----------------------------------------------------------------
@@ -1026,17 +1032,24 @@ LINK_INVOICE_PAYMENTS = (  # sent straight to asyncpg: $1 invoices, $2 accounts,
     "UPDATE payments"
     " SET account_id = coalesce(payments.account_id, v.account_id),"
     " stripe_subscription_id = coalesce(payments.stripe_subscription_id, v.subscription_id),"
+    # an invoice of no subscription, paid before its invoice was mirrored: not one's payment
+    " purpose = CASE WHEN v.subscription_id IS NULL AND payments.stripe_subscription_id IS NULL"
+    " AND payments.purpose = 'subscription' THEN NULL ELSE payments.purpose END,"
     " updated_at = now()"
     " FROM unnest($1::text[], $2::text[], $3::text[])"
     " AS v(invoice_id, account_id, subscription_id)"
     " WHERE payments.stripe_invoice_id = v.invoice_id"
     " AND ((payments.account_id IS NULL AND v.account_id IS NOT NULL)"
-    " OR (payments.stripe_subscription_id IS NULL AND v.subscription_id IS NOT NULL))"
+    " OR (payments.stripe_subscription_id IS NULL AND v.subscription_id IS NOT NULL)"
+    " OR (v.subscription_id IS NULL AND payments.stripe_subscription_id IS NULL"
+    " AND payments.purpose = 'subscription'))"
     " RETURNING v.invoice_id"
 )
 """The payments of each invoice get the account and subscription its events named (the
 first each named, as one `UPDATE` per event would); returns the invoices whose payments
-learned something."""
+learned something. An invoice of no subscription (`parent` null: one made in Stripe's
+Dashboard) is no subscription's payment: an invoice payment applied before its invoice was
+taken for one (`invoice_payment_change`) and loses that purpose here."""
 
 
 INVOICE_EVENTS = frozenset(
@@ -1123,6 +1136,10 @@ def invoice_payment_change(
         return None
     invoice_id = ref(obj.get("invoice"))
     account_id, subscription_id = invoices.get(invoice_id or "", (None, None))
+    # An invoice mirrored without a subscription (`parent` null: made in Stripe's Dashboard)
+    # is paid by no subscription payment: no refund right, no period. One not mirrored yet is
+    # taken for a subscription's until its invoice says otherwise (`LINK_INVOICE_PAYMENTS`).
+    one_off = invoice_id in invoices and subscription_id is None
     transitions = obj.get("status_transitions") or {}
     paid_at = ts(transitions.get("paid_at")) or ctx.created
     paid = obj.get("status") == "paid"
@@ -1136,7 +1153,7 @@ def invoice_payment_change(
         ctx,
         payment_intent,
         {
-            "purpose": "subscription",
+            "purpose": None if one_off else "subscription",
             "stripe_invoice_id": invoice_id,
             "stripe_subscription_id": subscription_id,
             "account_id": account_id,
