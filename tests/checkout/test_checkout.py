@@ -666,3 +666,18 @@ async def test_a_subscription_checkout_never_deadlocks_with_a_batch_writing_its_
     response = await again
     assert response.status_code == 201, response.text
     assert response.json()["id"] == first.json()["id"]  # the open one, returned again
+
+
+async def test_a_channel_id_the_access_check_cannot_address_is_refused(
+    client: httpx.AsyncClient, token: Any, post_checkout: PostCheckout, stripe_fake: StripeFake
+) -> None:
+    """Every channel a checkout sells can be checked at GET /v1/channels/{channel_id}/access:
+    an id with `/` never reaches that route (encoded or not, the path splits there), so the
+    other services would deny a paid channel; such an id is refused before anything is made."""
+    response = await post_checkout("acc_1", subscription_body(channel_id="wa/42"))
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "validation_error"
+    assert stripe_fake.all("checkout.session") == []
+    reader = bearer(token(scope="billing:read"))
+    for path in ("/v1/channels/wa%2F42/access", "/v1/channels/wa/42/access"):
+        assert (await client.get(path, headers=reader)).status_code == 404
