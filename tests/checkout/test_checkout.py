@@ -681,3 +681,29 @@ async def test_a_channel_id_the_access_check_cannot_address_is_refused(
     reader = bearer(token(scope="billing:read"))
     for path in ("/v1/channels/wa%2F42/access", "/v1/channels/wa/42/access"):
         assert (await client.get(path, headers=reader)).status_code == 404
+
+
+async def test_the_browser_frontend_can_read_retry_after_and_the_replay_header(
+    client: httpx.AsyncClient, token: Any, app: Any
+) -> None:
+    """The frontend calls from the browser (CORS): a header the contract names for its answers
+    (`Retry-After` of a 429, `Idempotent-Replayed` of a replay) is one its code can read only
+    when the response exposes it (neither is CORS-safelisted)."""
+    app.state.settings.stripe_sessions_per_account_per_minute = 1
+    headers = {
+        **bearer(token(account_id="acc_1")),
+        "Origin": APP_URL,
+        "Idempotency-Key": "pay-once",
+    }
+    url = "/v1/accounts/acc_1/checkout-sessions"
+    assert (await client.post(url, json=top_up_body(), headers=headers)).status_code == 201
+    replay = await client.post(url, json=top_up_body(), headers=headers)
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    limited = await client.post(
+        url, json=top_up_body(600), headers={**headers, "Idempotency-Key": "2"}
+    )
+    assert limited.status_code == 429 and limited.headers["Retry-After"]
+    for response in (replay, limited):
+        assert response.headers["access-control-allow-origin"] == APP_URL
+        exposed = response.headers.get("access-control-expose-headers", "").lower().split(", ")
+        assert {"retry-after", "idempotent-replayed"} <= set(exposed), response.headers
