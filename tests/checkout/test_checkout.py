@@ -707,3 +707,35 @@ async def test_the_browser_frontend_can_read_retry_after_and_the_replay_header(
         assert response.headers["access-control-allow-origin"] == APP_URL
         exposed = response.headers.get("access-control-expose-headers", "").lower().split(", ")
         assert {"retry-after", "idempotent-replayed"} <= set(exposed), response.headers
+
+
+async def test_a_client_back_from_checkout_reads_the_session_by_the_id_in_its_success_url(
+    post_checkout: PostCheckout, client: httpx.AsyncClient, token: Any, stripe_fake: StripeFake
+) -> None:
+    """The success URL carries `session_id={CHECKOUT_SESSION_ID}`, which Stripe fills with its
+    own id (its live ids are 66 characters): that is the id a browser back from Checkout has
+    (the page it left is gone), and the read that shows it the truth before the webhook must
+    accept it, for the account's own sessions only."""
+    created = (await post_checkout("acc_1", top_up_body())).json()
+    stripe_id = created["stripe_checkout_session_id"]
+    stripe_fake.complete_checkout(stripe_id)  # the webhook has not arrived
+    for returned in (stripe_id, "cs_live_" + "a1" * 29):
+        assert len(returned) <= 66
+    response = await client.get(
+        f"/v1/accounts/acc_1/checkout-sessions/{stripe_id}",
+        headers=bearer(token(account_id="acc_1")),
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == created["id"]
+    assert response.json()["status"] == "complete"
+    assert response.json()["fulfilled"] is False
+    other = await client.get(
+        f"/v1/accounts/acc_2/checkout-sessions/{stripe_id}",
+        headers=bearer(token(account_id="acc_2")),
+    )
+    assert other.status_code == 404 and other.json()["code"] == "checkout_session_not_found"
+    unknown = await client.get(
+        "/v1/accounts/acc_1/checkout-sessions/cs_live_" + "a1" * 29,
+        headers=bearer(token(account_id="acc_1")),
+    )
+    assert unknown.status_code == 404 and unknown.json()["code"] == "checkout_session_not_found"
