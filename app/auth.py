@@ -245,6 +245,17 @@ class _AccountOwner(Guard):
         return self.check(request, {"account_id": account_id})
 
 
+def check_route_guard(request: Request) -> None:
+    """Run the guard of the request's route, if it has one (Unauthorized or Forbidden). FastAPI
+    parses a JSON body before it solves any dependency, so a body that is not JSON would
+    otherwise be answered 422 (or 400) to a caller with no token, or one that may not call the
+    route at all; app/errors.py runs this before answering such a body."""
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    for dependency in getattr(dependant, "dependencies", ()):
+        if isinstance(dependency.call, Guard):
+            dependency.call.check(request, request.path_params)
+
+
 def require_scope(scope: str) -> Callable[..., Awaitable[Principal]]:
     """A dependency admitting service/staff tokens that carry `scope`."""
     return _Scope(scope)

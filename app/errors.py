@@ -274,6 +274,19 @@ def _jsonable_errors(exc: RequestValidationError) -> list[dict[str, Any]]:
     ]
 
 
+def _caller_refusal(request: Request) -> JSONResponse | None:
+    """401/403 when the route's guard refuses the caller: who may call a route is decided
+    before whether the body is valid (service-contract.md: no token is 401, a token that may
+    not act 403), also for a body FastAPI refuses before it runs the guard (not JSON)."""
+    from app.auth import check_route_guard  # app.auth imports this module
+
+    try:
+        check_route_guard(request)
+    except BillingError as exc:
+        return problem_response(exc.status, exc.code, exc.title, exc.detail, headers=exc.headers)
+    return None
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(BillingError)
     async def _billing_error(_: Request, exc: BillingError) -> JSONResponse:
@@ -289,7 +302,9 @@ def install_error_handlers(app: FastAPI) -> None:
         return problem_response(exc.status, exc.code, exc.title, exc.detail, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if (refusal := _caller_refusal(request)) is not None:
+            return refusal
         errors = _jsonable_errors(exc)
         detail = "; ".join(f"{'.'.join(e['loc'])}: {e['msg']}" for e in errors)[:1000]
         return problem_response(
@@ -297,7 +312,9 @@ def install_error_handlers(app: FastAPI) -> None:
         )
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 400 and (refusal := _caller_refusal(request)) is not None:
+            return refusal  # a body FastAPI could not parse (before any dependency ran)
         code, title = _HTTP_CODES.get(exc.status_code, ("http_error", "HTTP error"))
         detail = exc.detail if isinstance(exc.detail, str) else title
         return problem_response(

@@ -208,6 +208,8 @@ def create_app(settings: Settings | None = None, gateway: StripeGateway | None =
         allow_origins=settings.cors_allowed_origins,
         allow_methods=["GET", "POST", "PATCH"],
         allow_headers=["Authorization", "Content-Type", "Idempotency-Key"],
+        # headers of our answers the browser frontend reads (none is CORS-safelisted)
+        expose_headers=["Retry-After", "Idempotent-Replayed", "X-Request-ID"],
         max_age=600,
     )
     app.include_router(health_router)

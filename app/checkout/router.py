@@ -87,7 +87,14 @@ async def create_checkout_session(
 )
 async def get_checkout_session(
     account_id: AccountId,
-    session_id: Annotated[str, Path(max_length=64, description="Our checkout session id.")],
+    session_id: Annotated[
+        str,
+        Path(
+            max_length=255,
+            description="Our checkout session id, or Stripe's (`cs_...`, the `session_id` the "
+            "success URL brings back).",
+        ),
+    ],
     request: Request,
     _: AccountReader,
 ) -> CheckoutOut:

@@ -23,8 +23,9 @@ class SubscriptionCheckoutIn(_CheckoutIn):
     channel_id: str = Field(
         min_length=1,
         max_length=64,
-        pattern=r"^[\x21-\x7e]+$",
-        description="The 1msg channel the plan is for; the first account to name it owns it.",
+        pattern=r"^[\x21-\x2e\x30-\x7e]+$",
+        description="The 1msg channel the plan is for; the first account to name it owns it. "
+        "Printable ASCII without `/`, so GET /v1/channels/{channel_id}/access can address it.",
     )
 
 

@@ -306,19 +306,21 @@ async def get_checkout_session(
     account_id: str,
     checkout_id: str,
 ) -> CheckoutOut:
-    """The account's session; synced from Stripe while no payment event has fulfilled it, at
+    """The account's session, by our id or by Stripe's (the `session_id` a client back from
+    Checkout has in its success URL); synced from Stripe while no payment event has fulfilled it, at
     most once a second per account (`throttle`; in between, the stored state). No
     transaction is open (no pooled connection held) while Stripe answers: a client polling its
     checkout while Stripe is slow would otherwise take the pool from every other request."""
     try:
-        our_id = uuid.UUID(checkout_id)
+        which = CheckoutSession.id == uuid.UUID(checkout_id)
     except ValueError:
-        raise CheckoutSessionNotFound("No such checkout session") from None
+        if not checkout_id.startswith("cs_"):
+            raise CheckoutSessionNotFound("No such checkout session") from None
+        # Stripe's id, as the success URL's `session_id` brings it back (`with_session_id`)
+        which = CheckoutSession.stripe_id == checkout_id
     async with factory() as session:
         row = await session.scalar(
-            select(CheckoutSession).where(
-                CheckoutSession.id == our_id, CheckoutSession.account_id == account_id
-            )
+            select(CheckoutSession).where(which, CheckoutSession.account_id == account_id)
         )
     if row is None or row.stripe_id is None:
         raise CheckoutSessionNotFound("No such checkout session")

@@ -622,3 +622,76 @@ async def test_a_subscription_checkout_never_deadlocks_with_a_batch_writing_its_
     response = await again
     assert response.status_code == 201, response.text
     assert response.json()["id"] == first.json()["id"]  # the open one, returned again
+
+
+async def test_a_channel_id_the_access_check_cannot_address_is_refused(
+    client: httpx.AsyncClient, token: Any, post_checkout: PostCheckout, stripe_fake: StripeFake
+) -> None:
+    """Every channel a checkout sells can be checked at GET /v1/channels/{channel_id}/access:
+    an id with `/` never reaches that route (encoded or not, the path splits there), so the
+    other services would deny a paid channel; such an id is refused before anything is made."""
+    response = await post_checkout("acc_1", subscription_body(channel_id="wa/42"))
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "validation_error"
+    assert stripe_fake.all("checkout.session") == []
+    reader = bearer(token(scope="billing:read"))
+    for path in ("/v1/channels/wa%2F42/access", "/v1/channels/wa/42/access"):
+        assert (await client.get(path, headers=reader)).status_code == 404
+
+
+async def test_the_browser_frontend_can_read_retry_after_and_the_replay_header(
+    client: httpx.AsyncClient, token: Any, app: Any
+) -> None:
+    """The frontend calls from the browser (CORS): a header the contract names for its answers
+    (`Retry-After` of a 429, `Idempotent-Replayed` of a replay) is one its code can read only
+    when the response exposes it (neither is CORS-safelisted)."""
+    app.state.settings.stripe_sessions_per_account_per_minute = 1
+    headers = {
+        **bearer(token(account_id="acc_1")),
+        "Origin": APP_URL,
+        "Idempotency-Key": "pay-once",
+    }
+    url = "/v1/accounts/acc_1/checkout-sessions"
+    assert (await client.post(url, json=top_up_body(), headers=headers)).status_code == 201
+    replay = await client.post(url, json=top_up_body(), headers=headers)
+    assert replay.headers["Idempotent-Replayed"] == "true"
+    limited = await client.post(
+        url, json=top_up_body(600), headers={**headers, "Idempotency-Key": "2"}
+    )
+    assert limited.status_code == 429 and limited.headers["Retry-After"]
+    for response in (replay, limited):
+        assert response.headers["access-control-allow-origin"] == APP_URL
+        exposed = response.headers.get("access-control-expose-headers", "").lower().split(", ")
+        assert {"retry-after", "idempotent-replayed"} <= set(exposed), response.headers
+
+
+async def test_a_client_back_from_checkout_reads_the_session_by_the_id_in_its_success_url(
+    post_checkout: PostCheckout, client: httpx.AsyncClient, token: Any, stripe_fake: StripeFake
+) -> None:
+    """The success URL carries `session_id={CHECKOUT_SESSION_ID}`, which Stripe fills with its
+    own id (its live ids are 66 characters): that is the id a browser back from Checkout has
+    (the page it left is gone), and the read that shows it the truth before the webhook must
+    accept it, for the account's own sessions only."""
+    created = (await post_checkout("acc_1", top_up_body())).json()
+    stripe_id = created["stripe_checkout_session_id"]
+    stripe_fake.complete_checkout(stripe_id)  # the webhook has not arrived
+    for returned in (stripe_id, "cs_live_" + "a1" * 29):
+        assert len(returned) <= 66
+    response = await client.get(
+        f"/v1/accounts/acc_1/checkout-sessions/{stripe_id}",
+        headers=bearer(token(account_id="acc_1")),
+    )
+    assert response.status_code == 200, response.text
+    assert response.json()["id"] == created["id"]
+    assert response.json()["status"] == "complete"
+    assert response.json()["fulfilled"] is False
+    other = await client.get(
+        f"/v1/accounts/acc_2/checkout-sessions/{stripe_id}",
+        headers=bearer(token(account_id="acc_2")),
+    )
+    assert other.status_code == 404 and other.json()["code"] == "checkout_session_not_found"
+    unknown = await client.get(
+        "/v1/accounts/acc_1/checkout-sessions/cs_live_" + "a1" * 29,
+        headers=bearer(token(account_id="acc_1")),
+    )
+    assert unknown.status_code == 404 and unknown.json()["code"] == "checkout_session_not_found"

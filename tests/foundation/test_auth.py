@@ -257,3 +257,31 @@ async def test_a_token_email_no_email_can_carry_never_becomes_the_billing_contac
     async with app.state.session_factory() as session:
         contact = await session.scalar(select(Account.email).where(Account.id == "acc_mail"))
     assert contact == "billing@client.example"
+
+
+@pytest.mark.parametrize("body", [b"{", b"\xff\xfe"], ids=["broken-json", "invalid-utf8"])
+async def test_a_body_that_is_not_json_is_refused_for_the_token_first(
+    client: httpx.AsyncClient, body: bytes
+) -> None:
+    """No token is 401 and a token that may not act is 403 whatever the body: a body that is
+    not even JSON is no reason to answer 422 to a caller who may not call the route."""
+    json_type = {"content-type": "application/json"}
+    checkout = "/v1/accounts/acc_1/checkout-sessions"
+    response = await client.post(checkout, content=body, headers=json_type)
+    assert_problem(response, 401, "unauthorized")
+    other_account = bearer(raw_token(account_id="acc_2"))
+    response = await client.post(checkout, content=body, headers=json_type | other_account)
+    assert_problem(response, 403, "forbidden")
+    user = bearer(raw_token(account_id="acc_1"))
+    response = await client.post(
+        "/v1/accounts/acc_1/usage-charges", content=body, headers=json_type | user
+    )
+    assert_problem(response, 403, "forbidden")
+    ops = bearer(raw_token(scope="ops"))
+    response = await client.post(
+        "/v1/finance/refund-requests", content=body, headers=json_type | ops
+    )
+    assert_problem(response, 403, "forbidden")
+    # the caller who may act still learns the body is malformed
+    response = await client.post(checkout, content=body, headers=json_type | user)
+    assert_problem(response, 422, "validation_error")
