@@ -22,8 +22,9 @@ class BalanceOut(BaseModel):
 class LedgerEntryOut(BaseModel):
     id: int = Field(description="Entry id; also the pagination cursor.")
     kind: str = Field(
-        description="top_up, debt_repayment, conversation, meta_fee, refund, "
-        "dispute_withdrawal, dispute_reinstatement or balance_credit."
+        description="top_up, debt_repayment, balance_credit, refund_reversal, "
+        "dispute_reinstatement (credits); conversation, meta_fee, refund or dispute_withdrawal "
+        "(debits)."
     )
     source_id: str = Field(description="What caused it: a Checkout session id, a usage id...")
     amount: int = Field(description="Signed minor units: positive credits, negative debits.")

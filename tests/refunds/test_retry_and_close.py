@@ -4,6 +4,7 @@ refunds for one decision, limits checked again) and closes requests with nothing
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -534,3 +535,24 @@ async def test_a_retry_never_deadlocks_with_a_batch_applying_the_failed_refund_s
         await batch.close()
     response = await retried
     assert response.status_code == 201, response.text
+
+
+async def test_the_ledger_documents_every_kind_it_shows(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """A failed refund's `refund_reversal` credit is in the ledger the client reads: the
+    contract's list of the ledger's kinds names it, so a reader can tell what it is."""
+    await failed_top_up_refund(app, client, stripe_fake, deliver, token, "acc_kinds")
+    response = await client.get(
+        "/v1/accounts/acc_kinds/ledger", headers=bearer(token(account_id="acc_kinds"))
+    )
+    assert response.status_code == 200, response.text
+    shown = {entry["kind"] for entry in response.json()["data"]}
+    assert shown == {"top_up", "refund", "refund_reversal"}
+    schema = app.openapi()["components"]["schemas"]["LedgerEntryOut"]
+    documented = set(re.findall(r"[a-z_]+", schema["properties"]["kind"]["description"]))
+    assert shown <= documented, shown - documented
