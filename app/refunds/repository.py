@@ -46,6 +46,9 @@ USAGE_LEDGER_KINDS = ("conversation", "meta_fee")
 BALANCE_PURPOSES = ("top_up", "debt_repayment")
 # Stripe refund statuses under which the money is (or is on its way) back with the client.
 LIVE_REFUND_STATUSES = ("pending", "requires_action", "succeeded")
+# The open statuses (app/refunds/service.py `OPEN_STATUSES`): a request in one may still be
+# identified when its payment arrives.
+WAITING_STATUSES = ("needs_information", "received", "acknowledged", "in_review")
 # Dispute statuses after which the payment stayed with us: the bank decided the chargeback for
 # us (`won`, also a withdrawn one) or an inquiry closed without becoming one. Such a payment is
 # refundable again here and Stripe has the last word (should it refuse, the approval is 502
@@ -467,8 +470,11 @@ async def announce_matching(session: AsyncSession, account_id: str) -> None:
 
 
 async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> list[RefundRequest]:
-    """The accounts' requests still waiting for their payment to be identified
-    (`needs_information`), locked, after the accounts' rows.
+    """The accounts' requests still waiting for their payment to be identified, locked, after
+    the accounts' rows: open ones about a payment and not matched to one, whether in
+    `needs_information` (no clock yet) or already running (a request filed about no payment
+    whose client then named one Stripe's events had not brought yet: identified all the same,
+    its clock kept).
 
     So a request filed while the payment's events are being applied is not missed by either
     side: a filing writes its account's row before it matches (`announce_matching`), and so
@@ -483,7 +489,9 @@ async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> lis
     statement = (
         select(RefundRequest)
         .where(
-            RefundRequest.status == "needs_information",
+            RefundRequest.status.in_(WAITING_STATUSES),
+            RefundRequest.about_payment.is_(True),
+            RefundRequest.payment_id.is_(None),
             RefundRequest.account_id.in_(account_ids),
         )
         .order_by(RefundRequest.id)

@@ -495,9 +495,10 @@ async def identify_waiting_requests(
     since: dict[str, datetime] | None = None,
 ) -> None:
     """Called by the webhook consumer when payments of these accounts become known (new, or
-    newly linked to their account): their requests waiting in `needs_information` are matched
-    again, and one that matches now is `received` and its clock starts (the contract: "its
-    clock starts only when it can be matched"). `known_at`: when Stripe made each payment known
+    newly linked to their account): their open requests about a payment not yet matched are
+    matched again; one waiting in `needs_information` that matches now is `received` and its
+    clock starts (the contract: "its clock starts only when it can be matched"), one whose
+    clock already runs (filed about no payment, then naming one not yet mirrored) keeps it. `known_at`: when Stripe made each payment known
     (its event's time); a request that named a payment already made at Stripe when the request
     arrived had what identifies it from the start, so its clock runs from receipt. A payment
     not in `known_at` became known at `since[account]`, else `now`."""
