@@ -235,12 +235,19 @@ async def _match_payment(
 def _identify(
     request: RefundRequest, payment: Payment, clock_start: datetime, settings: Settings
 ) -> None:
-    """The request is about `payment`; one still waiting for it is `received` and its clock
-    starts at `clock_start` (a request whose clock runs keeps it)."""
+    """The request is about `payment`; one still waiting for it leaves `needs_information`
+    and its clock starts at `clock_start` (a request whose clock runs keeps it). Its status is
+    that of the replies it already had while waiting (an interim one → `in_review`, an
+    initial one → `acknowledged`, none → `received`), never one as if none had been sent."""
     request.payment_id = payment.id
     request.missing_information = []
     if request.clock_started_at is None:
-        request.status = "received"
+        if request.interim_responded_at is not None:
+            request.status = "in_review"
+        elif request.first_responded_at is not None:
+            request.status = "acknowledged"
+        else:
+            request.status = "received"
         _start_clock(request, clock_start, settings)
 
 
