@@ -653,11 +653,12 @@ async def audit_for_request(
 def overdue_condition(now: datetime) -> Any:
     """A due date passed without the reply it asks for: the first reply by
     `first_response_due`; a decision or interim reply by `decision_due`; after an interim
-    reply, the decision by its `next_step_due`. Only open requests can be overdue: the
-    condition is rendered in the SQL (not as parameters), so every plan can read them from the
-    partial index `ix_refund_requests_open` instead of every request ever filed."""
+    reply, the decision by its `next_step_due`, also one given while the request still waits
+    for its details (no clock, so no other due date, but a date promised to the client). Only
+    open requests can be overdue: the condition is rendered in the SQL (not as parameters), so
+    every plan can read them from the partial index `ix_refund_requests_open` instead of every
+    request ever filed."""
     return and_(
-        RefundRequest.clock_started_at.is_not(None),
         RefundRequest.decided_at.is_(None),
         RefundRequest.status != literal_column("'closed'"),
         or_(

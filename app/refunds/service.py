@@ -569,11 +569,7 @@ async def finance_get(
 
 def is_overdue(request: RefundRequest, now: datetime) -> bool:
     """Python twin of `repository.overdue_condition`."""
-    if (
-        request.clock_started_at is None
-        or request.decided_at is not None
-        or request.status == "closed"
-    ):
+    if request.decided_at is not None or request.status == "closed":
         return False
     return bool(
         (request.first_responded_at is None and _passed(request.first_response_due, now))

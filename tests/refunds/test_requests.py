@@ -568,3 +568,38 @@ async def test_a_request_identified_after_finance_replied_keeps_the_status_of_th
         headers=headers,
     )
     assert matched.json()["status"] == "in_review", matched.json()
+
+
+async def test_a_next_step_promised_while_details_are_missing_is_overdue_once_it_passes(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    # An email request finance cannot match yet; finance replies that it is checking with the
+    # bank and names the date of its next step. That date passing without a reply is overdue
+    # (the contract: "a due date passed without the reply it asks for"), clock or no clock.
+    filed = await finance_file(
+        client,
+        token,
+        type="refund",
+        description="Charged but not in my invoices",
+        payment_reference="pi_from_a_bank_statement",
+        received_at=(datetime.now(UTC) - timedelta(hours=1)).isoformat(),
+    )
+    assert filed.json()["status"] == "needs_information", filed.text
+    request_id = uuid.UUID(filed.json()["id"])
+    promised = datetime.now(UTC) + timedelta(days=2)
+    interim = await reply(
+        client,
+        token,
+        str(request_id),
+        kind="interim",
+        message="We are checking the charge with Stripe.",
+        next_step_due=promised.isoformat(),
+    )
+    assert interim.status_code == 201, interim.text
+    after = promised + timedelta(minutes=1)
+    async with app.state.session_factory() as session:
+        request = await repo.get_request(session, request_id)
+        assert request is not None
+        assert not is_overdue(request, promised - timedelta(minutes=1))
+        assert is_overdue(request, after)
+        assert [r.id for r in await repo.list_requests(session, overdue_at=after)] == [request_id]
