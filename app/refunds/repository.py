@@ -22,6 +22,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import array as pg_array
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import ArrayInsert, DriverStatement, asked_keys, session_driver
@@ -637,6 +638,19 @@ async def responses_for_requests(
     for response in rows.scalars():
         result[response.request_id].append(response)
     return result
+
+
+async def payment_details_added_at(session: AsyncSession, request_id: uuid.UUID) -> datetime | None:
+    """When payment details were last added to the request (its latest `details_added` step
+    naming one of `fields`), or None if it has only those it was filed with."""
+    statement = select(func.max(RefundRequestAudit.at)).where(
+        RefundRequestAudit.request_id == request_id,
+        RefundRequestAudit.action == "details_added",
+        RefundRequestAudit.details["fields"].has_any(
+            cast(Any, pg_array(["payment_reference", "payment_date", "amount", "currency"]))
+        ),
+    )
+    return cast(datetime | None, (await session.execute(statement)).scalar_one())
 
 
 async def audit_for_request(

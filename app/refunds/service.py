@@ -507,7 +507,8 @@ async def identify_waiting_requests(
     clock starts (the contract: "its clock starts only when it can be matched"), one whose
     clock already runs (filed about no payment, then naming one not yet mirrored) keeps it. `known_at`: when Stripe made each payment known
     (its event's time); a request that named a payment already made at Stripe when the request
-    arrived had what identifies it from the start, so its clock runs from receipt. A payment
+    arrived had what identifies it from the start, so its clock runs from receipt; one that
+    named it only in a later PATCH, from that PATCH. A payment
     not in `known_at` became known at `since[account]`, else `now`."""
     for request in await repo.waiting_requests(session, account_ids):
         match = await _match_payment(session, request, settings)
@@ -515,6 +516,12 @@ async def identify_waiting_requests(
             continue
         became_known = (since or {}).get(request.account_id, now)
         clock_start = max(request.received_at, known_at.get(match.payment.id, became_known))
+        if request.clock_started_at is None:
+            # Matchable only once it had the details: those the client added later (PATCH)
+            # start the clock no earlier than they came.
+            added = await repo.payment_details_added_at(session, request.id)
+            if added is not None:
+                clock_start = max(clock_start, added)
         _identify(request, match.payment, clock_start, settings)
         await session.flush()
         audit_step(session, request, "payment_identified", "stripe", payment_id=request.payment_id)
