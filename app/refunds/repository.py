@@ -22,6 +22,7 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects.postgresql import ARRAY, insert
+from sqlalchemy.dialects.postgresql import array as pg_array
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from app.db import ArrayInsert, DriverStatement, asked_keys, session_driver
@@ -46,6 +47,9 @@ USAGE_LEDGER_KINDS = ("conversation", "meta_fee")
 BALANCE_PURPOSES = ("top_up", "debt_repayment")
 # Stripe refund statuses under which the money is (or is on its way) back with the client.
 LIVE_REFUND_STATUSES = ("pending", "requires_action", "succeeded")
+# The open statuses (app/refunds/service.py `OPEN_STATUSES`): a request in one may still be
+# identified when its payment arrives.
+WAITING_STATUSES = ("needs_information", "received", "acknowledged", "in_review")
 # Dispute statuses after which the payment stayed with us: the bank decided the chargeback for
 # us (`won`, also a withdrawn one) or an inquiry closed without becoming one. Such a payment is
 # refundable again here and Stripe has the last word (should it refuse, the approval is 502
@@ -467,8 +471,11 @@ async def announce_matching(session: AsyncSession, account_id: str) -> None:
 
 
 async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> list[RefundRequest]:
-    """The accounts' requests still waiting for their payment to be identified
-    (`needs_information`), locked, after the accounts' rows.
+    """The accounts' requests still waiting for their payment to be identified, locked, after
+    the accounts' rows: open ones about a payment and not matched to one, whether in
+    `needs_information` (no clock yet) or already running (a request filed about no payment
+    whose client then named one Stripe's events had not brought yet: identified all the same,
+    its clock kept).
 
     So a request filed while the payment's events are being applied is not missed by either
     side: a filing writes its account's row before it matches (`announce_matching`), and so
@@ -483,7 +490,9 @@ async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> lis
     statement = (
         select(RefundRequest)
         .where(
-            RefundRequest.status == "needs_information",
+            RefundRequest.status.in_(WAITING_STATUSES),
+            RefundRequest.about_payment.is_(True),
+            RefundRequest.payment_id.is_(None),
             RefundRequest.account_id.in_(account_ids),
         )
         .order_by(RefundRequest.id)
@@ -631,6 +640,19 @@ async def responses_for_requests(
     return result
 
 
+async def payment_details_added_at(session: AsyncSession, request_id: uuid.UUID) -> datetime | None:
+    """When payment details were last added to the request (its latest `details_added` step
+    naming one of `fields`), or None if it has only those it was filed with."""
+    statement = select(func.max(RefundRequestAudit.at)).where(
+        RefundRequestAudit.request_id == request_id,
+        RefundRequestAudit.action == "details_added",
+        RefundRequestAudit.details["fields"].has_any(
+            cast(Any, pg_array(["payment_reference", "payment_date", "amount", "currency"]))
+        ),
+    )
+    return cast(datetime | None, (await session.execute(statement)).scalar_one())
+
+
 async def audit_for_request(
     session: AsyncSession, request_id: uuid.UUID
 ) -> list[RefundRequestAudit]:
@@ -645,11 +667,12 @@ async def audit_for_request(
 def overdue_condition(now: datetime) -> Any:
     """A due date passed without the reply it asks for: the first reply by
     `first_response_due`; a decision or interim reply by `decision_due`; after an interim
-    reply, the decision by its `next_step_due`. Only open requests can be overdue: the
-    condition is rendered in the SQL (not as parameters), so every plan can read them from the
-    partial index `ix_refund_requests_open` instead of every request ever filed."""
+    reply, the decision by its `next_step_due`, also one given while the request still waits
+    for its details (no clock, so no other due date, but a date promised to the client). Only
+    open requests can be overdue: the condition is rendered in the SQL (not as parameters), so
+    every plan can read them from the partial index `ix_refund_requests_open` instead of every
+    request ever filed."""
     return and_(
-        RefundRequest.clock_started_at.is_not(None),
         RefundRequest.decided_at.is_(None),
         RefundRequest.status != literal_column("'closed'"),
         or_(

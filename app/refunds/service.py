@@ -235,12 +235,19 @@ async def _match_payment(
 def _identify(
     request: RefundRequest, payment: Payment, clock_start: datetime, settings: Settings
 ) -> None:
-    """The request is about `payment`; one still waiting for it is `received` and its clock
-    starts at `clock_start` (a request whose clock runs keeps it)."""
+    """The request is about `payment`; one still waiting for it leaves `needs_information`
+    and its clock starts at `clock_start` (a request whose clock runs keeps it). Its status is
+    that of the replies it already had while waiting (an interim one → `in_review`, an
+    initial one → `acknowledged`, none → `received`), never one as if none had been sent."""
     request.payment_id = payment.id
     request.missing_information = []
     if request.clock_started_at is None:
-        request.status = "received"
+        if request.interim_responded_at is not None:
+            request.status = "in_review"
+        elif request.first_responded_at is not None:
+            request.status = "acknowledged"
+        else:
+            request.status = "received"
         _start_clock(request, clock_start, settings)
 
 
@@ -495,11 +502,13 @@ async def identify_waiting_requests(
     since: dict[str, datetime] | None = None,
 ) -> None:
     """Called by the webhook consumer when payments of these accounts become known (new, or
-    newly linked to their account): their requests waiting in `needs_information` are matched
-    again, and one that matches now is `received` and its clock starts (the contract: "its
-    clock starts only when it can be matched"). `known_at`: when Stripe made each payment known
+    newly linked to their account): their open requests about a payment not yet matched are
+    matched again; one waiting in `needs_information` that matches now is `received` and its
+    clock starts (the contract: "its clock starts only when it can be matched"), one whose
+    clock already runs (filed about no payment, then naming one not yet mirrored) keeps it. `known_at`: when Stripe made each payment known
     (its event's time); a request that named a payment already made at Stripe when the request
-    arrived had what identifies it from the start, so its clock runs from receipt. A payment
+    arrived had what identifies it from the start, so its clock runs from receipt; one that
+    named it only in a later PATCH, from that PATCH. A payment
     not in `known_at` became known at `since[account]`, else `now`."""
     for request in await repo.waiting_requests(session, account_ids):
         match = await _match_payment(session, request, settings)
@@ -507,6 +516,12 @@ async def identify_waiting_requests(
             continue
         became_known = (since or {}).get(request.account_id, now)
         clock_start = max(request.received_at, known_at.get(match.payment.id, became_known))
+        if request.clock_started_at is None:
+            # Matchable only once it had the details: those the client added later (PATCH)
+            # start the clock no earlier than they came.
+            added = await repo.payment_details_added_at(session, request.id)
+            if added is not None:
+                clock_start = max(clock_start, added)
         _identify(request, match.payment, clock_start, settings)
         await session.flush()
         audit_step(session, request, "payment_identified", "stripe", payment_id=request.payment_id)
@@ -561,11 +576,7 @@ async def finance_get(
 
 def is_overdue(request: RefundRequest, now: datetime) -> bool:
     """Python twin of `repository.overdue_condition`."""
-    if (
-        request.clock_started_at is None
-        or request.decided_at is not None
-        or request.status == "closed"
-    ):
+    if request.decided_at is not None or request.status == "closed":
         return False
     return bool(
         (request.first_responded_at is None and _passed(request.first_response_due, now))

@@ -5,6 +5,7 @@ and its clock starts, without the client having to send its details again."""
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime
 
 import asyncpg
 import httpx
@@ -199,3 +200,94 @@ async def test_a_request_naming_a_top_up_checkout_is_identified_when_its_events_
     assert body["status"] == "received", body
     assert body["payment_id"] is not None
     assert body["clock_started_at"] == body["received_at"]
+
+
+async def test_a_running_request_naming_a_payment_not_yet_mirrored_is_identified_when_it_arrives(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """An appeal filed without payment details runs its clock at once; the client then names
+    the payment (PATCH) while its webhook is late. When the payment arrives the request is
+    identified like one waiting in `needs_information` (README: "identified when they
+    arrive"), not left unmatched until someone sends the same details again."""
+    session_id = await open_checkout(app, account_id="acc_lr", purpose="top_up", amount=4200)
+    seen = len(stripe_fake.events)
+    stripe_fake.complete_checkout(session_id)  # paid at Stripe; the webhook is late
+
+    headers = bearer(token(account_id="acc_lr"))
+    filed = await file_request(
+        client, token, "acc_lr", type="appeal", description="Suspended after paying"
+    )
+    assert filed["status"] == "received" and filed["clock_started_at"] is not None
+    named = await client.patch(
+        f"/v1/accounts/acc_lr/refund-requests/{filed['id']}",
+        json={"payment_reference": session_id},
+        headers=headers,
+    )
+    assert named.status_code == 200, named.text
+    assert named.json()["missing_information"][0] == "payment_reference"
+
+    await deliver(new_events(stripe_fake, seen))
+
+    shown = (
+        await client.get(f"/v1/accounts/acc_lr/refund-requests/{filed['id']}", headers=headers)
+    ).json()
+    assert shown["payment_id"] is not None, shown
+    assert shown["missing_information"] == []
+    assert shown["status"] == "received"
+    # The clock kept running from receipt.
+    assert shown["clock_started_at"] == filed["clock_started_at"]
+    assert shown["decision_due"] == filed["decision_due"]
+    audit = (
+        await client.get(
+            f"/v1/finance/refund-requests/{filed['id']}", headers=bearer(token(**FINANCE))
+        )
+    ).json()["audit"]
+    assert (audit[-1]["action"], audit[-1]["actor"]) == ("payment_identified", "stripe")
+
+
+async def test_a_late_payment_named_only_by_a_later_patch_starts_the_clock_at_that_patch(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """A refund request filed with no details waits in `needs_information`; the client then
+    names the payment (already made at Stripe, its webhook late). The request could be matched
+    only from that PATCH, so its clock starts there when the payment arrives, not at the
+    payment's time or at receipt ("its clock starts only when it can be matched")."""
+    session_id = await open_checkout(app, account_id="acc_lp", purpose="top_up", amount=4200)
+    seen = len(stripe_fake.events)
+    stripe_fake.complete_checkout(session_id)  # paid at Stripe; the webhook is late
+
+    headers = bearer(token(account_id="acc_lp"))
+    filed = await file_request(client, token, "acc_lp", description="Refund my top-up")
+    assert filed["status"] == "needs_information"
+    await asyncio.sleep(0.05)
+    named = await client.patch(
+        f"/v1/accounts/acc_lp/refund-requests/{filed['id']}",
+        json={"payment_reference": session_id},
+        headers=headers,
+    )
+    assert named.json()["status"] == "needs_information", named.text
+    audit = (
+        await client.get(
+            f"/v1/finance/refund-requests/{filed['id']}", headers=bearer(token(**FINANCE))
+        )
+    ).json()["audit"]
+    details_at = audit[-1]["at"]
+    assert audit[-1]["action"] == "details_added"
+
+    await deliver(new_events(stripe_fake, seen))
+
+    shown = (
+        await client.get(f"/v1/accounts/acc_lp/refund-requests/{filed['id']}", headers=headers)
+    ).json()
+    assert shown["status"] == "received", shown
+    assert datetime.fromisoformat(shown["clock_started_at"]) == datetime.fromisoformat(
+        details_at
+    ), (shown["clock_started_at"], details_at, filed["received_at"])

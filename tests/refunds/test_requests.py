@@ -521,3 +521,85 @@ async def test_a_request_is_not_overdue_before_its_due_day_has_ended(
         assert [r.id for r in await repo.list_requests(session, overdue_at=next_day)] == [
             request_id
         ]
+
+
+async def test_a_request_identified_after_finance_replied_keeps_the_status_of_those_replies(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    # Finance answers a request it cannot match yet (asking for the payment, then saying when
+    # it will look again); once the client's details identify it, it is not `received` again
+    # as if no reply had been sent: initial → `acknowledged`, interim → `in_review`.
+    paid = await pay_top_up(app, stripe_fake, deliver, account_id="acc_ri", amount=4200)
+    headers = bearer(token(account_id="acc_ri"))
+    filed = await client.post(
+        "/v1/accounts/acc_ri/refund-requests",
+        json={"type": "refund", "description": "Refund please", "payment_reference": "pi_x"},
+        headers=headers,
+    )
+    request_id = filed.json()["id"]
+    assert filed.json()["status"] == "needs_information"
+    asked = await reply(client, token, request_id, kind="initial", message="Which payment is it?")
+    assert asked.status_code == 201, asked.text
+    assert asked.json()["status"] == "needs_information"
+
+    url = f"/v1/accounts/acc_ri/refund-requests/{request_id}"
+    matched = await client.patch(url, json={"payment_reference": paid.charge_id}, headers=headers)
+    assert matched.json()["payment_id"] == paid.payment_id
+    assert matched.json()["status"] == "acknowledged", matched.json()
+
+    # The same after an interim reply.
+    other = await client.post(
+        "/v1/accounts/acc_ri/refund-requests",
+        json={"type": "refund", "description": "And this one", "payment_reference": "pi_y"},
+        headers=headers,
+    )
+    soon = (datetime.now(UTC) + timedelta(days=3)).isoformat()
+    interim = await reply(
+        client, token, other.json()["id"], kind="interim", message="Checking.", next_step_due=soon
+    )
+    assert interim.status_code == 201, interim.text
+    matched = await client.patch(
+        f"/v1/accounts/acc_ri/refund-requests/{other.json()['id']}",
+        json={"payment_reference": paid.charge_id},
+        headers=headers,
+    )
+    assert matched.json()["status"] == "in_review", matched.json()
+
+
+async def test_a_next_step_promised_while_details_are_missing_is_overdue_once_it_passes(
+    app: FastAPI, client: httpx.AsyncClient, token: TokenFactory
+) -> None:
+    # An email request finance cannot match yet; finance replies that it is checking with the
+    # bank and names the date of its next step. That date passing without a reply is overdue
+    # (the contract: "a due date passed without the reply it asks for"), clock or no clock.
+    filed = await finance_file(
+        client,
+        token,
+        type="refund",
+        description="Charged but not in my invoices",
+        payment_reference="pi_from_a_bank_statement",
+        received_at=(datetime.now(UTC) - timedelta(hours=1)).isoformat(),
+    )
+    assert filed.json()["status"] == "needs_information", filed.text
+    request_id = uuid.UUID(filed.json()["id"])
+    promised = datetime.now(UTC) + timedelta(days=2)
+    interim = await reply(
+        client,
+        token,
+        str(request_id),
+        kind="interim",
+        message="We are checking the charge with Stripe.",
+        next_step_due=promised.isoformat(),
+    )
+    assert interim.status_code == 201, interim.text
+    after = promised + timedelta(minutes=1)
+    async with app.state.session_factory() as session:
+        request = await repo.get_request(session, request_id)
+        assert request is not None
+        assert not is_overdue(request, promised - timedelta(minutes=1))
+        assert is_overdue(request, after)
+        assert [r.id for r in await repo.list_requests(session, overdue_at=after)] == [request_id]
