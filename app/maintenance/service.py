@@ -114,7 +114,12 @@ from app.models import (
 )
 from app.notifications.outbox import enqueue_email
 from app.stripe_gateway import StripeGateway, StripeRequestRejected, idempotency_key
-from app.subscriptions.access import LIVE_STATUSES, access_until, ended_at_period_end
+from app.subscriptions.access import (
+    LIVE_STATUSES,
+    access_until,
+    cancel_access_until,
+    ended_at_period_end,
+)
 from app.subscriptions.service import record_access_change
 
 log = structlog.get_logger()
@@ -745,8 +750,12 @@ async def _notify(
             continue
         lines = []
         for subscription, days in items:
-            until = access_until(subscription)
+            # the end the access check answers (`cancel_access_until`): Stripe set to end it at
+            # a `cancel_at` inside its period ends it there, before the days could follow
+            until = cancel_access_until(subscription)
             until_text = f", access now until {_local(calendar, until)}" if until else ""
+            if until is not None and until != access_until(subscription):
+                until_text = f", access until {_local(calendar, until)}, when it is set to end"
             if ended_at_period_end(subscription):
                 until_text = f" after the end of its paid period{until_text}"
             elif not _live_now(subscription, settings):

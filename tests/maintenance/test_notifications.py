@@ -277,3 +277,31 @@ async def test_a_subscription_whose_access_a_chargeback_ended_is_not_told_of_acc
     assert "channel ch_cb: no days added, its access has ended" in told.body
     assert response.json()["accounts_notified"] == 2
     assert (await subscription(app.state.session_factory, "ch_cb")).extension_days == 0
+
+
+async def test_a_subscription_stripe_ends_before_its_period_end_is_told_when_access_ends(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    """Stripe is set to end the subscription on 20 March (a `cancel_at` inside its period, set
+    in Stripe's Dashboard): its access ends then, as `access_until` shows, and the window's days
+    cannot follow (Stripe ends it before the moved period end). The notice must not promise
+    access past that day."""
+    sub = await live_subscription("acc_ca", "ch_ca", email="ca@client.example")
+    cancel_at = datetime(2026, 3, 20, tzinfo=UTC)
+    await deliver(stripe_fake.update_subscription(sub["id"], cancel_at=int(cancel_at.timestamp())))
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+
+    response = await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+
+    assert response.status_code == 200, response.text
+    [told] = await outbox(app, "ca@client.example")
+    assert "2026-04-02" not in told.body
+    # 20 March 00:00 UTC is 08:00 in Singapore: the end the access check answers too
+    assert "channel ch_ca: +2 day(s), access until 2026-03-20 08:00, when it is set to end" in (
+        told.body
+    )
