@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import email.policy
 import json
+from email.errors import MessageError
+from email.message import EmailMessage
 from functools import lru_cache
 from typing import Annotated, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -213,6 +216,30 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"BUSINESS_HOLIDAYS_COUNTRY {value!r} is no country the holidays library knows"
             ) from None
+        return value
+
+    @field_validator("email_from")
+    @classmethod
+    def _one_sender_address(cls, value: str) -> str:
+        """Refused at start: EMAIL_FROM is every notice's `From:`, its envelope sender and the
+        domain of its `Message-ID`, so it must be one ASCII address with a domain (an unquoted
+        comma in the name makes it two, the first a bare word: every notice then had a sender
+        the relay refuses)."""
+        message = EmailMessage(policy=email.policy.SMTP)
+        try:
+            message["From"] = value
+            addresses = message["From"].addresses
+        except (ValueError, IndexError, MessageError):
+            addresses = ()
+        if (
+            len(addresses) != 1
+            or not addresses[0].username
+            or not addresses[0].domain
+            or not addresses[0].addr_spec.isascii()
+        ):
+            raise ValueError(
+                "EMAIL_FROM must be one sender address, e.g. '1msg billing <billing@1msg.io>'"
+            )
         return value
 
     @field_validator("default_currency")

@@ -524,4 +524,9 @@ async def _close_open_requests(
     for request in waiting:
         if request in later:
             continue
-        await close_by_chargeback(session, request, dispute.row["stripe_id"])
+        await close_by_chargeback(
+            session,
+            request,
+            dispute.row["stripe_id"],
+            inquiry=repo.is_inquiry(dispute.row["status"]),
+        )

@@ -114,7 +114,12 @@ from app.models import (
 )
 from app.notifications.outbox import enqueue_email
 from app.stripe_gateway import StripeGateway, StripeRequestRejected, idempotency_key
-from app.subscriptions.access import LIVE_STATUSES, access_until, ended_at_period_end
+from app.subscriptions.access import (
+    LIVE_STATUSES,
+    access_until,
+    cancel_access_until,
+    ended_at_period_end,
+)
 from app.subscriptions.service import record_access_change
 
 log = structlog.get_logger()
@@ -604,6 +609,7 @@ async def _record_completion(
     paid_before_end = _paid_before(subscriptions, billing, window.starts_at)
     unpaid_during = _unpaid_during(subscriptions, billing, settings, ended_at)
     extended: dict[str, list[tuple[Subscription, int]]] = defaultdict(list)
+    revoked: dict[str, list[Subscription]] = defaultdict(list)
     for subscription in subscriptions:
         if not _live_during(
             subscription,
@@ -614,10 +620,17 @@ async def _record_completion(
             unpaid_during=unpaid_during.get(subscription.stripe_id),
         ):
             continue
+        if subscription.access_revoked_at is not None:
+            # Live during the window, but a refund or a lost chargeback has ended its access
+            # for good since (Stripe's cancellation may not be reported yet): the days would
+            # give no access (as a finance `access_extension` is refused for it), so none are
+            # added, and its client's notice says so instead of an access end it will not have.
+            revoked[subscription.account_id].append(subscription)
+            continue
         days = await _extend(session, settings, window, subscription, window_dates, now)
         if days:  # dates an overlapping window already credited give no days, and no notice
             extended[subscription.account_id].append((subscription, days))
-    await _notify(session, settings, window, extended)
+    await _notify(session, settings, window, extended, revoked)
     log.info(
         "maintenance.window_completed",
         window_id=str(window.id),
@@ -711,33 +724,48 @@ async def _notify(
     settings: Settings,
     window: MaintenanceWindow,
     extended: dict[str, list[tuple[Subscription, int]]],
+    revoked: dict[str, list[Subscription]],
 ) -> None:
-    if not extended:
+    """One email per account with a subscription the window extended, or live during it
+    whose access has ended since (`revoked`: listed with no days, as ended)."""
+    if not extended and not revoked:
         return
     assert window.ended_at is not None
     calendar = settings.calendar
     accounts = {
         account.id: account
         for account in (
-            await session.execute(select(Account).where(Account.id.in_(list(extended))))
+            await session.execute(
+                select(Account).where(Account.id.in_(sorted({*extended, *revoked})))
+            )
         ).scalars()
     }
     zone = settings.business_timezone
     start, end = _local(calendar, window.starts_at), _local(calendar, window.ended_at)
-    for account_id, items in sorted(extended.items()):
+    for account_id in sorted({*extended, *revoked}):
+        items = extended.get(account_id, [])
         account = accounts.get(account_id)
         if account is None or not account.email:
             log.warning("maintenance.no_billing_contact", account_id=account_id)
             continue
         lines = []
         for subscription, days in items:
-            until = access_until(subscription)
+            # the end the access check answers (`cancel_access_until`): Stripe set to end it at
+            # a `cancel_at` inside its period ends it there, before the days could follow
+            until = cancel_access_until(subscription)
             until_text = f", access now until {_local(calendar, until)}" if until else ""
+            if until is not None and until != access_until(subscription):
+                until_text = f", access until {_local(calendar, until)}, when it is set to end"
             if ended_at_period_end(subscription):
                 until_text = f" after the end of its paid period{until_text}"
             elif not _live_now(subscription, settings):
                 until_text = ", added to its access once its open invoice is paid"
             lines.append(f"- channel {subscription.channel_id}: +{days} day(s){until_text}")
+        for ended in revoked.get(account_id, []):
+            lines.append(
+                f"- channel {ended.channel_id}: no days added, its access has ended "
+                "(refunded or charged back)"
+            )
         kind = "Scheduled maintenance" if window.kind == "scheduled" else "Emergency maintenance"
         body = (
             f"Hello,\n\n{kind} suspended the 1msg service from {start} to {end} ({zone}).\n"

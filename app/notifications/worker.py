@@ -54,6 +54,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
 from app.models import OutboxEmail
+from app.notifications.outbox import header_names_itself
 
 log = structlog.get_logger()
 
@@ -96,9 +97,13 @@ def message_id(outbox_id: uuid.UUID, sender: str) -> str:
 
 def build_message(row: OutboxEmail, settings: Settings) -> EmailMessage:
     """The message of a row; ValueError when no email can carry it. The address must be ASCII:
-    the envelope is sent without SMTPUTF8, so a non-ASCII one could never be handed over."""
+    the envelope is sent without SMTPUTF8, so a non-ASCII one could never be handed over; and
+    one mailbox as a `To:` header (the envelope's recipient is read from it), never a list or
+    another mailbox than the row's."""
     if not row.to_address.isascii():
         raise ValueError("the address is not ASCII (SMTPUTF8 is not used)")
+    if not header_names_itself(row.to_address):
+        raise ValueError("the address is not one mailbox as a To: header")
     message = EmailMessage(policy=email.policy.SMTP)
     message["From"] = settings.email_from
     message["To"] = row.to_address

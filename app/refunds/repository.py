@@ -523,24 +523,31 @@ async def is_under_chargeback(session: AsyncSession, payment: Payment) -> bool:
     )
 
 
-async def chargeback_of(session: AsyncSession, payment: Payment) -> str | None:
-    """The Stripe id of a dispute of the payment not settled for us (open, or lost), if one is
-    mirrored (a payment Stripe marked disputed may have none yet)."""
+async def chargeback_of(session: AsyncSession, payment: Payment) -> tuple[str | None, str | None]:
+    """The Stripe id and status of a dispute of the payment not settled for us (open, or
+    lost), if one is mirrored (a payment Stripe marked disputed may have none yet); a
+    chargeback before an inquiry."""
     disputes = cast(Table, Dispute.__table__)
     payments = cast(Table, Payment.__table__)
-    return cast(
-        "str | None",
-        await session.scalar(
-            select(disputes.c.stripe_id)
+    row = (
+        await session.execute(
+            select(disputes.c.stripe_id, disputes.c.status)
             .where(
                 payments.c.id == payment.id,
                 _disputes_of(payments),
                 disputes.c.status.not_in(_constants(SETTLED_FOR_US)),
             )
-            .order_by(disputes.c.stripe_id)
+            .order_by(disputes.c.status.startswith("warning_"), disputes.c.stripe_id)
             .limit(1)
-        ),
-    )
+        )
+    ).first()
+    return (row[0], row[1]) if row is not None else (None, None)
+
+
+def is_inquiry(status: str | None) -> bool:
+    """A dispute status of an inquiry (`warning_needs_response`, `warning_under_review`,
+    `warning_closed`): the bank asking about the payment, not (yet) a chargeback."""
+    return status is not None and status.startswith("warning_")
 
 
 async def get_payment(

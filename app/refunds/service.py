@@ -252,22 +252,36 @@ def _identify(
 
 
 async def close_by_chargeback(
-    session: AsyncSession, request: RefundRequest, dispute_id: str | None
+    session: AsyncSession,
+    request: RefundRequest,
+    dispute_id: str | None,
+    *,
+    inquiry: bool = False,
 ) -> None:
     """A refund request about a payment under a chargeback is `closed`, the client emailed: a
-    disputed payment is never also refunded, so the bank's decision replaces the request."""
+    disputed payment is never also refunded, so the bank's decision replaces the request.
+    Under an `inquiry` (a dispute `warning_*`: the bank asking, no chargeback yet) the email
+    says so, and that a request filed once it closes without one is considered."""
     request.status = "closed"
     audit_step(session, request, "closed_by_chargeback", "stripe", dispute_id=dispute_id)
     to = await repo.account_email(session, request.account_id)
     if to is not None:
+        body = (
+            "Your bank has opened an inquiry about this payment, the first step of a "
+            "chargeback. While it is open the payment cannot also be refunded, so this refund "
+            "request is closed; if the inquiry closes without a chargeback, you may file a new "
+            "request."
+            if inquiry
+            else "The payment is now disputed with your bank (a chargeback). A disputed "
+            "payment cannot also be refunded, so the bank's decision replaces this "
+            "refund request."
+        )
         await enqueue_email(
             session,
             dedupe_key=f"refund-request-closed:{request.id}",
             to=to,
             subject=f"Your refund request is closed [{request.id}]",
-            body="The payment is now disputed with your bank (a chargeback). A disputed "
-            "payment cannot also be refunded, so the bank's decision replaces this "
-            f"refund request.\nRequest reference: {request.id}",
+            body=f"{body}\nRequest reference: {request.id}",
         )
 
 
@@ -283,7 +297,8 @@ async def _close_if_under_chargeback(
     if not await repo.is_under_chargeback(session, payment):
         return
     await session.flush()
-    await close_by_chargeback(session, request, await repo.chargeback_of(session, payment))
+    dispute_id, status = await repo.chargeback_of(session, payment)
+    await close_by_chargeback(session, request, dispute_id, inquiry=repo.is_inquiry(status))
 
 
 def _start_clock(request: RefundRequest, start: datetime, settings: Settings) -> None:

@@ -464,3 +464,27 @@ async def test_recording_lost_disputes_cancellations_never_deadlocks_with_an_app
     finally:
         await batch.close()
         await admin.close()
+
+
+async def test_a_request_closed_by_a_bank_inquiry_is_not_told_of_a_chargeback(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+    token: TokenFactory,
+) -> None:
+    """An inquiry (`warning_needs_response`) is the bank asking about the payment, not a
+    chargeback: the refund request it closes is emailed as closed by an inquiry, with what the
+    client can do once it closes without one (file again), never that the payment is charged
+    back and the bank's decision replaces the request."""
+    paid = await pay_subscription(app, stripe_fake, deliver, account_id="acc_q", channel_id="ch_q")
+    request_id = (
+        await file_request(client, token, "acc_q", payment_reference=paid.payment_intent)
+    )["id"]
+
+    await deliver(stripe_fake.create_dispute(paid.charge_id, status="warning_needs_response"))
+
+    [email] = await outbox(app, "billing@acc_q.example")
+    assert email.subject == f"Your refund request is closed [{request_id}]"
+    assert "chargeback)" not in email.body and "bank's decision replaces" not in email.body
+    assert "inquiry" in email.body

@@ -332,3 +332,23 @@ def test_mint_token_refuses_to_mint_a_token_the_service_would_refuse(
     captured = capsys.readouterr()
     assert captured.out == ""
     assert complaint in captured.err
+
+
+@pytest.mark.parametrize(
+    "sender",
+    [
+        "1msg Billing, Finance <billing@1msg.io>",  # a list: MAIL FROM:<1msg>, Message-ID @1msg
+        "1msg billing",  # no address at all
+        "billing",  # a mailbox without a domain
+    ],
+)
+def test_an_email_from_that_is_not_one_sender_address_is_refused_at_start(sender: str) -> None:
+    """EMAIL_FROM is the `From:` of every notice, its envelope sender and the domain of each
+    `Message-ID`: one that is not a single address with a domain (an unquoted comma in the
+    name makes it two) made every notice carry a sender the relay refuses or cannot bounce to,
+    so refund replies and maintenance notices were lost; the service refuses to start."""
+    with pytest.raises(ValidationError) as excinfo:
+        Settings(email_from=sender)
+    assert "EMAIL_FROM" in str(excinfo.value)
+    for good in ("1msg billing <billing@1msg.io>", "billing@1msg.io", "1msg Фин <b@1msg.io>"):
+        assert Settings(email_from=good).email_from == good

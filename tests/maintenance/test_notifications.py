@@ -16,7 +16,7 @@ from app.config import Settings
 from app.models import MaintenanceExtension, Subscription
 from app.notifications.worker import SmtpMailer, deliver_round
 from app.subscriptions.access import access_until
-from tests.conftest import TokenFactory, bearer
+from tests.conftest import Deliver, TokenFactory, bearer
 from tests.maintenance.conftest import LiveSubscription
 from tests.maintenance.test_completion import (
     ACROSS_MIDNIGHT,
@@ -240,3 +240,68 @@ async def test_a_window_whose_days_another_window_already_credited_emails_no_one
     assert (await subscription(factory, "ch_z")).extension_days == 2
     [notice] = await outbox(app, "z@client.example")
     assert "+2 day(s)" in notice.body
+
+
+async def test_a_subscription_whose_access_a_chargeback_ended_is_not_told_of_access(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    """A lost chargeback after the window started ended the channel's access for good (Stripe's
+    cancellation of it not yet reported): the window's days give it no access, so the notice
+    must not tell the client its access now runs until a date. The client, whose service was
+    suspended too, is still told of the window, with no days for that channel; the other
+    client's notice is unchanged."""
+    sub = await live_subscription("acc_cb", "ch_cb", email="cb@client.example")
+    await live_subscription("acc_ok", "ch_ok", email="ok@client.example")
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+    stripe_fake.set_time(datetime(2026, 3, 12, tzinfo=UTC).timestamp())
+    [charge] = [c for c in stripe_fake.all("charge") if c["customer"] == sub["customer"]]
+    opened = stripe_fake.create_dispute(charge["id"])
+    await deliver(opened)
+    await deliver(stripe_fake.close_dispute(opened[0]["data"]["object"]["id"], won=False))
+    revoked = await subscription(app.state.session_factory, "ch_cb")
+    assert revoked.access_revoked_at is not None
+
+    response = await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+
+    assert response.status_code == 200, response.text
+    [other] = await outbox(app, "ok@client.example")
+    assert "channel ch_ok: +2 day(s), access now until 2026-04-02 08:00" in other.body
+    [told] = await outbox(app, "cb@client.example")
+    assert "from 2026-03-10 23:00 to 2026-03-11 01:00 (Asia/Singapore)" in told.body
+    assert "access now until" not in told.body
+    assert "channel ch_cb: no days added, its access has ended" in told.body
+    assert response.json()["accounts_notified"] == 2
+    assert (await subscription(app.state.session_factory, "ch_cb")).extension_days == 0
+
+
+async def test_a_subscription_stripe_ends_before_its_period_end_is_told_when_access_ends(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    ops: dict[str, str],
+    live_subscription: LiveSubscription,
+    stripe_fake: StripeFake,
+    deliver: Deliver,
+) -> None:
+    """Stripe is set to end the subscription on 20 March (a `cancel_at` inside its period, set
+    in Stripe's Dashboard): its access ends then, as `access_until` shows, and the window's days
+    cannot follow (Stripe ends it before the moved period end). The notice must not promise
+    access past that day."""
+    sub = await live_subscription("acc_ca", "ch_ca", email="ca@client.example")
+    cancel_at = datetime(2026, 3, 20, tzinfo=UTC)
+    await deliver(stripe_fake.update_subscription(sub["id"], cancel_at=int(cancel_at.timestamp())))
+    window_id = await open_window(client, ops, *ACROSS_MIDNIGHT)
+
+    response = await complete(client, ops, window_id, ACROSS_MIDNIGHT[1])
+
+    assert response.status_code == 200, response.text
+    [told] = await outbox(app, "ca@client.example")
+    assert "2026-04-02" not in told.body
+    # 20 March 00:00 UTC is 08:00 in Singapore: the end the access check answers too
+    assert "channel ch_ca: +2 day(s), access until 2026-03-20 08:00, when it is set to end" in (
+        told.body
+    )

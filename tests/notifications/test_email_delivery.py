@@ -7,13 +7,14 @@ import uuid
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 
+import httpx
 import pytest
 from fastapi import FastAPI
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 
 from app.config import Settings
-from app.models import OutboxEmail
+from app.models import Account, OutboxEmail
 from app.notifications.outbox import enqueue_email
 from app.notifications.worker import (
     EMAILS_FAILED,
@@ -22,6 +23,7 @@ from app.notifications.worker import (
     claim_next,
     deliver_round,
 )
+from tests.conftest import TokenFactory, bearer
 from tests.notifications.smtp import SmtpServer
 
 Factory = async_sessionmaker[AsyncSession]
@@ -450,3 +452,35 @@ async def test_billing_deliver_emails_stops_on_sigterm_after_the_message_in_flig
     assert code == 0
     assert (await rows(factory))["in-flight"].status == "sent"
     assert [m.message["Subject"] for m in smtp_server.messages] == ["Notice in-flight"]
+
+
+async def test_an_address_whose_header_names_another_mailbox_is_never_sent_to_it(
+    app: FastAPI,
+    client: httpx.AsyncClient,
+    token: TokenFactory,
+    factory: Factory,
+    smtp_settings: Settings,
+    smtp_server: SmtpServer,
+) -> None:
+    """`billing;ann@client.example` (a list typed as one address) has no space nor control
+    character, but as a `To:` header it is the bare mailbox `billing`: the relay was handed
+    RCPT TO:<billing> (which a relay completes with its own domain, a stranger's mailbox). It
+    is no billing contact (the token's claim is ignored), and a row queued with such an address
+    fails as one that cannot be built, the rest still sent."""
+    listed = "billing;ann@client.example"
+    filed = await client.post(
+        "/v1/accounts/acc_list/refund-requests",
+        json={"type": "refund", "description": "unused"},
+        headers=bearer(token(account_id="acc_list", email=listed)),
+    )
+    assert filed.status_code == 201, filed.text
+    async with factory() as session:
+        assert await session.scalar(select(Account.email).where(Account.id == "acc_list")) is None
+
+    await queue(factory, "a-list", to="a,b@client.example")
+    await queue(factory, "b-good")
+    await deliver_round(factory, smtp_settings)
+
+    found = await rows(factory)
+    assert (found["a-list"].status, found["b-good"].status) == ("failed", "sent")
+    assert [m.rcpt_tos for m in smtp_server.messages] == [["client@example.com"]]
