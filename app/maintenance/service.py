@@ -828,70 +828,85 @@ async def push_pending_extensions(
             extension, subscription = row
             target = extension.stripe_trial_end
             assert target is not None
-            if subscription.trial_end is not None and subscription.trial_end >= target:
-                await _mark_applied(session, extension, subscription.current_period_end)
-                await count_extension_days_in_period(session, subscription)
-                log.info("maintenance.stripe_extension_confirmed", extension_id=extension.id)
-                continue
-            if (
-                subscription.current_period_end is not None
-                and subscription.current_period_end >= target
-            ):
-                _reject_target_passed(extension)
-                continue
-            if set_to_end_before(subscription, target):
-                # renewal turned off since the row was made: Stripe would end it at cancel_at
-                _skip_cancelling(extension)
-                continue
-            # Our mirror may lag Stripe (a renewal whose events have not arrived): pushing a
-            # target the renewed period already passes would cut that paid period short into
-            # a trial, and Stripe would charge again at its end. Stripe's own state decides.
-            try:
-                at_stripe = await gateway.retrieve_subscription(subscription.stripe_id)
-                settled = _settled_at_stripe(at_stripe, target)
-                if settled is None:
-                    at_stripe = await gateway.update_subscription(
-                        subscription.stripe_id,
-                        {"trial_end": int(target.timestamp()), "proration_behavior": "none"},
-                        key=idempotency_key("maintenance-extension", extension.id),
+            settled = _settled(
+                subscription.trial_end,
+                subscription.current_period_end,
+                subscription.cancel_at_period_end,
+                subscription.cancel_at,
+                target,
+            )
+            answer = None
+            if settled is None:
+                # Our mirror may lag Stripe (a renewal whose events have not arrived): pushing
+                # a target the renewed period already passes would cut that paid period short
+                # into a trial, and Stripe would charge again at its end. Stripe's own state
+                # decides.
+                try:
+                    answer = await gateway.retrieve_subscription(subscription.stripe_id)
+                    settled = _settled_at_stripe(answer, target)
+                    if settled is None:
+                        answer = await gateway.update_subscription(
+                            subscription.stripe_id,
+                            {"trial_end": int(target.timestamp()), "proration_behavior": "none"},
+                            key=idempotency_key("maintenance-extension", extension.id),
+                        )
+                except StripeRequestRejected as exc:
+                    extension.stripe_status = "rejected"
+                    extension.last_error = str(exc)[:2000]
+                    log.warning("maintenance.stripe_push_rejected", extension_id=extension.id)
+                    continue
+                except Exception as exc:  # Stripe unavailable: stays pending for a retry
+                    log.warning(
+                        "maintenance.stripe_push_failed",
+                        extension_id=extension.id,
+                        error_type=type(exc).__name__,
                     )
-            except StripeRequestRejected as exc:
-                extension.stripe_status = "rejected"
-                extension.last_error = str(exc)[:2000]
-                log.warning("maintenance.stripe_push_rejected", extension_id=extension.id)
-                continue
-            except Exception as exc:  # Stripe unavailable: stays pending for a retry
-                log.warning(
-                    "maintenance.stripe_push_failed",
-                    extension_id=extension.id,
-                    error_type=type(exc).__name__,
-                )
-                return False
+                    return False
             if settled == "target_passed":
                 _reject_target_passed(extension)
             elif settled == "cancelling":
                 _skip_cancelling(extension)
-            else:  # pushed now, or by an attempt whose answer was lost (its event not here yet)
-                await _record_stripe_answer(session, extension, at_stripe)
+            elif answer is not None:  # pushed now, or by an attempt whose answer was lost
+                await _record_stripe_answer(session, extension, answer)
+            else:  # our stored snapshot holds it (its event came after a crash lost the answer)
+                await _mark_applied(session, extension, subscription.current_period_end)
+                await count_extension_days_in_period(session, subscription)
+                log.info("maintenance.stripe_extension_confirmed", extension_id=extension.id)
 
 
-def _settled_at_stripe(
-    at_stripe: dict[str, object], target: datetime
-) -> Literal["applied", "target_passed", "cancelling"] | None:
-    """What Stripe's own subscription already decides about pushing `target`: `applied` (its
-    `trial_end` holds it: an earlier push's answer was lost), `target_passed` (its period
-    already reaches it), `cancelling` (renewal turned off, its event not here yet); None: push."""
-    trial_end = _timestamp(at_stripe.get("trial_end"))
+Settled = Literal["applied", "target_passed", "cancelling"]
+
+
+def _settled(
+    trial_end: datetime | None,
+    period_end: datetime | None,
+    cancel_at_period_end: bool,
+    cancel_at: datetime | None,
+    target: datetime,
+) -> Settled | None:
+    """What a subscription's state (our stored snapshot, or Stripe's own) already decides about
+    pushing `target`: `applied` (its `trial_end` holds it: an earlier push's answer was lost),
+    `target_passed` (its period already reaches it: pushing would shorten a paid period),
+    `cancelling` (renewal turned off since the row was made: Stripe would end it at
+    `cancel_at`, `set_to_end_before`); None: push."""
     if trial_end is not None and trial_end >= target:
         return "applied"
-    period_end = _period_end(at_stripe)
     if period_end is not None and period_end >= target:
         return "target_passed"
-    if _ends_before(
-        bool(at_stripe.get("cancel_at_period_end")), _timestamp(at_stripe.get("cancel_at")), target
-    ):
+    if _ends_before(cancel_at_period_end, cancel_at, target):
         return "cancelling"
     return None
+
+
+def _settled_at_stripe(at_stripe: dict[str, object], target: datetime) -> Settled | None:
+    """`_settled` of Stripe's subscription as Stripe answers it (its events not here yet)."""
+    return _settled(
+        _timestamp(at_stripe.get("trial_end")),
+        _period_end(at_stripe),
+        bool(at_stripe.get("cancel_at_period_end")),
+        _timestamp(at_stripe.get("cancel_at")),
+        target,
+    )
 
 
 STILL_PENDING = MaintenanceExtension.stripe_status == literal_column("'pending'")
