@@ -47,9 +47,11 @@ USAGE_LEDGER_KINDS = ("conversation", "meta_fee")
 BALANCE_PURPOSES = ("top_up", "debt_repayment")
 # Stripe refund statuses under which the money is (or is on its way) back with the client.
 LIVE_REFUND_STATUSES = ("pending", "requires_action", "succeeded")
-# The open statuses (app/refunds/service.py `OPEN_STATUSES`): a request in one may still be
+# A request's statuses while it is open (not decided or closed): one in them may still be
 # identified when its payment arrives.
-WAITING_STATUSES = ("needs_information", "received", "acknowledged", "in_review")
+OPEN_STATUSES = ("needs_information", "received", "acknowledged", "in_review")
+# The fields of a request that identify its payment.
+PAYMENT_FIELDS = ("payment_reference", "payment_date", "amount", "currency")
 # Dispute statuses after which the payment stayed with us: the bank decided the chargeback for
 # us (`won`, also a withdrawn one) or an inquiry closed without becoming one. Such a payment is
 # refundable again here and Stripe has the last word (should it refuse, the approval is 502
@@ -490,7 +492,7 @@ async def waiting_requests(session: AsyncSession, account_ids: list[str]) -> lis
     statement = (
         select(RefundRequest)
         .where(
-            RefundRequest.status.in_(WAITING_STATUSES),
+            RefundRequest.status.in_(OPEN_STATUSES),
             RefundRequest.about_payment.is_(True),
             RefundRequest.payment_id.is_(None),
             RefundRequest.account_id.in_(account_ids),
@@ -649,13 +651,11 @@ async def responses_for_requests(
 
 async def payment_details_added_at(session: AsyncSession, request_id: uuid.UUID) -> datetime | None:
     """When payment details were last added to the request (its latest `details_added` step
-    naming one of `fields`), or None if it has only those it was filed with."""
+    naming one of `PAYMENT_FIELDS`), or None if it has only those it was filed with."""
     statement = select(func.max(RefundRequestAudit.at)).where(
         RefundRequestAudit.request_id == request_id,
         RefundRequestAudit.action == "details_added",
-        RefundRequestAudit.details["fields"].has_any(
-            cast(Any, pg_array(["payment_reference", "payment_date", "amount", "currency"]))
-        ),
+        RefundRequestAudit.details["fields"].has_any(cast(Any, pg_array(list(PAYMENT_FIELDS)))),
     )
     return cast(datetime | None, (await session.execute(statement)).scalar_one())
 

@@ -101,8 +101,8 @@ from app.webhooks.fees import amount_step
 
 log = structlog.get_logger()
 
-OPEN_STATUSES = ("needs_information", "received", "acknowledged", "in_review")
-PAYMENT_FIELDS = ("payment_reference", "payment_date", "amount", "currency")
+OPEN_STATUSES = repo.OPEN_STATUSES
+PAYMENT_FIELDS = repo.PAYMENT_FIELDS
 ENDED = ("canceled", "incomplete_expired")  # Stripe's subscription statuses of no return
 
 
